@@ -1,0 +1,61 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    materialize the whole default asset graph (offline, CPU)
+#   make test   run the test suite
+# CI passes TORCH_SPEC='torch==2.13.0' to take the local CPU wheel; users keep the plain range.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch>=2.6
+BIN        := $(VENV)/bin
+NPM_PREFIX := tests/.npm
+MCP_MEMORY := $(NPM_PREFIX)/node_modules/.bin/mcp-server-memory
+
+export CARL_HOME    ?= $(CURDIR)/.carl
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# Nothing is fetched from a model hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test test-fast dev lint bench clean install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# steering-vectors is the reference for the tests; it pins transformers<5, so no deps.
+	$(BIN)/python -m pip install -q --no-deps 'steering-vectors>=0.12'
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+$(MCP_MEMORY):
+	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) @modelcontextprotocol/server-memory
+
+run: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/carl materialize
+
+test: install $(DAGSTER_HOME)/dagster.yaml $(MCP_MEMORY)
+	$(BIN)/ruff check .
+	MCP_MEMORY_SERVER=$(CURDIR)/$(MCP_MEMORY) $(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+dev: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(CARL_HOME) $(DAGSTER_HOME)

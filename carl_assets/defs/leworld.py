@@ -1,0 +1,1 @@
+"""Assets of this group (filled in by its issue)."""

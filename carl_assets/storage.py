@@ -1,0 +1,221 @@
+"""Project storage: the CARL home, atomic artifact writes, bulk DuckDB tables and content hashes.
+
+Everything here is plain Python so that the library, the CLI and the Dagster layer share one notion
+of where things live and what a "data version" is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+DEFAULT_CARL_HOME = ".carl"
+DATABASE_NAME = "carl.duckdb"
+ARTIFACTS_DIR = "artifacts"
+
+
+def carl_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """The project home: `home` if given, else `$CARL_HOME`, else `./.carl` (made if missing)."""
+    path = Path(home or os.environ.get("CARL_HOME") or DEFAULT_CARL_HOME).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_path(home: str | os.PathLike[str] | None = None) -> Path:
+    return carl_home(home) / DATABASE_NAME
+
+
+def artifact_dir(asset: str, home: str | os.PathLike[str] | None = None) -> Path:
+    """`<home>/artifacts/<asset>`; the folder itself is created by an atomic write, not here."""
+    root = carl_home(home) / ARTIFACTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    return root / asset
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes: a reader sees the old artifact or the new one, never half of one.
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    The old folder is first renamed aside and removed after the swap, so a concurrent reader holding
+    the old path keeps a complete copy until the swap, and on failure nothing at `path` changes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# DuckDB: short connections, bulk writes, a retry when another process holds the writer lock.
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: int = 40) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open a short-lived connection, waiting for a concurrent writer instead of failing at once."""
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    if read_only and not db_path.exists():
+        raise FileNotFoundError(f"DuckDB database {db_path} does not exist yet: materialize its assets first")
+    delay = 0.05
+    for attempt in range(retries):
+        try:
+            con = duckdb.connect(str(db_path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:  # another process holds the file lock
+            if attempt == retries - 1 or "lock" not in str(exc).lower():
+                raise
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _check_identifier(name: str) -> str:
+    if not name.replace("_", "").isalnum() or not name[0].isalpha():
+        raise ValueError(f"invalid table name {name!r}: use letters, digits and underscores")
+    return name
+
+
+def write_table(con: duckdb.DuckDBPyConnection, name: str, df: pd.DataFrame) -> int:
+    """Replace table `name` with `df` in one bulk statement (through Arrow), inside a transaction."""
+    _check_identifier(name)
+    view = f"_incoming_{uuid.uuid4().hex[:8]}"
+    con.register(view, df)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM "{view}"')
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister(view)
+    return len(df)
+
+
+def write_tables(db_path: str | os.PathLike[str], tables: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+    """Write several tables through one short connection; returns the row count of each."""
+    with connect(db_path) as con:
+        return {name: write_table(con, name, df) for name, df in tables.items()}
+
+
+def read_table(db_path: str | os.PathLike[str], name: str) -> pd.DataFrame:
+    _check_identifier(name)
+    with connect(db_path, read_only=True) as con:
+        tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if name not in tables:
+            raise LookupError(f"table {name!r} is not in {db_path}: materialize the asset that writes it first")
+        return con.execute(f'SELECT * FROM "{name}"').df()
+
+
+# --------------------------------------------------------------------------------------------
+# Content hashes: the data versions Dagster uses to mark downstream assets stale.
+# --------------------------------------------------------------------------------------------
+
+
+def _update_with(hasher: Any, obj: Any) -> None:
+    if isinstance(obj, pd.DataFrame):
+        hasher.update(b"df")
+        hasher.update(json.dumps([str(c) for c in obj.columns]).encode())
+        hasher.update(pd.util.hash_pandas_object(obj, index=False).values.tobytes())
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        hasher.update(bytes(obj))
+    elif isinstance(obj, Path):
+        _update_with_path(hasher, obj)
+    elif hasattr(obj, "detach") and hasattr(obj, "numpy"):  # torch tensor, without importing torch
+        array = obj.detach().cpu().contiguous().numpy()
+        hasher.update(str(array.dtype).encode() + str(array.shape).encode())
+        hasher.update(array.tobytes())
+    elif hasattr(obj, "tobytes") and hasattr(obj, "dtype"):  # numpy array
+        hasher.update(str(obj.dtype).encode() + str(obj.shape).encode())
+        hasher.update(obj.tobytes())
+    else:
+        hasher.update(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def _update_with_path(hasher: Any, path: Path) -> None:
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            hasher.update(str(child.relative_to(path)).encode())
+            _hash_file_into(hasher, child)
+    elif path.is_file():
+        _hash_file_into(hasher, path)
+    else:
+        raise FileNotFoundError(f"cannot hash {path}: it does not exist")
+
+
+def _hash_file_into(hasher: Any, path: Path) -> None:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(chunk)
+
+
+def content_hash(*parts: Any) -> str:
+    """A short, stable SHA-256 over DataFrames, arrays, tensors, files/folders (as `Path`) and JSON-able
+    values. Pass an asset's config too, so that a config change is a new data version."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(b"\x00")
+        _update_with(hasher, part)
+    return hasher.hexdigest()[:16]
+
+
+def iter_files(path: str | os.PathLike[str]) -> Iterable[Path]:
+    return sorted(p for p in Path(path).rglob("*") if p.is_file())
