@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # headless: assets run in worker processes without a disp
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def figure_png(fig: "plt.Figure") -> bytes:
+def figure_png(fig: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)

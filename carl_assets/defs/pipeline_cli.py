@@ -1,0 +1,137 @@
+"""`carl materialize` and `carl lineage`: run the asset graph headless and inspect what it produced.
+
+Runs go through the Dagster instance in `$DAGSTER_HOME` (default `./.dagster_home`), so a headless run
+shows up in `dagster dev` with its logs, metadata and lineage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+
+ALL = "*"
+
+
+def ensure_dagster_home() -> Path:
+    """`$DAGSTER_HOME` (default `./.dagster_home`), created with telemetry off if it is new."""
+    home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carl", description="Pipeline commands of the CARL asset graph.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    mat = sub.add_parser("materialize", help="materialize the asset graph headless (default: all of it)")
+    mat.add_argument("--select", default=ALL, help="asset selection, Dagster syntax (e.g. 'steering_vectors+', '+base_model'); default: everything")
+    mat.add_argument("--home", default=None, help="CARL_HOME for this run (default: $CARL_HOME or ./.carl)")
+    lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
+    lin.add_argument("asset", nargs="?", default=None, help="show only this asset's upstream and downstream")
+    lin.add_argument("--home", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.home:
+        os.environ["CARL_HOME"] = str(Path(args.home).resolve())
+    ensure_dagster_home()
+    if args.command == "materialize":
+        return materialize(args.select)
+    return lineage(args.asset)
+
+
+def materialize(select: str = ALL) -> int:
+    """Materialize the selection in-process through the job `carl_all`; print a per-asset summary."""
+    import dagster as dg
+
+    from carl_assets import storage
+    from carl_assets.defs import build_definitions
+    from carl_assets.defs.jobs import ALL_JOB
+
+    defs = build_definitions()
+    job = defs.resolve_job_def(ALL_JOB)
+    selection = None
+    if select != ALL:
+        graph = defs.resolve_asset_graph()
+        selection = dg.AssetSelection.from_string(select).resolve(graph)
+    started = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False)
+        elapsed = time.perf_counter() - started
+        _print_summary(result, elapsed)
+    home = storage.carl_home()
+    print(f"\nOutputs:  {home}/carl.duckdb (tables) and {home}/artifacts/<asset>/")
+    print(f"Runs:     {os.environ['DAGSTER_HOME']} (run {result.run_id})")
+    print("UI:       make dev   (dagster dev; then open http://localhost:3000, Assets -> Lineage)")
+    return 0 if result.success else 1
+
+
+def _print_summary(result, elapsed: float) -> None:
+    import dagster as dg
+
+    starts: dict[str, float] = {}
+    rows: list[tuple[str, str, float]] = []
+    for event in result.all_events:
+        if event.step_key is None:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            starts[event.step_key] = event.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            ok = "ok" if event.event_type == dg.DagsterEventType.STEP_SUCCESS else "FAILED"
+            rows.append((event.step_key, ok, event.timestamp - starts.get(event.step_key, event.timestamp)))
+    print("\n" + "-" * 60)
+    print(f"{'asset':<32}{'status':<8}{'seconds':>10}")
+    for step, ok, seconds in rows:
+        print(f"{step:<32}{ok:<8}{seconds:>10.1f}")
+    checks = [e for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
+    failed = [e.event_specific_data.asset_check_evaluation.check_name for e in checks
+              if not e.event_specific_data.asset_check_evaluation.passed]
+    print(f"{'total':<40}{elapsed:>10.1f}")
+    print(f"asset checks: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if not result.success:
+        for event in result.all_events:
+            if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+                error = event.event_specific_data.error
+                print(f"\n{event.step_key} failed: {error.message.strip() if error else 'unknown error'}", file=sys.stderr)
+
+
+def lineage(asset: str | None = None) -> int:
+    """Print each asset with its upstreams, latest materialization time, data version and staleness."""
+    import dagster as dg
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    from carl_assets.defs import build_definitions
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
+    if asset is not None:
+        key = dg.AssetKey.from_user_string(asset)
+        if key not in keys:
+            print(f"carl lineage: unknown asset {asset!r}; known: {', '.join(k.to_user_string() for k in keys)}", file=sys.stderr)
+            return 2
+        descendants = {k for k in keys if key in graph.get_ancestor_asset_keys(k)}
+        related = {key} | set(graph.get_ancestor_asset_keys(key)) | descendants
+        keys = [k for k in keys if k in related]
+    with dg.DagsterInstance.get() as instance:
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        print(f"{'asset':<26}{'group':<11}{'upstream':<34}{'materialized (UTC)':<21}{'data version':<18}status")
+        for key in keys:
+            node = graph.get(key)
+            ups = ", ".join(sorted(p.to_user_string() for p in node.parent_keys)) or "-"
+            event = instance.get_latest_materialization_event(key)
+            when = dt.datetime.fromtimestamp(event.timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if event else "never"
+            version = resolver.get_current_data_version(key=key).value or "-"
+            status = resolver.get_status(key=key).value.lower() if event else "missing"
+            print(f"{key.to_user_string():<26}{(node.group_name or '-'):<11}{ups[:33]:<34}{when:<21}{version[:16]:<18}{status}")
+    return 0
