@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize the asset graph headless (default: all of it)")
     mat.add_argument("--select", default=ALL, help="asset selection, Dagster syntax (e.g. 'steering_vectors+', '+base_model'); default: everything")
     mat.add_argument("--home", default=None, help="CARL_HOME for this run (default: $CARL_HOME or ./.carl)")
+    mat.add_argument("--config", default=None, help="YAML/JSON run config: {ops: {<asset>: {config: {...}}}}")
     lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
     lin.add_argument("asset", nargs="?", default=None, help="show only this asset's upstream and downstream")
     lin.add_argument("--home", default=None)
@@ -45,11 +46,26 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CARL_HOME"] = str(Path(args.home).resolve())
     ensure_dagster_home()
     if args.command == "materialize":
-        return materialize(args.select)
+        return materialize(args.select, load_run_config(args.config))
     return lineage(args.asset)
 
 
-def materialize(select: str = ALL) -> int:
+def load_run_config(path: str | None) -> dict:
+    """Read a run config file; a clear error if it is missing or not a mapping."""
+    if path is None:
+        return {}
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"carl materialize: run config {path!r} does not exist")
+    loaded = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"carl materialize: run config {path!r} must be a mapping like {{ops: {{asset: {{config: ...}}}}}}")
+    return loaded
+
+
+def materialize(select: str = ALL, run_config: dict | None = None) -> int:
     """Materialize the selection in-process through the job `carl_all`; print a per-asset summary."""
     import dagster as dg
 
@@ -65,7 +81,9 @@ def materialize(select: str = ALL) -> int:
         selection = dg.AssetSelection.from_string(select).resolve(graph)
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False)
+        result = job.execute_in_process(
+            run_config=run_config or {}, instance=instance, asset_selection=selection, raise_on_error=False
+        )
         elapsed = time.perf_counter() - started
         _print_summary(result, elapsed)
     home = storage.carl_home()
