@@ -65,3 +65,22 @@ def test_workspace_loads_definitions_module():
     import definitions
 
     assert isinstance(definitions.defs, dg.Definitions)
+
+
+def test_memory_file_sensor_requests_a_run_once_per_change(graph, tmp_path, monkeypatch):
+    defs, _ = graph
+    sensor = defs.resolve_sensor_def("memory_file_changed")
+    monkeypatch.delenv("CARL_MEMORY_SOURCE", raising=False)
+    assert isinstance(sensor(dg.build_sensor_context()), dg.SkipReason)
+
+    memory = tmp_path / "memory.jsonl"
+    memory.write_text('{"type":"entity","name":"a","entityType":"journal","observations":["x"]}\n')
+    monkeypatch.setenv("CARL_MEMORY_SOURCE", f"jsonl:{memory}")
+    context = dg.build_sensor_context()
+    first = sensor(context)
+    assert isinstance(first, dg.RunRequest)
+    assert first.run_config["ops"]["memory_graph"]["config"]["source"] == f"jsonl:{memory}"
+    again = sensor(dg.build_sensor_context(cursor=context.cursor))
+    assert isinstance(again, dg.SkipReason)
+    memory.write_text(memory.read_text() + '{"type":"entity","name":"b","entityType":"journal","observations":["y"]}\n')
+    assert isinstance(sensor(dg.build_sensor_context(cursor=context.cursor)), dg.RunRequest)
