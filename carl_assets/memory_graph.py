@@ -76,10 +76,11 @@ def normalise_emotion(name: str) -> str | None:
 
 def _is_tag_line(line: str) -> bool:
     tokens = line.split()
-    # Every token is `something:something`, and at least one has a name before its colon, so
-    # that a line such as "10:30" is prose, while "warmth:high" is a (bad) tag line.
+    # Every token is `something:something`, and at least one looks like `word:value` (a name that
+    # starts with a letter, a value after the colon), so that "Time: 10:30" stays prose while
+    # "warmth:high" is a (bad) tag line.
     return bool(tokens) and all(_TOKEN_SHAPE.match(t) for t in tokens) and any(
-        t.split(":", 1)[0] for t in tokens
+        t[:1].isalpha() and not t.endswith(":") for t in tokens
     )
 
 
@@ -244,7 +245,8 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
         if col in ("n_tags", "source_line", "line"):
             df[col] = df[col].astype("int32")
         else:
-            df[col] = df[col].astype(object)
+            # A string dtype, not object: an empty object column would reach DuckDB as type NULL.
+            df[col] = df[col].astype("string")
     return df
 
 
@@ -397,7 +399,7 @@ def extract_training_pairs(
             continue
         rows += _sample(positives, max_examples_per_emotion, seed, emotion, "positive")
         rows += _sample(negatives, max_examples_per_emotion, seed, emotion, "negative")
-    return pd.DataFrame(rows, columns=PAIR_COLUMNS).astype(object)
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS).astype("string")
 
 
 def pair_counts(pairs: pd.DataFrame) -> pd.DataFrame:
