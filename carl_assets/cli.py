@@ -1,0 +1,291 @@
+"""The `carl` console script.
+
+    carl phi --logits-file logits.npy
+    carl reward --logits-file logits.npy --token-ids-file ids.npy
+    carl gate-check --phi 0.85
+    carl constants
+    carl train --method sft|grpo --model ID_OR_PATH --dataset FILE_OR_NAME --output DIR --max-steps N
+    carl agent --model PATH --task "Click the submit button" [--observation TEXT]
+    carl materialize [--select SEL] ...      (the asset graph, headless)
+    carl lineage [ASSET] ...
+
+`phi`, `reward`, `gate-check` and `constants` print the same figures as the seed's script. Bad input
+(a missing file, wrong shapes, ids outside the vocabulary, NaN logits, unknown flags or commands)
+gives a one-line error on stderr and exit status 2 (1 for a failure while running); set
+``CARL_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carl_assets.carl import (
+    DEFECT_THRESHOLD,
+    KAPPA,
+    KAPPA_SIGMA,
+    SIGMA,
+    carl_reward,
+    coherence_gate,
+    compute_phi,
+    t_star,
+)
+
+PIPELINE_COMMANDS = ("materialize", "lineage")
+DEFAULT_MODEL = "offline"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the usage block and exit
+        command = self.prog.removeprefix("carl").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="carl", description="Coherence-Aware Reinforcement Learning (CARL).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    phi = sub.add_parser("phi", help="order parameter Phi of a [T, V] logits .npy file")
+    phi.add_argument("--logits-file", required=True)
+
+    reward = sub.add_parser("reward", help="CARL composite reward of logits [T, V] and token ids [T]")
+    reward.add_argument("--logits-file", required=True)
+    reward.add_argument("--token-ids-file", required=True)
+
+    gate = sub.add_parser("gate-check", help="coherence gate: act or abstain at this Phi")
+    gate.add_argument("--phi", required=True, type=float)
+    gate.add_argument("--threshold", type=float, default=SIGMA, help="abstain below this Phi (default sigma)")
+
+    sub.add_parser("constants", help="kappa, sigma and T*(d)")
+
+    train = sub.add_parser("train", help="SFT until crystallization, or GRPO on the CARL reward")
+    train.add_argument("--method", choices=("sft", "grpo"), default="grpo")
+    train.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
+    train.add_argument("--dataset", required=True,
+                       help="a local .jsonl/.json/.parquet file or a Hugging Face dataset name")
+    train.add_argument("--output", default="carl-output")
+    train.add_argument("--max-steps", type=_positive_int, default=300)
+    train.add_argument("--gate-accuracy", type=float, default=None,
+                       help="SFT: stop when 3 of the last 5 logged token accuracies reach this (default 0.99)")
+    train.add_argument("--trust-remote-code", action="store_true")
+
+    agent = sub.add_parser("agent", help="one coherence-gated agent step")
+    agent.add_argument("--model", required=True, help="hub id or local folder")
+    agent.add_argument("--task", required=True, help="the instruction")
+    agent.add_argument("--observation", default="", help="what the agent sees")
+    agent.add_argument("--gate-threshold", type=float, default=SIGMA)
+    agent.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    agent.add_argument("--trust-remote-code", action="store_true")
+
+    for name, text in (("materialize", "materialize the asset graph headless"),
+                       ("lineage", "the asset graph with data versions and staleness")):
+        sub.add_parser(name, help=f"{text} (see `carl {name} --help`)", add_help=False)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _load_array(path: str, what: str) -> np.ndarray:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{what} file not found: {path}")
+    try:
+        array = np.load(file, allow_pickle=False)
+    except Exception as exc:  # not an .npy file, truncated, pickled objects...
+        raise UsageError(f"cannot read {what} file {path} as a .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray):
+        raise UsageError(f"{what} file {path} holds several arrays (.npz); save one array with np.save")
+    return array
+
+
+def _load_logits(path: str) -> np.ndarray:
+    logits = _load_array(path, "logits")
+    if logits.ndim != 2:
+        raise UsageError(f"logits must be 2-D [T, V], got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise UsageError(f"logits must be floating point, got dtype {logits.dtype}")
+    if logits.shape[1] < 2:
+        raise UsageError(f"logits need a vocabulary of at least 2, got V={logits.shape[1]}")
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise UsageError("logits contain NaN or +inf")
+    return logits
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_phi(args: argparse.Namespace) -> int:
+    logits = _load_logits(args.logits_file)
+    phi, _, entropy = compute_phi(logits)
+    empty = phi.size == 0  # CARL's convention for an empty sequence: statistics 0.0, not NaN
+    print(f"Phi: mean={0.0 if empty else np.mean(phi):.4f} std={0.0 if empty else np.std(phi):.4f}")
+    print(f"Entropy: mean={0.0 if empty else np.mean(entropy):.4f}")
+    print(f"T*: {t_star(logits.shape[1])} (for V={logits.shape[1]})")
+    return 0
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    logits = _load_logits(args.logits_file)
+    ids = _load_array(args.token_ids_file, "token ids")
+    try:
+        score, components = carl_reward(logits, ids)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"CARL reward: {score:.4f}")
+    for key, value in components.items():
+        print(f" {key}: {value:.4f}")
+    return 0
+
+
+def cmd_gate_check(args: argparse.Namespace) -> int:
+    should_act, confidence = coherence_gate(args.phi, args.threshold)
+    print(f"Phi={args.phi:.4f} → {'ACT' if should_act else 'ABSTAIN'} ({confidence})")
+    return 0
+
+
+def cmd_constants(args: argparse.Namespace) -> int:
+    print(f"kappa = {KAPPA}")
+    print(f"sigma = {SIGMA}")
+    print(f"kappa*sigma = {KAPPA_SIGMA}")
+    print(f"defect_threshold = {DEFECT_THRESHOLD}")
+    for d in (384, 512, 768, 1024, 3072, 4096):
+        third = d / 3
+        triadic = "triadic" if third == int(third) and math.log2(third) == int(math.log2(third)) else ""
+        print(f" T*({d:5d}) = {t_star(d):>7d} {triadic}")
+    return 0
+
+
+def _config(cls: Any, **values: Any) -> Any:
+    """Build a run-config dataclass from the values it has fields for (None means: keep its default)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from carl_assets import training
+    from carl_assets.model_loading import load_model_and_tokenizer
+
+    print(f"CARL train: {args.model} → {args.output}")
+    print(f" method={args.method} steps={args.max_steps}")
+    print(f" kappa={KAPPA:.4f} sigma={SIGMA:.4f} kappa*sigma={KAPPA_SIGMA}")
+    dataset = training.load_training_dataset(args.dataset)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    if args.method == "sft":
+        config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_accuracy=args.gate_accuracy,
+                         gate_threshold=args.gate_accuracy)
+        result = training.train_sft(model, tokenizer, dataset, args.output, config)
+        gate = getattr(result, "gate", None)
+        triggered = _first(result, gate, "triggered")
+        if triggered:
+            print(f" Crystallized at step {_first(result, gate, 'trigger_step')}")
+        elif triggered is not None:
+            print(" Did not crystallize before max steps")
+        peak = _first(result, gate, "peak_entropy")
+        if peak is not None:
+            print(f" Peak entropy: {peak:.4f} at step {_first(result, gate, 'peak_entropy_step')}")
+    else:
+        config = _config(training.GRPORunConfig, max_steps=args.max_steps)
+        training.train_grpo(model, tokenizer, dataset, args.output, config)
+    print(f" Done. Model at: {args.output}")
+    return 0
+
+
+def _first(result: Any, gate: Any, name: str) -> Any:
+    for source in (result, gate):
+        if source is None:
+            continue
+        value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from carl_assets.agent import agent_step
+    from carl_assets.model_loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    step = agent_step(model, tokenizer, args.observation, args.task, gate_threshold=args.gate_threshold,
+                      max_new_tokens=args.max_new_tokens)
+    if step.response is None:
+        print(f"ABSTAIN (phi_mean={step.phi_mean:.4f} < {args.gate_threshold:.4f})")
+    else:
+        print(f"Response: {step.response}")
+    print(f"Phi mean: {step.phi_mean:.4f} ({step.confidence})")
+    for key, value in (step.components or {}).items():
+        print(f" {key}: {value:.4f}")
+    return 0
+
+
+COMMANDS = {
+    "phi": cmd_phi,
+    "reward": cmd_reward,
+    "gate-check": cmd_gate_check,
+    "constants": cmd_constants,
+    "train": cmd_train,
+    "agent": cmd_agent,
+}
+
+
+def _run_pipeline(command: str, rest: list[str]) -> int:
+    from carl_assets.defs import pipeline_cli
+
+    try:
+        return int(pipeline_cli.main([command, *rest]) or 0)
+    except SystemExit as exc:  # its argparse exits on --help or bad flags
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `carl` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    try:
+        if argv[0] in PIPELINE_COMMANDS:
+            return _run_pipeline(argv[0], argv[1:])
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        return _fail(f"carl: error: {exc}", 2)
+    except KeyboardInterrupt:
+        return _fail("carl: interrupted", 130)
+    except Exception as exc:  # a failure while running: one line, unless debugging
+        if os.environ.get("CARL_DEBUG"):
+            raise
+        return _fail(f"carl: error: {type(exc).__name__}: {exc}", 1)
+
+
+def _fail(message: str, status: int) -> int:
+    print(" ".join(message.split()), file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
