@@ -106,13 +106,14 @@ def _stderr_tail(errlog: Any, limit: int = 800) -> str:
     return f"; server stderr: {text[-limit:]}" if text else ""
 
 
-def tool_result_json(result: Any, tool: str) -> Any:
-    """The JSON payload of a `CallToolResult`: its structured content, else its first text part."""
+def tool_result_json(result: Any, tool: str, keys: tuple[str, ...] = ()) -> Any:
+    """The JSON payload of a `CallToolResult`: its structured content (when it has one of `keys`, if
+    given: some servers wrap a plain result as `{"result": ...}`), else its first text part as JSON."""
     if getattr(result, "is_error", None) or getattr(result, "isError", None):
         texts = [getattr(c, "text", "") for c in getattr(result, "content", [])]
         raise RuntimeError(f"tool {tool!r} failed: {' '.join(texts).strip()[:500]}")
     structured = getattr(result, "structured_content", None) or getattr(result, "structuredContent", None)
-    if structured:
+    if structured and (not keys or any(k in structured for k in keys)):
         return structured
     for part in getattr(result, "content", []):
         if getattr(part, "type", None) == "text":
@@ -120,16 +121,18 @@ def tool_result_json(result: Any, tool: str) -> Any:
     raise RuntimeError(f"tool {tool!r} returned no JSON content")
 
 
-async def call_tool(session: Any, name: str, arguments: dict[str, Any] | None = None) -> Any:
-    """Call one tool on an open session and return its JSON payload."""
-    return tool_result_json(await session.call_tool(name, arguments or {}), name)
+async def call_tool(
+    session: Any, name: str, arguments: dict[str, Any] | None = None, keys: tuple[str, ...] = ()
+) -> Any:
+    """Call one tool on an open session and return its JSON payload (see `tool_result_json`)."""
+    return tool_result_json(await session.call_tool(name, arguments or {}), name, keys)
 
 
 def read_mcp_graph(source: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """`{"entities": [...], "relations": [...]}` from the server's `read_graph` tool."""
 
     async def work(session: Any) -> Any:
-        return await call_tool(session, "read_graph")
+        return await call_tool(session, "read_graph", keys=("entities", "relations"))
 
     graph = run_with_session(source, work, timeout_s)
     if not isinstance(graph, dict) or not isinstance(graph.get("entities", []), list) or not isinstance(
