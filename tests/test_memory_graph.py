@@ -372,3 +372,35 @@ def test_pairs_check_blocks_when_no_pairs(tmp_path):
     assert checks["memory_graph_is_consistent"].passed
     assert not checks["pairs_nonempty_within_caps"].passed
     assert checks["pairs_nonempty_within_caps"].metadata["rows"].value == 0
+
+
+def test_unreadable_source_fails_the_asset_with_the_source_named(tmp_path):
+    source = f"jsonl:{tmp_path / 'nowhere.jsonl'}"
+    result = _materialize(tmp_path / "home", {"ops": {"memory_graph": {"config": {"source": source}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.event_specific_data.error
+    cause = error.cause or error
+    assert cause.cls_name == "MemorySourceError"
+    assert source in cause.message
+
+
+def test_pair_config_changes_the_data_version(tmp_path):
+    from carl_assets.defs import memory
+    from carl_assets.defs.resources import build_resources
+
+    resources = build_resources(tmp_path)
+    assert dg.materialize([memory.memory_graph], resources=resources).success
+
+    def version(seed: int) -> str:
+        result = dg.materialize(
+            [memory.memory_graph, memory.emotion_training_pairs],
+            selection=["emotion_training_pairs"],
+            resources=resources,
+            run_config={"ops": {"emotion_training_pairs": {"config": {"seed": seed, "max_examples_per_emotion": 10}}}},
+        )
+        return result.asset_materializations_for_node("emotion_training_pairs")[0].metadata["data_version"].value
+
+    first = version(1)
+    assert version(1) == first
+    assert version(2) != first
