@@ -19,8 +19,12 @@ Generation takes a few milliseconds.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
+
+from carl_assets.storage import atomic_write_text
 
 SAMPLE_SEED = 20260501
 KIND_COUNTS = {"journal": 210, "reflection": 70, "pattern": 55, "digest": 40, "lesson": 45}
@@ -330,3 +334,18 @@ def sample_records(seed: int = SAMPLE_SEED) -> list[dict[str, Any]]:
     seen: set[tuple[str, str, str]] = set()
     unique = [r for r in relations if not (r in seen or seen.add(r))]
     return entities + [{"type": "relation", "from": a, "to": b, "relationType": rel} for a, b, rel in unique]
+
+
+def write_sample_jsonl(path: str | Path, seed: int = SAMPLE_SEED) -> Path:
+    """Write the sample graph as an MCP memory-server JSONL file (e.g. to seed a real server with it:
+    point the server's `MEMORY_FILE_PATH` at the file)."""
+    lines = [json.dumps(record, ensure_ascii=False) for record in sample_records(seed)]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":  # python -m carl_assets.sample_graph memory.jsonl
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m carl_assets.sample_graph OUTPUT.jsonl")
+    print(write_sample_jsonl(sys.argv[1]))

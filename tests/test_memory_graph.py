@@ -26,7 +26,7 @@ from carl_assets.memory_graph import (
     parse_tag_line,
     parse_tags,
 )
-from carl_assets.sample_graph import sample_records
+from carl_assets.sample_graph import sample_records, write_sample_jsonl
 
 # --------------------------------------------------------------------------------------------
 # Tags
@@ -186,6 +186,14 @@ def test_sample_graph_is_deterministic(sample):
     pd.testing.assert_frame_equal(sample.edges, again.edges)
     assert storage.content_hash(sample.nodes, sample.edges) == storage.content_hash(again.nodes, again.edges)
     assert sample_records(seed=1) != sample_records()  # the seed matters
+
+
+def test_sample_exports_as_jsonl_that_reads_back_the_same(sample, tmp_path):
+    path = write_sample_jsonl(tmp_path / "sample.jsonl")
+    assert len(path.read_text().splitlines()) == len(sample.nodes) + len(sample.edges)
+    again = load_graph(f"jsonl:{path}")
+    pd.testing.assert_frame_equal(again.nodes, sample.nodes)
+    pd.testing.assert_frame_equal(again.edges, sample.edges)
 
 
 def test_sample_graph_shape(sample):
