@@ -1,1 +1,100 @@
-"""Assets of this group (filled in by its issue)."""
+"""The training group's base model: the offline default built from the memory graph, or a hub id / folder."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from carl_assets.defs.common import materialized
+from carl_assets.defs.resources import ArtifactStore, read_table
+from carl_assets.model_loading import (
+    OfflineModelConfig,
+    load_model_and_tokenizer,
+    prepare_base_model,
+    resolve_model_source,
+    sample_generation,
+)
+from carl_assets.plotting import line_plot
+
+SAMPLE_PROMPT = "How did today feel?"
+
+
+class BaseModelConfig(dg.Config):
+    model: str = Field(
+        default="offline",
+        description="'offline' (default: a small Llama built and pretrained here on the memory-graph text), "
+        "a hub id ('org/name', needs the hub or its cache) or a local Hugging Face model folder.",
+    )
+    trust_remote_code: bool = Field(default=False, description="allow custom modelling code from the model source")
+    vocab_size: int = Field(default=2048, description="offline model: BPE vocabulary size (upper bound)")
+    hidden_size: int = Field(default=128, description="offline model: residual width")
+    num_layers: int = Field(default=4, description="offline model: decoder blocks")
+    num_heads: int = Field(default=4, description="offline model: attention heads")
+    intermediate_size: int = Field(default=344, description="offline model: MLP width")
+    steps: int = Field(default=150, description="offline model: pretraining steps")
+    seq_len: int = Field(default=128, description="offline model: tokens per training window")
+    batch_size: int = Field(default=8, description="offline model: windows per step")
+    learning_rate: float = Field(default=3e-3, description="offline model: peak AdamW learning rate")
+    seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
+
+    def offline(self) -> OfflineModelConfig:
+        return OfflineModelConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+            num_heads=self.num_heads, intermediate_size=self.intermediate_size, steps=self.steps,
+            seq_len=self.seq_len, batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed,
+        )
+
+
+@dg.asset(
+    group_name="training",
+    deps=["memory_graph"],
+    kinds={"pytorch", "safetensors"},
+    description="The base language model as a Hugging Face folder (safetensors + tokenizer) under "
+    "artifacts/base_model. Default: a byte-level BPE tokenizer trained on the memory-graph text and a "
+    "~1M-parameter Llama pretrained briefly on it (offline, seeded). Or a hub id / local folder.",
+)
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckdb: DuckDBResource,
+               artifacts: ArtifactStore) -> dg.MaterializeResult:
+    source = resolve_model_source(config.model)  # fail fast on a missing path
+    texts: list[str] = []
+    if source.kind == "offline":
+        nodes = read_table(duckdb, "memory_nodes")
+        texts = [t for t in nodes["text"].astype(str) if t.strip()]
+        if not texts:
+            raise ValueError("memory_nodes has no text to train the offline model on")
+        context.log.info(f"building the offline model on {len(texts)} memory-node texts")
+
+    def progress(step: int, loss: float) -> None:
+        if step % 25 == 0 or step == config.steps - 1:
+            context.log.info(f"pretraining step {step + 1}/{config.steps}: loss {loss:.3f}")
+
+    with artifacts.write_dir("base_model") as tmp:
+        stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress)
+        # The data version is the weights, tokenizer and config (not the timing stats).
+        version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
+    path = artifacts.path("base_model")
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    sample = sample_generation(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=40)
+    metadata = {
+        "path": dg.MetadataValue.path(str(path)),
+        "source": stats["source"],
+        "parameters": int(stats["parameters"]),
+        "num_layers": int(stats["num_layers"]),
+        "hidden_size": int(stats["hidden_size"]),
+        "vocab_size": int(stats["vocab_size"]),
+        "sample_prompt": SAMPLE_PROMPT,
+        "sample_generation": dg.MetadataValue.text(sample),
+    }
+    plots = {}
+    losses = stats.get("losses") or []
+    if losses:
+        metadata.update({
+            "initial_loss": float(stats["initial_loss"]),
+            "final_loss": float(stats["final_loss"]),
+            "train_tokens": int(stats["train_tokens"]),
+            "pretraining_seconds": round(float(stats["seconds"]), 2),
+        })
+        plots["pretraining_loss"] = line_plot({"train loss": (range(1, len(losses) + 1), losses)},
+                                              title="offline model pretraining", xlabel="step",
+                                              ylabel="causal-LM loss")
+    names = [p.name for p in version_files]
+    return materialized(names, *[path / name for name in names], config=config, metadata=metadata, plots=plots)
