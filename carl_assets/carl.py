@@ -257,14 +257,26 @@ def token_stats_from_logits(logits: Any, token_ids: Any) -> TokenStats:
     return TokenStats(entropy.reshape(shape), selected.reshape(shape), vocab)
 
 
-def token_stats_from_hidden(hidden: Any, lm_head: Callable[[Any], Any], token_ids: Any,
-                            chunk_size: int | None = None, softcap: float | None = None) -> TokenStats:
-    """Entropy and log P(selected) per position without ever holding more than ``chunk_size`` rows of logits.
+DEFAULT_TILE_ELEMENTS = 1 << 21  # logits per tile: 8 MB in float32 (two such buffers are live)
+DEFAULT_ROW_CHUNK = 4096  # positions per chunk when the LM head is a plain weight
 
-    ``hidden`` is ``[..., H]`` (the final-normed hidden states of the positions that predict
-    ``token_ids``, same leading shape), ``lm_head`` maps ``[n, H] -> [n, V]`` (the model's output
-    embedding). Memory is O(N + chunk_size * V) instead of O(N * V). ``softcap`` applies a final logit
-    soft-capping (Gemma 2 style) before the softmax. ``chunk_size=None`` picks about 2M logits a chunk.
+
+def token_stats_from_hidden(hidden: Any, lm_head: Any, token_ids: Any, chunk_size: int | None = None,
+                            softcap: float | None = None, logit_scale: float = 1.0,
+                            tile_elements: int = DEFAULT_TILE_ELEMENTS) -> TokenStats:
+    """Entropy and log P(selected) per position, never holding more than a tile of logits.
+
+    ``hidden`` is ``[..., H]``: the final-normed hidden states of the positions that PREDICT
+    ``token_ids`` (same leading shape). ``lm_head`` is the output embedding: an ``nn.Linear`` or a
+    ``[V, H]`` weight tensor, whose logits are computed tile by tile — ``chunk_size`` positions (default
+    up to 4096) times as many vocabulary rows as fit ``tile_elements`` — and combined with an online
+    log-sum-exp, so memory is O(N + tile) instead of O(N * V) and the matmul keeps a large M. Any other
+    callable ``[n, H] -> [n, V]`` is run over chunks of ``chunk_size`` positions (default: what fits
+    ``tile_elements``). ``softcap`` applies Gemma-2-style final logit soft-capping, ``logit_scale``
+    multiplies the logits.
+
+    The entropy here is the exact ``-sum p log p``; the seed's ``log(p + 1e-10)`` differs from it by at
+    most ``V * 1e-10`` nats (Phi by ``V * 1e-10 / log V``: 3e-7 at V = 32k), far inside float32 noise.
     """
     import torch
 
@@ -273,37 +285,126 @@ def token_stats_from_hidden(hidden: Any, lm_head: Callable[[Any], Any], token_id
     ids = token_ids.reshape(-1).to(device=flat.device, dtype=torch.long)
     if ids.shape[0] != flat.shape[0]:
         raise ValueError(f"{ids.shape[0]} token ids for {flat.shape[0]} hidden positions")
-    n = flat.shape[0]
+    weight, bias = _linear_parts(lm_head)
     with torch.no_grad():
-        if n == 0:
-            probe = lm_head(flat[:0])
-            vocab = probe.shape[-1]
-            empty = torch.zeros(leading, dtype=torch.float32, device=flat.device)
-            return TokenStats(empty, empty.clone(), vocab)
-        vocab = None
-        entropies, selecteds = [], []
-        start = 0
-        while start < n:
-            if vocab is None:  # first chunk: one row tells us V, then size the chunks from it
-                rows = 1 if chunk_size is None else chunk_size
-            else:
-                rows = chunk_size or max(1, (1 << 21) // vocab)
-            stop = min(n, start + rows)
-            logits = lm_head(flat[start:stop])
-            if logits.dtype not in (torch.float32, torch.float64):
-                logits = logits.float()
-            if softcap:
-                logits = torch.tanh(logits / softcap).mul_(softcap)
-            if vocab is None:
-                vocab = logits.shape[-1]
-                if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-                    raise ValueError(f"token ids must lie in [0, {vocab})")
-            entropy, selected = _logits_stats(logits, ids[start:stop])
-            entropies.append(entropy)
-            selecteds.append(selected)
-            del logits
-            start = stop
-    return TokenStats(torch.cat(entropies).reshape(leading), torch.cat(selecteds).reshape(leading), int(vocab))
+        if weight is not None:
+            vocab = int(weight.shape[0])
+            _check_ids(ids, vocab)
+            rows = chunk_size or DEFAULT_ROW_CHUNK
+            parts = [_tiled_stats(flat[r0 : r0 + rows], ids[r0 : r0 + rows], weight, bias, softcap, logit_scale,
+                                  tile_elements) for r0 in range(0, flat.shape[0], rows)]
+        else:
+            vocab = int(lm_head(flat[:1] if flat.shape[0] else flat.new_zeros(1, flat.shape[-1])).shape[-1])
+            _check_ids(ids, vocab)
+            rows = chunk_size or max(1, tile_elements // vocab)
+            parts = []
+            for r0 in range(0, flat.shape[0], rows):
+                logits = _as_float(lm_head(flat[r0 : r0 + rows]))
+                if logit_scale != 1.0:
+                    logits = logits * logit_scale
+                if softcap:
+                    logits = torch.tanh(logits / softcap).mul_(softcap)
+                parts.append(_finish([_tile_moments(logits, ids[r0 : r0 + rows], 0)]))
+        if parts:
+            entropy = torch.cat([p[0] for p in parts])
+            selected = torch.cat([p[1] for p in parts])
+        else:
+            entropy = torch.zeros(0, dtype=_stat_dtype(flat.device), device=flat.device)
+            selected = entropy.clone()
+    return TokenStats(entropy.reshape(leading), selected.reshape(leading), vocab)
+
+
+def _linear_parts(lm_head: Any) -> tuple[Any, Any]:
+    import torch
+
+    if isinstance(lm_head, torch.Tensor):
+        return lm_head, None
+    if type(lm_head) is torch.nn.Linear:  # exactly Linear: subclasses (quantized, LoRA) run as modules
+        return lm_head.weight, lm_head.bias
+    return None, None
+
+
+def _check_ids(ids: Any, vocab: int) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab})")
+
+
+def _as_float(logits: Any) -> Any:
+    import torch
+
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _tile_moments(logits: Any, ids: Any, offset: int) -> tuple[Any, Any, Any, Any, Any]:
+    """Per-row moments of one vocabulary tile, which is overwritten: (max, sum e, sum e*(l - max),
+    selected logit or NaN, whether the selected token lies in this tile), with e = exp(l - max)."""
+    import torch
+
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    local = ids - offset
+    inside = (local >= 0) & (local < logits.shape[1])
+    selected = logits[rows, local.clamp(0, logits.shape[1] - 1)]
+    peak = logits.amax(dim=-1, keepdim=True)
+    shifted = logits.sub_(peak)
+    exp = torch.exp(shifted)
+    total = exp.sum(dim=-1)
+    weighted = shifted.mul_(exp).sum(dim=-1)  # sum e * (l - max), in place: cheaper than a bmm
+    return peak.reshape(-1), total, weighted, selected, inside
+
+
+def _finish(tiles: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[Any, Any]:
+    """Combine tile moments (in float64) into entropy and log P(selected) per row.
+
+    With M the global max, S = sum_t s_t e^(m_t - M) and D = sum_t e^(m_t - M) (u_t + (m_t - M) s_t) =
+    sum e^(l - M) (l - M): H = log S - D / S and log P(id) = l_id - M - log S. No cancellation: both
+    terms of H are non-negative.
+    """
+    import torch
+
+    dtype = _stat_dtype(tiles[0][0].device)
+    peaks = torch.stack([t[0] for t in tiles]).to(dtype)
+    top = peaks.amax(dim=0)
+    scale = torch.exp(peaks - top)
+    totals = torch.stack([t[1] for t in tiles]).to(dtype)
+    weighted = torch.stack([t[2] for t in tiles]).to(dtype)
+    norm = (scale * totals).sum(dim=0)
+    dev = (scale * (weighted + (peaks - top) * totals)).sum(dim=0)
+    entropy = torch.log(norm) - dev / norm
+    inside = torch.stack([t[4] for t in tiles])
+    chosen = torch.stack([t[3] for t in tiles]).to(dtype)
+    # the selected logit was read before the tile was shifted; pick it from its tile
+    selected_logit = torch.where(inside, chosen, torch.zeros_like(chosen)).sum(dim=0)
+    selected = selected_logit - top - torch.log(norm)
+    return entropy, selected
+
+
+def _tiled_stats(hidden: Any, ids: Any, weight: Any, bias: Any, softcap: float | None, logit_scale: float,
+                 tile_elements: int) -> tuple[Any, Any]:
+    import torch
+
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cols = tile_elements // max(1, n)
+    if cols >= 512:  # keep the matmul's N a multiple of 256: odd widths run ~1.5x slower on CPU
+        cols = cols // 256 * 256
+    cols = max(1, min(vocab, cols))
+    same_dtype = hidden.dtype in (torch.float32, torch.float64) and weight.dtype == hidden.dtype
+    buffer = torch.empty((n, cols), dtype=hidden.dtype if same_dtype else torch.float32, device=hidden.device)
+    tiles = []
+    for v0 in range(0, vocab, cols):
+        w = weight[v0 : v0 + cols]
+        logits = buffer[:, : w.shape[0]]
+        if same_dtype:
+            torch.matmul(hidden, w.T, out=logits)
+        else:
+            logits.copy_(hidden @ w.T.to(hidden.dtype))
+        if bias is not None:
+            logits.add_(bias[v0 : v0 + cols].to(logits.dtype))
+        if logit_scale != 1.0:
+            logits.mul_(logit_scale)
+        if softcap:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        tiles.append(_tile_moments(logits, ids, v0))
+    return _finish(tiles)
 
 
 def _lengths_from_mask(attention_mask: Any) -> Any:
@@ -546,8 +647,9 @@ def _prompt_ids(tokenizer: Any, prompt: Any, chat_template_kwargs: dict[str, Any
     return [int(i) for i in ids]
 
 
-def _lm_head_parts(model: Any) -> tuple[Any, Callable[[Any], Any], float | None]:
-    """The decoder stack (final-normed hidden states) and the LM head of a causal LM, or (None, None, None)."""
+def _lm_head_parts(model: Any) -> tuple[Any, Any, float | None, float]:
+    """(decoder stack giving final-normed hidden states, output embedding, soft-cap, logit scale) of a
+    causal LM, or Nones when the model has no separable LM head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = None
     if hasattr(model, "get_decoder"):
@@ -556,20 +658,15 @@ def _lm_head_parts(model: Any) -> tuple[Any, Callable[[Any], Any], float | None]
         except Exception:  # some exotic models raise here
             decoder = None
     if decoder is None or decoder is model or head is None:
-        return None, None, None
+        return None, None, None, 1.0
     config = getattr(model, "config", None)
-    scale = getattr(config, "logit_scale", None)  # Cohere multiplies, Granite divides
-    divide = getattr(config, "logits_scaling", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        def lm_head(h: Any, _head: Any = head, _s: float = float(scale)) -> Any:
-            return _head(h) * _s
-    elif isinstance(divide, (int, float)) and divide != 1:
-        def lm_head(h: Any, _head: Any = head, _s: float = float(divide)) -> Any:
-            return _head(h) / _s
-    else:
-        lm_head = head
+    scale = 1.0
+    if isinstance(getattr(config, "logit_scale", None), (int, float)):  # Cohere multiplies
+        scale *= float(config.logit_scale)
+    if isinstance(getattr(config, "logits_scaling", None), (int, float)):  # Granite divides
+        scale /= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
-    return decoder, lm_head, (float(softcap) if softcap else None)
+    return decoder, head, (float(softcap) if softcap else None), scale
 
 
 def _vocab_size(model: Any) -> int | None:
@@ -630,7 +727,7 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
     flat_index = (offsets + (torch.arange(len(rows)) * width).unsqueeze(-1)) * comp_mask
     picked = comp_mask.reshape(-1).bool()
 
-    decoder, lm_head, softcap = _lm_head_parts(model)
+    decoder, lm_head, softcap, scale = _lm_head_parts(model)
     was_training = model.training
     model.eval()
     try:
@@ -644,7 +741,7 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
                 selected_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
                 del hidden
                 stats = token_stats_from_hidden(selected_hidden, lm_head, ids, chunk_size=chunk_size,
-                                                softcap=softcap)
+                                                softcap=softcap, logit_scale=scale)
             else:  # no separable LM head: full logits (memory B*T*V), same numbers
                 logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
                 stats = token_stats_from_logits(logits.reshape(-1, logits.shape[-1]).index_select(0, idx), ids)

@@ -261,12 +261,18 @@ def test_carl_reward_batch_float32_matches_numpy_float32():
     assert_rows_match(rewards, components, rows, 1e-5)
 
 
-def test_stats_path_without_full_logits_matches():
-    """Hidden states + LM head in chunks: never a [B, T, V] tensor, same rewards."""
+# The stats path uses the exact entropy -sum p log p; the seed's log(p + 1e-10) differs by at most
+# V * 1e-10 nats, i.e. Phi by V * 1e-10 / log V (5e-9 here): float64 agreement is 1e-7, not 1e-9.
+STATS_TOL = 1e-7
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "callable"])
+def test_stats_path_without_full_logits_matches(head_kind):
+    """Hidden states + LM head in tiles/chunks: never a [B, T, V] tensor, same rewards."""
     rng = np.random.default_rng(5)
     torch.manual_seed(0)
-    lengths, hidden_size, vocab = [9, 0, 33, 1, 16, 5], 12, 97
-    head = torch.nn.Linear(hidden_size, vocab, bias=False).double()
+    lengths, hidden_size, vocab = [9, 0, 33, 1, 16, 5], 12, 300
+    head = torch.nn.Linear(hidden_size, vocab, bias=True).double()
     with torch.no_grad():
         head.weight.mul_(8.0)  # spread the temperatures so Phi covers [0, 1]
     width = max(lengths)
@@ -280,17 +286,34 @@ def test_stats_path_without_full_logits_matches():
         calls.append(h.shape[0])
         return head(h)
 
-    stats = token_stats_from_hidden(hidden, counting_head, ids, chunk_size=7)
+    if head_kind == "linear":  # tiles of 7 positions x 64 vocabulary rows: 5 vocabulary tiles
+        stats = token_stats_from_hidden(hidden, head, ids, chunk_size=7, tile_elements=7 * 64)
+    else:
+        stats = token_stats_from_hidden(hidden, counting_head, ids, chunk_size=7)
+        assert max(calls) <= 7  # the LM head never saw more than a chunk of positions
     assert stats.vocab_size == vocab and stats.entropy.shape == (len(lengths), width)
-    assert max(calls) <= 7  # the LM head never saw more than a chunk of positions
     rewards, components = carl_reward_from_stats(stats.entropy, stats.selected_logprob, mask, vocab)
     with torch.no_grad():
         rows = [(head(hidden[b, :n]).numpy(), ids[b, :n].numpy()) for b, n in enumerate(lengths)]
-    assert_rows_match(rewards, components, rows, 1e-9)
-    # float32 model, default chunking: still within 1e-5 of the float64 numpy reward
+    assert_rows_match(rewards, components, rows, STATS_TOL)
+    # float32 model, default tiling: within 1e-5 of the float64 numpy reward
     stats32 = token_stats_from_hidden(hidden.float(), head.float(), ids)
     rewards32, comps32 = carl_reward_from_stats(stats32.entropy, stats32.selected_logprob, mask, vocab)
     assert_rows_match(rewards32, comps32, rows, 1e-5)
+
+
+def test_stats_path_soft_cap_and_scale():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 200, bias=False).double()
+    hidden = torch.randn(20, 8, dtype=torch.float64) * 30
+    ids = torch.randint(0, 200, (20,))
+    stats = token_stats_from_hidden(hidden, head.weight, ids, softcap=5.0, logit_scale=0.5, tile_elements=20 * 64)
+    logits = torch.tanh(head(hidden) * 0.5 / 5.0) * 5.0
+    logp = logits.log_softmax(-1)
+    torch.testing.assert_close(stats.selected_logprob, logp.gather(1, ids[:, None]).squeeze(1))
+    torch.testing.assert_close(stats.entropy, -(logp.exp() * logp).sum(-1))
+    with pytest.raises(ValueError, match=r"\[0, 200\)"):
+        token_stats_from_hidden(hidden, head, torch.full((20,), 200))
 
 
 def test_token_stats_from_logits_and_bad_masks():
