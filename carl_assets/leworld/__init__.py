@@ -1,0 +1,47 @@
+"""LeWorld: an addressable bit memory, small models that choose what to read and a big model that
+predicts the next state from it; synthetic datasets, three training phases and evaluation.
+
+Plain Python and torch (no Dagster): the assets in `carl_assets.defs.leworld` call these modules.
+"""
+
+from carl_assets.leworld.architecture import (
+    ArtificialMemory,
+    BigLeWorldModel,
+    BLMConfig,
+    LeWorldSystem,
+    LossWeights,
+    MemoryConfig,
+    SLMConfig,
+    SmallLeWorldModel,
+    count_params,
+    load_system,
+    save_system,
+)
+from carl_assets.leworld.data import SequenceBatch, generate_sequences
+from carl_assets.leworld.evaluation import EvaluationResult, evaluate
+from carl_assets.leworld.populators import from_experience, random_bits, structured_patterns, text_experiences
+from carl_assets.leworld.training import TrainingConfig, train_system
+
+__all__ = [
+    "ArtificialMemory",
+    "BLMConfig",
+    "BigLeWorldModel",
+    "EvaluationResult",
+    "LeWorldSystem",
+    "LossWeights",
+    "MemoryConfig",
+    "SLMConfig",
+    "SequenceBatch",
+    "SmallLeWorldModel",
+    "TrainingConfig",
+    "count_params",
+    "evaluate",
+    "from_experience",
+    "generate_sequences",
+    "load_system",
+    "random_bits",
+    "save_system",
+    "structured_patterns",
+    "text_experiences",
+    "train_system",
+]

@@ -1,0 +1,456 @@
+"""LeWorld architecture: an addressable bit memory, small models that pick what to read, a big model
+that predicts the next state from what they read.
+
+The training seed imports these names from a `leworld_architecture` module that was never published;
+they are designed here from how the seed's trainers, dataset and evaluator use them:
+
+- `ArtificialMemory`: `num_words` words (at most 65,536, addressed by a high and a low byte) of
+  `word_size` bits in a buffer `memory`, plus a learnable encoder of what is read.
+  `read(starts, ends)` returns the bits (`[B, max_read_range, word_size]`), their encoding
+  (`[B, encoding_dim]`) and the mask of valid words (`[B, max_read_range]`).
+- `SmallLeWorldModel` (SLM): from (past state, current state, characteristics) logits over the high
+  byte, the low byte and the range length; a hidden state, a confidence and hard start/end addresses.
+- `BigLeWorldModel` (BLM): a router (sigmoid gates with a temperature that anneals) choosing which
+  SLM reads to use, an info-request head (a query that modulates the SLMs at the next step) and a
+  prediction of the next state.
+- `LeWorldSystem`: one step (`forward`, with its losses) and `multi_step_forward` over a sequence.
+
+Gradients through discrete choices use straight-through estimators: the router's hard gates take the
+gradient of their sigmoid probabilities, and a read's encoding is scaled by p/p.detach() (value 1) where
+p is the probability the SLM gave to the address it chose, so the prediction loss reaches the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+BYTE = 256  # the low byte of an address; the high byte has ceil(num_words / 256) values
+
+
+@dataclass
+class MemoryConfig:
+    num_words: int = 65536
+    word_size: int = 32
+    max_read_range: int = 128
+    encoding_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.num_words <= BYTE * BYTE:
+            raise ValueError(f"num_words must lie in [1024, 65536] (two address bytes), got {self.num_words}")
+        if self.word_size < 1 or self.max_read_range < 1:
+            raise ValueError("word_size and max_read_range must be positive")
+
+
+@dataclass
+class SLMConfig:
+    state_dim: int = 64
+    char_dim: int = 32
+    d_model: int = 128
+
+
+@dataclass
+class BLMConfig:
+    state_dim: int = 64
+    d_model: int = 128
+    n_slms: int = 3
+    info_dim: int = 16
+    init_temperature: float = 1.0
+
+
+@dataclass
+class LossWeights:
+    """Weights of the auxiliary losses (the seed's `TrainingConfig.lambda_*`)."""
+
+    balance: float = 0.01
+    diversity: float = 0.001
+    entropy: float = 0.01
+
+
+def count_params(module: nn.Module, name: str = "", verbose: bool = False) -> int:
+    """Number of trainable parameters (printed when `verbose`, as the seed's helper did)."""
+    n = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if verbose:
+        print(f"{name or type(module).__name__}: {n:,} parameters")
+    return n
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+class ArtificialMemory(nn.Module):
+    """Bits in a buffer (not trained by gradient: populators write them) and a learnable read encoder."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("memory", torch.zeros(config.num_words, config.word_size))
+        # The encoder sees the signed mean of the bits read and the fill fraction of the range.
+        self.encoder = _mlp(config.word_size + 1, config.encoding_dim, config.encoding_dim)
+        self.register_buffer("_offsets", torch.arange(config.max_read_range), persistent=False)
+
+    def _prefix(self) -> torch.Tensor:
+        """Prefix sums of the bits (float64, exact), recomputed only when the buffer changed."""
+        key = (self.memory.data_ptr(), self.memory._version)
+        if getattr(self, "_prefix_key", None) != key:
+            cumulative = torch.cumsum(self.memory.detach().to(torch.float64), dim=0)
+            zero = torch.zeros(1, self.config.word_size, dtype=torch.float64)
+            self._prefix_cache = torch.cat([zero, cumulative])
+            self._prefix_key = key
+        return self._prefix_cache
+
+    def _span(self, starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = starts.long().clamp(0, self.config.num_words - 1)
+        ends = torch.minimum(ends.long(), starts + self.config.max_read_range).clamp(max=self.config.num_words)
+        return starts, torch.maximum(ends, starts)
+
+    def encode_range(self, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The encoding of words [start, end) (clipped as in `read`) from prefix sums, without gathering
+        the bits: what the system uses at every step."""
+        starts, ends = self._span(starts, ends)
+        prefix = self._prefix()
+        count = (ends - starts).to(torch.float64)[:, None]
+        mean = (prefix[ends] - prefix[starts]) / count.clamp(min=1.0)
+        return self._encode(mean.to(self.memory.dtype), count.to(self.memory.dtype))
+
+    def _encode(self, mean_bits: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        nonempty = (count > 0).to(mean_bits.dtype)
+        features = torch.cat([(mean_bits * 2.0 - 1.0) * nonempty, count / self.config.max_read_range], dim=-1)
+        return self.encoder(features) * nonempty
+
+    def read(self, starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Read words [start, end) (at most `max_read_range`, clipped at the end of memory).
+
+        Returns (bits `[B, R, W]` zero outside the mask, encoded `[B, E]`, mask `[B, R]` bool).
+        An empty range (end <= start) encodes to exactly zero.
+        """
+        cfg = self.config
+        starts, ends = self._span(starts, ends)
+        positions = starts[:, None] + self._offsets[None, :]
+        mask = positions < ends[:, None]
+        bits = self.memory[positions.clamp(max=cfg.num_words - 1)] * mask[..., None]
+        count = mask.sum(dim=1, keepdim=True).to(bits.dtype)
+        return bits, self._encode(bits.sum(dim=1) / count.clamp(min=1.0), count), mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Small model: where to read
+# ---------------------------------------------------------------------------------------------
+
+
+class AddressHead(nn.Module):
+    """Logits over the high byte, the low byte and the range length (1..max_read_range)."""
+
+    half_space = BYTE
+
+    def __init__(self, d_model: int, memory_config: MemoryConfig):
+        super().__init__()
+        self.num_words = memory_config.num_words
+        self.high_space = math.ceil(memory_config.num_words / BYTE)
+        self.high = nn.Linear(d_model, self.high_space)
+        self.low = nn.Linear(d_model, BYTE)
+        self.range = nn.Linear(d_model, memory_config.max_read_range)
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        high, low, rng = self.high(hidden), self.low(hidden), self.range(hidden)
+        hi, lo, ln = high.argmax(-1), low.argmax(-1), rng.argmax(-1)
+        start = (hi * BYTE + lo).clamp(max=self.num_words - 1)
+        end = (start + ln + 1).clamp(max=self.num_words)
+        # Probability of the chosen address: the straight-through path for the read's gradient.
+        chosen = (
+            high.softmax(-1).gather(1, hi[:, None]) * low.softmax(-1).gather(1, lo[:, None])
+            * rng.softmax(-1).gather(1, ln[:, None])
+        ).squeeze(1)
+        return {
+            "start_logits_high": high,
+            "start_logits_low": low,
+            "range_logits": rng,
+            "start_addr": start,
+            "end_addr": end,
+            "chosen_prob": chosen,
+        }
+
+
+class SmallLeWorldModel(nn.Module):
+    def __init__(self, config: SLMConfig, memory_config: MemoryConfig):
+        super().__init__()
+        self.config = config
+        d_in = 3 * config.state_dim + config.char_dim  # past, current, their difference, characteristics
+        self.input = nn.Linear(d_in, config.d_model)
+        self.body = nn.Sequential(nn.LayerNorm(config.d_model), nn.GELU(), nn.Linear(config.d_model, config.d_model), nn.GELU())
+        self.address_head = AddressHead(config.d_model, memory_config)
+        self.confidence_head = nn.Linear(config.d_model, 1)
+
+    def forward(
+        self,
+        past_state: torch.Tensor,
+        current_state: torch.Tensor,
+        characteristics: torch.Tensor,
+        modulation: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        x = torch.cat([past_state, current_state, current_state - past_state, characteristics], dim=-1)
+        h = self.input(x)
+        if modulation is not None:  # the BLM's info request from the previous step
+            h = h + modulation
+        hidden = self.body(h)
+        out = self.address_head(hidden)
+        out["hidden"] = hidden
+        out["confidence"] = torch.sigmoid(self.confidence_head(hidden)).squeeze(-1)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Big model: route, predict, ask
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Independent sigmoid gates per SLM at a temperature; hard 0/1 gates, straight-through gradient."""
+
+    def __init__(self, state_dim: int, slm_dim: int, init_temperature: float):
+        super().__init__()
+        self.init_temperature = float(init_temperature)
+        self.register_buffer("temperature", torch.tensor(float(init_temperature)))
+        self.score = nn.Linear(2 * state_dim + slm_dim + 1, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.constant_(self.score.bias, 1.0)  # start with every SLM switched on
+
+    def forward(
+        self, past: torch.Tensor, current: torch.Tensor, hiddens: torch.Tensor, confidences: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hiddens.shape[1]
+        states = torch.cat([past, current], dim=-1)[:, None, :].expand(-1, n, -1)
+        logits = self.score(torch.cat([states, hiddens, confidences[..., None]], dim=-1)).squeeze(-1)
+        probs = torch.sigmoid(logits / self.temperature)
+        hard = (probs > 0.5).to(probs.dtype)
+        return probs, hard + probs - probs.detach()
+
+    @torch.no_grad()
+    def anneal_temperature(self, step: int, rate: float, minimum: float) -> float:
+        value = max(minimum, self.init_temperature * math.exp(-rate * step))
+        self.temperature.fill_(value)
+        return value
+
+
+class BigLeWorldModel(nn.Module):
+    def __init__(self, config: BLMConfig, slm_config: SLMConfig, memory_config: MemoryConfig):
+        super().__init__()
+        self.config = config
+        self.slm_dim = slm_config.d_model
+        self.router = Router(config.state_dim, slm_config.d_model, config.init_temperature)
+        per_slot = slm_config.d_model + memory_config.encoding_dim + 1
+        # Slot-specific projection: the BLM knows which SLM a read came from.
+        self.read_proj = nn.Linear(config.n_slms * per_slot, config.d_model)
+        self.trunk = nn.Sequential(
+            nn.Linear(3 * config.state_dim + config.d_model, config.d_model),
+            nn.LayerNorm(config.d_model),
+            nn.GELU(),
+            nn.Linear(config.d_model, config.d_model),
+            nn.GELU(),
+        )
+        self.head = nn.Linear(config.d_model, config.state_dim)
+        self.info_request = nn.Sequential(nn.Linear(config.d_model, config.info_dim), nn.Tanh())
+
+    def forward(
+        self,
+        past_state: torch.Tensor,
+        current_state: torch.Tensor,
+        slm_outputs: list[dict[str, torch.Tensor]],
+        reads: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        hiddens = torch.stack([o["hidden"] for o in slm_outputs], dim=1)  # [B, n, H]
+        confidences = torch.stack([o["confidence"].to(hiddens.dtype) for o in slm_outputs], dim=1)
+        route_probs, mask = self.router(past_state, current_state, hiddens, confidences)
+        slots = torch.cat([hiddens, torch.stack(reads, dim=1), confidences[..., None]], dim=-1)
+        context = self.read_proj((slots * mask[..., None]).flatten(1))
+        h = self.trunk(torch.cat([past_state, current_state, current_state - past_state, context], dim=-1))
+        # Residual prediction: the next state is the current one plus a learned change.
+        return {
+            "next_state": current_state + self.head(h),
+            "info_query": self.info_request(h),
+            "mask": mask,
+            "route_probs": route_probs,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The system
+# ---------------------------------------------------------------------------------------------
+
+
+class LeWorldSystem(nn.Module):
+    def __init__(
+        self,
+        memory_config: MemoryConfig | None = None,
+        slm_config: SLMConfig | None = None,
+        blm_config: BLMConfig | None = None,
+        loss_weights: LossWeights | None = None,
+    ):
+        super().__init__()
+        self.memory_config = memory_config or MemoryConfig()
+        self.slm_config = slm_config or SLMConfig()
+        self.blm_config = blm_config or BLMConfig()
+        self.loss_weights = loss_weights or LossWeights()
+        if self.slm_config.state_dim != self.blm_config.state_dim:
+            raise ValueError("SLMConfig.state_dim and BLMConfig.state_dim must agree")
+        self.memory = ArtificialMemory(self.memory_config)
+        self.slms = nn.ModuleList(
+            SmallLeWorldModel(self.slm_config, self.memory_config) for _ in range(self.blm_config.n_slms)
+        )
+        self.blm = BigLeWorldModel(self.blm_config, self.slm_config, self.memory_config)
+        self.info_to_slm = nn.Linear(self.blm_config.info_dim, self.blm_config.n_slms * self.slm_config.d_model)
+
+    def configs(self) -> dict[str, Any]:
+        return {
+            "memory": asdict(self.memory_config),
+            "slm": asdict(self.slm_config),
+            "blm": asdict(self.blm_config),
+            "loss_weights": asdict(self.loss_weights),
+        }
+
+    @classmethod
+    def from_configs(cls, configs: dict[str, Any]) -> LeWorldSystem:
+        return cls(
+            MemoryConfig(**configs["memory"]),
+            SLMConfig(**configs["slm"]),
+            BLMConfig(**configs["blm"]),
+            LossWeights(**configs.get("loss_weights", {})),
+        )
+
+    def read_for(self, slm_outputs: list[dict[str, torch.Tensor]], ablate_memory: bool = False) -> list[torch.Tensor]:
+        """Encoded reads of every SLM's chosen range in one gather; zeros when memory is ablated."""
+        n, batch = len(slm_outputs), slm_outputs[0]["start_addr"].shape[0]
+        starts = torch.cat([o["start_addr"] for o in slm_outputs])
+        ends = torch.cat([o["end_addr"] for o in slm_outputs])
+        encoded = self.memory.encode_range(starts, ends)
+        if ablate_memory:
+            encoded = torch.zeros_like(encoded)
+        chosen = torch.cat([o["chosen_prob"] for o in slm_outputs])
+        encoded = encoded * (chosen / chosen.detach().clamp(min=1e-12))[:, None]
+        return list(encoded.view(n, batch, -1).unbind(0))
+
+    def forward(
+        self,
+        past_state: torch.Tensor,
+        current_state: torch.Tensor,
+        characteristics: torch.Tensor,
+        next_state: torch.Tensor | None = None,
+        info_query_prev: torch.Tensor | None = None,
+        ablate_memory: bool = False,
+    ) -> dict[str, Any]:
+        """One step: SLMs pick ranges → memory read → BLM predicts. `losses` is empty without a target."""
+        n = len(self.slms)
+        modulation = None
+        if info_query_prev is not None:
+            modulation = self.info_to_slm(info_query_prev).view(-1, n, self.slm_config.d_model)
+        slm_outputs = [
+            slm(past_state, current_state, characteristics, None if modulation is None else modulation[:, i])
+            for i, slm in enumerate(self.slms)
+        ]
+        reads = self.read_for(slm_outputs, ablate_memory)
+        out = self.blm(past_state, current_state, slm_outputs, reads)
+        out["slm_outputs"] = slm_outputs
+        out["losses"] = {}
+        if next_state is not None:
+            out["losses"] = self.losses(out, next_state)
+            out["total_loss"] = out["losses"]["total_loss"]
+        return out
+
+    def losses(self, out: dict[str, Any], next_state: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = self.loss_weights
+        next_state_loss = F.mse_loss(out["next_state"], next_state)
+        probs = out["route_probs"]
+        # Balance: n·Σ share² − 1 is 0 when every SLM is used equally.
+        share = probs.mean(0) / probs.mean(0).sum().clamp(min=1e-8)
+        balance = probs.shape[1] * (share**2).sum() - 1.0
+        # Diversity: overlap of the SLMs' start distributions (high byte), pairwise.
+        dists = [o["start_logits_high"].softmax(-1) for o in out["slm_outputs"]]
+        overlaps = [(dists[i] * dists[j]).sum(-1).mean() for i in range(len(dists)) for j in range(i + 1, len(dists))]
+        diversity = torch.stack(overlaps).mean() if overlaps else next_state_loss.new_zeros(())
+        # Entropy of each gate: low means decisive routing.
+        p = probs.clamp(1e-6, 1 - 1e-6)
+        entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+        total = next_state_loss + w.balance * balance + w.diversity * diversity + w.entropy * entropy
+        return {
+            "next_state_loss": next_state_loss,
+            "balance_loss": balance,
+            "diversity_loss": diversity,
+            "entropy_loss": entropy,
+            "total_loss": total,
+        }
+
+    def multi_step_forward(
+        self,
+        states: torch.Tensor,
+        characteristics: torch.Tensor,
+        n_steps: int | None = None,
+        rollout: bool = False,
+        use_info: bool = True,
+        ablate_memory: bool = False,
+    ) -> dict[str, Any]:
+        """Predict states[:, 1 : n_steps + 1] step by step, passing the info query forward.
+
+        Teacher forcing (default): step t sees the true states t-1 and t. `rollout=True`: from the true
+        state 0, each prediction becomes the next step's current state (error at growing horizons).
+        `use_info=False` is the seed's branch B (no info request between steps).
+        """
+        steps = states.shape[1] - 1 if n_steps is None else min(n_steps, states.shape[1] - 1)
+        past = current = states[:, 0]
+        info = None
+        predictions, masks = [], []
+        loss_sums: dict[str, torch.Tensor] = {}
+        for t in range(steps):
+            if not rollout:
+                past, current = states[:, max(0, t - 1)], states[:, t]
+            out = self(past, current, characteristics, states[:, t + 1], info if use_info else None, ablate_memory)
+            info = out["info_query"]
+            predictions.append(out["next_state"])
+            masks.append(out["mask"])
+            for name, value in out["losses"].items():
+                loss_sums[name] = loss_sums[name] + value if name in loss_sums else value
+            if rollout:
+                past, current = current, out["next_state"]
+        losses = {name: value / max(1, steps) for name, value in loss_sums.items()}
+        return {
+            "predictions": torch.stack(predictions, dim=1),
+            "masks": torch.stack(masks, dim=1),
+            "losses": losses,
+            "total_loss": losses["total_loss"],
+            "next_state_loss": losses["next_state_loss"],
+        }
+
+
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "config.json"
+
+
+def save_system(system: LeWorldSystem, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Weights (memory bits and router temperature included) as safetensors, configs as JSON: no pickle."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().clone() for name, t in system.state_dict().items()}
+    save_file(tensors, str(directory / CHECKPOINT_WEIGHTS))
+    (directory / CHECKPOINT_CONFIG).write_text(json.dumps({"configs": system.configs(), **(extra or {})}, indent=2))
+    return directory
+
+
+def load_system(directory: str | Path) -> LeWorldSystem:
+    directory = Path(directory)
+    spec = json.loads((directory / CHECKPOINT_CONFIG).read_text())
+    system = LeWorldSystem.from_configs(spec["configs"])
+    system.load_state_dict(load_file(str(directory / CHECKPOINT_WEIGHTS)))
+    return system

@@ -1,0 +1,153 @@
+"""Synthetic state-transition sequences whose dynamics depend on memory, generated all at once.
+
+Seed semantics (`StateTransitionDataset`): per sequence, characteristics c ~ N(0, I_char), n_relevant
+regions (easy 1, medium 2, hard 3) with start ~ U{0..num_words-256} and length ~ U{16..128}, x_0 ~ N(0, I),
+and for t >= 1
+
+    x_t = 0.8 x_{t-1} + 0.15 s + 0.05 c̃ + ε_t,   ε_t ~ N(0, 0.1² I)
+
+where s is the region's mean bits mapped to [-1, 1] and tiled to state_dim, c̃ the tiled characteristics.
+In the seed the time loop is re-run for every region, each run overwriting x_1.. with fresh noise, so
+only the *last* region drives the dynamics (`mix="last"`, the default, same distribution as the seed);
+`mix="mean"` uses the mean of all regions' s instead, so every relevant region matters.
+
+No loop per sequence or per step: region means come from a prefix sum over memory, and the linear
+recurrence has the closed form
+
+    x_t = a^t x_0 + b (1 - a^t) / (1 - a) + Σ_{k=1..t} a^{t-k} ε_k,   a = 0.8,  b = 0.15 s + 0.05 c̃,
+
+whose noise term is one matrix product with the lower-triangular [T, T-1] matrix of powers of a.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DIFFICULTY = {"easy": 1, "medium": 2, "hard": 3}
+MAX_RELEVANT = 3
+DECAY, MEMORY_GAIN, CHAR_GAIN, NOISE_STD = 0.8, 0.15, 0.05, 0.1
+MIN_LENGTH, MAX_LENGTH, START_MARGIN = 16, 128, 256
+TENSOR_KEYS = ("states", "characteristics", "relevant_starts", "relevant_ends", "n_relevant")
+
+
+def n_relevant_for(difficulty: str | int) -> int:
+    if isinstance(difficulty, int):
+        if not 1 <= difficulty <= MAX_RELEVANT:
+            raise ValueError(f"difficulty must have 1..3 relevant regions, got {difficulty}")
+        return difficulty
+    if difficulty not in DIFFICULTY:
+        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY)} or 1..3, got {difficulty!r}")
+    return DIFFICULTY[difficulty]
+
+
+def tile_index(dim: int, width: int) -> torch.Tensor:
+    """Indices that tile a `width` vector to `dim` entries (the seed's `.repeat(ceil(dim/width))[:dim]`)."""
+    return torch.arange(dim) % width
+
+
+def region_means(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Mean bits of memory[start:end] for every (start, end) at once, `[..., word_size]`.
+
+    A float64 prefix sum of 0/1 bits is exact, so the difference of two prefixes is the exact count."""
+    cumulative = torch.cumsum(memory_bits.to(torch.float64), dim=0)
+    prefix = torch.cat([torch.zeros(1, memory_bits.shape[1], dtype=torch.float64), cumulative])
+    counts = prefix[ends.long()] - prefix[starts.long()]
+    return (counts / (ends - starts).to(torch.float64)[..., None]).to(torch.float32)
+
+
+def transition_drive(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, state_dim: int, mix: str = "last") -> torch.Tensor:
+    """s: `[N, state_dim]`, the memory term of the dynamics."""
+    seeds = (region_means(memory_bits, starts, ends) * 2 - 1)[..., tile_index(state_dim, memory_bits.shape[1])]
+    if mix == "last":
+        return seeds[:, -1]
+    if mix == "mean":
+        return seeds.mean(dim=1)
+    raise ValueError(f"mix must be 'last' (seed) or 'mean', got {mix!r}")
+
+
+def evolve(x0: torch.Tensor, drive: torch.Tensor, noise: torch.Tensor, decay: float = DECAY) -> torch.Tensor:
+    """Closed form of x_t = decay·x_{t-1} + drive + noise_t for all sequences and steps at once.
+
+    x0 `[N, D]`, drive `[N, D]`, noise `[N, T-1, D]` → states `[N, T, D]`."""
+    steps = noise.shape[1] + 1
+    t = torch.arange(steps, dtype=torch.float64)
+    powers = decay**t  # a^t
+    gain = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.float64), powers[:-1]]), 0)  # Σ_{j<t} a^j
+    lag = t[:, None] - t[None, 1:]  # t - k for k = 1..T-1
+    kernel = torch.where(lag >= 0, decay ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
+    states = torch.einsum("tk,nkd->ntd", kernel.to(noise.dtype), noise)
+    states += powers.to(x0.dtype)[None, :, None] * x0[:, None, :]
+    states += gain.to(x0.dtype)[None, :, None] * drive[:, None, :]
+    return states
+
+
+@dataclass
+class SequenceBatch:
+    """All sequences of a split as tensors (`relevant_*` padded to 3 with zeros, as the seed's items)."""
+
+    states: torch.Tensor  # [N, T, state_dim]
+    characteristics: torch.Tensor  # [N, char_dim]
+    relevant_starts: torch.Tensor  # [N, 3] int64
+    relevant_ends: torch.Tensor  # [N, 3] int64
+    n_relevant: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in TENSOR_KEYS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SequenceBatch:
+        return cls(**{key: tensors[key] for key in TENSOR_KEYS})
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The seed's batch dict for these rows."""
+        return {key: getattr(self, key)[index] for key in TENSOR_KEYS}
+
+
+def generate_sequences(
+    memory_bits: torch.Tensor,
+    num_sequences: int,
+    seq_length: int,
+    state_dim: int,
+    char_dim: int,
+    difficulty: str | int = "easy",
+    generator: torch.Generator | int | None = 0,
+    mix: str = "last",
+) -> SequenceBatch:
+    """Every sequence of a dataset at once; the same `generator` seed gives the same tensors."""
+    if isinstance(generator, torch.Generator):
+        gen = generator
+    else:
+        gen = torch.Generator().manual_seed(0 if generator is None else int(generator))
+    num_words = memory_bits.shape[0]
+    if num_words < START_MARGIN + 1:
+        raise ValueError(f"memory needs more than {START_MARGIN} words, has {num_words}")
+    n_rel = n_relevant_for(difficulty)
+    chars = torch.randn(num_sequences, char_dim, generator=gen)
+    starts = torch.randint(0, num_words - START_MARGIN + 1, (num_sequences, n_rel), generator=gen)
+    lengths = torch.randint(MIN_LENGTH, MAX_LENGTH + 1, (num_sequences, n_rel), generator=gen)
+    x0 = torch.randn(num_sequences, state_dim, generator=gen)
+    noise = torch.randn(num_sequences, max(seq_length - 1, 0), state_dim, generator=gen) * NOISE_STD
+    drive = MEMORY_GAIN * transition_drive(memory_bits, starts, starts + lengths, state_dim, mix)
+    drive += CHAR_GAIN * chars[:, tile_index(state_dim, char_dim)]
+    states = evolve(x0, drive, noise)
+    pad = torch.zeros(num_sequences, MAX_RELEVANT - n_rel, dtype=torch.long)
+    return SequenceBatch(
+        states=states,
+        characteristics=chars,
+        relevant_starts=torch.cat([starts, pad], dim=1),
+        relevant_ends=torch.cat([starts + lengths, pad], dim=1),
+        n_relevant=torch.full((num_sequences,), n_rel, dtype=torch.long),
+    )
+
+
+def iterate_batches(data: SequenceBatch, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True):
+    """Yield the seed's batch dicts (a shuffled DataLoader without the per-item Python overhead)."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield data.batch(order[i : i + batch_size])
