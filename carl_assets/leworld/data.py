@@ -80,7 +80,7 @@ def evolve(x0: torch.Tensor, drive: torch.Tensor, noise: torch.Tensor, decay: fl
     states = torch.einsum("tk,nkd->ntd", kernel.to(noise.dtype), noise)
     states += powers.to(x0.dtype)[None, :, None] * x0[:, None, :]
     states += gain.to(x0.dtype)[None, :, None] * drive[:, None, :]
-    return states
+    return states.contiguous()
 
 
 @dataclass
@@ -97,7 +97,7 @@ class SequenceBatch:
         return self.states.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, key) for key in TENSOR_KEYS}
+        return {key: getattr(self, key).contiguous() for key in TENSOR_KEYS}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SequenceBatch:
