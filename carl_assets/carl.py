@@ -42,11 +42,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-try:  # transformers is a dependency, but keep the maths importable without it
-    from transformers import TrainerCallback as _TrainerCallback
-except ImportError:  # pragma: no cover
-    _TrainerCallback = object
-
 logger = logging.getLogger(__name__)
 
 # ============================================================================================
@@ -543,7 +538,7 @@ def coherence_gate(phi_mean: float, threshold: float = SIGMA) -> tuple[bool, str
     return False, "abstain"
 
 
-class PhaseTransitionGate(_TrainerCallback):
+class _PhaseTransitionGate:
     """Detects crystallization during training and stops it.
 
     Fires once, when ``min_above`` of the last ``window`` logged ``mean_token_accuracy`` values reach
@@ -620,6 +615,26 @@ class PhaseTransitionGate(_TrainerCallback):
             "window": self.window,
             "min_above": self.min_above,
         }
+
+
+def _phase_transition_gate_class() -> type:
+    """`PhaseTransitionGate` is a transformers `TrainerCallback`; importing transformers costs seconds,
+    so the class is made on first access (the CLI's maths commands never pay for it)."""
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        TrainerCallback = object
+    cls = type("PhaseTransitionGate", (_PhaseTransitionGate, TrainerCallback),
+               {"__doc__": _PhaseTransitionGate.__doc__, "__module__": __name__})
+    cls.__qualname__ = "PhaseTransitionGate"
+    return cls
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: module attributes made on first access
+    if name == "PhaseTransitionGate":
+        cls = globals()["PhaseTransitionGate"] = _phase_transition_gate_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ============================================================================================
