@@ -80,16 +80,18 @@ def experience_bits(experiences: torch.Tensor, word_size: int) -> torch.Tensor:
 
 def from_experience(memory: ArtificialMemory, experiences: torch.Tensor, tile: bool = False) -> int:
     """Write one word per experience row (the first `num_words`). With `tile`, repeat the rows until the
-    whole memory is filled (otherwise the rest stays as it was, as in the seed). Returns rows written."""
+    whole memory is filled (otherwise the rest stays as it was, as in the seed). Returns the number of
+    experience rows used."""
     cfg = memory.config
     with torch.no_grad():
         bits = experience_bits(experiences[: cfg.num_words], cfg.word_size)
         if bits.shape[0] == 0:
             raise ValueError("from_experience needs at least one experience row")
+        used = bits.shape[0]
         if tile:
-            bits = bits[torch.arange(cfg.num_words) % bits.shape[0]]
+            bits = bits[torch.arange(cfg.num_words) % used]
         memory.memory[: bits.shape[0]] = bits.to(memory.memory.dtype)
-        return bits.shape[0]
+        return used
 
 
 _TOKEN = re.compile(r"[\w']+")
