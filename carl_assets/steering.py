@@ -5,7 +5,8 @@ layers, normalised to unit length, saved as the safetensors + manifest pair a vL
 keys `layer_<idx>.vectors`, each `[n_concepts, hidden]` float32.
 
 Conventions (written into the manifest):
-- Layer index `i` is the residual stream after decoder block `i-1`; index 0 is the embedding output.
+- Layer index `i` is the residual stream after decoder block `i-1`; index 0 is the input of block 0
+  (the embeddings, with position embeddings where the model adds them).
   All are before the final norm, which is what a vLLM readout sees (`hidden_states + residual`).
   Captured with forward hooks on the blocks, not from `output_hidden_states` (whose last entry is
   after the final norm).
@@ -42,7 +43,7 @@ VECTORS_FILE = "vectors.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "carl-amygdala-readout/1"
 INDEX_CONVENTION = (
-    "layer i = residual stream after decoder block i-1 (0 = embedding output), before the final norm "
+    "layer i = residual stream after decoder block i-1 (0 = embeddings, the input of block 0), before the final norm "
     "(what a vLLM readout sees as hidden_states + residual)"
 )
 REDUCTIONS = {
@@ -142,8 +143,8 @@ def _tensor_of(output: Any) -> torch.Tensor:
 class ResidualReader:
     """Run texts through the model and return the reduced residual stream at `layers`: `[B, n_layers, H]`.
 
-    Hooks sit on the embedding module (layer 0) and on block i-1 (layer i); the hook of the deepest
-    layer stops the forward pass.
+    Hooks sit on the input of block 0 (layer 0) and on the output of block i-1 (layer i); the hook of
+    the deepest layer stops the forward pass.
     """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], reduction: str = "last"):
@@ -165,16 +166,26 @@ class ResidualReader:
 
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
-    def _module_for(self, layer: int) -> torch.nn.Module:
-        return self.model.get_input_embeddings() if layer == 0 else self.blocks[layer - 1]
-
     def _hook(self, layer: int) -> Callable[..., None]:
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            self._out[layer] = self._reduce(_tensor_of(output))
-            if layer == self.deepest:
-                raise _StopForward
+            self._capture(layer, _tensor_of(output))
 
         return hook
+
+    def _input_hook(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Layer 0 is what enters block 0: the embeddings plus whatever the model adds before the first
+        # block (GPT-2's position embeddings, Gemma's scaling), not the bare token-embedding output.
+        self._capture(0, args[0] if args else kwargs["hidden_states"])
+
+    def _capture(self, layer: int, hidden: torch.Tensor) -> None:
+        self._out[layer] = self._reduce(hidden)
+        if layer == self.deepest:
+            raise _StopForward
+
+    def _register(self, layer: int) -> Any:
+        if layer == 0:
+            return self.blocks[0].register_forward_pre_hook(self._input_hook, with_kwargs=True)
+        return self.blocks[layer - 1].register_forward_hook(self._hook(layer))
 
     def _reduce(self, hidden: torch.Tensor) -> torch.Tensor:
         mask = self._mask
@@ -199,7 +210,7 @@ class ResidualReader:
         if self._takes_positions:
             # Positions count real tokens only, so a left-padded text reads as it would alone.
             kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        handles = [self._module_for(layer).register_forward_hook(self._hook(layer)) for layer in self.layers]
+        handles = [self._register(layer) for layer in self.layers]
         try:
             with torch.inference_mode():
                 self.model(**kwargs)

@@ -150,6 +150,40 @@ def test_last_and_mean_reduction_under_padding(tiny_model_and_tokenizer, tiny_te
         assert not torch.allclose(bare[shorter], last[shorter, 0], atol=1e-3)
 
 
+def test_left_padding_with_absolute_positions(tiny_model_and_tokenizer, tiny_texts):
+    """GPT-2 adds absolute position embeddings (RoPE models are shift-invariant): a left-padded text
+    reads as it would alone only because positions are counted from the attention mask."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = tiny_model_and_tokenizer
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      pad_token_id=tok.pad_token_id)).eval()
+    texts = [tiny_texts[0], "a quiet morning"]
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "right"
+    got = ResidualReader(gpt2, [0, 2], "last")(enc["input_ids"], enc["attention_mask"])
+    for row, text in enumerate(texts):
+        single = tok(text, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = gpt2(**single, output_hidden_states=True).hidden_states
+        assert torch.allclose(got[row, 0], hidden[0][0, -1], atol=1e-5)  # embeddings (+ positions)
+        assert torch.allclose(got[row, 1], _block_output(gpt2, single, 1)[-1], atol=1e-5)
+
+
+def _block_output(model, enc, block: int) -> torch.Tensor:
+    out = {}
+    handle = model.transformer.h[block].register_forward_hook(
+        lambda m, i, o: out.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    with torch.inference_mode():
+        model(**enc)
+    handle.remove()
+    return out["x"][0]
+
+
 def test_deepest_layer_is_before_the_final_norm(tiny_model_and_tokenizer, tiny_texts):
     model, tok = tiny_model_and_tokenizer
     n_blocks = model.config.num_hidden_layers
