@@ -1,0 +1,414 @@
+"""SFT until crystallization, then GRPO on the CARL reward (TRL), on CPU or an accelerator.
+
+`train_sft` runs TRL's `SFTTrainer` with ``logging_steps=1`` (TRL averages ``mean_token_accuracy``
+over the logging interval, so the gate needs every step) and the `PhaseTransitionGate` callback: it
+stops when 3 of the last 5 logged accuracies reach the threshold, or at ``max_steps``.
+
+`train_grpo` runs TRL's `GRPOTrainer` with the CARL composite reward of the policy itself
+(`carl_assets.carl.make_carl_reward_fn`) and ``beta=0`` (no reference model, as in the seed). It
+returns the per-step reward curve and the reward components TRL logged through ``log_metric``, and
+the per-completion rewards the reward function computed.
+
+Both train the given model in place, save it (safetensors) with its tokenizer to ``output_dir`` when
+given, and return an outcome dataclass with the per-step log history. No Dagster import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CARL_COMPONENTS = ("multiscale", "cloud_quality", "discontinuity", "phi_mean")
+TRAINING_LOG_FILE = "training_log.json"
+GRPO_LOG_FILE = "grpo_log.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and outcomes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTRunConfig:
+    """SFT hyper-parameters. The defaults let the offline ~1M-parameter model crystallize on the default
+    48 templated examples in roughly 100-200 steps (a constant, fairly high learning rate; small batches)."""
+
+    max_steps: int = 400
+    learning_rate: float = 1.5e-3
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    max_length: int = 256
+    completion_only_loss: bool | None = None  # None: TRL decides (True for prompt-completion data)
+    assistant_only_loss: bool = False  # for "messages" data with a {% generation %} chat template
+    gate_threshold: float = 0.99
+    gate_window: int = 5
+    gate_min_above: int = 3
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads while training (None: leave as is)
+    use_cpu: bool | None = None  # None: CPU unless CUDA is available
+
+
+@dataclass
+class GRPORunConfig:
+    """GRPO hyper-parameters (few short steps by default: a CPU budget of well under a minute)."""
+
+    max_steps: int = 8
+    learning_rate: float = 1e-4
+    batch_size: int = 8  # completions per step; a multiple of num_generations
+    num_generations: int = 4
+    max_completion_length: int = 24
+    max_prompts: int | None = None  # keep at most this many prompts (None: all)
+    temperature: float = 1.0
+    beta: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+    use_cpu: bool | None = None
+
+
+@dataclass
+class SFTOutcome:
+    triggered: bool
+    trigger_step: int
+    window_values: list[float]
+    peak_entropy: float
+    peak_entropy_step: int
+    threshold: float
+    max_steps: int
+    steps: int  # optimizer steps actually run
+    seconds: float
+    log_history: list[dict[str, Any]]  # one record per logged step (step, loss, mean_token_accuracy, entropy, ...)
+    final_accuracy: float | None = None
+    output_dir: str | None = None
+
+    @property
+    def crystallized(self) -> bool:
+        """The gate fired before the step budget ran out."""
+        return self.triggered and 0 < self.trigger_step <= self.max_steps
+
+    def accuracy_curve(self) -> tuple[list[int], list[float]]:
+        rows = [r for r in self.log_history if r.get("mean_token_accuracy") is not None]
+        return [int(r["step"]) for r in rows], [float(r["mean_token_accuracy"]) for r in rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "crystallized": self.crystallized}
+
+
+@dataclass
+class GRPOOutcome:
+    steps: int
+    seconds: float
+    log_history: list[dict[str, Any]]  # one record per step: reward, reward_std, carl/<component>, loss, ...
+    completions: list[dict[str, Any]] = field(default_factory=list)  # one per scored completion
+    output_dir: str | None = None
+
+    @property
+    def rewards(self) -> list[float]:
+        return [float(r["reward"]) for r in self.log_history if r.get("reward") is not None]
+
+    @property
+    def reward_std(self) -> float:
+        """Population std of every completion's CARL reward across the run (0.0 if none)."""
+        values = [c["reward"] for c in self.completions]
+        return float(np.std(values)) if values else 0.0
+
+    @property
+    def mean_step_reward_std(self) -> float:
+        """Mean over steps of TRL's per-step `reward_std` (the spread GRPO's advantages see)."""
+        stds = [float(r["reward_std"]) for r in self.log_history if r.get("reward_std") is not None]
+        return float(np.mean(stds)) if stds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reward_std": self.reward_std, "mean_step_reward_std": self.mean_step_reward_std}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    if not threads:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _use_cpu(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _clean(value: Any) -> Any:
+    """JSON-able floats (NaN/inf become None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean(value.item())
+    return value
+
+
+def _step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trainer.state.log_history without the final summary record (which has `train_runtime`)."""
+    rows = []
+    for record in history:
+        if "train_runtime" in record or "step" not in record:
+            continue
+        rows.append({k: _clean(v) for k, v in record.items()})
+    return rows
+
+
+def _save(model: Any, tokenizer: Any, output_dir: str | os.PathLike[str] | None) -> str | None:
+    if output_dir is None:
+        return None
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _common_args(use_cpu: bool, seed: int) -> dict[str, Any]:
+    # No checkpoints, no trackers, no progress bars: the asset saves the final model itself.
+    return {
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": use_cpu,
+        "bf16": False,
+        "fp16": False,
+        "seed": seed,
+        "data_seed": seed,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "gradient_checkpointing": False,
+    }
+
+
+def _quiet_trl() -> None:
+    """TRL/transformers warn about things that are intended here (no vLLM, CPU, tiny model)."""
+    import logging
+
+    for name in ("trl", "transformers.trainer", "transformers.training_args"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------------------------
+# SFT
+# --------------------------------------------------------------------------------------------
+
+
+def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
+              config: SFTRunConfig | None = None, extra_callbacks: list[Any] | None = None) -> SFTOutcome:
+    """TRL SFT with the crystallization gate: stops when the gate fires or at ``config.max_steps``.
+
+    ``train_dataset`` is a `datasets.Dataset` in any format TRL's SFT accepts ("messages",
+    "prompt"/"completion" (plain or conversational), or "text"). The trained model and tokenizer are
+    saved to ``output_dir`` (if not None) with `training_log.json` (the outcome) beside them.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    from carl_assets.carl import PhaseTransitionGate
+
+    config = config or SFTRunConfig()
+    if config.max_steps < 1:
+        raise ValueError("max_steps must be at least 1")
+    if len(train_dataset) == 0:
+        raise ValueError("the SFT dataset is empty")
+    _quiet_trl()
+    gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
+                               min_above=config.gate_min_above)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, _torch_threads(config.threads):
+        args = SFTConfig(
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type=config.lr_scheduler_type,
+            warmup_steps=config.warmup_steps,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            weight_decay=config.weight_decay,
+            max_length=config.max_length,
+            completion_only_loss=config.completion_only_loss,
+            assistant_only_loss=config.assistant_only_loss,
+            **_common_args(_use_cpu(config.use_cpu), config.seed),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                             callbacks=[gate, *(extra_callbacks or [])])
+        trainer.train()
+        steps = int(trainer.state.global_step)
+        history = _step_logs(trainer.state.log_history)
+    model.eval()
+    seconds = time.perf_counter() - started
+    accuracies = [r["mean_token_accuracy"] for r in history if r.get("mean_token_accuracy") is not None]
+    summary = gate.summary()
+    outcome = SFTOutcome(
+        triggered=bool(summary["triggered"]),
+        trigger_step=int(summary["trigger_step"]),
+        window_values=[float(v) for v in summary["window_values"]],
+        peak_entropy=float(summary["peak_entropy"]),
+        peak_entropy_step=int(summary["peak_entropy_step"]),
+        threshold=float(config.gate_threshold),
+        max_steps=int(config.max_steps),
+        steps=steps,
+        seconds=seconds,
+        log_history=history,
+        final_accuracy=float(accuracies[-1]) if accuracies else None,
+    )
+    outcome.output_dir = _save(model, tokenizer, output_dir)
+    if output_dir is not None:
+        (Path(output_dir) / TRAINING_LOG_FILE).write_text(
+            json.dumps({**outcome.to_dict(), "config": asdict(config)}, indent=2, default=str) + "\n")
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------------
+
+
+def _prompt_only(dataset: Any, max_prompts: int | None, seed: int) -> Any:
+    """GRPO needs a "prompt" column; a "messages" dataset gives its turns before the last assistant one."""
+    columns = set(dataset.column_names)
+    if "prompt" not in columns:
+        if "messages" not in columns:
+            raise ValueError(f"GRPO needs a 'prompt' (or 'messages') column; got {sorted(columns)}")
+
+        def to_prompt(example: dict[str, Any]) -> dict[str, Any]:
+            messages = list(example["messages"])
+            while messages and messages[-1].get("role") == "assistant":
+                messages.pop()
+            return {"prompt": messages}
+
+        dataset = dataset.map(to_prompt)
+    dataset = dataset.select_columns(["prompt"])
+    if max_prompts is not None and len(dataset) > max_prompts:
+        dataset = dataset.shuffle(seed=seed).select(range(max_prompts))
+    return dataset
+
+
+def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
+               config: GRPORunConfig | None = None, extra_callbacks: list[Any] | None = None) -> GRPOOutcome:
+    """TRL GRPO with the CARL composite reward of the policy itself and ``beta=0``.
+
+    ``train_dataset`` needs a "prompt" column (plain text or chat messages), or "messages" (the
+    prompt is everything before the final assistant turn). Returns the per-step log (reward,
+    reward_std, ``carl/<component>`` means, loss, ...) and every scored completion's reward and
+    components. Saves the model, tokenizer and `grpo_log.json` to ``output_dir`` if given.
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    from carl_assets.carl import make_carl_reward_fn
+
+    config = config or GRPORunConfig()
+    if config.batch_size % config.num_generations:
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of num_generations "
+                         f"({config.num_generations})")
+    if config.num_generations < 2:
+        raise ValueError("GRPO needs num_generations >= 2 (advantages are relative within a group)")
+    dataset = _prompt_only(train_dataset, config.max_prompts, config.seed)
+    if len(dataset) == 0:
+        raise ValueError("the GRPO dataset has no prompts")
+    _quiet_trl()
+    carl = make_carl_reward_fn(model, tokenizer)
+    scored: list[dict[str, Any]] = []
+
+    # Record every completion's reward and components (TRL itself only logs their means).
+    def carl_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        rewards = carl(prompts, completions, **kwargs)
+        state = kwargs.get("trainer_state")
+        step = int(getattr(state, "global_step", 0)) + 1  # the optimizer step these completions feed
+        for i, (completion, reward) in enumerate(zip(completions, rewards, strict=True)):
+            comps = carl.last_components[i] if i < len(carl.last_components) else None
+            text = completion[-1]["content"] if isinstance(completion, list) and completion else str(completion)
+            scored.append({"step": step, "index": i, "group": i // config.num_generations,
+                                "completion": text, "reward": float(reward),
+                                **{k: (None if comps is None else float(comps[k])) for k in CARL_COMPONENTS}})
+        return rewards
+
+    carl_reward.__name__ = "carl"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, _torch_threads(config.threads):
+        args = GRPOConfig(
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size,
+            num_generations=config.num_generations,
+            max_completion_length=config.max_completion_length,
+            temperature=config.temperature,
+            beta=config.beta,
+            log_completions=False,
+            **_common_args(_use_cpu(config.use_cpu), config.seed),
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=[carl_reward], args=args, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=list(extra_callbacks or []))
+        trainer.train()
+        steps = int(trainer.state.global_step)
+        history = _step_logs(trainer.state.log_history)
+    model.eval()
+    outcome = GRPOOutcome(steps=steps, seconds=time.perf_counter() - started, log_history=history,
+                          completions=scored)
+    outcome.output_dir = _save(model, tokenizer, output_dir)
+    if output_dir is not None:
+        (Path(output_dir) / GRPO_LOG_FILE).write_text(
+            json.dumps({**outcome.to_dict(), "config": asdict(config)}, indent=2, default=str) + "\n")
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets for `carl train`
+# --------------------------------------------------------------------------------------------
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_training_dataset(spec: str, split: str = "train") -> Any:
+    """A `datasets.Dataset` from a local .jsonl/.json/.parquet/.csv file, a folder written by
+    `save_to_disk`, or a named Hugging Face dataset (which needs the hub or its cache)."""
+    from datasets import load_dataset, load_from_disk
+
+    spec = str(spec).strip()
+    if not spec:
+        raise ValueError("no dataset given")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"unsupported dataset file {path.name!r}: use .jsonl, .json, .parquet or .csv")
+        return load_dataset(builder, data_files=str(path), split="train")
+    if path.is_dir():
+        loaded = load_from_disk(str(path))
+        if hasattr(loaded, "keys"):  # a DatasetDict
+            if split not in loaded:
+                raise ValueError(f"dataset folder {path} has no split {split!r} (has {sorted(loaded.keys())})")
+            loaded = loaded[split]
+        return loaded
+    looks_like_path = spec.startswith(("/", ".", "~")) or path.suffix.lower() in _FILE_BUILDERS or spec.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"dataset file {spec!r} does not exist")
+    return load_dataset(spec, split=split)
