@@ -1,22 +1,29 @@
 """Benchmark: re-scoring one GRPO step of completions with the CARL reward.
 
-One step = 16 prompt + completion sequences (prompts of 12-60 tokens, completions of mixed lengths up to
-128 tokens) under a random-init Llama with a 32,000-token vocabulary (hidden 256, 2 layers: the LM
-head dominates, as in real small models). Three ways over the same sequences, in one run:
+One step = 16 prompt + completion sequences under a random-init Llama with a 32,000-token vocabulary
+(hidden 256, 2 layers: the LM head dominates, as in real small models). Prompts are chat-formatted like
+this project's GRPO and agent prompts (a system message, an observation of 20-60 words and an
+instruction); completions are random token ids of mixed lengths, 8 to 128. Three ways over the same
+sequences, in one run:
 
 - seed:  the seed's way — one forward pass per sequence, full logits, numpy `carl_reward` on the
          positions that predict the completion (aligned as the seed's agent step does).
 - ours:  `make_carl_reward_fn` — one batched no-grad forward through the decoder stack, the LM head
-         only on the completion's predicting positions, in chunks; entropy and log P(selected) per
-         token; the sequence maths vectorised in torch.
+         only on the completions' predicting positions, in vocabulary tiles; entropy and log
+         P(selected) per token; the sequence maths vectorised in torch.
 - bare:  one batched no-grad forward of the full model over the right-padded batch (full logits
          [16, T, 32000]) and nothing else: the floor for a batched forward.
 
-Time: median of `--repeats` runs after a warm-up. Memory: the peak resident memory above what the
-process held just before the call (Linux: /proc/self/clear_refs resets VmHWM, then VmHWM - VmRSS
-before). torch's CPU allocations are invisible to tracemalloc, so RSS it is; the script re-executes
-itself with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves every large buffer with mmap and returns
-it on free — otherwise a later call could reuse pages freed by an earlier one and look cheaper.
+Time: interleaved rounds (seed, bare, ours, seed, ...) after a warm-up, in this process with the
+default allocator; the fastest round counts (on a shared box it is the least disturbed one); medians
+are printed too.
+
+Memory: peak extra resident memory — VmHWM after resetting it through /proc/self/clear_refs, minus
+VmRSS just before the call. torch's CPU allocations are invisible to tracemalloc, so RSS it is. It is
+measured in a child process started with MALLOC_MMAP_THRESHOLD_=65536, so that glibc serves every large
+buffer with mmap and returns it on free: otherwise a call could reuse heap pages freed by an earlier
+one and look cheaper. (That setting costs page faults, which is why timing is done in this process.)
+With ``--device cuda``: torch's peak allocated CUDA memory above what was allocated before.
 
 Prints one JSON line: ratio = seed time / our time (target >= 2), ratio_vs_bare_forward = our time /
 bare time (target <= 1.15), memory_ratio = bare peak extra / our peak extra (target >= 8), peak_mb.
@@ -29,15 +36,10 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-
-if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux"):
-    os.environ[MMAP_ENV] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,7 +51,12 @@ from carl_assets.carl import _prompt_ids, carl_reward, make_carl_reward_fn  # no
 from carl_assets.model_loading import train_tokenizer  # noqa: E402
 
 WORDS = ("the agent reads a page clicks submit button form memory graph warmth clarity crystal phase "
-         "order parameter token distribution entropy coherence gate abstain act reward").split()
+         "order parameter token distribution entropy coherence gate abstain act reward note journal "
+         "reflection morning kitchen letter meeting deadline garden quiet warm clear").split()
+SYSTEM = "You are a precise agent. Follow the instruction exactly."
+INSTRUCTIONS = ["Which feelings does this memory carry?", "What kind of memory is this?",
+                "Click the submit button.", "Summarise the note in one line."]
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 def _status_mb(key: str) -> float:
@@ -57,54 +64,62 @@ def _status_mb(key: str) -> float:
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) / 1024
 
 
-def measure(fn, repeats: int) -> tuple[float, float, object]:
-    """(median seconds, peak extra resident MB, last result) of fn() over `repeats` runs."""
-    fn()  # warm-up: lazy inits, first-touch of weights
-    times, peaks, result = [], [], None
-    for _ in range(repeats):
+def measure_once(fn, device: torch.device) -> tuple[float, float, object]:
+    """(seconds, peak extra MB, result) of one fn() call."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = _status_mb("VmRSS")
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        peaks.append(_status_mb("VmHWM") - before)
-    return statistics.median(times), max(peaks), result
+    start = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
+    return seconds, peak - before, result
 
 
-def build(vocab: int, hidden: int, layers: int, seed: int):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
+def time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
+    for fn in fns.values():
+        fn()  # warm-up: lazy inits, first touch of the weights
+    rounds: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            rounds[name].append(measure_once(fn, device))
+    return {name: {"best": min(r[0] for r in runs), "median": statistics.median(r[0] for r in runs),
+                   "peak_mb": max(r[1] for r in runs), "result": runs[-1][2]} for name, runs in rounds.items()}
+
+
+def build(args: argparse.Namespace):
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # a sharper head than N(0, 0.02): Phi spread over [0, 1] like a trained model
+    with torch.no_grad():  # a sharper head than N(0, 0.02): Phi spread more like a trained model's
         model.lm_head.weight.mul_(25.0)
-    rng = np.random.default_rng(seed)
-    texts = [" ".join(rng.choice(WORDS, size=40)) for _ in range(50)]
-    tokenizer = train_tokenizer(texts, vocab_size=400)
-    return model, tokenizer
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=16)
-    parser.add_argument("--max-completion", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, tokenizer = build(args.vocab, args.hidden, args.layers, args.seed)
     rng = np.random.default_rng(args.seed)
+    texts = [" ".join(rng.choice(WORDS, size=40)) for _ in range(50)] + [SYSTEM, *INSTRUCTIONS]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+
     n = args.sequences
-    prompts = [" ".join(rng.choice(WORDS, size=int(k))) for k in rng.integers(8, 40, size=n)]
+    prompts = []
+    for i in range(n):
+        observation = " ".join(rng.choice(WORDS, size=int(rng.integers(20, 61))))
+        prompts.append([{"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": f"{observation}\n\nInstruction: {INSTRUCTIONS[i % 4]}"}])
     lengths = np.linspace(8, args.max_completion, n).astype(int)
     rng.shuffle(lengths)
     completion_ids = [rng.integers(1, args.vocab, size=int(k)).tolist() for k in lengths]
+    return model.to(torch.device(args.device)), tokenizer, prompts, completion_ids
+
+
+def methods(model, tokenizer, prompts, completion_ids, device):
+    n = len(prompts)
     prompt_ids = [_prompt_ids(tokenizer, p, {}) for p in prompts]
     sequences = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
 
@@ -112,9 +127,9 @@ def main() -> None:
         rewards = []
         with torch.no_grad():
             for p, c, seq in zip(prompt_ids, completion_ids, sequences, strict=True):
-                logits = model(input_ids=torch.tensor([seq])).logits[0]
+                logits = model(input_ids=torch.tensor([seq], device=device)).logits[0]
                 start = len(p) - 1
-                window = logits[start : start + len(c)].float().numpy()
+                window = logits[start : start + len(c)].float().cpu().numpy()
                 rewards.append(carl_reward(window, np.asarray(c))[0])
                 del logits
         return rewards
@@ -130,21 +145,70 @@ def main() -> None:
     for i, seq in enumerate(sequences):
         batch_ids[i, : len(seq)] = torch.tensor(seq)
         batch_mask[i, : len(seq)] = 1
+    batch_ids, batch_mask = batch_ids.to(device), batch_mask.to(device)
 
     def bare() -> tuple[int, ...]:
         with torch.no_grad():
             logits = model(input_ids=batch_ids, attention_mask=batch_mask).logits
         return tuple(logits.shape)
 
-    t_ours, m_ours, r_ours = measure(ours, args.repeats)
-    t_bare, m_bare, shape = measure(bare, args.repeats)
-    t_seed, m_seed, r_seed = measure(seed_way, args.repeats)
+    info = {"prompt_tokens_mean": float(np.mean([len(p) for p in prompt_ids])),
+            "completion_tokens": int(sum(len(c) for c in completion_ids)),
+            "padded_width": width}
+    return {"seed": seed_way, "bare": bare, "ours": ours}, info
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Peak extra memory of each method, one call after a warm-up, in a process with mmap'd buffers."""
+    device = torch.device(args.device)
+    fns, _ = methods(*build(args), device)
+    peaks = {}
+    for name, fn in fns.items():
+        fn()
+        peaks[name] = max(measure_once(fn, device)[1] for _ in range(2))
+    print(json.dumps(peaks))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--max-completion", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    device = torch.device(args.device)
+
+    if device.type == "cuda":
+        memory = None  # measured in-process below: CUDA's allocator statistics need no help
+    else:
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child"], capture_output=True,
+                               text=True, env={**os.environ, MMAP_ENV: "65536"}, check=True)
+        memory = json.loads(child.stdout.strip().splitlines()[-1])
+
+    fns, info = methods(*build(args), device)
+    stats = time_interleaved(fns, args.repeats, device)
+    if memory is None:
+        memory = {name: s["peak_mb"] for name, s in stats.items()}
+    t_seed, t_bare, t_ours = (stats[k]["best"] for k in ("seed", "bare", "ours"))
+    m_seed, m_bare, m_ours = (memory[k] for k in ("seed", "bare", "ours"))
+    r_seed, shape, r_ours = (stats[k]["result"] for k in ("seed", "bare", "ours"))
     max_diff = float(np.max(np.abs(np.asarray(r_ours) - np.asarray(r_seed))))
-    print(f"sequences={n} completion tokens={int(lengths.sum())} (max {int(lengths.max())}) "
-          f"padded batch={width} tokens, V={args.vocab}, full logits {shape}, threads={args.threads}")
-    print(f"seed way: {t_seed * 1000:8.1f} ms  peak extra {m_seed:7.1f} MB")
-    print(f"bare fwd: {t_bare * 1000:8.1f} ms  peak extra {m_bare:7.1f} MB")
-    print(f"ours:     {t_ours * 1000:8.1f} ms  peak extra {m_ours:7.1f} MB")
+    print(f"sequences={args.sequences}: prompts {info['prompt_tokens_mean']:.0f} tokens on average, "
+          f"{info['completion_tokens']} completion tokens (8-{args.max_completion}), padded width "
+          f"{info['padded_width']}; V={args.vocab}; full logits {shape}; threads={args.threads}")
+    for label, key in (("seed way", "seed"), ("bare fwd", "bare"), ("ours    ", "ours")):
+        print(f"{label}: best {stats[key]['best'] * 1000:8.1f} ms  median {stats[key]['median'] * 1000:8.1f} ms  "
+              f"peak extra {memory[key]:7.1f} MB")
     print(f"max |reward ours - reward seed way| = {max_diff:.2e}; reward std = {np.std(r_ours):.4f}")
     print(json.dumps({
         "name": "carl_reward",
@@ -160,9 +224,11 @@ def main() -> None:
         "seconds_ours": round(t_ours, 4),
         "seconds_bare_forward": round(t_bare, 4),
         "seconds_seed": round(t_seed, 4),
+        "median_ratio": round(stats["seed"]["median"] / stats["ours"]["median"], 3),
+        "median_ratio_vs_bare_forward": round(stats["ours"]["median"] / stats["bare"]["median"], 3),
         "max_reward_diff": max_diff,
         "threads": args.threads,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }))
 
 
