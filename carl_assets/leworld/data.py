@@ -11,12 +11,13 @@ In the seed the time loop is re-run for every region, each run overwriting x_1..
 only the *last* region drives the dynamics (`mix="last"`, the default, same distribution as the seed);
 `mix="mean"` uses the mean of all regions' s instead, so every relevant region matters.
 
-No loop per sequence or per step: region means come from a prefix sum over memory, and the linear
+No loop per sequence or per step: region means come from one `embedding_bag` over the regions' words,
+and the linear
 recurrence has the closed form
 
     x_t = a^t x_0 + b (1 - a^t) / (1 - a) + Σ_{k=1..t} a^{t-k} ε_k,   a = 0.8,  b = 0.15 s + 0.05 c̃,
 
-whose noise term is one matrix product with the lower-triangular [T, T-1] matrix of powers of a.
+i.e. one batched matrix product of a fixed [T, T+1] kernel with (x_0, b, ε_1, …, ε_{T-1}).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 DIFFICULTY = {"easy": 1, "medium": 2, "hard": 3}
 MAX_RELEVANT = 3
@@ -48,13 +50,18 @@ def tile_index(dim: int, width: int) -> torch.Tensor:
 
 
 def region_means(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Mean bits of memory[start:end] for every (start, end) at once, `[..., word_size]`.
+    """Mean bits of memory[start:end] for every (start, end) at once, `[..., word_size]` (0 if empty).
 
-    A float64 prefix sum of 0/1 bits is exact, so the difference of two prefixes is the exact count."""
-    cumulative = torch.cumsum(memory_bits.to(torch.float64), dim=0)
-    prefix = torch.cat([torch.zeros(1, memory_bits.shape[1], dtype=torch.float64), cumulative])
-    counts = prefix[ends.long()] - prefix[starts.long()]
-    return (counts / (ends - starts).to(torch.float64)[..., None]).to(torch.float32)
+    One `embedding_bag(mode="mean")` over the concatenated word indices of all regions: it reads only
+    the words in the regions (no prefix sum over the whole memory), and a sum of 0/1 bits divided by the
+    length rounds exactly as the seed's `.mean(dim=0)` does."""
+    flat_starts, lengths = starts.reshape(-1).long(), (ends - starts).reshape(-1).long().clamp(min=0)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    # Word index of every position: start of its region + position within the region.
+    words = torch.arange(total) - torch.repeat_interleave(offsets - flat_starts, lengths, output_size=total)
+    means = F.embedding_bag(words, memory_bits.to(torch.float32), offsets, mode="mean")
+    return means.view(*starts.shape, memory_bits.shape[1])
 
 
 def transition_drive(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, state_dim: int, mix: str = "last") -> torch.Tensor:
@@ -67,20 +74,23 @@ def transition_drive(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torc
     raise ValueError(f"mix must be 'last' (seed) or 'mean', got {mix!r}")
 
 
-def evolve(x0: torch.Tensor, drive: torch.Tensor, noise: torch.Tensor, decay: float = DECAY) -> torch.Tensor:
-    """Closed form of x_t = decay·x_{t-1} + drive + noise_t for all sequences and steps at once.
-
-    x0 `[N, D]`, drive `[N, D]`, noise `[N, T-1, D]` → states `[N, T, D]`."""
-    steps = noise.shape[1] + 1
+def recurrence_kernel(steps: int, decay: float = DECAY) -> torch.Tensor:
+    """The `[T, T+1]` matrix K with states[t] = K[t] · (x_0, drive, ε_1, …, ε_{T-1}):
+    K[t, 0] = a^t, K[t, 1] = Σ_{j<t} a^j, K[t, 1+k] = a^{t-k} for 1 <= k <= t (else 0)."""
     t = torch.arange(steps, dtype=torch.float64)
-    powers = decay**t  # a^t
-    gain = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.float64), powers[:-1]]), 0)  # Σ_{j<t} a^j
+    powers = decay**t
+    gain = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.float64), powers[:-1]]), 0)
     lag = t[:, None] - t[None, 1:]  # t - k for k = 1..T-1
-    kernel = torch.where(lag >= 0, decay ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
-    states = torch.einsum("tk,nkd->ntd", kernel.to(noise.dtype), noise)
-    states += powers.to(x0.dtype)[None, :, None] * x0[:, None, :]
-    states += gain.to(x0.dtype)[None, :, None] * drive[:, None, :]
-    return states.contiguous()
+    noise_part = torch.where(lag >= 0, decay ** lag.clamp(min=0), torch.zeros((), dtype=torch.float64))
+    return torch.cat([powers[:, None], gain[:, None], noise_part], dim=1).to(torch.float32)
+
+
+def evolve(x0: torch.Tensor, drive: torch.Tensor, noise: torch.Tensor, decay: float = DECAY) -> torch.Tensor:
+    """Closed form of x_t = decay·x_{t-1} + drive + noise_t for all sequences and steps at once: one
+    batched matrix product. x0 `[N, D]`, drive `[N, D]`, noise `[N, T-1, D]` → states `[N, T, D]`."""
+    kernel = recurrence_kernel(noise.shape[1] + 1, decay).to(noise.dtype)
+    inputs = torch.cat([x0[:, None, :], drive[:, None, :], noise], dim=1)
+    return torch.matmul(kernel, inputs).contiguous()
 
 
 @dataclass
@@ -131,7 +141,7 @@ def generate_sequences(
     starts = torch.randint(0, num_words - START_MARGIN + 1, (num_sequences, n_rel), generator=gen)
     lengths = torch.randint(MIN_LENGTH, MAX_LENGTH + 1, (num_sequences, n_rel), generator=gen)
     x0 = torch.randn(num_sequences, state_dim, generator=gen)
-    noise = torch.randn(num_sequences, max(seq_length - 1, 0), state_dim, generator=gen) * NOISE_STD
+    noise = torch.empty(num_sequences, max(seq_length - 1, 0), state_dim).normal_(0.0, NOISE_STD, generator=gen)
     drive = MEMORY_GAIN * transition_drive(memory_bits, starts, starts + lengths, state_dim, mix)
     drive += CHAR_GAIN * chars[:, tile_index(state_dim, char_dim)]
     states = evolve(x0, drive, noise)
