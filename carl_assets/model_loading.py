@@ -152,6 +152,17 @@ class OfflineModelConfig:
     threads: int = 1
 
 
+def new_offline_model(texts: Sequence[str], config: OfflineModelConfig | None = None
+                      ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The offline model's tokenizer and architecture, randomly initialised (no pretraining): for
+    benchmarks that need the default size but not its training."""
+    config = config or OfflineModelConfig()
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    model = _new_model(_llama_config(tokenizer, config.hidden_size, config.num_layers, config.num_heads,
+                                     config.intermediate_size, config.max_positions), config.seed)
+    return model, tokenizer
+
+
 def _token_stream(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> torch.Tensor:
     """All texts as one stream, each document `bos text eos`, for packed causal-LM blocks."""
     ids: list[int] = []
@@ -214,9 +225,7 @@ def build_offline_model(texts: Sequence[str], output_dir: str | os.PathLike[str]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, config.threads))
     try:
-        tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
-        model = _new_model(_llama_config(tokenizer, config.hidden_size, config.num_layers, config.num_heads,
-                                         config.intermediate_size, config.max_positions), config.seed)
+        model, tokenizer = new_offline_model(texts, config)
         stream = _token_stream(tokenizer, texts)
         losses = pretrain(model, stream, config, progress)
     finally:
