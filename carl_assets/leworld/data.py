@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from carl_assets.leworld.runtime import torch_threads
+
 DIFFICULTY = {"easy": 1, "medium": 2, "hard": 3}
 MAX_RELEVANT = 3
 DECAY, MEMORY_GAIN, CHAR_GAIN, NOISE_STD = 0.8, 0.15, 0.05, 0.1
@@ -127,8 +129,14 @@ def generate_sequences(
     difficulty: str | int = "easy",
     generator: torch.Generator | int | None = 0,
     mix: str = "last",
+    num_threads: int | None = 1,
 ) -> SequenceBatch:
     """Every sequence of a dataset at once; the same `generator` seed gives the same tensors."""
+    with torch_threads(num_threads):
+        return _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix)
+
+
+def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix) -> SequenceBatch:
     if isinstance(generator, torch.Generator):
         gen = generator
     else:

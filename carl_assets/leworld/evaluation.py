@@ -20,7 +20,7 @@ import torch
 
 from carl_assets.leworld.architecture import LeWorldSystem
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
-from carl_assets.leworld.training import torch_threads
+from carl_assets.leworld.runtime import torch_threads
 
 SYSTEMS = ("leworld", "persistence", "memory_ablated")
 

@@ -15,9 +15,8 @@ is stepped (fractional epochs), which the seed set up but never called.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch import optim
 
 from carl_assets.leworld.architecture import LeWorldSystem, LossWeights
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
+from carl_assets.leworld.runtime import torch_threads
 
 
 @dataclass
@@ -57,21 +57,6 @@ class TrainingConfig:
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.lambda_balance, self.lambda_diversity, self.lambda_entropy)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run a block with `n` intra-op threads, then restore. These models are tiny: one thread avoids
-    thread-pool overhead, which on a busy shared CPU can make each small matmul 30× slower."""
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Phase1Trainer:
