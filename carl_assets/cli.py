@@ -38,7 +38,6 @@ from carl_assets.carl import (
 )
 
 PIPELINE_COMMANDS = ("materialize", "lineage")
-DEFAULT_MODEL = "offline"
 
 
 class UsageError(Exception):
@@ -70,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="SFT until crystallization, or GRPO on the CARL reward")
     train.add_argument("--method", choices=("sft", "grpo"), default="grpo")
-    train.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
+    train.add_argument("--model", required=True, help="hub id or local folder (e.g. the base_model asset's)")
     train.add_argument("--dataset", required=True,
                        help="a local .jsonl/.json/.parquet file or a Hugging Face dataset name")
     train.add_argument("--output", default="carl-output")
@@ -195,33 +194,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = training.load_training_dataset(args.dataset)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if args.method == "sft":
-        config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_accuracy=args.gate_accuracy,
-                         gate_threshold=args.gate_accuracy)
-        result = training.train_sft(model, tokenizer, dataset, args.output, config)
-        gate = getattr(result, "gate", None)
-        triggered = _first(result, gate, "triggered")
-        if triggered:
-            print(f" Crystallized at step {_first(result, gate, 'trigger_step')}")
-        elif triggered is not None:
-            print(" Did not crystallize before max steps")
-        peak = _first(result, gate, "peak_entropy")
+        config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_threshold=args.gate_accuracy)
+        outcome = training.train_sft(model, tokenizer, dataset, args.output, config)
+        if _get(outcome, "triggered"):
+            print(f" Crystallized at step {_get(outcome, 'trigger_step')} "
+                  f"(window {[round(v, 4) for v in _get(outcome, 'window_values') or []]})")
+        else:
+            print(f" Did not crystallize within {args.max_steps} steps")
+        peak = _get(outcome, "peak_entropy")
         if peak is not None:
-            print(f" Peak entropy: {peak:.4f} at step {_first(result, gate, 'peak_entropy_step')}")
+            print(f" Peak entropy: {peak:.4f} at step {_get(outcome, 'peak_entropy_step')}")
     else:
         config = _config(training.GRPORunConfig, max_steps=args.max_steps)
-        training.train_grpo(model, tokenizer, dataset, args.output, config)
+        outcome = training.train_grpo(model, tokenizer, dataset, args.output, config)
+        rewards = list(_get(outcome, "rewards") or [])
+        if rewards:
+            print(f" CARL reward: first step {rewards[0]:.4f}, last step {rewards[-1]:.4f} ({len(rewards)} steps)")
     print(f" Done. Model at: {args.output}")
     return 0
 
 
-def _first(result: Any, gate: Any, name: str) -> Any:
-    for source in (result, gate):
-        if source is None:
-            continue
-        value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
-        if value is not None:
-            return value
-    return None
+def _get(outcome: Any, name: str) -> Any:
+    return outcome.get(name) if isinstance(outcome, dict) else getattr(outcome, name, None)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import types
@@ -109,6 +110,7 @@ def test_console_script_bad_input_is_one_line(arrays, args, fragment):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_console_script_pipeline_help_is_forwarded():
     result = run_carl("lineage", "--help")
     assert result.returncode == 0 and "usage: carl lineage" in result.stdout
@@ -144,8 +146,9 @@ def test_main_in_process_matches_seed_figures(arrays, capsys):
         (["reward", "--logits-file", "{logits}", "--token-ids-file", "{ids_2d}"], "1-D"),
         (["reward", "--logits-file", "{logits}", "--token-ids-file", "{logits}"], "1-D"),
         (["gate-check", "--phi", "high"], "invalid float value: 'high'"),
-        (["train", "--dataset", "x.jsonl", "--max-steps", "0"], "positive integer"),
-        (["train", "--method", "ppo", "--dataset", "x.jsonl"], "invalid choice: 'ppo'"),
+        (["train", "--model", "m", "--dataset", "x.jsonl", "--max-steps", "0"], "positive integer"),
+        (["train", "--method", "ppo", "--model", "m", "--dataset", "x.jsonl"], "invalid choice: 'ppo'"),
+        (["train", "--dataset", "x.jsonl"], "required: --model"),
         (["agent", "--task", "click"], "required: --model"),
     ],
 )
@@ -192,7 +195,7 @@ def test_pipeline_commands_forward_the_rest_of_argv(monkeypatch):
 @dataclasses.dataclass
 class FakeSFTConfig:
     max_steps: int = 300
-    gate_accuracy: float = 0.99
+    gate_threshold: float = 0.99
     learning_rate: float = 1e-3
 
 
@@ -210,11 +213,12 @@ def fake_training(calls):
 
     def train_sft(model, tokenizer, dataset, output_dir, config):
         calls.append(("sft", model, tokenizer, dataset, output_dir, config))
-        gate = types.SimpleNamespace(triggered=True, trigger_step=12, peak_entropy=2.5, peak_entropy_step=3)
-        return types.SimpleNamespace(gate=gate)
+        return types.SimpleNamespace(triggered=True, trigger_step=12, window_values=[0.99, 1.0, 0.995],
+                                     peak_entropy=2.5, peak_entropy_step=3)
 
     def train_grpo(model, tokenizer, dataset, output_dir, config):
         calls.append(("grpo", model, tokenizer, dataset, output_dir, config))
+        return types.SimpleNamespace(rewards=[0.51, 0.5, 0.55])
 
     module.train_sft, module.train_grpo = train_sft, train_grpo
     loader = types.ModuleType("carl_assets.model_loading")
@@ -230,12 +234,13 @@ def test_train_command_wires_the_training_library(monkeypatch, capsys):
     assert cli.main(["train", "--method", "sft", "--model", "m", "--dataset", "d.jsonl", "--output", "out",
                      "--max-steps", "7", "--gate-accuracy", "0.95"]) == 0
     assert calls[0] == ("dataset", "d.jsonl")
-    assert calls[1] == ("sft", "model:m", "tok", ["rows"], "out", FakeSFTConfig(max_steps=7, gate_accuracy=0.95))
+    assert calls[1] == ("sft", "model:m", "tok", ["rows"], "out", FakeSFTConfig(max_steps=7, gate_threshold=0.95))
     out = capsys.readouterr().out
-    assert "Crystallized at step 12" in out and "Peak entropy: 2.5000 at step 3" in out
+    assert "Crystallized at step 12 (window [0.99, 1.0, 0.995])" in out and "Peak entropy: 2.5000 at step 3" in out
     calls.clear()
     assert cli.main(["train", "--method", "grpo", "--model", "m", "--dataset", "name/ds", "--max-steps", "2"]) == 0
     assert calls[1] == ("grpo", "model:m", "tok", ["rows"], "carl-output", FakeGRPOConfig(max_steps=2))
+    assert "CARL reward: first step 0.5100, last step 0.5500 (3 steps)" in capsys.readouterr().out
 
 
 def test_agent_command_prints_response_or_abstention(monkeypatch, capsys):
@@ -257,14 +262,40 @@ def test_agent_command_prints_response_or_abstention(monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("ABSTAIN (phi_mean=0.4200 < 0.6000)\n")
 
 
-@pytest.mark.slow
-def test_agent_command_end_to_end_on_a_saved_tiny_model(tmp_path, tiny_model_and_tokenizer):
-    pytest.importorskip("carl_assets.agent")
+@pytest.fixture()
+def saved_tiny_model(tmp_path, tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    result = run_carl("agent", "--model", str(tmp_path / "m"), "--task", "Click the button",
-                      "--max-new-tokens", "8")
+    return tmp_path / "m"
+
+
+@pytest.mark.slow
+def test_agent_command_end_to_end_on_a_saved_tiny_model(saved_tiny_model):
+    result = run_carl("agent", "--model", str(saved_tiny_model), "--task", "Click the button",
+                      "--observation", "A form with a button.", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
-    assert "Phi mean: " in result.stdout
-    assert result.stdout.startswith(("Response: ", "ABSTAIN"))
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(("Response: ", "ABSTAIN (phi_mean="))
+    assert lines[1].startswith("Phi mean: ")
+
+
+@pytest.mark.slow
+def test_train_sft_end_to_end_from_a_jsonl_file(tmp_path, saved_tiny_model):
+    rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "completion": [{"role": "assistant", "content": w}]}
+            for w in ("yes", "no", "maybe", "warm") * 4]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    result = run_carl("train", "--method", "sft", "--model", str(saved_tiny_model), "--dataset", str(data),
+                      "--output", str(out), "--max-steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "Did not crystallize within 2 steps" in result.stdout or "Crystallized at step" in result.stdout
+    assert (out / "config.json").exists()
+
+
+def test_train_with_a_missing_dataset_file_is_one_line(tmp_path, saved_tiny_model, capsys):
+    status = cli.main(["train", "--method", "grpo", "--model", str(saved_tiny_model), "--dataset",
+                       str(tmp_path / "nope.jsonl"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert status == 1 and len(err.splitlines()) == 1 and "nope.jsonl" in err
