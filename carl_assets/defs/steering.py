@@ -4,6 +4,7 @@ import json
 import math
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import torch
 from dagster_duckdb import DuckDBResource
@@ -12,7 +13,7 @@ from pydantic import Field
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
 from carl_assets.model_loading import load_model_and_tokenizer
-from carl_assets.plotting import line_plot
+from carl_assets.plotting import figure_png, plt
 from carl_assets.steering import (
     MANIFEST_FILE,
     VECTORS_FILE,
@@ -45,11 +46,20 @@ class SteeringConfig(dg.Config):
 
 
 def _auc_plot(stats: pd.DataFrame) -> bytes:
-    series = {e: (g["layer"].tolist(), g["heldout_auc"].tolist()) for e, g in stats.groupby("emotion")}
-    mean = stats.groupby("layer")["heldout_auc"].mean()
-    series = {"mean over emotions": (mean.index.tolist(), mean.tolist()), **series}
-    return line_plot(series, title="held-out separation by layer", xlabel="layer (residual index)",
-                     ylabel="AUC of the projection", hlines={"chance": 0.5})
+    """Held-out AUC per emotion (rows) and layer (columns), with the mean over emotions as the last row."""
+    grid = stats.pivot(index="emotion", columns="layer", values="heldout_auc")
+    grid.loc["mean"] = grid.mean(axis=0)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * grid.shape[1], 0.8 + 0.28 * grid.shape[0]))
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), list(grid.index))
+    for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+        ax.text(j, i, "" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.axhline(grid.shape[0] - 1.5, color="black", linewidth=0.8)
+    ax.set_xlabel("layer (residual index)")
+    ax.set_title("held-out AUC of the projection (0.5 = chance)")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    return figure_png(fig)
 
 
 @dg.asset(
