@@ -16,8 +16,9 @@ Conventions (written into the manifest):
 Why it is fast: the same node text appears in many emotions' pairs (as a positive for one emotion and
 a negative for most others), so each unique text is run once; texts are sorted by length so batches
 carry little padding; the forward pass stops after the deepest requested layer; and activations are
-folded into per-(emotion, polarity) running sums as batches stream, so memory does not grow with the
-number of texts (only a capped held-out sample is kept for the separation score).
+folded into per-(emotion, polarity, split) running sums as batches stream, so activation memory does
+not grow with the number of texts: what is kept is the sums, one batch of activations, and a capped
+held-out sample for the separation score (plus the pairs themselves and their token ids).
 """
 
 from __future__ import annotations
@@ -334,9 +335,10 @@ def train_steering_vectors(
     group = (frame["emotion"].map(concept_index).to_numpy() * 4
              + (frame["polarity"] == "negative").to_numpy().astype(int) * 2 + held.astype(int))
     n_groups = len(concepts) * 4
-    membership = torch.zeros(n_groups, len(unique_texts), dtype=torch.float64)
-    membership.index_put_((torch.as_tensor(group), torch.as_tensor(text_index)),
-                          torch.ones(len(frame), dtype=torch.float64), accumulate=True)
+    # Sparse membership (one entry per pair row, grouped by text), not a dense groups x texts matrix.
+    by_text = np.argsort(text_index, kind="stable")
+    row_start = np.searchsorted(text_index[by_text], np.arange(len(unique_texts) + 1))
+    group_of_row = torch.as_tensor(group[by_text])
     held_rows = sorted(set(text_index[held].tolist()))
     held_slot = {t: k for k, t in enumerate(held_rows)}
 
@@ -358,7 +360,10 @@ def train_steering_vectors(
             ids[row, : len(encoded[i])] = torch.as_tensor(encoded[i])
             mask[row, : len(encoded[i])] = 1
         acts = reader(ids, mask).to("cpu", torch.float64)  # [b, n_layers, hidden]
-        sums += torch.einsum("gb,blh->glh", membership[:, batch], acts)
+        slices = [(row, row_start[i], row_start[i + 1]) for row, i in enumerate(batch)]
+        groups_b = torch.cat([group_of_row[a:b] for _, a, b in slices])
+        rows_b = torch.as_tensor(np.concatenate([np.full(b - a, row) for row, a, b in slices]))
+        sums.view(n_groups, -1).index_add_(0, groups_b, acts.view(len(batch), -1)[rows_b])
         for row, i in enumerate(batch):
             slot = held_slot.get(i)
             if slot is not None:
@@ -366,7 +371,8 @@ def train_steering_vectors(
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
 
-    n = membership.sum(dim=1).view(len(concepts), 2, 2)  # [concept, polarity, split]
+    n = torch.as_tensor(np.bincount(group, minlength=n_groups), dtype=torch.float64)
+    n = n.view(len(concepts), 2, 2)  # [concept, polarity, split]
     sums = sums.view(len(concepts), 2, 2, n_layers, hidden)
     mean_all = sums.sum(dim=2) / n.sum(dim=2)[..., None, None]  # [concept, polarity, layer, hidden]
     diff = mean_all[:, 0] - mean_all[:, 1]  # [concept, layer, hidden]
