@@ -330,7 +330,7 @@ def _as_float(logits: Any) -> Any:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def _tile_moments(logits: Any, ids: Any, offset: int) -> tuple[Any, Any, Any, Any, Any]:
+def _tile_moments(logits: Any, ids: Any, offset: int, exp_out: Any = None) -> tuple[Any, Any, Any, Any, Any]:
     """Per-row moments of one vocabulary tile, which is overwritten: (max, sum e, sum e*(l - max),
     selected logit or NaN, whether the selected token lies in this tile), with e = exp(l - max)."""
     import torch
@@ -341,7 +341,7 @@ def _tile_moments(logits: Any, ids: Any, offset: int) -> tuple[Any, Any, Any, An
     selected = logits[rows, local.clamp(0, logits.shape[1] - 1)]
     peak = logits.amax(dim=-1, keepdim=True)
     shifted = logits.sub_(peak)
-    exp = torch.exp(shifted)
+    exp = torch.exp(shifted) if exp_out is None else torch.exp(shifted, out=exp_out)
     total = exp.sum(dim=-1)
     weighted = shifted.mul_(exp).sum(dim=-1)  # sum e * (l - max), in place: cheaper than a bmm
     return peak.reshape(-1), total, weighted, selected, inside
@@ -384,6 +384,7 @@ def _tiled_stats(hidden: Any, ids: Any, weight: Any, bias: Any, softcap: float |
     cols = max(1, min(vocab, cols))
     same_dtype = hidden.dtype in (torch.float32, torch.float64) and weight.dtype == hidden.dtype
     buffer = torch.empty((n, cols), dtype=hidden.dtype if same_dtype else torch.float32, device=hidden.device)
+    exp_buffer = torch.empty_like(buffer)  # the two tiles that are ever live
     tiles = []
     for v0 in range(0, vocab, cols):
         w = weight[v0 : v0 + cols]
@@ -398,7 +399,7 @@ def _tiled_stats(hidden: Any, ids: Any, weight: Any, bias: Any, softcap: float |
             logits.mul_(logit_scale)
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
-        tiles.append(_tile_moments(logits, ids, v0))
+        tiles.append(_tile_moments(logits, ids, v0, exp_buffer[:, : w.shape[0]]))
     return _finish(tiles)
 
 
@@ -643,7 +644,10 @@ def __getattr__(name: str) -> Any:  # PEP 562: module attributes made on first a
 
 
 @dataclass
-class _Scored:
+class CompletionScores:
+    """Per completion: the reward (0.0 when skipped), its components (None when skipped) and the reason
+    it was skipped (None when scored)."""
+
     rewards: list[float]
     components: list[dict[str, float] | None]
     reasons: list[str | None]
@@ -693,16 +697,19 @@ def _vocab_size(model: Any) -> int | None:
 
 
 def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                      pad_token_id: int = 0, chunk_size: int | None = None) -> _Scored:
+                      pad_token_id: int = 0, chunk_size: int | None = None) -> CompletionScores:
     """CARL of each completion given its prompt, in ONE batched no-grad forward pass.
 
-    Sequences are ``prompt + completion``, right-padded. The hidden state at position ``len(prompt) - 1
-    + t`` predicts completion token t (the alignment of the seed's agent step); only those positions go
-    through the LM head, in chunks. The model's train/eval mode is restored afterwards.
+    Sequences are ``prompt + completion[:-1]`` (the last token predicts nothing we score), right-padded.
+    The hidden state at position ``len(prompt) - 1 + t`` predicts completion token t (the alignment of
+    the seed's agent step); only those positions go through the LM head, in vocabulary tiles. The
+    model's train/eval mode is restored afterwards. Every prompt needs at least one token.
     """
     import torch
 
     n = len(completion_ids)
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (the one that predicts the first completion token)")
     rewards = [0.0] * n
     components: list[dict[str, float] | None] = [None] * n
     reasons: list[str | None] = [None] * n
@@ -711,7 +718,7 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
         if not completion_ids[i]:
             reasons[i] = "empty completion"
     if not rows:
-        return _Scored(rewards, components, reasons)
+        return CompletionScores(rewards, components, reasons)
 
     device = next(model.parameters()).device
     vocab = _vocab_size(model)
@@ -721,8 +728,8 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
                 reasons[i] = f"token id outside the vocabulary [0, {vocab})"
                 rows.remove(i)
         if not rows:
-            return _Scored(rewards, components, reasons)
-    seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in rows]
+            return CompletionScores(rewards, components, reasons)
+    seqs = [list(prompt_ids[i]) + list(completion_ids[i])[:-1] for i in rows]
     starts = [len(prompt_ids[i]) - 1 for i in rows]  # position predicting the first completion token
     comp_lens = [len(completion_ids[i]) for i in rows]
     width = max(len(s) for s in seqs)
@@ -782,7 +789,7 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
             continue
         rewards[i] = float(values[r])
         components[i] = {k: float(comps[k][r]) for k in COMPONENT_KEYS}
-    return _Scored(rewards, components, reasons)
+    return CompletionScores(rewards, components, reasons)
 
 
 def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = None,
@@ -797,8 +804,10 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     It scores the positions that PREDICT the completion tokens: the hidden state at ``len(prompt) - 1 +
     t`` against completion token t. This follows the seed's agent step; the seed's reward function
     instead tokenised the completion text alone and paired logits[t] with token t, one position off
-    (it scored the distribution of the token after). Only those positions go through the LM head, in
-    chunks (`token_stats_from_hidden`), so no ``[B, T, V]`` tensor is built. Rewards are not rounded
+    (it scored the distribution of the token after). The decoder stack (``model.get_decoder()``) runs
+    once over the right-padded batch; only the predicting positions go through the LM head, in
+    vocabulary tiles (`token_stats_from_hidden`), so no ``[B, T, V]`` tensor is built (memory grows with
+    B*T). Models without a separable LM head fall back to a full forward (same numbers, more memory). Rewards are not rounded
     (the seed rounded to 4 decimals, which flattens GRPO's advantages).
 
     Empty completions and non-finite results get 0.0 and a logged warning with the reason. The model's

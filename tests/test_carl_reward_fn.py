@@ -168,3 +168,22 @@ def test_reward_fn_inside_a_real_grpo_trainer_step(tiny, tmp_path):
     for key in ("carl/multiscale", "carl/cloud_quality", "carl/discontinuity", "carl/phi_mean"):
         assert key in logged and math.isfinite(logged[key]), key
         assert 0.0 <= logged[key] <= 1.0
+
+
+def test_full_logits_fallback_and_bf16_model_give_the_same_rewards(tiny, monkeypatch):
+    import copy
+
+    from carl_assets import carl as carl_module
+
+    model, tokenizer = tiny
+    prompts = ["Click", [{"role": "user", "content": "Type the name."}]]
+    completion_ids = [[5, 9, 33, 2], [7, 7, 8, 100, 101, 3, 4]]
+    tiled = make_carl_reward_fn(model, tokenizer)(prompts=prompts, completions=["", ""], completion_ids=completion_ids)
+    monkeypatch.setattr(carl_module, "_lm_head_parts", lambda m: (None, None, None, 1.0))
+    full = make_carl_reward_fn(model, tokenizer)(prompts=prompts, completions=["", ""], completion_ids=completion_ids)
+    monkeypatch.undo()
+    np.testing.assert_allclose(tiled, full, atol=1e-6)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    low = make_carl_reward_fn(half, tokenizer)(prompts=prompts, completions=["", ""], completion_ids=completion_ids)
+    expected = [by_hand(half, tokenizer, p, c)[0] for p, c in zip(prompts, completion_ids, strict=True)]
+    np.testing.assert_allclose(low, expected, atol=2e-3)  # bf16 activations: batched vs unbatched rounding
