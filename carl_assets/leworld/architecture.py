@@ -153,7 +153,8 @@ class ArtificialMemory(nn.Module):
 
 
 class AddressHead(nn.Module):
-    """Logits over the high byte, the low byte and the range length (1..max_read_range)."""
+    """Logits over the high byte, the low byte and the range length (1..max_read_range), from one fused
+    linear layer; hard choices by argmax."""
 
     half_space = BYTE
 
@@ -161,35 +162,40 @@ class AddressHead(nn.Module):
         super().__init__()
         self.num_words = memory_config.num_words
         self.high_space = math.ceil(memory_config.num_words / BYTE)
-        self.high = nn.Linear(d_model, self.high_space)
-        self.low = nn.Linear(d_model, BYTE)
-        self.range = nn.Linear(d_model, memory_config.max_read_range)
+        self.sizes = [self.high_space, BYTE, memory_config.max_read_range]
+        self.logits = nn.Linear(d_model, sum(self.sizes))
 
     def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        high, low, rng = self.high(hidden), self.low(hidden), self.range(hidden)
-        hi, lo, ln = high.argmax(-1), low.argmax(-1), rng.argmax(-1)
+        high, low, rng = self.logits(hidden).split(self.sizes, dim=-1)
+        (top_hi, hi), (top_lo, lo), (top_ln, ln) = high.max(-1), low.max(-1), rng.max(-1)
         start = (hi * BYTE + lo).clamp(max=self.num_words - 1)
         end = (start + ln + 1).clamp(max=self.num_words)
-        # Probability of the chosen address: the straight-through path for the read's gradient.
-        chosen = (
-            high.softmax(-1).gather(1, hi[:, None]) * low.softmax(-1).gather(1, lo[:, None])
-            * rng.softmax(-1).gather(1, ln[:, None])
-        ).squeeze(1)
+        # log-probability of the chosen address (max logit − logsumexp per part): the straight-through
+        # path by which the prediction loss reaches the address logits.
+        log_chosen = (top_hi + top_lo + top_ln) - (
+            torch.logsumexp(high, -1) + torch.logsumexp(low, -1) + torch.logsumexp(rng, -1)
+        )
         return {
             "start_logits_high": high,
             "start_logits_low": low,
             "range_logits": rng,
             "start_addr": start,
             "end_addr": end,
-            "chosen_prob": chosen,
+            "chosen_prob": log_chosen.exp(),
+            "chosen_log_prob": log_chosen,
         }
+
+
+def slm_features(past_state: torch.Tensor, current_state: torch.Tensor, characteristics: torch.Tensor) -> torch.Tensor:
+    """What an SLM sees: past, current, their difference (the recent change) and the characteristics."""
+    return torch.cat([past_state, current_state, current_state - past_state, characteristics], dim=-1)
 
 
 class SmallLeWorldModel(nn.Module):
     def __init__(self, config: SLMConfig, memory_config: MemoryConfig):
         super().__init__()
         self.config = config
-        d_in = 3 * config.state_dim + config.char_dim  # past, current, their difference, characteristics
+        d_in = 3 * config.state_dim + config.char_dim
         self.input = nn.Linear(d_in, config.d_model)
         self.body = nn.Sequential(nn.LayerNorm(config.d_model), nn.GELU(), nn.Linear(config.d_model, config.d_model), nn.GELU())
         self.address_head = AddressHead(config.d_model, memory_config)
@@ -202,8 +208,10 @@ class SmallLeWorldModel(nn.Module):
         characteristics: torch.Tensor,
         modulation: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        x = torch.cat([past_state, current_state, current_state - past_state, characteristics], dim=-1)
-        h = self.input(x)
+        return self.from_features(slm_features(past_state, current_state, characteristics), modulation)
+
+    def from_features(self, features: torch.Tensor, modulation: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        h = self.input(features)
         if modulation is not None:  # the BLM's info request from the previous step
             h = h + modulation
         hidden = self.body(h)
@@ -339,8 +347,8 @@ class LeWorldSystem(nn.Module):
         encoded = self.memory.encode_range(starts, ends)
         if ablate_memory:
             encoded = torch.zeros_like(encoded)
-        chosen = torch.cat([o["chosen_prob"] for o in slm_outputs])
-        encoded = encoded * (chosen / chosen.detach().clamp(min=1e-12))[:, None]
+        log_chosen = torch.cat([o["chosen_log_prob"] for o in slm_outputs])
+        encoded = encoded * torch.exp(log_chosen - log_chosen.detach())[:, None]  # value 1, gradient d log p
         return list(encoded.view(n, batch, -1).unbind(0))
 
     def forward(
@@ -357,9 +365,9 @@ class LeWorldSystem(nn.Module):
         modulation = None
         if info_query_prev is not None:
             modulation = self.info_to_slm(info_query_prev).view(-1, n, self.slm_config.d_model)
+        features = slm_features(past_state, current_state, characteristics)  # shared by every SLM
         slm_outputs = [
-            slm(past_state, current_state, characteristics, None if modulation is None else modulation[:, i])
-            for i, slm in enumerate(self.slms)
+            slm.from_features(features, None if modulation is None else modulation[:, i]) for i, slm in enumerate(self.slms)
         ]
         reads = self.read_for(slm_outputs, ablate_memory)
         out = self.blm(past_state, current_state, slm_outputs, reads)
@@ -371,18 +379,27 @@ class LeWorldSystem(nn.Module):
         return out
 
     def losses(self, out: dict[str, Any], next_state: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's losses (see `loss_terms`)."""
+        highs = [o["start_logits_high"][None] for o in out["slm_outputs"]]
+        return self.loss_terms(out["next_state"][None], next_state[None], out["route_probs"][None], highs)
+
+    def loss_terms(
+        self, predicted: torch.Tensor, target: torch.Tensor, route_probs: torch.Tensor, high_logits: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Losses averaged over steps, from tensors stacked as `[steps, B, ...]` (the mean of each
+        step's losses, computed in one pass)."""
         w = self.loss_weights
-        next_state_loss = F.mse_loss(out["next_state"], next_state)
-        probs = out["route_probs"]
-        # Balance: n·Σ share² − 1 is 0 when every SLM is used equally.
-        share = probs.mean(0) / probs.mean(0).sum().clamp(min=1e-8)
-        balance = probs.shape[1] * (share**2).sum() - 1.0
+        next_state_loss = F.mse_loss(predicted, target)
+        # Balance: n·Σ share² − 1 per step (0 when every SLM is used equally), averaged over steps.
+        usage = route_probs.mean(1)  # [steps, n]
+        share = usage / usage.sum(-1, keepdim=True).clamp(min=1e-8)
+        balance = (route_probs.shape[-1] * (share**2).sum(-1) - 1.0).mean()
         # Diversity: overlap of the SLMs' start distributions (high byte), pairwise.
-        dists = [o["start_logits_high"].softmax(-1) for o in out["slm_outputs"]]
+        dists = [h.softmax(-1) for h in high_logits]
         overlaps = [(dists[i] * dists[j]).sum(-1).mean() for i in range(len(dists)) for j in range(i + 1, len(dists))]
         diversity = torch.stack(overlaps).mean() if overlaps else next_state_loss.new_zeros(())
         # Entropy of each gate: low means decisive routing.
-        p = probs.clamp(1e-6, 1 - 1e-6)
+        p = route_probs.clamp(1e-6, 1 - 1e-6)
         entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
         total = next_state_loss + w.balance * balance + w.diversity * diversity + w.entropy * entropy
         return {
@@ -406,27 +423,33 @@ class LeWorldSystem(nn.Module):
 
         Teacher forcing (default): step t sees the true states t-1 and t. `rollout=True`: from the true
         state 0, each prediction becomes the next step's current state (error at growing horizons).
-        `use_info=False` is the seed's branch B (no info request between steps).
+        `use_info=False` is the seed's branch B (no info request between steps). The losses are the
+        mean over steps of `forward`'s losses, computed once on the stacked steps.
         """
         steps = states.shape[1] - 1 if n_steps is None else min(n_steps, states.shape[1] - 1)
         past = current = states[:, 0]
         info = None
-        predictions, masks = [], []
-        loss_sums: dict[str, torch.Tensor] = {}
+        predictions, masks, probs, highs = [], [], [], []
         for t in range(steps):
             if not rollout:
                 past, current = states[:, max(0, t - 1)], states[:, t]
-            out = self(past, current, characteristics, states[:, t + 1], info if use_info else None, ablate_memory)
+            out = self(past, current, characteristics, None, info if use_info else None, ablate_memory)
             info = out["info_query"]
             predictions.append(out["next_state"])
             masks.append(out["mask"])
-            for name, value in out["losses"].items():
-                loss_sums[name] = loss_sums[name] + value if name in loss_sums else value
+            probs.append(out["route_probs"])
+            highs.append([o["start_logits_high"] for o in out["slm_outputs"]])
             if rollout:
                 past, current = current, out["next_state"]
-        losses = {name: value / max(1, steps) for name, value in loss_sums.items()}
+        predicted = torch.stack(predictions)  # [steps, B, D]
+        losses = self.loss_terms(
+            predicted,
+            states[:, 1 : steps + 1].transpose(0, 1),
+            torch.stack(probs),
+            [torch.stack(per_slm) for per_slm in zip(*highs, strict=True)],
+        )
         return {
-            "predictions": torch.stack(predictions, dim=1),
+            "predictions": predicted.transpose(0, 1),
             "masks": torch.stack(masks, dim=1),
             "losses": losses,
             "total_loss": losses["total_loss"],
