@@ -140,7 +140,8 @@ class GRPOOutcome:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with `threads` torch CPU threads (None: leave the setting alone)."""
     import torch
 
     if not threads:
@@ -242,7 +243,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
     gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
                                min_above=config.gate_min_above)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, _torch_threads(config.threads):
+    with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, torch_threads(config.threads):
         args = SFTConfig(
             output_dir=scratch,
             max_steps=config.max_steps,
@@ -352,7 +353,7 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
 
     carl_reward.__name__ = "carl"
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, _torch_threads(config.threads):
+    with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, torch_threads(config.threads):
         args = GRPOConfig(
             output_dir=scratch,
             max_steps=config.max_steps,

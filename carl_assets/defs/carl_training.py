@@ -1,1 +1,474 @@
-"""Assets of this group (filled in by its issue)."""
+"""The training and evaluation groups: SFT data → SFT until crystallization → GRPO on CARL → gated agent."""
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from carl_assets.carl import SIGMA
+from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.plotting import line_plot
+from carl_assets.training import torch_threads
+
+MEMORY_SOURCE = "memory_graph"
+DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside artifacts/sft_dataset
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _load_model(path: Path) -> tuple[Any, Any]:
+    from carl_assets.model_loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(path)
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    """What identifies a checkpoint's content: weights, configs and tokenizer files (not the logs)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".jinja"}
+                  and not p.name.endswith("_log.json") and p.name != "run.json")
+
+
+def _append(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Append rows to a table kept across runs, replacing earlier rows with the same `key` value."""
+    try:
+        old = read_table(duckdb, name)
+    except LookupError:
+        old = pd.DataFrame(columns=new.columns)
+    if key in old.columns:
+        old = old[~old[key].isin(set(new[key]))]
+    both = new if old.empty else pd.concat([old.astype(object), new.astype(object)], ignore_index=True)
+    both = both.infer_objects()
+    write_tables(duckdb, {name: both})
+    return both
+
+
+def _hf_dataset_problem(path: Path) -> str | None:
+    """None if the dataset on disk is non-empty and chat-formatted (or plain text TRL accepts), else why not."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if len(dataset) == 0:
+        return "the dataset is empty"
+    columns = set(dataset.column_names)
+    if {"prompt", "completion"} <= columns:
+        for i, row in enumerate(dataset.select(range(min(len(dataset), 200)))):
+            prompt, completion = row["prompt"], row["completion"]
+            if isinstance(prompt, list):
+                if not prompt or prompt[-1].get("role") != "user":
+                    return f"row {i}: the prompt does not end with a user message"
+                if (not isinstance(completion, list) or len(completion) != 1
+                        or completion[0].get("role") != "assistant" or not completion[0].get("content")):
+                    return f"row {i}: the completion is not one non-empty assistant message"
+            elif not str(completion):
+                return f"row {i}: empty completion"
+        return None
+    if "messages" in columns:
+        for i, row in enumerate(dataset.select(range(min(len(dataset), 200)))):
+            roles = [m.get("role") for m in row["messages"]]
+            if "assistant" not in roles:
+                return f"row {i}: no assistant message"
+        return None
+    if "text" in columns:
+        return None
+    return f"no prompt/completion, messages or text columns (has {sorted(columns)})"
+
+
+# --------------------------------------------------------------------------------------------
+# sft_dataset
+# --------------------------------------------------------------------------------------------
+
+
+class SFTDatasetConfig(dg.Config):
+    source: str = Field(
+        default=MEMORY_SOURCE,
+        description="'memory_graph' (default: templated Q&A about memory nodes), or a dataset for SFT: a local "
+        ".jsonl/.json/.parquet/.csv file, a save_to_disk folder or a Hugging Face dataset name.",
+    )
+    max_examples: int = Field(default=48, description="memory_graph source: SFT examples (small: a tiny model must "
+                              "memorise them to crystallize)")
+    holdout_tasks: int = Field(default=12, description="agent tasks from memory nodes kept out of SFT")
+    tasks: list[str] = Field(default=["feelings"], description="question kinds: 'feelings' and/or 'kind'")
+    excerpt_chars: int = Field(default=120, description="memory excerpt length in each prompt")
+    seed: int = Field(default=0, description="which nodes go to SFT and which are held out")
+
+
+@dg.asset(
+    group_name="training",
+    deps=["memory_graph"],
+    kinds={"duckdb", "huggingface"},
+    description="Chat-format SFT examples (system + user prompt, one assistant answer), by default short templated "
+    "answers about memory nodes; DuckDB `sft_dataset` + held-out `agent_tasks`, and an HF dataset on disk "
+    "(artifacts/sft_dataset/dataset, TRL's conversational prompt-completion format).",
+)
+def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duckdb: DuckDBResource,
+                artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from carl_assets.sft_data import SFTDataConfig, build_sft_examples, to_hf_dataset
+    from carl_assets.training import load_training_dataset
+
+    nodes = read_table(duckdb, "memory_nodes")
+    data_config = SFTDataConfig(max_examples=config.max_examples, holdout_tasks=config.holdout_tasks,
+                                tasks=tuple(config.tasks), excerpt_chars=config.excerpt_chars, seed=config.seed)
+    if config.source == MEMORY_SOURCE:
+        examples, tasks = build_sft_examples(nodes, data_config)
+        dataset = to_hf_dataset(examples)
+    else:
+        # An external dataset: SFT on it as is; the agent is still evaluated on memory-graph tasks.
+        dataset = load_training_dataset(config.source)
+        examples = dataset.to_pandas()
+        for column in examples.columns:
+            if examples[column].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
+                examples[column] = examples[column].map(
+                    lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str))
+        _, tasks = build_sft_examples(nodes, SFTDataConfig(max_examples=1, holdout_tasks=config.holdout_tasks,
+                                                           tasks=tuple(config.tasks), seed=config.seed))
+    context.log.info(f"{len(examples)} SFT examples from {config.source}, {len(tasks)} held-out agent tasks")
+    with artifacts.write_dir("sft_dataset") as tmp:
+        dataset.save_to_disk(str(tmp / DATASET_DIR))
+    rows = write_tables(duckdb, {"sft_dataset": examples, "agent_tasks": tasks})
+    path = artifacts.path("sft_dataset") / DATASET_DIR
+    return materialized(examples, tasks, config=config, metadata={
+        "source": config.source,
+        "rows": rows["sft_dataset"],
+        "agent_tasks": rows["agent_tasks"],
+        "columns": ", ".join(dataset.column_names),
+        "path": dg.MetadataValue.path(str(path)),
+        "preview": table_preview(examples.drop(columns=[c for c in ("prompt_json", "completion_json", "system")
+                                                        if c in examples.columns])),
+    })
+
+
+@dg.asset_check(asset=sft_dataset, blocking=True,
+                description="The HF dataset on disk is non-empty and chat-formatted (prompt ends with a user "
+                "turn; one non-empty assistant completion), so SFT does not start on bad data.")
+def sft_dataset_chat_formatted(artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    path = artifacts.require("sft_dataset", DATASET_DIR)
+    problem = _hf_dataset_problem(path)
+    return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
+
+
+# --------------------------------------------------------------------------------------------
+# sft_checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+class SFTCheckpointConfig(dg.Config):
+    max_steps: int = Field(default=400, description="step budget; training stops earlier when the gate fires")
+    learning_rate: float = Field(default=1.5e-3, description="constant AdamW learning rate")
+    batch_size: int = Field(default=8, description="examples per step")
+    gate_threshold: float = Field(default=0.99, description="token accuracy the gate waits for")
+    gate_window: int = Field(default=5, description="gate window (logged steps)")
+    gate_min_above: int = Field(default=3, description="steps in the window at or above the threshold")
+    max_length: int = Field(default=256, description="tokens per example (longer ones are truncated)")
+    seed: int = Field(default=0, description="data order and dropout seed")
+    threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
+                         "default model on a shared 2-core CPU; 0 keeps torch's default)")
+
+    def run_config(self) -> Any:
+        from carl_assets.training import SFTRunConfig
+
+        return SFTRunConfig(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                            gate_threshold=self.gate_threshold, gate_window=self.gate_window,
+                            gate_min_above=self.gate_min_above, max_length=self.max_length, seed=self.seed,
+                            threads=self.threads or None)
+
+
+def _accuracy_plot(log: dict[str, Any]) -> bytes:
+    rows = [r for r in log["log_history"] if r.get("mean_token_accuracy") is not None]
+    steps = [r["step"] for r in rows]
+    vlines = {f"crystallized (step {log['trigger_step']})": log["trigger_step"]} if log["triggered"] else {}
+    return line_plot({"mean token accuracy": (steps, [r["mean_token_accuracy"] for r in rows])},
+                     title="SFT: answer-token accuracy", xlabel="step", ylabel="accuracy",
+                     vlines=vlines, hlines={f"threshold {log['threshold']}": log["threshold"]})
+
+
+@dg.asset(
+    group_name="training",
+    deps=["base_model", sft_dataset],
+    kinds={"pytorch", "safetensors"},
+    description="TRL SFTTrainer (logging_steps=1) with the PhaseTransitionGate: stops when 3 of the last 5 "
+    "logged token accuracies reach 0.99 (crystallization) or at max steps. HF folder (safetensors) under "
+    "artifacts/sft_checkpoint, with training_log.json.",
+)
+def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig,
+                   artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from datasets import load_from_disk
+
+    from carl_assets.training import TRAINING_LOG_FILE, train_sft
+
+    model, tokenizer = _load_model(artifacts.require("base_model"))
+    dataset = load_from_disk(str(artifacts.require("sft_dataset", DATASET_DIR)))
+    context.log.info(f"SFT on {len(dataset)} examples, at most {config.max_steps} steps")
+    with artifacts.write_dir("sft_checkpoint") as tmp:
+        outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config())
+        log = json.loads((tmp / TRAINING_LOG_FILE).read_text())
+        log.update({"run_id": context.run_id, "finished_at": datetime.now(timezone.utc).isoformat()})
+        (tmp / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2, default=str) + "\n")
+        version_files = [p.name for p in _weights_files(tmp)]
+    path = artifacts.path("sft_checkpoint")
+    if outcome.crystallized:
+        context.log.info(f"crystallized at step {outcome.trigger_step} ({outcome.seconds:.1f} s)")
+    else:
+        context.log.warning(f"did not crystallize within {outcome.max_steps} steps")
+    return materialized(version_files, *[path / n for n in version_files], config=config, metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "crystallized": outcome.crystallized,
+        "triggered": outcome.triggered,
+        "trigger_step": outcome.trigger_step,
+        "steps": outcome.steps,
+        "max_steps": outcome.max_steps,
+        "window_values": dg.MetadataValue.json([round(v, 4) for v in outcome.window_values]),
+        "final_accuracy": outcome.final_accuracy,
+        "peak_entropy": outcome.peak_entropy,
+        "peak_entropy_step": outcome.peak_entropy_step,
+        "train_seconds": round(outcome.seconds, 2),
+    }, plots={"accuracy_curve": _accuracy_plot(log)})
+
+
+@dg.asset_check(asset=sft_checkpoint, description="SFT really crystallized: the gate fired before max steps.")
+def sft_crystallized(artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    from carl_assets.training import TRAINING_LOG_FILE
+
+    log = json.loads(artifacts.require("sft_checkpoint", TRAINING_LOG_FILE).read_text())
+    return dg.AssetCheckResult(
+        passed=bool(log["crystallized"]),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"trigger_step": log["trigger_step"], "max_steps": log["max_steps"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# crystallization_events
+# --------------------------------------------------------------------------------------------
+
+
+@dg.asset(
+    group_name="training",
+    deps=[sft_checkpoint],
+    kinds={"duckdb"},
+    description="One row per SFT run in DuckDB `crystallization_events` (appended across runs: triggered, trigger "
+    "step, the gate window's values, peak entropy and its step, threshold, max steps), and the per-step "
+    "`training_log` (accuracy, entropy, loss) of each run.",
+)
+def crystallization_events(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
+                           artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from carl_assets.training import TRAINING_LOG_FILE
+
+    log = json.loads(artifacts.require("sft_checkpoint", TRAINING_LOG_FILE).read_text())
+    run_id = str(log.get("run_id") or "unknown")
+    event = pd.DataFrame([{
+        "run_id": run_id,
+        "finished_at": str(log.get("finished_at", "")),
+        "triggered": bool(log["triggered"]),
+        "crystallized": bool(log["crystallized"]),
+        "trigger_step": int(log["trigger_step"]),
+        "window_values": json.dumps([float(v) for v in log["window_values"]]),
+        "peak_entropy": float(log["peak_entropy"]),
+        "peak_entropy_step": int(log["peak_entropy_step"]),
+        "threshold": float(log["threshold"]),
+        "max_steps": int(log["max_steps"]),
+        "steps": int(log["steps"]),
+        "final_accuracy": log.get("final_accuracy"),
+        "train_seconds": float(log["seconds"]),
+    }])
+    steps = pd.DataFrame([{
+        "run_id": run_id,
+        "step": int(r["step"]),
+        "loss": r.get("loss"),
+        "mean_token_accuracy": r.get("mean_token_accuracy"),
+        "entropy": r.get("entropy"),
+        "learning_rate": r.get("learning_rate"),
+        "grad_norm": r.get("grad_norm"),
+        "num_tokens": r.get("num_tokens"),
+    } for r in log["log_history"]], columns=["run_id", "step", "loss", "mean_token_accuracy", "entropy",
+                                             "learning_rate", "grad_norm", "num_tokens"])
+    for column in steps.columns[1:]:
+        steps[column] = pd.to_numeric(steps[column], errors="coerce")
+    events = _append(duckdb, "crystallization_events", event, key="run_id")
+    training_log = _append(duckdb, "training_log", steps, key="run_id")
+    context.log.info(f"{len(events)} SFT runs recorded; this one crystallized={log['crystallized']}")
+    return materialized(event.drop(columns=["finished_at", "train_seconds"]), steps.drop(columns=["run_id"]),
+                        metadata={
+                            "runs": len(events),
+                            "crystallized_runs": int(events["crystallized"].astype(bool).sum()),
+                            "this_run_crystallized": bool(log["crystallized"]),
+                            "trigger_step": int(log["trigger_step"]),
+                            "training_log_rows": len(training_log),
+                            "events": table_preview(events.tail(10)),
+                        }, plots={"accuracy_curve": _accuracy_plot(log)})
+
+
+# --------------------------------------------------------------------------------------------
+# grpo_checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+class GRPOCheckpointConfig(dg.Config):
+    max_steps: int = Field(default=16, description="GRPO steps")
+    learning_rate: float = Field(default=1e-4, description="AdamW learning rate")
+    batch_size: int = Field(default=8, description="completions per step (a multiple of num_generations)")
+    num_generations: int = Field(default=4, description="completions per prompt (the GRPO group)")
+    max_completion_length: int = Field(default=24, description="tokens per completion")
+    temperature: float = Field(default=1.0, description="sampling temperature")
+    max_prompts: int = Field(default=0, description="use at most this many SFT prompts (0: all)")
+    seed: int = Field(default=0, description="sampling and data order seed")
+    threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
+                         "default model on a shared 2-core CPU; 0 keeps torch's default)")
+
+    def run_config(self) -> Any:
+        from carl_assets.training import GRPORunConfig
+
+        return GRPORunConfig(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                             num_generations=self.num_generations, max_completion_length=self.max_completion_length,
+                             temperature=self.temperature, max_prompts=self.max_prompts or None, seed=self.seed,
+                             beta=0.0, threads=self.threads or None)
+
+
+GRPO_REWARD_COLUMNS = ["step", "reward", "reward_std", "frac_reward_zero_std", "multiscale", "cloud_quality",
+                       "discontinuity", "phi_mean", "loss", "completion_mean_length", "entropy"]
+
+
+def _grpo_step_table(history: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for r in history:
+        if r.get("reward") is None:
+            continue
+        rows.append({
+            "step": int(r["step"]),
+            "reward": r.get("reward"),
+            "reward_std": r.get("reward_std"),
+            "frac_reward_zero_std": r.get("frac_reward_zero_std"),
+            **{k: r.get(f"carl/{k}") for k in ("multiscale", "cloud_quality", "discontinuity", "phi_mean")},
+            "loss": r.get("loss"),
+            "completion_mean_length": r.get("completions/mean_length"),
+            "entropy": r.get("entropy"),
+        })
+    table = pd.DataFrame(rows, columns=GRPO_REWARD_COLUMNS)
+    for column in GRPO_REWARD_COLUMNS[1:]:
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table
+
+
+@dg.asset(
+    group_name="training",
+    deps=[sft_checkpoint, sft_dataset],
+    kinds={"pytorch", "safetensors", "duckdb"},
+    description="TRL GRPOTrainer from the SFT checkpoint with the CARL composite reward (beta=0) on the SFT "
+    "prompts. HF folder under artifacts/grpo_checkpoint; per-step reward and CARL components in DuckDB "
+    "`grpo_rewards`, every scored completion in `grpo_completions`.",
+)
+def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointConfig, duckdb: DuckDBResource,
+                    artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from datasets import load_from_disk
+
+    from carl_assets.training import train_grpo
+
+    model, tokenizer = _load_model(artifacts.require("sft_checkpoint"))
+    dataset = load_from_disk(str(artifacts.require("sft_dataset", DATASET_DIR)))
+    context.log.info(f"GRPO for {config.max_steps} steps, {config.num_generations} generations per prompt")
+    with artifacts.write_dir("grpo_checkpoint") as tmp:
+        outcome = train_grpo(model, tokenizer, dataset, tmp, config.run_config())
+        version_files = [p.name for p in _weights_files(tmp)]
+    steps = _grpo_step_table(outcome.log_history)
+    completions = pd.DataFrame(outcome.completions)
+    write_tables(duckdb, {"grpo_rewards": steps, "grpo_completions": completions})
+    path = artifacts.path("grpo_checkpoint")
+    reward_std = outcome.reward_std
+    plot = line_plot(
+        {"mean CARL reward": (steps["step"], steps["reward"]),
+         "reward std (within step)": (steps["step"], steps["reward_std"]),
+         "phi mean": (steps["step"], steps["phi_mean"])},
+        title="GRPO on the CARL reward", xlabel="step", ylabel="value")
+    return materialized(version_files, *[path / n for n in version_files], config=config, metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "steps": outcome.steps,
+        "completions_scored": len(completions),
+        "reward_first": float(steps["reward"].iloc[0]) if len(steps) else None,
+        "reward_last": float(steps["reward"].iloc[-1]) if len(steps) else None,
+        "reward_std": reward_std,
+        "mean_step_reward_std": outcome.mean_step_reward_std,
+        "rewards_vary": bool(reward_std > 0),
+        "train_seconds": round(outcome.seconds, 2),
+        "rewards": table_preview(steps, rows=20),
+    }, plots={"reward_curve": plot})
+
+
+@dg.asset_check(asset=grpo_checkpoint, description="GRPO ran on a model whose CARL rewards vary (std > 0).")
+def grpo_rewards_vary(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    completions = read_table(duckdb, "grpo_completions")
+    std = float(np.std(completions["reward"])) if len(completions) else 0.0
+    return dg.AssetCheckResult(passed=bool(std > 0), severity=dg.AssetCheckSeverity.WARN,
+                               metadata={"reward_std": std, "completions": len(completions)})
+
+
+# --------------------------------------------------------------------------------------------
+# agent_evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class AgentEvaluationConfig(dg.Config):
+    gate_threshold: float = Field(default=SIGMA, description="abstain when phi mean is below this (sigma = 3/16)")
+    max_new_tokens: int = Field(default=32, description="tokens generated per task")
+    max_tasks: int = Field(default=0, description="evaluate at most this many held-out tasks (0: all)")
+    threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)")
+
+
+def _evaluate_checkpoint(context: dg.AssetExecutionContext, artifacts: ArtifactStore, name: str,
+                         tasks: pd.DataFrame, config: AgentEvaluationConfig, frames: list, summaries: list) -> None:
+    from carl_assets.agent import evaluate_agent, summarise_evaluation
+
+    model, tokenizer = _load_model(artifacts.require(name))
+    evaluation = evaluate_agent(model, tokenizer, tasks, gate_threshold=config.gate_threshold,
+                                max_new_tokens=config.max_new_tokens)
+    evaluation.insert(0, "checkpoint", name)
+    frames.append(evaluation)
+    summaries.append({"checkpoint": name, **summarise_evaluation(evaluation)})
+    context.log.info(f"{name}: {summaries[-1]}")
+
+
+@dg.asset(
+    group_name="evaluation",
+    deps=[grpo_checkpoint, sft_checkpoint, sft_dataset],
+    kinds={"duckdb"},
+    description="The seed's coherence-gated agent step on held-out memory tasks, for the SFT and GRPO "
+    "checkpoints: response or abstain, phi mean, confidence, CARL reward. DuckDB `agent_evaluation` "
+    "(one row per task and checkpoint) and `agent_evaluation_summary` (act rate, mean reward).",
+)
+def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationConfig, duckdb: DuckDBResource,
+                     artifacts: ArtifactStore) -> dg.MaterializeResult:
+    tasks = read_table(duckdb, "agent_tasks")
+    if config.max_tasks:
+        tasks = tasks.head(config.max_tasks)
+    if tasks.empty:
+        raise ValueError("agent_tasks is empty: give sft_dataset some holdout_tasks")
+    frames, summaries = [], []
+    with torch_threads(config.threads or None):
+        for name in ("sft_checkpoint", "grpo_checkpoint"):
+            _evaluate_checkpoint(context, artifacts, name, tasks, config, frames, summaries)
+    results = pd.concat(frames, ignore_index=True)
+    summary = pd.DataFrame(summaries)
+    write_tables(duckdb, {"agent_evaluation": results, "agent_evaluation_summary": summary})
+    by_name = {s["checkpoint"]: s for s in summaries}
+    plot = line_plot(
+        {name: (list(range(len(f))), f["phi_mean"]) for name, f in zip(("sft", "grpo"), frames, strict=True)},
+        title="agent: phi mean per held-out task", xlabel="task", ylabel="phi mean",
+        hlines={f"gate threshold {config.gate_threshold:.4f}": config.gate_threshold})
+    metadata: dict[str, Any] = {"tasks": len(tasks), "summary": table_preview(summary),
+                                "preview": table_preview(results[["checkpoint", "instruction", "expected", "response",
+                                                                  "confidence", "phi_mean", "reward"]])}
+    for name, short in (("sft_checkpoint", "sft"), ("grpo_checkpoint", "grpo")):
+        metadata[f"{short}_act_rate"] = by_name[name]["act_rate"]
+        metadata[f"{short}_mean_reward"] = by_name[name]["mean_reward"]
+        metadata[f"{short}_mean_phi"] = by_name[name]["mean_phi"]
+        metadata[f"{short}_exact_match_rate"] = by_name[name]["exact_match_rate"]
+    return materialized(results.drop(columns=["raw_response"]), config=config, metadata=metadata,
+                        plots={"phi_per_task": plot})
