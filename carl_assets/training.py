@@ -205,7 +205,6 @@ def _common_args(use_cpu: bool, seed: int) -> dict[str, Any]:
         "data_seed": seed,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
-        "gradient_checkpointing": False,
     }
 
 

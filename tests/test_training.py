@@ -1,0 +1,189 @@
+"""SFT until crystallization, GRPO on the CARL reward, SFT data from the memory graph, dataset loading."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import Dataset
+
+from carl_assets.sft_data import (
+    SFTDataConfig,
+    build_sft_examples,
+    chat_prompt,
+    feelings_answer,
+    is_chat_formatted,
+    sft_examples_from_records,
+    to_hf_dataset,
+)
+from carl_assets.training import (
+    GRPO_LOG_FILE,
+    TRAINING_LOG_FILE,
+    GRPORunConfig,
+    SFTRunConfig,
+    load_training_dataset,
+    train_grpo,
+    train_sft,
+)
+
+
+def _constant_answer_dataset(n: int = 8) -> Dataset:
+    """Prompts that differ, one fixed short answer: a tiny model learns it in a few dozen steps."""
+    return Dataset.from_dict({
+        "prompt": [chat_prompt(f"Memory number {i} about the garden.", "Is this a memory?") for i in range(n)],
+        "completion": [[{"role": "assistant", "content": "Yes."}] for _ in range(n)],
+    })
+
+
+@pytest.fixture()
+def fresh_tiny(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    return copy.deepcopy(model), tokenizer
+
+
+def test_sft_crystallizes_and_stops_before_max_steps(fresh_tiny, tmp_path):
+    model, tokenizer = fresh_tiny
+    config = SFTRunConfig(max_steps=150, learning_rate=1e-2, batch_size=4, seed=0)
+    outcome = train_sft(model, tokenizer, _constant_answer_dataset(), tmp_path / "sft", config)
+
+    assert outcome.triggered and outcome.crystallized
+    assert 3 <= outcome.trigger_step < config.max_steps
+    assert outcome.steps == outcome.trigger_step  # stopped right at the gate
+    assert sum(v >= 0.99 for v in outcome.window_values) >= 3
+    assert len(outcome.window_values) <= 5
+    # logging_steps=1: one accuracy per optimizer step, 1..steps
+    steps, acc = outcome.accuracy_curve()
+    assert steps == list(range(1, outcome.steps + 1))
+    assert all(0.0 <= a <= 1.0 for a in acc)
+    assert acc[0] < 0.99  # it really learned: the untrained model is not already right
+    assert outcome.peak_entropy > 0 and 1 <= outcome.peak_entropy_step <= outcome.steps
+    # saved: weights (safetensors), tokenizer and the log
+    out = tmp_path / "sft"
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    log = json.loads((out / TRAINING_LOG_FILE).read_text())
+    assert log["trigger_step"] == outcome.trigger_step and log["crystallized"] is True
+    assert len(log["log_history"]) == outcome.steps
+
+
+def test_sft_without_crystallization_runs_to_max_steps(fresh_tiny):
+    model, tokenizer = fresh_tiny
+    config = SFTRunConfig(max_steps=4, learning_rate=1e-3, batch_size=4, gate_threshold=1.01)
+    outcome = train_sft(model, tokenizer, _constant_answer_dataset(), None, config)
+    assert not outcome.triggered and not outcome.crystallized
+    assert outcome.trigger_step == -1 and outcome.window_values == []
+    assert outcome.steps == 4
+    assert [r["step"] for r in outcome.log_history] == [1, 2, 3, 4]
+    assert all("mean_token_accuracy" in r and "entropy" in r for r in outcome.log_history)
+    assert outcome.output_dir is None
+
+
+def test_sft_rejects_empty_dataset(fresh_tiny):
+    model, tokenizer = fresh_tiny
+    with pytest.raises(ValueError, match="empty"):
+        train_sft(model, tokenizer, _constant_answer_dataset().select([]), None, SFTRunConfig(max_steps=1))
+
+
+def test_grpo_with_the_carl_reward(fresh_tiny, tmp_path):
+    model, tokenizer = fresh_tiny
+    dataset = _constant_answer_dataset(4)
+    config = GRPORunConfig(max_steps=2, batch_size=4, num_generations=2, max_completion_length=8, seed=0)
+    outcome = train_grpo(model, tokenizer, dataset, tmp_path / "grpo", config)
+
+    assert outcome.steps == 2
+    assert len(outcome.completions) == 2 * config.batch_size
+    rewards = np.array([c["reward"] for c in outcome.completions])
+    assert np.isfinite(rewards).all() and (rewards >= 0).all() and (rewards <= 1).all()
+    # TRL's logged step reward is the mean of the rewards our function returned for that step
+    for record in outcome.log_history:
+        step_rewards = [c["reward"] for c in outcome.completions if c["step"] == record["step"]]
+        assert len(step_rewards) == config.batch_size
+        assert record["reward"] == pytest.approx(float(np.mean(step_rewards)), abs=1e-5)
+        assert 0.0 <= record["carl/phi_mean"] <= 1.0  # components logged through log_metric
+        assert math.isfinite(record["carl/multiscale"])
+    scored = [c for c in outcome.completions if c["phi_mean"] is not None]
+    assert scored, "no completion was scored"
+    assert outcome.reward_std == pytest.approx(float(np.std(rewards)))
+    assert (tmp_path / "grpo" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "grpo" / GRPO_LOG_FILE).read_text())["steps"] == 2
+
+
+def test_grpo_config_validation(fresh_tiny):
+    model, tokenizer = fresh_tiny
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        train_grpo(model, tokenizer, _constant_answer_dataset(4), None, GRPORunConfig(batch_size=6, num_generations=4))
+    with pytest.raises(ValueError, match="'prompt'"):
+        train_grpo(model, tokenizer, Dataset.from_dict({"text": ["a", "b"]}), None, GRPORunConfig())
+
+
+def _nodes() -> pd.DataFrame:
+    rows = []
+    for i in range(30):
+        tags = {"warmth": (i % 10) + 1, "joy": 5, "calm": (3 * i) % 11} if i % 7 else {}
+        rows.append({"node_id": f"n{i:02d}", "kind": ["journal", "lesson"][i % 2],
+                     "text": f"Entry {i}. A walk by the river and a long talk, with words enough to cut here.",
+                     "tags_json": json.dumps(tags), "n_tags": len(tags), "source_line": i + 1})
+    return pd.DataFrame(rows)
+
+
+def test_feelings_answer_ranks_by_score_then_name():
+    assert feelings_answer({"joy": 5, "warmth": 9, "calm": 9}) == "Mostly calm, then warmth."
+    assert feelings_answer({"awe": 3}) == "Only awe."
+    assert feelings_answer({}) is None
+
+
+def test_sft_examples_from_the_memory_graph():
+    nodes = _nodes()
+    config = SFTDataConfig(max_examples=10, holdout_tasks=5, tasks=("feelings", "kind"), excerpt_chars=40, seed=1)
+    examples, tasks = build_sft_examples(nodes, config)
+    again, _ = build_sft_examples(nodes, config)
+    pd.testing.assert_frame_equal(examples, again)  # deterministic
+    assert len(examples) == 10 and len(tasks) == 5
+    assert set(examples["node_id"]).isdisjoint(tasks["node_id"])  # held out
+    assert set(examples["task"]) <= {"feelings", "kind"}
+    ok, reason = is_chat_formatted(examples)
+    assert ok, reason
+    by_node = nodes.set_index("node_id")
+    for row in examples.itertuples():
+        node = by_node.loc[row.node_id]
+        if row.task == "feelings":
+            assert row.assistant == feelings_answer(json.loads(node.tags_json))
+        else:
+            assert row.assistant in {"A journal entry.", "A lesson I learned."}
+        assert len(row.user.split("\n\nInstruction: ")[0]) <= 40 + 4  # excerpt + " ..."
+    untagged = {f"n{i:02d}" for i in range(0, 30, 7)}
+    assert not untagged & set(examples.loc[examples.task == "feelings", "node_id"])
+    dataset = to_hf_dataset(examples)
+    assert dataset[0]["prompt"][-1]["role"] == "user" and dataset[0]["completion"][0]["role"] == "assistant"
+
+
+def test_sft_examples_from_other_records_and_bad_config():
+    frame = sft_examples_from_records([{"observation": "o", "instruction": "i", "expected": "e"}])
+    assert frame.loc[0, "assistant"] == "e" and is_chat_formatted(frame)[0]
+    with pytest.raises(ValueError, match="lacks"):
+        sft_examples_from_records([{"observation": "o"}])
+    with pytest.raises(ValueError, match="unknown SFT task"):
+        build_sft_examples(_nodes(), SFTDataConfig(tasks=("poetry",)))
+    assert not is_chat_formatted(frame.iloc[:0])[0]
+
+
+def test_load_training_dataset_from_files_and_folders(tmp_path):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parquet = tmp_path / "data.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    folder = tmp_path / "saved"
+    Dataset.from_list(rows).save_to_disk(str(folder))
+    for spec in (jsonl, parquet, folder):
+        loaded = load_training_dataset(str(spec))
+        assert loaded.column_names == ["prompt", "completion"] and loaded["completion"] == ["b", "d"]
+    with pytest.raises(FileNotFoundError):
+        load_training_dataset(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "data.txt"
+    bad.write_text("x")
+    with pytest.raises(ValueError, match="unsupported"):
+        load_training_dataset(str(bad))
