@@ -819,10 +819,11 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     The last call's per-completion components are kept on ``carl.last_components``.
     """
     template_kwargs = dict(chat_template_kwargs or {})
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    fallback_start = [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id) if t is not None][:1]
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:  # any id will do: padding is masked out and never scored
+        pad_id = eos if eos is not None else 0
+    fallback_start = [t for t in (bos, eos, pad_id) if t is not None][:1]  # context for an empty prompt
 
     def carl(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
              log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:

@@ -110,6 +110,10 @@ def test_reward_fn_zero_with_reason_for_empty_out_of_vocab_and_non_finite(tiny, 
     assert "empty completion" in caplog.text and "outside the vocabulary" in caplog.text
     assert metrics["carl/zeroed"] == pytest.approx(2 / 3)
     assert metrics["carl/phi_mean"] == pytest.approx(fn.last_components[2]["phi_mean"])
+    # an empty prompt is scored after the bos token (something must predict the first completion token)
+    empty_prompt = fn(prompts=[""], completions=["ok"], completion_ids=[[5, 6]])[0]
+    bos_context = by_hand(model, tokenizer, tokenizer.bos_token, [5, 6])[0]
+    assert empty_prompt == pytest.approx(bos_context, abs=1e-5)
 
     broken, tok = build_tiny_model(TEXTS, hidden_size=16, num_layers=1, num_heads=2, vocab_size=300, seed=1)
     with torch.no_grad():
