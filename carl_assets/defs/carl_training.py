@@ -211,7 +211,7 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
     with artifacts.write_dir("sft_checkpoint") as tmp:
         outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config())
         log = json.loads((tmp / TRAINING_LOG_FILE).read_text())
-        log.update({"run_id": context.run_id, "finished_at": datetime.now(timezone.utc).isoformat()})
+        log.update({"run_id": context.run.run_id, "finished_at": datetime.now(timezone.utc).isoformat()})
         (tmp / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2, default=str) + "\n")
         version_files = [p.name for p in _weights_files(tmp)]
     path = artifacts.path("sft_checkpoint")

@@ -1,0 +1,109 @@
+"""The training and evaluation assets materialize end to end in a temporary home with tiny sizes."""
+
+import json
+
+import dagster as dg
+import pytest
+from datasets import load_from_disk
+from safetensors.torch import load_file
+
+from carl_assets import storage
+from carl_assets.defs import carl_training, memory, model
+from carl_assets.defs.resources import build_resources
+
+UPSTREAM = [memory.memory_graph, model.base_model]
+ASSETS = [carl_training.sft_dataset, carl_training.sft_checkpoint, carl_training.crystallization_events,
+          carl_training.grpo_checkpoint, carl_training.agent_evaluation]
+CHECKS = [carl_training.sft_dataset_chat_formatted, carl_training.sft_crystallized,
+          carl_training.grpo_rewards_vary]
+TINY = {
+    "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
+                   "steps": 3, "seq_len": 32, "batch_size": 2},
+    "sft_dataset": {"max_examples": 8, "holdout_tasks": 3},
+    "sft_checkpoint": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4},
+    "grpo_checkpoint": {"max_steps": 2, "batch_size": 4, "num_generations": 2, "max_completion_length": 8},
+    "agent_evaluation": {"max_new_tokens": 8},
+}
+
+
+def run_config(**overrides):
+    return {"ops": {name: {"config": dict(cfg, **overrides.get(name, {}))} for name, cfg in TINY.items()}}
+
+
+def metadata(result, asset):
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
+    return {k: getattr(v, "value", v) for k, v in events[-1].materialization.metadata.items()}
+
+
+@pytest.mark.slow
+def test_training_assets_materialize(tmp_path):
+    resources = build_resources(tmp_path)
+    result = dg.materialize(UPSTREAM + ASSETS + CHECKS, resources=resources, run_config=run_config())
+    assert result.success
+    db = tmp_path / storage.DATABASE_NAME
+    art = tmp_path / storage.ARTIFACTS_DIR
+
+    sft = storage.read_table(db, "sft_dataset")
+    tasks = storage.read_table(db, "agent_tasks")
+    assert len(sft) == 8 and len(tasks) == 3
+    assert set(sft["node_id"]).isdisjoint(tasks["node_id"])
+    on_disk = load_from_disk(str(art / "sft_dataset" / "dataset"))
+    assert len(on_disk) == 8 and on_disk[0]["completion"][0]["role"] == "assistant"
+
+    for name in ("sft_checkpoint", "grpo_checkpoint"):
+        assert (art / name / "config.json").exists()
+        weights = load_file(str(art / name / "model.safetensors"))
+        assert weights and all(t.isfinite().all() for t in weights.values())
+    sft_meta = metadata(result, "sft_checkpoint")
+    log = json.loads((art / "sft_checkpoint" / "training_log.json").read_text())
+    assert sft_meta["steps"] == log["steps"] <= 6 and "accuracy_curve" in sft_meta
+    assert sft_meta["crystallized"] == log["crystallized"]
+
+    events = storage.read_table(db, "crystallization_events")
+    training_log = storage.read_table(db, "training_log")
+    assert len(events) == 1 and events.loc[0, "run_id"] == result.run_id
+    assert events.loc[0, "max_steps"] == 6 and events.loc[0, "threshold"] == pytest.approx(0.99)
+    assert len(training_log) == log["steps"] and training_log["mean_token_accuracy"].between(0, 1).all()
+
+    rewards = storage.read_table(db, "grpo_rewards")
+    completions = storage.read_table(db, "grpo_completions")
+    assert list(rewards["step"]) == [1, 2] and rewards["reward"].notna().all()
+    assert len(completions) == 8
+    grpo_meta = metadata(result, "grpo_checkpoint")
+    assert grpo_meta["reward_std"] == pytest.approx(float(completions["reward"].std(ddof=0)))
+    assert grpo_meta["rewards_vary"] == (grpo_meta["reward_std"] > 0) and "reward_curve" in grpo_meta
+
+    evaluation = storage.read_table(db, "agent_evaluation")
+    summary = storage.read_table(db, "agent_evaluation_summary")
+    assert sorted(evaluation["checkpoint"].unique()) == ["grpo_checkpoint", "sft_checkpoint"]
+    assert len(evaluation) == 2 * 3
+    for row in summary.itertuples():
+        part = evaluation[evaluation.checkpoint == row.checkpoint]
+        assert row.act_rate == pytest.approx(part["acted"].mean())
+        assert row.mean_reward == pytest.approx(part["reward"].mean())
+    assert (evaluation["response"].isna() == ~evaluation["acted"]).all()
+
+    # a second SFT run appends a crystallization event (one row per run)
+    again = dg.materialize(ASSETS[1:3], resources=resources, run_config={"ops": {
+        "sft_checkpoint": {"config": dict(TINY["sft_checkpoint"], max_steps=3)}}})
+    assert again.success
+    events = storage.read_table(db, "crystallization_events")
+    assert sorted(events["run_id"]) == sorted([result.run_id, again.run_id])
+    assert sorted(events["max_steps"]) == [3, 6]
+    assert len(storage.read_table(db, "training_log")) == log["steps"] + 3
+
+
+@pytest.mark.slow
+def test_bad_sft_data_blocks_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                               "completion": [{"role": "assistant", "content": ""}]}) + "\n")
+    resources = build_resources(tmp_path / "home")
+    cfg = run_config(sft_dataset={"source": str(bad)})
+    result = dg.materialize(UPSTREAM + ASSETS[:2] + CHECKS[:1], resources=resources, run_config={
+        "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint")}}, raise_on_error=False)
+    assert not result.success
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"sft_dataset_chat_formatted": False}
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "sft_dataset" in done and "sft_checkpoint" not in done
