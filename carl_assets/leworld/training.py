@@ -166,7 +166,8 @@ class Phase3Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.optimizer.zero_grad()
         states, chars = batch["states"], batch["characteristics"]
-        loss_with = self.system.multi_step_forward(states, chars)["total_loss"]
+        with_info = self.system.multi_step_forward(states, chars)
+        loss_with = with_info["total_loss"]
         with torch.no_grad():  # branch B: no info request between steps; only its value is used
             loss_without = self.system.multi_step_forward(states, chars, use_info=False)["next_state_loss"]
         improvement = (loss_without - loss_with).detach()  # positive: the info request helped
@@ -179,6 +180,9 @@ class Phase3Trainer:
             "loss_with_info": loss_with.item(),
             "loss_without_info": loss_without.item(),
             "improvement": improvement.item(),
+            # Like for like: the seed compares A's total loss (with the auxiliary terms) to B's
+            # next-state loss; this is A's next-state loss alone.
+            "next_state_loss_with_info": with_info["next_state_loss"].item(),
         }
 
 
