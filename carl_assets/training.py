@@ -205,6 +205,8 @@ def _common_args(use_cpu: bool, seed: int) -> dict[str, Any]:
         "data_seed": seed,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        # TRL turns activation (gradient) checkpointing on by default: pure recompute cost for small models.
+        "activation_checkpointing": False,
     }
 
 
