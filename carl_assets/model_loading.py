@@ -28,6 +28,7 @@ EOS_TOKEN = "<|eos|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS.values()]
 OFFLINE_SPECS = {"", "offline", "default"}
+MODEL_INFO_FILE = "carl_model.json"  # where the model came from and whether it needs remote code
 
 # Each turn is `<|role|>\n content <|eos|>`; an assistant turn therefore ends with eos, so generation
 # stops there. The `{% generation %}` block lets TRL train on assistant tokens only
@@ -291,14 +292,22 @@ def resolve_model_source(spec: str | None) -> ModelSource:
     return ModelSource("hub", spec)
 
 
-def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_code: bool = False,
+def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_code: bool | None = None,
                              dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """A causal LM and its tokenizer from a local folder or a hub id, in eval mode, with a pad token."""
+    """A causal LM and its tokenizer from a local folder or a hub id, in eval mode, with a pad token.
+
+    `trust_remote_code=None` means: what the folder's `carl_model.json` records (the `base_model`
+    asset writes it, so downstream assets load a remote-code model the way it was configured), else off.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source(str(path_or_id))
     if source.kind == "offline":
         raise ValueError("load_model_and_tokenizer needs a path or hub id; build the offline model first")
+    if trust_remote_code is None:
+        marker = Path(source.value) / MODEL_INFO_FILE if source.kind == "local" else None
+        recorded = json.loads(marker.read_text()) if marker is not None and marker.is_file() else {}
+        trust_remote_code = bool(recorded.get("trust_remote_code", False))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.value, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source.value, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -323,12 +332,21 @@ def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.Pat
     """Write the base model named by `spec` into `output_dir`: build the offline one, or load a hub
     id / local folder and save it there with `save_pretrained` (so downstream reads one place)."""
     source = resolve_model_source(spec)
-    if source.kind == "offline":
-        return build_offline_model(texts, output_dir, config, progress)
-    model, tokenizer = load_model_and_tokenizer(source.value, trust_remote_code=trust_remote_code)
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    if source.kind == "offline":
+        stats = build_offline_model(texts, output_dir, config, progress)
+        trust_remote_code = False
+    else:
+        model, tokenizer = load_model_and_tokenizer(source.value, trust_remote_code=trust_remote_code)
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        stats = _loaded_stats(source, model, tokenizer)
+    info = {"source": stats["source"], "trust_remote_code": bool(trust_remote_code)}
+    (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return stats
+
+
+def _loaded_stats(source: ModelSource, model: PreTrainedModel, tokenizer: Any) -> dict[str, Any]:
     return {
         "source": f"{source.kind}:{source.value}",
         "parameters": count_parameters(model),
