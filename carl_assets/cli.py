@@ -185,8 +185,11 @@ def _config(cls: Any, **values: Any) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from carl_assets import training
+    import importlib
+
     from carl_assets.model_loading import load_model_and_tokenizer
+
+    training = importlib.import_module("carl_assets.training")
 
     print(f"CARL train: {args.model} → {args.output}")
     print(f" method={args.method} steps={args.max_steps}")
