@@ -64,7 +64,8 @@ def test_leworld_assets_materialize(tmp_path):
     assert evaluation["beats_memory_ablated"].value == bool(summary.loc[0, "mse"] < summary.loc[2, "mse"])
     assert "memory" in evaluation["memory_verdict"].value
     assert evaluation["step_mse_plot"].value.startswith("![")
-    assert metadata(result, "leworld_model")["loss_plot"].value.startswith("![")
+    model_meta = metadata(result, "leworld_model")
+    assert model_meta["loss_plot"].value.startswith("![") and model_meta["slm_loss_plot"].value.startswith("![")
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ from carl_assets.plotting import line_plot
 GROUP = "leworld"
 MEMORY_FILE = "memory.safetensors"
 SPLITS = ("train", "validation")
-PHASE_LOSS = {1: ("slm_loss", "blm_loss"), 2: ("total_loss",), 3: ("loss_with_info", "loss_without_info")}
+PHASE_LOSS = {1: ("slm_loss", "blm_loss"), 2: ("total_loss",), 3: ("loss_with_info", "loss_without_info", "next_state_loss_with_info")}
 
 
 class LeWorldMemoryConfig(dg.Config):
@@ -175,23 +175,30 @@ def leworld_dataset_is_well_formed(artifacts: ArtifactStore) -> dg.AssetCheckRes
     return dg.AssetCheckResult(passed=sum(problems.values()) == 0, metadata={f"problems_{k}": v for k, v in problems.items()})
 
 
-def loss_plot(metrics: pd.DataFrame) -> bytes:
-    """Each phase's losses against a running epoch count, with phase boundaries marked."""
-    offsets, series, boundaries = {}, {}, {}
+def loss_plots(metrics: pd.DataFrame) -> dict[str, bytes]:
+    """Each phase's losses against a running epoch count, phase boundaries marked: the prediction
+    losses (MSE scale) in one plot, phase 1's address cross-entropy in another."""
+    offsets, boundaries = {}, {}
     start = 0
     for phase in sorted(metrics["phase"].unique()):
         offsets[phase] = start
         start += int(metrics.loc[metrics["phase"] == phase, "epoch"].max())
         boundaries[f"end of phase {phase}"] = start + 0.5
-    for phase, names in PHASE_LOSS.items():
-        for name in names:
-            rows = metrics[(metrics["phase"] == phase) & (metrics["metric"] == name)]
+
+    def series(names: list[tuple[int | None, str]]) -> dict[str, tuple[list[float], list[float]]]:
+        out = {}
+        for phase, name in names:
+            rows = metrics[(metrics["metric"] == name) & ((metrics["phase"] == phase) if phase else True)]
             if len(rows):
-                series[f"phase {phase} {name}"] = ((rows["epoch"] + offsets[phase]).tolist(), rows["value"].tolist())
-    val = metrics[metrics["metric"] == "val_one_step_mse"]
-    if len(val):
-        series["validation one-step MSE"] = ([e + offsets[p] for p, e in zip(val["phase"], val["epoch"], strict=True)], val["value"].tolist())
-    return line_plot(series, "LeWorld training loss per phase and epoch", "epoch (all phases)", "loss", vlines=boundaries, logy=True)
+                label = f"phase {phase} {name}" if phase else name
+                out[label] = ([e + offsets[p] for p, e in zip(rows["phase"], rows["epoch"], strict=True)], rows["value"].tolist())
+        return out
+
+    prediction = [(p, n) for p, names in PHASE_LOSS.items() for n in names if n != "slm_loss"] + [(None, "val_one_step_mse")]
+    return {
+        "loss_plot": line_plot(series(prediction), "LeWorld prediction losses per phase and epoch", "epoch (all phases)", "MSE", vlines=boundaries),
+        "slm_loss_plot": line_plot(series([(1, "slm_loss")]), "Phase 1: SLM address cross-entropy", "epoch", "cross-entropy"),
+    }
 
 
 @dg.asset(group_name=GROUP, deps=["leworld_dataset"], kinds={"pytorch", "safetensors", "duckdb"}, description="The LeWorld system trained in the seed's three phases (pre-training apart, end to end, info-request refinement); checkpoint as safetensors + config.json, per-epoch metrics in `leworld_metrics`.")
@@ -225,7 +232,7 @@ def leworld_model(context: dg.AssetExecutionContext, config: LeWorldModelConfig,
         artifacts.path("leworld_model"),
         config=config,
         metadata={"parameters": count_params(system), "train_seconds": round(seconds, 2), **final, "path": str(artifacts.path("leworld_model")), "metrics_rows": len(metrics)},
-        plots={"loss_plot": loss_plot(metrics)},
+        plots=loss_plots(metrics),
     )
 
 
