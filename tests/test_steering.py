@@ -344,6 +344,15 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     stats = storage.read_table(storage.database_path(tmp_path), "steering_vector_stats")
     assert len(stats) == 6 and set(stats["emotion"]) == set(loaded.concepts)
 
+    # A config change is a new data version (downstream goes stale); the same config is the same one.
+    again = dg.materialize([steering_vectors], resources=build_resources(tmp_path), run_config=run_config)
+    other = {"ops": {"steering_vectors": {"config": {"min_pairs_per_polarity": 5, "layers": [1, 2],
+                                                     "reduction": "last"}}}}
+    changed = dg.materialize([steering_vectors], resources=build_resources(tmp_path), run_config=other)
+    versions = [r.asset_materializations_for_node("steering_vectors")[0].metadata["data_version"].value
+                for r in (result, again, changed)]
+    assert versions[0] == versions[1] != versions[2]
+
     # Corrupt the tensors: the unit-norm check fails.
     from safetensors.torch import load_file, save_file
 
