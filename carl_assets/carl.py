@@ -818,7 +818,8 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     Empty completions and non-finite results get 0.0 and a logged warning with the reason. The model's
     train/eval mode is restored. If TRL passes ``log_metric``, the component means over the scored
     completions are logged as ``carl/multiscale``, ``carl/cloud_quality``, ``carl/discontinuity``,
-    ``carl/phi_mean`` (plus ``carl/zeroed``, the fraction scored 0.0 for a reason). The function's
+    ``carl/phi_mean`` (plus ``carl/zeroed``, the fraction scored 0.0 for a reason); with TRL's
+    ``log_extra``, each completion's phi mean goes into the completions table as ``carl_phi_mean``. The function's
     ``__name__`` is "carl", so TRL's reward columns read ``rewards/carl/mean``. Without
     ``completion_ids`` (called outside TRL), the completion text is tokenised without special tokens.
     The last call's per-completion components are kept on ``carl.last_components``.
@@ -831,7 +832,8 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     fallback_start = [t for t in (bos, eos, pad_id) if t is not None][:1]  # context for an empty prompt
 
     def carl(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
-             log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:
+             log_metric: Callable[[str, float], None] | None = None,
+             log_extra: Callable[[str, list[Any]], None] | None = None, **kwargs: Any) -> list[float]:
         if completion_ids is None:
             completion_ids = [tokenizer(text=_completion_text(c), add_special_tokens=False)["input_ids"]
                               for c in completions]
@@ -856,6 +858,8 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
                 if kept:
                     log_metric(f"{metric_prefix}/{key}", float(np.mean([c[key] for c in kept])))
             log_metric(f"{metric_prefix}/zeroed", sum(r is not None for r in scored.reasons) / max(1, len(comp_ids)))
+        if log_extra is not None:  # per-completion columns of TRL's completions table
+            log_extra(f"{metric_prefix}_phi_mean", [None if c is None else c["phi_mean"] for c in scored.components])
         return scored.rewards
 
     carl.__name__ = "carl"

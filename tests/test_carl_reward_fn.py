@@ -55,8 +55,10 @@ def test_reward_fn_matches_carl_reward_by_hand(tiny):
     completion_ids[1][-1] = tokenizer.eos_token_id
     metrics = {}
     model.train()
+    extra = {}
     rewards = reward_fn(prompts=prompts, completions=["x"] * 5, completion_ids=completion_ids,
-                        log_metric=lambda name, value: metrics.setdefault(name, value), trainer_state=None)
+                        log_metric=lambda name, value: metrics.setdefault(name, value),
+                        log_extra=lambda column, values: extra.setdefault(column, values), trainer_state=None)
     assert model.training  # train mode restored
     assert len(rewards) == 5 and all(isinstance(r, float) for r in rewards)
     expected = [by_hand(model, tokenizer, p, c) for p, c in zip(prompts, completion_ids, strict=True)]
@@ -69,6 +71,7 @@ def test_reward_fn_matches_carl_reward_by_hand(tiny):
         mean = np.mean([e[1][key] for e in expected])
         assert metrics[f"carl/{key}"] == pytest.approx(mean, abs=1e-5)
     assert metrics["carl/zeroed"] == 0.0
+    assert extra["carl_phi_mean"] == pytest.approx([e[1]["phi_mean"] for e in expected], abs=1e-5)
 
 
 def test_reward_fn_is_one_position_right_of_the_seed(tiny):
