@@ -64,6 +64,11 @@ def test_leworld_assets_materialize(tmp_path):
     assert evaluation["beats_memory_ablated"].value == bool(summary.loc[0, "mse"] < summary.loc[2, "mse"])
     assert "memory" in evaluation["memory_verdict"].value
     assert evaluation["step_mse_plot"].value.startswith("![")
+    # A model is not trained on a dataset generated from another memory.
+    dg.materialize([leworld.leworld_memory], resources=build_resources(tmp_path), run_config={"ops": {"leworld_memory": {"config": dict(TINY["leworld_memory"], populator="random")}}})
+    with pytest.raises(Exception) as excinfo:
+        dg.materialize([leworld.leworld_model], resources=build_resources(tmp_path), run_config={"ops": {"leworld_model": {"config": TINY["leworld_model"]}}})
+    assert "materialize leworld_dataset again" in repr(excinfo.value) + repr(excinfo.value.__cause__)
     model_meta = metadata(result, "leworld_model")
     assert model_meta["loss_plot"].value.startswith("![") and model_meta["slm_loss_plot"].value.startswith("![")
 
@@ -82,6 +87,7 @@ def test_memory_populators_and_data_version(tmp_path):
     with pytest.raises(Exception) as excinfo:
         dg.materialize([leworld.leworld_memory], resources=resources, run_config=experience)
     assert "memory_nodes" in repr(excinfo.value) + repr(excinfo.value.__cause__)
+    del excinfo  # its traceback holds the failed run's DuckDB connection
 
     nodes = pd.DataFrame({"node_id": ["a", "b"], "text": ["I walked by the river. It was calm.", "Debugging all night. Tired but clear."]})
     write_tables(resources["duckdb"], {"memory_nodes": nodes})

@@ -39,6 +39,7 @@ from carl_assets.leworld.populators import (
 )
 from carl_assets.leworld.training import TrainingConfig, train_system
 from carl_assets.plotting import line_plot
+from carl_assets.storage import content_hash
 
 GROUP = "leworld"
 MEMORY_FILE = "memory.safetensors"
@@ -137,7 +138,8 @@ def leworld_dataset(context: dg.AssetExecutionContext, config: LeWorldDatasetCon
     with artifacts.write_dir("leworld_dataset") as tmp:
         for split, data in splits.items():
             save_file(data.tensors(), str(tmp / f"{split}.safetensors"))
-        (tmp / "dataset.json").write_text(json.dumps(config.model_dump() | {"num_words": bits.shape[0], "word_size": bits.shape[1]}, indent=2))
+        info = {"num_words": bits.shape[0], "word_size": bits.shape[1], "memory_hash": content_hash(bits)}
+        (tmp / "dataset.json").write_text(json.dumps(config.model_dump() | info, indent=2))
     frames = []
     for split, data in splits.items():
         last = data.n_relevant - 1
@@ -201,9 +203,12 @@ def loss_plots(metrics: pd.DataFrame) -> dict[str, bytes]:
     }
 
 
-@dg.asset(group_name=GROUP, deps=["leworld_dataset"], kinds={"pytorch", "safetensors", "duckdb"}, description="The LeWorld system trained in the seed's three phases (pre-training apart, end to end, info-request refinement); checkpoint as safetensors + config.json, per-epoch metrics in `leworld_metrics`.")
+@dg.asset(group_name=GROUP, deps=["leworld_dataset", "leworld_memory"], kinds={"pytorch", "safetensors", "duckdb"}, description="The LeWorld system trained in the seed's three phases (pre-training apart, end to end, info-request refinement); checkpoint as safetensors + config.json, per-epoch metrics in `leworld_metrics`.")
 def leworld_model(context: dg.AssetExecutionContext, config: LeWorldModelConfig, artifacts: ArtifactStore, duckdb: DuckDBResource) -> dg.MaterializeResult:
     bits = load_memory_bits(artifacts)
+    recorded = json.loads(artifacts.require("leworld_dataset", "dataset.json").read_text()).get("memory_hash")
+    if recorded != content_hash(bits):  # the dataset's dynamics were computed from another memory
+        raise ValueError("leworld_memory changed after leworld_dataset was generated: materialize leworld_dataset again")
     train, validation = (load_split(artifacts, split) for split in SPLITS)
     state_dim, char_dim = train.states.shape[2], train.characteristics.shape[1]
     torch.manual_seed(config.seed)  # parameter initialisation
