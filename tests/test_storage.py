@@ -96,3 +96,15 @@ def test_content_hash_changes_with_content_and_config(tmp_path):
     assert storage.content_hash(folder) != h1
     arr = np.arange(6, dtype=np.float32)
     assert storage.content_hash(arr) != storage.content_hash(arr.reshape(2, 3))
+
+
+def test_atomic_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = storage.atomic_write_bytes(tmp_path / "v.safetensors", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
