@@ -81,11 +81,14 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
         selection = dg.AssetSelection.from_string(select).resolve(graph)
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
+        config = dict(run_config or {})
+        # Dagster's DEBUG event stream drowns the assets' own progress lines; INFO keeps those.
+        config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
         result = job.execute_in_process(
-            run_config=run_config or {}, instance=instance, asset_selection=selection, raise_on_error=False
+            run_config=config, instance=instance, asset_selection=selection, raise_on_error=False
         )
         elapsed = time.perf_counter() - started
-        _print_summary(result, elapsed)
+        _print_summary(instance, result, elapsed)
     home = storage.carl_home()
     print(f"\nOutputs:  {home}/carl.duckdb (tables) and {home}/artifacts/<asset>/")
     print(f"Runs:     {os.environ['DAGSTER_HOME']} (run {result.run_id})")
@@ -93,19 +96,20 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
     return 0 if result.success else 1
 
 
-def _print_summary(result, elapsed: float) -> None:
+def _print_summary(instance, result, elapsed: float) -> None:
     import dagster as dg
 
     starts: dict[str, float] = {}
     rows: list[tuple[str, str, float]] = []
-    for event in result.all_events:
-        if event.step_key is None:
+    for entry in instance.all_logs(result.run_id):
+        event = entry.dagster_event
+        if event is None or event.step_key is None:
             continue
         if event.event_type == dg.DagsterEventType.STEP_START:
-            starts[event.step_key] = event.timestamp
+            starts[event.step_key] = entry.timestamp
         elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
             ok = "ok" if event.event_type == dg.DagsterEventType.STEP_SUCCESS else "FAILED"
-            rows.append((event.step_key, ok, event.timestamp - starts.get(event.step_key, event.timestamp)))
+            rows.append((event.step_key, ok, entry.timestamp - starts.get(event.step_key, entry.timestamp)))
     print("\n" + "-" * 60)
     print(f"{'asset':<32}{'status':<8}{'seconds':>10}")
     for step, ok, seconds in rows:
