@@ -52,10 +52,10 @@ def test_leworld_assets_materialize(tmp_path):
     assert set(metrics["phase"]) == {1, 2, 3}
     assert {"slm_loss", "blm_loss", "total_loss", "loss_with_info", "val_one_step_mse"} <= set(metrics["metric"])
     summary = storage.read_table(db, "leworld_evaluation")
-    assert list(summary["system"]) == ["leworld", "persistence", "memory_ablated"]
+    assert list(summary["system"]) == ["leworld", "persistence", "memory_ablated", "oracle_reads"]
     assert {"mse", "mae", "one_step_mse", "routing_entropy", "slm_usage", "leworld_beats"} <= set(summary.columns)
     steps = storage.read_table(db, "leworld_evaluation_steps")
-    assert len(steps) == 9
+    assert len(steps) == 12
 
     model = load_system(tmp_path / "artifacts" / "leworld_model")
     assert torch.equal(model.memory.memory, bits.float())

@@ -175,15 +175,29 @@ def test_evaluation_reports_both_baselines(data):
     validation = data[1]
     result = evaluate(system, validation, n_steps=3)
     summary = result.summary.set_index("system")
-    assert list(summary.index) == ["leworld", "persistence", "memory_ablated"]
+    assert list(summary.index) == ["leworld", "persistence", "memory_ablated", "oracle_reads"]
     truth = validation.states[:, 1:4]
     persistence = (validation.states[:, :1] - truth).pow(2).mean().item()
     assert summary.loc["persistence", "mse"] == pytest.approx(persistence, rel=1e-5)
     one_step = (validation.states[:, :-1] - validation.states[:, 1:]).pow(2).mean().item()
     assert summary.loc["persistence", "one_step_mse"] == pytest.approx(one_step, rel=1e-5)
-    assert len(result.steps) == 9 and result.steps["step"].max() == 3
+    assert len(result.steps) == 12 and result.steps["step"].max() == 3
     assert result.metrics["beats_persistence"] == (summary.loc["leworld", "mse"] < persistence)
     assert result.metrics["beats_memory_ablated"] == (summary.loc["leworld", "mse"] < summary.loc["memory_ablated", "mse"])
     usage = result.metrics["slm_usage"]
     assert len(usage) == 3 and all(0 <= u <= 1 for u in usage)
     assert result.metrics["routing_entropy"] >= 0
+
+
+def test_oracle_reads_read_the_given_regions(data):
+    system = tiny_system()
+    batch = data[0].batch(torch.arange(4))
+    states, chars = batch["states"], batch["characteristics"]
+    outputs = [slm(states[:, 0], states[:, 1], chars) for slm in system.slms]
+    starts, ends = batch["relevant_starts"][:, :2], batch["relevant_ends"][:, :2]
+    reads = system.read_for(outputs, oracle=(starts, ends))
+    assert torch.allclose(reads[0], system.memory.encode_range(starts[:, 0], ends[:, 0]))
+    assert torch.allclose(reads[1], system.memory.encode_range(starts[:, 1], ends[:, 1]))
+    assert torch.all(reads[2] == 0)  # no third region given: an empty read
+    own = system.read_for(outputs)
+    assert not torch.allclose(own[0], reads[0])

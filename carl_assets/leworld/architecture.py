@@ -271,6 +271,9 @@ class BigLeWorldModel(nn.Module):
             nn.GELU(),
         )
         self.head = nn.Linear(config.d_model, config.state_dim)
+        # A linear path from the same inputs: the state dynamics are close to linear, which an MLP alone
+        # learns slowly.
+        self.skip = nn.Linear(3 * config.state_dim + config.d_model, config.state_dim)
         self.info_request = nn.Sequential(nn.Linear(config.d_model, config.info_dim), nn.Tanh())
 
     def forward(
@@ -285,10 +288,11 @@ class BigLeWorldModel(nn.Module):
         route_probs, mask = self.router(past_state, current_state, hiddens, confidences)
         slots = torch.cat([hiddens, torch.stack(reads, dim=1), confidences[..., None]], dim=-1)
         context = self.read_proj((slots * mask[..., None]).flatten(1))
-        h = self.trunk(torch.cat([past_state, current_state, current_state - past_state, context], dim=-1))
+        inputs = torch.cat([past_state, current_state, current_state - past_state, context], dim=-1)
+        h = self.trunk(inputs)
         # Residual prediction: the next state is the current one plus a learned change.
         return {
-            "next_state": current_state + self.head(h),
+            "next_state": current_state + self.head(h) + self.skip(inputs),
             "info_query": self.info_request(h),
             "mask": mask,
             "route_probs": route_probs,
@@ -339,9 +343,22 @@ class LeWorldSystem(nn.Module):
             LossWeights(**configs.get("loss_weights", {})),
         )
 
-    def read_for(self, slm_outputs: list[dict[str, torch.Tensor]], ablate_memory: bool = False) -> list[torch.Tensor]:
-        """Encoded reads of every SLM's chosen range in one gather; zeros when memory is ablated."""
+    def read_for(
+        self,
+        slm_outputs: list[dict[str, torch.Tensor]],
+        ablate_memory: bool = False,
+        oracle: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Encoded reads of every SLM's chosen range at once; zeros when memory is ablated.
+
+        `oracle=(starts, ends)` (`[B, k]`, e.g. the dataset's relevant regions) makes SLM i read region i
+        instead of its own choice (an empty read where i >= k): the reference for what memory could give."""
         n, batch = len(slm_outputs), slm_outputs[0]["start_addr"].shape[0]
+        if oracle is not None:
+            zeros = torch.zeros(batch, dtype=torch.long)
+            pick = [(oracle[0][:, i], oracle[1][:, i]) if i < oracle[0].shape[1] else (zeros, zeros) for i in range(n)]
+            encoded = self.memory.encode_range(torch.cat([a for a, _ in pick]), torch.cat([b for _, b in pick]))
+            return list(encoded.view(n, batch, -1).unbind(0))
         starts = torch.cat([o["start_addr"] for o in slm_outputs])
         ends = torch.cat([o["end_addr"] for o in slm_outputs])
         encoded = self.memory.encode_range(starts, ends)
@@ -359,6 +376,7 @@ class LeWorldSystem(nn.Module):
         next_state: torch.Tensor | None = None,
         info_query_prev: torch.Tensor | None = None,
         ablate_memory: bool = False,
+        oracle: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """One step: SLMs pick ranges → memory read → BLM predicts. `losses` is empty without a target."""
         n = len(self.slms)
@@ -369,7 +387,7 @@ class LeWorldSystem(nn.Module):
         slm_outputs = [
             slm.from_features(features, None if modulation is None else modulation[:, i]) for i, slm in enumerate(self.slms)
         ]
-        reads = self.read_for(slm_outputs, ablate_memory)
+        reads = self.read_for(slm_outputs, ablate_memory, oracle)
         out = self.blm(past_state, current_state, slm_outputs, reads)
         out["slm_outputs"] = slm_outputs
         out["losses"] = {}
@@ -418,6 +436,7 @@ class LeWorldSystem(nn.Module):
         rollout: bool = False,
         use_info: bool = True,
         ablate_memory: bool = False,
+        oracle: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Predict states[:, 1 : n_steps + 1] step by step, passing the info query forward.
 
@@ -433,7 +452,7 @@ class LeWorldSystem(nn.Module):
         for t in range(steps):
             if not rollout:
                 past, current = states[:, max(0, t - 1)], states[:, t]
-            out = self(past, current, characteristics, None, info if use_info else None, ablate_memory)
+            out = self(past, current, characteristics, None, info if use_info else None, ablate_memory, oracle)
             info = out["info_query"]
             predictions.append(out["next_state"])
             masks.append(out["mask"])

@@ -4,6 +4,8 @@ Systems compared on the same sequences:
 - `leworld`: the trained system.
 - `persistence`: predict the current state (in a rollout: the last known state, states[:, 0]).
 - `memory_ablated`: the same trained system with every memory read's encoding zeroed.
+- `oracle_reads`: the same trained system, its SLM i reading the dataset's relevant region i instead of
+  its own choice: a reference for what memory could add if the SLMs found the right regions.
 
 Metrics, as in the seed's `Evaluator.prediction_accuracy`: `mse`/`mae` of an `n_steps` rollout from the
 first state (errors at horizons 1..n_steps), `step_mses` per horizon, routing entropy of the mean SLM usage
@@ -22,7 +24,7 @@ from carl_assets.leworld.architecture import LeWorldSystem
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
 from carl_assets.leworld.runtime import torch_threads
 
-SYSTEMS = ("leworld", "persistence", "memory_ablated")
+SYSTEMS = ("leworld", "persistence", "memory_ablated", "oracle_reads")
 
 
 @dataclass
@@ -55,10 +57,10 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
         rollouts["memory_ablated"].append(ablated["predictions"] - truth)
         rollouts["persistence"].append(states[:, :1].expand_as(truth) - truth)
         masks.append(out["masks"])
-        teacher = system.multi_step_forward(states, chars)
-        teacher_ablated = system.multi_step_forward(states, chars, ablate_memory=True)
-        one_step["leworld"].append(teacher["predictions"] - states[:, 1:])
-        one_step["memory_ablated"].append(teacher_ablated["predictions"] - states[:, 1:])
+        oracle = (batch["relevant_starts"], batch["relevant_ends"])
+        rollouts["oracle_reads"].append(system.multi_step_forward(states, chars, horizon, rollout=True, oracle=oracle)["predictions"] - truth)
+        for name, kwargs in (("leworld", {}), ("memory_ablated", {"ablate_memory": True}), ("oracle_reads", {"oracle": oracle})):
+            one_step[name].append(system.multi_step_forward(states, chars, **kwargs)["predictions"] - states[:, 1:])
         one_step["persistence"].append(states[:, :-1] - states[:, 1:])
     system.train(was_training)
 
@@ -95,6 +97,7 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
         "slm_usage": usage.tolist(),
         "persistence_mse": float(by.loc["persistence", "mse"]),
         "memory_ablated_mse": float(by.loc["memory_ablated", "mse"]),
+        "oracle_reads_mse": float(by.loc["oracle_reads", "mse"]),
         "beats_persistence": bool(by.loc["persistence", "leworld_beats"]),
         "beats_memory_ablated": bool(by.loc["memory_ablated", "leworld_beats"]),
         "beats_memory_ablated_one_step": bool(by.loc["memory_ablated", "leworld_beats_one_step"]),
