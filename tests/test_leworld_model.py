@@ -201,3 +201,44 @@ def test_oracle_reads_read_the_given_regions(data):
     assert torch.all(reads[2] == 0)  # no third region given: an empty read
     own = system.read_for(outputs)
     assert not torch.allclose(own[0], reads[0])
+
+
+def test_seed_pipeline_runs_as_written():
+    """The seed's `run_training` flow with its class names: populate, dataset + DataLoader, the three
+    trainers' steps, the evaluator."""
+    from torch.utils.data import DataLoader
+
+    from carl_assets.leworld import (
+        Evaluator,
+        MemoryPopulator,
+        Phase1Trainer,
+        Phase2Trainer,
+        Phase3Trainer,
+        StateTransitionDataset,
+    )
+
+    def run() -> dict:
+        torch.manual_seed(0)
+        system = tiny_system()
+        MemoryPopulator.structured_patterns(system.memory)
+        make = lambda n: StateTransitionDataset(n, T, D, C, system.memory, difficulty="medium")  # noqa: E731
+        train, val = make(32), make(16)
+        assert train[0]["states"].shape == (T, D) and train[0]["n_relevant"] == 2
+        loader = DataLoader(train, batch_size=16, shuffle=True)
+        config = TrainingConfig(state_dim=D, char_dim=C, sequence_length=T)
+        phase1, phase2, phase3 = Phase1Trainer(system, config), Phase2Trainer(system, config), Phase3Trainer(system, config)
+        for batch in loader:
+            phase1.train_slms_step(batch)
+            phase1.train_blm_step(batch)
+        for batch in loader:
+            step2 = phase2.train_step(batch)
+        for batch in loader:
+            step3 = phase3.train_step(batch)
+        assert step2["temperature"] < 1.0 and set(step3) >= {"loss_with_info", "loss_without_info", "improvement"}
+        return Evaluator.prediction_accuracy(system, DataLoader(val, batch_size=16), n_steps=3)
+
+    metrics = run()
+    assert set(metrics) == {"mse", "mae", "step_mses", "routing_entropy", "slm_usage"}
+    assert len(metrics["step_mses"]) == 3 and len(metrics["slm_usage"]) == 3
+    assert metrics["mse"] == pytest.approx(sum(metrics["step_mses"]) / 3, rel=1e-5)
+    assert run()["mse"] == metrics["mse"]  # torch.manual_seed governs it, as in the seed

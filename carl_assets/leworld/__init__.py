@@ -17,22 +17,40 @@ from carl_assets.leworld.architecture import (
     load_system,
     save_system,
 )
-from carl_assets.leworld.data import SequenceBatch, generate_sequences
-from carl_assets.leworld.evaluation import EvaluationResult, evaluate
-from carl_assets.leworld.populators import from_experience, random_bits, structured_patterns, text_experiences
-from carl_assets.leworld.training import TrainingConfig, train_system
+from carl_assets.leworld.data import SequenceBatch, StateTransitionDataset, generate_sequences
+from carl_assets.leworld.evaluation import EvaluationResult, Evaluator, evaluate
+from carl_assets.leworld.populators import (
+    MemoryPopulator,
+    from_experience,
+    random_bits,
+    structured_patterns,
+    text_experiences,
+)
+from carl_assets.leworld.training import (
+    Phase1Trainer,
+    Phase2Trainer,
+    Phase3Trainer,
+    TrainingConfig,
+    train_system,
+)
 
 __all__ = [
     "ArtificialMemory",
     "BLMConfig",
     "BigLeWorldModel",
     "EvaluationResult",
+    "Evaluator",
     "LeWorldSystem",
     "LossWeights",
+    "MemoryPopulator",
     "MemoryConfig",
+    "Phase1Trainer",
+    "Phase2Trainer",
+    "Phase3Trainer",
     "SLMConfig",
     "SequenceBatch",
     "SmallLeWorldModel",
+    "StateTransitionDataset",
     "TrainingConfig",
     "count_params",
     "evaluate",

@@ -169,3 +169,36 @@ def iterate_batches(data: SequenceBatch, batch_size: int, generator: torch.Gener
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
         yield data.batch(order[i : i + batch_size])
+
+
+class StateTransitionDataset(torch.utils.data.Dataset):
+    """The seed's dataset class, generated vectorised: `DataLoader(StateTransitionDataset(...))` yields
+    the seed's batches (states, characteristics, relevant_starts/ends padded to 3, n_relevant).
+
+    `seed=None` draws the generator's seed from torch's global RNG, so `torch.manual_seed` governs it as
+    it governed the seed's loops."""
+
+    def __init__(
+        self,
+        num_sequences: int,
+        seq_length: int,
+        state_dim: int,
+        char_dim: int,
+        memory: torch.nn.Module,
+        difficulty: str = "easy",
+        seed: int | None = None,
+        mix: str = "last",
+    ):
+        self.num_sequences, self.seq_length, self.state_dim, self.char_dim = num_sequences, seq_length, state_dim, char_dim
+        self.memory = memory
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.data = generate_sequences(memory.memory, num_sequences, seq_length, state_dim, char_dim, difficulty, seed, mix)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor | int]:
+        item = {key: getattr(self.data, key)[idx] for key in TENSOR_KEYS}
+        item["n_relevant"] = int(item["n_relevant"])
+        return item

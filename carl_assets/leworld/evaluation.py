@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from carl_assets.leworld.architecture import LeWorldSystem
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
@@ -103,3 +104,37 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
         "beats_memory_ablated_one_step": bool(by.loc["memory_ablated", "leworld_beats_one_step"]),
     }
     return EvaluationResult(summary=summary, steps=pd.DataFrame(step_rows), metrics=metrics)
+
+
+class Evaluator:
+    """The seed's evaluator: metrics averaged over a DataLoader's batches, the prediction an `n_steps`
+    rollout from each sequence's first state."""
+
+    @staticmethod
+    def prediction_accuracy(system: LeWorldSystem, dataloader: Any, n_steps: int = 5) -> dict[str, Any]:
+        was_training = system.training
+        system.eval()
+        total_mse = total_mae = 0.0
+        step_mses = [0.0] * n_steps
+        masks, n_batches = [], 0
+        with torch.no_grad():
+            for batch in dataloader:
+                states, chars = batch["states"], batch["characteristics"]
+                out = system.multi_step_forward(states, chars, n_steps, rollout=True)
+                pred, truth = out["predictions"], states[:, 1 : n_steps + 1]
+                steps = min(n_steps, pred.shape[1])
+                total_mse += F.mse_loss(pred[:, :steps], truth[:, :steps]).item()
+                total_mae += F.l1_loss(pred[:, :steps], truth[:, :steps]).item()
+                for t in range(steps):
+                    step_mses[t] += F.mse_loss(pred[:, t], truth[:, t]).item()
+                masks.append(out["masks"])
+                n_batches += 1
+        system.train(was_training)
+        usage = torch.cat(masks).mean(dim=(0, 1))
+        return {
+            "mse": total_mse / max(1, n_batches),
+            "mae": total_mae / max(1, n_batches),
+            "step_mses": [m / max(1, n_batches) for m in step_mses],
+            "routing_entropy": -(usage * torch.log(usage + 1e-8)).sum().item() + 0.0,
+            "slm_usage": usage.tolist(),
+        }

@@ -121,3 +121,11 @@ def text_experiences(texts: Sequence[str], feature_dim: int, seed: int = 0) -> t
     features = torch.zeros(len(sentences), feature_dim)
     features.index_add_(0, rows, projection[cols])
     return features
+
+
+class MemoryPopulator:
+    """The seed's populator class, vectorised (see the functions above)."""
+
+    random_bits = staticmethod(random_bits)
+    structured_patterns = staticmethod(structured_patterns)
+    from_experience = staticmethod(from_experience)
