@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -258,7 +258,3 @@ def _train(system, train, validation, config, log, phases) -> pd.DataFrame:
         run(3, config.phase3_epochs, config.phase3_batch_size, p3.train_step)
     system.eval()
     return pd.DataFrame(rows, columns=["phase", "epoch", "metric", "value"])
-
-
-def training_config_dict(config: TrainingConfig) -> dict[str, Any]:
-    return asdict(config)
