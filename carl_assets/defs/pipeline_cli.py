@@ -16,6 +16,10 @@ from pathlib import Path
 ALL = "*"
 
 
+class PipelineUsageError(ValueError):
+    """Bad arguments to a pipeline command: printed as one line, exit status 2."""
+
+
 def ensure_dagster_home() -> Path:
     """`$DAGSTER_HOME` (default `./.dagster_home`), created with telemetry off if it is new."""
     home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
@@ -45,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.home:
         os.environ["CARL_HOME"] = str(Path(args.home).resolve())
     ensure_dagster_home()
-    if args.command == "materialize":
-        return materialize(args.select, load_run_config(args.config))
-    return lineage(args.asset)
+    try:
+        if args.command == "materialize":
+            return materialize(args.select, load_run_config(args.config))
+        return lineage(args.asset)
+    except PipelineUsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
 
 
 def load_run_config(path: str | None) -> dict:
@@ -58,10 +66,10 @@ def load_run_config(path: str | None) -> dict:
 
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"carl materialize: run config {path!r} does not exist")
+        raise PipelineUsageError(f"carl materialize: run config {path!r} does not exist")
     loaded = yaml.safe_load(file.read_text()) or {}
     if not isinstance(loaded, dict):
-        raise SystemExit(f"carl materialize: run config {path!r} must be a mapping like {{ops: {{asset: {{config: ...}}}}}}")
+        raise PipelineUsageError(f"carl materialize: run config {path!r} must be a mapping like {{ops: {{asset: {{config: ...}}}}}}")
     return loaded
 
 
@@ -78,7 +86,12 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
     selection = None
     if select != ALL:
         graph = defs.resolve_asset_graph()
-        selection = dg.AssetSelection.from_string(select).resolve(graph)
+        try:
+            selection = sorted(dg.AssetSelection.from_string(select).resolve(graph))
+        except Exception as exc:  # Dagster's parse/resolve errors do not name the flag
+            raise PipelineUsageError(f"carl materialize: bad --select {select!r}: {exc}") from None
+        if not selection:
+            raise PipelineUsageError(f"carl materialize: --select {select!r} matches no asset")
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         config = dict(run_config or {})
@@ -115,8 +128,8 @@ def _print_summary(instance, result, elapsed: float) -> None:
     for step, ok, seconds in rows:
         print(f"{step:<32}{ok:<8}{seconds:>10.1f}")
     checks = [e for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
-    failed = [e.event_specific_data.asset_check_evaluation.check_name for e in checks
-              if not e.event_specific_data.asset_check_evaluation.passed]
+    failed = [e.event_specific_data.check_name for e in checks
+              if not e.event_specific_data.passed]
     print(f"{'total':<40}{elapsed:>10.1f}")
     print(f"asset checks: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if not result.success:

@@ -1,0 +1,90 @@
+"""`carl materialize` / `carl lineage` end to end: the whole graph with small configs in a temp home,
+then a config change upstream that must make the downstream assets stale."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carl_assets import storage
+
+TINY = {
+    "ops": {
+        "base_model": {"config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                                   "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
+        "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
+        "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4}},
+        "grpo_checkpoint": {"config": {"max_steps": 1, "batch_size": 4, "num_generations": 2,
+                                       "max_completion_length": 6, "max_prompts": 4}},
+        "agent_evaluation": {"config": {"max_new_tokens": 6, "max_tasks": 2}},
+        "leworld_memory": {"config": {"num_words": 4096}},
+        "leworld_dataset": {"config": {"num_train": 32, "num_validation": 8, "seq_length": 4}},
+        "leworld_model": {"config": {"phase1_epochs": 1, "phase2_epochs": 1, "phase3_epochs": 1, "slm_d_model": 16,
+                                     "blm_d_model": 32, "max_read_range": 32}},
+        "leworld_evaluation": {"config": {"n_steps": 2}},
+    }
+}
+
+
+def carl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "carl_assets.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+
+
+def statuses(lineage_stdout: str) -> dict[str, str]:
+    rows = [line.split() for line in lineage_stdout.splitlines()[1:] if line.strip()]
+    return {row[0]: row[-1] for row in rows}
+
+
+@pytest.mark.slow
+def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_path):
+    env = {**os.environ, "CARL_HOME": str(tmp_path / "carl"), "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+
+    run = carl(["materialize", "--config", str(config)], env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Outputs:" in run.stdout and "make dev" in run.stdout
+    summary = run.stdout[run.stdout.index("asset "):]
+    for asset in ("memory_graph", "steering_vectors", "grpo_checkpoint", "agent_evaluation", "leworld_evaluation"):
+        assert f"{asset} " in summary and "FAILED" not in summary
+
+    db = tmp_path / "carl" / "carl.duckdb"
+    assert len(storage.read_table(db, "memory_nodes")) >= 300
+    assert (tmp_path / "carl" / "artifacts" / "steering_vectors" / "vectors.safetensors").is_file()
+    assert (tmp_path / "dagster" / "dagster.yaml").read_text().startswith("telemetry")
+
+    lineage = carl(["lineage"], env)
+    assert lineage.returncode == 0, lineage.stderr
+    before = statuses(lineage.stdout)
+    assert len(before) == 13 and set(before.values()) == {"fresh"}, lineage.stdout
+
+    # A different pairs config is a new data version of emotion_training_pairs: steering goes stale,
+    # assets that do not depend on it stay fresh.
+    changed = {"ops": {"emotion_training_pairs": {"config": {"min_positive_score": 9}}}}
+    config.write_text(yaml.safe_dump(changed))
+    rerun = carl(["materialize", "--select", "emotion_training_pairs", "--config", str(config)], env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    after = statuses(carl(["lineage", "steering_vectors"], env).stdout)
+    assert after == {"memory_graph": "fresh", "emotion_training_pairs": "fresh", "base_model": "fresh",
+                     "steering_vectors": "stale"}
+
+
+def test_lineage_rejects_an_unknown_asset(tmp_path):
+    env = {**os.environ, "CARL_HOME": str(tmp_path / "carl"), "DAGSTER_HOME": str(tmp_path / "dagster")}
+    out = carl(["lineage", "no_such_asset"], env)
+    assert out.returncode == 2
+    assert "unknown asset 'no_such_asset'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_materialize_names_a_missing_config_file(tmp_path):
+    env = {**os.environ, "CARL_HOME": str(tmp_path / "carl"), "DAGSTER_HOME": str(tmp_path / "dagster")}
+    out = carl(["materialize", "--config", str(tmp_path / "nope.yaml")], env)
+    assert out.returncode != 0
+    assert "nope.yaml" in out.stderr and "Traceback" not in out.stderr
