@@ -15,7 +15,8 @@ UPSTREAM = [memory.memory_graph, model.base_model]
 ASSETS = [carl_training.sft_dataset, carl_training.sft_checkpoint, carl_training.crystallization_events,
           carl_training.grpo_checkpoint, carl_training.agent_evaluation]
 CHECKS = [carl_training.sft_dataset_chat_formatted, carl_training.sft_crystallized,
-          carl_training.grpo_rewards_vary]
+          carl_training.grpo_rewards_vary, carl_training.sft_checkpoint_weights_finite,
+          carl_training.grpo_checkpoint_weights_finite]
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
                    "steps": 3, "seq_len": 32, "batch_size": 2},
@@ -40,6 +41,10 @@ def test_training_assets_materialize(tmp_path):
     resources = build_resources(tmp_path)
     result = dg.materialize(UPSTREAM + ASSETS + CHECKS, resources=resources, run_config=run_config())
     assert result.success
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["sft_dataset_chat_formatted"] and checks["sft_checkpoint_weights_finite"]
+    assert checks["grpo_checkpoint_weights_finite"]
+    assert checks["grpo_rewards_vary"] == metadata(result, "grpo_checkpoint")["rewards_vary"]
     db = tmp_path / storage.DATABASE_NAME
     art = tmp_path / storage.ARTIFACTS_DIR
 
@@ -107,3 +112,14 @@ def test_bad_sft_data_blocks_training(tmp_path):
     assert checks == {"sft_dataset_chat_formatted": False}
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "sft_dataset" in done and "sft_checkpoint" not in done
+
+
+def test_weights_check_finds_non_finite_values(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    assert carl_training._weights_problem(tmp_path) == "no safetensors weights"
+    save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "model.safetensors"))
+    assert "b has non-finite" in carl_training._weights_problem(tmp_path)
+    save_file({"a": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    assert carl_training._weights_problem(tmp_path) is None

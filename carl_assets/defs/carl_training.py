@@ -52,6 +52,20 @@ def _append(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str) -> p
     return both
 
 
+def _weights_problem(folder: Path) -> str | None:
+    """None if every safetensors file in the checkpoint holds only finite values, else what is wrong."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "no safetensors weights"
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                return f"{file.name}: {name} has non-finite values"
+    return None
+
+
 def _hf_dataset_problem(path: Path) -> str | None:
     """None if the dataset on disk is non-empty and chat-formatted (or plain text TRL accepts), else why not."""
     from datasets import load_from_disk
@@ -234,6 +248,13 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
     }, plots={"accuracy_curve": _accuracy_plot(log)})
 
 
+@dg.asset_check(asset=sft_checkpoint, blocking=True,
+                description="The checkpoint's safetensors weights are all finite (GRPO does not start from a broken model).")
+def sft_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    problem = _weights_problem(artifacts.require("sft_checkpoint"))
+    return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
+
+
 @dg.asset_check(asset=sft_checkpoint, description="SFT really crystallized: the gate fired before max steps.")
 def sft_crystallized(artifacts: ArtifactStore) -> dg.AssetCheckResult:
     from carl_assets.training import TRAINING_LOG_FILE
@@ -400,6 +421,13 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
         "train_seconds": round(outcome.seconds, 2),
         "rewards": table_preview(steps, rows=20),
     }, plots={"reward_curve": plot})
+
+
+@dg.asset_check(asset=grpo_checkpoint, blocking=True,
+                description="The checkpoint's safetensors weights are all finite (before the agent is evaluated).")
+def grpo_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    problem = _weights_problem(artifacts.require("grpo_checkpoint"))
+    return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
 
 
 @dg.asset_check(asset=grpo_checkpoint, description="GRPO ran on a model whose CARL rewards vary (std > 0).")
