@@ -210,12 +210,39 @@ def _common_args(use_cpu: bool, seed: int) -> dict[str, Any]:
     }
 
 
-def _quiet_trl() -> None:
-    """TRL/transformers warn about things that are intended here (no vLLM, CPU, tiny model)."""
-    import logging
+def _no_printing(trainer: Any) -> None:
+    """Drop the callback that prints every log dict to stdout (one line per step with logging_steps=1);
+    the logs stay in `trainer.state.log_history`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    for name in ("trl", "transformers.trainer", "transformers.training_args"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+@contextlib.contextmanager
+def _quiet_trl() -> Iterator[None]:
+    """No dataset-map progress bars or deprecation chatter from TRL/transformers internals while training
+    (asset logs stay readable); the previous settings come back afterwards."""
+    import logging
+    import warnings
+
+    from datasets.utils import logging as datasets_logging
+
+    loggers = [logging.getLogger(n) for n in ("trl", "transformers.trainer", "transformers.training_args")]
+    levels = [lg.level for lg in loggers]
+    bars = datasets_logging.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    datasets_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,11 +267,10 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         raise ValueError("max_steps must be at least 1")
     if len(train_dataset) == 0:
         raise ValueError("the SFT dataset is empty")
-    _quiet_trl()
     gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
                                min_above=config.gate_min_above)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, torch_threads(config.threads):
+    with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, torch_threads(config.threads), _quiet_trl():
         args = SFTConfig(
             output_dir=scratch,
             max_steps=config.max_steps,
@@ -261,6 +287,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                              callbacks=[gate, *(extra_callbacks or [])])
+        _no_printing(trainer)
         trainer.train()
         steps = int(trainer.state.global_step)
         history = _step_logs(trainer.state.log_history)
@@ -335,7 +362,6 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
     dataset = _prompt_only(train_dataset, config.max_prompts, config.seed)
     if len(dataset) == 0:
         raise ValueError("the GRPO dataset has no prompts")
-    _quiet_trl()
     carl = make_carl_reward_fn(model, tokenizer)
     scored: list[dict[str, Any]] = []
 
@@ -354,7 +380,7 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
 
     carl_reward.__name__ = "carl"
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, torch_threads(config.threads):
+    with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, torch_threads(config.threads), _quiet_trl():
         args = GRPOConfig(
             output_dir=scratch,
             max_steps=config.max_steps,
@@ -369,6 +395,7 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
         )
         trainer = GRPOTrainer(model=model, reward_funcs=[carl_reward], args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=list(extra_callbacks or []))
+        _no_printing(trainer)
         trainer.train()
         steps = int(trainer.state.global_step)
         history = _step_logs(trainer.state.log_history)
