@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 DEFAULT_CARL_HOME = ".carl"
 DATABASE_NAME = "carl.duckdb"
@@ -108,6 +110,12 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 
 
+# DuckDB's Python client races when threads of one process open, scan and close connections to the
+# same file at once ("python_arrow_scan does not exist"); processes are safe (the file lock), so
+# threads of one process take turns. Re-entrant so write_table can run inside connect().
+_PROCESS_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: int = 40) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open a short-lived connection, waiting for a concurrent writer instead of failing at once."""
@@ -115,6 +123,11 @@ def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: i
     db_path.parent.mkdir(parents=True, exist_ok=True)
     if read_only and not db_path.exists():
         raise FileNotFoundError(f"DuckDB database {db_path} does not exist yet: materialize its assets first")
+    with _PROCESS_LOCK:
+        yield from _connect_locked(db_path, read_only, retries)
+
+
+def _connect_locked(db_path: Path, read_only: bool, retries: int) -> Iterator[duckdb.DuckDBPyConnection]:
     delay = 0.05
     for attempt in range(retries):
         try:
@@ -140,17 +153,22 @@ def _check_identifier(name: str) -> str:
 def write_table(con: duckdb.DuckDBPyConnection, name: str, df: pd.DataFrame) -> int:
     """Replace table `name` with `df` in one bulk statement (through Arrow), inside a transaction."""
     _check_identifier(name)
-    view = f"_incoming_{uuid.uuid4().hex[:8]}"
-    con.register(view, df)
+    # An Arrow relation, not a registered pandas view: DuckDB's pandas replacement scan races when
+    # several connections of one process open at once ("pandas_scan does not exist").
+    with _PROCESS_LOCK:
+        return _write_table_locked(con, name, df)
+
+
+def _write_table_locked(con: duckdb.DuckDBPyConnection, name: str, df: pd.DataFrame) -> int:
+    relation = con.from_arrow(pa.Table.from_pandas(df, preserve_index=False))
     try:
         con.execute("BEGIN TRANSACTION")
-        con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM "{view}"')
+        con.execute(f'DROP TABLE IF EXISTS "{name}"')
+        relation.create(name)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    finally:
-        con.unregister(view)
     return len(df)
 
 
