@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from carl_assets.runtime import torch_threads
+
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -223,14 +225,10 @@ def build_offline_model(texts: Sequence[str], output_dir: str | os.PathLike[str]
     """
     config = config or OfflineModelConfig()
     started, cpu_started = time.perf_counter(), time.process_time()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, config.threads))
-    try:
+    with torch_threads(max(1, config.threads)):
         model, tokenizer = new_offline_model(texts, config)
         stream = _token_stream(tokenizer, texts)
         losses = pretrain(model, stream, config, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from carl_assets.runtime import torch_threads
+
 CARL_COMPONENTS = ("multiscale", "cloud_quality", "discontinuity", "phi_mean")
 TRAINING_LOG_FILE = "training_log.json"
 GRPO_LOG_FILE = "grpo_log.json"
@@ -137,22 +139,6 @@ class GRPOOutcome:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with `threads` torch CPU threads (None: leave the setting alone)."""
-    import torch
-
-    if not threads:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _use_cpu(flag: bool | None) -> bool:

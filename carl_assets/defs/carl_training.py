@@ -15,7 +15,7 @@ from carl_assets.carl import SIGMA
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
 from carl_assets.plotting import line_plot
-from carl_assets.training import torch_threads
+from carl_assets.runtime import torch_threads
 
 MEMORY_SOURCE = "memory_graph"
 DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside artifacts/sft_dataset

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from carl_assets.leworld.runtime import torch_threads
+from carl_assets.runtime import torch_threads
 
 DIFFICULTY = {"easy": 1, "medium": 2, "hard": 3}
 MAX_RELEVANT = 3

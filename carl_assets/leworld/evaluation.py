@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from carl_assets.leworld.architecture import LeWorldSystem
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
-from carl_assets.leworld.runtime import torch_threads
+from carl_assets.runtime import torch_threads
 
 SYSTEMS = ("leworld", "persistence", "memory_ablated", "oracle_reads")
 

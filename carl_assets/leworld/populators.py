@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from carl_assets.leworld.architecture import ArtificialMemory
-from carl_assets.leworld.runtime import torch_threads
+from carl_assets.runtime import torch_threads
 
 REGIONS = ("dynamics", "context", "history", "associations")
 

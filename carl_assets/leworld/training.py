@@ -27,7 +27,7 @@ from torch import optim
 
 from carl_assets.leworld.architecture import LeWorldSystem, LossWeights
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
-from carl_assets.leworld.runtime import torch_threads
+from carl_assets.runtime import torch_threads
 
 
 @dataclass
