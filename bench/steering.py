@@ -37,7 +37,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -56,29 +55,9 @@ import transformers  # noqa: E402, F401  (before the sklearn placeholder: torch 
 
 from carl_assets.memory_graph import extract_training_pairs, graph_from_records  # noqa: E402
 from carl_assets.model_loading import new_offline_model  # noqa: E402
+from carl_assets.reference import import_train_steering_vector  # noqa: E402
 from carl_assets.sample_graph import SAMPLE_SEED, sample_records  # noqa: E402
 from carl_assets.steering import train_steering_vectors  # noqa: E402
-
-
-def import_reference():
-    """steering-vectors imports scikit-learn at module level for aggregators not used here; it is
-    installed --no-deps, so a placeholder stands in while it imports."""
-    placeholders = {}
-    try:
-        import sklearn.linear_model  # noqa: F401
-    except ImportError:
-        sk, lm = types.ModuleType("sklearn"), types.ModuleType("sklearn.linear_model")
-        lm.LinearRegression = type("LinearRegression", (), {})
-        lm.LogisticRegression = type("LogisticRegression", (), {})
-        sk.linear_model = lm
-        placeholders = {"sklearn": sk, "sklearn.linear_model": lm}
-        sys.modules.update(placeholders)
-    try:
-        from steering_vectors import train_steering_vector
-    finally:
-        for name in placeholders:
-            sys.modules.pop(name, None)
-    return train_steering_vector
 
 
 def _status_kb(field: str) -> int:
@@ -141,7 +120,7 @@ def main() -> None:
     }
     print(f"{len(pairs)} pair texts, {len(unique_texts)} unique, {len(emotions)} emotions, "
           f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
-    train_steering_vector = import_reference()
+    train_steering_vector = import_train_steering_vector()
 
     def ours():
         return train_steering_vectors(model, tok, pairs, layers=layers, batch_size=args.batch_size,

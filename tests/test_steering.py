@@ -4,8 +4,6 @@ under padding, the zero-norm guard, held-out AUC, and the asset with its checks.
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import dagster as dg
 import numpy as np
@@ -13,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from carl_assets.reference import import_train_steering_vector
 from carl_assets.steering import (
     INDEX_CONVENTION,
     ResidualReader,
@@ -26,32 +25,6 @@ from carl_assets.steering import (
     save_readout,
     train_steering_vectors,
 )
-
-
-def import_reference():
-    """`steering_vectors.train_steering_vector`. The package is installed --no-deps (it pins
-    transformers<5) and imports scikit-learn at module level only for aggregators we do not use, so
-    a placeholder stands in for sklearn while it imports, and is removed right after."""
-    import transformers  # noqa: F401  (import torch/transformers first: they probe installed modules)
-
-    if "steering_vectors" in sys.modules:
-        return sys.modules["steering_vectors"].train_steering_vector
-    placeholders = {}
-    try:
-        import sklearn.linear_model  # noqa: F401
-    except ImportError:
-        sk, lm = types.ModuleType("sklearn"), types.ModuleType("sklearn.linear_model")
-        lm.LinearRegression = type("LinearRegression", (), {})
-        lm.LogisticRegression = type("LogisticRegression", (), {})
-        sk.linear_model = lm
-        placeholders = {"sklearn": sk, "sklearn.linear_model": lm}
-        sys.modules.update(placeholders)
-    try:
-        from steering_vectors import train_steering_vector
-    finally:
-        for name in placeholders:
-            sys.modules.pop(name, None)
-    return train_steering_vector
 
 
 def _records(groups: dict[str, tuple[list[str], list[str]]]) -> list[dict[str, str]]:
@@ -80,7 +53,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
 def test_matches_steering_vectors_reference(tiny_model_and_tokenizer, groups, batch_size):
     model, tok = tiny_model_and_tokenizer
-    train_steering_vector = import_reference()
+    train_steering_vector = import_train_steering_vector()
     ours = train_steering_vectors(model, tok, _records(groups), layers=[1, 2], batch_size=batch_size,
                                   reduction="last")
     assert ours.concepts == sorted(groups)
