@@ -123,14 +123,17 @@ def _print_summary(instance, result, elapsed: float) -> None:
         elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
             ok = "ok" if event.event_type == dg.DagsterEventType.STEP_SUCCESS else "FAILED"
             rows.append((event.step_key, ok, entry.timestamp - starts.get(event.step_key, entry.timestamp)))
-    print("\n" + "-" * 60)
-    print(f"{'asset':<32}{'status':<8}{'seconds':>10}")
-    for step, ok, seconds in rows:
-        print(f"{step:<32}{ok:<8}{seconds:>10.1f}")
     checks = [e for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
-    failed = [e.event_specific_data.check_name for e in checks
-              if not e.event_specific_data.passed]
-    print(f"{'total':<40}{elapsed:>10.1f}")
+    failed = [e.event_specific_data.check_name for e in checks if not e.event_specific_data.passed]
+    materialized = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
+    # Check steps are folded into the count below; the table lists the assets.
+    rows = [r for r in rows if r[0] in materialized or r[1] == "FAILED"]
+    width = max([len(r[0]) for r in rows] + [5]) + 2
+    print("\n" + "-" * (width + 18))
+    print(f"{'asset':<{width}}{'status':<8}{'seconds':>10}")
+    for step, ok, seconds in rows:
+        print(f"{step:<{width}}{ok:<8}{seconds:>10.1f}")
+    print(f"{'total':<{width + 8}}{elapsed:>10.1f}")
     print(f"asset checks: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if not result.success:
         for event in result.all_events:
