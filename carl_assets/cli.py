@@ -118,16 +118,12 @@ def _load_array(path: str, what: str) -> np.ndarray:
 
 
 def _load_logits(path: str) -> np.ndarray:
-    logits = _load_array(path, "logits")
-    if logits.ndim != 2:
-        raise UsageError(f"logits must be 2-D [T, V], got shape {logits.shape}")
-    if not np.issubdtype(logits.dtype, np.floating):
-        raise UsageError(f"logits must be floating point, got dtype {logits.dtype}")
-    if logits.shape[1] < 2:
-        raise UsageError(f"logits need a vocabulary of at least 2, got V={logits.shape[1]}")
-    if np.isnan(logits).any() or np.isposinf(logits).any():
-        raise UsageError("logits contain NaN or +inf")
-    return logits
+    from carl_assets.carl import _check_logits
+
+    try:  # one set of rules for logits, the library's; here they are the user's input errors
+        return _check_logits(_load_array(path, "logits"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
