@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=_positive_int, default=300)
     train.add_argument("--gate-accuracy", type=float, default=None,
                        help="SFT: stop when 3 of the last 5 logged token accuracies reach this (default 0.99)")
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads while training (default: torch's; 1 is fastest for tiny models)")
     train.add_argument("--trust-remote-code", action="store_true")
 
     agent = sub.add_parser("agent", help="one coherence-gated agent step")
@@ -193,7 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = training.load_training_dataset(args.dataset)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if args.method == "sft":
-        config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_threshold=args.gate_accuracy)
+        config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_threshold=args.gate_accuracy,
+                         threads=args.threads)
         outcome = training.train_sft(model, tokenizer, dataset, args.output, config)
         if _get(outcome, "triggered"):
             print(f" Crystallized at step {_get(outcome, 'trigger_step')} "
@@ -204,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if peak is not None:
             print(f" Peak entropy: {peak:.4f} at step {_get(outcome, 'peak_entropy_step')}")
     else:
-        config = _config(training.GRPORunConfig, max_steps=args.max_steps)
+        config = _config(training.GRPORunConfig, max_steps=args.max_steps, threads=args.threads)
         outcome = training.train_grpo(model, tokenizer, dataset, args.output, config)
         rewards = list(_get(outcome, "rewards") or [])
         if rewards:

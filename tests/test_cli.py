@@ -288,10 +288,16 @@ def test_train_sft_end_to_end_from_a_jsonl_file(tmp_path, saved_tiny_model):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     result = run_carl("train", "--method", "sft", "--model", str(saved_tiny_model), "--dataset", str(data),
-                      "--output", str(out), "--max-steps", "2")
+                      "--output", str(out), "--max-steps", "2", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "Did not crystallize within 2 steps" in result.stdout or "Crystallized at step" in result.stdout
     assert (out / "config.json").exists()
+
+
+def test_train_rejects_zero_threads_in_one_line(tmp_path, saved_tiny_model, capsys):
+    status = cli.main(["train", "--model", str(saved_tiny_model), "--dataset", "x.jsonl", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1 and "--threads" in err
 
 
 def test_train_with_a_missing_dataset_file_is_one_line(tmp_path, saved_tiny_model, capsys):
