@@ -178,13 +178,18 @@ def write_tables(db_path: str | os.PathLike[str], tables: Mapping[str, pd.DataFr
         return {name: write_table(con, name, df) for name, df in tables.items()}
 
 
-def read_table(db_path: str | os.PathLike[str], name: str) -> pd.DataFrame:
+def select_table(con: duckdb.DuckDBPyConnection, name: str, where: str = "the database") -> pd.DataFrame:
+    """All of table `name` through an open connection; a LookupError naming it if it was never written."""
     _check_identifier(name)
+    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if name not in tables:
+        raise LookupError(f"table {name!r} is not in {where}: materialize the asset that writes it first")
+    return con.execute(f'SELECT * FROM "{name}"').df()
+
+
+def read_table(db_path: str | os.PathLike[str], name: str) -> pd.DataFrame:
     with connect(db_path, read_only=True) as con:
-        tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if name not in tables:
-            raise LookupError(f"table {name!r} is not in {db_path}: materialize the asset that writes it first")
-        return con.execute(f'SELECT * FROM "{name}"').df()
+        return select_table(con, name, str(db_path))
 
 
 # --------------------------------------------------------------------------------------------

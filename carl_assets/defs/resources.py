@@ -56,10 +56,7 @@ def write_tables(duckdb: DuckDBResource, tables: dict[str, pd.DataFrame]) -> dic
 
 def read_table(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
     with duckdb.get_connection() as con:
-        known = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if name not in known:
-            raise LookupError(f"DuckDB table {name!r} does not exist: materialize the asset that writes it first")
-        return con.execute(f'SELECT * FROM "{name}"').df()
+        return storage.select_table(con, name, duckdb.database)
 
 
 def build_resources(home: str | os.PathLike[str] | None = None) -> dict[str, dg.ConfigurableResource]:
