@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from carl_assets.carl import _prompt_ids, carl_reward, make_carl_reward_fn  # noqa: E402
-from carl_assets.model_loading import train_tokenizer  # noqa: E402
+from carl_assets.models.loading import train_tokenizer  # noqa: E402
 
 WORDS = ("the agent reads a page clicks submit button form memory graph warmth clarity crystal phase "
          "order parameter token distribution entropy coherence gate abstain act reward note journal "

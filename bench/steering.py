@@ -53,11 +53,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401  (before the sklearn placeholder: torch probes installed modules)
 
-from carl_assets.memory_graph import extract_training_pairs, graph_from_records  # noqa: E402
-from carl_assets.model_loading import new_offline_model  # noqa: E402
-from carl_assets.reference import import_train_steering_vector  # noqa: E402
-from carl_assets.sample_graph import SAMPLE_SEED, sample_records  # noqa: E402
+from carl_assets.memory.graph import extract_training_pairs, graph_from_records  # noqa: E402
+from carl_assets.memory.sample import SAMPLE_SEED, sample_records  # noqa: E402
+from carl_assets.models.loading import new_offline_model  # noqa: E402
 from carl_assets.steering import train_steering_vectors  # noqa: E402
+from carl_assets.steering.reference import import_train_steering_vector  # noqa: E402
 
 
 def _status_kb(field: str) -> int:

@@ -120,7 +120,7 @@ def _load_array(path: str, what: str) -> np.ndarray:
 
 
 def _load_logits(path: str) -> np.ndarray:
-    from carl_assets.carl import _check_logits
+    from carl_assets.carl.coherence import _check_logits
 
     try:  # one set of rules for logits, the library's; here they are the user's input errors
         return _check_logits(_load_array(path, "logits"))
@@ -185,9 +185,9 @@ def _config(cls: Any, **values: Any) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
-    from carl_assets.model_loading import load_model_and_tokenizer
+    from carl_assets.models.loading import load_model_and_tokenizer
 
-    training = importlib.import_module("carl_assets.training")
+    training = importlib.import_module("carl_assets.carl.training")
 
     print(f"CARL train: {args.model} → {args.output}")
     print(f" method={args.method} steps={args.max_steps}")
@@ -221,8 +221,8 @@ def _get(outcome: Any, name: str) -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from carl_assets.agent import agent_step
-    from carl_assets.model_loading import load_model_and_tokenizer
+    from carl_assets.carl.agent import agent_step
+    from carl_assets.models.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     step = agent_step(model, tokenizer, args.observation, args.task, gate_threshold=args.gate_threshold,

@@ -41,6 +41,6 @@ def tiny_texts() -> list[str]:
 def tiny_model_and_tokenizer():
     """A random 2-layer Llama (hidden 32, about 30k parameters) and a byte-level BPE tokenizer with
     pad/bos/eos and a chat template. Session-scoped: do not train it in place (deepcopy first)."""
-    from carl_assets.model_loading import build_tiny_model
+    from carl_assets.models.loading import build_tiny_model
 
     return build_tiny_model(TINY_TEXTS, hidden_size=32, num_layers=2, num_heads=2, vocab_size=512, seed=0)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from carl_assets.agent import EVALUATION_COLUMNS, agent_step, evaluate_agent, summarise_evaluation
 from carl_assets.carl import SIGMA, carl_reward, coherence_gate
-from carl_assets.sft_data import SYSTEM_PROMPT, user_message
+from carl_assets.carl.agent import EVALUATION_COLUMNS, agent_step, evaluate_agent, summarise_evaluation
+from carl_assets.carl.sft_data import SYSTEM_PROMPT, user_message
 
 OBSERVATION = "We walked by the river and talked for hours."
 INSTRUCTION = "Which feelings does this memory carry?"

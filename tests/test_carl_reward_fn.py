@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from carl_assets.carl import _prompt_ids, carl_reward, make_carl_reward_fn
-from carl_assets.model_loading import build_tiny_model
+from carl_assets.models.loading import build_tiny_model
 
 TEXTS = [
     "The agent reads the page and clicks the submit button when the form is complete.",
@@ -180,7 +180,7 @@ def test_reward_fn_inside_a_real_grpo_trainer_step(tiny, tmp_path):
 def test_full_logits_fallback_and_bf16_model_give_the_same_rewards(tiny, monkeypatch):
     import copy
 
-    from carl_assets import carl_reward_fn
+    from carl_assets.carl import reward_fn as carl_reward_fn
 
     model, tokenizer = tiny
     prompts = ["Click", [{"role": "user", "content": "Type the name."}]]

@@ -8,15 +8,16 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from carl_assets import storage
-from carl_assets.defs import carl_training, memory, model
+from carl_assets.defs import carl as carl_defs
+from carl_assets.defs import memory, models
 from carl_assets.defs.resources import build_resources
 
-UPSTREAM = [memory.memory_graph, model.base_model]
-ASSETS = [carl_training.sft_dataset, carl_training.sft_checkpoint, carl_training.crystallization_events,
-          carl_training.grpo_checkpoint, carl_training.agent_evaluation]
-CHECKS = [carl_training.sft_dataset_chat_formatted, carl_training.sft_crystallized,
-          carl_training.grpo_rewards_vary, carl_training.sft_checkpoint_weights_finite,
-          carl_training.grpo_checkpoint_weights_finite]
+UPSTREAM = [memory.memory_graph, models.base_model]
+ASSETS = [carl_defs.sft_dataset, carl_defs.sft_checkpoint, carl_defs.crystallization_events,
+          carl_defs.grpo_checkpoint, carl_defs.agent_evaluation]
+CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.sft_crystallized,
+          carl_defs.grpo_rewards_vary, carl_defs.sft_checkpoint_weights_finite,
+          carl_defs.grpo_checkpoint_weights_finite]
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
                    "steps": 3, "seq_len": 32, "batch_size": 2},
@@ -118,8 +119,8 @@ def test_weights_check_finds_non_finite_values(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    assert carl_training._weights_problem(tmp_path) == "no safetensors weights"
+    assert carl_defs._weights_problem(tmp_path) == "no safetensors weights"
     save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "model.safetensors"))
-    assert "b has non-finite" in carl_training._weights_problem(tmp_path)
+    assert "b has non-finite" in carl_defs._weights_problem(tmp_path)
     save_file({"a": torch.ones(3)}, str(tmp_path / "model.safetensors"))
-    assert carl_training._weights_problem(tmp_path) is None
+    assert carl_defs._weights_problem(tmp_path) is None

@@ -161,14 +161,14 @@ def test_main_in_process_bad_input(arrays, capsys, args, fragment):
 
 
 def test_runtime_failure_is_one_line_unless_debugging(monkeypatch, capsys):
-    fake = types.ModuleType("carl_assets.model_loading")
+    fake = types.ModuleType("carl_assets.models.loading")
 
     def broken_loader(path, trust_remote_code=False):
         raise OSError(f"no model at {path}\nsecond line")
 
     fake.load_model_and_tokenizer = broken_loader
-    monkeypatch.setitem(sys.modules, "carl_assets.model_loading", fake)
-    monkeypatch.setitem(sys.modules, "carl_assets.agent", types.SimpleNamespace(agent_step=None))
+    monkeypatch.setitem(sys.modules, "carl_assets.models.loading", fake)
+    monkeypatch.setitem(sys.modules, "carl_assets.carl.agent", types.SimpleNamespace(agent_step=None))
     assert cli.main(["agent", "--model", "/nowhere", "--task", "t"]) == 1
     err = capsys.readouterr().err
     assert err == "carl: error: OSError: no model at /nowhere second line\n"
@@ -206,7 +206,7 @@ class FakeGRPOConfig:
 
 
 def fake_training(calls):
-    module = types.ModuleType("carl_assets.training")
+    module = types.ModuleType("carl_assets.carl.training")
     module.SFTRunConfig = FakeSFTConfig
     module.GRPORunConfig = FakeGRPOConfig
     module.load_training_dataset = lambda spec: calls.append(("dataset", spec)) or ["rows"]
@@ -221,7 +221,7 @@ def fake_training(calls):
         return types.SimpleNamespace(rewards=[0.51, 0.5, 0.55])
 
     module.train_sft, module.train_grpo = train_sft, train_grpo
-    loader = types.ModuleType("carl_assets.model_loading")
+    loader = types.ModuleType("carl_assets.models.loading")
     loader.load_model_and_tokenizer = lambda path, trust_remote_code=False: (f"model:{path}", "tok")
     return module, loader
 
@@ -229,8 +229,8 @@ def fake_training(calls):
 def test_train_command_wires_the_training_library(monkeypatch, capsys):
     calls = []
     training, loader = fake_training(calls)
-    monkeypatch.setitem(sys.modules, "carl_assets.training", training)
-    monkeypatch.setitem(sys.modules, "carl_assets.model_loading", loader)
+    monkeypatch.setitem(sys.modules, "carl_assets.carl.training", training)
+    monkeypatch.setitem(sys.modules, "carl_assets.models.loading", loader)
     assert cli.main(["train", "--method", "sft", "--model", "m", "--dataset", "d.jsonl", "--output", "out",
                      "--max-steps", "7", "--gate-accuracy", "0.95"]) == 0
     assert calls[0] == ("dataset", "d.jsonl")
@@ -245,7 +245,7 @@ def test_train_command_wires_the_training_library(monkeypatch, capsys):
 
 def test_agent_command_prints_response_or_abstention(monkeypatch, capsys):
     _, loader = fake_training([])
-    monkeypatch.setitem(sys.modules, "carl_assets.model_loading", loader)
+    monkeypatch.setitem(sys.modules, "carl_assets.models.loading", loader)
     seen = []
 
     def agent_step(model, tokenizer, observation, instruction, gate_threshold, max_new_tokens):
@@ -254,7 +254,7 @@ def test_agent_command_prints_response_or_abstention(monkeypatch, capsys):
         return types.SimpleNamespace(response="Clicked." if act else None, phi_mean=0.42,
                                      confidence="low" if act else "abstain", components={"multiscale": 0.9})
 
-    monkeypatch.setitem(sys.modules, "carl_assets.agent", types.SimpleNamespace(agent_step=agent_step))
+    monkeypatch.setitem(sys.modules, "carl_assets.carl.agent", types.SimpleNamespace(agent_step=agent_step))
     assert cli.main(["agent", "--model", "ck", "--task", "Click submit", "--observation", "a form"]) == 0
     assert capsys.readouterr().out == "Response: Clicked.\nPhi mean: 0.4200 (low)\n multiscale: 0.9000\n"
     assert seen[0] == ("model:ck", "a form", "Click submit", 0.1875, 128)

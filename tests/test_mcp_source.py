@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from carl_assets.mcp_source import call_tool, parse_stdio_command, read_mcp_graph, run_with_session
-from carl_assets.memory_graph import MemorySourceError, load_graph
-from carl_assets.sample_graph import sample_records
+from carl_assets.memory.graph import MemorySourceError, load_graph
+from carl_assets.memory.mcp_source import call_tool, parse_stdio_command, read_mcp_graph, run_with_session
+from carl_assets.memory.sample import sample_records
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SERVER = REPO / "tests" / ".npm" / "node_modules" / ".bin" / "mcp-server-memory"

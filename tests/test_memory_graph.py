@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from carl_assets import storage
-from carl_assets.memory_graph import (
+from carl_assets.memory.graph import (
     EDGE_COLUMNS,
     NODE_COLUMNS,
     PAIR_COLUMNS,
@@ -26,7 +26,7 @@ from carl_assets.memory_graph import (
     parse_tag_line,
     parse_tags,
 )
-from carl_assets.sample_graph import sample_records, write_sample_jsonl
+from carl_assets.memory.sample import sample_records, write_sample_jsonl
 
 # --------------------------------------------------------------------------------------------
 # Tags

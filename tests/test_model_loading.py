@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 import torch
 
-from carl_assets.model_loading import (
+from carl_assets.models.loading import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,
@@ -116,7 +116,7 @@ def test_offline_model_pretraining_lowers_the_loss(tiny_texts, tmp_path):
 def test_base_model_asset_offline_default_shape(tmp_path):
     """The asset on the sample graph with a shortened pretraining (the default shape, fewer steps)."""
     from carl_assets.defs.memory import memory_graph
-    from carl_assets.defs.model import base_model
+    from carl_assets.defs.models import base_model
     from carl_assets.defs.resources import build_resources
 
     run_config = {"ops": {"base_model": {"config": {"steps": 20}}}}
@@ -136,7 +136,7 @@ def test_base_model_asset_offline_default_shape(tmp_path):
 def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     """A local model folder is copied into the artifact (no memory graph needed) and the data version
     follows the weights."""
-    from carl_assets.defs.model import base_model
+    from carl_assets.defs.models import base_model
     from carl_assets.defs.resources import build_resources
 
     model, tok = tiny_model_and_tokenizer

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from carl_assets.reference import import_train_steering_vector
 from carl_assets.steering import (
     INDEX_CONVENTION,
     ResidualReader,
@@ -25,6 +24,7 @@ from carl_assets.steering import (
     save_readout,
     train_steering_vectors,
 )
+from carl_assets.steering.reference import import_train_steering_vector
 
 
 def _records(groups: dict[str, tuple[list[str], list[str]]]) -> list[dict[str, str]]:
@@ -340,7 +340,7 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
 def test_default_graph_end_to_end(tmp_path):
     """memory_graph -> emotion_training_pairs -> base_model (short pretraining) -> steering_vectors."""
     from carl_assets.defs.memory import emotion_training_pairs, memory_graph
-    from carl_assets.defs.model import base_model
+    from carl_assets.defs.models import base_model
     from carl_assets.defs.resources import build_resources
     from carl_assets.defs.steering import manifest_matches_tensors, steering_vectors, vectors_finite_unit_norm
 

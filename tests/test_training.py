@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from carl_assets.sft_data import (
+from carl_assets.carl.sft_data import (
     SFTDataConfig,
     build_sft_examples,
     chat_prompt,
@@ -20,7 +20,7 @@ from carl_assets.sft_data import (
     sft_examples_from_records,
     to_hf_dataset,
 )
-from carl_assets.training import (
+from carl_assets.carl.training import (
     GRPO_LOG_FILE,
     TRAINING_LOG_FILE,
     GRPORunConfig,

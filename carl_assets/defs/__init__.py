@@ -10,11 +10,11 @@ import os
 
 import dagster as dg
 
-from carl_assets.defs import carl_training, leworld, memory, model, steering
+from carl_assets.defs import carl, leworld, memory, models, steering
 from carl_assets.defs.jobs import build_jobs_schedules_sensors
 from carl_assets.defs.resources import build_resources
 
-ASSET_MODULES = [memory, model, steering, carl_training, leworld]
+ASSET_MODULES = [memory, models, steering, carl, leworld]
 
 
 def build_definitions(home: str | os.PathLike[str] | None = None) -> dg.Definitions:

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import read_table, write_tables
-from carl_assets.memory_graph import (
+from carl_assets.memory.graph import (
     EMOTION_NAME,
     MAX_SCORE,
     MIN_SCORE,

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
-from carl_assets.model_loading import load_model_and_tokenizer
+from carl_assets.models.loading import load_model_and_tokenizer
 from carl_assets.plotting import figure_png, plt
 from carl_assets.steering import (
     MANIFEST_FILE,

@@ -246,7 +246,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
     """
     from trl import SFTConfig, SFTTrainer
 
-    from carl_assets.carl import PhaseTransitionGate
+    from carl_assets.carl.coherence import PhaseTransitionGate
 
     config = config or SFTRunConfig()
     if config.max_steps < 1:
@@ -337,7 +337,7 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
     """
     from trl import GRPOConfig, GRPOTrainer
 
-    from carl_assets.carl import make_carl_reward_fn
+    from carl_assets.carl.reward_fn import make_carl_reward_fn
 
     config = config or GRPORunConfig()
     if config.batch_size % config.num_generations:

@@ -37,14 +37,13 @@ The gates: `coherence_gate` (act only when Phi >= sigma) and `PhaseTransitionGat
 callback that stops SFT once token accuracy crystallizes).
 
 This module holds the constants, the numpy maths and the gates. The batched torch paths live in
-`carl_assets.carl_batch` and the GRPO reward function in `carl_assets.carl_reward_fn`; both are
-re-exported here on first access (``from carl_assets.carl import carl_reward_batch`` works), so
-importing this module imports neither torch nor transformers.
+`carl_assets.carl.batch` and the GRPO reward function in `carl_assets.carl.reward_fn`; the package
+`carl_assets.carl` re-exports all three (the torch ones on first access), so importing it imports
+neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -318,28 +317,12 @@ def _phase_transition_gate_class() -> type:
     return cls
 
 
-# names that moved to the torch / GRPO modules, still importable from here (loaded on first access)
-_MOVED = {
-    "carl_assets.carl_batch": (
-        "DEFAULT_ROW_CHUNK", "DEFAULT_TILE_ELEMENTS", "TokenStats", "carl_reward_batch", "carl_reward_from_stats",
-        "token_stats_from_hidden", "token_stats_from_logits", "_multiscale_batch",
-    ),
-    "carl_assets.carl_reward_fn": (
-        "CompletionScores", "make_carl_reward_fn", "score_completions", "_lm_head_parts", "_prompt_ids",
-    ),
-}
-_MOVED_FROM = {name: module for module, names in _MOVED.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: module attributes made on first access
+def __getattr__(name: str) -> Any:  # PEP 562: the gate class is made on first access
     if name == "PhaseTransitionGate":
         cls = globals()["PhaseTransitionGate"] = _phase_transition_gate_class()
         return cls
-    if name in _MOVED_FROM:
-        value = globals()[name] = getattr(importlib.import_module(_MOVED_FROM[name]), name)
-        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "PhaseTransitionGate", *_MOVED_FROM})
+    return sorted({*globals(), "PhaseTransitionGate"})

@@ -343,9 +343,9 @@ def write_sample_jsonl(path: str | Path, seed: int = SAMPLE_SEED) -> Path:
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-if __name__ == "__main__":  # python -m carl_assets.sample_graph memory.jsonl
+if __name__ == "__main__":  # python -m carl_assets.memory.sample memory.jsonl
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m carl_assets.sample_graph OUTPUT.jsonl")
+        sys.exit("usage: python -m carl_assets.memory.sample OUTPUT.jsonl")
     print(write_sample_jsonl(sys.argv[1]))

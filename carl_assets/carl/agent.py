@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from carl_assets.carl import SIGMA, carl_reward, coherence_gate
-from carl_assets.sft_data import SYSTEM_PROMPT, user_message
+from carl_assets.carl.coherence import SIGMA, carl_reward, coherence_gate
+from carl_assets.carl.sft_data import SYSTEM_PROMPT, user_message
 
 EVALUATION_COLUMNS = ["task_id", "node_id", "instruction", "expected", "response", "raw_response", "acted",
                       "confidence", "phi_mean", "reward", "multiscale", "cloud_quality", "discontinuity",

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from carl_assets.defs.common import materialized
 from carl_assets.defs.resources import ArtifactStore, read_table
-from carl_assets.model_loading import (
+from carl_assets.models.loading import (
     OfflineModelConfig,
     load_model_and_tokenizer,
     prepare_base_model,

@@ -27,7 +27,7 @@ DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside artifacts/sft_da
 
 
 def _load_model(path: Path) -> tuple[Any, Any]:
-    from carl_assets.model_loading import load_model_and_tokenizer
+    from carl_assets.models.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path)
 
@@ -126,8 +126,8 @@ class SFTDatasetConfig(dg.Config):
 )
 def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duckdb: DuckDBResource,
                 artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from carl_assets.sft_data import SFTDataConfig, build_sft_examples, to_hf_dataset
-    from carl_assets.training import load_training_dataset
+    from carl_assets.carl.sft_data import SFTDataConfig, build_sft_examples, to_hf_dataset
+    from carl_assets.carl.training import load_training_dataset
 
     nodes = read_table(duckdb, "memory_nodes")
     data_config = SFTDataConfig(max_examples=config.max_examples, holdout_tasks=config.holdout_tasks,
@@ -188,7 +188,7 @@ class SFTCheckpointConfig(dg.Config):
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
 
     def run_config(self) -> Any:
-        from carl_assets.training import SFTRunConfig
+        from carl_assets.carl.training import SFTRunConfig
 
         return SFTRunConfig(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
                             gate_threshold=self.gate_threshold, gate_window=self.gate_window,
@@ -217,7 +217,7 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
                    artifacts: ArtifactStore) -> dg.MaterializeResult:
     from datasets import load_from_disk
 
-    from carl_assets.training import TRAINING_LOG_FILE, train_sft
+    from carl_assets.carl.training import TRAINING_LOG_FILE, train_sft
 
     model, tokenizer = _load_model(artifacts.require("base_model"))
     dataset = load_from_disk(str(artifacts.require("sft_dataset", DATASET_DIR)))
@@ -257,7 +257,7 @@ def sft_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResu
 
 @dg.asset_check(asset=sft_checkpoint, description="SFT really crystallized: the gate fired before max steps.")
 def sft_crystallized(artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    from carl_assets.training import TRAINING_LOG_FILE
+    from carl_assets.carl.training import TRAINING_LOG_FILE
 
     log = json.loads(artifacts.require("sft_checkpoint", TRAINING_LOG_FILE).read_text())
     return dg.AssetCheckResult(
@@ -282,7 +282,7 @@ def sft_crystallized(artifacts: ArtifactStore) -> dg.AssetCheckResult:
 )
 def crystallization_events(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
                            artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from carl_assets.training import TRAINING_LOG_FILE
+    from carl_assets.carl.training import TRAINING_LOG_FILE
 
     log = json.loads(artifacts.require("sft_checkpoint", TRAINING_LOG_FILE).read_text())
     run_id = str(log.get("run_id") or "unknown")
@@ -346,7 +346,7 @@ class GRPOCheckpointConfig(dg.Config):
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
 
     def run_config(self) -> Any:
-        from carl_assets.training import GRPORunConfig
+        from carl_assets.carl.training import GRPORunConfig
 
         return GRPORunConfig(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
                              num_generations=self.num_generations, max_completion_length=self.max_completion_length,
@@ -391,7 +391,7 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
                     artifacts: ArtifactStore) -> dg.MaterializeResult:
     from datasets import load_from_disk
 
-    from carl_assets.training import train_grpo
+    from carl_assets.carl.training import train_grpo
 
     model, tokenizer = _load_model(artifacts.require("sft_checkpoint"))
     dataset = load_from_disk(str(artifacts.require("sft_dataset", DATASET_DIR)))
@@ -452,7 +452,7 @@ class AgentEvaluationConfig(dg.Config):
 
 def _evaluate_checkpoint(context: dg.AssetExecutionContext, artifacts: ArtifactStore, name: str,
                          tasks: pd.DataFrame, config: AgentEvaluationConfig, frames: list, summaries: list) -> None:
-    from carl_assets.agent import evaluate_agent, summarise_evaluation
+    from carl_assets.carl.agent import evaluate_agent, summarise_evaluation
 
     model, tokenizer = _load_model(artifacts.require(name))
     evaluation = evaluate_agent(model, tokenizer, tasks, gate_threshold=config.gate_threshold,

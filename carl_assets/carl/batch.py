@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from carl_assets.carl import _ENTROPY_EPS, DEFECT_THRESHOLD, MAX_SCALES, WEIGHTS
+from carl_assets.carl.coherence import _ENTROPY_EPS, DEFECT_THRESHOLD, MAX_SCALES, WEIGHTS
 
 # ============================================================================================
 # torch, batched — same numbers, no Python loop over tokens

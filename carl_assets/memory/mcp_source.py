@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from carl_assets.memory_graph import MemorySourceError
+from carl_assets.memory.graph import MemorySourceError
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("CARL_MCP_TIMEOUT", "60"))
 T = TypeVar("T")

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from carl_assets.carl import COMPONENT_KEYS
-from carl_assets.carl_batch import carl_reward_from_stats, token_stats_from_hidden, token_stats_from_logits
+from carl_assets.carl.batch import carl_reward_from_stats, token_stats_from_hidden, token_stats_from_logits
+from carl_assets.carl.coherence import COMPONENT_KEYS
 
 logger = logging.getLogger("carl_assets.carl")  # the name these warnings have always been logged under
 
