@@ -29,7 +29,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# steering-vectors is the reference for the tests; it pins transformers<5, so no deps.
 	$(BIN)/python -m pip install -q --no-deps 'steering-vectors>=0.12'
+	# Every python of this venv gets the project's CARL_HOME / DAGSTER_HOME / CARL_MEMORY_SOURCE defaults
+	# (carl_assets/project_env.py), so `dagster dev -w /abs/path/workspace.yaml` from any folder finds them.
+	echo 'import carl_assets.project_env as _carl_env; _carl_env.apply()' > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/carl_project_env.pth"
 	touch $@
+
+# Project settings for `dagster dev` (it reads .env from the folder it starts in) and for the venv's
+# start-up defaults. Made once; edit it to point CARL_MEMORY_SOURCE at your memory graph.
+.env:
+	printf '# carl-assets settings, read by dagster dev and by every python of .venv\nCARL_HOME=%s\nDAGSTER_HOME=%s\nCARL_MEMORY_SOURCE=sample\n' "$(CURDIR)/.carl" "$(CURDIR)/.dagster_home" > $@
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
@@ -38,7 +46,7 @@ $(DAGSTER_HOME)/dagster.yaml:
 $(MCP_MEMORY):
 	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) @modelcontextprotocol/server-memory
 
-run: install $(DAGSTER_HOME)/dagster.yaml
+run: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/carl materialize
 
 test: install $(DAGSTER_HOME)/dagster.yaml $(MCP_MEMORY)
@@ -48,7 +56,7 @@ test: install $(DAGSTER_HOME)/dagster.yaml $(MCP_MEMORY)
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
-dev: install $(DAGSTER_HOME)/dagster.yaml
+dev: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml
 
 lint: install
