@@ -1,24 +1,30 @@
-"""The one Definitions object: the asset graph of DESIGN.md, its groups, checks, jobs and schedule."""
+"""The one Definitions object: the asset graph of DESIGN.md, its groups, code versions, checks, jobs,
+the nightly schedule and the memory-change sensor."""
 
 from __future__ import annotations
+
+import json
+import shlex
 
 import dagster as dg
 import pytest
 
-from carl_assets.defs import build_definitions
+from carl_assets.defs import CODE_VERSIONS, build_definitions
 
-# asset -> (group, upstream assets) as DESIGN.md lays the graph out (dreams not yet built).
+# asset -> (group, upstream assets it must have) as DESIGN.md lays the graph out.
 EXPECTED = {
-    "memory_graph": ("memory", set()),
+    "memory_source": ("memory", set()),
+    "memory_graph": ("memory", {"memory_source"}),
     "emotion_training_pairs": ("memory", {"memory_graph"}),
     "base_model": ("training", {"memory_graph"}),
     "steering_vectors": ("steering", {"emotion_training_pairs", "base_model"}),
-    "sft_dataset": ("training", {"memory_graph"}),
+    "dream_scenarios": ("dreams", {"memory_graph", "base_model", "steering_vectors"}),
+    "sft_dataset": ("training", {"dream_scenarios"}),
     "sft_checkpoint": ("training", {"base_model", "sft_dataset"}),
     "crystallization_events": ("training", {"sft_checkpoint"}),
-    "grpo_checkpoint": ("training", {"sft_checkpoint"}),
-    "agent_evaluation": ("evaluation", {"grpo_checkpoint", "sft_checkpoint"}),
-    "leworld_memory": ("leworld", set()),
+    "grpo_checkpoint": ("training", {"sft_checkpoint", "crystallization_events"}),
+    "agent_evaluation": ("evaluation", {"grpo_checkpoint", "sft_checkpoint", "steering_vectors"}),
+    "leworld_memory": ("leworld", {"memory_graph"}),
     "leworld_dataset": ("leworld", {"leworld_memory"}),
     "leworld_model": ("leworld", {"leworld_dataset"}),
     "leworld_evaluation": ("leworld", {"leworld_model"}),
@@ -35,30 +41,74 @@ def graph(tmp_path_factory):
 def test_asset_in_graph_with_its_group_and_upstreams(graph, asset):
     _, asset_graph = graph
     key = dg.AssetKey(asset)
-    assert key in asset_graph.get_all_asset_keys(), f"{asset} is not defined"
+    if asset not in {k.to_user_string() for k in asset_graph.get_all_asset_keys()}:
+        pytest.fail(f"{asset} is not defined")
     node = asset_graph.get(key)
     group, upstream = EXPECTED[asset]
     assert node.group_name == group
     assert {k.to_user_string() for k in node.parent_keys} >= upstream
 
 
-def test_every_asset_has_a_description(graph):
+def test_every_asset_has_a_description_and_a_code_version(graph):
     _, asset_graph = graph
     for key in asset_graph.get_all_asset_keys():
-        assert asset_graph.get(key).description, f"{key.to_user_string()} has no description"
+        node = asset_graph.get(key)
+        assert node.description, f"{key.to_user_string()} has no description"
+        if node.is_materializable:
+            assert node.code_version == CODE_VERSIONS[key.to_user_string()]
 
 
-def test_checks_jobs_and_schedule(graph):
+def test_no_leaf_but_the_evaluations(graph):
+    """The graph is one piece: everything feeds the agent evaluation or LeWorld's evaluation."""
+    _, asset_graph = graph
+    keys = asset_graph.get_all_asset_keys()
+    leaves = {k.to_user_string() for k in keys if not asset_graph.get(k).child_keys}
+    assert leaves == {"agent_evaluation", "leworld_evaluation"}
+
+
+def test_every_config_field_has_a_description(graph):
     defs, asset_graph = graph
-    check_targets = {k.asset_key.to_user_string() for k in asset_graph.asset_check_keys}
-    assert {"emotion_training_pairs", "steering_vectors"} <= check_targets
-    assert defs.resolve_job_def("carl_all") is not None
-    readout = defs.resolve_job_def("amygdala_readout")
-    assert {"memory_graph", "emotion_training_pairs", "base_model", "steering_vectors"} <= {
-        k.to_user_string() for k in readout.asset_layer.executable_asset_keys
-    }
-    schedule = defs.resolve_schedule_def("weekly_retrain")
+    for key in asset_graph.get_all_asset_keys():
+        node = asset_graph.get(key)
+        if not node.is_materializable:
+            continue
+        assets_def = asset_graph.assets_def_for_key(key)
+        config_schema = assets_def.op.config_schema
+        if config_schema is None or not hasattr(config_schema, "config_type"):
+            continue
+        fields = getattr(config_schema.config_type, "fields", {}) or {}
+        for name, field in fields.items():
+            assert field.description, f"{key.to_user_string()}: config field {name!r} has no description"
+
+
+def test_jobs_schedule_and_sensor(graph):
+    defs, _ = graph
+
+    def keys(job: str) -> set[str]:
+        return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
+
+    assert keys("carl_all") >= set(EXPECTED) - {"memory_source"}
+    assert keys("retraining") == {"memory_graph", "dream_scenarios", "sft_dataset", "sft_checkpoint",
+                                  "crystallization_events", "grpo_checkpoint", "agent_evaluation"}
+    assert keys("steering_refresh") == {"emotion_training_pairs", "steering_vectors"}
+    schedule = defs.resolve_schedule_def("nightly_retraining")
+    assert schedule.job_name == "retraining"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    sensor = defs.resolve_sensor_def("memory_graph_changed")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert {j.name for j in sensor.jobs} == {"retraining", "steering_refresh"}
+
+
+def test_schedule_requests_a_retraining_run_in_the_users_timezone(monkeypatch):
+    monkeypatch.setenv("CARL_TIMEZONE", "Europe/Berlin")
+    monkeypatch.setenv("CARL_RETRAIN_CRON", "15 2 * * *")
+    defs = build_definitions()
+    schedule = defs.resolve_schedule_def("nightly_retraining")
+    assert schedule.cron_schedule == "15 2 * * *"
+    assert schedule.execution_timezone == "Europe/Berlin"
+    with dg.instance_for_test() as instance:
+        data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert len(data.run_requests) == 1 and data.run_requests[0].job_name in (None, "retraining")
 
 
 def test_workspace_loads_definitions_module():
@@ -67,20 +117,54 @@ def test_workspace_loads_definitions_module():
     assert isinstance(definitions.defs, dg.Definitions)
 
 
-def test_memory_file_sensor_requests_a_run_once_per_change(graph, tmp_path, monkeypatch):
-    defs, _ = graph
-    sensor = defs.resolve_sensor_def("memory_file_changed")
-    monkeypatch.delenv("CARL_MEMORY_SOURCE", raising=False)
-    assert isinstance(sensor(dg.build_sensor_context()), dg.SkipReason)
+def _evaluate(sensor: dg.SensorDefinition, cursor: str | None) -> tuple[list[dg.RunRequest], str | None, list]:
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, cursor=cursor)
+        data = sensor.evaluate_tick(context)
+    return list(data.run_requests or []), data.cursor, list(data.asset_events or [])
 
+
+def test_sensor_fires_once_per_change_of_a_memory_file(graph, tmp_path, monkeypatch):
+    defs, _ = graph
+    sensor = defs.resolve_sensor_def("memory_graph_changed")
     memory = tmp_path / "memory.jsonl"
     memory.write_text('{"type":"entity","name":"a","entityType":"journal","observations":["x"]}\n')
     monkeypatch.setenv("CARL_MEMORY_SOURCE", f"jsonl:{memory}")
-    context = dg.build_sensor_context()
-    first = sensor(context)
-    assert isinstance(first, dg.RunRequest)
-    assert first.run_config["ops"]["memory_graph"]["config"]["source"] == f"jsonl:{memory}"
-    again = sensor(dg.build_sensor_context(cursor=context.cursor))
-    assert isinstance(again, dg.SkipReason)
+
+    requests, cursor, events = _evaluate(sensor, None)
+    assert requests == [] and cursor  # the first look only records the fingerprint
+    assert events and events[0].asset_key == dg.AssetKey("memory_source")
+    assert _evaluate(sensor, cursor)[0] == []  # unchanged: nothing
     memory.write_text(memory.read_text() + '{"type":"entity","name":"b","entityType":"journal","observations":["y"]}\n')
-    assert isinstance(sensor(dg.build_sensor_context(cursor=context.cursor)), dg.RunRequest)
+    requests, changed, _ = _evaluate(sensor, cursor)
+    assert sorted(r.job_name for r in requests) == ["retraining", "steering_refresh"]
+    assert changed != cursor and all(changed in r.run_key for r in requests)
+    assert _evaluate(sensor, changed)[0] == []  # once per change
+
+
+def test_sensor_skips_with_a_reason_when_the_source_is_unreadable(graph, tmp_path, monkeypatch):
+    defs, _ = graph
+    monkeypatch.setenv("CARL_MEMORY_SOURCE", f"jsonl:{tmp_path / 'missing.jsonl'}")
+    with dg.instance_for_test() as instance:
+        data = defs.resolve_sensor_def("memory_graph_changed").evaluate_tick(
+            dg.build_sensor_context(instance=instance, cursor="abc"))
+    assert not data.run_requests and "cannot read the memory source" in (data.skip_message or "")
+
+
+def test_sensor_fires_once_per_change_of_a_live_mcp_server(graph, tmp_path, monkeypatch):
+    from tests.test_mcp_source import _server_binary
+
+    binary = _server_binary()
+    memory = tmp_path / "served.jsonl"
+    memory.write_text(json.dumps({"type": "entity", "name": "a", "entityType": "journal", "observations": ["x"]}) + "\n")
+    source = f"mcp+stdio:MEMORY_FILE_PATH={shlex.quote(str(memory))} {shlex.quote(binary)}"
+    monkeypatch.setenv("CARL_MEMORY_SOURCE", source)
+    sensor = graph[0].resolve_sensor_def("memory_graph_changed")
+    _, cursor, _ = _evaluate(sensor, None)
+    assert _evaluate(sensor, cursor)[0] == []
+    # the server serves what is in its file: a new memory changes the graph it reads
+    with memory.open("a") as handle:
+        handle.write(json.dumps({"type": "entity", "name": "b", "entityType": "lesson", "observations": ["y"]}) + "\n")
+    requests, changed, _ = _evaluate(sensor, cursor)
+    assert sorted(r.job_name for r in requests) == ["retraining", "steering_refresh"] and changed != cursor
+    assert _evaluate(sensor, changed)[0] == []

@@ -1,61 +1,125 @@
-"""Jobs, schedules and sensors."""
+"""Jobs, the nightly schedule and the memory-change sensor: retraining that runs by itself.
+
+- `carl_all`: everything. `retraining`: one dream cycle (memory -> dreams -> SFT -> crystallization ->
+  GRPO -> evaluation), starting from the previous cycle's checkpoint. `steering_refresh`: pairs -> vectors.
+- `nightly_retraining` runs `retraining` at an off-hours cron in the user's timezone; STOPPED by default:
+  a nightly training run costs compute the user should opt into, and the sensor below already retrains
+  when the memories change.
+- `memory_graph_changed` requests `steering_refresh` and `retraining` once per change of the memory
+  source's fingerprint (its cursor), for every source kind, and records the new fingerprint as an
+  observation of the `memory_source` asset (so the lineage shows what changed). RUNNING by default: its
+  first evaluation only records the current fingerprint, so opening `dagster dev` never starts training;
+  a later change of the user's memories does, which is the point of a living system.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
 
+from carl_assets.memory.fingerprint import source_fingerprint
+from carl_assets.memory.graph import MemorySourceError
+from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR
+
 ALL_JOB = "carl_all"
-MEMORY_SOURCE_ENV = "CARL_MEMORY_SOURCE"
+RETRAINING_JOB = "retraining"
+STEERING_JOB = "steering_refresh"
+RETRAINING_ASSETS = ("memory_graph", "dream_scenarios", "sft_dataset", "sft_checkpoint", "crystallization_events",
+                     "grpo_checkpoint", "agent_evaluation")
+STEERING_ASSETS = ("emotion_training_pairs", "steering_vectors")
+CRON_VAR = "CARL_RETRAIN_CRON"
+TIMEZONE_VAR = "CARL_TIMEZONE"
+DEFAULT_CRON = "30 3 * * *"  # 03:30 every night
+SENSOR_INTERVAL_VAR = "CARL_SENSOR_INTERVAL_S"
 
 
-def memory_file_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
-    """Re-run the graph when the memory-graph JSONL named by `$CARL_MEMORY_SOURCE=jsonl:PATH` changes."""
+def local_timezone() -> str:
+    """The user's IANA timezone: $CARL_TIMEZONE, else $TZ, else the system's (/etc/localtime), else UTC."""
+    for candidate in (os.environ.get(TIMEZONE_VAR), os.environ.get("TZ")):
+        if candidate:
+            return candidate.lstrip(":")
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            return target.split("zoneinfo/", 1)[1]
+    except OSError:
+        pass
+    timezone_file = Path("/etc/timezone")
+    if timezone_file.is_file():
+        name = timezone_file.read_text().strip()
+        if name:
+            return name
+    return "UTC"
+
+
+def memory_source_string() -> str:
+    return os.environ.get(MEMORY_SOURCE_VAR) or DEFAULT_MEMORY_SOURCE
+
+
+def memory_graph_changed_sensor(jobs: Iterable[dg.UnresolvedAssetJobDefinition]) -> dg.SensorDefinition:
+    jobs = list(jobs)
 
     @dg.sensor(
-        name="memory_file_changed",
-        job=job,
-        minimum_interval_seconds=60,
-        default_status=dg.DefaultSensorStatus.STOPPED,
-        description=f"Watches the jsonl: memory source in ${MEMORY_SOURCE_ENV}; a changed file starts a run.",
+        name="memory_graph_changed",
+        jobs=jobs,
+        minimum_interval_seconds=int(os.environ.get(SENSOR_INTERVAL_VAR, "300")),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Fingerprints the memory source (${MEMORY_SOURCE_VAR}) and requests "
+        f"{', '.join(j.name for j in jobs)} once per change; the first evaluation only records it.",
     )
-    def _sensor(context: dg.SensorEvaluationContext):
-        source = os.environ.get(MEMORY_SOURCE_ENV, "")
-        if not source.startswith("jsonl:"):
-            return dg.SkipReason(f"set {MEMORY_SOURCE_ENV}=jsonl:PATH to watch a memory file")
-        path = Path(source.removeprefix("jsonl:"))
-        if not path.is_file():
-            return dg.SkipReason(f"{path} does not exist")
-        stat = path.stat()
-        stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
-        if stamp == context.cursor:
-            return dg.SkipReason(f"{path} unchanged")
-        context.update_cursor(stamp)
-        return dg.RunRequest(
-            run_key=stamp,
-            run_config={"ops": {"memory_graph": {"config": {"source": source}}}},
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        source = memory_source_string()
+        try:
+            fingerprint = source_fingerprint(source)
+        except MemorySourceError as exc:
+            return dg.SkipReason(f"cannot read the memory source: {exc}")
+        observation = dg.AssetObservation(
+            asset_key="memory_source",
+            tags={"dagster/data_version": fingerprint.version},
+            metadata={"source": source, "fingerprint": fingerprint.version,
+                      **{f"source_{k}": v for k, v in fingerprint.details.items()}},
         )
+        previous = context.cursor
+        if previous == fingerprint.version:
+            return dg.SkipReason(f"{source} unchanged (fingerprint {fingerprint.version})")
+        if not previous:
+            # First look: remember the source as it is; retrain only when it changes from here on.
+            return dg.SensorResult(cursor=fingerprint.version, asset_events=[observation])
+        requests = [dg.RunRequest(run_key=f"{job.name}:{fingerprint.version}", job_name=job.name,
+                                  tags={"carl/memory_fingerprint": fingerprint.version})
+                    for job in jobs]
+        context.log.info(f"{source} changed: {previous} -> {fingerprint.version}")
+        return dg.SensorResult(run_requests=requests, cursor=fingerprint.version, asset_events=[observation])
 
     return _sensor
 
 
-def build_jobs_schedules_sensors() -> tuple[list, list, list]:
+def build_jobs_schedules_sensors(asset_names: Iterable[str]) -> tuple[list, list, list]:
+    known = set(asset_names)
     everything = dg.define_asset_job(
         ALL_JOB, selection=dg.AssetSelection.all(), description="Materialize the whole default graph."
     )
-    readout = dg.define_asset_job(
-        "amygdala_readout",
-        selection=dg.AssetSelection.groups("memory", "steering") | dg.AssetSelection.assets("base_model"),
-        description="Memory graph -> training pairs -> base model -> steering vectors.",
+    retraining = dg.define_asset_job(
+        RETRAINING_JOB,
+        selection=dg.AssetSelection.assets(*[a for a in RETRAINING_ASSETS if a in known]),
+        description="One dream cycle on the user's memories: memory graph -> dreams -> SFT until "
+        "crystallization -> GRPO -> evaluation, starting from the previous cycle's checkpoint.",
     )
-    # Retraining is opt-in: a researcher turns the schedule or the sensor on in the UI.
-    weekly = dg.ScheduleDefinition(
-        name="weekly_retrain",
-        job=everything,
-        cron_schedule="0 3 * * 1",
+    steering = dg.define_asset_job(
+        STEERING_JOB,
+        selection=dg.AssetSelection.assets(*[a for a in STEERING_ASSETS if a in known]),
+        description="Emotion training pairs -> amygdala readout vectors (after the memory graph changes).",
+    )
+    nightly = dg.ScheduleDefinition(
+        name="nightly_retraining",
+        job=retraining,
+        cron_schedule=os.environ.get(CRON_VAR, DEFAULT_CRON),
+        execution_timezone=local_timezone(),
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Re-materialize everything each Monday at 03:00 (off by default).",
+        description=f"Runs `retraining` every night (cron ${CRON_VAR}, default '{DEFAULT_CRON}', in "
+        f"${TIMEZONE_VAR} or the system timezone). Off by default: turn it on in the UI.",
     )
-    return [everything, readout], [weekly], [memory_file_sensor(everything)]
+    return [everything, retraining, steering], [nightly], [memory_graph_changed_sensor([steering, retraining])]

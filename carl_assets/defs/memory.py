@@ -9,7 +9,8 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.defs.common import materialized, table_preview
-from carl_assets.defs.resources import read_table, write_tables
+from carl_assets.defs.resources import MemorySource, read_table, write_tables
+from carl_assets.memory.fingerprint import SourceFingerprint, source_fingerprint
 from carl_assets.memory.graph import (
     EMOTION_NAME,
     MAX_SCORE,
@@ -25,10 +26,29 @@ from carl_assets.plotting import figure_png, plt
 
 class MemoryGraphConfig(dg.Config):
     source: str = Field(
-        default="sample",
-        description="'sample' (built in), 'jsonl:PATH' (MCP memory-server file), 'mcp+stdio:COMMAND' or "
-        "'mcp+http://HOST:PORT/PATH' (live MCP memory server, read with its read_graph tool).",
+        default="",
+        description="Override the memory source for this run only. Empty (default): the project's source, "
+        "$CARL_MEMORY_SOURCE (the memory_source resource). Else 'sample' (built in), 'jsonl:PATH' (MCP "
+        "memory-server file), 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH' (live MCP memory server).",
     )
+
+
+@dg.observable_source_asset(
+    name="memory_source",
+    group_name="memory",
+    description="The memory source the project reads ($CARL_MEMORY_SOURCE): its data version is the "
+    "source's fingerprint (a file: size, mtime and a hash of its tail; a live MCP server: counts and a hash of "
+    "the graph). Observed by the memory_graph_changed sensor, or by 'Observe sources' in the UI.",
+)
+def memory_source(memory_source: MemorySource) -> dg.ObserveResult:
+    fingerprint = source_fingerprint(memory_source.source)
+    return dg.ObserveResult(data_version=dg.DataVersion(fingerprint.version),
+                            metadata=fingerprint_metadata(fingerprint))
+
+
+def fingerprint_metadata(fingerprint: SourceFingerprint) -> dict[str, Any]:
+    return {"source": fingerprint.source, "source_kind": fingerprint.kind, "fingerprint": fingerprint.version,
+            **{f"source_{k}": v for k, v in fingerprint.details.items()}}
 
 
 class PairsConfig(dg.Config):
@@ -58,20 +78,25 @@ def _bar_png(frame: pd.DataFrame, index: str, columns: list[str], title: str) ->
 
 @dg.asset(
     group_name="memory",
+    deps=[memory_source],
     kinds={"duckdb"},
     description="The memory graph (nodes with text and emotion tags, links, rejected records) from the "
-    "configured source: the built-in sample, an MCP memory-server JSONL file, or a live MCP server. "
-    "Tables memory_nodes, memory_edges, memory_rejects.",
+    "project's memory source ($CARL_MEMORY_SOURCE, or this run's config override): the built-in sample, an "
+    "MCP memory-server JSONL file, or a live MCP server. Tables memory_nodes, memory_edges, memory_rejects.",
 )
 def memory_graph(
-    context: dg.AssetExecutionContext, config: MemoryGraphConfig, duckdb: DuckDBResource
+    context: dg.AssetExecutionContext, config: MemoryGraphConfig, duckdb: DuckDBResource,
+    memory_source: MemorySource,
 ) -> dg.MaterializeResult:
-    graph = load_graph(config.source)
+    source = config.source.strip() or memory_source.source
+    fingerprint = source_fingerprint(source) if not source.startswith("mcp") else None
+    graph = load_graph(source)
     summary = graph.summary()
     context.log.info(
-        f"{config.source}: {summary['nodes']} nodes, {summary['edges']} edges, {summary['rejects']} rejects"
+        f"{source}: {summary['nodes']} nodes, {summary['edges']} edges, {summary['rejects']} rejects"
     )
-    write_tables(duckdb, {"memory_nodes": graph.nodes, "memory_edges": graph.edges, "memory_rejects": graph.rejects})
+    tables = {"memory_nodes": graph.nodes, "memory_edges": graph.edges, "memory_rejects": graph.rejects}
+    write_tables(duckdb, tables)
     emotions = pd.DataFrame({"emotion": list(summary["emotions"]), "nodes": list(summary["emotions"].values())})
     plots = {"emotion_histogram": _bar_png(emotions, "emotion", ["nodes"], "nodes tagged with each emotion")} if len(
         emotions
@@ -79,8 +104,10 @@ def memory_graph(
     return materialized(
         graph.nodes, graph.edges, graph.rejects,
         config=config,
+        tables=tables,
         metadata={
-            "source": config.source,
+            **(fingerprint_metadata(fingerprint) if fingerprint else {}),
+            "source": source,
             "nodes": summary["nodes"],
             "edges": summary["edges"],
             "rejects": summary["rejects"],

@@ -1,4 +1,5 @@
-"""Resources, built in one place: the DuckDB database and the artifact store under CARL_HOME."""
+"""Resources, built in one place: the DuckDB database, the versioned artifact store under CARL_HOME,
+and the memory source every run reads."""
 
 from __future__ import annotations
 
@@ -10,17 +11,27 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
+from pydantic import Field
 
 from carl_assets import storage
+from carl_assets.artifacts import (
+    DEFAULT_KEEP,
+    VERSION_COLUMNS,
+    ArtifactVersionError,
+    ArtifactVersions,
+    all_versions,
+)
+from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR
+
+VERSIONS_TABLE = "artifact_versions"
 
 
 class ArtifactStore(dg.ConfigurableResource):
-    """Where asset artifacts live: `<home>/artifacts/<asset>/...`, written atomically.
+    """Where asset artifacts live: `<home>/artifacts/<asset>/<version>/...`, `current` pointing at the
+    newest; each write is a new version folder made atomically, and the last `keep_versions` are kept."""
 
-    `home` empty means `$CARL_HOME`, else `./.carl`, resolved when a run starts.
-    """
-
-    home: str = ""
+    home: str = Field(default="", description="CARL_HOME; empty means $CARL_HOME, else the project's .carl")
+    keep_versions: int = Field(default=DEFAULT_KEEP, description="versions of each artifact kept for rollback")
 
     @property
     def root(self) -> Path:
@@ -30,22 +41,61 @@ class ArtifactStore(dg.ConfigurableResource):
     def database(self) -> Path:
         return self.root / storage.DATABASE_NAME
 
-    def path(self, asset: str) -> Path:
-        """The final folder of an asset's artifacts (it may not exist yet)."""
-        return storage.artifact_dir(asset, self.root)
+    def versions(self, asset: str) -> ArtifactVersions:
+        return ArtifactVersions(storage.artifact_dir(asset, self.root), asset, keep=self.keep_versions)
+
+    def path(self, asset: str, version: str | None = None) -> Path:
+        """The folder of a version of the asset's artifacts (default: the current one)."""
+        return self.versions(asset).path(version)
 
     @contextlib.contextmanager
-    def write_dir(self, asset: str) -> Iterator[Path]:
-        """A temporary folder that replaces the asset's folder in one rename when the block succeeds."""
-        with storage.atomic_directory(self.path(asset)) as tmp:
+    def write_version(self, asset: str, run_id: str | None = None,
+                      parents: dict[str, str] | None = None) -> Iterator[tuple[Path, str]]:
+        """(temporary folder, version name); the folder becomes the asset's new current version when the
+        block succeeds, and the `artifact_versions` table is refreshed."""
+        with self.versions(asset).write(run_id=run_id, parents=parents) as (tmp, name):
+            yield tmp, name
+        self.refresh_table()
+
+    @contextlib.contextmanager
+    def write_dir(self, asset: str, run_id: str | None = None) -> Iterator[Path]:
+        """A temporary folder that becomes the asset's new current version when the block succeeds."""
+        with self.write_version(asset, run_id=run_id) as (tmp, _):
             yield tmp
 
-    def require(self, asset: str, filename: str | None = None) -> Path:
-        """The asset's folder (or a file in it); a clear error if the upstream asset was never materialized."""
-        path = self.path(asset) if filename is None else self.path(asset) / filename
+    def require(self, asset: str, filename: str | None = None, version: str | None = None) -> Path:
+        """A version's folder (or a file in it); a clear error if the upstream asset was never materialized."""
+        try:
+            folder = self.path(asset, version)
+        except ArtifactVersionError as exc:
+            raise FileNotFoundError(f"{exc}: materialize the upstream asset {asset!r} first") from None
+        path = folder if filename is None else folder / filename
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: materialize the upstream asset {asset!r} first")
         return path
+
+    def record(self, asset: str, version: str, **fields: object) -> None:
+        self.versions(asset).record(version, **fields)
+        self.refresh_table()
+
+    def refresh_table(self) -> int:
+        """Rewrite `artifact_versions` from the folders on disk (the disk is the source of truth)."""
+        rows = pd.DataFrame(all_versions(self.root), columns=VERSION_COLUMNS)
+        return storage.write_tables(self.database, {VERSIONS_TABLE: rows})[VERSIONS_TABLE]
+
+
+class MemorySource(dg.ConfigurableResource):
+    """The memory graph every run reads, unless an asset's config overrides it for one run."""
+
+    source: str = Field(
+        default=DEFAULT_MEMORY_SOURCE,
+        description="'sample' (built in), 'jsonl:PATH' (MCP memory-server file), 'mcp+stdio:COMMAND' or "
+        "'mcp+http://HOST:PORT/PATH'. Set from $CARL_MEMORY_SOURCE (the project's .env).",
+    )
+
+
+def memory_source_from_env() -> MemorySource:
+    return MemorySource(source=dg.EnvVar(MEMORY_SOURCE_VAR)) if os.environ.get(MEMORY_SOURCE_VAR) else MemorySource()
 
 
 def write_tables(duckdb: DuckDBResource, tables: dict[str, pd.DataFrame]) -> dict[str, int]:
@@ -65,4 +115,5 @@ def build_resources(home: str | os.PathLike[str] | None = None) -> dict[str, dg.
     return {
         "duckdb": DuckDBResource(database=str(root / storage.DATABASE_NAME)),
         "artifacts": ArtifactStore(home=str(root)),
+        "memory_source": memory_source_from_env(),
     }
