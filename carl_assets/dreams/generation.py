@@ -1,0 +1,206 @@
+"""Decoding dreams: the model's own responses to scenario prompts, batched.
+
+`generate_responses` left-pads a batch of chat prompts and draws `k` samples of each in one
+`generate` call (`num_return_sequences=k`); `generate_one_at_a_time` is the naive path (one prompt,
+one sample per call) kept as the benchmark's baseline and the tests' reference. Both return the exact
+token ids of prompt and completion, which the scorers re-use (no re-tokenisation of decoded text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GeneratedResponse:
+    """One sampled response: which prompt and sample it is, its text, and its token ids (the completion
+    ends at EOS when the model produced one, and holds no padding)."""
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    finished: bool = False  # the completion ended with an EOS token
+
+
+def pad_and_eos_ids(model: Any, tokenizer: Any) -> tuple[int, set[int]]:
+    """(pad id, EOS ids). Tokenizers without a pad token (GPT-2 style) pad with EOS: padding is masked
+    out, and a completion is cut at its first EOS anyway."""
+    eos: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            eos.add(value)
+        elif isinstance(value, (list, tuple)):
+            eos.update(int(v) for v in value)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = min(eos) if eos else 0
+    return int(pad), eos
+
+
+def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a chat prompt with the generation prompt appended. Tokenizers without a chat template
+    get a plain `role: content` transcript ending in `assistant:`."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+        ids = encoded["input_ids"]
+    else:
+        transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        ids = tokenizer(transcript)["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    ids = [int(i) for i in ids]
+    if not ids:  # generation needs at least one token of context
+        start = getattr(tokenizer, "bos_token_id", None)
+        if start is None:
+            start = getattr(tokenizer, "eos_token_id", None)
+        if start is None:
+            raise ValueError("the prompt encodes to no tokens and the tokenizer has no bos/eos to start from")
+        ids = [int(start)]
+    return ids
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cut(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], bool]:
+    """The completion up to and including its first EOS (what follows is padding)."""
+    out = []
+    for token in tokens:
+        out.append(int(token))
+        if token in eos:
+            return out, True
+    return out, False
+
+
+def _sampling_kwargs(temperature: float, k: int) -> dict[str, Any]:
+    if temperature <= 0:  # greedy; k > 1 repeats the rows, and the duplicates are expected
+        return {"do_sample": False}
+    # Plain temperature sampling: the model's generation_config may carry top-k/top-p defaults.
+    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0,
+            "num_return_sequences": k}
+
+
+def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int]], k: int, temperature: float,
+                  max_new_tokens: int, min_new_tokens: int | None, seed: int) -> list[list[list[int]]]:
+    """Completions (cut at EOS) of each prompt row, `k` each, from one `generate` call."""
+    pad_id, eos = pad_and_eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    rows = [list(r) for r in prompt_rows]
+    kwargs = _sampling_kwargs(temperature, k)
+    if temperature <= 0 and k > 1:
+        rows = [r for r in rows for _ in range(k)]
+    input_ids, mask = _left_pad(rows, pad_id, device)
+    extra: dict[str, Any] = {}
+    if min_new_tokens:
+        extra["min_new_tokens"] = int(min_new_tokens)
+    if eos:
+        extra["eos_token_id"] = sorted(eos)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), torch.no_grad():
+        torch.manual_seed(seed)  # a seeded, private RNG stream: the caller's global state is untouched
+        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=int(max_new_tokens),
+                                pad_token_id=pad_id, **kwargs, **extra)
+    new_tokens = output[:, input_ids.shape[1]:].tolist()
+    return [[_cut(new_tokens[i * k + j], eos)[0] for j in range(k)] for i in range(len(prompt_rows))]
+
+
+def _check(prompts: Sequence[Any], k: int, max_new_tokens: int, batch_size: int) -> None:
+    if k < 1:
+        raise ValueError(f"k (responses per prompt) must be >= 1, got {k}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _responses(tokenizer: Any, prompt_index: int, prompt_ids: list[int], completions: list[list[int]],
+               eos: set[int]) -> list[GeneratedResponse]:
+    out = []
+    for j, completion in enumerate(completions):
+        text = tokenizer.decode(completion, skip_special_tokens=True).strip()
+        out.append(GeneratedResponse(prompt_index, j, text, list(prompt_ids), completion,
+                                     finished=bool(completion) and completion[-1] in eos))
+    return out
+
+
+def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], k: int,
+                       temperature: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
+                       min_new_tokens: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> list[GeneratedResponse]:
+    """`k` responses to each chat prompt, `batch_size` prompts (so `batch_size * k` sequences) per
+    `generate` call, left-padded, ordered by (prompt_index, sample_index).
+
+    Sampling is plain temperature sampling (no top-k/top-p); `temperature <= 0` decodes greedily (then
+    the `k` samples are identical). Each batch draws from its own seeded RNG stream (`seed`, batch
+    number), so results are deterministic and the global torch RNG is left as it was. `min_new_tokens`
+    suppresses EOS until that many tokens exist (the benchmark fixes token counts with it). The model
+    runs in eval mode under no_grad; its train/eval mode is restored. `progress(done, total)` counts
+    prompts.
+    """
+    _check(prompts, k, max_new_tokens, batch_size)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    _, eos = pad_and_eos_ids(model, tokenizer)
+    out: list[GeneratedResponse] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for b, start in enumerate(range(0, len(encoded), batch_size)):
+            rows = encoded[start: start + batch_size]
+            completions = _run_generate(model, tokenizer, rows, k, temperature, max_new_tokens, min_new_tokens,
+                                        seed=_stream_seed(seed, b))
+            for offset, (ids, comps) in enumerate(zip(rows, completions, strict=True)):
+                out.extend(_responses(tokenizer, start + offset, ids, comps, eos))
+            if progress is not None:
+                progress(min(start + batch_size, len(encoded)), len(encoded))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate_one_at_a_time(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], k: int,
+                           temperature: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
+                           min_new_tokens: int | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> list[GeneratedResponse]:
+    """The naive path: one prompt and one sample per `generate` call (`batch_size` is ignored). Same
+    output layout as `generate_responses`; under greedy decoding, the same tokens."""
+    _check(prompts, k, max_new_tokens, batch_size)
+    _, eos = pad_and_eos_ids(model, tokenizer)
+    out: list[GeneratedResponse] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i, prompt in enumerate(prompts):
+            ids = encode_prompt(tokenizer, prompt)
+            for j in range(k):
+                [[completion]] = _run_generate(model, tokenizer, [ids], 1, temperature, max_new_tokens,
+                                               min_new_tokens, seed=_stream_seed(seed, i * k + j))
+                response = _responses(tokenizer, i, ids, [completion], eos)[0]
+                response.sample_index = j
+                out.append(response)
+            if progress is not None:
+                progress(i + 1, len(prompts))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _stream_seed(seed: int, index: int) -> int:
+    """A distinct 63-bit seed per (seed, batch) pair."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint64)[0] >> 1)

@@ -1,0 +1,245 @@
+"""The training-signal agent: pluggable scorers of generated responses.
+
+A scorer is any callable ``scorer(model, tokenizer, responses) -> dict[str, np.ndarray]`` returning
+named components, one value per response. Built in:
+
+- `CarlScorer`: the CARL reward of each response under the policy (`carl`), its mean Phi
+  (`phi_mean`) and whether the coherence gate lets the agent act on it (`gate_open`).
+- `SteeringScorer`: how strongly the response's residual stream points along an emotion's readout
+  vector (`steering:<emotion>`).
+- `CombinedScorer` (built by `parse_scorer_spec`): runs its parts and adds `score`, the weighted
+  sum of each part's primary component.
+
+Scorers read the exact token ids the model generated (`GeneratedResponse.prompt_ids` and
+`completion_ids`), so nothing is re-tokenised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from carl_assets.carl.coherence import SIGMA, coherence_gate
+from carl_assets.carl.reward_fn import score_completions
+from carl_assets.dreams.generation import GeneratedResponse, pad_and_eos_ids
+from carl_assets.steering.vectors import SteeringVectors, find_decoder_blocks
+
+
+class Scorer(Protocol):
+    """Scores responses: named components, one float per response each. `primary` names the component
+    that counts as the scorer's score in a weighted combination."""
+
+    primary: str
+
+    def __call__(self, model: Any, tokenizer: Any,
+                 responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]: ...
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@dataclass
+class CarlScorer:
+    """CARL reward of each response under the policy, via `score_completions` (the positions that
+    PREDICT the completion tokens), `batch_size` responses per forward. An empty completion scores 0.0
+    with phi_mean 0.0 (the gate closed), as the GRPO reward function does."""
+
+    batch_size: int = 32
+    gate_threshold: float = SIGMA
+    chunk_size: int | None = None
+    primary: str = "carl"
+
+    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        n = len(responses)
+        carl, phi = np.zeros(n), np.zeros(n)
+        pad_id, _ = pad_and_eos_ids(model, tokenizer)
+        for rows in _batches(n, self.batch_size):
+            scored = score_completions(model, [responses[i].prompt_ids for i in rows],
+                                       [responses[i].completion_ids for i in rows], pad_token_id=pad_id,
+                                       chunk_size=self.chunk_size)
+            for local, i in enumerate(rows):
+                carl[i] = scored.rewards[local]
+                components = scored.components[local]
+                phi[i] = components["phi_mean"] if components is not None else 0.0
+        gate = np.array([1.0 if coherence_gate(float(p), self.gate_threshold)[0] else 0.0 for p in phi])
+        return {"carl": carl, "phi_mean": phi, "gate_open": gate}
+
+
+class _StopForward(Exception):
+    """Raised by the reading hook: the blocks above the read layer are not needed."""
+
+
+class SteeringScorer:
+    """Projection of the response's residual stream on an emotion's unit readout vector.
+
+    The residual stream at `layer` (the readout convention: index i = output of decoder block i-1,
+    0 = the input of block 0; default the readout's deepest layer) is averaged over the response's
+    tokens only (prompt excluded; a trailing EOS excluded too, as it is the same token in every
+    finished response and carries nothing of the response) and dotted with the emotion's vector.
+    Sequences are right-padded, `batch_size` per forward, which stops after the read layer. A response
+    with no tokens to read scores 0.0.
+    """
+
+    def __init__(self, vectors: SteeringVectors, emotion: str, layer: int | None = None, batch_size: int = 16):
+        if emotion not in vectors.concepts:
+            raise ValueError(f"unknown emotion {emotion!r}: the steering vectors know {sorted(vectors.concepts)}")
+        self.layer = int(max(vectors.layers) if layer is None else layer)
+        if self.layer not in vectors.vectors:
+            raise ValueError(f"layer {self.layer} has no steering vectors (layers: {sorted(vectors.layers)})")
+        self.emotion = emotion
+        self.vector = vectors.vectors[self.layer][vectors.concepts.index(emotion)].detach().to(torch.float32)
+        self.batch_size = batch_size
+        self.primary = f"steering:{emotion}"
+
+    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        pad_id, eos = pad_and_eos_ids(model, tokenizer)
+        out = np.zeros(len(responses))
+        for rows in _batches(len(responses), self.batch_size):
+            sequences, spans = [], []
+            for i in rows:
+                completion = list(responses[i].completion_ids)
+                if len(completion) > 1 and completion[-1] in eos:
+                    completion = completion[:-1]
+                spans.append((len(responses[i].prompt_ids), len(completion)))
+                sequences.append(list(responses[i].prompt_ids) + completion)
+            values = self.project(model, sequences, spans, pad_id)
+            out[list(rows)] = values
+        return {self.primary: out}
+
+    def project(self, model: Any, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                pad_id: int) -> np.ndarray:
+        """Mean residual-stream projection over positions `[start, start + length)` of each sequence."""
+        width = max(len(s) for s in sequences)
+        device = next(model.parameters()).device
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        read = torch.zeros((len(sequences), width), dtype=torch.float32)
+        for r, (seq, (start, length)) in enumerate(zip(sequences, spans, strict=True)):
+            ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            attention[r, : len(seq)] = 1
+            read[r, start: start + length] = 1.0
+        captured: dict[str, torch.Tensor] = {}
+        blocks = find_decoder_blocks(model)
+        if not 0 <= self.layer <= len(blocks):
+            raise ValueError(f"layer {self.layer} is outside 0..{len(blocks)} for this model")
+
+        def capture(hidden: torch.Tensor) -> None:
+            captured["hidden"] = hidden
+            raise _StopForward
+
+        if self.layer == 0:  # what enters block 0
+            handle = blocks[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: capture(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        else:
+            handle = blocks[self.layer - 1].register_forward_hook(
+                lambda _m, _i, output: capture(output[0] if isinstance(output, (tuple, list)) else output))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+            model.train(was_training)
+        hidden = captured["hidden"].float().cpu()
+        weights = read.unsqueeze(-1)
+        # where(), not a product: padded positions may hold NaN in some attention kernels
+        summed = torch.where(weights > 0, hidden, torch.zeros(())).sum(dim=1)
+        counts = read.sum(dim=1)
+        mean = summed / counts.clamp(min=1.0).unsqueeze(-1)
+        projection = (mean.double() @ self.vector.double()).numpy()
+        projection[counts.numpy() == 0] = 0.0
+        return projection
+
+
+@dataclass
+class CombinedScorer:
+    """Runs each part and returns all their components plus `score` = sum of weight * primary component."""
+
+    parts: list[tuple[Any, float]]
+
+    @property
+    def primary(self) -> str:
+        return "score"
+
+    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        score = np.zeros(len(responses))
+        for scorer, weight in self.parts:
+            components = scorer(model, tokenizer, responses)
+            out.update(components)
+            score = score + weight * np.asarray(components[scorer.primary], dtype=np.float64)
+        out["score"] = score
+        return out
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {scorer.primary: weight for scorer, weight in self.parts}
+
+
+def parse_scorer_spec(spec: str, steering_vectors: SteeringVectors | None = None) -> CombinedScorer:
+    """A scorer from a spec such as ``"carl"``, ``"steering:warmth"`` or ``"carl:0.7,steering:warmth:0.3"``:
+    comma-separated parts, each a scorer name with its arguments, and an optional trailing weight
+    (default 1.0). `steering:<emotion>` needs `steering_vectors`."""
+    if not spec or not spec.strip():
+        raise ValueError("empty scorer spec: expected e.g. 'carl' or 'carl:0.7,steering:warmth:0.3'")
+    parts: list[tuple[Any, float]] = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        pieces = [p.strip() for p in part.split(":")]
+        if not part or any(not p for p in pieces):
+            raise ValueError(f"bad scorer spec part {part!r} in {spec!r}")
+        weight = 1.0
+        if len(pieces) > 1 and _is_number(pieces[-1]):
+            weight = float(pieces.pop())
+            if not math.isfinite(weight):
+                raise ValueError(f"scorer spec part {part!r}: the weight must be finite")
+        name, args = pieces[0].lower(), pieces[1:]
+        if name == "carl":
+            if args:
+                raise ValueError(f"scorer spec part {part!r}: carl takes no arguments, only a weight")
+            parts.append((CarlScorer(), weight))
+        elif name == "steering":
+            if len(args) != 1:
+                raise ValueError(f"scorer spec part {part!r}: expected steering:<emotion>[:weight]")
+            if steering_vectors is None:
+                raise ValueError(f"scorer spec part {part!r} needs steering vectors, and none were given")
+            parts.append((SteeringScorer(steering_vectors, args[0]), weight))
+        else:
+            raise ValueError(f"scorer spec part {part!r}: unknown scorer {pieces[0]!r} (known: carl, steering)")
+    names = [scorer.primary for scorer, _ in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"scorer spec {spec!r} names a scorer twice: {names}")
+    return CombinedScorer(parts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def score_responses(scorer: Any, model: Any, tokenizer: Any,
+                    responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    """Run any scorer and make sure the result has a `score` column (a bare scorer's primary component)
+    and one value per response in every column."""
+    components = {k: np.asarray(v, dtype=np.float64) for k, v in scorer(model, tokenizer, responses).items()}
+    bad = {k: v.shape for k, v in components.items() if v.shape != (len(responses),)}
+    if bad:
+        raise ValueError(f"scorer returned columns of the wrong shape for {len(responses)} responses: {bad}")
+    if "score" not in components:
+        primary = getattr(scorer, "primary", None)
+        if primary not in components:
+            raise ValueError(f"scorer returned {sorted(components)}: no 'score' column and no primary component")
+        components["score"] = components[primary].copy()
+    return components
