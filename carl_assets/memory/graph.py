@@ -367,20 +367,26 @@ def extract_training_pairs(
     min_content_chars: int = 40,
     max_examples_per_emotion: int = 500,
     seed: int = 0,
+    max_negative_score: int | None = None,
 ) -> pd.DataFrame:
     """(emotion, polarity, text, node_id) examples for every emotion with at least one positive and
     one negative example.
 
     - positive: the node scored the emotion >= `min_positive_score`;
     - negative: the node has a tag line without the emotion (an untagged node says nothing about
-      its emotions, so it is never a negative), and its text names the emotion at most
-      `max_negative_mentions` times (`count_mentions`);
+      its emotions, so it is never a negative) or, when `max_negative_score` is set, with the
+      emotion scored at most that ("absent or low", the seed's words); and its text names the
+      emotion at most `max_negative_mentions` times (`count_mentions`);
     - both: the text (tag line stripped) has at least `min_content_chars` characters after trimming;
     - at most `max_examples_per_emotion` per polarity per emotion, sampled deterministically from
       `seed`. Rows are ordered by emotion, polarity (positive first), node id.
     """
     if max_examples_per_emotion < 1:
         raise ValueError("max_examples_per_emotion must be at least 1")
+    if max_negative_score is not None and max_negative_score >= min_positive_score:
+        # A node scored between the two would be both a positive and a negative of the same emotion.
+        raise ValueError(f"max_negative_score ({max_negative_score}) must be below min_positive_score "
+                         f"({min_positive_score})")
     texts = [str(t).strip() for t in graph.nodes["text"].tolist()]
     ids = graph.nodes["node_id"].tolist()
     all_tags = graph.tags()
@@ -393,13 +399,20 @@ def extract_training_pairs(
                 continue
             if tags.get(emotion, -1) >= min_positive_score:
                 positives.append({"emotion": emotion, "polarity": "positive", "text": text, "node_id": node_id})
-            elif tags and emotion not in tags and count_mentions(text, emotion) <= max_negative_mentions:
+            elif tags and _absent_or_low(tags, emotion, max_negative_score) \
+                    and count_mentions(text, emotion) <= max_negative_mentions:
                 negatives.append({"emotion": emotion, "polarity": "negative", "text": text, "node_id": node_id})
         if not positives or not negatives:
             continue
         rows += _sample(positives, max_examples_per_emotion, seed, emotion, "positive")
         rows += _sample(negatives, max_examples_per_emotion, seed, emotion, "negative")
     return pd.DataFrame(rows, columns=PAIR_COLUMNS).astype("string")
+
+
+def _absent_or_low(tags: dict[str, int], emotion: str, max_negative_score: int | None) -> bool:
+    if emotion not in tags:
+        return True
+    return max_negative_score is not None and tags[emotion] <= max_negative_score
 
 
 def pair_counts(pairs: pd.DataFrame) -> pd.DataFrame:
