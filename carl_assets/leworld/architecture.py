@@ -11,9 +11,18 @@ they are designed here from how the seed's trainers, dataset and evaluator use t
 - `SmallLeWorldModel` (SLM): from (past state, current state, characteristics) logits over the high
   byte, the low byte and the range length; a hidden state, a confidence and hard start/end addresses.
 - `BigLeWorldModel` (BLM): a router (sigmoid gates with a temperature that anneals) choosing which
-  SLM reads to use, an info-request head (a query that modulates the SLMs at the next step) and a
-  prediction of the next state.
+  SLM reads to use, an info-request head (a query that modulates the SLMs at the next step), the
+  info-request decision (`info_gate`: the probability of sending that query at all) and a prediction of
+  the next state.
 - `LeWorldSystem`: one step (`forward`, with its losses) and `multi_step_forward` over a sequence.
+  `memory_reads=False` builds the same architecture with every read's encoding zero, in training and at
+  test time alike: the fair no-memory baseline (it keeps the SLMs' hidden states, the router and the info
+  loop; only what memory holds is withheld).
+
+Info-request decisions (`info_policy` of `multi_step_forward`): "always" sends the query every step (the
+seed); "greedy" (default) sends it when the gate's probability exceeds 1/2 (the gate starts at
+sigmoid(2) ≈ 0.88, so an untrained gate behaves as "always"); "sample" draws each decision and returns
+their log-probabilities, which phase 3's REINFORCE term trains.
 
 Gradients through discrete choices use straight-through estimators: the router's hard gates take the
 gradient of their sigmoid probabilities, and a read's encoding is scaled by p/p.detach() (value 1) where
@@ -34,6 +43,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 BYTE = 256  # the low byte of an address; the high byte has ceil(num_words / 256) values
+INFO_GATE_BIAS = 2.0  # initial logit of sending the info query: ask by default until phase 3 learns otherwise
+INFO_POLICIES = ("always", "greedy", "sample")
 
 
 @dataclass
@@ -275,6 +286,11 @@ class BigLeWorldModel(nn.Module):
         # learns slowly.
         self.skip = nn.Linear(3 * config.state_dim + config.d_model, config.state_dim)
         self.info_request = nn.Sequential(nn.Linear(config.d_model, config.info_dim), nn.Tanh())
+        # The decision to send that query at all (a Bernoulli policy): trained only by phase 3's REINFORCE.
+        with torch.random.fork_rng(devices=[]):  # fully re-initialised below: leave the global RNG's stream
+            self.info_gate = nn.Linear(config.d_model, 1)  # (the other modules' initialisation) unchanged
+        nn.init.zeros_(self.info_gate.weight)
+        nn.init.constant_(self.info_gate.bias, INFO_GATE_BIAS)
 
     def forward(
         self,
@@ -294,6 +310,7 @@ class BigLeWorldModel(nn.Module):
         return {
             "next_state": current_state + self.head(h) + self.skip(inputs),
             "info_query": self.info_request(h),
+            "info_logit": self.info_gate(h).squeeze(-1),
             "mask": mask,
             "route_probs": route_probs,
         }
@@ -311,8 +328,10 @@ class LeWorldSystem(nn.Module):
         slm_config: SLMConfig | None = None,
         blm_config: BLMConfig | None = None,
         loss_weights: LossWeights | None = None,
+        memory_reads: bool = True,
     ):
         super().__init__()
+        self.memory_reads = bool(memory_reads)
         self.memory_config = memory_config or MemoryConfig()
         self.slm_config = slm_config or SLMConfig()
         self.blm_config = blm_config or BLMConfig()
@@ -332,6 +351,7 @@ class LeWorldSystem(nn.Module):
             "slm": asdict(self.slm_config),
             "blm": asdict(self.blm_config),
             "loss_weights": asdict(self.loss_weights),
+            "memory_reads": self.memory_reads,
         }
 
     @classmethod
@@ -341,6 +361,7 @@ class LeWorldSystem(nn.Module):
             SLMConfig(**configs["slm"]),
             BLMConfig(**configs["blm"]),
             LossWeights(**configs.get("loss_weights", {})),
+            memory_reads=configs.get("memory_reads", True),
         )
 
     def read_for(
@@ -349,7 +370,8 @@ class LeWorldSystem(nn.Module):
         ablate_memory: bool = False,
         oracle: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Encoded reads of every SLM's chosen range at once; zeros when memory is ablated.
+        """Encoded reads of every SLM's chosen range at once; zeros when memory is ablated (this call) or
+        the system has no memory reads (`memory_reads=False`, always).
 
         `oracle=(starts, ends)` (`[B, k]`, e.g. the dataset's relevant regions) makes SLM i read region i
         instead of its own choice (an empty read where i >= k): the reference for what memory could give."""
@@ -358,11 +380,13 @@ class LeWorldSystem(nn.Module):
             zeros = torch.zeros(batch, dtype=torch.long)
             pick = [(oracle[0][:, i], oracle[1][:, i]) if i < oracle[0].shape[1] else (zeros, zeros) for i in range(n)]
             encoded = self.memory.encode_range(torch.cat([a for a, _ in pick]), torch.cat([b for _, b in pick]))
+            if not self.memory_reads:
+                encoded = torch.zeros_like(encoded)
             return list(encoded.view(n, batch, -1).unbind(0))
         starts = torch.cat([o["start_addr"] for o in slm_outputs])
         ends = torch.cat([o["end_addr"] for o in slm_outputs])
         encoded = self.memory.encode_range(starts, ends)
-        if ablate_memory:
+        if ablate_memory or not self.memory_reads:
             encoded = torch.zeros_like(encoded)
         log_chosen = torch.cat([o["chosen_log_prob"] for o in slm_outputs])
         encoded = encoded * torch.exp(log_chosen - log_chosen.detach())[:, None]  # value 1, gradient d log p
@@ -377,12 +401,18 @@ class LeWorldSystem(nn.Module):
         info_query_prev: torch.Tensor | None = None,
         ablate_memory: bool = False,
         oracle: tuple[torch.Tensor, torch.Tensor] | None = None,
+        info_sent: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """One step: SLMs pick ranges → memory read → BLM predicts. `losses` is empty without a target."""
+        """One step: SLMs pick ranges → memory read → BLM predicts. `losses` is empty without a target.
+
+        `info_sent` (`[B]`, 0/1): which rows' previous query is sent; a row with 0 gets no modulation at
+        all, exactly as with `info_query_prev=None`."""
         n = len(self.slms)
         modulation = None
         if info_query_prev is not None:
             modulation = self.info_to_slm(info_query_prev).view(-1, n, self.slm_config.d_model)
+            if info_sent is not None:
+                modulation = modulation * info_sent.to(modulation.dtype)[:, None, None]
         features = slm_features(past_state, current_state, characteristics)  # shared by every SLM
         slm_outputs = [
             slm.from_features(features, None if modulation is None else modulation[:, i]) for i, slm in enumerate(self.slms)
@@ -437,6 +467,8 @@ class LeWorldSystem(nn.Module):
         use_info: bool = True,
         ablate_memory: bool = False,
         oracle: tuple[torch.Tensor, torch.Tensor] | None = None,
+        info_policy: str = "greedy",
+        generator: torch.Generator | None = None,
     ) -> dict[str, Any]:
         """Predict states[:, 1 : n_steps + 1] step by step, passing the info query forward.
 
@@ -444,16 +476,28 @@ class LeWorldSystem(nn.Module):
         state 0, each prediction becomes the next step's current state (error at growing horizons).
         `use_info=False` is the seed's branch B (no info request between steps). The losses are the
         mean over steps of `forward`'s losses, computed once on the stacked steps.
+
+        `info_policy` decides, after each step, whether its query is sent to the next one (see the module
+        docstring; `generator` draws the "sample" decisions). Also returned: `sequence_mse` (`[B]`, each
+        sequence's next-state MSE over steps and dims), `info_sent` (`[B, steps-1]`, the decisions that
+        reached a next step) and `info_log_prob` (`[B]`, their summed log-probability; differentiable
+        with "sample").
         """
+        if info_policy not in INFO_POLICIES:
+            raise ValueError(f"info_policy must be one of {INFO_POLICIES}, got {info_policy!r}")
         steps = states.shape[1] - 1 if n_steps is None else min(n_steps, states.shape[1] - 1)
         past = current = states[:, 0]
-        info = None
-        predictions, masks, probs, highs = [], [], [], []
+        info, sent = None, None
+        predictions, masks, probs, highs, decisions, log_probs = [], [], [], [], [], []
         for t in range(steps):
             if not rollout:
                 past, current = states[:, max(0, t - 1)], states[:, t]
-            out = self(past, current, characteristics, None, info if use_info else None, ablate_memory, oracle)
+            out = self(past, current, characteristics, None, info if use_info else None, ablate_memory, oracle, sent)
             info = out["info_query"]
+            if use_info and t < steps - 1:  # the last step's decision reaches no step: not taken
+                sent, log_prob = self._info_decision(out["info_logit"], info_policy, generator)
+                decisions.append(sent)
+                log_probs.append(log_prob)
             predictions.append(out["next_state"])
             masks.append(out["mask"])
             probs.append(out["route_probs"])
@@ -461,9 +505,11 @@ class LeWorldSystem(nn.Module):
             if rollout:
                 past, current = current, out["next_state"]
         predicted = torch.stack(predictions)  # [steps, B, D]
+        target = states[:, 1 : steps + 1].transpose(0, 1)
+        batch = states.shape[0]
         losses = self.loss_terms(
             predicted,
-            states[:, 1 : steps + 1].transpose(0, 1),
+            target,
             torch.stack(probs),
             [torch.stack(per_slm) for per_slm in zip(*highs, strict=True)],
         )
@@ -473,7 +519,22 @@ class LeWorldSystem(nn.Module):
             "losses": losses,
             "total_loss": losses["total_loss"],
             "next_state_loss": losses["next_state_loss"],
+            "sequence_mse": (predicted - target).pow(2).mean(dim=(0, 2)),
+            "info_sent": torch.stack(decisions, dim=1) if decisions else states.new_zeros(batch, 0),
+            "info_log_prob": torch.stack(log_probs, dim=1).sum(1) if log_probs else states.new_zeros(batch),
         }
+
+    @staticmethod
+    def _info_decision(logit: torch.Tensor, policy: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sent 0/1 `[B]`, log π(sent) `[B]`) under the policy; "always" sends with log-probability 0."""
+        if policy == "always":
+            return torch.ones_like(logit), torch.zeros_like(logit)
+        if policy == "greedy":
+            sent = (logit > 0).to(logit.dtype)
+        else:
+            sent = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator)
+        # log σ(z) when sent, log σ(-z) when not: the Bernoulli log-likelihood, stable for any logit.
+        return sent, -F.binary_cross_entropy_with_logits(logit, sent, reduction="none")
 
 
 CHECKPOINT_WEIGHTS = "model.safetensors"

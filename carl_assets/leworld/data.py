@@ -18,6 +18,15 @@ recurrence has the closed form
     x_t = a^t x_0 + b (1 - a^t) / (1 - a) + Σ_{k=1..t} a^{t-k} ε_k,   a = 0.8,  b = 0.15 s + 0.05 c̃,
 
 i.e. one batched matrix product of a fixed [T, T+1] kernel with (x_0, b, ε_1, …, ε_{T-1}).
+
+Cues (`cue`). In the seed (`cue="none"`) the relevant regions are drawn independently of everything a
+model sees, so no SLM can know where to read and memory cannot help beyond chance. `cue="characteristics"`
+writes each region's start address into the *signs* of the characteristics (region r owns dims
+[r·B, (r+1)·B), bit j of the address's top B bits is the sign of dim r·B + j, low bit first), keeping
+their magnitudes: every dim stays N(0, 1), the draws and the dynamics' formula are unchanged, but the
+address is now a linear read-out of the characteristics. B = min(address bits, char_dim // n_relevant):
+with 65,536 words and char_dim 32 that is the full 16-bit address for 1 or 2 regions, the top 10 bits
+(the start within 64 words) for 3.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ DIFFICULTY = {"easy": 1, "medium": 2, "hard": 3}
 MAX_RELEVANT = 3
 DECAY, MEMORY_GAIN, CHAR_GAIN, NOISE_STD = 0.8, 0.15, 0.05, 0.1
 MIN_LENGTH, MAX_LENGTH, START_MARGIN = 16, 128, 256
+CUES = ("none", "characteristics")
 TENSOR_KEYS = ("states", "characteristics", "relevant_starts", "relevant_ends", "n_relevant")
 
 
@@ -74,6 +84,41 @@ def transition_drive(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torc
     if mix == "mean":
         return seeds.mean(dim=1)
     raise ValueError(f"mix must be 'last' (seed) or 'mean', got {mix!r}")
+
+
+def address_bits(num_words: int) -> int:
+    """Bits of the largest address (16 for 65,536 words)."""
+    return max(1, (num_words - 1).bit_length())
+
+
+def cue_bits(num_words: int, char_dim: int, n_relevant: int) -> int:
+    """B, the address bits each region's cue carries (see the module docstring)."""
+    bits = min(address_bits(num_words), char_dim // n_relevant)
+    if bits < 1:
+        raise ValueError(
+            f"cue='characteristics' needs char_dim >= n_relevant ({n_relevant}) to spell any address bit, got char_dim={char_dim}"
+        )
+    return bits
+
+
+def cue_addresses(characteristics: torch.Tensor, starts: torch.Tensor, num_words: int) -> torch.Tensor:
+    """Characteristics whose signs spell the top B bits of each region's start (magnitudes kept)."""
+    n, n_rel = starts.shape
+    bits = cue_bits(num_words, characteristics.shape[1], n_rel)
+    code = starts.long() >> (address_bits(num_words) - bits)  # [N, n_rel]: the address's top bits
+    digits = (code[..., None] >> torch.arange(bits)) & 1  # [N, n_rel, B], low bit first
+    signs = (digits * 2 - 1).reshape(n, n_rel * bits).to(characteristics.dtype)
+    cued = characteristics.clone()
+    cued[:, : n_rel * bits] = characteristics[:, : n_rel * bits].abs() * signs
+    return cued
+
+
+def decode_cue(characteristics: torch.Tensor, n_relevant: int, num_words: int) -> torch.Tensor:
+    """The inverse read-out: `[N, n_relevant]` addresses (the cued top bits, the rest zero)."""
+    bits = cue_bits(num_words, characteristics.shape[1], n_relevant)
+    digits = (characteristics[:, : n_relevant * bits] > 0).long().view(-1, n_relevant, bits)
+    code = (digits << torch.arange(bits)).sum(-1)
+    return code << (address_bits(num_words) - bits)
 
 
 def recurrence_kernel(steps: int, decay: float = DECAY) -> torch.Tensor:
@@ -130,13 +175,20 @@ def generate_sequences(
     generator: torch.Generator | int | None = 0,
     mix: str = "last",
     num_threads: int | None = 1,
+    cue: str = "none",
 ) -> SequenceBatch:
-    """Every sequence of a dataset at once; the same `generator` seed gives the same tensors."""
+    """Every sequence of a dataset at once; the same `generator` seed gives the same tensors.
+
+    `cue="characteristics"` makes the characteristics' signs spell the regions' addresses (the same
+    draws otherwise: states, starts and lengths are those of `cue="none"` with the same generator, except
+    that the characteristics' term of the dynamics follows the cued characteristics)."""
+    if cue not in CUES:
+        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
     with torch_threads(num_threads):
-        return _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix)
+        return _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix, cue)
 
 
-def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix) -> SequenceBatch:
+def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix, cue) -> SequenceBatch:
     if isinstance(generator, torch.Generator):
         gen = generator
     else:
@@ -150,6 +202,8 @@ def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, diffi
     lengths = torch.randint(MIN_LENGTH, MAX_LENGTH + 1, (num_sequences, n_rel), generator=gen)
     x0 = torch.randn(num_sequences, state_dim, generator=gen)
     noise = torch.empty(num_sequences, max(seq_length - 1, 0), state_dim).normal_(0.0, NOISE_STD, generator=gen)
+    if cue == "characteristics":
+        chars = cue_addresses(chars, starts, num_words)
     drive = MEMORY_GAIN * transition_drive(memory_bits, starts, starts + lengths, state_dim, mix)
     drive += CHAR_GAIN * chars[:, tile_index(state_dim, char_dim)]
     states = evolve(x0, drive, noise)
@@ -188,12 +242,13 @@ class StateTransitionDataset(torch.utils.data.Dataset):
         difficulty: str = "easy",
         seed: int | None = None,
         mix: str = "last",
+        cue: str = "none",
     ):
         self.num_sequences, self.seq_length, self.state_dim, self.char_dim = num_sequences, seq_length, state_dim, char_dim
         self.memory = memory
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        self.data = generate_sequences(memory.memory, num_sequences, seq_length, state_dim, char_dim, difficulty, seed, mix)
+        self.data = generate_sequences(memory.memory, num_sequences, seq_length, state_dim, char_dim, difficulty, seed, mix, cue=cue)
 
     def __len__(self) -> int:
         return self.num_sequences

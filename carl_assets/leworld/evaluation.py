@@ -6,6 +6,8 @@ Systems compared on the same sequences:
 - `memory_ablated`: the same trained system with every memory read's encoding zeroed.
 - `oracle_reads`: the same trained system, its SLM i reading the dataset's relevant region i instead of
   its own choice: a reference for what memory could add if the SLMs found the right regions.
+- any `trained_baselines` given (e.g. `trained_without_memory`: the same architecture trained with
+  `memory_reads=False`, the fair test of memory; see `carl_assets.leworld.comparison`).
 
 Metrics, as in the seed's `Evaluator.prediction_accuracy`: `mse`/`mae` of an `n_steps` rollout from the
 first state (errors at horizons 1..n_steps), `step_mses` per horizon, routing entropy of the mean SLM usage
@@ -36,13 +38,22 @@ class EvaluationResult:
 
 
 def evaluate(
-    system: LeWorldSystem, data: SequenceBatch, n_steps: int = 5, batch_size: int = 256, num_threads: int | None = 1
+    system: LeWorldSystem,
+    data: SequenceBatch,
+    n_steps: int = 5,
+    batch_size: int = 256,
+    num_threads: int | None = 1,
+    trained_baselines: dict[str, LeWorldSystem] | None = None,
 ) -> EvaluationResult:
+    """The table of module docstring's systems (in that order, then `trained_baselines`' names)."""
+    clash = set(trained_baselines or {}) & set(SYSTEMS)
+    if clash:
+        raise ValueError(f"trained_baselines may not reuse the built-in system names {sorted(clash)}")
     with torch_threads(num_threads), torch.no_grad():
-        return _evaluate(system, data, n_steps, batch_size)
+        return _evaluate(system, data, n_steps, batch_size, trained_baselines or {})
 
 
-def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_size: int) -> EvaluationResult:
+def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_size: int, baselines: dict[str, LeWorldSystem]) -> EvaluationResult:
     was_training = system.training
     system.eval()
     horizon = min(n_steps, data.states.shape[1] - 1)
@@ -68,8 +79,10 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
     all_masks = torch.cat(masks)  # [N, horizon, n_slms]
     usage = all_masks.mean(dim=(0, 1))
     routing_entropy = float(-(usage * torch.log(usage + 1e-8)).sum()) + 0.0  # + 0.0: no "-0.0"
+    for name, other in baselines.items():
+        rollouts[name], one_step[name] = _errors(other, data, horizon, batch_size)
     rows, step_rows = [], []
-    for name in SYSTEMS:
+    for name in rollouts:
         err = torch.cat(rollouts[name])
         step_mse = err.pow(2).mean(dim=(0, 2))
         rows.append(
@@ -103,7 +116,34 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
         "beats_memory_ablated": bool(by.loc["memory_ablated", "leworld_beats"]),
         "beats_memory_ablated_one_step": bool(by.loc["memory_ablated", "leworld_beats_one_step"]),
     }
+    for name in baselines:
+        metrics[f"{name}_mse"] = float(by.loc[name, "mse"])
+        metrics[f"beats_{name}"] = bool(by.loc[name, "leworld_beats"])
     return EvaluationResult(summary=summary, steps=pd.DataFrame(step_rows), metrics=metrics)
+
+
+def _errors(system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-batch prediction errors of a system: rollout (horizons 1..horizon) and teacher-forced."""
+    was_training = system.training
+    system.eval()
+    rollout, one_step = [], []
+    for batch in iterate_batches(data, batch_size, shuffle=False):
+        states, chars = batch["states"], batch["characteristics"]
+        rollout.append(system.multi_step_forward(states, chars, horizon, rollout=True)["predictions"] - states[:, 1 : horizon + 1])
+        one_step.append(system.multi_step_forward(states, chars)["predictions"] - states[:, 1:])
+    system.train(was_training)
+    return rollout, one_step
+
+
+def model_errors(
+    system: LeWorldSystem, data: SequenceBatch, n_steps: int = 5, batch_size: int = 256, num_threads: int | None = 1
+) -> dict[str, float]:
+    """The trained system's own errors only (the `leworld` row of `evaluate`, without its baselines):
+    rollout `mse`/`mae` over horizons 1..n_steps and teacher-forced `one_step_mse`."""
+    with torch_threads(num_threads), torch.no_grad():
+        rollout, one_step = _errors(system, data, min(n_steps, data.states.shape[1] - 1), batch_size)
+    err = torch.cat(rollout)
+    return {"mse": float(err.pow(2).mean()), "mae": float(err.abs().mean()), "one_step_mse": float(torch.cat(one_step).pow(2).mean())}
 
 
 class Evaluator:

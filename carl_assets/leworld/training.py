@@ -4,8 +4,23 @@ Phase 1 pre-trains the parts apart: the SLMs by cross-entropy on the high byte, 
 the known relevant regions (SLM i → region i); the BLM (with the memory encoder) by next-state MSE from
 oracle reads of those regions. Phase 2 trains everything end to end on `multi_step_forward`'s total loss
 (AdamW over all parameters, cosine warm restarts, router temperature annealed every step). Phase 3 is the
-paired-branch refinement: the loss with the info-request loop minus λ·(detached improvement over the
-branch without it), with the seed's four learning-rate groups.
+paired-branch refinement with the seed's four learning-rate groups: branch A runs with the info-request
+loop, branch B without it, and the improvement of A over B is the information utility.
+
+The seed's utility term, loss_A − λ·(loss_B − loss_A).detach(), has no gradient: it shifts the loss by a
+constant and trains nothing (`info_utility="seed"`, kept as a documented option). The default
+(`info_utility="reinforce"`) gives it one: branch A *samples* each step's decision to send the info query
+(the BLM's `info_gate`, a Bernoulli policy), each sequence's improvement (its MSE without the loop minus
+its MSE with the sampled decisions) is the reward, and the term is REINFORCE with a batch-mean baseline,
+
+    L_info = −λ · mean_i( Â_i · Σ_t log π(a_{i,t}) ),   Â = (r − mean r) / (std r + ε),
+
+so decisions that beat the batch's average improvement become more likely. The reward is detached (the
+prediction weights learn only from loss_A); standardising it keeps the term's scale independent of how
+small MSE differences are.
+
+A system built with `memory_reads=False` trains with the same steps (phase 1's BLM sees zero oracle
+reads): the trained no-memory baseline.
 
 Differences from the seed, all about speed or bookkeeping: batches are index slices of tensors instead of
 a per-item DataLoader; phase 1's BLM step runs all time steps as one batch (the same mean of per-step
@@ -28,6 +43,8 @@ from torch import optim
 from carl_assets.leworld.architecture import LeWorldSystem, LossWeights
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
 from carl_assets.runtime import torch_threads
+
+INFO_UTILITIES = ("reinforce", "seed")
 
 
 @dataclass
@@ -54,6 +71,11 @@ class TrainingConfig:
     temp_anneal_rate: float = 3e-5
     temp_min: float = 0.1
     seed: int = 0
+    info_utility: str = "reinforce"  # "reinforce": a gradient for the info-request decision | "seed": inert
+
+    def __post_init__(self) -> None:
+        if self.info_utility not in INFO_UTILITIES:
+            raise ValueError(f"info_utility must be one of {INFO_UTILITIES}, got {self.info_utility!r}")
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.lambda_balance, self.lambda_diversity, self.lambda_entropy)
@@ -100,6 +122,8 @@ class Phase1Trainer:
         fake = []
         for i in range(len(system.slms)):
             _, encoded, _ = system.memory.read(batch["relevant_starts"][:, i], batch["relevant_ends"][:, i])
+            if not system.memory_reads:  # the no-memory baseline learns from the same steps without contents
+                encoded = torch.zeros_like(encoded)
             reads.append(encoded.repeat_interleave(steps, dim=0))
             fake.append(
                 {
@@ -149,7 +173,7 @@ class Phase2Trainer:
 class Phase3Trainer:
     def __init__(self, system: LeWorldSystem, config: TrainingConfig):
         self.system, self.config = system, config
-        info = list(system.blm.info_request.parameters()) + list(system.info_to_slm.parameters())
+        info = [*system.blm.info_request.parameters(), *system.blm.info_gate.parameters(), *system.info_to_slm.parameters()]
         info_ids = {id(p) for p in info}
         other_blm = [p for p in system.blm.parameters() if id(p) not in info_ids]
         lr = config.phase3_lr
@@ -163,19 +187,31 @@ class Phase3Trainer:
             weight_decay=config.weight_decay,
         )
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        self.optimizer.zero_grad()
+    def objective(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Phase 3's loss for a batch (not yet backpropagated) and its step metrics."""
         states, chars = batch["states"], batch["characteristics"]
-        with_info = self.system.multi_step_forward(states, chars)
+        reinforce = self.config.info_utility == "reinforce"
+        policy = "sample" if reinforce else "always"
+        with_info = self.system.multi_step_forward(states, chars, info_policy=policy, generator=generator)
         loss_with = with_info["total_loss"]
         with torch.no_grad():  # branch B: no info request between steps; only its value is used
-            loss_without = self.system.multi_step_forward(states, chars, use_info=False)["next_state_loss"]
-        improvement = (loss_without - loss_with).detach()  # positive: the info request helped
-        total = loss_with - self.config.lambda_info_util * improvement
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.system.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        return {
+            without = self.system.multi_step_forward(states, chars, use_info=False)
+        loss_without = without["next_state_loss"]
+        metrics: dict[str, float] = {}
+        if reinforce:
+            # Per-sequence reward: how much the sampled decisions beat the branch without the loop.
+            reward = (without["sequence_mse"] - with_info["sequence_mse"]).detach()
+            improvement = reward.mean()
+            advantage = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-8)
+            utility = -self.config.lambda_info_util * (advantage * with_info["info_log_prob"]).mean()
+            total = loss_with + utility
+            metrics["info_utility_loss"] = utility.item()
+            metrics["info_sent_rate"] = with_info["info_sent"].mean().item() if with_info["info_sent"].numel() else 0.0
+        else:
+            # The seed's form: a detached improvement, so this term changes the loss's value, not its gradient.
+            improvement = (loss_without - loss_with).detach()
+            total = loss_with - self.config.lambda_info_util * improvement
+        return total, metrics | {
             "total_loss": total.item(),
             "loss_with_info": loss_with.item(),
             "loss_without_info": loss_without.item(),
@@ -184,6 +220,14 @@ class Phase3Trainer:
             # next-state loss; this is A's next-state loss alone.
             "next_state_loss_with_info": with_info["next_state_loss"].item(),
         }
+
+    def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, float]:
+        self.optimizer.zero_grad()
+        total, metrics = self.objective(batch, generator)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.system.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return metrics
 
 
 @torch.no_grad()
@@ -255,6 +299,6 @@ def _train(system, train, validation, config, log, phases) -> pd.DataFrame:
         run(2, config.phase2_epochs, config.phase2_batch_size, p2.train_step, p2.scheduler)
     if 3 in phases:
         p3 = Phase3Trainer(system, config)
-        run(3, config.phase3_epochs, config.phase3_batch_size, p3.train_step)
+        run(3, config.phase3_epochs, config.phase3_batch_size, lambda b: p3.train_step(b, gen))
     system.eval()
     return pd.DataFrame(rows, columns=["phase", "epoch", "metric", "value"])
