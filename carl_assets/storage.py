@@ -9,13 +9,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
+import random
+import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,28 +120,117 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 _PROCESS_LOCK = threading.RLock()
 
 
+# How long a connection waits for another process's lock before failing (seconds); a notebook or the
+# DuckDB CLI holding carl.duckdb open is the usual holder, so the default outlasts a short query.
+LOCK_TIMEOUT_ENV = "CARL_DB_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 120.0
+_MAX_BACKOFF_S = 2.0
+_WAIT_LOG_EVERY_S = 10.0
+# DuckDB names the holder: 'Conflicting lock is held in /usr/bin/python3 (PID 4242) by user ana.'
+_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)(?: by user (?P<user>[^.]+))?")
+
+logger = logging.getLogger("carl_assets.storage")
+
+
+class DatabaseLockedError(duckdb.IOException):
+    """Another process held the database's lock for longer than we were willing to wait.
+
+    A `duckdb.IOException`, so code that caught DuckDB's own lock error still catches this one."""
+
+    def __init__(self, message: str, db_path: Path, holder: str | None, pid: int | None, waited_s: float):
+        super().__init__(message)
+        self.db_path = db_path
+        self.holder = holder
+        self.pid = pid
+        self.waited_s = waited_s
+
+
+def lock_holder(message: str) -> tuple[str | None, int | None]:
+    """(program, PID) of the process holding the lock, as DuckDB's IOException names it; Nones if it
+    does not (an older DuckDB, another platform)."""
+    match = _HOLDER.search(message)
+    if match is None:
+        return None, None
+    who = match.group("program")
+    if match.group("user"):
+        who = f"{who} (user {match.group('user').strip()})"
+    return who, int(match.group("pid"))
+
+
+def lock_timeout_s() -> float:
+    """The wait for a lock: `$CARL_DB_LOCK_TIMEOUT` seconds, else 120."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} must be a finite number of seconds >= 0")
+    return value
+
+
 @contextlib.contextmanager
-def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: int = 40) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open a short-lived connection, waiting for a concurrent writer instead of failing at once."""
+def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: int | None = None,
+            timeout_s: float | None = None, on_wait: Callable[[str], None] | None = None
+            ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open a short-lived connection, waiting for another process's lock instead of failing at once.
+
+    DuckDB lets one process write, or several read, a file at a time: a notebook or the DuckDB CLI
+    holding ``carl.duckdb`` open blocks a run's writes (and a run's write blocks their opening). While
+    the lock is held elsewhere this waits with exponential backoff (50 ms growing to 2 s, jittered),
+    saying what it waits for — the holder's program and PID — through `on_wait` (default: a warning on
+    the ``carl_assets.storage`` logger), at the first wait and then every 10 s. After `timeout_s`
+    (default `$CARL_DB_LOCK_TIMEOUT`, else 120 s) or `retries` attempts, whichever comes first, it
+    raises `DatabaseLockedError` naming the holder. Other IO errors are raised at once.
+    """
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     if read_only and not db_path.exists():
         raise FileNotFoundError(f"DuckDB database {db_path} does not exist yet: materialize its assets first")
+    if retries is not None and retries < 1:
+        raise ValueError(f"retries must be at least 1, got {retries}")
+    timeout = lock_timeout_s() if timeout_s is None else float(timeout_s)
+    if not math.isfinite(timeout) or timeout < 0:
+        raise ValueError(f"timeout_s must be a finite number of seconds >= 0, got {timeout_s!r}")
     with _PROCESS_LOCK:
-        yield from _connect_locked(db_path, read_only, retries)
+        yield from _connect_locked(db_path, read_only, retries, timeout, on_wait)
 
 
-def _connect_locked(db_path: Path, read_only: bool, retries: int) -> Iterator[duckdb.DuckDBPyConnection]:
-    delay = 0.05
-    for attempt in range(retries):
+def _connect_locked(db_path: Path, read_only: bool, retries: int | None, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+                    on_wait: Callable[[str], None] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    say = on_wait or logger.warning
+    started = time.monotonic()
+    delay, attempt, next_note = 0.05, 0, 0.0
+    while True:
+        attempt += 1
         try:
             con = duckdb.connect(str(db_path), read_only=read_only)
             break
-        except duckdb.IOException as exc:  # another process holds the file lock
-            if attempt == retries - 1 or "lock" not in str(exc).lower():
+        except duckdb.IOException as exc:
+            message = str(exc)
+            if "lock" not in message.lower():  # not contention: a corrupt file, a permission problem
                 raise
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+            waited = time.monotonic() - started
+            holder, pid = lock_holder(message)
+            who = f"{holder} (PID {pid})" if pid is not None else "another process"
+            if waited >= timeout_s or (retries is not None and attempt >= retries):
+                raise DatabaseLockedError(
+                    f"DuckDB database {db_path} is locked by {who}: gave up after {waited:.1f} s and "
+                    f"{attempt} attempts (wait longer with {LOCK_TIMEOUT_ENV}=SECONDS). Close that "
+                    f"connection — a notebook or the DuckDB CLI holding the file open — or read with short "
+                    f"read-only connections. DuckDB said: {message}",
+                    db_path, holder, pid, waited,
+                ) from exc
+            if waited >= next_note:
+                mode = "read" if read_only else "write"
+                say(f"waiting for the lock on {db_path} to {mode}: held by {who}; "
+                    f"{waited:.1f} s waited of {timeout_s:g} s")
+                next_note = waited + _WAIT_LOG_EVERY_S
+            # jitter: several waiting runs should not retry in lockstep
+            time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, timeout_s - waited)))
+            delay = min(delay * 1.5, _MAX_BACKOFF_S)
     try:
         yield con
     finally:
