@@ -285,12 +285,14 @@ def test_readout_round_trip_and_problems(tiny_model_and_tokenizer, groups, tmp_p
 # --------------------------------------------------------------------------------------------
 
 
-def _seed_home(home, model, tok, pairs: pd.DataFrame) -> None:
+def _seed_home(home, model, tok, pairs: pd.DataFrame, tables: dict[str, pd.DataFrame] | None = None) -> None:
     from carl_assets import storage
+    from carl_assets.defs.resources import build_resources
 
-    model.save_pretrained(storage.artifact_dir("base_model", home))
-    tok.save_pretrained(storage.artifact_dir("base_model", home))
-    storage.write_tables(storage.database_path(home), {"emotion_training_pairs": pairs})
+    with build_resources(home)["artifacts"].write_dir("base_model") as folder:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    storage.write_tables(storage.database_path(home), {"emotion_training_pairs": pairs, **(tables or {})})
 
 
 def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_tokenizer, groups, tmp_path):
@@ -310,7 +312,7 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     meta = result.asset_materializations_for_node("steering_vectors")[0].metadata
     assert meta["concepts"].value == 3 and meta["skipped_emotions"].value == {"rare": {"positive": 3, "negative": 3}}
     assert "auc_by_layer" in meta and meta["token_reduction"].value == "mean"
-    loaded = load_readout(tmp_path / "artifacts" / "steering_vectors")
+    loaded = load_readout(build_resources(tmp_path)["artifacts"].require("steering_vectors"))
     assert loaded.concepts == ["clarity", "frustration", "warmth"] and loaded.layers == [1, 2]
     from carl_assets import storage
 
@@ -329,7 +331,7 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     # Corrupt the tensors: the unit-norm check fails.
     from safetensors.torch import load_file, save_file
 
-    path = tmp_path / "artifacts" / "steering_vectors" / "vectors.safetensors"
+    path = build_resources(tmp_path)["artifacts"].require("steering_vectors", "vectors.safetensors")
     tensors = {k: v * 3 for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path))
     check = vectors_finite_unit_norm(build_resources(tmp_path)["artifacts"])
@@ -350,6 +352,6 @@ def test_default_graph_end_to_end(tmp_path):
                             resources=build_resources(tmp_path), run_config=run_config)
     assert result.success
     assert all(c.passed for c in result.get_asset_check_evaluations())
-    loaded = load_readout(tmp_path / "artifacts" / "steering_vectors")
+    loaded = load_readout(build_resources(tmp_path)["artifacts"].require("steering_vectors"))
     assert len(loaded.concepts) >= 12 and loaded.layers == [1, 2, 3, 4]
     assert loaded.vectors[4].shape == (len(loaded.concepts), 128)

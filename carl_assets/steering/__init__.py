@@ -15,6 +15,7 @@ from carl_assets.steering.vectors import (
     MANIFEST_FILE,
     REDUCTIONS,
     VECTORS_FILE,
+    VLLM_ENV,
     ResidualReader,
     SteeringVectors,
     ZeroNormError,
@@ -23,6 +24,7 @@ from carl_assets.steering.vectors import (
     find_decoder_blocks,
     heldout_mask,
     load_readout,
+    model_max_positions,
     readout_problems,
     save_readout,
     tensor_key,
@@ -33,6 +35,7 @@ __all__ = [
     "DEPTH_FRACTIONS", "FORMAT", "INDEX_CONVENTION", "MANIFEST_FILE", "REDUCTIONS", "VECTORS_FILE",
     "ResidualReader", "SteeringVectors", "ZeroNormError", "auc", "default_layers", "find_decoder_blocks",
     "heldout_mask", "load_readout", "readout_problems", "save_readout", "tensor_key", "train_steering_vectors",
+    "VLLM_ENV", "model_max_positions",
 ]
 
 

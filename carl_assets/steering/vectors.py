@@ -11,7 +11,11 @@ Conventions (written into the manifest):
   Captured with forward hooks on the blocks, not from `output_hidden_states` (whose last entry is
   after the final norm).
 - Token reduction `last`: the last real token of each text, found from the attention mask (so left and
-  right padding both work); `mean`: the mask-weighted mean over real tokens.
+  right padding both work); `mean`: the mask-weighted mean over real tokens, leaving out a leading BOS
+  token (on real models its activations are huge and the same in every text, so averaging it in adds a
+  direction that depends only on the text's length).
+- Texts longer than the model's position table (GPT-2's `n_positions`) or `max_length` are cut to
+  their first tokens and counted (`truncated_texts`).
 
 Why it is fast: the same node text appears in many emotions' pairs (as a positive for one emotion and
 a negative for most others), so each unique text is run once; texts are sorted by length so batches
@@ -30,7 +34,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -51,6 +55,10 @@ REDUCTIONS = {
     "last": "last real token of each text (from the attention mask)",
     "mean": "attention-mask-weighted mean over the real tokens of each text",
 }
+BOS_EXCLUDED = ", leaving out a leading BOS token"
+# The env vars a vLLM readout reads (the seed's ReadoutManager); paths relative to the manifest's folder.
+VLLM_ENV = {"VLLM_READOUT_VECTORS": "vectors.safetensors", "VLLM_READOUT_MANIFEST": "manifest.json"}
+LAYOUTS = ("per_layer", "ELH")
 POLARITIES = ("positive", "negative")
 DEPTH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 UNIT_NORM_TOLERANCE = 1e-4
@@ -73,12 +81,27 @@ class SteeringVectors:
     index_convention: str = INDEX_CONVENTION
     stats: pd.DataFrame | None = None  # per (emotion, layer): counts, raw norm, held-out AUC
     dropped: dict[str, str] = field(default_factory=dict)  # concept -> why it has no vector
+    truncated_texts: int = 0  # unique texts cut to `max_tokens`
+    max_tokens: int | None = None  # the token limit applied: min(max_length, the model's positions)
+    bos_excluded: bool = False  # a leading BOS token was left out of the mean reduction
+    # Reduced activations per unique text, `[len(layers), hidden]`, only when asked for (the layer
+    # sweep hands them to the main run so those texts are not run twice); never saved.
+    activations: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def hidden_size(self) -> int:
         return int(next(iter(self.vectors.values())).shape[1]) if self.vectors else 0
 
+    def as_tensor(self) -> torch.Tensor:
+        """The seed's `[E, L, H]` view: concept k, the k-th of `layers` (in order), hidden."""
+        if not self.layers:
+            return torch.zeros(len(self.concepts), 0, 0)
+        return torch.stack([self.vectors[layer] for layer in self.layers], dim=1)
+
     def manifest(self) -> dict[str, Any]:
+        detail = REDUCTIONS.get(self.reduction, self.reduction)
+        if self.bos_excluded and self.reduction == "mean":
+            detail += BOS_EXCLUDED
         return {
             "format": FORMAT,
             "concepts": list(self.concepts),
@@ -91,7 +114,13 @@ class SteeringVectors:
             "method": "CAA: mean(positive) - mean(negative), normalised to unit length per concept and layer",
             "index_convention": self.index_convention,
             "token_reduction": self.reduction,
-            "token_reduction_detail": REDUCTIONS.get(self.reduction, self.reduction),
+            "token_reduction_detail": detail,
+            "bos_excluded": bool(self.bos_excluded),
+            "max_tokens": self.max_tokens,
+            "truncated_texts": int(self.truncated_texts),
+            "elh_view": "stack layer_<idx>.vectors in `layers` order on dim 1: [n_concepts, n_layers, hidden]",
+            "vllm_env": dict(VLLM_ENV),
+            "vllm_env_note": "paths relative to the folder holding this manifest",
             "pair_counts": {c: dict(self.pair_counts.get(c, {})) for c in self.concepts},
             "dropped": dict(self.dropped),
         }
@@ -99,6 +128,17 @@ class SteeringVectors:
 
 def tensor_key(layer: int) -> str:
     return f"layer_{int(layer)}.vectors"
+
+
+def model_max_positions(model: torch.nn.Module) -> int | None:
+    """The longest input the model's position table allows (GPT-2 `n_positions`, Llama
+    `max_position_embeddings`, ...), or None if the config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def default_layers(num_blocks: int, fractions: Sequence[float] = DEPTH_FRACTIONS) -> list[int]:
@@ -148,7 +188,10 @@ class ResidualReader:
     the deepest layer stops the forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], reduction: str = "last"):
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], reduction: str = "last",
+                 skip_leading_token_id: int | None = None):
+        """`skip_leading_token_id`: with the `mean` reduction, a text whose first real token is this id
+        (the BOS) is averaged without it."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, not {reduction!r}")
         self.model = model
@@ -160,8 +203,10 @@ class ResidualReader:
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"duplicate layers in {list(layers)}")
         self.reduction = reduction
+        self.skip_leading_token_id = skip_leading_token_id
         self.deepest = max(self.layers)
         self._mask: torch.Tensor | None = None
+        self._mean_mask: torch.Tensor | None = None
         self._out: dict[int, torch.Tensor] = {}
         import inspect
 
@@ -197,9 +242,22 @@ class ResidualReader:
             last = torch.where(mask.bool(), positions, -1).max(dim=1).values  # left or right padding
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         # where(), not a product: padded positions may hold NaN/inf in some attention kernels.
-        keep = mask.bool()[..., None]
-        total = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(dim=1)
-        return total / mask.sum(dim=1, keepdim=True).to(hidden.dtype)
+        keep = self._mean_mask if self._mean_mask is not None else mask.bool()
+        total = torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        return total.sum(dim=1) / keep.sum(dim=1, keepdim=True).to(hidden.dtype)
+
+    def _mean_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The positions the mean reduction averages: the real tokens less a leading BOS."""
+        if self.reduction != "mean" or self.skip_leading_token_id is None:
+            return None
+        keep = attention_mask.bool().clone()
+        rows = torch.arange(keep.shape[0], device=keep.device)
+        first = keep.long().argmax(dim=1)  # first real position, for left or right padding
+        is_bos = input_ids[rows, first] == self.skip_leading_token_id
+        keep[rows[is_bos], first[is_bos]] = False
+        if bool((keep.sum(dim=1) == 0).any()):
+            raise ValueError("a text encodes to the BOS token alone: nothing is left to average")
+        return keep
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if bool((attention_mask.sum(dim=1) == 0).any()):
@@ -207,6 +265,7 @@ class ResidualReader:
         device = next(self.model.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         self._mask, self._out = attention_mask, {}
+        self._mean_mask = self._mean_positions(input_ids, attention_mask)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self._takes_positions:
             # Positions count real tokens only, so a left-padded text reads as it would alone.
@@ -220,7 +279,7 @@ class ResidualReader:
         finally:
             for handle in handles:
                 handle.remove()
-            self._mask = None
+            self._mask = self._mean_mask = None
         return torch.stack([self._out[layer] for layer in self.layers], dim=1)
 
 
@@ -229,12 +288,14 @@ class ResidualReader:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_frame(pairs: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+def _as_frame(pairs: pd.DataFrame | Iterable[Mapping[str, Any]], with_kind: bool = False) -> pd.DataFrame:
     frame = pairs if isinstance(pairs, pd.DataFrame) else pd.DataFrame(list(pairs))
-    missing = {"emotion", "polarity", "text"} - set(frame.columns)
+    required = {"emotion", "polarity", "text"} | ({"kind"} if with_kind else set())
+    missing = required - set(frame.columns)
     if missing:
-        raise ValueError(f"pairs need columns emotion, polarity and text (missing {sorted(missing)})")
-    frame = frame[["emotion", "polarity", "text"]].astype(str).reset_index(drop=True)
+        raise ValueError(f"pairs need columns {sorted(required)} (missing {sorted(missing)})")
+    columns = ["emotion", "polarity", "text"] + (["kind"] if with_kind else [])
+    frame = frame[columns].astype(str).reset_index(drop=True)
     bad = sorted(set(frame["polarity"]) - set(POLARITIES))
     if bad:
         raise ValueError(f"polarity must be 'positive' or 'negative', got {bad}")
@@ -285,6 +346,44 @@ def _model_name(model: torch.nn.Module) -> str:
     return str(name) or type(model).__name__
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_tokens: int | None) -> tuple[list[list[int]], int]:
+    """Token ids of each text (special tokens as the tokenizer adds them), cut to the first
+    `max_tokens`; and how many texts were cut."""
+    encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    if max_tokens is None:
+        return [list(ids) for ids in encoded], 0
+    truncated = sum(1 for ids in encoded if len(ids) > max_tokens)
+    return [list(ids[:max_tokens]) for ids in encoded], truncated
+
+
+def token_limit(model: torch.nn.Module, max_length: int | None) -> int | None:
+    """The tokens a text may keep: `max_length` and the model's position table, whichever is smaller."""
+    limits = [x for x in (max_length, model_max_positions(model)) if x is not None]
+    if any(x < 1 for x in limits):
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    return min(limits) if limits else None
+
+
+def padded_batch(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `input_ids` and `attention_mask` (the reader handles either side)."""
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # GPT-2-style tokenizers have no pad token; any id works under a zero attention mask.
+    return tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+
+
+def _bos_id(tokenizer: Any, exclude_bos: bool) -> int | None:
+    return getattr(tokenizer, "bos_token_id", None) if exclude_bos else None
+
+
 def train_steering_vectors(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -299,6 +398,11 @@ def train_steering_vectors(
     on_zero_norm: str = "raise",
     model_name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    exclude_bos: bool = True,
+    transfer: tuple[str, str] | None = None,
+    max_transfer_texts: int = 512,
+    precomputed: Mapping[str, torch.Tensor] | None = None,
+    keep_activations: bool = False,
 ) -> SteeringVectors:
     """Per-emotion, per-layer unit diff-of-means directions (CAA) from (emotion, polarity, text) pairs.
 
@@ -308,17 +412,27 @@ def train_steering_vectors(
     rows (a deterministic `heldout_fraction` per emotion and polarity, capped) on those rows.
     `on_zero_norm`: "raise" (ZeroNormError naming concept and layer) or "drop" (the concept is left
     out and listed in `dropped`).
+    `max_length`: tokens kept per text, further capped by the model's position table.
+    `exclude_bos`: leave a leading BOS token out of the `mean` reduction.
+    `transfer=(train_kind, test_kind)`: pairs need a `kind` column; the stats gain `transfer_auc`, the
+    AUC on `test_kind` rows (at most `max_transfer_texts` texts) of a direction computed from
+    `train_kind` rows only (a generalisation check to a kind of node never trained on).
+    `precomputed`: reduced activations `[len(layers), hidden]` per text, read with the same settings
+    (the layer sweep's); those texts are not run again. `keep_activations`: return every text's
+    activations in `.activations`.
     """
     if on_zero_norm not in ("raise", "drop"):
         raise ValueError("on_zero_norm must be 'raise' or 'drop'")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    frame = _as_frame(pairs)
+    frame = _as_frame(pairs, with_kind=transfer is not None)
     if frame.empty:
         raise ValueError("no training pairs")
     blocks = find_decoder_blocks(model)
     layers = default_layers(len(blocks)) if layers is None or len(layers) == 0 else sorted(int(x) for x in layers)
-    reader = ResidualReader(model, layers, reduction)
+    bos_id = _bos_id(tokenizer, exclude_bos)
+    reader = ResidualReader(model, layers, reduction, skip_leading_token_id=bos_id)
+    max_tokens = token_limit(model, max_length)
 
     concepts = sorted(frame["emotion"].unique())
     counts = frame.groupby(["emotion", "polarity"]).size()
@@ -329,78 +443,125 @@ def train_steering_vectors(
     held = heldout_mask(frame, heldout_fraction, max_heldout_per_polarity, seed)
 
     # Each unique text runs once; its activation is added to the sums of every group it belongs to.
-    # Groups: (concept, polarity, split) with split 0 = train, 1 = held out.
+    # Groups 0..4C-1: (concept, polarity, split) with split 0 = train, 1 = held out; with `transfer`,
+    # groups 4C..6C-1: (concept, polarity) over the rows of the training kind.
     unique_texts, text_index = np.unique(frame["text"].to_numpy(dtype=object), return_inverse=True)
-    concept_index = {c: k for k, c in enumerate(concepts)}
-    group = (frame["emotion"].map(concept_index).to_numpy() * 4
-             + (frame["polarity"] == "negative").to_numpy().astype(int) * 2 + held.astype(int))
-    n_groups = len(concepts) * 4
-    # Sparse membership (one entry per pair row, grouped by text), not a dense groups x texts matrix.
-    by_text = np.argsort(text_index, kind="stable")
-    row_start = np.searchsorted(text_index[by_text], np.arange(len(unique_texts) + 1))
-    group_of_row = torch.as_tensor(group[by_text])
-    held_rows = sorted(set(text_index[held].tolist()))
-    held_slot = {t: k for k, t in enumerate(held_rows)}
+    n_concepts = len(concepts)
+    concept_of_row = frame["emotion"].map({c: k for k, c in enumerate(concepts)}).to_numpy()
+    negative_row = (frame["polarity"] == "negative").to_numpy().astype(int)
+    member_text = [text_index]
+    member_group = [concept_of_row * 4 + negative_row * 2 + held.astype(int)]
+    test_rows = np.zeros(len(frame), dtype=bool)
+    if transfer is not None:
+        train_kind, test_kind = (str(k) for k in transfer)
+        if train_kind == test_kind:
+            raise ValueError(f"transfer needs two different kinds, got {train_kind!r} twice")
+        train_rows = (frame["kind"] == train_kind).to_numpy()
+        member_text.append(text_index[train_rows])
+        member_group.append(4 * n_concepts + concept_of_row[train_rows] * 2 + negative_row[train_rows])
+        test_rows = _capped_rows(frame, (frame["kind"] == test_kind).to_numpy(), text_index,
+                                 max_transfer_texts, seed)
+    n_groups = n_concepts * (6 if transfer is not None else 4)
+    member_text, member_group = np.concatenate(member_text), np.concatenate(member_group)
+    # Sparse membership (one entry per (text, group) link, sorted by text), not a dense matrix.
+    by_text = np.argsort(member_text, kind="stable")
+    row_start = np.searchsorted(member_text[by_text], np.arange(len(unique_texts) + 1))
+    group_of_member = torch.as_tensor(member_group[by_text])
+    # Texts whose activations are kept: held-out rows (AUC), transfer test rows, or all when asked.
+    kept_texts = range(len(unique_texts)) if keep_activations else sorted(set(text_index[held | test_rows].tolist()))
+    slot_of = {t: k for k, t in enumerate(kept_texts)}
 
-    encoded = tokenizer(list(unique_texts), add_special_tokens=True, truncation=max_length is not None,
-                        max_length=max_length)["input_ids"]
-    order = sorted(range(len(unique_texts)), key=lambda i: len(encoded[i]))  # little padding per batch
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n_layers = len(layers)
+    encoded, truncated = encode_texts(tokenizer, list(unique_texts), max_tokens)
     hidden = int(getattr(model.config, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
+    n_layers = len(layers)
     sums = torch.zeros(n_groups, n_layers, hidden, dtype=torch.float64)
-    held_acts = torch.zeros(len(held_rows), n_layers, hidden, dtype=torch.float32)
+    kept_acts = torch.zeros(len(slot_of), n_layers, hidden, dtype=torch.float32)
 
-    for start in range(0, len(order), batch_size):
-        batch = order[start: start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # right padding; the reader handles either side
-            ids[row, : len(encoded[i])] = torch.as_tensor(encoded[i])
-            mask[row, : len(encoded[i])] = 1
-        acts = reader(ids, mask).to("cpu", torch.float64)  # [b, n_layers, hidden]
-        slices = [(row, row_start[i], row_start[i + 1]) for row, i in enumerate(batch)]
-        groups_b = torch.cat([group_of_row[a:b] for _, a, b in slices])
-        rows_b = torch.as_tensor(np.concatenate([np.full(b - a, row) for row, a, b in slices]))
-        sums.view(n_groups, -1).index_add_(0, groups_b, acts.view(len(batch), -1)[rows_b])
+    def fold(batch: Sequence[int], acts: torch.Tensor) -> None:
+        """Add a batch's activations `[b, n_layers, hidden]` to its groups' sums; keep the ones needed."""
+        acts = acts.to("cpu", torch.float64)
+        spans = [(row, row_start[i], row_start[i + 1]) for row, i in enumerate(batch)]
+        groups_b = torch.cat([group_of_member[a:b] for _, a, b in spans])
+        rows_b = torch.as_tensor(np.concatenate([np.full(b - a, row) for row, a, b in spans]))
+        sums.view(n_groups, -1).index_add_(0, groups_b, acts.reshape(len(batch), -1)[rows_b])
         for row, i in enumerate(batch):
-            slot = held_slot.get(i)
+            slot = slot_of.get(i)
             if slot is not None:
-                held_acts[slot] = acts[row].float()
-        if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
+                kept_acts[slot] = acts[row].float()
 
-    n = torch.as_tensor(np.bincount(group, minlength=n_groups), dtype=torch.float64)
-    n = n.view(len(concepts), 2, 2)  # [concept, polarity, split]
-    sums = sums.view(len(concepts), 2, 2, n_layers, hidden)
-    mean_all = sums.sum(dim=2) / n.sum(dim=2)[..., None, None]  # [concept, polarity, layer, hidden]
+    cached = precomputed or {}
+    ready = [i for i in range(len(unique_texts)) if unique_texts[i] in cached]
+    to_run = sorted((i for i in range(len(unique_texts)) if unique_texts[i] not in cached),
+                    key=lambda i: len(encoded[i]))  # length-sorted: little padding per batch
+    for start in range(0, len(ready), 256):
+        batch = ready[start: start + 256]
+        acts = torch.stack([cached[unique_texts[i]] for i in batch])
+        if acts.shape[1:] != (n_layers, hidden):
+            raise ValueError(f"precomputed activations are {tuple(acts.shape[1:])}, expected ({n_layers}, {hidden})")
+        fold(batch, acts)
+    pad_id = _pad_id(tokenizer)
+    for start in range(0, len(to_run), batch_size):
+        batch = to_run[start: start + batch_size]
+        fold(batch, reader(*padded_batch([encoded[i] for i in batch], pad_id)))
+        if progress is not None:
+            progress(len(ready) + min(start + batch_size, len(to_run)), len(unique_texts))
+
+    n = torch.as_tensor(np.bincount(member_group, minlength=n_groups), dtype=torch.float64)
+    base_n = n[: 4 * n_concepts].view(n_concepts, 2, 2)  # [concept, polarity, split]
+    base = sums[: 4 * n_concepts].view(n_concepts, 2, 2, n_layers, hidden)
+    mean_all = base.sum(dim=2) / base_n.sum(dim=2)[..., None, None]  # [concept, polarity, layer, hidden]
     diff = mean_all[:, 0] - mean_all[:, 1]  # [concept, layer, hidden]
     raw_norm = diff.norm(dim=-1)  # [concept, layer]
     scale = torch.maximum(mean_all[:, 0].norm(dim=-1), mean_all[:, 1].norm(dim=-1)).clamp_min(1e-30)
     zero = raw_norm <= 1e-6 * scale
+    unit_all = diff / raw_norm.clamp_min(1e-30)[..., None]
+    # Where the class means sit along the vector: calibrates projections of new text (0 = a typical
+    # negative, 1 = a typical positive).
+    mean_projection = torch.einsum("cplh,clh->cpl", mean_all, unit_all)
 
-    train_n = n[:, :, 0].clamp_min(1)
-    train_diff = sums[:, 0, 0] / train_n[:, 0, None, None] - sums[:, 1, 0] / train_n[:, 1, None, None]
+    train_n = base_n[:, :, 0].clamp_min(1)
+    train_diff = base[:, 0, 0] / train_n[:, 0, None, None] - base[:, 1, 0] / train_n[:, 1, None, None]
+    transfer_diff, transfer_n = None, None
+    if transfer is not None:
+        transfer_n = n[4 * n_concepts:].view(n_concepts, 2)
+        t_sums = sums[4 * n_concepts:].view(n_concepts, 2, n_layers, hidden)
+        t_means = t_sums / transfer_n.clamp_min(1)[..., None, None]
+        transfer_diff = t_means[:, 0] - t_means[:, 1]
+
+    def separation(direction: torch.Tensor, pos: list[int], neg: list[int], j: int) -> float:
+        norm = float(direction.norm())
+        if not pos or not neg or norm == 0:
+            return float("nan")
+        d = (direction / norm).float()
+        return auc((kept_acts[pos, j] @ d).numpy(), (kept_acts[neg, j] @ d).numpy())
+
     records, dropped = [], {}
     for k, concept in enumerate(concepts):
-        texts_of = {p: frame.index[(frame["emotion"] == concept) & (frame["polarity"] == p)] for p in POLARITIES}
-        held_of = {p: [held_slot[text_index[r]] for r in texts_of[p] if held[r]] for p in POLARITIES}
+        rows_of = {p: np.flatnonzero((frame["emotion"] == concept).to_numpy() & (frame["polarity"] == p).to_numpy())
+                   for p in POLARITIES}
+        held_of = {p: [slot_of[text_index[r]] for r in rows_of[p] if held[r]] for p in POLARITIES}
+        test_of = {p: [slot_of[text_index[r]] for r in rows_of[p] if test_rows[r]] for p in POLARITIES}
         for j, layer in enumerate(layers):
-            direction = train_diff[k, j]
-            norm = float(direction.norm())
-            if held_of["positive"] and held_of["negative"] and norm > 0:
-                d = (direction / norm).float()
-                separation = auc((held_acts[held_of["positive"], j] @ d).numpy(),
-                                 (held_acts[held_of["negative"], j] @ d).numpy())
-            else:
-                separation = float("nan")
-            records.append({
+            record = {
                 "emotion": concept, "layer": int(layer),
-                "n_positive": int(n[k, 0].sum()), "n_negative": int(n[k, 1].sum()),
-                "n_heldout_positive": int(n[k, 0, 1]), "n_heldout_negative": int(n[k, 1, 1]),
-                "raw_norm": float(raw_norm[k, j]), "heldout_auc": separation, "zero_norm": bool(zero[k, j]),
-            })
+                "n_positive": int(base_n[k, 0].sum()), "n_negative": int(base_n[k, 1].sum()),
+                "n_heldout_positive": int(base_n[k, 0, 1]), "n_heldout_negative": int(base_n[k, 1, 1]),
+                "raw_norm": float(raw_norm[k, j]),
+                "heldout_auc": separation(train_diff[k, j], held_of["positive"], held_of["negative"], j),
+                "zero_norm": bool(zero[k, j]),
+                "mean_projection_positive": float(mean_projection[k, 0, j]),
+                "mean_projection_negative": float(mean_projection[k, 1, j]),
+            }
+            if transfer_diff is not None and transfer_n is not None:
+                record.update({
+                    "transfer_auc": separation(transfer_diff[k, j], test_of["positive"], test_of["negative"], j)
+                    if bool((transfer_n[k] > 0).all()) else float("nan"),
+                    "n_transfer_train_positive": int(transfer_n[k, 0]),
+                    "n_transfer_train_negative": int(transfer_n[k, 1]),
+                    "n_transfer_test_positive": len(test_of["positive"]),
+                    "n_transfer_test_negative": len(test_of["negative"]),
+                })
+            records.append(record)
         if bool(zero[k].any()):
             bad_layers = [layers[j] for j in range(n_layers) if bool(zero[k, j])]
             why = f"mean(positive) equals mean(negative) at layers {bad_layers}: zero-norm direction"
@@ -409,14 +570,26 @@ def train_steering_vectors(
             dropped[concept] = why
     stats = pd.DataFrame.from_records(records)
     keep = [k for k, c in enumerate(concepts) if c not in dropped]
-    unit = diff[keep] / raw_norm[keep][..., None]
-    vectors = {layer: unit[:, j].to(torch.float32).contiguous() for j, layer in enumerate(layers)}
+    vectors = {layer: unit_all[keep][:, j].to(torch.float32).contiguous() for j, layer in enumerate(layers)}
     kept = [concepts[k] for k in keep]
     pair_counts = {c: {"positive": int(counts[(c, "positive")]), "negative": int(counts[(c, "negative")])}
                    for c in kept}
+    activations = {str(unique_texts[t]): kept_acts[slot] for t, slot in slot_of.items()} if keep_activations else None
     return SteeringVectors(kept, list(layers), vectors, pair_counts=pair_counts,
                            model=model_name if model_name is not None else _model_name(model),
-                           reduction=reduction, stats=stats, dropped=dropped)
+                           reduction=reduction, stats=stats, dropped=dropped, truncated_texts=truncated,
+                           max_tokens=max_tokens, bos_excluded=bos_id is not None, activations=activations)
+
+
+def _capped_rows(frame: pd.DataFrame, rows: np.ndarray, text_index: np.ndarray, max_texts: int,
+                 seed: int) -> np.ndarray:
+    """`rows` limited to the rows of at most `max_texts` of their texts (smallest hash first)."""
+    texts = sorted(set(text_index[rows].tolist()), key=lambda t: _stable_rank(str(seed), "transfer", str(t)))
+    if len(texts) <= max_texts:
+        return rows
+    allowed = np.zeros(int(text_index.max()) + 1, dtype=bool)
+    allowed[texts[:max_texts]] = True
+    return rows & allowed[text_index]
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,8 +645,21 @@ def readout_problems(directory: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
-def load_readout(directory: str | os.PathLike[str]) -> SteeringVectors:
-    """Read a readout written by `save_readout`; a clear error if files and manifest disagree."""
+@overload
+def load_readout(directory: str | os.PathLike[str], layout: Literal["per_layer"] = "per_layer") -> SteeringVectors: ...
+
+
+@overload
+def load_readout(directory: str | os.PathLike[str], layout: Literal["ELH"]) -> torch.Tensor: ...
+
+
+def load_readout(directory: str | os.PathLike[str], layout: str = "per_layer") -> SteeringVectors | torch.Tensor:
+    """Read a readout written by `save_readout`; a clear error if files and manifest disagree.
+
+    `layout="per_layer"`: a `SteeringVectors`; `layout="ELH"`: the seed's `[n_concepts, n_layers, hidden]`
+    tensor (concepts and layers in manifest order)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, not {layout!r}")
     directory = Path(directory)
     problems = readout_problems(directory)
     if problems:
@@ -481,7 +667,7 @@ def load_readout(directory: str | os.PathLike[str]) -> SteeringVectors:
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     tensors = safetensors_load((directory / VECTORS_FILE).read_bytes())
     layers = [int(x) for x in manifest["layers"]]
-    return SteeringVectors(
+    vectors = SteeringVectors(
         concepts=list(manifest["concepts"]),
         layers=layers,
         vectors={layer: tensors[tensor_key(layer)] for layer in layers},
@@ -490,4 +676,8 @@ def load_readout(directory: str | os.PathLike[str]) -> SteeringVectors:
         reduction=manifest.get("token_reduction", "last"),
         index_convention=manifest.get("index_convention", INDEX_CONVENTION),
         dropped=dict(manifest.get("dropped", {})),
+        truncated_texts=int(manifest.get("truncated_texts", 0)),
+        max_tokens=manifest.get("max_tokens"),
+        bos_excluded=bool(manifest.get("bos_excluded", False)),
     )
+    return vectors.as_tensor() if layout == "ELH" else vectors
