@@ -285,9 +285,30 @@ def test_readout_round_trip_and_problems(tiny_model_and_tokenizer, groups, tmp_p
 # --------------------------------------------------------------------------------------------
 
 
+def _nodes_for(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(pairs with a node id per text, a memory_nodes table: kinds alternate journal/reflection, tags
+    are the emotions a text is a positive for, scored 9)."""
+    texts = list(dict.fromkeys(pairs["text"]))
+    ids = {t: f"node-{i:03d}" for i, t in enumerate(texts)}
+    positives = pairs[pairs["polarity"] == "positive"].groupby("text")["emotion"].apply(set).to_dict()
+    nodes = pd.DataFrame({
+        "node_id": [ids[t] for t in texts],
+        "kind": ["journal" if i % 3 else "reflection" for i in range(len(texts))],
+        "text": texts,
+        "tags_json": [json.dumps({e: 9 for e in sorted(positives.get(t, set()))} or {"neutral": 5}) for t in texts],
+        "n_tags": [len(positives.get(t, ())) for t in texts],
+        "source_line": list(range(1, len(texts) + 1)),
+    })
+    return pairs.assign(node_id=pairs["text"].map(ids)), nodes
+
+
 def _seed_home(home, model, tok, pairs: pd.DataFrame, tables: dict[str, pd.DataFrame] | None = None) -> None:
     from carl_assets import storage
     from carl_assets.defs.resources import build_resources
+
+    if "node_id" not in pairs.columns or "memory_nodes" not in (tables or {}):
+        pairs, nodes = _nodes_for(pairs)
+        tables = {"memory_nodes": nodes, **(tables or {})}
 
     with build_resources(home)["artifacts"].write_dir("base_model") as folder:
         model.save_pretrained(folder)
@@ -301,7 +322,6 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
 
     model, tok = tiny_model_and_tokenizer
     rows = pd.DataFrame(_records({**groups, "rare": (groups["warmth"][0][:3], groups["warmth"][1][:3])}))
-    rows["node_id"] = [f"n{i}" for i in range(len(rows))]
     _seed_home(tmp_path, model, tok, rows)
     run_config = {"ops": {"steering_vectors": {"config": {"min_pairs_per_polarity": 5, "layers": [1, 2]}}}}
     result = dg.materialize([steering_vectors, vectors_finite_unit_norm, manifest_matches_tensors],

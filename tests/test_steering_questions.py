@@ -386,3 +386,48 @@ def test_texts_longer_than_gpt2_positions_are_truncated_and_counted(tiny_model_a
     assert json.loads((tmp_path / "manifest.json").read_text())["truncated_texts"] == long_texts
     with pytest.raises(ValueError, match="max_length"):
         train_steering_vectors(gpt2, tok, rows, layers=[1], max_length=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The asset: auto layers, selection, transfer, cross-talk and projections in tables and metadata
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_asset_answers_the_open_questions(tiny_model_and_tokenizer, tiny_texts, tmp_path):
+    import dagster as dg
+    from test_steering import _seed_home
+
+    from carl_assets import storage
+    from carl_assets.defs.resources import build_resources
+    from carl_assets.defs.steering import steering_vectors
+
+    model, tok = tiny_model_and_tokenizer
+    marked = [t + " warm kitchen warm" for t in tiny_texts]
+    pairs = pd.DataFrame(_rows("warmth", marked[:40], tiny_texts[40:80]) + _rows("love", marked[:30], tiny_texts[50:80])
+                         + _rows("anger", tiny_texts[60:75], tiny_texts[:15]) + _rows("awe", tiny_texts[:11], tiny_texts[80:91]))
+    _seed_home(tmp_path, model, tok, pairs)
+    held = tmp_path / "conversation.txt"
+    held.write_text("the warm kitchen warm and a quiet morning\nthe broken build, again\n")
+    config = {"layer_selection": "auto", "auto_k": 1, "min_pairs_per_polarity": 10, "top_n_emotions": 2,
+              "emotions": ["awe", "wonder"], "heldout_text_file": str(held), "sweep_max_per_group": 16}
+    result = dg.materialize([steering_vectors], resources=build_resources(tmp_path),
+                            run_config={"ops": {"steering_vectors": {"config": config}}})
+    assert result.success
+    meta = {k: v.value for k, v in result.asset_materializations_for_node("steering_vectors")[0].metadata.items()}
+    # top 2 by positives (warmth 40, love 30) plus the curated awe; wonder is not in the data
+    assert meta["concepts"] == 3 and meta["emotion_selection"]["missing_curated"] == ["wonder"]
+    assert meta["emotion_selection"]["not_selected"] == ["anger"]
+    db = storage.database_path(tmp_path)
+    sweep = storage.read_table(db, "steering_layer_sweep")
+    assert sorted(sweep["layer"]) == [1, 2] and int(sweep["chosen"].sum()) == 1
+    assert meta["layers"] == [int(sweep.loc[sweep["rank"] == 1, "layer"].item())]
+    cross = storage.read_table(db, "steering_cross_talk")
+    assert len(cross) == 3 and cross["cosine"].between(-1, 1).all()
+    stats = storage.read_table(db, "steering_vector_stats")
+    assert stats["transfer_auc"].notna().all() and meta["transfer"] == "journal -> reflection"
+    projections = storage.read_table(db, "steering_heldout_projections")
+    assert len(projections) == 2 * 3 and meta["heldout_texts"] == 2
+    for plot in ("auc_vs_depth", "cross_talk", "auc_by_layer"):
+        assert meta[plot].startswith(f"![{plot}](data:image/png;base64,")
+    assert "VLLM_READOUT_VECTORS=" in meta["vllm_env"]

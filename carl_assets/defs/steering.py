@@ -2,6 +2,7 @@
 
 import json
 import math
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -13,14 +14,23 @@ from pydantic import Field
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
 from carl_assets.models.loading import load_model_and_tokenizer
-from carl_assets.plotting import figure_png, plt
+from carl_assets.plotting import figure_png, line_plot, plt
 from carl_assets.steering import (
     MANIFEST_FILE,
     VECTORS_FILE,
+    VLLM_ENV,
+    default_layers,
+    find_decoder_blocks,
     readout_problems,
     save_readout,
     train_steering_vectors,
 )
+from carl_assets.steering.crosstalk import cosine_matrix, cross_talk, tag_cooccurrence
+from carl_assets.steering.layers import LayerSweep, sweep_layers
+from carl_assets.steering.projection import PROJECTION_COLUMNS, project_texts, read_text_file
+from carl_assets.steering.selection import select_emotions
+
+LAYER_SELECTIONS = ("depth", "auto")
 
 
 class SteeringConfig(dg.Config):
@@ -42,7 +52,35 @@ class SteeringConfig(dg.Config):
     heldout_fraction: float = Field(default=0.2, description="share of each emotion's pairs held out for the AUC")
     max_heldout_per_polarity: int = Field(default=64, description="cap on held-out texts per emotion and polarity")
     seed: int = Field(default=0, description="seed of the deterministic held-out split")
-    max_length: int = Field(default=512, description="texts are truncated to this many tokens")
+    max_length: int = Field(
+        default=512, description="texts are truncated to this many tokens (and to the model's position table); "
+        "the number cut is reported as truncated_texts")
+    layer_selection: str = Field(
+        default="depth",
+        description="'depth': `layers`, or four layers spread by depth when empty; 'auto': sweep every layer "
+        "1..L on a subsample of the pairs and keep the `auto_k` with the best held-out AUC (ignores `layers`)",
+    )
+    auto_k: int = Field(default=4, description="layers kept by layer_selection 'auto'")
+    sweep_max_per_group: int = Field(
+        default=48, description="layer sweep subsample: pairs per emotion and polarity (one text ranking shared)")
+    sweep_max_texts: int = Field(default=512, description="layer sweep subsample: at most this many unique texts")
+    top_n_emotions: int = Field(
+        default=0, description="data-driven selection: keep the N emotions with the most positive pairs (0 = all)")
+    emotions: list[str] = Field(
+        default=[], description="curated selection: emotions always kept when the data has them (with "
+        "top_n_emotions: the union; neither: every emotion)")
+    exclude_bos: bool = Field(
+        default=True, description="leave a leading BOS token out of the 'mean' reduction (its large activation "
+        "adds a length-dependent direction on real models)")
+    transfer_train_kind: str = Field(
+        default="journal", description="generalisation check: a direction from pairs of nodes of this kind only...")
+    transfer_test_kind: str = Field(
+        default="reflection", description="...scored (transfer_auc) on nodes of this kind; either empty = off")
+    heldout_text_file: str = Field(
+        default="", description="a text file (one text per line) to project on the vectors: table "
+        "steering_heldout_projections (raw and calibrated: 0 = typical negative, 1 = typical positive)")
+    cooccurrence_min_score: int = Field(
+        default=8, description="cross-talk: a node counts as having an emotion when scored at least this")
 
 
 def _auc_plot(stats: pd.DataFrame) -> bytes:
@@ -62,73 +100,180 @@ def _auc_plot(stats: pd.DataFrame) -> bytes:
     return figure_png(fig)
 
 
+def _auc_vs_depth_plot(stats: pd.DataFrame, n_blocks: int, sweep: LayerSweep | None) -> bytes:
+    """Mean AUC over emotions against depth: held-out (all pairs), transfer to an unseen kind, and the
+    sweep's subsample over every layer when `auto` ran."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    if sweep is not None:
+        by = sweep.by_layer.sort_values("layer")
+        series["held-out AUC, sweep subsample (all layers)"] = (by["layer"].tolist(), by["mean_auc"].tolist())
+    by_layer = stats.groupby("layer").mean(numeric_only=True).sort_index()
+    series["held-out AUC, all pairs"] = (by_layer.index.tolist(), by_layer["heldout_auc"].tolist())
+    if "transfer_auc" in by_layer and by_layer["transfer_auc"].notna().any():
+        series["transfer AUC (unseen node kind)"] = (by_layer.index.tolist(), by_layer["transfer_auc"].tolist())
+    marks = {"chosen" if i == 0 else f"chosen {i}": float(x) for i, x in enumerate(sweep.chosen)} if sweep else {}
+    return line_plot(series, f"AUC against depth ({n_blocks} blocks; 0.5 = chance)", "layer (residual index)",
+                     "mean AUC over emotions", vlines=marks, hlines={"chance": 0.5})
+
+
+def _cross_talk_plot(cos: np.ndarray, co: np.ndarray, concepts: list[str], layer: int) -> bytes:
+    """Cosine of the vectors at `layer` beside the tags' co-occurrence, and one against the other."""
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 4.6))
+    for ax, grid, title in ((axes[0], cos, f"cosine between vectors, layer {layer}"),
+                            (axes[1], co, "tag co-occurrence (phi)")):
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+        ax.set_xticks(range(len(concepts)), concepts, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(concepts)), concepts, fontsize=7)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    upper = np.triu_indices(len(concepts), k=1)
+    axes[2].scatter(co[upper], cos[upper], s=10)
+    axes[2].set_xlabel("tag co-occurrence (phi)")
+    axes[2].set_ylabel("cosine between vectors")
+    axes[2].set_title("each emotion pair")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _select(pairs: pd.DataFrame, config: SteeringConfig, context: dg.AssetExecutionContext
+            ) -> tuple[pd.DataFrame, dict[str, dict[str, int]], dict[str, Any]]:
+    """Emotions with enough pairs, then the configured selection (top N by positive pairs, curated)."""
+    counts = pairs.groupby(["emotion", "polarity"]).size().unstack(fill_value=0)
+    counts = counts.reindex(columns=["positive", "negative"], fill_value=0)
+    enough = (counts["positive"] >= config.min_pairs_per_polarity) & (counts["negative"] >= config.min_pairs_per_polarity)
+    skipped = {e: {"positive": int(r.positive), "negative": int(r.negative)} for e, r in counts[~enough].iterrows()}
+    if skipped:
+        context.log.warning(f"skipping {len(skipped)} emotions with < {config.min_pairs_per_polarity} pairs: {skipped}")
+    positives = {str(e): int(counts.at[e, "positive"]) for e in counts.index[enough]}
+    if not positives:
+        raise ValueError(f"no emotion has at least {config.min_pairs_per_polarity} pairs of each polarity "
+                         f"(counts: {counts.to_dict('index')})")
+    kept, why, missing = select_emotions(positives, config.top_n_emotions, config.emotions)
+    if missing:
+        context.log.warning(f"curated emotions without enough pairs in the data: {missing}")
+    selection = {"why": why, "missing_curated": missing,
+                 "not_selected": sorted(set(positives) - set(kept))}
+    return pairs[pairs["emotion"].isin(kept)], skipped, selection
+
+
 @dg.asset(
     group_name="steering",
     deps=["emotion_training_pairs", "base_model"],
     kinds={"pytorch", "safetensors", "duckdb"},
     description="Amygdala readout vectors (CAA): per emotion and layer, mean(positive) - mean(negative) of the "
     "residual stream, unit length; artifacts/steering_vectors/vectors.safetensors (layer_<idx>.vectors, "
-    "[n_concepts, hidden] float32) + manifest.json for a vLLM readout; table steering_vector_stats "
-    "(pair counts, raw norm, held-out AUC per emotion and layer).",
+    "[n_concepts, hidden] float32) + manifest.json for a vLLM readout; tables steering_vector_stats "
+    "(pair counts, raw norm, held-out AUC and transfer AUC to an unseen node kind per emotion and layer), "
+    "steering_layer_sweep (layer 'auto'), steering_cross_talk (cosine vs tag co-occurrence), "
+    "steering_heldout_projections (a user's text file).",
 )
 def steering_vectors(context: dg.AssetExecutionContext, config: SteeringConfig, duckdb: DuckDBResource,
                      artifacts: ArtifactStore) -> dg.MaterializeResult:
-    pairs = read_table(duckdb, "emotion_training_pairs")
-    counts = pairs.groupby(["emotion", "polarity"]).size().unstack(fill_value=0)
-    counts = counts.reindex(columns=["positive", "negative"], fill_value=0)
-    enough = (counts["positive"] >= config.min_pairs_per_polarity) & (counts["negative"] >= config.min_pairs_per_polarity)
-    skipped = {e: {"positive": int(r.positive), "negative": int(r.negative)} for e, r in counts[~enough].iterrows()}
-    kept = sorted(counts.index[enough])
-    if not kept:
-        raise ValueError(f"no emotion has at least {config.min_pairs_per_polarity} pairs of each polarity "
-                         f"(counts: {counts.to_dict('index')})")
-    if skipped:
-        context.log.warning(f"skipping {len(skipped)} emotions with < {config.min_pairs_per_polarity} pairs: {skipped}")
-    pairs = pairs[pairs["emotion"].isin(kept)]
+    if config.layer_selection not in LAYER_SELECTIONS:
+        raise ValueError(f"layer_selection must be one of {list(LAYER_SELECTIONS)}, not {config.layer_selection!r}")
+    pairs, skipped, selection = _select(read_table(duckdb, "emotion_training_pairs"), config, context)
+    # memory_nodes is upstream of the pairs: it gives each pair's node kind and the tags' co-occurrence.
+    nodes = read_table(duckdb, "memory_nodes")
+    pairs = pairs.merge(nodes[["node_id", "kind"]], on="node_id", how="left").fillna({"kind": "unknown"})
+    transfer = (config.transfer_train_kind, config.transfer_test_kind)
+    transfer_on = all(transfer) and set(transfer) <= set(pairs["kind"])
+    if all(transfer) and not transfer_on:
+        context.log.warning(f"transfer check off: the pairs have no nodes of kind {set(transfer) - set(pairs['kind'])}")
 
     model_dir = artifacts.require("base_model")
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    context.log.info(f"{len(pairs)} pairs over {len(kept)} emotions, {pairs['text'].nunique()} unique texts")
+    n_blocks = len(find_decoder_blocks(model))
+    context.log.info(f"{len(pairs)} pairs over {pairs['emotion'].nunique()} emotions, "
+                     f"{pairs['text'].nunique()} unique texts")
 
     def progress(done: int, total: int) -> None:
         if done == total or done % (config.batch_size * 10) == 0:
             context.log.info(f"forward passes: {done}/{total} unique texts")
 
+    common = {"batch_size": config.batch_size, "reduction": config.reduction, "seed": config.seed,
+              "max_length": config.max_length, "exclude_bos": config.exclude_bos}
+    sweep, precomputed = None, None
     with torch.inference_mode():
+        if config.layer_selection == "auto":
+            sweep = sweep_layers(model, tokenizer, pairs, k=config.auto_k, max_per_group=config.sweep_max_per_group,
+                                 max_texts=config.sweep_max_texts, **common)
+            layers, precomputed = sweep.chosen, sweep.precomputed(sweep.chosen)
+            context.log.info(f"layer sweep on {sweep.subsample_texts} texts: chosen {layers}")
+        else:
+            layers = config.layers or default_layers(n_blocks)
         vectors = train_steering_vectors(
-            model, tokenizer, pairs, layers=config.layers or None, batch_size=config.batch_size,
-            reduction=config.reduction, heldout_fraction=config.heldout_fraction,
-            max_heldout_per_polarity=config.max_heldout_per_polarity, seed=config.seed,
-            max_length=config.max_length, on_zero_norm="drop", model_name=str(model_dir), progress=progress,
+            model, tokenizer, pairs, layers=layers, heldout_fraction=config.heldout_fraction,
+            max_heldout_per_polarity=config.max_heldout_per_polarity, on_zero_norm="drop",
+            model_name=str(model_dir), progress=progress, transfer=transfer if transfer_on else None,
+            precomputed=precomputed, **common,
         )
+        texts = read_text_file(config.heldout_text_file) if config.heldout_text_file else []
+        projections = project_texts(model, tokenizer, vectors, texts, batch_size=config.batch_size,
+                                    max_length=config.max_length, exclude_bos=config.exclude_bos)
     stats = vectors.stats.copy()
+    tags = [json.loads(t) for t in nodes["tags_json"]]
+    cross, relation = cross_talk(vectors, tags, config.cooccurrence_min_score)
+    sweep_table = sweep.by_layer.assign(chosen=sweep.by_layer["layer"].isin(sweep.chosen)) if sweep else \
+        pd.DataFrame(columns=["layer", "mean_auc", "emotions", "rank", "chosen"])
     with artifacts.write_dir("steering_vectors") as tmp:
-        save_readout(vectors, tmp, extra={"skipped": skipped, "min_pairs_per_polarity": config.min_pairs_per_polarity})
-    write_tables(duckdb, {"steering_vector_stats": stats})
+        save_readout(vectors, tmp, extra={"skipped": skipped, "min_pairs_per_polarity": config.min_pairs_per_polarity,
+                                          "selection": selection, "layer_selection": config.layer_selection})
+    write_tables(duckdb, {"steering_vector_stats": stats, "steering_layer_sweep": sweep_table,
+                          "steering_cross_talk": cross,
+                          "steering_heldout_projections": projections.reindex(columns=PROJECTION_COLUMNS)})
     folder = artifacts.path("steering_vectors")
 
-    by_layer = stats.groupby("layer").agg(mean_auc=("heldout_auc", "mean"), mean_raw_norm=("raw_norm", "mean"))
-    best_layer = int(by_layer["mean_auc"].idxmax()) if by_layer["mean_auc"].notna().any() else vectors.layers[-1]
-    mean_auc = {str(k): (None if math.isnan(v) else round(float(v), 4)) for k, v in by_layer["mean_auc"].items()}
-    return materialized(
-        folder / VECTORS_FILE, stats, config=config,
-        metadata={
-            "path": dg.MetadataValue.path(str(folder)),
-            "concepts": len(vectors.concepts),
-            "layers": dg.MetadataValue.json(vectors.layers),
-            "hidden_size": vectors.hidden_size,
-            "shape_per_layer": f"[{len(vectors.concepts)}, {vectors.hidden_size}]",
-            "token_reduction": vectors.reduction,
-            "unique_texts": int(pairs["text"].nunique()),
-            "pairs": len(pairs),
-            "skipped_emotions": dg.MetadataValue.json(skipped),
-            "dropped_zero_norm": dg.MetadataValue.json(vectors.dropped),
-            "mean_heldout_auc_by_layer": dg.MetadataValue.json(mean_auc),
-            "best_layer": best_layer,
-            "stats": table_preview(stats.round(4), rows=len(stats)),
-        },
-        plots={"auc_by_layer": _auc_plot(stats)},
-    )
+    by_layer = stats.groupby("layer").mean(numeric_only=True)
+    best_layer = int(by_layer["heldout_auc"].idxmax()) if by_layer["heldout_auc"].notna().any() else vectors.layers[-1]
+
+    def rounded(series: pd.Series) -> dict[str, float | None]:
+        return {str(k): (None if math.isnan(v) else round(float(v), 4)) for k, v in series.items()}
+
+    metadata: dict[str, Any] = {
+        "path": dg.MetadataValue.path(str(folder)),
+        "concepts": len(vectors.concepts),
+        "layers": dg.MetadataValue.json(vectors.layers),
+        "layer_selection": config.layer_selection,
+        "hidden_size": vectors.hidden_size,
+        "shape_per_layer": f"[{len(vectors.concepts)}, {vectors.hidden_size}]",
+        "token_reduction": vectors.reduction,
+        "bos_excluded": vectors.bos_excluded,
+        "max_tokens": vectors.max_tokens if vectors.max_tokens is not None else -1,
+        "truncated_texts": vectors.truncated_texts,
+        "unique_texts": int(pairs["text"].nunique()),
+        "pairs": len(pairs),
+        "skipped_emotions": dg.MetadataValue.json(skipped),
+        "emotion_selection": dg.MetadataValue.json(selection),
+        "dropped_zero_norm": dg.MetadataValue.json(vectors.dropped),
+        "mean_heldout_auc_by_layer": dg.MetadataValue.json(rounded(by_layer["heldout_auc"])),
+        "best_layer": best_layer,
+        "cross_talk_by_layer": table_preview(relation.round(4), rows=len(relation)),
+        "vllm_env": dg.MetadataValue.md("\n".join(
+            ["```bash"] + [f"export {k}={folder / v}" for k, v in VLLM_ENV.items()] + ["```"])),
+        "stats": table_preview(stats.round(4), rows=len(stats)),
+    }
+    if transfer_on:
+        metadata["transfer"] = f"{transfer[0]} -> {transfer[1]}"
+        metadata["mean_transfer_auc_by_layer"] = dg.MetadataValue.json(rounded(by_layer["transfer_auc"]))
+    if sweep is not None:
+        metadata["layer_sweep"] = table_preview(sweep_table.round(4), rows=len(sweep_table))
+        metadata["sweep_subsample_texts"] = sweep.subsample_texts
+    if len(projections):
+        top = projections[projections["layer"] == best_layer].sort_values("calibrated", ascending=False)
+        metadata["heldout_projections_top"] = table_preview(
+            top.groupby("text_index").head(3).sort_values(["text_index", "calibrated"], ascending=[True, False])
+            .round(3), rows=30)
+        metadata["heldout_texts"] = len(texts)
+    names = list(vectors.concepts)
+    plots = {
+        "auc_by_layer": _auc_plot(stats),
+        "auc_vs_depth": _auc_vs_depth_plot(stats, n_blocks, sweep),
+        "cross_talk": _cross_talk_plot(cosine_matrix(vectors, best_layer),
+                                       tag_cooccurrence(tags, names, config.cooccurrence_min_score), names,
+                                       best_layer),
+    }
+    return materialized(folder / VECTORS_FILE, stats, config=config, metadata=metadata, plots=plots)
 
 
 @dg.asset_check(asset=steering_vectors, blocking=True,
