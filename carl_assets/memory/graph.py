@@ -17,7 +17,15 @@ Bad data never stops the load: malformed JSON, unknown record types, invalid fie
 names (the first one wins), duplicate relations, relations to missing nodes and bad tag tokens each
 become a row of ``rejects`` with the line number and the reason. A bad tag token (``warmth:high``,
 ``:9``, ``warmth:99``, ``self-doubt:3``) rejects only that token: the node is kept with its valid
-tags, because its text is still good data. Only an unreadable source raises (`MemorySourceError`).
+tags, because its text is still good data. Lines that are not valid UTF-8, and strings that UTF-8
+cannot hold (a lone surrogate from a JSON escape such as ``"\\ud800"``), are rejects too: they would
+break the DuckDB tables. Names may hold any other character, newlines and quotes included (they are
+data, stored as such; emotion names alone are restricted to plain words, see `EMOTION_NAME`).
+
+Accounting, for a JSONL source: every non-blank line is either a node or an edge (its
+``source_line``) or a reject (its ``line``); a node kept despite bad tag tokens is both, with one
+reject per bad token. Blank (whitespace-only) lines are padding: they count in the numbering and
+appear nowhere else. Only an unreadable source raises (`MemorySourceError`).
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ import pandas as pd
 
 MIN_SCORE = 0
 MAX_SCORE = 10
-# Emotion names reach file names and SQL: lower-case letters and underscores only.
-EMOTION_NAME = re.compile(r"^[a-z][a-z_]{0,63}$")
+# Emotion names reach file names and SQL: lower-case letters and underscores only. `\Z`, not `$`:
+# `$` also matches before a trailing newline, so "joy\n" would pass `.match`.
+EMOTION_NAME = re.compile(r"^[a-z][a-z_]{0,63}\Z")
 # A tag token is anything with exactly one colon; a line made only of such tokens is a tag line.
 _TOKEN_SHAPE = re.compile(r"^[^\s:]*:[^\s:]*$")
 _SCORE = re.compile(r"^\d{1,3}$")
@@ -45,6 +54,7 @@ EDGE_COLUMNS = ["src", "dst", "relation", "source_line"]
 REJECT_COLUMNS = ["source", "line", "reason", "raw"]
 PAIR_COLUMNS = ["emotion", "polarity", "text", "node_id"]
 _RAW_LIMIT = 2000
+_SHOW_LIMIT = 120  # a name or value quoted in a reject reason is cut to this many characters
 
 
 class MemorySourceError(ValueError):
@@ -74,14 +84,19 @@ def normalise_emotion(name: str) -> str | None:
     return name if EMOTION_NAME.match(name) else None
 
 
+def _looks_like_tag(token: str) -> bool:
+    """`name:value` with a name that does not start with a digit: "warmth:9", "warmth:high" and
+    "../../x:9" do; "10:30" and "Time:" do not."""
+    name, _, value = token.partition(":")
+    return bool(name) and bool(value) and not name[0].isdigit()
+
+
 def _is_tag_line(line: str) -> bool:
     tokens = line.split()
-    # Every token is `something:something`, and at least one looks like `word:value` (a name that
-    # starts with a letter, a value after the colon), so that "Time: 10:30" stays prose while
-    # "warmth:high" is a (bad) tag line.
-    return bool(tokens) and all(_TOKEN_SHAPE.match(t) for t in tokens) and any(
-        t[:1].isalpha() and not t.endswith(":") for t in tokens
-    )
+    # Every token is `something:something`, and at least one looks like a tag, so that "Time: 10:30"
+    # stays prose while "warmth:high" or "../../etc:9" is a (bad) tag line whose tokens are refused
+    # with a reason instead of passing silently into the training text.
+    return bool(tokens) and all(_TOKEN_SHAPE.match(t) for t in tokens) and any(_looks_like_tag(t) for t in tokens)
 
 
 def parse_tag_line(line: str) -> TagLine | None:
@@ -99,7 +114,7 @@ def parse_tag_line(line: str) -> TagLine | None:
         if not raw_name:
             parsed.bad.append((token, "missing emotion name"))
         elif name is None:
-            parsed.bad.append((token, f"emotion name {raw_name!r} is not a plain word (letters and underscores)"))
+            parsed.bad.append((token, f"emotion name {_show(raw_name)} is not a plain word (letters and underscores)"))
         elif not _SCORE.match(raw_score):
             parsed.bad.append((token, f"score {raw_score!r} is not an integer"))
         elif not MIN_SCORE <= int(raw_score) <= MAX_SCORE:
@@ -124,6 +139,24 @@ def parse_tags(text: str) -> dict[str, int]:
     are dropped. `parse_tags("note\\nwarmth:9 Love:8 joy:high")` is `{"warmth": 9, "love": 8}`."""
     parsed = split_tag_line(text)[1]
     return dict(parsed.tags) if parsed is not None else {}
+
+
+def _show(value: Any) -> str:
+    """`repr(value)` cut to a readable length: reasons quote names, and a hostile name can be 1 MB."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else f"{text[:_SHOW_LIMIT - 3]}..."
+
+
+def _unencodable(values: Iterable[str]) -> str | None:
+    """The first string that UTF-8 cannot encode (a lone surrogate from a JSON escape like "\\ud800"),
+    or None. Such a string would break the Arrow/DuckDB write of the whole table."""
+    for value in values:
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{_show(value)} is not valid Unicode ({exc.reason} at character {exc.start})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +212,10 @@ class _Builder:
     first_line: dict[str, int] = field(default_factory=dict)
 
     def reject(self, line: int, reason: str, raw: str) -> None:
-        self.rejects.append({"source": self.source, "line": int(line), "reason": reason, "raw": raw[:_RAW_LIMIT]})
+        raw = raw[:_RAW_LIMIT]
+        if _unencodable([raw]):  # keep the evidence, written so that the table can hold it
+            raw = raw.encode("utf-8", "backslashreplace").decode("utf-8")
+        self.rejects.append({"source": self.source, "line": int(line), "reason": reason, "raw": raw})
 
     def add(self, line: int, record: Any, raw: str) -> None:
         if not isinstance(record, dict):
@@ -187,27 +223,31 @@ class _Builder:
         elif record.get("type") == "entity":
             self._entity(line, record, raw)
         elif record.get("type") == "relation":
-            self.relations.append((line, raw, record))
+            # only the first _RAW_LIMIT characters are ever kept: no second copy of a long line
+            self.relations.append((line, raw[:_RAW_LIMIT], record))
         else:
-            self.reject(line, f"unknown record type {record.get('type')!r}", raw)
+            self.reject(line, f"unknown record type {_show(record.get('type'))}", raw)
 
     def _entity(self, line: int, record: dict[str, Any], raw: str) -> None:
         name, kind, observations = record.get("name"), record.get("entityType", ""), record.get("observations", [])
         if not isinstance(name, str) or not name.strip():
             return self.reject(line, "entity without a name", raw)
         if not isinstance(kind, str):
-            return self.reject(line, f"entity {name!r}: entityType is not a string", raw)
+            return self.reject(line, f"entity {_show(name)}: entityType is not a string", raw)
         if not isinstance(observations, list) or not all(isinstance(o, str) for o in observations):
-            return self.reject(line, f"entity {name!r}: observations is not a list of strings", raw)
+            return self.reject(line, f"entity {_show(name)}: observations is not a list of strings", raw)
+        if bad := _unencodable([name, kind, *observations]):
+            return self.reject(line, f"entity {_show(name)}: {bad}", raw)
         if name in self.first_line:
-            return self.reject(line, f"duplicate node name {name!r} (first at line {self.first_line[name]})", raw)
+            return self.reject(line, f"duplicate node name {_show(name)} (first at line {self.first_line[name]})", raw)
         self.first_line[name] = line
         text, tag_line = split_tag_line("\n".join(observations))
         tags: dict[str, int] = {}
         if tag_line is not None:
             tags = tag_line.tags
             for token, why in tag_line.bad:
-                self.reject(line, f"bad tag token {token!r} in node {name!r}: {why} (node kept with its valid tags)", raw)
+                self.reject(line, f"bad tag token {_show(token)} in node {_show(name)}: {why} "
+                                  "(node kept with its valid tags)", raw)
         self.nodes.append({
             "node_id": name,
             "kind": kind.strip().lower() or "unknown",
@@ -223,10 +263,13 @@ class _Builder:
             src, dst, rel = record.get("from"), record.get("to"), record.get("relationType", "")
             if not all(isinstance(v, str) for v in (src, dst, rel)) or not src or not dst:
                 self.reject(line, "relation needs string 'from', 'to' and 'relationType'", raw)
+            elif bad := _unencodable([src, dst, rel]):
+                self.reject(line, f"relation {_show(src)} -> {_show(dst)}: {bad}", raw)
             elif missing := [n for n in (src, dst) if n not in self.first_line]:
-                self.reject(line, f"relation {src!r} -> {dst!r} refers to missing node(s) {missing}", raw)
+                self.reject(line, f"relation {_show(src)} -> {_show(dst)} refers to missing node(s) "
+                                  f"{_show(missing)}", raw)
             elif (src, dst, rel) in seen:
-                self.reject(line, f"duplicate relation {src!r} -{rel}-> {dst!r}", raw)
+                self.reject(line, f"duplicate relation {_show(src)} -[{_show(rel)}]-> {_show(dst)}", raw)
             else:
                 seen.add((src, dst, rel))
                 edges.append({"src": src, "dst": dst, "relation": rel, "source_line": int(line)})
@@ -255,7 +298,9 @@ def graph_from_records(records: Iterable[tuple[int, Any, str]], source: str) -> 
     parse is passed as an `Exception` and becomes a reject."""
     builder = _Builder(source)
     for line, record, raw in records:
-        if isinstance(record, Exception):
+        if isinstance(record, _BadLine):
+            builder.reject(line, str(record), raw)
+        elif isinstance(record, Exception):
             builder.reject(line, f"malformed JSON: {record}", raw)
         else:
             builder.add(line, record, raw)
@@ -275,21 +320,40 @@ def graph_from_mcp_graph(graph: dict[str, Any], source: str) -> MemoryGraph:
     )
 
 
+class _BadLine(ValueError):
+    """A line that is not a record (invalid UTF-8, malformed or too deeply nested JSON)."""
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str]]:
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            raw = line.rstrip("\n")
+    """`(line number, record or _BadLine, raw text)` per non-blank line, streamed: one line in memory
+    at a time. Lines end at "\n" only (as the memory server writes them; a "\r\n" ending is accepted),
+    so a stray "\r" or U+2028 inside a line never shifts the line numbers."""
+    with path.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            data = data.removesuffix(b"\n").removesuffix(b"\r")
+            if number == 1:
+                data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not data
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, _BadLine(f"not valid UTF-8 at byte {exc.start}"), data.decode("utf-8", "replace")
+                continue
             if not raw.strip():
-                continue  # blank lines are padding, not data
+                continue  # blank lines are padding, not data: they are neither nodes nor rejects
             try:
                 yield number, json.loads(raw), raw
-            except json.JSONDecodeError as exc:
-                yield number, exc, raw
+            except RecursionError:
+                yield number, _BadLine("malformed JSON: nested too deeply"), raw
+            except ValueError as exc:  # JSONDecodeError, and integers longer than Python reads
+                yield number, _BadLine(f"malformed JSON: {exc}"), raw
 
 
 def read_jsonl(path: str | Path, source: str | None = None) -> MemoryGraph:
+    """The graph of a memory-server JSONL file, read line by line (memory: the tables, not the file)."""
     path = Path(path).expanduser()
     source = source or f"jsonl:{path}"
+    if path.is_dir():
+        raise MemorySourceError(source, f"{str(path)!r} is a folder, not a JSONL file")
     if not path.is_file():
         raise MemorySourceError(source, f"no such file {str(path)!r}")
     try:
@@ -390,6 +454,8 @@ def extract_training_pairs(
     texts = [str(t).strip() for t in graph.nodes["text"].tolist()]
     ids = graph.nodes["node_id"].tolist()
     all_tags = graph.tags()
+    # tags may come back from the tables (graph_from_tables): check the names again before they
+    # become pair labels, and from there file names and SQL
     emotions = sorted({e for tags in all_tags for e in tags if EMOTION_NAME.match(e)})
     rows: list[dict[str, Any]] = []
     for emotion in emotions:

@@ -1,0 +1,280 @@
+"""Hostile input: malformed and adversarial memory graphs, non-finite logits, dangerous model folders,
+misbehaving MCP servers, and a 100 MB memory file.
+
+Memory-graph accounting rule (see `carl_assets.memory.graph`): every non-blank line is a node, an
+edge or a reject — nothing is lost; blank lines are padding and appear nowhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from carl_assets import storage
+from carl_assets.memory.graph import (
+    EMOTION_NAME,
+    MemorySourceError,
+    extract_training_pairs,
+    graph_from_mcp_graph,
+    load_graph,
+    parse_tag_line,
+)
+
+# ============================================================================================
+# Memory graph: a property test over JSONL lines and tag lines
+# ============================================================================================
+
+HOSTILE_WORDS = [
+    "../../x", "..", "/etc/passwd", "x'; DROP TABLE memory_nodes;--", "'", '"', "Robert'); --", "a\nb", "\r\n",
+    "\x00", "\u2028", "\ufeff", "\u202e", "Joy", "joy", "self-doubt", "😀", "\\", "%s", "{}", "NaN", "",
+    " ", "warmth", "x" * 300,
+]
+# any characters, lone surrogates included (a JSON escape like "\ud800" produces one)
+any_text = st.one_of(
+    st.text(st.characters(codec=None, categories=None), max_size=30),
+    st.sampled_from(HOSTILE_WORDS),
+)
+tag_name = st.one_of(st.sampled_from(["warmth", "joy", "clarity", "self_doubt", "Love", "../../x", "o'neil",
+                                      '"joy"', "joy;drop", "x\u0301", "", "9lives"]),
+                     st.text(st.characters(exclude_characters=":"), max_size=12)).filter(
+    lambda name: ":" not in name and not any(c.isspace() for c in name))
+tag_value = st.one_of(st.integers(-3, 14).map(str), st.sampled_from(["high", "", "1e3", "07", "٣"]))
+tag_line = st.lists(st.tuples(tag_name, tag_value).map(lambda t: f"{t[0]}:{t[1]}"), min_size=1, max_size=5).map(
+    " ".join
+)
+json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), any_text)
+
+
+@st.composite
+def entity(draw, names: list[str]) -> dict:
+    name = draw(st.one_of(any_text, json_scalar, *([st.sampled_from(names)] if names else [])))
+    observations = draw(st.one_of(st.lists(any_text, max_size=3), json_scalar, st.lists(json_scalar, max_size=2)))
+    if isinstance(observations, list) and draw(st.booleans()):
+        observations = [*observations, draw(tag_line)]
+    record = {"type": "entity", "name": name, "entityType": draw(st.one_of(any_text, json_scalar)),
+              "observations": observations}
+    if isinstance(name, str):
+        names.append(name)
+    for key in draw(st.sets(st.sampled_from(["name", "entityType", "observations"]), max_size=1)):
+        del record[key]
+    return record
+
+
+@st.composite
+def relation(draw, names: list[str]) -> dict:
+    end = st.sampled_from(names) if names else any_text
+    return {"type": "relation", "from": draw(st.one_of(end, json_scalar)), "to": draw(st.one_of(end, json_scalar)),
+            "relationType": draw(st.one_of(st.sampled_from(["relates_to", "'; --"]), any_text, json_scalar))}
+
+
+def _encode(text: str) -> bytes:
+    # surrogatepass: a lone surrogate written raw makes a line that is not valid UTF-8
+    return text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def jsonl_lines(draw) -> tuple[list[bytes], list[dict]]:
+    """Lines of a memory file (bytes, no newline inside) and the records among them, in order."""
+    names: list[str] = []
+    lines: list[bytes] = []
+    records: list[dict] = []
+    for _ in range(draw(st.integers(0, 14))):
+        kind = draw(st.sampled_from(["entity", "entity", "relation", "relation", "garbage", "blank", "other"]))
+        if kind in ("entity", "relation"):
+            record = draw(entity(names) if kind == "entity" else relation(names))
+            records.append(record)
+            lines.append(_encode(json.dumps(record, ensure_ascii=draw(st.booleans()))))
+        elif kind == "garbage":
+            lines.append(draw(st.one_of(
+                st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
+                any_text.map(lambda t: _encode(t.replace("\n", " "))),
+                st.sampled_from([b'{"type": "entity", "name": "cut', b"[" * 5000, b"1" * 5000, b"NaN", b"[]",
+                                 b'"entity"', b'{"type": null}', b"\xef\xbb\xbf{}", b"\xff\xfe", b"{}\r"]),
+                json_scalar.map(lambda v: _encode(json.dumps(v))),
+            )))
+        elif kind == "blank":
+            lines.append(draw(st.sampled_from([b"", b"   ", b"\t", b"\r"])))
+        else:
+            lines.append(_encode(json.dumps({"type": draw(any_text), "name": "x"})))
+    return lines, records
+
+
+def _is_blank(line: bytes) -> bool:
+    try:
+        return not line.removesuffix(b"\r").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
+
+
+def _check_accounting(graph, lines: list[bytes]) -> None:
+    expected = {i for i, line in enumerate(lines, start=1) if not _is_blank(line)}
+    node_lines = graph.nodes["source_line"].tolist()
+    edge_lines = graph.edges["source_line"].tolist()
+    reject_lines = set(graph.rejects["line"].tolist())
+    ingested = set(node_lines) | set(edge_lines)
+    assert len(node_lines) == len(set(node_lines)) and len(edge_lines) == len(set(edge_lines))
+    assert not set(node_lines) & set(edge_lines)
+    assert ingested | reject_lines == expected  # nothing lost, nothing invented
+    for line, reason in zip(graph.rejects["line"], graph.rejects["reason"], strict=True):
+        assert reason.strip()
+        if line in ingested:  # a kept node's bad tag tokens are the only rejects of an ingested line
+            assert line in set(node_lines) and reason.startswith("bad tag token"), reason
+
+
+@pytest.fixture(scope="module")
+def memory_db():
+    import duckdb
+
+    with duckdb.connect(":memory:") as con:
+        yield con
+
+
+def _check_tables_hold(graph, con) -> None:
+    """Every table writes to DuckDB (the asset's bulk write; in memory, so no fsync per example) and
+    reads back unchanged; every emotion is a plain word."""
+    for name, df in {"memory_nodes": graph.nodes, "memory_edges": graph.edges,
+                     "memory_rejects": graph.rejects}.items():
+        storage.write_table(con, name, df)
+        back = con.execute(f'SELECT * FROM "{name}"').df()
+        assert back.astype(str).values.tolist() == df.astype(str).values.tolist(), name
+    for tags in graph.tags():
+        assert all(EMOTION_NAME.fullmatch(name) and 0 <= score <= 10 for name, score in tags.items()), tags
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(generated=jsonl_lines(), crlf=st.booleans())
+def test_every_jsonl_line_is_ingested_or_rejected_with_a_reason(memory_db, generated, crlf):
+    lines, records = generated
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "memory.jsonl"
+        ending = b"\r\n" if crlf else b"\n"
+        path.write_bytes(ending.join(lines) + (ending if lines else b""))
+        graph = load_graph(f"jsonl:{path}")
+        _check_accounting(graph, lines)
+        _check_tables_hold(graph, memory_db)
+        # the same records from a live server's read_graph: no crash, each one ingested or rejected
+        live = graph_from_mcp_graph({"entities": [r for r in records if r["type"] == "entity"],
+                                     "relations": [r for r in records if r["type"] == "relation"]}, "mcp+test")
+        assert set(live.nodes["source_line"]) | set(live.edges["source_line"]) | set(live.rejects["line"]) == set(
+            range(1, len(records) + 1))
+        _check_tables_hold(live, memory_db)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tag_line)
+def test_tag_lines_keep_only_plain_emotion_names(line):
+    parsed = parse_tag_line(line)
+    # a tag line needs one token shaped `name:value` whose name does not start with a digit; without
+    # one (":9", "10:30") the line is prose and stays in the text
+    looks_tagged = any(t.partition(":")[0][:1] not in ("", *"0123456789") and t.partition(":")[2]
+                       for t in line.split())
+    if not looks_tagged:
+        assert parsed is None
+        return
+    assert parsed is not None
+    assert len(parsed.tags) + len(parsed.bad) == len(line.split())
+    for name, score in parsed.tags.items():
+        assert EMOTION_NAME.fullmatch(name) and 0 <= score <= 10
+    for token, reason in parsed.bad:
+        assert token in line.split() and reason
+
+
+# --------------------------------------------------------------------------------------------
+# Named hostile cases
+# --------------------------------------------------------------------------------------------
+
+TEXT = "A long enough journal entry about a quiet morning and an old letter, written with care."
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def _entity(name: str, *observations: str) -> dict:
+    return {"type": "entity", "name": name, "entityType": "journal", "observations": list(observations)}
+
+
+@pytest.mark.parametrize("bad_name", ["../../x", "../../../etc/passwd", "o'neil", '"joy"', "joy';DROP", "joy\\x",
+                                      "x'||'", "%2e%2e", "-"])
+def test_path_and_sql_emotion_names_are_rejected_with_a_reason(tmp_path, bad_name):
+    records = [_entity("n1", TEXT, f"{bad_name}:9 warmth:9"), _entity("n2", TEXT, f"{bad_name}:9"),
+               _entity("n3", TEXT + " plain", "clarity:9")]
+    graph = load_graph(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', records)}")
+    tags = dict(zip(graph.nodes["node_id"], graph.tags(), strict=True))
+    assert tags == {"n1": {"warmth": 9}, "n2": {}, "n3": {"clarity": 9}}
+    reasons = graph.rejects.set_index("line")["reason"]
+    for line in (1, 2):  # refused as a token, and the node kept with its text (tag line stripped)
+        assert "is not a plain word" in reasons[line] and "node kept" in reasons[line]
+    assert set(graph.nodes["text"]) == {TEXT, TEXT + " plain"}
+    pairs = extract_training_pairs(graph, min_content_chars=10)
+    assert set(pairs["emotion"]) == {"clarity", "warmth"}
+    assert all(EMOTION_NAME.fullmatch(e) for e in pairs["emotion"])
+
+
+def test_emotion_name_pattern_has_no_trailing_newline_loophole():
+    assert EMOTION_NAME.match("joy") and not EMOTION_NAME.match("joy\n") and not EMOTION_NAME.match("../x")
+    assert parse_tag_line("joy:5 ../../x:9").tags == {"joy": 5}
+    assert parse_tag_line("Time: 10:30") is None  # prose with colons stays prose
+
+
+def test_node_names_with_newlines_quotes_and_nul_round_trip_through_duckdb(tmp_path):
+    names = ["line one\nline two", "it's \"quoted\"; DROP TABLE memory_nodes;--", "nul\x00inside", "cr\r\nlf",
+             "\u202eevil", "tab\there"]
+    records = [_entity(n, TEXT, "warmth:9") for n in names]
+    records += [{"type": "relation", "from": names[0], "to": names[1], "relationType": "a\nb'c"}]
+    graph = load_graph(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', records)}")
+    assert graph.nodes["node_id"].tolist() == names and graph.rejects.empty
+    assert graph.edges[["src", "dst", "relation"]].values.tolist() == [[names[0], names[1], "a\nb'c"]]
+    db = tmp_path / "carl.duckdb"
+    storage.write_tables(db, {"memory_nodes": graph.nodes, "memory_edges": graph.edges})
+    assert storage.read_table(db, "memory_nodes")["node_id"].tolist() == names
+    assert storage.read_table(db, "memory_edges")["relation"].tolist() == ["a\nb'c"]
+
+
+def test_lone_surrogates_and_invalid_utf8_are_rejects_not_broken_tables(tmp_path):
+    path = tmp_path / "m.jsonl"
+    good = json.dumps(_entity("good", TEXT)).encode()
+    escaped = b'{"type": "entity", "name": "bad\\ud800", "entityType": "journal", "observations": []}'
+    raw_bytes = b'{"type": "entity", "name": "latin1 caf\xe9", "entityType": "journal", "observations": []}'
+    relation = b'{"type": "relation", "from": "good", "to": "good", "relationType": "x\\udfff"}'
+    path.write_bytes(b"\n".join([good, escaped, raw_bytes, relation]) + b"\n")
+    graph = load_graph(f"jsonl:{path}")
+    assert graph.nodes["node_id"].tolist() == ["good"] and graph.edges.empty
+    reasons = graph.rejects.set_index("line")["reason"].to_dict()
+    assert "not valid Unicode" in reasons[2] and "surrogates not allowed" in reasons[2]
+    assert reasons[3] == f"not valid UTF-8 at byte {raw_bytes.index(0xE9)}"
+    assert "not valid Unicode" in reasons[4]
+    storage.write_tables(tmp_path / "carl.duckdb", {"memory_rejects": graph.rejects})
+
+
+def test_huge_names_are_cut_in_reasons(tmp_path):
+    name = "n" * 100_000
+    graph = load_graph(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', [_entity(name, TEXT), _entity(name, TEXT)])}")
+    reason = graph.rejects["reason"].iloc[0]
+    assert reason.startswith("duplicate node name 'nnn") and len(reason) < 300
+    assert len(graph.rejects["raw"].iloc[0]) == 2000
+
+
+def test_a_folder_as_source_is_a_clear_error(tmp_path):
+    with pytest.raises(MemorySourceError, match=re.escape(f"{str(tmp_path)!r} is a folder, not a JSONL file")):
+        load_graph(f"jsonl:{tmp_path}")
+    with pytest.raises(MemorySourceError, match="no such file"):
+        load_graph(f"jsonl:{tmp_path / 'missing.jsonl'}")
+
+
+def test_line_numbers_count_newlines_only(tmp_path):
+    # a "\r" or U+2028 inside a line is not a line break (the memory server splits on "\n")
+    path = tmp_path / "m.jsonl"
+    first = json.dumps(_entity("a", "one\u2028two"), ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + first.encode() + b"\r\n" + b"garbage\rmore\n\n"
+                     + json.dumps(_entity("b", TEXT)).encode() + b"\n")
+    graph = load_graph(f"jsonl:{path}")
+    assert graph.nodes["source_line"].tolist() == [1, 4]
+    assert graph.rejects["line"].tolist() == [2]
