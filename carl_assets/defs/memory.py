@@ -59,6 +59,10 @@ class PairsConfig(dg.Config):
     min_content_chars: int = Field(default=40, description="shorter texts (tag line stripped) are skipped")
     max_examples_per_emotion: int = Field(default=500, description="cap per polarity per emotion")
     seed: int = Field(default=0, description="seed of the deterministic sampling under the cap")
+    max_negative_score: int | None = Field(
+        default=None, description="negatives are nodes without the emotion (None, the default) or also nodes "
+        "that scored it at most this (the seed's 'absent or low'); must be below min_positive_score"
+    )
 
 
 def _md_counts(counts: dict[str, int], header: tuple[str, str]) -> dg.MetadataValue:
@@ -159,6 +163,7 @@ def emotion_training_pairs(
         min_content_chars=config.min_content_chars,
         max_examples_per_emotion=config.max_examples_per_emotion,
         seed=config.seed,
+        max_negative_score=config.max_negative_score,
     )
     write_tables(duckdb, {"emotion_training_pairs": pairs})
     counts = pair_counts(pairs)
