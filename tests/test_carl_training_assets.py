@@ -15,14 +15,15 @@ from carl_assets.defs.resources import build_resources
 UPSTREAM = [memory.memory_graph, models.base_model]
 ASSETS = [carl_defs.sft_dataset, carl_defs.sft_checkpoint, carl_defs.crystallization_events,
           carl_defs.grpo_checkpoint, carl_defs.agent_evaluation]
-CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.sft_crystallized,
-          carl_defs.grpo_rewards_vary, carl_defs.sft_checkpoint_weights_finite,
+CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.grpo_rewards_vary, carl_defs.sft_checkpoint_weights_finite,
           carl_defs.grpo_checkpoint_weights_finite]
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
                    "steps": 3, "seq_len": 32, "batch_size": 2},
-    "sft_dataset": {"max_examples": 8, "holdout_tasks": 3},
+    "sft_dataset": {"source": "templates", "max_examples": 8, "holdout_tasks": 3},
     "sft_checkpoint": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4},
+    # 6 steps never crystallize: let GRPO run anyway (the block is tested below)
+    "crystallization_events": {"require_crystallization": False},
     "grpo_checkpoint": {"max_steps": 2, "batch_size": 4, "num_generations": 2, "max_completion_length": 8},
     "agent_evaluation": {"max_new_tokens": 8},
 }
@@ -44,30 +45,35 @@ def test_training_assets_materialize(tmp_path):
     assert result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["sft_dataset_chat_formatted"] and checks["sft_checkpoint_weights_finite"]
+    assert checks["sft_crystallized"] is False  # failed, as a warning: GRPO still ran
     assert checks["grpo_checkpoint_weights_finite"]
     assert checks["grpo_rewards_vary"] == metadata(result, "grpo_checkpoint")["rewards_vary"]
     db = tmp_path / storage.DATABASE_NAME
     art = tmp_path / storage.ARTIFACTS_DIR
+    current = {name: art / name / "current" for name in ("sft_dataset", "sft_checkpoint", "grpo_checkpoint")}
 
     sft = storage.read_table(db, "sft_dataset")
     tasks = storage.read_table(db, "agent_tasks")
     assert len(sft) == 8 and len(tasks) == 3
     assert set(sft["node_id"]).isdisjoint(tasks["node_id"])
-    on_disk = load_from_disk(str(art / "sft_dataset" / "dataset"))
+    on_disk = load_from_disk(str(current["sft_dataset"] / "dataset"))
     assert len(on_disk) == 8 and on_disk[0]["completion"][0]["role"] == "assistant"
 
     for name in ("sft_checkpoint", "grpo_checkpoint"):
-        assert (art / name / "config.json").exists()
-        weights = load_file(str(art / name / "model.safetensors"))
+        assert (current[name] / "config.json").exists()
+        assert metadata(result, name)["dagster/uri"] == str(current[name].resolve())
+        weights = load_file(str(current[name] / "model.safetensors"))
         assert weights and all(t.isfinite().all() for t in weights.values())
     sft_meta = metadata(result, "sft_checkpoint")
-    log = json.loads((art / "sft_checkpoint" / "training_log.json").read_text())
+    log = json.loads((current["sft_checkpoint"] / "training_log.json").read_text())
+    assert log["started_from"].startswith("base_model@")
     assert sft_meta["steps"] == log["steps"] <= 6 and "accuracy_curve" in sft_meta
     assert sft_meta["crystallized"] == log["crystallized"]
 
     events = storage.read_table(db, "crystallization_events")
     training_log = storage.read_table(db, "training_log")
     assert len(events) == 1 and events.loc[0, "run_id"] == result.run_id
+    assert events.loc[0, "checkpoint_version"] == current["sft_checkpoint"].resolve().name
     assert events.loc[0, "max_steps"] == 6 and events.loc[0, "threshold"] == pytest.approx(0.99)
     assert len(training_log) == log["steps"] and training_log["mean_token_accuracy"].between(0, 1).all()
 
@@ -91,12 +97,32 @@ def test_training_assets_materialize(tmp_path):
 
     # a second SFT run appends a crystallization event (one row per run)
     again = dg.materialize(ASSETS[1:3], resources=resources, run_config={"ops": {
-        "sft_checkpoint": {"config": dict(TINY["sft_checkpoint"], max_steps=3)}}})
+        "sft_checkpoint": {"config": dict(TINY["sft_checkpoint"], max_steps=3)},
+        "crystallization_events": {"config": TINY["crystallization_events"]}}})
     assert again.success
     events = storage.read_table(db, "crystallization_events")
     assert sorted(events["run_id"]) == sorted([result.run_id, again.run_id])
     assert sorted(events["max_steps"]) == [3, 6]
     assert len(storage.read_table(db, "training_log")) == log["steps"] + 3
+    versions = storage.read_table(db, "artifact_versions")
+    assert (versions["asset"] == "sft_checkpoint").sum() == 2  # both SFT runs kept, the newest current
+    assert versions[versions["asset"] == "sft_checkpoint"]["current"].tolist() == [False, True]
+
+
+@pytest.mark.slow
+def test_grpo_is_held_back_when_sft_did_not_crystallize(tmp_path):
+    resources = build_resources(tmp_path)
+    cfg = run_config(crystallization_events={"require_crystallization": True})
+    result = dg.materialize(UPSTREAM + ASSETS[:4], resources=resources, run_config={
+        "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events",
+                                           "grpo_checkpoint")}}, raise_on_error=False)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["sft_crystallized"].passed is False
+    assert checks["sft_crystallized"].severity == dg.AssetCheckSeverity.ERROR
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"sft_checkpoint", "crystallization_events"} <= done  # the failed run is still recorded
+    assert "grpo_checkpoint" not in done
+    assert storage.read_table(tmp_path / storage.DATABASE_NAME, "crystallization_events")["crystallized"].tolist() == [False]
 
 
 @pytest.mark.slow

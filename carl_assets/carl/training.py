@@ -61,6 +61,8 @@ class SFTRunConfig:
     seed: int = 0
     threads: int | None = None  # torch CPU threads while training (None: leave as is)
     use_cpu: bool | None = None  # None: CPU unless CUDA is available
+    optim: str = "adamw_torch"  # or "apollo_adamw" (the seed's APOLLO; needs the apollo-torch package)
+    optim_target_modules: list[str] | None = None  # APOLLO: layers it projects (None: attention and MLP)
 
 
 @dataclass
@@ -205,6 +207,90 @@ def _no_printing(trainer: Any) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
+# APOLLO projects the gradients of these linear layers (names of Llama/Qwen2/GPT-2 style blocks).
+APOLLO_DEFAULT_TARGETS = [r".*attn.*", r".*mlp.*"]
+
+
+def _optimizer_args(optim: str, target_modules: list[str] | None) -> dict[str, Any]:
+    if not optim.startswith("apollo"):
+        return {"optim": optim}
+    try:
+        import apollo_torch  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"optim {optim!r} needs the apollo-torch package (pip install apollo-torch "
+                          "bitsandbytes)") from exc
+    return {"optim": optim, "optim_target_modules": target_modules or APOLLO_DEFAULT_TARGETS}
+
+
+def prompt_lengths(tokenizer: Any, dataset: Any, limit: int = 512) -> list[int]:
+    """Token counts of the first `limit` prompts of a prompt-completion dataset (chat template applied
+    for conversational prompts); [] for other formats."""
+    if "prompt" not in dataset.column_names:
+        return []
+    lengths = []
+    for prompt in dataset.select(range(min(len(dataset), limit)))["prompt"]:
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = ids["input_ids"]
+        else:
+            ids = tokenizer(str(prompt))["input_ids"]
+        lengths.append(len(ids))
+    return lengths
+
+
+def _check_prompts_fit(tokenizer: Any, dataset: Any, max_length: int) -> None:
+    """SFT truncates prompt + completion to `max_length` tokens: a prompt that long leaves no completion
+    token to learn, and TRL then fails deep inside with 'num_samples=0'. Say so up front."""
+    lengths = prompt_lengths(tokenizer, dataset)
+    too_long = [n for n in lengths if n >= max_length]
+    if lengths and len(too_long) == len(lengths):
+        raise ValueError(f"every SFT prompt is at least max_length={max_length} tokens (shortest "
+                         f"{min(lengths)}): no completion token would be trained; raise max_length or shorten "
+                         "the prompts")
+    if too_long:
+        import logging
+
+        logging.getLogger("carl_assets.carl").warning(
+            "%d of %d SFT prompts are at least max_length=%d tokens: their completions are cut away",
+            len(too_long), len(lengths), max_length)
+
+
+def _step_logger_class() -> type:
+    from transformers import TrainerCallback
+
+    class _StepLogger(TrainerCallback):
+        """Logs step, loss, accuracy or reward and the time left every `every` steps (and the last)."""
+
+        def __init__(self, log: Any, every: int = 25, max_steps: int | None = None, label: str = "training"):
+            self.log, self.every, self.max_steps, self.label = log, max(1, int(every)), max_steps, label
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            step, total = int(state.global_step), int(self.max_steps or state.max_steps or 0)
+            if not logs or (step % self.every and step != total):
+                return
+            parts = [f"{self.label} step {step}/{total}"]
+            for key in ("loss", "mean_token_accuracy", "reward", "reward_std", "learning_rate"):
+                if isinstance(logs.get(key), (int, float)):
+                    parts.append(f"{key} {logs[key]:.4g}")
+            elapsed = time.perf_counter() - self.started
+            if step and total > step:
+                parts.append(f"about {elapsed / step * (total - step):.0f} s left at most")
+            self.log(", ".join(parts))
+
+    return _StepLogger
+
+
+def StepLogger(log: Any, every: int = 25, max_steps: int | None = None, label: str = "training") -> Any:  # noqa: N802
+    """A transformers callback that reports progress through `log(str)` every `every` steps: step, loss,
+    token accuracy or reward, learning rate and the time left at most (the budget; the gate may stop
+    SFT sooner). The class is made on first use, so importing this module does not import transformers."""
+    return _step_logger_class()(log, every=every, max_steps=max_steps, label=label)
+
+
 @contextlib.contextmanager
 def _quiet_trl() -> Iterator[None]:
     """No dataset-map progress bars or deprecation chatter from TRL/transformers internals while training
@@ -253,6 +339,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         raise ValueError("max_steps must be at least 1")
     if len(train_dataset) == 0:
         raise ValueError("the SFT dataset is empty")
+    _check_prompts_fit(tokenizer, train_dataset, config.max_length)
     gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
                                min_above=config.gate_min_above)
     started = time.perf_counter()
@@ -269,6 +356,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
             max_length=config.max_length,
             completion_only_loss=config.completion_only_loss,
             assistant_only_loss=config.assistant_only_loss,
+            **_optimizer_args(config.optim, config.optim_target_modules),
             **_common_args(_use_cpu(config.use_cpu), config.seed),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,

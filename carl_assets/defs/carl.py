@@ -1,6 +1,7 @@
 """The training and evaluation groups: SFT data → SFT until crystallization → GRPO on CARL → gated agent."""
 
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,20 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.carl import SIGMA
-from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
 from carl_assets.plotting import line_plot
 from carl_assets.runtime import torch_threads
 
-MEMORY_SOURCE = "memory_graph"
-DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside artifacts/sft_dataset
+DREAMS_SOURCE = "dreams"
+TEMPLATE_SOURCES = ("templates", "memory_graph")  # "memory_graph" is the older name of the templated source
+DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside an sft_dataset version
+# Provenance: which memory nodes each SFT example came from (one row per example and seed node).
+PROVENANCE_VIEW_SQL = """
+CREATE OR REPLACE VIEW sft_example_nodes AS
+SELECT example_id, dream_id, unnest(CAST(json_extract_string(node_ids_json, '$[*]') AS VARCHAR[])) AS node_id
+FROM sft_dataset
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,58 +112,101 @@ def _hf_dataset_problem(path: Path) -> str | None:
 
 class SFTDatasetConfig(dg.Config):
     source: str = Field(
-        default=MEMORY_SOURCE,
-        description="'memory_graph' (default: templated Q&A about memory nodes), or a dataset for SFT: a local "
+        default=DREAMS_SOURCE,
+        description="'dreams' (default: the kept responses of the latest dream cycle, behavioural cloning), "
+        "'templates' (short templated answers about memory nodes), or a dataset for SFT: a local "
         ".jsonl/.json/.parquet/.csv file, a save_to_disk folder or a Hugging Face dataset name.",
     )
-    max_examples: int = Field(default=48, description="memory_graph source: SFT examples (small: a tiny model must "
+    max_examples: int = Field(default=48, description="templates source: SFT examples (small: a tiny model must "
                               "memorise them to crystallize)")
     holdout_tasks: int = Field(default=12, description="agent tasks from memory nodes kept out of SFT")
-    tasks: list[str] = Field(default=["feelings"], description="question kinds: 'feelings' and/or 'kind'")
-    excerpt_chars: int = Field(default=120, description="memory excerpt length in each prompt")
-    seed: int = Field(default=0, description="which nodes go to SFT and which are held out")
+    tasks: list[str] = Field(default=["feelings"], description="templated question kinds: 'feelings' and/or 'kind'")
+    excerpt_chars: int = Field(default=120, description="memory excerpt length in each templated prompt")
+    seed: int = Field(default=0, description="which nodes go to templated SFT and which are held out")
+
+
+def _dream_examples(duckdb: DuckDBResource) -> tuple[pd.DataFrame, int]:
+    """The kept responses of the latest dream cycle as SFT rows (dream id and seed node ids kept)."""
+    from carl_assets.dreams import sft_examples_from_dreams
+
+    cycles = read_table(duckdb, "dream_cycles")
+    cycle = int(cycles["cycle"].max())
+    frame = read_table(duckdb, "dream_scenarios")
+    examples = sft_examples_from_dreams(frame[frame["cycle"] == cycle])
+    if examples.empty:
+        raise ValueError(f"dream cycle {cycle} kept no response: lower dream_scenarios' min_score or raise "
+                         "top_fraction")
+    return examples, cycle
+
+
+def _hf_from_examples(examples: pd.DataFrame) -> Any:
+    """TRL's conversational prompt-completion dataset, each example with its ids and seed node ids."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "prompt": [json.loads(p) for p in examples["prompt_json"]],
+        "completion": [json.loads(c) for c in examples["completion_json"]],
+        "example_id": [str(i) for i in examples["example_id"]],
+        "dream_id": [str(d) for d in examples.get("dream_id", pd.Series([""] * len(examples)))],
+        "node_ids": [json.loads(n) for n in examples["node_ids_json"]],
+    })
 
 
 @dg.asset(
     group_name="training",
-    deps=["memory_graph"],
+    deps=["memory_graph", "dream_scenarios"],
     kinds={"duckdb", "huggingface"},
-    description="Chat-format SFT examples (system + user prompt, one assistant answer), by default short templated "
-    "answers about memory nodes; DuckDB `sft_dataset` + held-out `agent_tasks`, and an HF dataset on disk "
-    "(artifacts/sft_dataset/dataset, TRL's conversational prompt-completion format).",
+    description="Chat-format SFT examples (system + user prompt, one assistant answer). Default: the kept "
+    "responses of the latest dream cycle (filtered behavioural cloning), each with its dream id and seed node "
+    "ids; or short templated answers about memory nodes. DuckDB `sft_dataset` + held-out `agent_tasks` + the "
+    "provenance view `sft_example_nodes`, and an HF dataset on disk (TRL's conversational prompt-completion).",
 )
 def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duckdb: DuckDBResource,
                 artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from carl_assets.carl.sft_data import SFTDataConfig, build_sft_examples, to_hf_dataset
+    from carl_assets.carl.sft_data import SFTDataConfig, build_sft_examples
     from carl_assets.carl.training import load_training_dataset
 
     nodes = read_table(duckdb, "memory_nodes")
     data_config = SFTDataConfig(max_examples=config.max_examples, holdout_tasks=config.holdout_tasks,
                                 tasks=tuple(config.tasks), excerpt_chars=config.excerpt_chars, seed=config.seed)
-    if config.source == MEMORY_SOURCE:
-        examples, tasks = build_sft_examples(nodes, data_config)
-        dataset = to_hf_dataset(examples)
+    templated, tasks = build_sft_examples(nodes, data_config)
+    cycle = None
+    if config.source == DREAMS_SOURCE:
+        examples, cycle = _dream_examples(duckdb)
+    elif config.source in TEMPLATE_SOURCES:
+        examples = templated.assign(dream_id="", node_ids_json=[json.dumps([n]) for n in templated["node_id"]])
     else:
         # An external dataset: SFT on it as is; the agent is still evaluated on memory-graph tasks.
-        dataset = load_training_dataset(config.source)
-        examples = dataset.to_pandas()
-        for column in examples.columns:
-            if examples[column].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
-                examples[column] = examples[column].map(
+        external = load_training_dataset(config.source).to_pandas()
+        for column in external.columns:
+            if external[column].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
+                external[column] = external[column].map(
                     lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str))
-        _, tasks = build_sft_examples(nodes, SFTDataConfig(max_examples=1, holdout_tasks=config.holdout_tasks,
-                                                           tasks=tuple(config.tasks), seed=config.seed))
-    context.log.info(f"{len(examples)} SFT examples from {config.source}, {len(tasks)} held-out agent tasks")
-    with artifacts.write_dir("sft_dataset") as tmp:
+        examples = external
+    if config.source in TEMPLATE_SOURCES or config.source == DREAMS_SOURCE:
+        dataset = _hf_from_examples(examples)
+    else:
+        dataset = load_training_dataset(config.source)
+    context.log.info(f"{len(examples)} SFT examples from {config.source}"
+                     + (f" (dream cycle {cycle})" if cycle is not None else "") + f", {len(tasks)} held-out tasks")
+    with artifacts.write_version("sft_dataset", run_id=context.run.run_id) as (tmp, version):
         dataset.save_to_disk(str(tmp / DATASET_DIR))
-    rows = write_tables(duckdb, {"sft_dataset": examples, "agent_tasks": tasks})
-    path = artifacts.path("sft_dataset") / DATASET_DIR
-    return materialized(examples, tasks, config=config, metadata={
+    tables = {"sft_dataset": examples, "agent_tasks": tasks}
+    write_tables(duckdb, tables)
+    if "node_ids_json" in examples.columns:
+        with duckdb.get_connection() as con:
+            con.execute(PROVENANCE_VIEW_SQL)
+    path = artifacts.path("sft_dataset", version)
+    artifacts.record("sft_dataset", version, dream_cycle=cycle, source=config.source)
+    return materialized(examples, tasks, config=config, tables=tables, uri=path, metadata={
         "source": config.source,
-        "rows": rows["sft_dataset"],
-        "agent_tasks": rows["agent_tasks"],
+        "dream_cycle": cycle,
+        "version": version,
+        "rows": len(examples),
+        "agent_tasks": len(tasks),
+        "seed_nodes": int(examples["node_ids_json"].map(json.loads).explode().nunique())
+        if "node_ids_json" in examples.columns else 0,
         "columns": ", ".join(dataset.column_names),
-        "path": dg.MetadataValue.path(str(path)),
         "preview": table_preview(examples.drop(columns=[c for c in ("prompt_json", "completion_json", "system")
                                                         if c in examples.columns])),
     })
@@ -176,24 +227,35 @@ def sft_dataset_chat_formatted(artifacts: ArtifactStore) -> dg.AssetCheckResult:
 
 
 class SFTCheckpointConfig(dg.Config):
+    start_from: str = Field(default="auto", description="weights SFT starts from: 'auto' (the checkpoint that "
+                            "dreamed this cycle's data, else base_model), 'base_model', or '<asset>@<version>' "
+                            "from artifact_versions (roll back to an earlier cycle)")
     max_steps: int = Field(default=400, description="step budget; training stops earlier when the gate fires")
-    learning_rate: float = Field(default=1.5e-3, description="constant AdamW learning rate")
+    learning_rate: float = Field(default=0.0, description="constant learning rate (0: the dream cycle's "
+                                 "scheduled rate for dream data, 1.5e-3 for templated data)")
+    optim: str = Field(default="adamw_torch", description="transformers optimizer name: 'adamw_torch' or "
+                       "'apollo_adamw' (the seed's APOLLO; needs the apollo-torch package)")
     batch_size: int = Field(default=8, description="examples per step")
     gate_threshold: float = Field(default=0.99, description="token accuracy the gate waits for")
     gate_window: int = Field(default=5, description="gate window (logged steps)")
     gate_min_above: int = Field(default=3, description="steps in the window at or above the threshold")
     max_length: int = Field(default=256, description="tokens per example (longer ones are truncated)")
     seed: int = Field(default=0, description="data order and dropout seed")
+    log_every: int = Field(default=25, description="log step, loss, accuracy and time left every this many steps",
+                           json_schema_extra=PERFORMANCE_ONLY)
     threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
 
-    def run_config(self) -> Any:
+    def run_config(self, learning_rate: float) -> Any:
         from carl_assets.carl.training import SFTRunConfig
 
-        return SFTRunConfig(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+        return SFTRunConfig(max_steps=self.max_steps, learning_rate=learning_rate, batch_size=self.batch_size,
                             gate_threshold=self.gate_threshold, gate_window=self.gate_window,
                             gate_min_above=self.gate_min_above, max_length=self.max_length, seed=self.seed,
-                            threads=self.threads or None)
+                            threads=self.threads or None, optim=self.optim)
+
+
+TEMPLATED_SFT_LR = 1.5e-3  # tuned: the offline model crystallizes on the 48 templated examples in ~120 steps
 
 
 def _accuracy_plot(log: dict[str, Any]) -> bytes:
@@ -205,36 +267,80 @@ def _accuracy_plot(log: dict[str, Any]) -> bytes:
                      vlines=vlines, hlines={f"threshold {log['threshold']}": log["threshold"]})
 
 
+def _dream_cycle_row(duckdb: DuckDBResource, cycle: Any) -> dict[str, Any] | None:
+    if cycle is None or (isinstance(cycle, float) and math.isnan(cycle)):
+        return None
+    try:
+        cycles = read_table(duckdb, "dream_cycles")
+    except LookupError:
+        return None
+    rows = cycles[cycles["cycle"] == int(cycle)]
+    return rows.iloc[-1].to_dict() if len(rows) else None
+
+
+def _sft_start(config: SFTCheckpointConfig, artifacts: ArtifactStore, duckdb: DuckDBResource
+               ) -> tuple[str, str, Path, dict[str, Any] | None]:
+    """(asset, version, folder, dream cycle row) of the weights this SFT run starts from."""
+    from carl_assets.defs.dreams import parse_checkpoint_spec
+
+    dataset_info = artifacts.versions("sft_dataset").info()
+    cycle_row = _dream_cycle_row(duckdb, dataset_info.extra.get("dream_cycle"))
+    if config.start_from.strip() not in ("", "auto"):
+        asset, version = parse_checkpoint_spec(config.start_from)
+    elif cycle_row is not None:
+        asset, version = str(cycle_row["policy_asset"]), str(cycle_row["policy_version"])
+    else:
+        asset, version = "base_model", None
+    folder = artifacts.require(asset, version=version)
+    return asset, folder.name, folder, cycle_row
+
+
 @dg.asset(
     group_name="training",
     deps=["base_model", sft_dataset],
     kinds={"pytorch", "safetensors"},
     description="TRL SFTTrainer (logging_steps=1) with the PhaseTransitionGate: stops when 3 of the last 5 "
-    "logged token accuracies reach 0.99 (crystallization) or at max steps. HF folder (safetensors) under "
-    "artifacts/sft_checkpoint, with training_log.json.",
+    "logged token accuracies reach 0.99 (crystallization) or at max steps. Starts from the checkpoint that "
+    "dreamed the data (cycle n+1 from cycle n's weights) or base_model; each run is a new version folder "
+    "under artifacts/sft_checkpoint (safetensors + training_log.json), the last N kept.",
 )
-def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig,
+def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig, duckdb: DuckDBResource,
                    artifacts: ArtifactStore) -> dg.MaterializeResult:
     from datasets import load_from_disk
 
-    from carl_assets.carl.training import TRAINING_LOG_FILE, train_sft
+    from carl_assets.carl.training import TRAINING_LOG_FILE, StepLogger, train_sft
 
-    model, tokenizer = _load_model(artifacts.require("base_model"))
-    dataset = load_from_disk(str(artifacts.require("sft_dataset", DATASET_DIR)))
-    context.log.info(f"SFT on {len(dataset)} examples, at most {config.max_steps} steps")
-    with artifacts.write_dir("sft_checkpoint") as tmp:
-        outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config())
+    start_asset, start_version, start_dir, cycle_row = _sft_start(config, artifacts, duckdb)
+    learning_rate = config.learning_rate or (float(cycle_row["learning_rate"]) if cycle_row else TEMPLATED_SFT_LR)
+    model, tokenizer = _load_model(start_dir)
+    dataset_dir = artifacts.require("sft_dataset", DATASET_DIR)
+    dataset = load_from_disk(str(dataset_dir))
+    context.log.info(f"SFT from {start_asset}@{start_version} on {len(dataset)} examples, lr {learning_rate:.2e}, "
+                     f"optim {config.optim}, at most {config.max_steps} steps")
+    parents = {start_asset: start_version, "sft_dataset": dataset_dir.parent.name}
+    logger = StepLogger(context.log.info, every=config.log_every, max_steps=config.max_steps, label="SFT")
+    with artifacts.write_version("sft_checkpoint", run_id=context.run.run_id, parents=parents) as (tmp, version):
+        outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config(learning_rate), extra_callbacks=[logger])
         log = json.loads((tmp / TRAINING_LOG_FILE).read_text())
-        log.update({"run_id": context.run.run_id, "finished_at": datetime.now(timezone.utc).isoformat()})
+        log.update({"run_id": context.run.run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
+                    "version": version, "started_from": f"{start_asset}@{start_version}",
+                    "dream_cycle": None if cycle_row is None else int(cycle_row["cycle"]),
+                    "learning_rate": learning_rate})
         (tmp / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2, default=str) + "\n")
         version_files = [p.name for p in _weights_files(tmp)]
-    path = artifacts.path("sft_checkpoint")
+    path = artifacts.path("sft_checkpoint", version)
+    _record_provenance(duckdb, "sft_checkpoint", version, dataset, parents)
     if outcome.crystallized:
         context.log.info(f"crystallized at step {outcome.trigger_step} ({outcome.seconds:.1f} s)")
     else:
         context.log.warning(f"did not crystallize within {outcome.max_steps} steps")
-    return materialized(version_files, *[path / n for n in version_files], config=config, metadata={
+    return materialized(version_files, *[path / n for n in version_files], config=config, uri=path, metadata={
         "path": dg.MetadataValue.path(str(path)),
+        "version": version,
+        "started_from": f"{start_asset}@{start_version}",
+        "dream_cycle": None if cycle_row is None else int(cycle_row["cycle"]),
+        "learning_rate": learning_rate,
+        "optim": config.optim,
         "crystallized": outcome.crystallized,
         "triggered": outcome.triggered,
         "trigger_step": outcome.trigger_step,
@@ -248,6 +354,17 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
     }, plots={"accuracy_curve": _accuracy_plot(log)})
 
 
+def _record_provenance(duckdb: DuckDBResource, asset: str, version: str, dataset: Any,
+                       parents: dict[str, str]) -> None:
+    """Append (asset, version, node, examples) rows: the memory nodes this checkpoint was trained on, and
+    which checkpoint it started from (so `carl lineage --nodes` can follow the chain of cycles)."""
+    from carl_assets.provenance import PROVENANCE_TABLE, provenance_rows
+
+    rows = provenance_rows(asset, version, dataset["node_ids"] if "node_ids" in dataset.column_names else [],
+                           parents)
+    _append(duckdb, PROVENANCE_TABLE, rows, key="version")
+
+
 @dg.asset_check(asset=sft_checkpoint, blocking=True,
                 description="The checkpoint's safetensors weights are all finite (GRPO does not start from a broken model).")
 def sft_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResult:
@@ -255,39 +372,40 @@ def sft_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResu
     return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
 
 
-@dg.asset_check(asset=sft_checkpoint, description="SFT really crystallized: the gate fired before max steps.")
-def sft_crystallized(artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    from carl_assets.carl.training import TRAINING_LOG_FILE
-
-    log = json.loads(artifacts.require("sft_checkpoint", TRAINING_LOG_FILE).read_text())
-    return dg.AssetCheckResult(
-        passed=bool(log["crystallized"]),
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"trigger_step": log["trigger_step"], "max_steps": log["max_steps"]},
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # crystallization_events
 # --------------------------------------------------------------------------------------------
+
+
+class CrystallizationConfig(dg.Config):
+    require_crystallization: bool = Field(default=True, description="hold GRPO back (the sft_crystallized check "
+                                          "fails as an error) when SFT did not crystallize; False lets GRPO run "
+                                          "anyway, the check then only warns")
 
 
 @dg.asset(
     group_name="training",
     deps=[sft_checkpoint],
     kinds={"duckdb"},
+    check_specs=[dg.AssetCheckSpec("sft_crystallized", asset="crystallization_events", blocking=True,
+                                   description="SFT crystallized (the gate fired before max steps); blocks GRPO "
+                                   "unless require_crystallization is off")],
     description="One row per SFT run in DuckDB `crystallization_events` (appended across runs: triggered, trigger "
     "step, the gate window's values, peak entropy and its step, threshold, max steps), and the per-step "
-    "`training_log` (accuracy, entropy, loss) of each run.",
+    "`training_log` (accuracy, entropy, loss) of each run. Its blocking sft_crystallized check holds GRPO back "
+    "when SFT never crystallized.",
 )
-def crystallization_events(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
-                           artifacts: ArtifactStore) -> dg.MaterializeResult:
+def crystallization_events(context: dg.AssetExecutionContext, config: CrystallizationConfig,
+                           duckdb: DuckDBResource, artifacts: ArtifactStore) -> dg.MaterializeResult:
     from carl_assets.carl.training import TRAINING_LOG_FILE
 
     log = json.loads(artifacts.require("sft_checkpoint", TRAINING_LOG_FILE).read_text())
     run_id = str(log.get("run_id") or "unknown")
     event = pd.DataFrame([{
         "run_id": run_id,
+        "checkpoint_version": str(log.get("version", "")),
+        "started_from": str(log.get("started_from", "")),
+        "dream_cycle": log.get("dream_cycle"),
         "finished_at": str(log.get("finished_at", "")),
         "triggered": bool(log["triggered"]),
         "crystallized": bool(log["crystallized"]),
@@ -317,7 +435,18 @@ def crystallization_events(context: dg.AssetExecutionContext, duckdb: DuckDBReso
     events = _append(duckdb, "crystallization_events", event, key="run_id")
     training_log = _append(duckdb, "training_log", steps, key="run_id")
     context.log.info(f"{len(events)} SFT runs recorded; this one crystallized={log['crystallized']}")
-    return materialized(event.drop(columns=["finished_at", "train_seconds"]), steps.drop(columns=["run_id"]),
+    crystallized = bool(log["crystallized"])
+    check = dg.AssetCheckResult(
+        check_name="sft_crystallized",
+        passed=crystallized,
+        severity=dg.AssetCheckSeverity.ERROR if config.require_crystallization else dg.AssetCheckSeverity.WARN,
+        metadata={"trigger_step": int(log["trigger_step"]), "max_steps": int(log["max_steps"]),
+                  "checkpoint_version": str(log.get("version", "")),
+                  "require_crystallization": config.require_crystallization},
+    )
+    return materialized(event.drop(columns=["finished_at", "train_seconds", "checkpoint_version"]), steps.drop(columns=["run_id"]),
+                        config=config, check_results=[check],
+                        tables={"crystallization_events": events, "training_log": training_log},
                         metadata={
                             "runs": len(events),
                             "crystallized_runs": int(events["crystallized"].astype(bool).sum()),
@@ -342,6 +471,8 @@ class GRPOCheckpointConfig(dg.Config):
     temperature: float = Field(default=1.0, description="sampling temperature")
     max_prompts: int = Field(default=0, description="use at most this many SFT prompts (0: all)")
     seed: int = Field(default=0, description="sampling and data order seed")
+    log_every: int = Field(default=4, description="log step, reward and time left every this many steps",
+                           json_schema_extra=PERFORMANCE_ONLY)
     threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
 
@@ -381,36 +512,46 @@ def _grpo_step_table(history: list[dict[str, Any]]) -> pd.DataFrame:
 
 @dg.asset(
     group_name="training",
-    deps=[sft_checkpoint, sft_dataset],
+    deps=[sft_checkpoint, sft_dataset, crystallization_events],
     kinds={"pytorch", "safetensors", "duckdb"},
     description="TRL GRPOTrainer from the SFT checkpoint with the CARL composite reward (beta=0) on the SFT "
-    "prompts. HF folder under artifacts/grpo_checkpoint; per-step reward and CARL components in DuckDB "
+    "prompts, once the sft_crystallized check passed. Each run a new version under artifacts/grpo_checkpoint "
+    "(the policy the next dream cycle starts from); per-step reward and CARL components in DuckDB "
     "`grpo_rewards`, every scored completion in `grpo_completions`.",
 )
 def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointConfig, duckdb: DuckDBResource,
                     artifacts: ArtifactStore) -> dg.MaterializeResult:
     from datasets import load_from_disk
 
-    from carl_assets.carl.training import train_grpo
+    from carl_assets.carl.training import StepLogger, train_grpo
 
-    model, tokenizer = _load_model(artifacts.require("sft_checkpoint"))
-    dataset = load_from_disk(str(artifacts.require("sft_dataset", DATASET_DIR)))
-    context.log.info(f"GRPO for {config.max_steps} steps, {config.num_generations} generations per prompt")
-    with artifacts.write_dir("grpo_checkpoint") as tmp:
-        outcome = train_grpo(model, tokenizer, dataset, tmp, config.run_config())
+    sft_dir = artifacts.require("sft_checkpoint")
+    model, tokenizer = _load_model(sft_dir)
+    dataset_dir = artifacts.require("sft_dataset", DATASET_DIR)
+    dataset = load_from_disk(str(dataset_dir))
+    context.log.info(f"GRPO from sft_checkpoint@{sft_dir.name} for {config.max_steps} steps, "
+                     f"{config.num_generations} generations per prompt")
+    parents = {"sft_checkpoint": sft_dir.name, "sft_dataset": dataset_dir.parent.name}
+    logger = StepLogger(context.log.info, every=config.log_every, max_steps=config.max_steps, label="GRPO")
+    with artifacts.write_version("grpo_checkpoint", run_id=context.run.run_id, parents=parents) as (tmp, version):
+        outcome = train_grpo(model, tokenizer, dataset, tmp, config.run_config(), extra_callbacks=[logger])
         version_files = [p.name for p in _weights_files(tmp)]
     steps = _grpo_step_table(outcome.log_history)
     completions = pd.DataFrame(outcome.completions)
     write_tables(duckdb, {"grpo_rewards": steps, "grpo_completions": completions})
-    path = artifacts.path("grpo_checkpoint")
+    _record_provenance(duckdb, "grpo_checkpoint", version, dataset, parents)
+    path = artifacts.path("grpo_checkpoint", version)
     reward_std = outcome.reward_std
     plot = line_plot(
         {"mean CARL reward": (steps["step"], steps["reward"]),
          "reward std (within step)": (steps["step"], steps["reward_std"]),
          "phi mean": (steps["step"], steps["phi_mean"])},
         title="GRPO on the CARL reward", xlabel="step", ylabel="value")
-    return materialized(version_files, *[path / n for n in version_files], config=config, metadata={
+    return materialized(version_files, *[path / n for n in version_files], config=config, uri=path,
+                        tables={"grpo_rewards": steps, "grpo_completions": completions}, metadata={
         "path": dg.MetadataValue.path(str(path)),
+        "version": version,
+        "started_from": f"sft_checkpoint@{sft_dir.name}",
         "steps": outcome.steps,
         "completions_scored": len(completions),
         "reward_first": float(steps["reward"].iloc[0]) if len(steps) else None,
@@ -450,6 +591,43 @@ class AgentEvaluationConfig(dg.Config):
     threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)")
 
 
+def _readout(artifacts: ArtifactStore, results: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
+    """The amygdala readout of each agent turn (prompt and response, as served), per checkpoint, task,
+    emotion and readout layer: what a vLLM readout would report while the agent answers."""
+    from carl_assets.steering import load_readout
+    from carl_assets.steering.readout import readout_projections
+
+    vectors = load_readout(artifacts.require("steering_vectors"))
+    frames = []
+    for name, part in results.groupby("checkpoint", sort=False):
+        model, tokenizer = _load_model(artifacts.require(str(name)))
+        observation = dict(zip(tasks["task_id"], tasks["observation"], strict=True))
+        texts = [f"{observation.get(t, '')}\n\n{i}\n{r}" for t, i, r in zip(part["task_id"], part["instruction"],
+                                                                           part["raw_response"], strict=True)]
+        projections = readout_projections(model, tokenizer, texts, vectors)
+        projections["checkpoint"] = name
+        projections["task_id"] = part["task_id"].to_numpy()[projections["text_index"].to_numpy()]
+        frames.append(projections.drop(columns=["text_index"]))
+    return pd.concat(frames, ignore_index=True)[["checkpoint", "task_id", "emotion", "layer", "projection"]]
+
+
+def _readout_heatmap(readout: pd.DataFrame) -> bytes:
+    """Mean projection per emotion (rows) for each checkpoint (columns) at the deepest readout layer."""
+    from carl_assets.plotting import figure_png, plt
+
+    deepest = readout[readout["layer"] == readout["layer"].max()]
+    grid = deepest.pivot_table(index="emotion", columns="checkpoint", values="projection", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(4.2, 0.6 + 0.3 * len(grid)))
+    bound = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), list(grid.columns))
+    ax.set_yticks(range(grid.shape[0]), list(grid.index))
+    ax.set_title(f"readout: mean projection, layer {int(deepest['layer'].max())}")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def _evaluate_checkpoint(context: dg.AssetExecutionContext, artifacts: ArtifactStore, name: str,
                          tasks: pd.DataFrame, config: AgentEvaluationConfig, frames: list, summaries: list) -> None:
     from carl_assets.carl.agent import evaluate_agent, summarise_evaluation
@@ -465,11 +643,13 @@ def _evaluate_checkpoint(context: dg.AssetExecutionContext, artifacts: ArtifactS
 
 @dg.asset(
     group_name="evaluation",
-    deps=[grpo_checkpoint, sft_checkpoint, sft_dataset],
+    deps=[grpo_checkpoint, sft_checkpoint, sft_dataset, "steering_vectors"],
     kinds={"duckdb"},
     description="The seed's coherence-gated agent step on held-out memory tasks, for the SFT and GRPO "
-    "checkpoints: response or abstain, phi mean, confidence, CARL reward. DuckDB `agent_evaluation` "
-    "(one row per task and checkpoint) and `agent_evaluation_summary` (act rate, mean reward).",
+    "checkpoints: response or abstain, phi mean, confidence, CARL reward; and the amygdala readout of each "
+    "turn (residual stream projected on the steering vectors, as a vLLM readout does when serving). DuckDB "
+    "`agent_evaluation` (one row per task and checkpoint), `agent_evaluation_summary` (act rate, mean "
+    "reward) and `agent_readout` (per checkpoint, task, emotion and layer).",
 )
 def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationConfig, duckdb: DuckDBResource,
                      artifacts: ArtifactStore) -> dg.MaterializeResult:
@@ -482,9 +662,11 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
     with torch_threads(config.threads or None):
         for name in ("sft_checkpoint", "grpo_checkpoint"):
             _evaluate_checkpoint(context, artifacts, name, tasks, config, frames, summaries)
-    results = pd.concat(frames, ignore_index=True)
+        results = pd.concat(frames, ignore_index=True)
+        readout = _readout(artifacts, results, tasks)
     summary = pd.DataFrame(summaries)
-    write_tables(duckdb, {"agent_evaluation": results, "agent_evaluation_summary": summary})
+    tables = {"agent_evaluation": results, "agent_evaluation_summary": summary, "agent_readout": readout}
+    write_tables(duckdb, tables)
     by_name = {s["checkpoint"]: s for s in summaries}
     plot = line_plot(
         {name: (list(range(len(f))), f["phi_mean"]) for name, f in zip(("sft", "grpo"), frames, strict=True)},
@@ -498,5 +680,6 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
         metadata[f"{short}_mean_reward"] = by_name[name]["mean_reward"]
         metadata[f"{short}_mean_phi"] = by_name[name]["mean_phi"]
         metadata[f"{short}_exact_match_rate"] = by_name[name]["exact_match_rate"]
-    return materialized(results.drop(columns=["raw_response"]), config=config, metadata=metadata,
-                        plots={"phi_per_task": plot})
+    metadata["readout_rows"] = len(readout)
+    return materialized(results.drop(columns=["raw_response"]), readout, config=config, metadata=metadata,
+                        tables=tables, plots={"phi_per_task": plot, "readout_heatmap": _readout_heatmap(readout)})

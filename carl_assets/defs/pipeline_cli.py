@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     mat.add_argument("--config", default=None, help="YAML/JSON run config: {ops: {<asset>: {config: {...}}}}")
     lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
     lin.add_argument("asset", nargs="?", default=None, help="show only this asset's upstream and downstream")
+    lin.add_argument("--nodes", metavar="ASSET", default=None,
+                     help="the memory nodes behind a checkpoint (sft_checkpoint or grpo_checkpoint), with counts, "
+                     "following the chain of dream cycles it started from")
+    lin.add_argument("--version", default=None, help="with --nodes: that version (default: the current one)")
+    lin.add_argument("--limit", type=int, default=20, help="with --nodes: rows to print")
     lin.add_argument("--home", default=None)
     return parser
 
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "materialize":
             return materialize(args.select, load_run_config(args.config))
+        if args.nodes:
+            return lineage_nodes(args.nodes, args.version, args.limit)
         return lineage(args.asset)
     except PipelineUsageError as exc:
         print(str(exc), file=sys.stderr)
@@ -87,7 +94,12 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
     if select != ALL:
         graph = defs.resolve_asset_graph()
         try:
-            selection = sorted(dg.AssetSelection.from_string(select).resolve(graph))
+            # 'a,b' is how `dagster asset materialize --select` lists assets: each part is a selection.
+            parts = [part.strip() for part in select.split(",") if part.strip()]
+            resolved: set = set()
+            for part in parts:
+                resolved |= set(dg.AssetSelection.from_string(part).resolve(graph))
+            selection = sorted(resolved)
         except Exception as exc:  # Dagster's parse/resolve errors do not name the flag
             raise PipelineUsageError(f"carl materialize: bad --select {select!r}: {exc}") from None
         if not selection:
@@ -142,11 +154,69 @@ def _print_summary(instance, result, elapsed: float) -> None:
                 print(f"\n{event.step_key} failed: {error.message.strip() if error else 'unknown error'}", file=sys.stderr)
 
 
-def lineage(asset: str | None = None) -> int:
-    """Print each asset with its upstreams, latest materialization time, data version and staleness."""
+def _data_version(record_tags: dict[str, str]) -> str | None:
+    return record_tags.get("dagster/data_version")
+
+
+def _statuses(instance, graph, keys) -> dict:
+    """Per asset: (materialized at, data version, status) from public instance APIs. An asset is stale
+    when its code version changed since it was made, or an upstream's data version differs from the one
+    it was made from; "upstream stale" when an upstream is stale or missing."""
     import dagster as dg
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver
-    from dagster._core.loader import LoadingContextForTest
+
+    current: dict = {}
+    made: dict = {}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if node.is_materializable:
+            event = instance.get_latest_materialization_event(key)
+            if event is not None:
+                tags = dict(event.asset_materialization.tags or {})
+                made[key] = (event.timestamp, tags)
+                current[key] = _data_version(tags)
+        else:  # an observable source: its latest observed data version
+            record = instance.get_latest_data_version_record(key)
+            if record is not None:
+                tags = dict(record.asset_observation.tags or {}) if record.asset_observation else {}
+                current[key] = _data_version(tags)
+    out: dict = {}
+
+    def status(key) -> str:
+        if key in out:
+            return out[key][2]
+        node = graph.get(key)
+        if not node.is_materializable:
+            result = "observed" if key in current else "not observed"
+            out[key] = (None, current.get(key), result)
+            return result
+        if key not in made:
+            out[key] = (None, None, "missing")
+            return "missing"
+        timestamp, tags = made[key]
+        reasons = []
+        if node.code_version and tags.get("dagster/code_version") not in (None, node.code_version):
+            reasons.append("code changed")
+        for parent in sorted(node.parent_keys, key=lambda k: k.to_user_string()):
+            recorded = tags.get(f"dagster/input_data_version/{parent.to_user_string()}")
+            if recorded is not None and current.get(parent) is not None and recorded != current[parent]:
+                reasons.append(f"{parent.to_user_string()} changed")
+        result = "stale (" + ", ".join(reasons) + ")" if reasons else "fresh"
+        if not reasons:
+            upstream = [status(p) for p in node.parent_keys if graph.get(p).is_materializable]
+            if any(u != "fresh" for u in upstream):
+                result = "upstream stale"
+        out[key] = (timestamp, current.get(key), result)
+        return result
+
+    for key in keys:
+        status(dg.AssetKey(key.path))
+    return out
+
+
+def lineage(asset: str | None = None) -> int:
+    """Print each asset with its upstreams, latest materialization time, data version and staleness
+    (public Dagster APIs only: the instance's latest materializations and their data-version tags)."""
+    import dagster as dg
 
     from carl_assets.defs import build_definitions
 
@@ -158,18 +228,52 @@ def lineage(asset: str | None = None) -> int:
         if key not in keys:
             print(f"carl lineage: unknown asset {asset!r}; known: {', '.join(k.to_user_string() for k in keys)}", file=sys.stderr)
             return 2
-        descendants = {k for k in keys if key in graph.get_ancestor_asset_keys(k)}
-        related = {key} | set(graph.get_ancestor_asset_keys(key)) | descendants
+        related = {key} | set(graph.get_ancestor_asset_keys(key)) | set(graph.get_descendant_asset_keys(key))
         keys = [k for k in keys if k in related]
     with dg.DagsterInstance.get() as instance:
-        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        statuses = _statuses(instance, graph, keys)
         print(f"{'asset':<26}{'group':<11}{'upstream':<34}{'materialized (UTC)':<21}{'data version':<18}status")
         for key in keys:
             node = graph.get(key)
             ups = ", ".join(sorted(p.to_user_string() for p in node.parent_keys)) or "-"
-            event = instance.get_latest_materialization_event(key)
-            when = dt.datetime.fromtimestamp(event.timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if event else "never"
-            version = resolver.get_current_data_version(key=key).value or "-"
-            status = resolver.get_status(key=key).value.lower() if event else "missing"
-            print(f"{key.to_user_string():<26}{(node.group_name or '-'):<11}{ups[:33]:<34}{when:<21}{version[:16]:<18}{status}")
+            timestamp, version, status = statuses[key]
+            when = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "never"
+            print(f"{key.to_user_string():<26}{(node.group_name or '-'):<11}{ups[:33]:<34}{when:<21}{(version or '-')[:16]:<18}{status}")
+    return 0
+
+
+def lineage_nodes(asset: str, version: str | None = None, limit: int = 20) -> int:
+    """Print the memory nodes behind a checkpoint version, following the chain of cycles."""
+    from carl_assets import storage
+    from carl_assets.artifacts import ArtifactVersionError, ArtifactVersions
+    from carl_assets.provenance import CHECKPOINT_ASSETS, PROVENANCE_TABLE, nodes_behind
+
+    if asset not in CHECKPOINT_ASSETS:
+        raise PipelineUsageError(f"carl lineage --nodes: {asset!r} is not a checkpoint ({', '.join(CHECKPOINT_ASSETS)})")
+    home = storage.carl_home()
+    try:
+        version = version or ArtifactVersions(storage.artifact_dir(asset, home), asset).path().name
+    except ArtifactVersionError as exc:
+        raise PipelineUsageError(f"carl lineage --nodes: {exc}") from None
+    database = home / storage.DATABASE_NAME
+    try:
+        provenance = storage.read_table(database, PROVENANCE_TABLE)
+        nodes = storage.read_table(database, "memory_nodes")
+    except (LookupError, FileNotFoundError) as exc:
+        raise PipelineUsageError(f"carl lineage --nodes: {exc}") from None
+    try:
+        behind = nodes_behind(provenance, asset, version)
+    except LookupError as exc:
+        raise PipelineUsageError(f"carl lineage --nodes: {exc}") from None
+    info = nodes.set_index("node_id")[["kind", "text"]]
+    behind = behind.join(info, on="node_id")
+    chain = " <- ".join(f"{a}@{v}" for a, v in behind.attrs.get("chain", []))
+    print(f"{asset}@{version}: {len(behind)} memory nodes, {int(behind['examples'].sum())} example seeds")
+    print(f"chain: {chain}")
+    print(f"{'node':<34}{'kind':<12}{'examples':>9}{'versions':>9}  text")
+    for row in behind.head(limit).itertuples(index=False):
+        text = " ".join(str(row.text).split())[:60]
+        print(f"{str(row.node_id)[:33]:<34}{str(row.kind)[:11]:<12}{int(row.examples):>9}{int(row.checkpoints):>9}  {text}")
+    if len(behind) > limit:
+        print(f"... {len(behind) - limit} more (--limit)")
     return 0

@@ -1,0 +1,245 @@
+"""The dreams group: one dream cycle of the policy on the memory graph, scored and filtered.
+
+Dagster's graph is acyclic, so the cycle is not drawn as a loop: each `dream_scenarios` materialization
+records which checkpoint version dreamed (`dream_cycles.policy_asset/policy_version`, and its metadata),
+and `sft_checkpoint` of the same cycle starts from that version. Cycle n+1 dreams with cycle n's GRPO
+checkpoint. (Partitions per cycle were considered: a cycle's inputs are the previous partition's
+outputs, a self-dependency that reads worse in the UI than one asset with a cycle table.)
+"""
+
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.plotting import line_plot
+from carl_assets.runtime import torch_threads
+
+POLICY_ASSETS = ("grpo_checkpoint", "sft_checkpoint", "base_model")
+# The seed's noise schedule is lr 1e-4 -> 1e-5 for a real model; the 1M-parameter offline model needs
+# the larger rate SFT is tuned to (it does not crystallize on its dreams at 1e-4 within a CPU budget).
+SEED_LR = (1e-4, 1e-5)
+OFFLINE_LR = (1.5e-3, 1.5e-4)
+
+
+def parse_checkpoint_spec(spec: str) -> tuple[str, str | None]:
+    """'grpo_checkpoint@20261126T...' -> (asset, version); 'base_model' -> (asset, None)."""
+    asset, _, version = spec.strip().partition("@")
+    if asset not in POLICY_ASSETS:
+        raise ValueError(f"unknown checkpoint {spec!r}: use 'auto', one of {', '.join(POLICY_ASSETS)}, "
+                         "or '<asset>@<version>' (see the artifact_versions table)")
+    return asset, (version or None)
+
+
+def resolve_policy(artifacts: ArtifactStore, spec: str) -> tuple[str, str, Path]:
+    """(asset, version, folder) of the checkpoint a cycle starts from. 'auto': the newest GRPO checkpoint
+    (the previous cycle's policy) if there is one, else the base model."""
+    if spec.strip() in ("", "auto"):
+        for asset in ("grpo_checkpoint", "base_model"):
+            versions = artifacts.versions(asset)
+            if versions.current_name():
+                return asset, versions.current_name(), versions.path()
+        raise FileNotFoundError("no base_model yet: materialize base_model first")
+    asset, version = parse_checkpoint_spec(spec)
+    folder = artifacts.require(asset, version=version)
+    return asset, folder.name, folder
+
+
+def model_is_offline(folder: Path) -> bool:
+    info = folder / "carl_model.json"
+    if not info.is_file():
+        return False
+    return str(json.loads(info.read_text()).get("source", "")).lower() in ("offline", "")
+
+
+class DreamScenariosConfig(dg.Config):
+    start_from: str = Field(default="auto", description="the policy that dreams: 'auto' (the newest "
+                            "grpo_checkpoint, i.e. the previous cycle's, else base_model), 'base_model', or "
+                            "'<asset>@<version>' from artifact_versions to roll back to an earlier cycle")
+    scorer: str = Field(default="carl", description="the training-signal agent: 'carl', 'steering:<emotion>' "
+                        "or a weighted mix such as 'carl:0.7,steering:warmth:0.3'")
+    n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
+    responses_per_scenario: int = Field(default=4, description="responses sampled per scenario (k)")
+    max_new_tokens: int = Field(default=48, description="tokens per response")
+    top_fraction: float = Field(default=0.5, description="the filter keeps this top share of each scenario's "
+                                "responses")
+    min_score: float | None = Field(default=None, description="the filter keeps only responses scoring at "
+                                    "least this (None: no minimum)")
+    restart_prob: float = Field(default=0.15, description="random walk: probability of jumping back to the "
+                                "start node at each step")
+    walk_length: int = Field(default=8, description="random walk: steps per walk")
+    relation_weights: dict[str, float] = Field(default={}, description="random walk: edge weight per relation "
+                                               "type (others weigh 1)")
+    conditioning_kinds: list[str] = Field(default=["reflection", "lesson"], description="walks start at "
+                                          "recent nodes of these kinds")
+    recent_nodes: int = Field(default=64, description="walks start among this many most recent nodes of "
+                              "the conditioning kinds")
+    max_memories: int = Field(default=3, description="memories collided per scenario (at least 2)")
+    excerpt_chars: int = Field(default=160, description="characters of each memory shown in the prompt")
+    heldout_scenarios: int = Field(default=8, description="fixed novel collisions never dreamed on, for the "
+                                   "inverse diagnostic")
+    cycle: int = Field(default=-1, description="this cycle's number (-1: one after the last in dream_cycles)")
+    schedule_cycles: int = Field(default=3, description="noise schedule: cycles from the start to the end values")
+    schedule_shape: str = Field(default="cosine", description="noise schedule: 'linear', 'cosine' or 'geometric'")
+    temperature_start: float = Field(default=1.3, description="noise schedule: sampling temperature of cycle 0")
+    temperature_end: float = Field(default=0.7, description="noise schedule: temperature of the last cycle")
+    lr_start: float = Field(default=0.0, description="noise schedule: SFT learning rate of cycle 0 (0: the "
+                            "seed's 1e-4 for a real model, 1.5e-3 for the offline model)")
+    lr_end: float = Field(default=0.0, description="noise schedule: learning rate of the last cycle (0: a "
+                          "tenth of lr_start, as the seed's 1e-4 -> 1e-5)")
+    seed: int = Field(default=0, description="seed of walks, collisions and sampling (mixed with the cycle)")
+    batch_size: int = Field(default=8, description="scenarios per generate call",
+                            json_schema_extra=PERFORMANCE_ONLY)
+    threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)",
+                         json_schema_extra=PERFORMANCE_ONLY)
+
+    def schedule(self, offline: bool) -> Any:
+        from carl_assets.dreams import NoiseSchedule
+
+        lr_start = self.lr_start or (OFFLINE_LR if offline else SEED_LR)[0]
+        lr_end = self.lr_end or lr_start / 10
+        return NoiseSchedule(cycles=self.schedule_cycles, lr_start=lr_start, lr_end=lr_end,
+                             temperature_start=self.temperature_start, temperature_end=self.temperature_end,
+                             shape=self.schedule_shape)
+
+    def dream_config(self) -> Any:
+        from carl_assets.dreams import DreamConfig, WalkConfig
+
+        walk = WalkConfig(restart_prob=self.restart_prob, walk_length=self.walk_length,
+                          relation_weights=dict(self.relation_weights),
+                          conditioning_kinds=tuple(self.conditioning_kinds), recent_nodes=self.recent_nodes,
+                          seed=self.seed)
+        return DreamConfig(n_scenarios=self.n_scenarios, responses_per_scenario=self.responses_per_scenario,
+                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, walk=walk,
+                           max_memories=self.max_memories, excerpt_chars=self.excerpt_chars,
+                           top_fraction=self.top_fraction, min_score=self.min_score, seed=self.seed)
+
+
+def _read_or_empty(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
+    try:
+        return read_table(duckdb, name)
+    except LookupError:
+        return pd.DataFrame()
+
+
+def _replace_cycle(old: pd.DataFrame, new: pd.DataFrame, cycle: int) -> pd.DataFrame:
+    """Rows of `old` for other cycles, then `new` (a re-run of a cycle replaces it)."""
+    if old.empty or "cycle" not in old.columns:
+        return new.reset_index(drop=True)
+    kept = old[old["cycle"] != cycle]
+    both = pd.concat([kept.astype(object), new.astype(object)], ignore_index=True).infer_objects()
+    return both.sort_values(["cycle"], kind="stable").reset_index(drop=True)
+
+
+def _cycles_plot(cycles: pd.DataFrame) -> bytes:
+    x = cycles["cycle"].astype(int).tolist()
+    series = {name: (x, cycles[name].astype(float).tolist()) for name in
+              ("temperature", "reject_fraction", "score_mean", "score_std", "no_signal_fraction",
+               "heldout_pass_rate") if name in cycles.columns}
+    return line_plot(series, title="dream cycles: noise schedule and convergence", xlabel="cycle", ylabel="value")
+
+
+@dg.asset(
+    group_name="dreams",
+    deps=["memory_graph", "base_model", "steering_vectors"],
+    kinds={"pytorch", "duckdb"},
+    description="One dream cycle: random walks on the memory graph collide 2-3 memories into a scenario, the "
+    "current policy (the previous cycle's GRPO checkpoint, or base_model) answers each k times at the cycle's "
+    "temperature, a training-signal agent (CARL and/or a steering-vector readout) scores the answers and a "
+    "filter keeps the best. DuckDB `dream_scenarios` (every response, its scores, kept or not and why), "
+    "`dream_cycles` (schedule, convergence, which checkpoint dreamed) and `dream_heldout` (the inverse "
+    "diagnostic on fixed novel collisions).",
+)
+def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosConfig, duckdb: DuckDBResource,
+                    artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from carl_assets.dreams import dream, heldout_collisions, inverse_diagnostic_pass_rate, parse_scorer_spec
+    from carl_assets.models.loading import load_model_and_tokenizer
+    from carl_assets.steering import load_readout
+
+    nodes, edges = read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges")
+    old_cycles = _read_or_empty(duckdb, "dream_cycles")
+    cycle = config.cycle if config.cycle >= 0 else (int(old_cycles["cycle"].max()) + 1 if len(old_cycles) else 0)
+    policy_asset, policy_version, policy_dir = resolve_policy(artifacts, config.start_from)
+    schedule = config.schedule(model_is_offline(artifacts.require("base_model")))
+    step = schedule.at(cycle)
+    context.log.info(f"cycle {cycle}: {policy_asset}@{policy_version} dreams at temperature "
+                     f"{step.temperature:.3f} (SFT lr {step.learning_rate:.2e})")
+
+    vectors = load_readout(artifacts.require("steering_vectors")) if "steering" in config.scorer else None
+    scorer = parse_scorer_spec(config.scorer, steering_vectors=vectors)
+    dream_config = config.dream_config()
+    heldout = heldout_collisions(nodes, edges, config.heldout_scenarios, dream_config.walk,
+                                 max_memories=config.max_memories)
+    exclude = {c.node_set for c in heldout}
+
+    def progress(done: int, total: int) -> None:
+        context.log.info(f"dreamed {done}/{total} scenarios")
+
+    model, tokenizer = load_model_and_tokenizer(policy_dir)
+    with torch_threads(config.threads or None):
+        result = dream(model, tokenizer, nodes, edges, dream_config, scorer, cycle=cycle,
+                       temperature=step.temperature, exclude=exclude, progress=progress)
+        pass_rate, heldout_frame = inverse_diagnostic_pass_rate(
+            model, tokenizer, heldout, scorer, min_score=config.min_score, max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size, excerpt_chars=config.excerpt_chars)
+    frame = result.frame
+    stats = result.statistics
+    heldout_frame.insert(0, "cycle", cycle)
+    cycle_row = pd.DataFrame([{
+        "cycle": cycle, "policy_asset": policy_asset, "policy_version": policy_version,
+        "run_id": context.run.run_id, "temperature": step.temperature, "learning_rate": step.learning_rate,
+        "schedule_progress": step.progress, **{k: stats[k] for k in stats}, "walks": result.walks,
+        "heldout_scenarios": len(heldout), "heldout_pass_rate": pass_rate, "scorer": config.scorer,
+    }])
+    tables = {
+        "dream_scenarios": _replace_cycle(_read_or_empty(duckdb, "dream_scenarios"), frame, cycle),
+        "dream_cycles": _replace_cycle(old_cycles, cycle_row, cycle),
+        "dream_heldout": _replace_cycle(_read_or_empty(duckdb, "dream_heldout"), heldout_frame, cycle),
+    }
+    write_tables(duckdb, tables)
+    kept = frame[frame["kept"]]
+    reasons = frame["reason"].value_counts().to_dict()
+    context.log.info(f"cycle {cycle}: {stats['responses']} responses, {stats['kept']} kept, score "
+                     f"{stats['score_mean']:.4f} ± {stats['score_std']:.4f}, held-out pass rate {pass_rate:.2f}")
+
+    def finite(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return materialized(
+        frame.drop(columns=[c for c in ("finished",) if c in frame.columns]), cycle, policy_asset, policy_version,
+        config=config, tables={"dream_scenarios": tables["dream_scenarios"], "dream_cycles": tables["dream_cycles"]},
+        metadata={
+            "cycle": cycle,
+            "policy": f"{policy_asset}@{policy_version}",
+            "policy_path": dg.MetadataValue.path(str(policy_dir)),
+            "temperature": step.temperature,
+            "learning_rate": step.learning_rate,
+            **{k: finite(v) for k, v in stats.items()},
+            "heldout_pass_rate": finite(pass_rate),
+            "reasons": dg.MetadataValue.json(reasons),
+            "kept_preview": table_preview(kept[["dream_id", "response", "score"]]),
+            "cycles": table_preview(tables["dream_cycles"], rows=50),
+        },
+        plots={"cycles_plot": _cycles_plot(tables["dream_cycles"])},
+    )
+
+
+@dg.asset_check(asset=dream_scenarios, blocking=True, description="This cycle kept at least one response and "
+                "every kept response is non-empty (SFT does not start on nothing).")
+def dreams_kept_something(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    cycles = read_table(duckdb, "dream_cycles")
+    frame = read_table(duckdb, "dream_scenarios")
+    cycle = int(cycles["cycle"].max())
+    current = frame[frame["cycle"] == cycle]
+    kept = current[current["kept"].astype(bool)]
+    empty = int((kept["response"].astype(str).str.strip() == "").sum())
+    return dg.AssetCheckResult(passed=bool(len(kept) > 0 and empty == 0),
+                               metadata={"cycle": cycle, "kept": len(kept), "empty_kept": empty})
