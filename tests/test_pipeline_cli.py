@@ -17,8 +17,12 @@ TINY = {
     "ops": {
         "base_model": {"config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
                                    "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
+        "steering_vectors": {"config": {"max_length": 64}},
+        "dream_scenarios": {"config": {"n_scenarios": 3, "responses_per_scenario": 2, "max_new_tokens": 6,
+                                       "heldout_scenarios": 2, "excerpt_chars": 40}},
         "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
-        "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4}},
+        "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4, "max_length": 768}},
+        "crystallization_events": {"config": {"require_crystallization": False}},
         "grpo_checkpoint": {"config": {"max_steps": 1, "batch_size": 4, "num_generations": 2,
                                        "max_completion_length": 6, "max_prompts": 4}},
         "agent_evaluation": {"config": {"max_new_tokens": 6, "max_tasks": 2}},
@@ -37,8 +41,9 @@ def carl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def statuses(lineage_stdout: str) -> dict[str, str]:
-    rows = [line.split() for line in lineage_stdout.splitlines()[1:] if line.strip()]
-    return {row[0]: row[-1] for row in rows}
+    lines = lineage_stdout.splitlines()
+    at = lines[0].index("status")
+    return {line.split()[0]: line[at:].strip() for line in lines[1:] if line.strip()}
 
 
 @pytest.mark.slow
@@ -57,13 +62,14 @@ def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_pa
 
     db = tmp_path / "carl" / "carl.duckdb"
     assert len(storage.read_table(db, "memory_nodes")) >= 300
-    assert (tmp_path / "carl" / "artifacts" / "steering_vectors" / "vectors.safetensors").is_file()
+    assert (tmp_path / "carl" / "artifacts" / "steering_vectors" / "current" / "vectors.safetensors").is_file()
     assert (tmp_path / "dagster" / "dagster.yaml").read_text().startswith("telemetry")
 
     lineage = carl(["lineage"], env)
     assert lineage.returncode == 0, lineage.stderr
     before = statuses(lineage.stdout)
-    assert len(before) == 13 and set(before.values()) == {"fresh"}, lineage.stdout
+    assert before.pop("memory_source") == "observed"  # materialize observes the source first
+    assert len(before) == 14 and set(before.values()) == {"fresh"}, lineage.stdout
 
     # A different pairs config is a new data version of emotion_training_pairs: steering goes stale,
     # assets that do not depend on it stay fresh.
@@ -72,8 +78,16 @@ def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_pa
     rerun = carl(["materialize", "--select", "emotion_training_pairs", "--config", str(config)], env)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     after = statuses(carl(["lineage", "steering_vectors"], env).stdout)
-    assert after == {"memory_graph": "fresh", "emotion_training_pairs": "fresh", "base_model": "fresh",
-                     "steering_vectors": "stale"}
+    assert after.pop("steering_vectors") == "stale (emotion_training_pairs changed)"
+    assert {k: after.pop(k) for k in ("memory_source", "memory_graph", "emotion_training_pairs", "base_model")} == {
+        "memory_source": "observed", "memory_graph": "fresh", "emotion_training_pairs": "fresh", "base_model": "fresh"}
+    # everything downstream of the readout waits on it
+    assert set(after) >= {"dream_scenarios", "agent_evaluation"} and set(after.values()) == {"upstream stale"}
+
+    # a comma list selects several assets, as `dagster asset materialize --select a,b` does
+    both = carl(["materialize", "--select", "emotion_training_pairs,steering_vectors", "--config", str(config)], env)
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert statuses(carl(["lineage", "steering_vectors"], env).stdout)["steering_vectors"] == "fresh"
 
 
 def test_lineage_rejects_an_unknown_asset(tmp_path):

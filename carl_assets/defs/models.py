@@ -67,15 +67,16 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
         if step % 25 == 0 or step == config.steps - 1:
             context.log.info(f"pretraining step {step + 1}/{config.steps}: loss {loss:.3f}")
 
-    with artifacts.write_dir("base_model") as tmp:
+    with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version):
         stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress)
         # The data version is the weights, tokenizer and config (not the timing stats).
         version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
-    path = artifacts.path("base_model")
+    path = artifacts.path("base_model", version)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code)
     sample = sample_generation(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=40)
     metadata = {
         "path": dg.MetadataValue.path(str(path)),
+        "version": version,
         "source": stats["source"],
         "parameters": int(stats["parameters"]),
         "num_layers": int(stats["num_layers"]),
@@ -97,4 +98,5 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
                                               title="offline model pretraining", xlabel="step",
                                               ylabel="causal-LM loss")
     names = [p.name for p in version_files]
-    return materialized(names, *[path / name for name in names], config=config, metadata=metadata, plots=plots)
+    return materialized(names, *[path / name for name in names], config=config, metadata=metadata, plots=plots,
+                        uri=path)

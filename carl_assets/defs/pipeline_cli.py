@@ -106,6 +106,8 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
             raise PipelineUsageError(f"carl materialize: --select {select!r} matches no asset")
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
+        if selection is None or dg.AssetKey("memory_graph") in selection:
+            _observe_memory_source(instance, run_config or {})
         config = dict(run_config or {})
         # Dagster's DEBUG event stream drowns the assets' own progress lines; INFO keeps those.
         config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
@@ -119,6 +121,28 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
     print(f"Runs:     {os.environ['DAGSTER_HOME']} (run {result.run_id})")
     print("UI:       make dev   (dagster dev; then open http://localhost:3000, Assets -> Lineage)")
     return 0 if result.success else 1
+
+
+def _observe_memory_source(instance, run_config: dict) -> None:
+    """Record the memory source's fingerprint as an observation of `memory_source` before the run, as the
+    sensor does, so the lineage knows which version of the memories `memory_graph` read."""
+    import dagster as dg
+
+    from carl_assets.memory.fingerprint import source_fingerprint
+    from carl_assets.memory.graph import MemorySourceError
+    from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR
+
+    override = (((run_config.get("ops") or {}).get("memory_graph") or {}).get("config") or {}).get("source")
+    source = override or os.environ.get(MEMORY_SOURCE_VAR) or DEFAULT_MEMORY_SOURCE
+    if source.startswith("mcp"):
+        return  # a live server is read by memory_graph itself; fingerprinting it would read it twice
+    try:
+        fingerprint = source_fingerprint(source)
+    except MemorySourceError:
+        return  # memory_graph reports the error with its context
+    instance.report_runless_asset_event(dg.AssetObservation(
+        asset_key="memory_source", tags={"dagster/data_version": fingerprint.version},
+        metadata={"source": source, "fingerprint": fingerprint.version}))
 
 
 def _print_summary(instance, result, elapsed: float) -> None:
