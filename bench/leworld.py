@@ -6,6 +6,11 @@
 2. Structured population of 65,536 words × 32 bits: the seed's `MemoryPopulator.structured_patterns`
    (transcribed below) against `structured_bits`. Target ≥ 100×.
 
+Baselines (what each ratio divides): `ratio` = the seed's dataset loop (one Python iteration per sequence,
+region and step, torch ops on single vectors) / ours; `populate_ratio` = the seed's structured populator (one
+Python iteration per word, and per bit for the history quarter) / ours. Both sides of every ratio use one
+timing protocol: `WARMUP` untimed call(s), then the median of `REPEATS` timed calls, in this process.
+
 Equivalence is checked in the same run: the dataset exactly on replayed draws (same numbers for the same
 noise) and in distribution on independent draws (per-step moments, address statistics); the structured
 memory exactly on every region but the pseudo-random context quarter, whose per-word `manual_seed` stream is
@@ -18,6 +23,7 @@ import json
 import math
 import random
 import resource
+import statistics
 import sys
 import time
 
@@ -30,7 +36,11 @@ from carl_assets.leworld.populators import structured_bits
 N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY = 1000, 20, 64, 32, "medium"
 NUM_WORDS, WORD_SIZE = 65536, 32
 THREADS = int(sys.argv[1]) if len(sys.argv) > 1 else 2  # the process's torch threads (the seed loops' setting)
-REPEATS = 20  # ours: best of REPEATS (each takes milliseconds); the seed loops: one run each (seconds)
+WARMUP, REPEATS = 1, 3  # every timed function, ours and the seed's alike: WARMUP untimed calls, median of REPEATS
+BASELINES = {
+    "ratio": "seed StateTransitionDataset._generate_sequences loops (per sequence, region, step) / generate_sequences",
+    "populate_ratio": "seed MemoryPopulator.structured_patterns loops (per word) / structured_bits",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,13 +102,18 @@ def seed_structured_patterns(memory: ArtificialMemory) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, out = math.inf, None
+def median_time(fn, repeats: int = REPEATS, warmup: int = WARMUP) -> tuple[float, object]:
+    """The protocol for both sides of every ratio: `warmup` untimed calls, then the median of `repeats`
+    timed calls; returns (median seconds, the last call's output)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
     for _ in range(repeats):
         started = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, out
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), out
 
 
 def replayed_equivalence(bits: torch.Tensor, n: int = 50, seed: int = 7) -> float:
@@ -131,26 +146,25 @@ def main() -> None:
     # Ours first, so that the process's peak RSS after them is theirs (imports included: see start_rss_mb).
     start_rss_mb = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
     # As called by default (their kernels on one thread: see carl_assets.leworld.runtime) ...
-    populate_ours, ours_bits = best_time(lambda: structured_bits(NUM_WORDS, WORD_SIZE, seed=0), REPEATS)
-    data_ours, ours = best_time(lambda: generate_sequences(bits, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=0), REPEATS)
+    populate_ours, ours_bits = median_time(lambda: structured_bits(NUM_WORDS, WORD_SIZE, seed=0))
+    data_ours, ours = median_time(lambda: generate_sequences(bits, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=0))
     # ... and with the process's thread pool (THREADS), for comparison.
-    populate_pool, _ = best_time(lambda: structured_bits(NUM_WORDS, WORD_SIZE, seed=0, num_threads=None), REPEATS)
-    data_pool, _ = best_time(lambda: generate_sequences(bits, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=0, num_threads=None), REPEATS)
+    populate_pool, _ = median_time(lambda: structured_bits(NUM_WORDS, WORD_SIZE, seed=0, num_threads=None))
+    data_pool, _ = median_time(lambda: generate_sequences(bits, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=0, num_threads=None))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     memory = ArtificialMemory(MemoryConfig(NUM_WORDS, WORD_SIZE))
     with torch.no_grad():
         memory.memory.copy_(bits)
-    random.seed(0)
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    seed_data = seed_generate_sequences(memory, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY)
-    data_seed = time.perf_counter() - started
 
+    def seed_dataset() -> list[dict]:
+        random.seed(0)  # every call draws the same sequences
+        torch.manual_seed(0)
+        return seed_generate_sequences(memory, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY)
+
+    data_seed, seed_data = median_time(seed_dataset)
     seed_memory = ArtificialMemory(MemoryConfig(NUM_WORDS, WORD_SIZE))
-    started = time.perf_counter()
-    seed_structured_patterns(seed_memory)
-    populate_seed = time.perf_counter() - started
+    populate_seed, _ = median_time(lambda: seed_structured_patterns(seed_memory))
 
     # Equivalence: dataset in distribution (independent draws) and exactly on replayed draws.
     seed_states = torch.stack([d["states"] for d in seed_data])
@@ -209,6 +223,8 @@ def main() -> None:
                 "threads": THREADS,
                 "dataset_equivalent": bool(distribution_ok and replay_gap < 1e-4),
                 "populate_equivalent": bool(populate_ok),
+                "timing": f"both sides: {WARMUP} warm-up call, median of {REPEATS} timed calls",
+                "baselines": BASELINES,
             }
         )
     )

@@ -135,9 +135,14 @@ def test_phase2_reduces_total_loss_and_anneals(data):
     assert m["temperature"].iloc[-1] < m["temperature"].iloc[0] < 1.0
 
 
-def test_phase3_reduces_loss_with_info(data):
-    _, m = run_phase(3, data, 5, phase3_lr=1e-2)
+@pytest.mark.parametrize("utility", ["reinforce", "seed"])
+def test_phase3_reduces_loss_with_info(data, utility):
+    _, m = run_phase(3, data, 5, phase3_lr=1e-2, info_utility=utility)
     assert m["loss_with_info"].iloc[-1] < 0.9 * m["loss_with_info"].iloc[0]
+    if utility == "reinforce":  # REINFORCE: the loss with info plus the policy-gradient term it logs
+        assert torch.allclose(torch.tensor(m["total_loss"].values), torch.tensor((m["loss_with_info"] + m["info_utility_loss"]).values), atol=1e-6)
+        assert ((m["info_sent_rate"] > 0) & (m["info_sent_rate"] < 1)).all()
+        return
     # The seed's objective: loss with info minus λ·(detached improvement over the branch without it).
     expected = m["loss_with_info"] - 0.1 * (m["loss_without_info"] - m["loss_with_info"])
     assert torch.allclose(torch.tensor(m["total_loss"].values), torch.tensor(expected.values), atol=1e-6)

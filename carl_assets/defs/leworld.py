@@ -109,7 +109,7 @@ class LeWorldModelConfig(dg.Config):
     lambda_info_util: float = Field(default=0.1, description="weight λ of phase 3's information-utility term")
     slm_d_model: int = Field(default=64, description="SLM width (the seed used 128; 64 halves the SLMs' cost at "
                              "the same validation MSE here)")
-    blm_d_model: int = Field(default=128, description="BLM width")
+    blm_d_model: int = Field(default=128, description="BLM width (hidden size of the big model)")
     n_slms: int = Field(default=3, description="number of small models (address pickers)")
     info_dim: int = Field(default=16, description="size of the BLM's info request")
     encoding_dim: int = Field(default=64, description="size of a memory read's learned encoding")
@@ -350,16 +350,17 @@ def leworld_evaluation(context: dg.AssetExecutionContext, config: LeWorldEvaluat
     if set(per_seed["variant"]) == set(VARIANTS):
         verdicts = memory_verdict(per_seed)
         tables["leworld_memory_verdict"] = verdicts
-        by_metric = verdicts.set_index("metric")
+        by_metric = verdicts.set_index("metric", drop=False)
         headline = by_metric.loc["mse"]
         verdict = verdict_sentence(headline)
+        number = {key: float(headline[key]) for key in ("memory_mean", "memory_std", "no_memory_mean", "no_memory_std", "gap", "twice_spread")}
         verdict_meta = {
             "memory_verdict": verdict,
             "memory_verdict_one_step": verdict_sentence(by_metric.loc["one_step_mse"]),
-            "memory_helps": headline["verdict"] == "memory helps",
-            "with_memory_mse_mean": headline["memory_mean"], "with_memory_mse_std": headline["memory_std"],
-            "without_memory_mse_mean": headline["no_memory_mean"], "without_memory_mse_std": headline["no_memory_std"],
-            "memory_gap": headline["gap"], "twice_spread": headline["twice_spread"], "verdict_seeds": int(headline["seeds"]),
+            "memory_helps": bool(headline["verdict"] == "memory helps"),
+            "with_memory_mse_mean": number["memory_mean"], "with_memory_mse_std": number["memory_std"],
+            "without_memory_mse_mean": number["no_memory_mean"], "without_memory_mse_std": number["no_memory_std"],
+            "memory_gap": number["gap"], "twice_spread": number["twice_spread"], "verdict_seeds": int(headline["seeds"]),
             "verdict_table": table_preview(verdicts),
         }
     else:
