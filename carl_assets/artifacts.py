@@ -55,10 +55,11 @@ class ArtifactVersion:
 
 
 def new_version_name(run_id: str | None = None, now: dt.datetime | None = None) -> str:
-    """`<UTC time to the microsecond>Z-<8 chars of the run id>`: sorts by time, unique per run."""
+    """`<UTC time to the microsecond>Z-<8 chars of the run id><4 random>`: sorts by time, names the run
+    that made it, and stays unique when one run writes twice in the same microsecond."""
     now = now or dt.datetime.now(dt.timezone.utc)
     tag = re.sub(r"[^0-9a-z]", "", (run_id or uuid.uuid4().hex).lower())[:8] or uuid.uuid4().hex[:8]
-    return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{tag}"
+    return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{tag}{uuid.uuid4().hex[:4]}"
 
 
 class ArtifactVersions:
