@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 MIN_SCORE = 0
@@ -201,14 +202,62 @@ class MemoryGraph:
         }
 
 
+_INT_COLUMNS = ("n_tags", "source_line", "line")
+_CHUNK_ROWS = 2048
+
+
+class _ColumnChunks:
+    """Rows gathered column by column and moved into Arrow every `_CHUNK_ROWS` rows.
+
+    Why: a node's text is most of its line, so holding every row as Python strings until the end and
+    then converting would keep two copies of the file's text alive at once. Here the Python objects
+    of one chunk at most live beside the Arrow columns, which become the DataFrame without a copy."""
+
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.pending: dict[str, list[Any]] = {c: [] for c in columns}
+        self.chunks: dict[str, list[Any]] = {c: [] for c in columns}
+        self.rows = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        for col in self.columns:
+            self.pending[col].append(row[col])
+        self.rows += 1
+        if len(self.pending[self.columns[0]]) >= _CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        for col in self.columns:
+            if self.pending[col]:
+                kind = pa.int32() if col in _INT_COLUMNS else pa.string()
+                self.chunks[col].append(pa.array(self.pending[col], type=kind))
+                self.pending[col] = []
+
+    def frame(self) -> pd.DataFrame:
+        import pyarrow as pa
+
+        self._flush()
+        data = {}
+        for col in self.columns:
+            if col in _INT_COLUMNS:
+                parts = [c.to_numpy() for c in self.chunks[col]]
+                data[col] = pd.Series(np.concatenate(parts) if parts else np.zeros(0), dtype="int32")
+            else:
+                data[col] = pd.Series(pa.chunked_array(self.chunks[col], type=pa.string()), dtype=pd.StringDtype())
+        return pd.DataFrame(data, columns=self.columns)
+
+
 @dataclass
 class _Builder:
     """Turns raw records (entity/relation dicts with line numbers) into the three tables."""
 
     source: str
-    nodes: list[dict[str, Any]] = field(default_factory=list)
-    relations: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
-    rejects: list[dict[str, Any]] = field(default_factory=list)
+    nodes: _ColumnChunks = field(default_factory=lambda: _ColumnChunks(NODE_COLUMNS))
+    # (line, raw cut to _RAW_LIMIT, from, to, relationType): relations wait for all nodes to be known
+    relations: list[tuple[int, str, Any, Any, Any]] = field(default_factory=list)
+    rejects: _ColumnChunks = field(default_factory=lambda: _ColumnChunks(REJECT_COLUMNS))
     first_line: dict[str, int] = field(default_factory=dict)
 
     def reject(self, line: int, reason: str, raw: str) -> None:
@@ -224,7 +273,8 @@ class _Builder:
             self._entity(line, record, raw)
         elif record.get("type") == "relation":
             # only the first _RAW_LIMIT characters are ever kept: no second copy of a long line
-            self.relations.append((line, raw[:_RAW_LIMIT], record))
+            self.relations.append((line, raw[:_RAW_LIMIT], record.get("from"), record.get("to"),
+                                   record.get("relationType", "")))
         else:
             self.reject(line, f"unknown record type {_show(record.get('type'))}", raw)
 
@@ -259,8 +309,7 @@ class _Builder:
 
     def build(self) -> MemoryGraph:
         edges, seen = [], set()
-        for line, raw, record in self.relations:
-            src, dst, rel = record.get("from"), record.get("to"), record.get("relationType", "")
+        for line, raw, src, dst, rel in self.relations:
             if not all(isinstance(v, str) for v in (src, dst, rel)) or not src or not dst:
                 self.reject(line, "relation needs string 'from', 'to' and 'relationType'", raw)
             elif bad := _unencodable([src, dst, rel]):
@@ -273,12 +322,14 @@ class _Builder:
             else:
                 seen.add((src, dst, rel))
                 edges.append({"src": src, "dst": dst, "relation": rel, "source_line": int(line)})
-        rejects = sorted(self.rejects, key=lambda r: r["line"])
+        rejects = self.rejects.frame()
+        if not rejects["line"].is_monotonic_increasing:  # relation rejects come last: put them in line order
+            rejects = rejects.sort_values("line", kind="stable").reset_index(drop=True)
         return MemoryGraph(
             source=self.source,
-            nodes=_frame(self.nodes, NODE_COLUMNS),
+            nodes=self.nodes.frame(),
             edges=_frame(edges, EDGE_COLUMNS),
-            rejects=_frame(rejects, REJECT_COLUMNS),
+            rejects=rejects,
         )
 
 
