@@ -412,6 +412,9 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(lively_model):
 def responses(lively_model):
     model, tok = lively_model
     out = generate_responses(model, tok, PROMPTS, k=2, temperature=1.0, max_new_tokens=9, seed=3)
+    finished = out[1]
+    out.append(GeneratedResponse(0, 8, finished.text, finished.prompt_ids, finished.completion_ids + [tok.eos_token_id],
+                                 finished=True))  # a trailing EOS: read by CARL, not by the steering mean
     out.append(GeneratedResponse(0, 9, "", out[0].prompt_ids, []))  # an empty completion
     return out
 
@@ -430,6 +433,10 @@ def test_carl_scorer_equals_carl_reward_on_the_predicting_logits(lively_model, r
         assert scores["phi_mean"][i] == pytest.approx(parts["phi_mean"], abs=1e-5)
         assert scores["gate_open"][i] == float(coherence_gate(scores["phi_mean"][i])[0])
     assert (scores["carl"][-1], scores["phi_mean"][-1], scores["gate_open"][-1]) == (0.0, 0.0, 0.0)
+    # The path without a shared prompt cache (score_completions itself) gives the same numbers.
+    separate = CarlScorer(batch_size=3)._score_separately(model, tok, responses)
+    for key in scores:
+        np.testing.assert_allclose(scores[key], separate[key], rtol=1e-6, atol=1e-7)
 
 
 def _random_vectors(hidden: int, layers=(1, 2)) -> SteeringVectors:
@@ -470,6 +477,8 @@ def test_steering_scorer_equals_a_hand_projection(lively_model, responses):
         np.testing.assert_allclose(values[:-1], expected, rtol=1e-4, atol=1e-6)
         assert values[-1] == 0.0  # nothing to read
         assert np.std(values[:-1]) > 1e-3  # responses differ: the test is not comparing constants
+        separate = SteeringScorer(vectors, "calm", layer=layer)._score_separately(model, tok, responses)
+        np.testing.assert_allclose(values, separate["steering:calm"], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match=r"unknown emotion 'joy'.*\['calm', 'warmth'\]"):
         SteeringScorer(vectors, "joy")
     with pytest.raises(ValueError, match="layer 7"):

@@ -88,11 +88,10 @@ def _cut(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], bool]:
 
 
 def _sampling_kwargs(temperature: float, k: int) -> dict[str, Any]:
-    if temperature <= 0:  # greedy; k > 1 repeats the rows, and the duplicates are expected
+    if temperature <= 0:  # greedy: k > 1 repeats the rows, and the duplicates are expected
         return {"do_sample": False}
     # Plain temperature sampling: the model's generation_config may carry top-k/top-p defaults.
-    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0,
-            "num_return_sequences": k}
+    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
 
 
 def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int]], k: int, temperature: float,
@@ -102,8 +101,6 @@ def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int
     device = next(model.parameters()).device
     rows = [list(r) for r in prompt_rows]
     kwargs = _sampling_kwargs(temperature, k)
-    if temperature <= 0 and k > 1:
-        rows = [r for r in rows for _ in range(k)]
     input_ids, mask = _left_pad(rows, pad_id, device)
     extra: dict[str, Any] = {}
     if min_new_tokens:
@@ -113,10 +110,48 @@ def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.no_grad():
         torch.manual_seed(seed)  # a seeded, private RNG stream: the caller's global state is untouched
+        cache = _shared_prompt_cache(model, input_ids, mask, k) if k > 1 else None
+        if cache is not None:
+            # The k samples of a prompt share its prefilled cache: the prompt runs once, not k times.
+            extra[_cache_keyword(model)] = cache
+        if cache is not None or temperature <= 0:  # greedy cannot return k sequences: repeat the rows
+            input_ids, mask = input_ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+        elif k > 1:
+            kwargs["num_return_sequences"] = k
         output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=int(max_new_tokens),
                                 pad_token_id=pad_id, **kwargs, **extra)
     new_tokens = output[:, input_ids.shape[1]:].tolist()
     return [[_cut(new_tokens[i * k + j], eos)[0] for j in range(k)] for i in range(len(prompt_rows))]
+
+
+def _shared_prompt_cache(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> Any:
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated k times, or
+    None when the model cannot take a prefilled cache (then `generate` prefills each copy itself).
+
+    `generate` then runs only the last prompt token and the new ones. Positions follow the attention
+    mask (left padding), as `generate` numbers them.
+    """
+    if input_ids.shape[1] < 2 or not getattr(model, "_supports_cache_class", True):
+        return None
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        head, head_mask = input_ids[:, :-1], mask[:, :-1]
+        positions = (head_mask.long().cumsum(dim=-1) - 1).masked_fill(head_mask == 0, 1)
+        model(input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+              **{_cache_keyword(model): cache})
+        cache.batch_repeat_interleave(k)
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+        return None
+    return cache
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this version's model takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _check(prompts: Sequence[Any], k: int, max_new_tokens: int, batch_size: int) -> None:

@@ -24,8 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from carl_assets.carl.batch import carl_reward_from_stats, token_stats_from_hidden
 from carl_assets.carl.coherence import SIGMA, coherence_gate
-from carl_assets.carl.reward_fn import score_completions
+from carl_assets.carl.reward_fn import _lm_head_parts, score_completions
+from carl_assets.dreams.forward import ResponseForward, run_response_forward
 from carl_assets.dreams.generation import GeneratedResponse, pad_and_eos_ids
 from carl_assets.steering.vectors import SteeringVectors, find_decoder_blocks
 
@@ -46,29 +48,64 @@ def _batches(n: int, size: int) -> list[range]:
 
 @dataclass
 class CarlScorer:
-    """CARL reward of each response under the policy, via `score_completions` (the positions that
-    PREDICT the completion tokens), `batch_size` responses per forward. An empty completion scores 0.0
-    with phi_mean 0.0 (the gate closed), as the GRPO reward function does."""
+    """CARL reward of each response under the policy: the positions that PREDICT the completion tokens,
+    scored with the numbers of `score_completions` (`batch_size` responses per forward).
+
+    Responses to the same prompt share one run of it (`carl_assets.dreams.forward`); models that cannot
+    take a prefilled cache go through `score_completions` itself. An empty completion (or a non-finite
+    result) scores 0.0 with phi_mean 0.0 (the gate closed), as the GRPO reward function does.
+    """
 
     batch_size: int = 32
     gate_threshold: float = SIGMA
     chunk_size: int | None = None
     primary: str = "carl"
+    layers_needed: tuple[int, ...] = ()
+    needs_predicting: bool = True
 
     def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
-        n = len(responses)
-        carl, phi = np.zeros(n), np.zeros(n)
+        shared = score_with_shared_forward([self], model, tokenizer, responses, self.batch_size)
+        return shared if shared is not None else self._score_separately(model, tokenizer, responses)
+
+    def empty(self, n: int) -> dict[str, np.ndarray]:
+        return {"carl": np.zeros(n), "phi_mean": np.zeros(n)}
+
+    def fill(self, out: dict[str, np.ndarray], forward: ResponseForward, model: Any, eos: set[int]) -> None:
+        assert forward.predicting_hidden is not None
+        decoder, lm_head, softcap, scale = _lm_head_parts(model)
+        if lm_head is None:
+            raise ValueError("the model has no separable LM head")
+        mask = forward.completion_mask.bool()
+        hidden = forward.predicting_hidden[mask.to(forward.predicting_hidden.device)]
+        stats = token_stats_from_hidden(hidden, lm_head, forward.completion_ids[mask].to(hidden.device),
+                                        chunk_size=self.chunk_size, softcap=softcap, logit_scale=scale)
+        entropy = torch.zeros(mask.shape, dtype=stats.entropy.dtype)
+        logprob = torch.zeros_like(entropy)
+        entropy[mask] = stats.entropy.cpu()
+        logprob[mask] = stats.selected_logprob.cpu()
+        rewards, components = carl_reward_from_stats(entropy, logprob, forward.completion_mask, stats.vocab_size)
+        finite = torch.isfinite(rewards) & torch.isfinite(components["phi_mean"])
+        out["carl"][forward.rows] = torch.where(finite, rewards, torch.zeros_like(rewards)).numpy()
+        out["phi_mean"][forward.rows] = torch.where(finite, components["phi_mean"], torch.zeros_like(rewards)).numpy()
+
+    def finish(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out["gate_open"] = np.array([1.0 if coherence_gate(float(p), self.gate_threshold)[0] else 0.0
+                                     for p in out["phi_mean"]])
+        return out
+
+    def _score_separately(self, model: Any, tokenizer: Any,
+                          responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        out = self.empty(len(responses))
         pad_id, _ = pad_and_eos_ids(model, tokenizer)
-        for rows in _batches(n, self.batch_size):
+        for rows in _batches(len(responses), self.batch_size):
             scored = score_completions(model, [responses[i].prompt_ids for i in rows],
                                        [responses[i].completion_ids for i in rows], pad_token_id=pad_id,
                                        chunk_size=self.chunk_size)
             for local, i in enumerate(rows):
-                carl[i] = scored.rewards[local]
+                out["carl"][i] = scored.rewards[local]
                 components = scored.components[local]
-                phi[i] = components["phi_mean"] if components is not None else 0.0
-        gate = np.array([1.0 if coherence_gate(float(p), self.gate_threshold)[0] else 0.0 for p in phi])
-        return {"carl": carl, "phi_mean": phi, "gate_open": gate}
+                out["phi_mean"][i] = components["phi_mean"] if components is not None else 0.0
+        return self.finish(out)
 
 
 class _StopForward(Exception):
@@ -82,9 +119,12 @@ class SteeringScorer:
     0 = the input of block 0; default the readout's deepest layer) is averaged over the response's
     tokens only (prompt excluded; a trailing EOS excluded too, as it is the same token in every
     finished response and carries nothing of the response) and dotted with the emotion's vector.
-    Sequences are right-padded, `batch_size` per forward, which stops after the read layer. A response
-    with no tokens to read scores 0.0.
+    `batch_size` responses per forward; responses to the same prompt share one run of it
+    (`carl_assets.dreams.forward`), else prompt + response run right-padded up to the read layer. A
+    response with no tokens to read scores 0.0.
     """
+
+    needs_predicting = False
 
     def __init__(self, vectors: SteeringVectors, emotion: str, layer: int | None = None, batch_size: int = 16):
         if emotion not in vectors.concepts:
@@ -97,7 +137,41 @@ class SteeringScorer:
         self.batch_size = batch_size
         self.primary = f"steering:{emotion}"
 
+    @property
+    def layers_needed(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        shared = score_with_shared_forward([self], model, tokenizer, responses, self.batch_size)
+        return shared if shared is not None else self._score_separately(model, tokenizer, responses)
+
+    def empty(self, n: int) -> dict[str, np.ndarray]:
+        return {self.primary: np.zeros(n)}
+
+    def fill(self, out: dict[str, np.ndarray], forward: ResponseForward, model: Any, eos: set[int]) -> None:
+        mask = forward.completion_mask.clone()
+        lengths = mask.sum(dim=1)
+        last = forward.completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        drop_eos = (lengths > 1) & torch.as_tensor([int(t) in eos for t in last.tolist()], dtype=torch.bool)
+        rows = drop_eos.nonzero().squeeze(1)
+        mask[rows, lengths[rows] - 1] = 0
+        out[self.primary][forward.rows] = self._mean_projection(forward.residual[self.layer], mask)
+
+    def finish(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return out
+
+    def _mean_projection(self, hidden: torch.Tensor, read: torch.Tensor) -> np.ndarray:
+        weights = read.unsqueeze(-1).to(hidden.device)
+        # where(), not a product: padded positions may hold NaN in some attention kernels
+        summed = torch.where(weights > 0, hidden.float(), torch.zeros((), device=hidden.device)).sum(dim=1).cpu()
+        counts = read.sum(dim=1).to(torch.float32)
+        mean = summed / counts.clamp(min=1.0).unsqueeze(-1)
+        projection = (mean.double() @ self.vector.double()).numpy()
+        projection[counts.numpy() == 0] = 0.0
+        return projection
+
+    def _score_separately(self, model: Any, tokenizer: Any,
+                          responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
         pad_id, eos = pad_and_eos_ids(model, tokenizer)
         out = np.zeros(len(responses))
         for rows in _batches(len(responses), self.batch_size):
@@ -108,8 +182,7 @@ class SteeringScorer:
                     completion = completion[:-1]
                 spans.append((len(responses[i].prompt_ids), len(completion)))
                 sequences.append(list(responses[i].prompt_ids) + completion)
-            values = self.project(model, sequences, spans, pad_id)
-            out[list(rows)] = values
+            out[list(rows)] = self.project(model, sequences, spans, pad_id)
         return {self.primary: out}
 
     def project(self, model: Any, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
@@ -149,15 +222,7 @@ class SteeringScorer:
         finally:
             handle.remove()
             model.train(was_training)
-        hidden = captured["hidden"].float().cpu()
-        weights = read.unsqueeze(-1)
-        # where(), not a product: padded positions may hold NaN in some attention kernels
-        summed = torch.where(weights > 0, hidden, torch.zeros(())).sum(dim=1)
-        counts = read.sum(dim=1)
-        mean = summed / counts.clamp(min=1.0).unsqueeze(-1)
-        projection = (mean.double() @ self.vector.double()).numpy()
-        projection[counts.numpy() == 0] = 0.0
-        return projection
+        return self._mean_projection(captured["hidden"], read)
 
 
 @dataclass
@@ -165,24 +230,54 @@ class CombinedScorer:
     """Runs each part and returns all their components plus `score` = sum of weight * primary component."""
 
     parts: list[tuple[Any, float]]
+    batch_size: int = 32  # responses per shared forward
 
     @property
     def primary(self) -> str:
         return "score"
 
     def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+        scorers = [scorer for scorer, _ in self.parts]
+        out = None
+        if all(hasattr(s, "fill") for s in scorers):  # one shared forward feeds every part
+            out = score_with_shared_forward(scorers, model, tokenizer, responses, self.batch_size)
+        if out is None:
+            out = {}
+            for scorer in scorers:
+                out.update(scorer(model, tokenizer, responses))
         score = np.zeros(len(responses))
         for scorer, weight in self.parts:
-            components = scorer(model, tokenizer, responses)
-            out.update(components)
-            score = score + weight * np.asarray(components[scorer.primary], dtype=np.float64)
+            score = score + weight * np.asarray(out[scorer.primary], dtype=np.float64)
         out["score"] = score
         return out
 
     @property
     def weights(self) -> dict[str, float]:
         return {scorer.primary: weight for scorer, weight in self.parts}
+
+
+def score_with_shared_forward(scorers: Sequence[Any], model: Any, tokenizer: Any,
+                              responses: Sequence[GeneratedResponse], batch_size: int) -> dict[str, np.ndarray] | None:
+    """Every scorer's components from ONE shared-prompt forward per batch of responses (see
+    `carl_assets.dreams.forward`), or None when the model cannot run it (callers then score separately).
+    Empty completions are not run: they keep the scorers' empty values (0.0)."""
+    n = len(responses)
+    pad_id, eos = pad_and_eos_ids(model, tokenizer)
+    outputs = [scorer.empty(n) for scorer in scorers]
+    layers = sorted({layer for scorer in scorers for layer in scorer.layers_needed})
+    predicting = any(scorer.needs_predicting for scorer in scorers)
+    non_empty = [i for i in range(n) if len(responses[i].completion_ids) > 0]
+    for start in range(0, len(non_empty), batch_size):
+        forward = run_response_forward(model, responses, non_empty[start: start + batch_size], layers=layers,
+                                       want_predicting=predicting, pad_id=pad_id)
+        if forward is None:
+            return None
+        for scorer, out in zip(scorers, outputs, strict=True):
+            scorer.fill(out, forward, model, eos)
+    merged: dict[str, np.ndarray] = {}
+    for scorer, out in zip(scorers, outputs, strict=True):
+        merged.update(scorer.finish(out))
+    return merged
 
 
 def parse_scorer_spec(spec: str, steering_vectors: SteeringVectors | None = None) -> CombinedScorer:

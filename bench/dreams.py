@@ -1,0 +1,177 @@
+"""Benchmark: one dream cycle's generation + scoring, batched against one response at a time.
+
+Model: the default-size offline Llama (hidden 128, 4 blocks, BPE vocabulary trained on the sample
+graph's text), randomly initialised (timing does not need its pretraining). Prompts: real dream
+scenarios (random walks over the sample memory graph, collided into chat prompts), `--scenarios` of
+them with `--k` responses each. Every response has exactly `--new-tokens` tokens on both sides
+(`min_new_tokens = max_new_tokens`), so both sides generate and score the same number of tokens.
+Scorer: "carl + steering" (the CARL reward under the policy and a steering projection at the deepest
+default layer, with random unit vectors: the values do not matter for timing).
+
+- ours:     `generate_responses` (left-padded batches of `--batch-size` prompts, k samples each in one
+            `generate` call) + the combined scorer over all responses (batched forwards).
+- baseline: `generate_one_at_a_time` (one prompt, one sample per `generate` call) + the scorer
+            called on one response at a time.
+
+Time: a warm-up of each, then `--repeats` interleaved rounds; the median counts (best printed too).
+Peak memory: resident memory (RSS) high-water mark after /proc/self/clear_refs, minus RSS before the
+call; the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536 so large freed buffers go back
+to the OS between calls. One torch thread.
+
+Prints one JSON line: ratio = baseline time / our time (target >= 3), tokens/s on both sides, peak_mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux") and not os.environ.get("NOREEXEC"):
+    os.environ[MMAP_ENV] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from carl_assets.dreams import (  # noqa: E402
+    CarlScorer,
+    CombinedScorer,
+    DreamConfig,
+    SteeringScorer,
+    dream_scenarios,
+    generate_one_at_a_time,
+    generate_responses,
+    scenario_messages,
+)
+from carl_assets.memory_graph import load_graph  # noqa: E402
+from carl_assets.models.loading import new_offline_model  # noqa: E402
+from carl_assets.steering import SteeringVectors, default_layers  # noqa: E402
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure(fn):
+    """(seconds, peak extra resident MB, result) of one call."""
+    rss_before = _status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the high-water mark VmHWM to the current RSS
+    except OSError:
+        pass
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    return seconds, max(0, _status_kb("VmHWM") - rss_before) / 1024.0, result
+
+
+def random_readout(hidden: int, layers: list[int], seed: int = 0) -> SteeringVectors:
+    generator = torch.Generator().manual_seed(seed)
+    vectors = {}
+    for layer in layers:
+        v = torch.randn(1, hidden, generator=generator)
+        vectors[layer] = v / v.norm(dim=-1, keepdim=True)
+    return SteeringVectors(concepts=["warmth"], layers=layers, vectors=vectors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenarios", type=int, default=8)
+    parser.add_argument("--k", type=int, default=4, help="responses per scenario")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (ours)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    graph = load_graph("sample")
+    model, tok = new_offline_model(graph.nodes["text"].astype(str).tolist())
+    model.eval()
+    collisions, _ = dream_scenarios(graph.nodes, graph.edges, DreamConfig(n_scenarios=args.scenarios), cycle=0)
+    prompts = [scenario_messages(c) for c in collisions]
+    layers = default_layers(model.config.num_hidden_layers)
+    scorer = CombinedScorer([(CarlScorer(), 1.0), (SteeringScorer(random_readout(model.config.hidden_size, layers),
+                                                                  "warmth"), 1.0)])
+    common = dict(k=args.k, temperature=args.temperature, max_new_tokens=args.new_tokens,
+                  min_new_tokens=args.new_tokens, seed=0)
+
+    def ours():
+        responses = generate_responses(model, tok, prompts, batch_size=args.batch_size, **common)
+        return responses, scorer(model, tok, responses)
+
+    def baseline():
+        responses = generate_one_at_a_time(model, tok, prompts, **common)
+        scores = [scorer(model, tok, [r]) for r in responses]
+        return responses, scores
+
+    ways = {"ours": ours, "baseline": baseline}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    peaks = {k: 0.0 for k in ways}
+    results = {}
+    for fn in ways.values():
+        fn()  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in ways.items():
+            seconds, peak, result = measure(fn)
+            times[name].append(seconds)
+            peaks[name] = max(peaks[name], peak)
+            results[name] = result
+    tokens = {name: sum(len(r.completion_ids) for r in results[name][0]) for name in ways}
+    if len(set(tokens.values())) != 1:
+        raise RuntimeError(f"the two sides generated different token counts: {tokens}")
+    n_tokens = tokens["ours"]
+    prompt_tokens = sum(len(r.prompt_ids) for r in results["ours"][0])
+
+    # Where our time goes: generation alone (one more run) against the whole.
+    gen_seconds, _, _ = measure(lambda: generate_responses(model, tok, prompts, batch_size=args.batch_size, **common))
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    for name in ways:
+        print(f"{name:>9}: median {median[name]:.3f} s, best {best[name]:.3f} s, "
+              f"{n_tokens / median[name]:.0f} generated tokens/s, peak +{peaks[name]:.1f} MB", file=sys.stderr)
+    print(f"{len(prompts)} scenarios x {args.k} responses x {args.new_tokens} tokens = {n_tokens} tokens; "
+          f"mean prompt {prompt_tokens / len(results['ours'][0]):.0f} tokens; ours: generation {gen_seconds:.3f} s "
+          f"of {median['ours']:.3f} s", file=sys.stderr)
+    print(json.dumps({
+        "name": "dreams",
+        "ratio": round(median["baseline"] / median["ours"], 3),
+        "target": 3,
+        "peak_mb": round(peaks["ours"], 1),
+        "peak_mb_baseline": round(peaks["baseline"], 1),
+        "peak_memory_method": "RSS high-water mark (VmHWM after /proc/self/clear_refs) minus RSS before",
+        "tokens_per_s": round(n_tokens / median["ours"], 1),
+        "tokens_per_s_baseline": round(n_tokens / median["baseline"], 1),
+        "median_seconds": {k: round(v, 4) for k, v in median.items()},
+        "best_seconds": {k: round(v, 4) for k, v in best.items()},
+        "ours_generation_seconds": round(gen_seconds, 4),
+        "scenarios": len(prompts),
+        "responses_per_scenario": args.k,
+        "new_tokens_per_response": args.new_tokens,
+        "generated_tokens": n_tokens,
+        "mean_prompt_tokens": round(prompt_tokens / len(results["ours"][0]), 1),
+        "batch_size": args.batch_size,
+        "scorer": "carl + steering:warmth (deepest default layer)",
+        "model_parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "device": "cpu, 1 thread",
+    }))
+
+
+if __name__ == "__main__":
+    main()
