@@ -66,6 +66,18 @@ query Latest($key: AssetKeyInput!) { assetOrError(assetKey: $key) {
 INSTANCE_QUERY = "{ instance { info } }"
 
 
+class Phases:
+    """Prints how long each phase took (shown by pytest on failure, or with -s): a slow test says where."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def done(self, what: str) -> None:
+        now = time.monotonic()
+        print(f"[ui] {what}: {now - self.last:.1f} s", flush=True)
+        self.last = now
+
+
 def expected_graph(home: Path) -> tuple[dict[str, set[str]], dict[str, str], dict[str, set[str]]]:
     """From the project's definitions: each asset's upstream keys, its group and its check names."""
     from carl_assets.defs import build_definitions
@@ -225,6 +237,7 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
 
     expect.set_options(timeout=UI_TIMEOUT_MS)  # a busy 2-core box renders slowly; the default is 5 s
 
+    phases = Phases()
     expected_deps, expected_groups, expected_checks = expected_graph(homes["carl_home"])
     assert CHEAP_ASSET in expected_deps, f"{CHEAP_ASSET} is no longer an asset: pick another cheap one"
     env = isolated_env(
@@ -234,6 +247,7 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
         CARL_MEMORY_SOURCE="sample",
     )
     with DagsterDev(env, cwd=tmp_path / "cwd", log_path=tmp_path / "dagster_dev.log") as server:
+        phases.done("definitions + dagster dev start")
         # The whole graph: every asset, every edge, every check, every group.
         deps, groups, checks = served_graph(server)
         assert sorted(deps) == sorted(expected_deps), "assets served differ from build_definitions()"
@@ -248,6 +262,7 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
         latest = server.query(LATEST_MATERIALIZATION_QUERY, {"key": {"path": [CHEAP_ASSET]}})["assetOrError"]
         assert latest["assetMaterializations"][0]["runId"] == run_id
         assert (homes["carl_home"] / "carl.duckdb").is_file(), "the run did not write into the test's CARL_HOME"
+        phases.done(f"graph check + run of {CHEAP_ASSET}")
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(browser_path), headless=True)
@@ -257,6 +272,8 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
                 check_pages(page, server, groups, tmp_path, expect, PlaywrightError)
             finally:
                 browser.close()
+        phases.done("browser pages")
+    phases.done("dagster dev stop")
 
 
 @pytest.mark.slow
@@ -273,6 +290,7 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
     env = isolated_env(CARL_ENV_FILE=str(env_file))
     assert "CARL_HOME" not in env and "DAGSTER_HOME" not in env
 
+    phases = Phases()
     cli = subprocess.run(
         [str(BIN / "carl"), "materialize", "--select", CHEAP_ASSET],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -285,8 +303,10 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
     run_id = match.group(2)
     assert (carl_home / "carl.duckdb").is_file(), f"the CLI did not write {carl_home}/carl.duckdb"
 
+    phases.done("carl materialize")
     elsewhere = tmp_path / "somewhere_else"
     with DagsterDev(env, cwd=elsewhere, log_path=tmp_path / "dagster_dev.log") as server:
+        phases.done("dagster dev start")
         info = server.query(INSTANCE_QUERY)["instance"]["info"] or ""
         assert str(dagster_home) in info, f"dagster dev in {elsewhere} is not on {dagster_home}:\n{info[:2000]}"
         runs = server.query(RUNS_QUERY, {"ids": [run_id]})["runsOrError"]
@@ -297,6 +317,8 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
         latest = server.query(LATEST_MATERIALIZATION_QUERY, {"key": {"path": [CHEAP_ASSET]}})["assetOrError"]
         assert latest["__typename"] == "Asset", f"{CHEAP_ASSET} has no materialization: {latest}"
         assert [m["runId"] for m in latest["assetMaterializations"]] == [run_id]
+        phases.done("queries")
+    phases.done("dagster dev stop")
     # Nothing was written where dagster dev was started.
     assert not (elsewhere / ".dagster_home").exists() and not (elsewhere / ".carl").exists()
 
