@@ -383,6 +383,27 @@ def test_tokenizer_without_pad_token_pads_with_eos(lively_model):
     assert [r.completion_ids for r in out] == [r.completion_ids for r in reference]
 
 
+def test_gpt2_without_pad_token_generates_and_scores(tiny_texts):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from carl_assets.models.loading import train_tokenizer
+
+    tok = train_tokenizer(tiny_texts, vocab_size=512)
+    tok.pad_token = None
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=512,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.3)
+    model = GPT2LMHeadModel(config).eval()
+    batched = generate_responses(model, tok, PROMPTS, k=2, temperature=0.0, max_new_tokens=6)
+    naive = generate_one_at_a_time(model, tok, PROMPTS, k=2, temperature=0.0, max_new_tokens=6)
+    assert [r.completion_ids for r in batched] == [r.completion_ids for r in naive]
+    sampled = generate_responses(model, tok, PROMPTS, k=2, temperature=1.0, max_new_tokens=6)
+    shared = CarlScorer()(model, tok, sampled)
+    separate = CarlScorer()._score_separately(model, tok, sampled)
+    np.testing.assert_allclose(shared["carl"], separate["carl"], rtol=1e-6)
+    assert np.ptp(shared["carl"]) > 1e-4
+
+
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(lively_model):
     model, tok = lively_model
     state = torch.random.get_rng_state()
@@ -624,3 +645,13 @@ def test_steering_scorer_ranks_warm_text_above_neutral_on_the_default_model(tmp_
     print(f"warmth projection: warm {warm.mean():.3f} vs neutral {neutral.mean():.3f}, margin {margin:.3f}, "
           f"held-out AUC {auc:.3f}")
     assert margin > 0, (warm, neutral)
+
+
+def test_dream_without_usable_walks_returns_an_empty_frame(lively_model):
+    model, tok = lively_model
+    nodes = _nodes(["r1", "r2"], ["reflection", "lesson"])  # no edges: every walk stays home
+    result = dream(model, tok, nodes, _edges([]), DreamConfig(n_scenarios=3), parse_scorer_spec("carl"), cycle=0,
+                   temperature=1.0)
+    assert result.frame.empty and result.collisions == []
+    assert {"dream_id", "response", "score", "kept", "reason"} <= set(result.frame.columns)
+    assert result.statistics["responses"] == 0
