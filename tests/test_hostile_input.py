@@ -366,3 +366,59 @@ def test_a_100_mb_file_is_ingested_in_bounded_memory(tmp_path):
     assert result["tables_mb"] > 0.8 * file_mb  # the tables really hold the text
     assert result["peak_extra_mb"] < 3.0 * result["tables_mb"]
     assert result["python_peak_mb"] < 0.5 * file_mb
+
+
+# ============================================================================================
+# A live MCP server that hangs, dies mid-read or answers garbage
+# ============================================================================================
+
+RAW_SERVER = Path(__file__).parent / "data" / "raw_stdio_memory_server.py"
+
+
+def _raw_source(mode: str, marker: Path) -> str:
+    import shlex
+    import sys
+
+    return f"mcp+stdio:{shlex.quote(sys.executable)} {shlex.quote(str(RAW_SERVER))} {mode} {shlex.quote(str(marker))}"
+
+
+def test_a_server_that_hangs_in_read_graph_times_out_naming_source_and_timeout(tmp_path, monkeypatch):
+    marker = tmp_path / "called"
+    source = _raw_source("hang", marker)
+    monkeypatch.setenv("CARL_MCP_TIMEOUT", "2")  # the way a user sets it; load_graph's timeout_s wins over it
+    with pytest.raises(MemorySourceError) as info:
+        load_graph(source)
+    message = str(info.value)
+    assert source in message and "no answer within 2 s" in message and "CARL_MCP_TIMEOUT" in message
+    assert marker.read_text() == "hang"  # it was read_graph that hung, not the start-up
+
+
+def test_a_server_that_dies_mid_read_is_a_clear_error_not_a_hang(tmp_path):
+    marker = tmp_path / "called"
+    source = _raw_source("die", marker)
+    with pytest.raises(MemorySourceError) as info:
+        load_graph(source, timeout_s=120)  # a hang would show as this timeout, not as the message below
+    message = str(info.value)
+    assert source in message and "closed the connection before answering" in message
+    assert "killed while writing the graph" in message  # its stderr
+    assert "no answer within" not in message and marker.read_text() == "die"
+
+
+def test_a_server_that_answers_garbage_is_a_clear_error(tmp_path):
+    source = _raw_source("garbage", tmp_path / "called")
+    with pytest.raises(MemorySourceError, match="returned text that is not JSON .*'this is not a graph {'"):
+        load_graph(source, timeout_s=60)
+
+
+def test_bad_mcp_timeouts_are_refused(monkeypatch, tmp_path):
+    from carl_assets.memory.mcp_source import mcp_timeout_s
+
+    assert mcp_timeout_s(5) == 5.0
+    monkeypatch.setenv("CARL_MCP_TIMEOUT", "7.5")
+    assert mcp_timeout_s() == 7.5
+    for bad in ("soon", "0", "-1", "nan"):
+        monkeypatch.setenv("CARL_MCP_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="CARL_MCP_TIMEOUT"):
+            mcp_timeout_s()
+    with pytest.raises(ValueError, match="timeout_s"):
+        mcp_timeout_s(float("inf"))

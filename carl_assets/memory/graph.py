@@ -427,9 +427,10 @@ def graph_from_tables(
     return MemoryGraph(source=source, nodes=nodes, edges=edges, rejects=rejects[REJECT_COLUMNS].reset_index(drop=True))
 
 
-def load_graph(source: str = "sample") -> MemoryGraph:
+def load_graph(source: str = "sample", timeout_s: float | None = None) -> MemoryGraph:
     """Load the memory graph from `source`: ``sample``, ``jsonl:PATH``, ``mcp+stdio:COMMAND`` or
-    ``mcp+http(s)://HOST:PORT/PATH``. Raises `MemorySourceError` naming the source if it cannot be read."""
+    ``mcp+http(s)://HOST:PORT/PATH``. Raises `MemorySourceError` naming the source if it cannot be read.
+    `timeout_s` bounds a live MCP read (default `$CARL_MCP_TIMEOUT`, else 60 s)."""
     source = source.strip()
     if source == "sample":
         from carl_assets.memory.sample import sample_records
@@ -445,7 +446,7 @@ def load_graph(source: str = "sample") -> MemoryGraph:
     if source.startswith(("mcp+stdio:", "mcp+http://", "mcp+https://")):
         from carl_assets.memory.mcp_source import read_mcp_graph
 
-        return graph_from_mcp_graph(read_mcp_graph(source), source)
+        return graph_from_mcp_graph(read_mcp_graph(source, timeout_s), source)
     raise MemorySourceError(
         source, "unknown scheme: use 'sample', 'jsonl:PATH', 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH'"
     )

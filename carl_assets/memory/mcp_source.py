@@ -10,11 +10,16 @@ Two transports, chosen by the source string:
 The graph is fetched with the server's ``read_graph`` tool. Any failure (the command is missing, the
 server dies or never answers, the tool errors, the reply is not a graph) becomes one
 `MemorySourceError` naming the source, with the tail of the server's stderr when there is one.
+
+A server that never answers is given up on after a timeout covering the whole exchange (start,
+initialise, `read_graph`): the `timeout_s` argument, else ``$CARL_MCP_TIMEOUT`` seconds, else 60. A
+server that exits mid-read closes its stream, which fails at once instead of waiting for the timeout.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import tempfile
@@ -26,8 +31,26 @@ import anyio
 
 from carl_assets.memory.graph import MemorySourceError
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("CARL_MCP_TIMEOUT", "60"))
+TIMEOUT_ENV = "CARL_MCP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
 T = TypeVar("T")
+
+
+def mcp_timeout_s(timeout_s: float | None = None) -> float:
+    """`timeout_s` if given, else `$CARL_MCP_TIMEOUT` (read at call time), else 60 s; must be > 0."""
+    where = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT_S
+        where = f"{TIMEOUT_ENV}={raw!r}"
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ValueError(f"{where} is not a number of seconds") from None
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"{where} must be a finite number of seconds > 0, got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def parse_stdio_command(source: str) -> tuple[str, list[str], dict[str, str]]:
@@ -68,10 +91,13 @@ async def _transport(source: str, errlog: Any):
 
 
 def run_with_session(
-    source: str, work: Callable[[Any], Awaitable[T]], timeout_s: float = DEFAULT_TIMEOUT_S
+    source: str, work: Callable[[Any], Awaitable[T]], timeout_s: float | None = None
 ) -> T:
-    """Connect to the MCP server named by `source`, initialise a session and return `await work(session)`."""
+    """Connect to the MCP server named by `source`, initialise a session and return `await work(session)`,
+    all within `timeout_s` (see `mcp_timeout_s`)."""
     from mcp import ClientSession
+
+    timeout_s = mcp_timeout_s(timeout_s)
 
     async def main() -> T:
         with anyio.fail_after(timeout_s):
@@ -85,7 +111,8 @@ def run_with_session(
         except MemorySourceError:
             raise
         except TimeoutError as exc:
-            raise MemorySourceError(source, f"no answer within {timeout_s:g} s{_stderr_tail(errlog)}") from exc
+            raise MemorySourceError(source, f"no answer within {timeout_s:g} s (the server hangs or is too slow; "
+                                            f"set {TIMEOUT_ENV}=SECONDS to wait longer){_stderr_tail(errlog)}") from exc
         except Exception as exc:  # noqa: BLE001 -- any failure of the server is one clear error
             raise MemorySourceError(source, f"{_describe(exc)}{_stderr_tail(errlog)}") from exc
 
@@ -93,7 +120,10 @@ def run_with_session(
 def _describe(exc: BaseException) -> str:
     while getattr(exc, "exceptions", None):  # task groups wrap the real error in an exception group
         exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}"
+    if "connection closed" in str(exc).lower():
+        return f"the server closed the connection before answering (did it exit?): {text}"
+    return text
 
 
 def _stderr_tail(errlog: Any, limit: int = 800) -> str:
@@ -117,7 +147,10 @@ def tool_result_json(result: Any, tool: str, keys: tuple[str, ...] = ()) -> Any:
         return structured
     for part in getattr(result, "content", []):
         if getattr(part, "type", None) == "text":
-            return json.loads(part.text)
+            try:
+                return json.loads(part.text)
+            except ValueError as exc:
+                raise RuntimeError(f"tool {tool!r} returned text that is not JSON ({exc}): {part.text[:200]!r}") from None
     raise RuntimeError(f"tool {tool!r} returned no JSON content")
 
 
@@ -128,8 +161,9 @@ async def call_tool(
     return tool_result_json(await session.call_tool(name, arguments or {}), name, keys)
 
 
-def read_mcp_graph(source: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """`{"entities": [...], "relations": [...]}` from the server's `read_graph` tool."""
+def read_mcp_graph(source: str, timeout_s: float | None = None) -> dict[str, Any]:
+    """`{"entities": [...], "relations": [...]}` from the server's `read_graph` tool, within `timeout_s`
+    (default `$CARL_MCP_TIMEOUT`, else 60 s)."""
 
     async def work(session: Any) -> Any:
         return await call_tool(session, "read_graph", keys=("entities", "relations"))
