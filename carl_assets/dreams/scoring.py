@@ -11,7 +11,9 @@ named components, one value per response. Built in:
   sum of each part's primary component.
 
 Scorers read the exact token ids the model generated (`GeneratedResponse.prompt_ids` and
-`completion_ids`), so nothing is re-tokenised.
+`completion_ids`), so nothing is re-tokenised. The built-in ones share one forward in which each
+distinct prompt runs once (`score_with_shared_forward`); a model that cannot take a prefilled KV
+cache is scored by plain full-sequence forwards instead (same numbers, tested).
 """
 
 from __future__ import annotations
