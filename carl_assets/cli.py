@@ -10,9 +10,11 @@
     carl lineage [ASSET] ...
 
 `phi`, `reward`, `gate-check` and `constants` print the same figures as the seed's script. Bad input
-(a missing file, wrong shapes, ids outside the vocabulary, NaN logits, unknown flags or commands)
-gives a one-line error on stderr and exit status 2 (1 for a failure while running); set
-``CARL_DEBUG=1`` to see the traceback instead.
+(a missing file, wrong shapes, ids outside the vocabulary, NaN or +inf logits — named by position;
+-inf is an impossible token and fine —, a NaN or infinite number for a flag, unknown flags or
+commands) gives a one-line error on stderr and exit status 2 (1 for a failure while running); set
+``CARL_DEBUG=1`` to see the traceback instead. `train` and `agent` refuse a model folder holding only
+pickle weights unless `--allow-pickle` is given, and run no remote code unless `--trust-remote-code`.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     reward.add_argument("--token-ids-file", required=True)
 
     gate = sub.add_parser("gate-check", help="coherence gate: act or abstain at this Phi")
-    gate.add_argument("--phi", required=True, type=float)
-    gate.add_argument("--threshold", type=float, default=SIGMA, help="abstain below this Phi (default sigma)")
+    gate.add_argument("--phi", required=True, type=_finite_float)
+    gate.add_argument("--threshold", type=_finite_float, default=SIGMA, help="abstain below this Phi (default sigma)")
 
     sub.add_parser("constants", help="kappa, sigma and T*(d)")
 
@@ -74,24 +76,39 @@ def _parser() -> argparse.ArgumentParser:
                        help="a local .jsonl/.json/.parquet file or a Hugging Face dataset name")
     train.add_argument("--output", default="carl-output")
     train.add_argument("--max-steps", type=_positive_int, default=300)
-    train.add_argument("--gate-accuracy", type=float, default=None,
+    train.add_argument("--gate-accuracy", type=_finite_float, default=None,
                        help="SFT: stop when 3 of the last 5 logged token accuracies reach this (default 0.99)")
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="torch CPU threads while training (default: torch's; 1 is fastest for tiny models)")
     train.add_argument("--trust-remote-code", action="store_true")
+    train.add_argument("--allow-pickle", action="store_true",
+                       help="load a model whose weights are pickles (.bin/.pt/.pkl): they can run code")
 
     agent = sub.add_parser("agent", help="one coherence-gated agent step")
     agent.add_argument("--model", required=True, help="hub id or local folder")
     agent.add_argument("--task", required=True, help="the instruction")
     agent.add_argument("--observation", default="", help="what the agent sees")
-    agent.add_argument("--gate-threshold", type=float, default=SIGMA)
+    agent.add_argument("--gate-threshold", type=_finite_float, default=SIGMA)
     agent.add_argument("--max-new-tokens", type=_positive_int, default=128)
     agent.add_argument("--trust-remote-code", action="store_true")
+    agent.add_argument("--allow-pickle", action="store_true",
+                       help="load a model whose weights are pickles (.bin/.pt/.pkl): they can run code")
 
     for name, text in (("materialize", "materialize the asset graph headless"),
                        ("lineage", "the asset graph with data versions and staleness")):
         sub.add_parser(name, help=f"{text} (see `carl {name} --help`)", add_help=False)
     return parser
+
+
+def _finite_float(text: str) -> float:
+    """A float that is a number: "nan" or "inf" would pass every gate comparison silently."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -193,7 +210,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f" method={args.method} steps={args.max_steps}")
     print(f" kappa={KAPPA:.4f} sigma={SIGMA:.4f} kappa*sigma={KAPPA_SIGMA}")
     dataset = training.load_training_dataset(args.dataset)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
+                                                allow_pickle=args.allow_pickle)
     if args.method == "sft":
         config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_threshold=args.gate_accuracy,
                          threads=args.threads)
@@ -224,7 +242,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from carl_assets.carl.agent import agent_step
     from carl_assets.models.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
+                                                allow_pickle=args.allow_pickle)
     step = agent_step(model, tokenizer, args.observation, args.task, gate_threshold=args.gate_threshold,
                       max_new_tokens=args.max_new_tokens)
     if step.response is None:

@@ -145,7 +145,7 @@ def test_main_in_process_matches_seed_figures(arrays, capsys):
         (["phi", "--logits-file", "{npz}"], ".npz"),
         (["reward", "--logits-file", "{logits}", "--token-ids-file", "{ids_2d}"], "1-D"),
         (["reward", "--logits-file", "{logits}", "--token-ids-file", "{logits}"], "1-D"),
-        (["gate-check", "--phi", "high"], "invalid float value: 'high'"),
+        (["gate-check", "--phi", "high"], "not a number: 'high'"),
         (["train", "--model", "m", "--dataset", "x.jsonl", "--max-steps", "0"], "positive integer"),
         (["train", "--method", "ppo", "--model", "m", "--dataset", "x.jsonl"], "invalid choice: 'ppo'"),
         (["train", "--dataset", "x.jsonl"], "required: --model"),
@@ -163,7 +163,7 @@ def test_main_in_process_bad_input(arrays, capsys, args, fragment):
 def test_runtime_failure_is_one_line_unless_debugging(monkeypatch, capsys):
     fake = types.ModuleType("carl_assets.models.loading")
 
-    def broken_loader(path, trust_remote_code=False):
+    def broken_loader(path, trust_remote_code=False, allow_pickle=False):
         raise OSError(f"no model at {path}\nsecond line")
 
     fake.load_model_and_tokenizer = broken_loader
@@ -222,7 +222,7 @@ def fake_training(calls):
 
     module.train_sft, module.train_grpo = train_sft, train_grpo
     loader = types.ModuleType("carl_assets.models.loading")
-    loader.load_model_and_tokenizer = lambda path, trust_remote_code=False: (f"model:{path}", "tok")
+    loader.load_model_and_tokenizer = lambda path, trust_remote_code=False, allow_pickle=False: (f"model:{path}", "tok")
     return module, loader
 
 

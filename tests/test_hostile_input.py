@@ -422,3 +422,270 @@ def test_bad_mcp_timeouts_are_refused(monkeypatch, tmp_path):
             mcp_timeout_s()
     with pytest.raises(ValueError, match="timeout_s"):
         mcp_timeout_s(float("inf"))
+
+
+# ============================================================================================
+# NaN and inf logits: every CARL entry point
+# ============================================================================================
+
+
+def _logits(T: int = 12, V: int = 40, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((T, V)) * 3.0, rng.integers(0, V, size=T)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_numpy_carl_names_the_first_nan_or_plus_inf(value):
+    from carl_assets.carl import carl_reward, compute_phi
+
+    logits, ids = _logits()
+    logits[5, 7] = value
+    logits[9, 2] = value
+    for call in (lambda: compute_phi(logits), lambda: carl_reward(logits, ids)):
+        with pytest.raises(ValueError, match=r"logits\[5, 7\] is (nan|inf).*2 NaN/\+inf"):
+            call()
+
+
+def test_minus_inf_is_an_impossible_token_not_an_error():
+    import numpy as np
+
+    from carl_assets.carl import carl_reward, compute_phi
+
+    logits, ids = _logits()
+    masked = logits.copy()
+    masked[:, 30:] = -np.inf  # masked decoding: the last 10 tokens are impossible
+    ids = ids % 30
+    phi, probs, _ = compute_phi(masked)
+    assert np.isfinite(phi).all() and (probs[:, 30:] == 0).all()
+    # the same as the distribution over the first 30 tokens, seen with V = 40 (Phi divides by log 40)
+    sub_phi, _, sub_entropy = compute_phi(logits[:, :30])
+    np.testing.assert_allclose((1 - phi) * np.log(40), sub_entropy, rtol=1e-6)
+    reward, parts = carl_reward(masked, ids)
+    assert np.isfinite(reward) and all(np.isfinite(v) for v in parts.values())
+    dead = masked.copy()
+    dead[3] = -np.inf
+    with pytest.raises(ValueError, match="row 3 of the logits is entirely -inf"):
+        compute_phi(dead)
+
+
+def test_phi_level_functions_refuse_nan_instead_of_scoring_it():
+    import numpy as np
+
+    from carl_assets.carl import cloud_quality, discontinuity_score, multiscale_coherence
+
+    phi = np.linspace(0.1, 0.9, 8)
+    phi[4] = np.nan
+    probs = np.full((8, 4), 0.25)
+    for call in (lambda: multiscale_coherence(phi), lambda: discontinuity_score(phi),
+                 lambda: cloud_quality(phi, probs, np.zeros(8, dtype=int))):
+        with pytest.raises(ValueError, match=r"phi\[4\] is nan"):
+            call()
+    bad_probs = probs.copy()
+    bad_probs[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"probs\[2, 0\] is inf"):
+        cloud_quality(np.linspace(0.1, 0.9, 8), bad_probs, np.zeros(8, dtype=int))
+
+
+def test_batched_carl_names_the_position_and_ignores_padding():
+    import torch
+
+    from carl_assets.carl import carl_reward, carl_reward_batch
+    from carl_assets.carl.batch import (
+        carl_reward_from_stats,
+        token_stats_from_hidden,
+        token_stats_from_logits,
+    )
+
+    rows = [_logits(T, 40, seed) for T, seed in ((10, 1), (6, 2))]
+    logits = torch.full((2, 10, 40), float("nan"), dtype=torch.float64)  # padding is NaN: must not matter
+    ids = torch.full((2, 10), -100)
+    mask = torch.zeros((2, 10), dtype=torch.long)
+    for b, (lg, tk) in enumerate(rows):
+        logits[b, : len(tk)] = torch.from_numpy(lg)
+        ids[b, : len(tk)] = torch.from_numpy(tk)
+        mask[b, : len(tk)] = 1
+    logits[1, 4, 30:] = float("-inf")  # an impossible stretch of the vocabulary: fine
+    rewards, _ = carl_reward_batch(logits, ids, mask)
+    expected = carl_reward(logits[1, :6].numpy(), ids[1, :6].numpy())[0]
+    assert torch.isfinite(rewards).all() and abs(float(rewards[1]) - expected) <= 1e-9 * abs(expected)
+
+    broken = logits.clone()
+    broken[1, 3, 17] = float("inf")
+    with pytest.raises(ValueError, match=r"position \[1, 3\].*vocabulary index 17 is inf"):
+        carl_reward_batch(broken, ids, mask)
+    quiet, parts = carl_reward_batch(broken, ids, mask, nonfinite="nan")
+    assert float(quiet[0]) == pytest.approx(float(rewards[0]), rel=1e-12) and torch.isnan(quiet[1])
+    assert all(torch.isnan(v[1]) for v in parts.values())
+    with pytest.raises(ValueError, match=r"position \[0, 2\].*vocabulary index 5 is nan"):
+        bad = logits[0, :4].clone()
+        bad[2, 5] = float("nan")
+        token_stats_from_logits(bad.unsqueeze(0), ids[0, :4].unsqueeze(0))
+
+    # tiled LM-head path: an LM head whose bias masks the upper half of the vocabulary with -inf, so
+    # that with 16 columns a tile, two tiles are entirely -inf; same numbers as the full logits
+    hidden = torch.randn(5, 8, dtype=torch.float64)
+    head = torch.nn.Linear(8, 64).double()
+    with torch.no_grad():
+        head.bias[32:] = float("-inf")
+    weight = head.weight.detach()
+    tok = torch.tensor([1, 2, 3, 4, 40])  # the last one is an impossible token: log P = -inf
+    with torch.no_grad():
+        full = token_stats_from_logits(head(hidden), tok)
+    tiled = token_stats_from_hidden(hidden, head, tok, tile_elements=5 * 16)
+    assert torch.isfinite(full.entropy).all() and torch.isneginf(full.selected_logprob[4])
+    # exact entropy vs the seed's log(p + 1e-10): at most V * 1e-10 nats apart (see the docstring)
+    torch.testing.assert_close(tiled.entropy, full.entropy, rtol=0, atol=64e-10)
+    torch.testing.assert_close(tiled.selected_logprob, full.selected_logprob, rtol=1e-9, atol=0)
+    hidden[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"position \[3\].*is nan"):
+        token_stats_from_hidden(hidden, weight, tok)
+    stats = token_stats_from_hidden(hidden, weight, tok, nonfinite="nan")
+    assert torch.isnan(stats.entropy[3]) and torch.isfinite(stats.entropy[[0, 1, 2, 4]]).all()
+    with pytest.raises(ValueError, match=r"position \[0, 3\] has entropy nan"):
+        carl_reward_from_stats(stats.entropy.unsqueeze(0), stats.selected_logprob.unsqueeze(0),
+                               torch.ones(1, 5), 64)
+    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'nan'"):
+        carl_reward_batch(logits, ids, mask, nonfinite="zero")
+
+
+def test_a_diverged_model_gives_zero_rewards_and_one_counted_warning(tiny_model_and_tokenizer, caplog):
+    import copy
+    import logging
+    import math
+
+    import torch
+
+    from carl_assets.carl import make_carl_reward_fn
+
+    model, tokenizer = tiny_model_and_tokenizer
+    model = copy.deepcopy(model)
+    reward_fn = make_carl_reward_fn(model, tokenizer)
+    prompts = ["I felt the quiet morning", "We wrote about the deadline", "She noticed an old letter"]
+    completions = [tokenizer(text=t, add_special_tokens=False)["input_ids"] for t in
+                   (" and it was good.", " which made me angry.", " and everything felt clear.")]
+    healthy = reward_fn(prompts=prompts, completions=[""] * 3, completion_ids=completions)
+    assert all(math.isfinite(r) and r > 0 for r in healthy)
+    with torch.no_grad():  # a diverged run: the final norm's weights went NaN
+        model.model.norm.weight[0] = float("nan")
+    logged: dict[str, float] = {}
+    with caplog.at_level(logging.WARNING, logger="carl_assets.carl"):
+        rewards = reward_fn(prompts=prompts, completions=[""] * 3, completion_ids=completions,
+                            log_metric=lambda k, v: logged.__setitem__(k, v))
+    assert rewards == [0.0, 0.0, 0.0]  # a documented value, never NaN
+    assert any("0.0 for 3 of 3 completions with non-finite logits" in r.getMessage() for r in caplog.records)
+    assert logged["carl/zeroed"] == 1.0
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["phi", "--logits-file", "{nan}"], r"logits[2, 3] is nan"),
+    (["reward", "--logits-file", "{inf}", "--token-ids-file", "{ids}"], r"logits[0, 1] is inf"),
+    (["phi", "--logits-file", "{dead}"], "row 1 of the logits is entirely -inf"),
+    (["gate-check", "--phi", "nan"], "must be a finite number, got 'nan'"),
+    (["gate-check", "--phi", "0.5", "--threshold=-inf"], "must be a finite number, got '-inf'"),
+    (["train", "--model", "m", "--dataset", "d", "--gate-accuracy", "nan"], "must be a finite number"),
+    (["agent", "--model", "m", "--task", "t", "--gate-threshold", "inf"], "must be a finite number"),
+])
+def test_cli_refuses_non_finite_input_in_one_line(tmp_path, capsys, args, fragment):
+    import numpy as np
+
+    from carl_assets import cli
+
+    logits, ids = _logits(4, 6)
+    paths = {"ids": tmp_path / "ids.npy"}
+    np.save(paths["ids"], ids)
+    for name, (t, v, value) in {"nan": (2, 3, np.nan), "inf": (0, 1, np.inf), "dead": (1, None, -np.inf)}.items():
+        bad = logits.copy()
+        if v is None:
+            bad[t] = value
+        else:
+            bad[t, v] = value
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], bad)
+    assert cli.main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("carl: error:") and fragment in err
+
+
+def test_cli_minus_inf_logits_are_scored(tmp_path, capsys):
+    import numpy as np
+
+    from carl_assets import cli
+
+    logits, ids = _logits(6, 8)
+    logits[:, 6:] = -np.inf
+    np.save(tmp_path / "l.npy", logits)
+    np.save(tmp_path / "i.npy", ids % 6)
+    assert cli.main(["reward", "--logits-file", str(tmp_path / "l.npy"), "--token-ids-file", str(tmp_path / "i.npy")]) == 0
+    assert "CARL reward: " in capsys.readouterr().out
+
+
+# ============================================================================================
+# Model folders: pickle weights refused unless allowed; no remote code by default
+# ============================================================================================
+
+
+@pytest.fixture(scope="module")
+def pickle_only_folder(tmp_path_factory, tiny_model_and_tokenizer):
+    import torch
+
+    model, tokenizer = tiny_model_and_tokenizer
+    folder = tmp_path_factory.mktemp("pickled")
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_a_folder_with_only_pickle_weights_is_refused(pickle_only_folder, tmp_path):
+    import shutil
+
+    from carl_assets.models.loading import load_model_and_tokenizer
+
+    with pytest.raises(ValueError, match=r"holds only pickle weights \(pytorch_model.bin\).*allow_pickle=True"):
+        load_model_and_tokenizer(pickle_only_folder)
+    for name in ("weights.pt", "model.pkl"):
+        other = tmp_path / name.split(".")[1]
+        shutil.copytree(pickle_only_folder, other)
+        (other / "pytorch_model.bin").rename(other / name)
+        with pytest.raises(ValueError, match=f"only pickle weights \\({name}\\)"):
+            load_model_and_tokenizer(other)
+
+
+def test_pickle_weights_load_when_explicitly_allowed(pickle_only_folder, tiny_model_and_tokenizer):
+    import torch
+
+    from carl_assets.models.loading import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(pickle_only_folder, allow_pickle=True)
+    reference = tiny_model_and_tokenizer[0]
+    ids = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_cli_agent_refuses_pickle_weights(pickle_only_folder, capsys):
+    from carl_assets import cli
+
+    assert cli.main(["agent", "--model", str(pickle_only_folder), "--task", "t"]) == 1
+    err = capsys.readouterr().err
+    assert "only pickle weights" in err and "--allow-pickle" in err and err.count("\n") == 1
+
+
+def test_remote_code_does_not_run_by_default(tmp_path, tiny_model_and_tokenizer):
+    from carl_assets.models.loading import load_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer
+    folder = tmp_path / "remote"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    marker = tmp_path / "remote-code-ran"
+    (folder / "evil_model.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\nclass EvilForCausalLM(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil_model.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_model_and_tokenizer(folder)  # the folder's own class, not its code
+    assert type(loaded).__name__ == "LlamaForCausalLM" and not marker.exists()

@@ -7,18 +7,72 @@
 
 See `carl_assets.carl` for the maths and the precision notes. torch is imported inside the functions,
 so importing this module stays cheap.
+
+Non-finite logits: a -inf logit is an impossible token (masked decoding) and is handled exactly. A
+position whose logits hold NaN or +inf, or are all -inf, has no distribution: with
+``nonfinite="raise"`` (the default) these functions raise ``ValueError`` naming the first such
+position; with ``nonfinite="nan"`` its statistics (and the reward of its sequence) are NaN, for a
+caller that handles them row by row (`make_carl_reward_fn` gives such a completion 0.0 and a warning).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from carl_assets.carl.coherence import _ENTROPY_EPS, DEFECT_THRESHOLD, MAX_SCALES, WEIGHTS
 
 # ============================================================================================
 # torch, batched — same numbers, no Python loop over tokens
 # ============================================================================================
+
+
+NonFinite = Literal["raise", "nan"]
+
+
+def _check_nonfinite_mode(nonfinite: str) -> None:
+    if nonfinite not in ("raise", "nan"):
+        raise ValueError(f"nonfinite must be 'raise' or 'nan', got {nonfinite!r}")
+
+
+def _first_bad_position(entropy: Any, selected: Any, valid: Any = None) -> tuple[int, ...] | None:
+    """Index (in the leading shape) of the first position whose statistics are NaN, or None."""
+    import torch
+
+    bad = torch.isnan(entropy) | torch.isnan(selected) | torch.isposinf(selected)
+    if valid is not None:
+        bad &= valid
+    if not bool(bad.any()):
+        return None
+    flat = int(torch.nonzero(bad.reshape(-1))[0])
+    return tuple(int(i) for i in _unravel(flat, tuple(entropy.shape)))
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for size in reversed(shape):
+        index, rem = divmod(index, size)
+        out.append(rem)
+    return out[::-1]
+
+
+def _describe_row(row_logits: Any) -> str:
+    """What is wrong with one position's logits: the first NaN / +inf, or all -inf."""
+    import torch
+
+    bad = torch.isnan(row_logits) | torch.isposinf(row_logits)
+    if bool(bad.any()):
+        v = int(torch.nonzero(bad)[0])
+        return f"vocabulary index {v} is {float(row_logits[v])} ({int(bad.sum())} NaN/+inf in the row)"
+    if not bool(torch.isfinite(row_logits).any()):
+        return "every logit is -inf: no token is possible"
+    return "its statistics are not finite"
+
+
+def _raise_nonfinite(position: tuple[int, ...], row_logits: Any) -> None:
+    where = ", ".join(str(i) for i in position)
+    raise ValueError(f"logits at position [{where}] are not a distribution: {_describe_row(row_logits)}; "
+                     "logits must be finite or -inf")
 
 
 class TokenStats(NamedTuple):
@@ -49,10 +103,14 @@ def _logits_stats(logits: Any, ids: Any) -> tuple[Any, Any]:
     return entropy, selected
 
 
-def token_stats_from_logits(logits: Any, token_ids: Any) -> TokenStats:
-    """Entropy and log P(selected) from full logits ``[..., V]`` (bf16/fp16 are upcast to float32)."""
+def token_stats_from_logits(logits: Any, token_ids: Any, nonfinite: NonFinite = "raise") -> TokenStats:
+    """Entropy and log P(selected) from full logits ``[..., V]`` (bf16/fp16 are upcast to float32).
+
+    -inf logits are impossible tokens; a position with NaN / +inf logits or all -inf raises
+    ``ValueError`` naming it, or with ``nonfinite="nan"`` gets NaN statistics (see the module notes)."""
     import torch
 
+    _check_nonfinite_mode(nonfinite)
     with torch.no_grad():
         flat = logits.reshape(-1, logits.shape[-1])
         ids = token_ids.reshape(-1).to(device=flat.device, dtype=torch.long)
@@ -61,6 +119,8 @@ def token_stats_from_logits(logits: Any, token_ids: Any) -> TokenStats:
             raise ValueError(f"token ids must lie in [0, {vocab})")
         work = flat.float() if flat.dtype not in (torch.float32, torch.float64) else flat.clone()
         entropy, selected = _logits_stats(work, ids)
+        if nonfinite == "raise" and (bad := _first_bad_position(entropy, selected)) is not None:
+            _raise_nonfinite(tuple(_unravel(bad[0], tuple(logits.shape[:-1]))), flat[bad[0]])
     shape = logits.shape[:-1]
     return TokenStats(entropy.reshape(shape), selected.reshape(shape), vocab)
 
@@ -71,7 +131,7 @@ DEFAULT_ROW_CHUNK = 4096  # positions per chunk when the LM head is a plain weig
 
 def token_stats_from_hidden(hidden: Any, lm_head: Any, token_ids: Any, chunk_size: int | None = None,
                             softcap: float | None = None, logit_scale: float = 1.0,
-                            tile_elements: int = DEFAULT_TILE_ELEMENTS) -> TokenStats:
+                            tile_elements: int = DEFAULT_TILE_ELEMENTS, nonfinite: NonFinite = "raise") -> TokenStats:
     """Entropy and log P(selected) per position, never holding more than a tile of logits.
 
     ``hidden`` is ``[..., H]``: the final-normed hidden states of the positions that PREDICT
@@ -85,9 +145,13 @@ def token_stats_from_hidden(hidden: Any, lm_head: Any, token_ids: Any, chunk_siz
 
     The entropy here is the exact ``-sum p log p``; the seed's ``log(p + 1e-10)`` differs from it by at
     most ``V * 1e-10`` nats (Phi by ``V * 1e-10 / log V``: 3e-7 at V = 32k), far inside float32 noise.
+
+    -inf logits are impossible tokens; a position with NaN / +inf logits or all -inf raises
+    ``ValueError`` naming it, or with ``nonfinite="nan"`` gets NaN statistics (see the module notes).
     """
     import torch
 
+    _check_nonfinite_mode(nonfinite)
     leading = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = token_ids.reshape(-1).to(device=flat.device, dtype=torch.long)
@@ -119,6 +183,18 @@ def token_stats_from_hidden(hidden: Any, lm_head: Any, token_ids: Any, chunk_siz
         else:
             entropy = torch.zeros(0, dtype=_stat_dtype(flat.device), device=flat.device)
             selected = entropy.clone()
+        if nonfinite == "raise" and (bad := _first_bad_position(entropy, selected)) is not None:
+            row = flat[bad[0] : bad[0] + 1]  # recompute that one position's logits to say what is wrong
+            if weight is not None:
+                row_logits = _as_float(row @ weight.T.to(row.dtype))
+                if bias is not None:
+                    row_logits = row_logits + bias.to(row_logits.dtype)
+            else:
+                row_logits = _as_float(lm_head(row))
+            row_logits = row_logits * logit_scale
+            if softcap:
+                row_logits = torch.tanh(row_logits / softcap) * softcap
+            _raise_nonfinite(tuple(_unravel(bad[0], tuple(leading))), row_logits[0])
     return TokenStats(entropy.reshape(leading), selected.reshape(leading), vocab)
 
 
@@ -153,10 +229,19 @@ def _tile_moments(logits: Any, ids: Any, offset: int, exp_out: Any = None) -> tu
     inside = (local >= 0) & (local < logits.shape[1])
     selected = logits[rows, local.clamp(0, logits.shape[1] - 1)]
     peak = logits.amax(dim=-1, keepdim=True)
-    shifted = logits.sub_(peak)
+    # a tile whose row is all -inf (a masked stretch of the vocabulary): shift by 0, so that e = 0
+    # there instead of exp(-inf - -inf) = NaN
+    shift = torch.where(torch.isneginf(peak), torch.zeros_like(peak), peak)
+    shifted = logits.sub_(shift)
     exp = torch.exp(shifted) if exp_out is None else torch.exp(shifted, out=exp_out)
     total = exp.sum(dim=-1)
-    weighted = shifted.mul_(exp).sum(dim=-1)  # sum e * (l - max), in place: cheaper than a bmm
+    product = shifted.mul_(exp)  # e * (l - max), in place: cheaper than a bmm
+    weighted = product.sum(dim=-1)
+    # a -inf logit makes -inf * 0 = NaN in its product, but contributes 0: re-sum those rows without it
+    # (NaN / +inf logits make `total` NaN, which still marks the row)
+    broken = torch.isnan(weighted) & ~torch.isnan(total)
+    if bool(broken.any()):
+        weighted = torch.where(broken, product.nan_to_num(nan=0.0).sum(dim=-1), weighted)
     return peak.reshape(-1), total, weighted, selected, inside
 
 
@@ -176,7 +261,9 @@ def _finish(tiles: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[Any, Any]:
     totals = torch.stack([t[1] for t in tiles]).to(dtype)
     weighted = torch.stack([t[2] for t in tiles]).to(dtype)
     norm = (scale * totals).sum(dim=0)
-    dev = (scale * (weighted + (peaks - top) * totals)).sum(dim=0)
+    terms = scale * (weighted + (peaks - top) * totals)
+    # an all -inf tile (total 0, peak -inf) adds nothing; `== 0` keeps a NaN total's NaN
+    dev = torch.where(totals == 0, torch.zeros_like(terms), terms).sum(dim=0)
     entropy = torch.log(norm) - dev / norm
     inside = torch.stack([t[4] for t in tiles])
     chosen = torch.stack([t[3] for t in tiles]).to(dtype)
@@ -229,15 +316,19 @@ def _lengths_from_mask(attention_mask: Any) -> Any:
 
 
 def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: Any,
-                           vocab_size: int) -> tuple[Any, dict[str, Any]]:
+                           vocab_size: int, nonfinite: NonFinite = "raise") -> tuple[Any, dict[str, Any]]:
     """CARL rewards of a right-padded batch from per-token entropy and log P(selected), ``[B, T]`` each.
 
     Same numbers as `carl_reward` row by row. Sequence-level maths runs in float64 (float32 on MPS):
     it is O(B*T) and keeps threshold comparisons identical to the numpy path. Returns ``(rewards[B],
-    components)`` with each component a ``[B]`` tensor.
+    components)`` with each component a ``[B]`` tensor. Padding positions are ignored whatever their
+    values. A log P(selected) of -inf (an impossible token) is valid; a NaN or infinite entropy, or a NaN
+    / +inf log P, at a real position raises ``ValueError`` naming ``[b, t]`` (``nonfinite="raise"``) or
+    makes that row's reward and components NaN (``nonfinite="nan"``).
     """
     import torch
 
+    _check_nonfinite_mode(nonfinite)
     if entropy.ndim != 2 or selected_logprob.shape != entropy.shape or attention_mask.shape != entropy.shape:
         raise ValueError("entropy, selected_logprob and attention_mask must all be [B, T]")
     if vocab_size < 2:
@@ -245,6 +336,12 @@ def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: 
     dtype = _stat_dtype(entropy.device)
     lengths = _lengths_from_mask(attention_mask.to(entropy.device))
     valid = torch.arange(entropy.shape[1], device=entropy.device).unsqueeze(0) < lengths.unsqueeze(-1)
+    broken = valid & (~torch.isfinite(entropy) | torch.isnan(selected_logprob) | torch.isposinf(selected_logprob))
+    if nonfinite == "raise" and bool(broken.any()):
+        b, t = (int(i) for i in torch.nonzero(broken)[0])
+        raise ValueError(f"position [{b}, {t}] has entropy {float(entropy[b, t])} and log P(selected) "
+                         f"{float(selected_logprob[b, t])}: CARL needs a finite entropy and a log P that is finite "
+                         "or -inf (NaN or +inf logits upstream?)")
     validf = valid.to(dtype)
     ent = entropy.to(dtype).masked_fill(~valid, 0.0)
     phi = (1.0 - ent / math.log(vocab_size)).masked_fill(~valid, 0.0)
@@ -262,7 +359,7 @@ def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: 
     rewards = (WEIGHTS["multiscale"] * multiscale + WEIGHTS["cloud_quality"] * cloud
                + WEIGHTS["discontinuity"] * discontinuity)
     zero = torch.zeros_like(phi_mean)
-    return rewards, {
+    components = {
         "multiscale": multiscale,
         "cloud_quality": cloud,
         "discontinuity": discontinuity,
@@ -270,6 +367,11 @@ def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: 
         "phi_std": torch.where(nonempty, phi_std, zero),
         "entropy_mean": torch.where(nonempty, entropy_mean, zero),
     }
+    # a row with a broken position is NaN throughout: thresholds on NaN compare false and would
+    # otherwise turn it into a plausible-looking number (multiscale clamps NaN into [0, 1])
+    row_broken = broken.any(dim=-1)
+    nan = torch.full_like(rewards, float("nan"))
+    return torch.where(row_broken, nan, rewards), {k: torch.where(row_broken, nan, v) for k, v in components.items()}
 
 
 def _multiscale_batch(phi: Any, lengths: Any) -> Any:
@@ -316,12 +418,15 @@ def _discontinuity_batch(phi: Any, lengths: Any) -> Any:
     return torch.where(n_events > 0, mean, torch.full_like(mean, 0.5))
 
 
-def carl_reward_batch(logits: Any, token_ids: Any, attention_mask: Any) -> tuple[Any, dict[str, Any]]:
+def carl_reward_batch(logits: Any, token_ids: Any, attention_mask: Any,
+                      nonfinite: NonFinite = "raise") -> tuple[Any, dict[str, Any]]:
     """CARL rewards of a right-padded batch: logits ``[B, T, V]``, token ids and mask ``[B, T]``.
 
     ``logits[b, t]`` is the distribution that produced ``token_ids[b, t]``. Same numbers as
     `carl_reward` row by row (padding positions are ignored, whatever their values). Returns
-    ``(rewards[B], components)``; see `carl_reward_from_stats`.
+    ``(rewards[B], components)``; see `carl_reward_from_stats`. -inf logits are impossible tokens; NaN /
+    +inf logits, or all -inf, at a real position raise ``ValueError`` naming ``[b, t]`` and the
+    vocabulary index (``nonfinite="raise"``), or make that row NaN (``nonfinite="nan"``).
     """
     import torch
 
@@ -331,6 +436,10 @@ def carl_reward_batch(logits: Any, token_ids: Any, attention_mask: Any) -> tuple
         raise ValueError(f"the vocabulary needs at least 2 entries, got V={logits.shape[-1]}")
     valid = attention_mask.to(device=logits.device, dtype=torch.bool)
     ids = token_ids.to(device=logits.device, dtype=torch.long).masked_fill(~valid, 0)  # padding may be -100
-    stats = token_stats_from_logits(logits, ids)
-    return carl_reward_from_stats(stats.entropy, stats.selected_logprob, attention_mask, stats.vocab_size)
+    _check_nonfinite_mode(nonfinite)
+    stats = token_stats_from_logits(logits, ids, nonfinite="nan")  # padding may hold anything
+    if nonfinite == "raise" and (bad := _first_bad_position(stats.entropy, stats.selected_logprob, valid)):
+        _raise_nonfinite(bad, logits[bad])
+    return carl_reward_from_stats(stats.entropy, stats.selected_logprob, attention_mask, stats.vocab_size,
+                                  nonfinite=nonfinite)
 

@@ -86,11 +86,32 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
     if logits.shape[1] < 2:
         raise ValueError(f"the vocabulary needs at least 2 entries (log V > 0), got V={logits.shape[1]}")
-    if np.isnan(logits).any() or np.isposinf(logits).any():
-        raise ValueError("logits contain NaN or +inf")
-    if logits.shape[0] and not np.isfinite(logits.max(axis=-1)).all():
-        raise ValueError("a row of logits is entirely -inf")
+    # -inf is a legitimate logit (a masked, impossible token); NaN and +inf are not
+    bad = np.isnan(logits) | np.isposinf(logits)
+    if bad.any():
+        t, v = divmod(int(np.flatnonzero(bad)[0]), logits.shape[1])
+        raise ValueError(f"logits[{t}, {v}] is {logits[t, v]}: logits must be finite or -inf "
+                         f"({int(bad.sum())} NaN/+inf values in all)")
+    if logits.shape[0]:
+        dead = ~np.isfinite(logits.max(axis=-1))
+        if dead.any():
+            raise ValueError(f"row {int(np.flatnonzero(dead)[0])} of the logits is entirely -inf: no token is possible")
     return logits
+
+
+def _check_phi(phi: np.ndarray) -> np.ndarray:
+    """Phi must be finite: NaN compares false everywhere, so it would pass every threshold silently
+    (``min(1.0, nan)`` is 1.0)."""
+    phi = np.asarray(phi)
+    if not np.issubdtype(phi.dtype, np.floating):
+        phi = phi.astype(np.float64)
+    if phi.ndim != 1:
+        raise ValueError(f"phi must be 1-D [T], got shape {phi.shape}")
+    bad = ~np.isfinite(phi)
+    if bad.any():
+        t = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"phi[{t}] is {phi[t]}: Phi must be finite")
+    return phi
 
 
 def _check_token_ids(token_ids: np.ndarray, length: int, vocab_size: int) -> np.ndarray:
@@ -111,7 +132,8 @@ def compute_phi(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Order parameter from logits ``[T, V]``: returns ``(phi, probs, entropy)``, shapes [T], [T, V], [T].
 
     ``Phi_t = 1 - H(P_t) / log V`` with ``H = -sum p log(p + 1e-10)`` (the seed's epsilon), computed in
-    the logits' dtype.
+    the logits' dtype. A -inf logit is an impossible token (probability 0, as in masked decoding); NaN
+    or +inf anywhere, or a row entirely -inf, raises ``ValueError`` naming the first such position.
     """
     logits = _check_logits(logits)
     log_vocab = math.log(logits.shape[1])
@@ -133,9 +155,9 @@ def multiscale_coherence(phi: np.ndarray) -> float:
 
     Scale j cuts Phi into ``T // 2^j`` whole blocks of 2^j (the tail is trimmed) and scores
     ``clip(1 - mean(population std within blocks), 0, 1)``; scales j = 0 .. min(floor(log2 T), 15) are
-    averaged with weights ``2^(j/2)``. Fewer than 2 tokens: 0.5.
+    averaged with weights ``2^(j/2)``. Fewer than 2 tokens: 0.5. Non-finite Phi raises ``ValueError``.
     """
-    phi = np.asarray(phi)
+    phi = _check_phi(phi)
     length = len(phi)
     if length < 2:
         return 0.5
@@ -153,13 +175,20 @@ def multiscale_coherence(phi: np.ndarray) -> float:
 
 
 def cloud_quality(phi: np.ndarray, probs: np.ndarray, token_ids: np.ndarray) -> float:
-    """``mean(P(selected token) * Phi)``: confident correctness, not lucky correctness. Empty: 0.0."""
+    """``mean(P(selected token) * Phi)``: confident correctness, not lucky correctness. Empty: 0.0.
+    Non-finite Phi or probabilities raise ``ValueError``."""
+    phi = _check_phi(phi)
     length = len(phi)
     if length == 0:
         return 0.0
     probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[0] < length:
+        raise ValueError(f"probs must be [T, V] with T >= {length}, got shape {probs.shape}")
     ids = _check_token_ids(token_ids, length, probs.shape[1])
     selected = probs[np.arange(length), ids]
+    if not np.isfinite(selected).all():
+        t = int(np.flatnonzero(~np.isfinite(selected))[0])
+        raise ValueError(f"probs[{t}, {ids[t]}] is {selected[t]}: probabilities must be finite")
     return float(np.mean(selected * phi))
 
 
@@ -168,9 +197,9 @@ def discontinuity_score(phi: np.ndarray) -> float:
 
     Each ``|dPhi| > 0.03`` is an event. A rise (commitment) scores 0.8 from Phi < 0.5, else 0.3; a fall
     (dissolution) scores 0.2 from Phi > 0.7, else 0.5. The mean over events; 0.5 with no events or
-    fewer than 2 tokens.
+    fewer than 2 tokens. Non-finite Phi raises ``ValueError``.
     """
-    phi = np.asarray(phi)
+    phi = _check_phi(phi)
     if len(phi) < 2:
         return 0.5
     delta = np.diff(phi)
@@ -188,7 +217,8 @@ def carl_reward(logits: np.ndarray, token_ids: np.ndarray) -> tuple[float, dict[
 
     ``R = 0.5 * multiscale + 0.3 * cloud_quality + 0.2 * discontinuity``; returns ``(R, components)``
     with components multiscale, cloud_quality, discontinuity, phi_mean, phi_std (population),
-    entropy_mean. Raises ``ValueError`` on bad shapes, NaN logits or ids outside the vocabulary.
+    entropy_mean. Raises ``ValueError`` on bad shapes, ids outside the vocabulary, and NaN / +inf logits
+    or a row entirely -inf (naming the first such position); a -inf logit is an impossible token.
     """
     logits = _check_logits(logits)
     _check_token_ids(token_ids, logits.shape[0], logits.shape[1])

@@ -14,6 +14,7 @@ from carl_assets.carl.batch import carl_reward_from_stats, token_stats_from_hidd
 from carl_assets.carl.coherence import COMPONENT_KEYS
 
 logger = logging.getLogger("carl_assets.carl")  # the name these warnings have always been logged under
+NONFINITE_REASON = "non-finite logits"
 
 # ============================================================================================
 # TRL GRPO reward function
@@ -140,10 +141,11 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
                 selected_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
                 del hidden
                 stats = token_stats_from_hidden(selected_hidden, lm_head, ids, chunk_size=chunk_size,
-                                                softcap=softcap, logit_scale=scale)
+                                                softcap=softcap, logit_scale=scale, nonfinite="nan")
             else:  # no separable LM head: full logits (memory B*T*V), same numbers
                 logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-                stats = token_stats_from_logits(logits.reshape(-1, logits.shape[-1]).index_select(0, idx), ids)
+                stats = token_stats_from_logits(logits.reshape(-1, logits.shape[-1]).index_select(0, idx), ids,
+                                                nonfinite="nan")
                 del logits
     finally:
         model.train(was_training)
@@ -153,7 +155,8 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
     logprob = torch.zeros_like(entropy)
     entropy.view(-1)[picked.to(mask.device)] = stats.entropy
     logprob.view(-1)[picked.to(mask.device)] = stats.selected_logprob
-    batch_rewards, batch_components = carl_reward_from_stats(entropy, logprob, mask, stats.vocab_size)
+    # NaN statistics (NaN / +inf logits: a diverged model) make that row NaN, turned into a reason below
+    batch_rewards, batch_components = carl_reward_from_stats(entropy, logprob, mask, stats.vocab_size, nonfinite="nan")
     finite = torch.isfinite(batch_rewards)
     for key in batch_components.values():
         finite &= torch.isfinite(key)
@@ -162,7 +165,7 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
     finite_list = finite.tolist()
     for r, i in enumerate(rows):
         if not finite_list[r]:
-            reasons[i] = "non-finite logits"
+            reasons[i] = NONFINITE_REASON
             continue
         rewards[i] = float(values[r])
         components[i] = {k: float(comps[k][r]) for k in COMPONENT_KEYS}
@@ -187,7 +190,9 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     B*T). Models without a separable LM head fall back to a full forward (same numbers, more memory). Rewards are not rounded
     (the seed rounded to 4 decimals, which flattens GRPO's advantages).
 
-    Empty completions and non-finite results get 0.0 and a logged warning with the reason. The model's
+    Empty completions and non-finite results get 0.0 and a logged warning with the reason; a NaN never
+    reaches TRL. Completions whose logits hold NaN or +inf (a diverged model) are also counted in one
+    warning ("0.0 for N of M completions with non-finite logits") and in ``carl/zeroed``. The model's
     train/eval mode is restored. If TRL passes ``log_metric``, the component means over the scored
     completions are logged as ``carl/multiscale``, ``carl/cloud_quality``, ``carl/discontinuity``,
     ``carl/phi_mean`` (plus ``carl/zeroed``, the fraction scored 0.0 for a reason); with TRL's
@@ -223,6 +228,10 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
         for i, reason in enumerate(scored.reasons):
             if reason is not None:
                 logger.warning("CARL reward 0.0 for completion %d of %d: %s", i, len(comp_ids), reason)
+        n_nonfinite = sum(r == NONFINITE_REASON for r in scored.reasons)
+        if n_nonfinite:  # a diverging model: say how much of the step it affects, in one line
+            logger.warning("CARL reward 0.0 for %d of %d completions with non-finite logits (NaN or +inf): "
+                           "the model may have diverged", n_nonfinite, len(comp_ids))
         carl.last_components = scored.components
         if log_metric is not None:
             kept = [c for c in scored.components if c is not None]

@@ -290,28 +290,63 @@ def resolve_model_source(spec: str | None) -> ModelSource:
     return ModelSource("hub", spec)
 
 
+# Weights stored as Python pickles (torch.save): unpickling can run arbitrary code.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_NOT_WEIGHTS = {"training_args.bin"}  # a Trainer's pickle beside the weights, never loaded here
+
+
+def pickle_weight_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Names of the pickle weight files (`pytorch_model*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.ckpt`) in `folder`."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix in _PICKLE_SUFFIXES and p.name not in _NOT_WEIGHTS)
+
+
+def check_weight_format(folder: str | os.PathLike[str], allow_pickle: bool = False) -> None:
+    """Refuse a model folder whose only weights are pickles, unless `allow_pickle`.
+
+    A folder with safetensors weights passes (they are what gets loaded: `use_safetensors=True`)."""
+    folder = Path(folder)
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = pickle_weight_files(folder)
+    if pickles:
+        raise ValueError(
+            f"model folder {str(folder)!r} holds only pickle weights ({', '.join(pickles)}): unpickling can run "
+            "arbitrary code. Convert them to safetensors, or pass allow_pickle=True (carl --allow-pickle) "
+            "if you trust where the folder came from"
+        )
+
+
 def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_code: bool | None = None,
-                             dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+                             dtype: torch.dtype = torch.float32,
+                             allow_pickle: bool = False) -> tuple[PreTrainedModel, Any]:
     """A causal LM and its tokenizer from a local folder or a hub id, in eval mode, with a pad token.
 
     `trust_remote_code=None` means: what the folder's `carl_model.json` records (the `base_model`
     asset writes it, so downstream assets load a remote-code model the way it was configured), else off.
+    Weights must be safetensors: a folder (or hub repository) with only pickle weights
+    (`pytorch_model.bin`, `*.pt`, `*.pkl`, ...) is refused with a clear error unless `allow_pickle=True`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source(str(path_or_id))
     if source.kind == "offline":
         raise ValueError("load_model_and_tokenizer needs a path or hub id; build the offline model first")
+    if source.kind == "local":
+        check_weight_format(source.value, allow_pickle)
     if trust_remote_code is None:
         marker = Path(source.value) / MODEL_INFO_FILE if source.kind == "local" else None
         recorded = json.loads(marker.read_text()) if marker is not None and marker.is_file() else {}
         trust_remote_code = bool(recorded.get("trust_remote_code", False))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.value, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source.value, trust_remote_code=trust_remote_code, dtype=dtype)
+        # use_safetensors=True: never fall back to a pickle (for a hub id, where no folder was checked)
+        model = AutoModelForCausalLM.from_pretrained(source.value, trust_remote_code=trust_remote_code, dtype=dtype,
+                                                     use_safetensors=None if allow_pickle else True)
     except OSError as exc:
         where = "folder" if source.kind == "local" else "hub id (is it cached? the hub may be offline)"
-        raise OSError(f"could not load model from {where} {source.value!r}: {exc}") from exc
+        hint = "" if allow_pickle else " (only safetensors weights are loaded unless allow_pickle=True)"
+        raise OSError(f"could not load model from {where} {source.value!r}{hint}: {exc}") from exc
     if tokenizer.pad_token is None:
         # Reuse eos (or unk) for padding: the attention mask keeps it out of every computation here.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -326,16 +361,19 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
 
 def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.PathLike[str],
                        config: OfflineModelConfig | None = None, trust_remote_code: bool = False,
-                       progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                       progress: Callable[[int, float], None] | None = None,
+                       allow_pickle: bool = False) -> dict[str, Any]:
     """Write the base model named by `spec` into `output_dir`: build the offline one, or load a hub
-    id / local folder and save it there with `save_pretrained` (so downstream reads one place)."""
+    id / local folder and save it there with `save_pretrained` (so downstream reads one place, in
+    safetensors). Pickle-only weights are refused unless `allow_pickle`."""
     source = resolve_model_source(spec)
     output_dir = Path(output_dir)
     if source.kind == "offline":
         stats = build_offline_model(texts, output_dir, config, progress)
         trust_remote_code = False
     else:
-        model, tokenizer = load_model_and_tokenizer(source.value, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(source.value, trust_remote_code=trust_remote_code,
+                                                    allow_pickle=allow_pickle)
         model.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         stats = _loaded_stats(source, model, tokenizer)
