@@ -187,35 +187,39 @@ def wait_until_drawn(page, names: list[str], where: str) -> None:
         page.wait_for_timeout(250)
 
 
-def check_pages(page, server: DagsterDev, groups: dict[str, str], tmp_path: Path, expect, PlaywrightError) -> None:
-    """The global lineage shows every group; each group's lineage draws each of its assets."""
-    # On a fresh instance a "Join the Dagster community" dialog opens about a second after the first
-    # page loads; Skip closes it for good (the instance remembers). The handler catches it on any page.
+def open_first_page(page, url: str, expect, PlaywrightError) -> None:
+    """Open `url` and close Dagster's first-visit dialog: on a fresh instance "Join the Dagster
+    community" opens about a second after the first page loads; Skip closes it for good (the instance
+    remembers). A locator handler catches it should it open later, on any page."""
     skip = page.get_by_role("button", name="Skip")
     page.add_locator_handler(skip, lambda button: button.click())
-    dialog = page.get_by_text("Join the Dagster community")
-
-    page.goto(f"{server.url}/asset-groups")
-    expect(page.get_by_text("Global asset lineage")).to_be_visible()
+    page.goto(url)
     try:
         skip.click(timeout=5_000)
     except PlaywrightError:
         pass  # no dialog: nothing to dismiss
-    expect(dialog).to_have_count(0)
-    # Global lineage collapses each group into one box named after it.
-    for group in sorted(set(groups.values())):
-        expect(page.locator("svg foreignObject").get_by_text(group, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
+
+
+def check_global_lineage(page, server: DagsterDev, groups: dict[str, str], tmp_path: Path, expect) -> None:
+    """Every group as a box, then, with all groups expanded, every asset as a node."""
+    expect(page.get_by_text("Global asset lineage")).to_be_visible()
+    wait_until_drawn(page, sorted(set(groups.values())), "global lineage (collapsed)")
+    # Alt+E is the page's "Expand all groups": the whole graph, zoomed to fit (long names shortened).
+    page.keyboard.press("Alt+e")
+    wait_until_drawn(page, sorted(groups), "global lineage (all groups expanded)")
     page.screenshot(path=str(tmp_path / "global_lineage.png"))
 
-    repo_path = f"/locations/{server.repository}@{server.location}/asset-groups"
-    for group in sorted(set(groups.values())):
-        page.goto(f"{server.url}{repo_path}/{group}")
-        wait_until_drawn(page, sorted(a for a, g in groups.items() if g == group), f"group {group!r} page")
-        if group == groups[CHEAP_ASSET]:
-            # The run launched above shows on its node.
-            expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
-        expect(dialog).to_have_count(0)
-        page.screenshot(path=str(tmp_path / f"group_{group}.png"))
+
+def check_group_page(page, server: DagsterDev, groups: dict[str, str], tmp_path: Path, expect) -> None:
+    """The cheap asset's group page draws its assets full size, and the node shows the run's result."""
+    group = groups[CHEAP_ASSET]
+    page.goto(f"{server.url}/locations/{server.repository}@{server.location}/asset-groups/{group}")
+    for asset in sorted(a for a, g in groups.items() if g == group):
+        expect(page.locator("svg foreignObject").get_by_text(asset, exact=True)).to_be_visible()
+    expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
+    expect(page.get_by_text("Join the Dagster community")).to_have_count(0)
+    page.screenshot(path=str(tmp_path / f"group_{group}.png"))
 
 
 @pytest.fixture
@@ -238,15 +242,19 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
     expect.set_options(timeout=UI_TIMEOUT_MS)  # a busy 2-core box renders slowly; the default is 5 s
 
     phases = Phases()
-    expected_deps, expected_groups, expected_checks = expected_graph(homes["carl_home"])
-    assert CHEAP_ASSET in expected_deps, f"{CHEAP_ASSET} is no longer an asset: pick another cheap one"
     env = isolated_env(
         CARL_HOME=str(homes["carl_home"]),
         DAGSTER_HOME=str(homes["dagster_home"]),
         CARL_ENV_FILE=str(homes["env_file"]),
         CARL_MEMORY_SOURCE="sample",
     )
-    with DagsterDev(env, cwd=tmp_path / "cwd", log_path=tmp_path / "dagster_dev.log") as server:
+    server = DagsterDev(env, cwd=tmp_path / "cwd", log_path=tmp_path / "dagster_dev.log")
+    try:
+        server.launch()
+        # Build the expected graph here while dagster dev starts (both import torch & co).
+        expected_deps, expected_groups, expected_checks = expected_graph(homes["carl_home"])
+        assert CHEAP_ASSET in expected_deps, f"{CHEAP_ASSET} is no longer an asset: pick another cheap one"
+        server.wait_until_loaded()
         phases.done("definitions + dagster dev start")
         # The whole graph: every asset, every edge, every check, every group.
         deps, groups, checks = served_graph(server)
@@ -257,22 +265,29 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
         assert checks == expected_checks
 
         run_id = launch_assets(server, [CHEAP_ASSET], checks)
-        status = wait_for_run(server, run_id)
-        assert status == "SUCCESS", f"run {run_id} ended {status}:\n{run_errors(server, run_id)}"
-        latest = server.query(LATEST_MATERIALIZATION_QUERY, {"key": {"path": [CHEAP_ASSET]}})["assetOrError"]
-        assert latest["assetMaterializations"][0]["runId"] == run_id
-        assert (homes["carl_home"] / "carl.duckdb").is_file(), "the run did not write into the test's CARL_HOME"
-        phases.done(f"graph check + run of {CHEAP_ASSET}")
-
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(browser_path), headless=True)
             try:
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
                 page.set_default_timeout(UI_TIMEOUT_MS)
-                check_pages(page, server, groups, tmp_path, expect, PlaywrightError)
+                # The lineage pages need no run: check them while the run starts up.
+                open_first_page(page, f"{server.url}/asset-groups", expect, PlaywrightError)
+                check_global_lineage(page, server, groups, tmp_path, expect)
+                phases.done("graph check + global lineage page")
+
+                status = wait_for_run(server, run_id)
+                assert status == "SUCCESS", f"run {run_id} ended {status}:\n{run_errors(server, run_id)}"
+                latest = server.query(LATEST_MATERIALIZATION_QUERY, {"key": {"path": [CHEAP_ASSET]}})
+                assert latest["assetOrError"]["assetMaterializations"][0]["runId"] == run_id
+                assert (homes["carl_home"] / "carl.duckdb").is_file(), "no carl.duckdb in the test's CARL_HOME"
+                phases.done(f"run of {CHEAP_ASSET} finished")
+
+                check_group_page(page, server, groups, tmp_path, expect)
             finally:
                 browser.close()
-        phases.done("browser pages")
+        phases.done("group page")
+    finally:
+        server.stop()
     phases.done("dagster dev stop")
 
 
@@ -319,8 +334,8 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
         assert [m["runId"] for m in latest["assetMaterializations"]] == [run_id]
         phases.done("queries")
     phases.done("dagster dev stop")
-    # Nothing was written where dagster dev was started.
-    assert not (elsewhere / ".dagster_home").exists() and not (elsewhere / ".carl").exists()
+    # Nothing was written where dagster dev was started (no temporary instance, no stray homes).
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
 
 
 def test_shortened_node_names_match_only_their_asset() -> None:
