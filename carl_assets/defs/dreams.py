@@ -68,11 +68,12 @@ class DreamScenariosConfig(dg.Config):
                         "or a weighted mix such as 'carl:0.7,steering:warmth:0.3'")
     n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
     responses_per_scenario: int = Field(default=4, description="responses sampled per scenario (k)")
-    max_new_tokens: int = Field(default=48, description="tokens per response")
-    top_fraction: float = Field(default=0.5, description="the filter keeps this top share of each scenario's "
-                                "responses")
+    max_new_tokens: int = Field(default=32, description="tokens per response")
+    top_fraction: float = Field(default=0.25, description="the filter keeps this top share of each scenario's "
+                                "responses (0.25 of 4: the best one)")
     min_score: float | None = Field(default=None, description="the filter keeps only responses scoring at "
-                                    "least this (None: no minimum)")
+                                    "least this (None: no minimum; the inverse diagnostic then uses the score "
+                                    "the filter kept at, the cycle's (1 - top_fraction) quantile)")
     restart_prob: float = Field(default=0.15, description="random walk: probability of jumping back to the "
                                 "start node at each step")
     walk_length: int = Field(default=8, description="random walk: steps per walk")
@@ -121,6 +122,12 @@ class DreamScenariosConfig(dg.Config):
                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, walk=walk,
                            max_memories=self.max_memories, excerpt_chars=self.excerpt_chars,
                            top_fraction=self.top_fraction, min_score=self.min_score, seed=self.seed)
+
+
+def heldout_bar(frame: pd.DataFrame, top_fraction: float) -> float:
+    """The score a response needs to be among the kept share of this cycle's dreams."""
+    scores = frame.loc[frame["response"].astype(str).str.strip() != "", "score"].astype(float)
+    return float(scores.quantile(1.0 - top_fraction)) if len(scores) else float("nan")
 
 
 def _read_or_empty(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
@@ -187,8 +194,11 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     with torch_threads(config.threads or None):
         result = dream(model, tokenizer, nodes, edges, dream_config, scorer, cycle=cycle,
                        temperature=step.temperature, exclude=exclude, progress=progress)
+        # "Passes the filter": at least the set minimum, else at least the score the filter kept at this
+        # cycle (a greedy reflex as good as the kept dreams).
+        bar = config.min_score if config.min_score is not None else heldout_bar(result.frame, config.top_fraction)
         pass_rate, heldout_frame = inverse_diagnostic_pass_rate(
-            model, tokenizer, heldout, scorer, min_score=config.min_score, max_new_tokens=config.max_new_tokens,
+            model, tokenizer, heldout, scorer, min_score=bar, max_new_tokens=config.max_new_tokens,
             batch_size=config.batch_size, excerpt_chars=config.excerpt_chars)
     frame = result.frame
     stats = result.statistics
@@ -197,7 +207,9 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
         "cycle": cycle, "policy_asset": policy_asset, "policy_version": policy_version,
         "run_id": context.run.run_id, "temperature": step.temperature, "learning_rate": step.learning_rate,
         "schedule_progress": step.progress, **{k: stats[k] for k in stats}, "walks": result.walks,
-        "heldout_scenarios": len(heldout), "heldout_pass_rate": pass_rate, "scorer": config.scorer,
+        "heldout_scenarios": len(heldout), "heldout_bar": bar, "heldout_pass_rate": pass_rate,
+        "heldout_score_mean": float(heldout_frame["score"].mean()) if len(heldout_frame) else float("nan"),
+        "scorer": config.scorer,
     }])
     tables = {
         "dream_scenarios": _replace_cycle(_read_or_empty(duckdb, "dream_scenarios"), frame, cycle),

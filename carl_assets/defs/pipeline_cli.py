@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     mat = sub.add_parser("materialize", help="materialize the asset graph headless (default: all of it)")
     mat.add_argument("--select", default=ALL, help="asset selection, Dagster syntax (e.g. 'steering_vectors+', '+base_model'); default: everything")
+    mat.add_argument("--job", default=None, help="materialize what a job selects: 'retraining' (one dream cycle), "
+                     "'steering_refresh' or 'carl_all'")
     mat.add_argument("--home", default=None, help="CARL_HOME for this run (default: $CARL_HOME or ./.carl)")
     mat.add_argument("--config", default=None, help="YAML/JSON run config: {ops: {<asset>: {config: {...}}}}")
     lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_dagster_home()
     try:
         if args.command == "materialize":
-            return materialize(args.select, load_run_config(args.config))
+            return materialize(args.select, load_run_config(args.config), job=args.job)
         if args.nodes:
             return lineage_nodes(args.nodes, args.version, args.limit)
         return lineage(args.asset)
@@ -80,8 +82,9 @@ def load_run_config(path: str | None) -> dict:
     return loaded
 
 
-def materialize(select: str = ALL, run_config: dict | None = None) -> int:
-    """Materialize the selection in-process through the job `carl_all`; print a per-asset summary."""
+def materialize(select: str = ALL, run_config: dict | None = None, job: str | None = None) -> int:
+    """Materialize the selection (or what `job` selects) in-process through the job `carl_all`; print a
+    per-asset summary."""
     import dagster as dg
 
     from carl_assets import storage
@@ -89,8 +92,15 @@ def materialize(select: str = ALL, run_config: dict | None = None) -> int:
     from carl_assets.defs.jobs import ALL_JOB
 
     defs = build_definitions()
-    job = defs.resolve_job_def(ALL_JOB)
     selection = None
+    if job is not None:
+        if select != ALL:
+            raise PipelineUsageError("carl materialize: give --select or --job, not both")
+        names = [j.name for j in defs.jobs]
+        if job not in names:
+            raise PipelineUsageError(f"carl materialize: unknown job {job!r}; jobs: {', '.join(names)}")
+        selection = sorted(defs.resolve_job_def(job).asset_layer.executable_asset_keys)
+    job = defs.resolve_job_def(ALL_JOB)
     if select != ALL:
         graph = defs.resolve_asset_graph()
         try:
@@ -252,7 +262,8 @@ def lineage(asset: str | None = None) -> int:
         if key not in keys:
             print(f"carl lineage: unknown asset {asset!r}; known: {', '.join(k.to_user_string() for k in keys)}", file=sys.stderr)
             return 2
-        related = {key} | set(graph.get_ancestor_asset_keys(key)) | set(graph.get_descendant_asset_keys(key))
+        descendants = {k for k in keys if key in graph.get_ancestor_asset_keys(k)}
+        related = {key} | set(graph.get_ancestor_asset_keys(key)) | descendants
         keys = [k for k in keys if k in related]
     with dg.DagsterInstance.get() as instance:
         statuses = _statuses(instance, graph, keys)
