@@ -127,7 +127,7 @@ def test_base_model_asset_offline_default_shape(tmp_path):
     assert meta["num_layers"].value == 4 and meta["hidden_size"].value == 128
     assert meta["final_loss"].value < meta["initial_loss"].value
     assert "pretraining_loss" in meta and "sample_generation" in meta
-    folder = tmp_path / "artifacts" / "base_model"
+    folder = tmp_path / "artifacts" / "base_model" / "current"
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
     model, tok = load_model_and_tokenizer(folder)
     assert len(tok) == model.config.vocab_size
@@ -150,8 +150,8 @@ def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     meta = result.asset_materializations_for_node("base_model")[0].metadata
     assert meta["source"].value == f"local:{src.resolve()}"
     assert meta["num_layers"].value == 2 and meta["hidden_size"].value == 32
-    copied, _ = load_model_and_tokenizer(home / "artifacts" / "base_model")
-    info = json.loads((home / "artifacts" / "base_model" / "carl_model.json").read_text())
+    copied, _ = load_model_and_tokenizer(home / "artifacts" / "base_model" / "current")
+    info = json.loads((home / "artifacts" / "base_model" / "current" / "carl_model.json").read_text())
     assert info == {"source": f"local:{src.resolve()}", "trust_remote_code": False}
     assert torch.equal(copied.model.embed_tokens.weight, model.model.embed_tokens.weight)
     bad = {"ops": {"base_model": {"config": {"model": str(tmp_path / "missing")}}}}

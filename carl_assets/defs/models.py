@@ -25,6 +25,8 @@ class BaseModelConfig(dg.Config):
         "a hub id ('org/name', needs the hub or its cache) or a local Hugging Face model folder.",
     )
     trust_remote_code: bool = Field(default=False, description="allow custom modelling code from the model source")
+    allow_pickle: bool = Field(default=False, description="accept a local folder whose only weights are pickle "
+                               "files (.bin/.pt/.pkl: loading them can run code); the copy is saved as safetensors")
     vocab_size: int = Field(default=2048, description="offline model: BPE vocabulary size (upper bound)")
     hidden_size: int = Field(default=128, description="offline model: residual width")
     num_layers: int = Field(default=4, description="offline model: decoder blocks")
@@ -68,7 +70,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
             context.log.info(f"pretraining step {step + 1}/{config.steps}: loss {loss:.3f}")
 
     with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version):
-        stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress)
+        stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress,
+                                   allow_pickle=config.allow_pickle)
         # The data version is the weights, tokenizer and config (not the timing stats).
         version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
     path = artifacts.path("base_model", version)
