@@ -12,6 +12,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from carl_assets import storage
 from carl_assets.carl import SIGMA
 from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
@@ -194,7 +195,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duc
     tables = {"sft_dataset": examples, "agent_tasks": tasks}
     write_tables(duckdb, tables)
     if "node_ids_json" in examples.columns:
-        with duckdb.get_connection() as con:
+        with storage.connect(duckdb.database) as con:
             con.execute(PROVENANCE_VIEW_SQL)
     path = artifacts.path("sft_dataset", version)
     artifacts.record("sft_dataset", version, dream_cycle=cycle, source=config.source)

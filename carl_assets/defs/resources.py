@@ -81,7 +81,8 @@ class ArtifactStore(dg.ConfigurableResource):
     def refresh_table(self) -> int:
         """Rewrite `artifact_versions` from the folders on disk (the disk is the source of truth)."""
         rows = pd.DataFrame(all_versions(self.root), columns=VERSION_COLUMNS)
-        return storage.write_tables(self.database, {VERSIONS_TABLE: rows})[VERSIONS_TABLE]
+        with storage.connect(self.database, on_wait=_say_waiting) as con:
+            return storage.write_table(con, VERSIONS_TABLE, rows)
 
 
 class MemorySource(dg.ConfigurableResource):
@@ -98,14 +99,20 @@ def memory_source_from_env() -> MemorySource:
     return MemorySource(source=dg.EnvVar(MEMORY_SOURCE_VAR)) if os.environ.get(MEMORY_SOURCE_VAR) else MemorySource()
 
 
+def _say_waiting(message: str) -> None:
+    # Inside a run this logger writes to the run's event log, so the UI shows whose lock a step waits for.
+    dg.get_dagster_logger("carl_assets.storage").warning(message)
+
+
 def write_tables(duckdb: DuckDBResource, tables: dict[str, pd.DataFrame]) -> dict[str, int]:
-    """Replace each table in bulk through one short connection."""
-    with duckdb.get_connection() as con:
+    """Replace each table in bulk through one short connection (waiting, and saying so in the run's log,
+    while a notebook or another run holds the database)."""
+    with storage.connect(duckdb.database, on_wait=_say_waiting) as con:
         return {name: storage.write_table(con, name, df) for name, df in tables.items()}
 
 
 def read_table(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
-    with duckdb.get_connection() as con:
+    with storage.connect(duckdb.database, read_only=Path(duckdb.database).exists(), on_wait=_say_waiting) as con:
         return storage.select_table(con, name, duckdb.database)
 
 
