@@ -179,7 +179,11 @@ class DagsterDev:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as exc:  # GraphQL validation errors come back as HTTP 400
-            payload = json.loads(exc.read() or b"{}")
+            text = exc.read().decode(errors="replace")
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                raise DagsterDevError(f"GraphQL HTTP {exc.code}: {text[:2000]}") from None
         if payload.get("errors"):
             raise DagsterDevError(f"GraphQL errors: {json.dumps(payload['errors'])[:2000]}")
         return payload["data"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -346,3 +347,16 @@ def test_shortened_node_names_match_only_their_asset() -> None:
     assert not shows("base_mode", texts)  # a prefix is not the name
     assert not shows("c_events", ["c…_events"])  # the short form must hide something
     assert not shows("steering_vectors", [])
+
+
+def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ui = sys.modules[__name__]  # chromium_or_skip reads this module's CHROMIUM
+    monkeypatch.setattr(ui, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing in CI"):
+        ui.chromium_or_skip()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        ui.chromium_or_skip()
+    monkeypatch.setattr(ui, "CHROMIUM", Path("/bin/sh"))  # any existing file stands in for the browser
+    assert ui.chromium_or_skip() == Path("/bin/sh")
