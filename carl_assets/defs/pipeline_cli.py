@@ -300,9 +300,8 @@ def lineage_nodes(asset: str, version: str | None = None, limit: int = 20) -> in
         behind = nodes_behind(provenance, asset, version)
     except LookupError as exc:
         raise PipelineUsageError(f"carl lineage --nodes: {exc}") from None
-    info = nodes.set_index("node_id")[["kind", "text"]]
-    behind = behind.join(info, on="node_id")
     chain = " <- ".join(f"{a}@{v}" for a, v in behind.attrs.get("chain", []))
+    behind = behind.join(nodes.set_index("node_id")[["kind", "text"]], on="node_id")
     print(f"{asset}@{version}: {len(behind)} memory nodes, {int(behind['examples'].sum())} example seeds")
     print(f"chain: {chain}")
     print(f"{'node':<34}{'kind':<12}{'examples':>9}{'versions':>9}  text")
