@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from carl_assets import storage
 from carl_assets.defs import carl as carl_defs
-from carl_assets.defs import memory, models
+from carl_assets.defs import memory, models, steering
 from carl_assets.defs.resources import build_resources
 
-UPSTREAM = [memory.memory_graph, models.base_model]
+UPSTREAM = [memory.memory_graph, models.base_model, memory.emotion_training_pairs, steering.steering_vectors]
 ASSETS = [carl_defs.sft_dataset, carl_defs.sft_checkpoint, carl_defs.crystallization_events,
           carl_defs.grpo_checkpoint, carl_defs.agent_evaluation]
 CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.grpo_rewards_vary, carl_defs.sft_checkpoint_weights_finite,
@@ -20,6 +20,7 @@ CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.grpo_rewards_vary, car
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
                    "steps": 3, "seq_len": 32, "batch_size": 2},
+    "steering_vectors": {"max_length": 64},
     "sft_dataset": {"source": "templates", "max_examples": 8, "holdout_tasks": 3},
     "sft_checkpoint": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4},
     # 6 steps never crystallize: let GRPO run anyway (the block is tested below)
@@ -94,6 +95,11 @@ def test_training_assets_materialize(tmp_path):
         assert row.act_rate == pytest.approx(part["acted"].mean())
         assert row.mean_reward == pytest.approx(part["reward"].mean())
     assert (evaluation["response"].isna() == ~evaluation["acted"]).all()
+    # the readout of each agent turn: every checkpoint x task x emotion x readout layer
+    readout = storage.read_table(db, "agent_readout")
+    manifest = json.loads((art / "steering_vectors" / "current" / "manifest.json").read_text())
+    assert len(readout) == 2 * 3 * len(manifest["concepts"]) * len(manifest["layers"])
+    assert readout["projection"].notna().all() and "readout_heatmap" in metadata(result, "agent_evaluation")
 
     # a second SFT run appends a crystallization event (one row per run)
     again = dg.materialize(ASSETS[1:3], resources=resources, run_config={"ops": {
@@ -113,7 +119,7 @@ def test_training_assets_materialize(tmp_path):
 def test_grpo_is_held_back_when_sft_did_not_crystallize(tmp_path):
     resources = build_resources(tmp_path)
     cfg = run_config(crystallization_events={"require_crystallization": True})
-    result = dg.materialize(UPSTREAM + ASSETS[:4], resources=resources, run_config={
+    result = dg.materialize(UPSTREAM[:2] + ASSETS[:4], resources=resources, run_config={
         "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events",
                                            "grpo_checkpoint")}}, raise_on_error=False)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -132,7 +138,7 @@ def test_bad_sft_data_blocks_training(tmp_path):
                                "completion": [{"role": "assistant", "content": ""}]}) + "\n")
     resources = build_resources(tmp_path / "home")
     cfg = run_config(sft_dataset={"source": str(bad)})
-    result = dg.materialize(UPSTREAM + ASSETS[:2] + CHECKS[:1], resources=resources, run_config={
+    result = dg.materialize(UPSTREAM[:2] + ASSETS[:2] + CHECKS[:1], resources=resources, run_config={
         "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint")}}, raise_on_error=False)
     assert not result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}

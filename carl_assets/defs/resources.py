@@ -68,7 +68,7 @@ class ArtifactStore(dg.ConfigurableResource):
         try:
             folder = self.path(asset, version)
         except ArtifactVersionError as exc:
-            raise FileNotFoundError(f"{exc}: materialize the upstream asset {asset!r} first") from None
+            raise FileNotFoundError(str(exc)) from None
         path = folder if filename is None else folder / filename
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: materialize the upstream asset {asset!r} first")
