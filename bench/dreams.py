@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -42,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _measure import measure  # noqa: E402
 
 from carl_assets.dreams import (  # noqa: E402
     CarlScorer,
@@ -56,28 +56,6 @@ from carl_assets.dreams import (  # noqa: E402
 from carl_assets.memory_graph import load_graph  # noqa: E402
 from carl_assets.models.loading import new_offline_model  # noqa: E402
 from carl_assets.steering import SteeringVectors, default_layers  # noqa: E402
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def measure(fn):
-    """(seconds, peak extra resident MB, result) of one call."""
-    rss_before = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset the high-water mark VmHWM to the current RSS
-    except OSError:
-        pass
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    return seconds, max(0, _status_kb("VmHWM") - rss_before) / 1024.0, result
 
 
 def random_readout(hidden: int, layers: list[int], seed: int = 0) -> SteeringVectors:

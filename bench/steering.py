@@ -42,7 +42,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -58,34 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401  (before the sklearn placeholder: torch probes installed modules)
+from _measure import measure  # noqa: E402
 
 from carl_assets.memory.graph import extract_training_pairs, graph_from_records  # noqa: E402
 from carl_assets.memory.sample import SAMPLE_SEED, sample_records  # noqa: E402
 from carl_assets.models.loading import new_offline_model  # noqa: E402
 from carl_assets.steering import train_steering_vectors  # noqa: E402
 from carl_assets.steering.reference import import_train_steering_vector  # noqa: E402
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def measure(fn):
-    """(seconds, peak extra resident MB, result) of one call."""
-    rss_before = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset the high-water mark VmHWM to the current RSS
-    except OSError:
-        pass
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    return seconds, max(0, _status_kb("VmHWM") - rss_before) / 1024.0, result
 
 
 def balanced_pairs(n_graphs: int) -> pd.DataFrame:

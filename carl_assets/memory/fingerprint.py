@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carl_assets.memory.graph import MemorySourceError
+from carl_assets.memory.graph import MemorySourceError, jsonl_file
 
 TAIL_BYTES = 64 * 1024
 
@@ -37,12 +37,7 @@ def _short(hasher: Any) -> str:
 
 
 def file_fingerprint(path: str | Path, source: str | None = None) -> SourceFingerprint:
-    path = Path(path).expanduser()
-    source = source or f"jsonl:{path}"
-    if path.is_dir():
-        raise MemorySourceError(source, f"{str(path)!r} is a folder, not a JSONL file")
-    if not path.is_file():
-        raise MemorySourceError(source, f"no such file {str(path)!r}")
+    path, source = jsonl_file(path, source)
     stat = path.stat()
     with open(path, "rb") as handle:
         handle.seek(max(0, stat.st_size - TAIL_BYTES))

@@ -399,14 +399,20 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str]]:
                 yield number, _BadLine(f"malformed JSON: {exc}"), raw
 
 
-def read_jsonl(path: str | Path, source: str | None = None) -> MemoryGraph:
-    """The graph of a memory-server JSONL file, read line by line (memory: the tables, not the file)."""
+def jsonl_file(path: str | Path, source: str | None = None) -> tuple[Path, str]:
+    """(the file, the source string) of a `jsonl:` source; `MemorySourceError` if it is a folder or missing."""
     path = Path(path).expanduser()
     source = source or f"jsonl:{path}"
     if path.is_dir():
         raise MemorySourceError(source, f"{str(path)!r} is a folder, not a JSONL file")
     if not path.is_file():
         raise MemorySourceError(source, f"no such file {str(path)!r}")
+    return path, source
+
+
+def read_jsonl(path: str | Path, source: str | None = None) -> MemoryGraph:
+    """The graph of a memory-server JSONL file, read line by line (memory: the tables, not the file)."""
+    path, source = jsonl_file(path, source)
     try:
         return graph_from_records(_jsonl_records(path), source)
     except OSError as exc:
