@@ -39,9 +39,10 @@ $(VENV)/.installed: pyproject.toml
 .env:
 	printf '# carl-assets settings, read by dagster dev and by every python of .venv\nCARL_HOME=%s\nDAGSTER_HOME=%s\nCARL_MEMORY_SOURCE=sample\n' "$(CURDIR)/.carl" "$(CURDIR)/.dagster_home" > $@
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+# Dagster's instance settings (telemetry off, the `training` pool limited to 1), written by the same
+# function `carl materialize` uses; an existing file only gets the sections it lacks.
+$(DAGSTER_HOME)/dagster.yaml: carl_assets/dagster_instance.py | $(VENV)/.installed
+	$(BIN)/python -m carl_assets.dagster_instance $(DAGSTER_HOME)
 
 $(MCP_MEMORY):
 	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) @modelcontextprotocol/server-memory

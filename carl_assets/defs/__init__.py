@@ -52,6 +52,41 @@ EXECUTOR = dg.multiprocess_executor.configured(
 )
 
 
+# Assets that train or generate for long share one machine's cores: they run in the concurrency pool
+# `training`, whose limit (1, from `concurrency: pools: default_limit` in the project's dagster.yaml,
+# written by carl_assets/dagster_instance.py) holds across runs, so two overlapping runs take turns.
+TRAINING_POOL = "training"
+TRAINING_ASSETS = frozenset({"base_model", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"})
+
+
+def _in_pool(asset: dg.AssetsDefinition, pool: str) -> dg.AssetsDefinition:
+    """The same asset with its op in `pool`. Dagster reads a step's pool from the op, and an asset's op
+    can only be given one by its decorator; this rebuilds the op with every other property unchanged,
+    the way Dagster copies ops itself, so the list of pooled assets stays in this one file."""
+    op = asset.op
+    if op.pool not in (None, pool):
+        raise ValueError(f"asset op {op.name!r} is already in pool {op.pool!r}, not {pool!r}")
+    pooled = dg.OpDefinition(
+        compute_fn=op.compute_fn,
+        name=op.name,
+        ins={definition.name: dg.In.from_definition(definition) for definition in op.input_defs},
+        outs={definition.name: dg.Out.from_definition(definition) for definition in op.output_defs},
+        description=op.description,
+        config_schema=op.config_schema,
+        required_resource_keys=op.required_resource_keys,
+        tags=op.tags,
+        retry_policy=op.retry_policy,
+        code_version=op.version,
+        pool=pool,
+    )
+    return dg.AssetsDefinition.dagster_internal_init(**{**asset.get_attributes_dict(), "node_def": pooled})
+
+
+def _pooled(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    names = {key.to_user_string() for key in asset.keys}
+    return _in_pool(asset, TRAINING_POOL) if names & TRAINING_ASSETS else asset
+
+
 def _with_code_version(spec: dg.AssetSpec) -> dg.AssetSpec:
     name = spec.key.to_user_string()
     if name not in CODE_VERSIONS:
@@ -62,7 +97,10 @@ def _with_code_version(spec: dg.AssetSpec) -> dg.AssetSpec:
 def build_definitions(home: str | os.PathLike[str] | None = None) -> dg.Definitions:
     loaded = dg.load_assets_from_modules(ASSET_MODULES)
     # A source asset is observed, not computed: its version is its data version; it has no code version.
-    assets = [a if isinstance(a, dg.SourceAsset) else a.map_asset_specs(_with_code_version) for a in loaded]
+    assets = [a if isinstance(a, dg.SourceAsset) else _pooled(a.map_asset_specs(_with_code_version)) for a in loaded]
+    missing = TRAINING_ASSETS - {key.to_user_string() for a in assets for key in getattr(a, "keys", [])}
+    if missing:
+        raise KeyError(f"TRAINING_ASSETS names {sorted(missing)}, which are not assets (carl_assets/defs/__init__.py)")
     checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
     names = [key.to_user_string() for a in assets for key in getattr(a, "keys", [getattr(a, "key", None)]) if key]
     jobs, schedules, sensors = build_jobs_schedules_sensors(names)

@@ -21,12 +21,17 @@ class PipelineUsageError(ValueError):
 
 
 def ensure_dagster_home() -> Path:
-    """`$DAGSTER_HOME` (default `./.dagster_home`), created with telemetry off if it is new."""
+    """`$DAGSTER_HOME` (default `./.dagster_home`) with the project's dagster.yaml (telemetry off, the
+    `training` pool limited to 1); an existing file only gets the sections it lacks."""
+    from carl_assets.dagster_instance import write_dagster_yaml
+
     home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+    try:
+        written = write_dagster_yaml(home)
+    except ValueError as exc:  # a dagster.yaml Dagster could not read either: say which file, no traceback
+        raise SystemExit(f"carl: {exc}") from None
+    if written.added and not written.created:
+        print(f"{written.path}: added the project's {', '.join(written.added)} settings", file=sys.stderr)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
