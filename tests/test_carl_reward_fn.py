@@ -56,7 +56,7 @@ def test_reward_fn_matches_carl_reward_by_hand(tiny):
     metrics = {}
     model.train()
     extra = {}
-    rewards = reward_fn(prompts=prompts, completions=["x"] * 5, completion_ids=completion_ids,
+    rewards = reward_fn(prompts=prompts, completions=["a long text"] * 5, completion_ids=completion_ids,
                         log_metric=lambda name, value: metrics.setdefault(name, value),
                         log_extra=lambda column, values: extra.setdefault(column, values), trainer_state=None)
     assert model.training  # train mode restored
@@ -103,7 +103,7 @@ def test_reward_fn_without_completion_ids_tokenises_the_text(tiny):
 
 def test_reward_fn_zero_with_reason_for_empty_out_of_vocab_and_non_finite(tiny, caplog):
     model, tokenizer = tiny
-    fn = make_carl_reward_fn(model, tokenizer)
+    fn = make_carl_reward_fn(model, tokenizer, min_chars=0)  # placeholder texts: judge by the ids alone
     metrics = {}
     prompts = ["Click", "Click", "Click"]
     with caplog.at_level(logging.WARNING, logger="carl_assets.carl"):
@@ -124,7 +124,7 @@ def test_reward_fn_zero_with_reason_for_empty_out_of_vocab_and_non_finite(tiny, 
     broken.train()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="carl_assets.carl"):
-        rewards = make_carl_reward_fn(broken, tok)(prompts=["a", "b"], completions=["", ""],
+        rewards = make_carl_reward_fn(broken, tok, min_chars=0)(prompts=["a", "b"], completions=["", ""],
                                                    completion_ids=[[4, 5, 6], [7]])
     assert rewards == [0.0, 0.0] and "non-finite" in caplog.text
     assert broken.training
@@ -185,12 +185,31 @@ def test_full_logits_fallback_and_bf16_model_give_the_same_rewards(tiny, monkeyp
     model, tokenizer = tiny
     prompts = ["Click", [{"role": "user", "content": "Type the name."}]]
     completion_ids = [[5, 9, 33, 2], [7, 7, 8, 100, 101, 3, 4]]
-    tiled = make_carl_reward_fn(model, tokenizer)(prompts=prompts, completions=["", ""], completion_ids=completion_ids)
+    tiled = make_carl_reward_fn(model, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
+                                                               completion_ids=completion_ids)
     monkeypatch.setattr(carl_reward_fn, "_lm_head_parts", lambda m: (None, None, None, 1.0))
-    full = make_carl_reward_fn(model, tokenizer)(prompts=prompts, completions=["", ""], completion_ids=completion_ids)
+    full = make_carl_reward_fn(model, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
+                                                              completion_ids=completion_ids)
     monkeypatch.undo()
     np.testing.assert_allclose(tiled, full, atol=1e-6)
     half = copy.deepcopy(model).to(torch.bfloat16)
-    low = make_carl_reward_fn(half, tokenizer)(prompts=prompts, completions=["", ""], completion_ids=completion_ids)
+    low = make_carl_reward_fn(half, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
+                                                            completion_ids=completion_ids)
     expected = [by_hand(half, tokenizer, p, c)[0] for p, c in zip(prompts, completion_ids, strict=True)]
     np.testing.assert_allclose(low, expected, atol=2e-3)  # bf16 activations: batched vs unbatched rounding
+
+
+def test_the_seeds_short_completion_and_token_cap_rules(tiny):
+    model, tokenizer = tiny
+    fn = make_carl_reward_fn(model, tokenizer)
+    metrics = {}
+    ids = [[5, 6, 7], [5, 6, 7], [5, 6, 7]]
+    rewards = fn(prompts=["Click"] * 3, completions=["   ", "abcd", "abcde"], completion_ids=ids,
+                 log_metric=lambda n, v: metrics.setdefault(n, v))
+    assert rewards[0] == rewards[1] == 0.0 and rewards[2] != 0.0  # blank and < 5 characters score 0
+    assert metrics["carl/short"] == pytest.approx(2 / 3)
+    # only the first max_completion_tokens tokens are scored
+    long_ids = list(range(5, 25))
+    capped = make_carl_reward_fn(model, tokenizer, max_completion_tokens=8)(
+        prompts=["Click"], completions=["long enough"], completion_ids=[long_ids])[0]
+    assert capped == pytest.approx(by_hand(model, tokenizer, "Click", long_ids[:8])[0], abs=1e-5)

@@ -172,9 +172,15 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
     return CompletionScores(rewards, components, reasons)
 
 
+SEED_MIN_CHARS = 5  # the seed: a completion with no text or fewer than 5 characters scores 0.0
+SEED_MAX_TOKENS = 512  # the seed: at most 512 tokens of a completion are scored
+SHORT_REASON = "shorter than the minimum characters"
+
+
 def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = None,
                         chat_template_kwargs: dict[str, Any] | None = None,
-                        metric_prefix: str = "carl") -> Callable[..., list[float]]:
+                        metric_prefix: str = "carl", min_chars: int = SEED_MIN_CHARS,
+                        max_completion_tokens: int | None = SEED_MAX_TOKENS) -> Callable[..., list[float]]:
     """A TRL GRPO reward function: the CARL composite of each completion under ``model``.
 
     The returned ``carl(prompts, completions, completion_ids=None, log_metric=None, **kwargs)`` re-scores
@@ -189,6 +195,12 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     vocabulary tiles (`token_stats_from_hidden`), so no ``[B, T, V]`` tensor is built (memory grows with
     B*T). Models without a separable LM head fall back to a full forward (same numbers, more memory). Rewards are not rounded
     (the seed rounded to 4 decimals, which flattens GRPO's advantages).
+
+    The seed's two rules hold: a completion whose text is blank or shorter than ``min_chars`` (5)
+    characters scores 0.0 (a degenerate answer must not win its group by a peaked first token; 0 turns the
+    rule off), and at
+    most ``max_completion_tokens`` (512) completion tokens are scored (the seed truncated there; the
+    prompt stays whole, as context). Short completions are counted in ``carl/short``, not warned one by one.
 
     Empty completions and non-finite results get 0.0 and a logged warning with the reason; a NaN never
     reaches TRL. Completions whose logits hold NaN or +inf (a diverged model) are also counted in one
@@ -223,10 +235,15 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
             if key not in cache:
                 cache[key] = _prompt_ids(tokenizer, prompt, template_kwargs) or list(fallback_start)
             prompt_ids.append(cache[key])
-        comp_ids = [[int(t) for t in c] for c in completion_ids]
-        scored = score_completions(model, prompt_ids, comp_ids, pad_token_id=pad_id, chunk_size=chunk_size)
+        comp_ids = [[int(t) for t in c][:max_completion_tokens] for c in completion_ids]
+        short = [bool(c) and min_chars > 0 and (not _completion_text(t).strip() or len(_completion_text(t)) < min_chars)
+                 for c, t in zip(comp_ids, completions, strict=True)]
+        scored = score_completions(model, prompt_ids, [[] if s else c for c, s in zip(comp_ids, short, strict=True)],
+                                   pad_token_id=pad_id, chunk_size=chunk_size)
         for i, reason in enumerate(scored.reasons):
-            if reason is not None:
+            if short[i]:
+                scored.reasons[i] = SHORT_REASON
+            elif reason is not None:
                 logger.warning("CARL reward 0.0 for completion %d of %d: %s", i, len(comp_ids), reason)
         n_nonfinite = sum(r == NONFINITE_REASON for r in scored.reasons)
         if n_nonfinite:  # a diverging model: say how much of the step it affects, in one line
@@ -239,6 +256,7 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
                 if kept:
                     log_metric(f"{metric_prefix}/{key}", float(np.mean([c[key] for c in kept])))
             log_metric(f"{metric_prefix}/zeroed", sum(r is not None for r in scored.reasons) / max(1, len(comp_ids)))
+            log_metric(f"{metric_prefix}/short", sum(short) / max(1, len(comp_ids)))
         if log_extra is not None:  # per-completion columns of TRL's completions table
             log_extra(f"{metric_prefix}_phi_mean", [None if c is None else c["phi_mean"] for c in scored.components])
         return scored.rewards
