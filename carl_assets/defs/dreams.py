@@ -10,6 +10,7 @@ outputs, a self-dependency that reads worse in the UI than one asset with a cycl
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets import storage
+from carl_assets.defs.common import PERFORMANCE_ONLY, config_values, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
 from carl_assets.plotting import line_plot
 from carl_assets.runtime import torch_threads
@@ -101,6 +103,10 @@ class DreamScenariosConfig(dg.Config):
                             json_schema_extra=PERFORMANCE_ONLY)
     threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)",
                          json_schema_extra=PERFORMANCE_ONLY)
+    device: str = Field(default="auto", description="where the policy generates and is scored: 'auto' (CUDA, "
+                        "then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: str = Field(default="auto", description="policy precision: 'auto' (fp32 for the offline model; bf16 on "
+                       "a CUDA device that supports it for a real one), 'bf16', 'fp16' or 'fp32'")
 
     def schedule(self, offline: bool) -> Any:
         from carl_assets.dreams import NoiseSchedule
@@ -168,6 +174,7 @@ def _cycles_plot(cycles: pd.DataFrame) -> bytes:
 def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosConfig, duckdb: DuckDBResource,
                     artifacts: ArtifactStore) -> dg.MaterializeResult:
     from carl_assets.dreams import dream, heldout_collisions, inverse_diagnostic_pass_rate, parse_scorer_spec
+    from carl_assets.models.defaults import resolve_placement
     from carl_assets.models.loading import load_model_and_tokenizer
     from carl_assets.steering import load_readout
 
@@ -175,7 +182,8 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     old_cycles = _read_or_empty(duckdb, "dream_cycles")
     cycle = config.cycle if config.cycle >= 0 else (int(old_cycles["cycle"].max()) + 1 if len(old_cycles) else 0)
     policy_asset, policy_version, policy_dir = resolve_policy(artifacts, config.start_from)
-    schedule = config.schedule(model_is_offline(artifacts.require("base_model")))
+    offline = model_is_offline(artifacts.require("base_model"))
+    schedule = config.schedule(offline)
     step = schedule.at(cycle)
     context.log.info(f"cycle {cycle}: {policy_asset}@{policy_version} dreams at temperature "
                      f"{step.temperature:.3f} (SFT lr {step.learning_rate:.2e})")
@@ -190,10 +198,18 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     def progress(done: int, total: int) -> None:
         context.log.info(f"dreamed {done}/{total} scenarios")
 
-    model, tokenizer = load_model_and_tokenizer(policy_dir)
+    # Generated batches are kept as they are made, keyed by what defines the cycle's dreams: a rerun after a
+    # kill reuses them and generates only the rest.
+    partial_key = storage.content_hash("dream_scenarios", cycle, policy_asset, policy_version, config_values(config))
+    partial_dir = storage.artifact_dir("dream_scenarios", artifacts.root) / f".partial-{partial_key}"
+    if partial_dir.is_dir() and any(partial_dir.glob("batch-*.json")):
+        context.log.info(f"reusing the generated batches of an interrupted run in {partial_dir}")
+
+    device, dtype = resolve_placement(config.device, config.dtype, offline)
+    model, tokenizer = load_model_and_tokenizer(policy_dir, device=device, dtype=dtype)
     with torch_threads(config.threads or None):
         result = dream(model, tokenizer, nodes, edges, dream_config, scorer, cycle=cycle,
-                       temperature=step.temperature, exclude=exclude, progress=progress)
+                       temperature=step.temperature, exclude=exclude, progress=progress, cache_dir=partial_dir)
         # "Passes the filter": at least the set minimum, else at least the score the filter kept at this
         # cycle (a greedy reflex as good as the kept dreams).
         bar = config.min_score if config.min_score is not None else heldout_bar(result.frame, config.top_fraction)
@@ -217,6 +233,7 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
         "dream_heldout": _replace_cycle(_read_or_empty(duckdb, "dream_heldout"), heldout_frame, cycle),
     }
     write_tables(duckdb, tables)
+    shutil.rmtree(partial_dir, ignore_errors=True)  # the cycle is stored: its partial batches are done with
     kept = frame[frame["kept"]]
     reasons = frame["reason"].value_counts().to_dict()
     context.log.info(f"cycle {cycle}: {stats['responses']} responses, {stats['kept']} kept, score "
@@ -236,6 +253,7 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
             "learning_rate": step.learning_rate,
             **{k: finite(v) for k, v in stats.items()},
             "heldout_pass_rate": finite(pass_rate),
+            "reused_batches": result.reused_batches,
             "reasons": dg.MetadataValue.json(reasons),
             "kept_preview": table_preview(kept[["dream_id", "response", "score"]]),
             "cycles": table_preview(tables["dream_cycles"], rows=50),

@@ -1,11 +1,13 @@
 """The training group's base model: the offline default built from the memory graph, or a hub id / folder."""
 
 import dagster as dg
+import torch
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.defs.common import materialized
 from carl_assets.defs.resources import ArtifactStore, read_table
+from carl_assets.models.device import dtype_name, resolve_device, resolve_dtype
 from carl_assets.models.loading import (
     OfflineModelConfig,
     load_model_and_tokenizer,
@@ -37,6 +39,11 @@ class BaseModelConfig(dg.Config):
     batch_size: int = Field(default=8, description="offline model: windows per step")
     learning_rate: float = Field(default=3e-3, description="offline model: peak AdamW learning rate")
     seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
+    device: str = Field(default="auto", description="where the sample generation runs: 'auto' (CUDA, then MPS, "
+                        "then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: str = Field(default="auto", description="precision a hub model / folder is saved in: 'auto' (bf16 "
+                       "on a CUDA device that supports it, else fp32), 'bf16', 'fp16' or 'fp32'; the offline "
+                       "model is always fp32")
 
     def offline(self) -> OfflineModelConfig:
         return OfflineModelConfig(
@@ -57,6 +64,8 @@ class BaseModelConfig(dg.Config):
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckdb: DuckDBResource,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
     source = resolve_model_source(config.model)  # fail fast on a missing path
+    device = resolve_device(config.device)  # ... and on a device or dtype this machine lacks
+    dtype = torch.float32 if source.kind == "offline" else resolve_dtype(config.dtype, device)
     texts: list[str] = []
     if source.kind == "offline":
         nodes = read_table(duckdb, "memory_nodes")
@@ -71,11 +80,12 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
 
     with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version):
         stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress,
-                                   allow_pickle=config.allow_pickle)
+                                   allow_pickle=config.allow_pickle, dtype=dtype)
         # The data version is the weights, tokenizer and config (not the timing stats).
         version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
     path = artifacts.path("base_model", version)
-    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code, device=device,
+                                                dtype=dtype)
     sample = sample_generation(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=40)
     metadata = {
         "path": dg.MetadataValue.path(str(path)),
@@ -85,6 +95,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
         "num_layers": int(stats["num_layers"]),
         "hidden_size": int(stats["hidden_size"]),
         "vocab_size": int(stats["vocab_size"]),
+        "device": str(device),
+        "dtype": dtype_name(dtype),
         "sample_prompt": SAMPLE_PROMPT,
         "sample_generation": dg.MetadataValue.text(sample),
     }

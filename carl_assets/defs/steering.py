@@ -13,6 +13,8 @@ from pydantic import Field
 
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.models.defaults import is_offline_model, resolve_placement
+from carl_assets.models.device import dtype_name
 from carl_assets.models.loading import load_model_and_tokenizer
 from carl_assets.plotting import figure_png, line_plot, plt
 from carl_assets.steering import (
@@ -81,6 +83,11 @@ class SteeringConfig(dg.Config):
         "steering_heldout_projections (raw and calibrated: 0 = typical negative, 1 = typical positive)")
     cooccurrence_min_score: int = Field(
         default=8, description="cross-talk: a node counts as having an emotion when scored at least this")
+    device: str = Field(default="auto", description="where the forward passes run: 'auto' (CUDA, then MPS, then "
+                        "CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: str = Field(default="auto", description="model precision for the forward passes: 'auto' (fp32 for the "
+                       "offline model; bf16 on a CUDA device that supports it for a real one), 'bf16', 'fp16' "
+                       "or 'fp32' (activations are averaged in fp32 either way)")
 
 
 def _auc_plot(stats: pd.DataFrame) -> bytes:
@@ -182,7 +189,8 @@ def steering_vectors(context: dg.AssetExecutionContext, config: SteeringConfig, 
         context.log.warning(f"transfer check off: the pairs have no nodes of kind {set(transfer) - set(pairs['kind'])}")
 
     model_dir = artifacts.require("base_model")
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    device, dtype = resolve_placement(config.device, config.dtype, is_offline_model(model_dir))
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
     n_blocks = len(find_decoder_blocks(model))
     context.log.info(f"{len(pairs)} pairs over {pairs['emotion'].nunique()} emotions, "
                      f"{pairs['text'].nunique()} unique texts")
@@ -235,6 +243,8 @@ def steering_vectors(context: dg.AssetExecutionContext, config: SteeringConfig, 
         "concepts": len(vectors.concepts),
         "layers": dg.MetadataValue.json(vectors.layers),
         "layer_selection": config.layer_selection,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
         "hidden_size": vectors.hidden_size,
         "shape_per_layer": f"[{len(vectors.concepts)}, {vectors.hidden_size}]",
         "token_reduction": vectors.reduction,

@@ -318,9 +318,13 @@ def check_weight_format(folder: str | os.PathLike[str], allow_pickle: bool = Fal
 
 
 def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_code: bool | None = None,
-                             dtype: torch.dtype = torch.float32,
-                             allow_pickle: bool = False) -> tuple[PreTrainedModel, Any]:
+                             dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
+                             device: str | torch.device | None = None) -> tuple[PreTrainedModel, Any]:
     """A causal LM and its tokenizer from a local folder or a hub id, in eval mode, with a pad token.
+
+    `device`: None keeps the model on the CPU (as before); "auto", "cpu", "cuda[:N]" or "mps" places it
+    (`carl_assets.models.device.resolve_device`). `dtype`: None is fp32; "auto" is bf16 on a CUDA device
+    that supports it, else fp32; "bf16"/"fp16"/"fp32" or a torch dtype as asked.
 
     `trust_remote_code=None` means: what the folder's `carl_model.json` records (the `base_model`
     asset writes it, so downstream assets load a remote-code model the way it was configured), else off.
@@ -329,9 +333,14 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from carl_assets.models.device import resolve_device, resolve_dtype
+
     source = resolve_model_source(str(path_or_id))
     if source.kind == "offline":
         raise ValueError("load_model_and_tokenizer needs a path or hub id; build the offline model first")
+    # Resolve both before any file is read: a bad name fails fast and says what is available.
+    target = resolve_device(device) if device is not None else torch.device("cpu")
+    dtype = torch.float32 if dtype is None else resolve_dtype(dtype, target)
     if source.kind == "local":
         check_weight_format(source.value, allow_pickle)
     if trust_remote_code is None:
@@ -356,24 +365,30 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if target.type != "cpu":
+        model = model.to(target)
     return model.eval(), tokenizer
 
 
 def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.PathLike[str],
                        config: OfflineModelConfig | None = None, trust_remote_code: bool = False,
                        progress: Callable[[int, float], None] | None = None,
-                       allow_pickle: bool = False) -> dict[str, Any]:
+                       allow_pickle: bool = False, dtype: torch.dtype | str | None = None) -> dict[str, Any]:
     """Write the base model named by `spec` into `output_dir`: build the offline one, or load a hub
     id / local folder and save it there with `save_pretrained` (so downstream reads one place, in
-    safetensors). Pickle-only weights are refused unless `allow_pickle`."""
+    safetensors), in `dtype` (None: fp32; "auto": bf16 where this machine's CUDA has it). Pickle-only
+    weights are refused unless `allow_pickle`. The offline model is always built in fp32."""
     source = resolve_model_source(spec)
     output_dir = Path(output_dir)
     if source.kind == "offline":
         stats = build_offline_model(texts, output_dir, config, progress)
         trust_remote_code = False
     else:
+        from carl_assets.models.device import resolve_dtype
+
         model, tokenizer = load_model_and_tokenizer(source.value, trust_remote_code=trust_remote_code,
-                                                    allow_pickle=allow_pickle)
+                                                    allow_pickle=allow_pickle,
+                                                    dtype=None if dtype is None else resolve_dtype(dtype, "auto"))
         model.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         stats = _loaded_stats(source, model, tokenizer)
@@ -389,6 +404,7 @@ def _loaded_stats(source: ModelSource, model: PreTrainedModel, tokenizer: Any) -
         "num_layers": int(getattr(model.config, "num_hidden_layers", 0) or 0),
         "hidden_size": int(getattr(model.config, "hidden_size", 0) or 0),
         "vocab_size": len(tokenizer),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "losses": [],
     }
 
@@ -403,6 +419,8 @@ def sample_generation(model: PreTrainedModel, tokenizer: Any, prompt: str, max_n
     else:
         enc = tokenizer(prompt, return_tensors="pt")
         input_ids, mask = enc["input_ids"], enc["attention_mask"]
+    device = next(model.parameters()).device
+    input_ids, mask = input_ids.to(device), mask.to(device)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)

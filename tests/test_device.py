@@ -1,0 +1,122 @@
+"""Device and dtype resolution, the model's training defaults, and the Trainer arguments they become."""
+
+import copy
+
+import pytest
+import torch
+
+from carl_assets.carl.training import GRPORunConfig, SFTRunConfig, _common_args, _schedule_args
+from carl_assets.defs.carl import GRPOCheckpointConfig, SFTCheckpointConfig
+from carl_assets.models.defaults import (
+    OFFLINE_DEFAULTS,
+    REAL_MODEL_DEFAULTS,
+    is_offline_model,
+    resolve_placement,
+    training_defaults,
+)
+from carl_assets.models.device import available_devices, resolve_device, resolve_dtype, training_weights_dtype
+from carl_assets.models.loading import MODEL_INFO_FILE, load_model_and_tokenizer
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+
+
+@no_cuda
+def test_auto_device_and_dtype_on_a_cpu_machine():
+    expected = "mps" if "mps" in available_devices() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device(None).type == expected
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "auto") == torch.float32  # MPS stays fp32 unless asked
+
+
+def test_explicit_devices_and_dtypes():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_dtype("fp32", "cpu") == torch.float32
+    assert resolve_dtype(torch.bfloat16) == torch.bfloat16
+    assert training_weights_dtype(torch.float16) == torch.float32  # fp16 trains on fp32 master weights
+    assert training_weights_dtype(torch.bfloat16) == torch.bfloat16
+
+
+@no_cuda
+def test_asking_for_a_missing_device_names_it_and_what_is_there():
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"device '{spec}'.*CUDA is not available.*available: .*cpu"):
+            resolve_device(spec)
+
+
+def test_unknown_device_and_dtype_are_named():
+    with pytest.raises(ValueError, match=r"unknown device 'gpu0'.*auto, cpu, cuda"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match=r"unsupported device 'meta'"):
+        resolve_device("meta")
+    with pytest.raises(ValueError, match=r"unknown dtype 'int8'.*auto, bf16, fp16, fp32"):
+        resolve_dtype("int8", "cpu")
+    with pytest.raises(ValueError, match=r"unsupported dtype torch.float64"):
+        resolve_dtype(torch.float64)
+
+
+def test_offline_defaults_are_todays_tuned_values():
+    sft = SFTCheckpointConfig().run_config(1.5e-3, offline=True)
+    assert (sft.max_steps, sft.learning_rate, sft.lr_scheduler_type, sft.batch_size) == (400, 1.5e-3, "constant", 8)
+    assert (sft.gradient_accumulation_steps, sft.warmup_ratio, sft.gradient_checkpointing) == (1, 0.0, False)
+    assert (sft.device, sft.dtype) == ("cpu", "fp32")
+    grpo = GRPOCheckpointConfig().run_config(offline=True)
+    assert (grpo.max_steps, grpo.learning_rate, grpo.batch_size, grpo.num_generations,
+            grpo.max_completion_length) == (16, 1e-4, 8, 4, 24)
+    assert (grpo.lr_scheduler_type, grpo.warmup_ratio, grpo.gradient_accumulation_steps,
+            grpo.gradient_checkpointing) == ("linear", 0.0, 1, False)
+    assert OFFLINE_DEFAULTS.dtype == "fp32"
+    # On this machine the offline model is placed in fp32 whatever "auto" would pick for a real one.
+    assert resolve_placement("cpu", "auto", offline=True) == (torch.device("cpu"), torch.float32)
+
+
+def test_real_model_defaults_and_explicit_values_win():
+    assert training_defaults(False) is REAL_MODEL_DEFAULTS
+    sft = SFTCheckpointConfig().run_config(2e-5, offline=False)
+    assert (sft.max_steps, sft.lr_scheduler_type, sft.batch_size, sft.gradient_accumulation_steps) == \
+        (300, "cosine", 4, 4)
+    assert sft.warmup_ratio == pytest.approx(0.03) and sft.gradient_checkpointing is True
+    grpo = GRPOCheckpointConfig().run_config(offline=False)
+    assert (grpo.learning_rate, grpo.num_generations, grpo.max_completion_length, grpo.batch_size) == \
+        (1e-6, 8, 256, 8)
+    mine = GRPOCheckpointConfig(num_generations=3, warmup_ratio=0.0, gradient_checkpointing=False,
+                                lr_scheduler_type="constant", gradient_accumulation_steps=2).run_config(offline=False)
+    assert mine.batch_size == 9  # the default 8 rounded up to whole groups of 3
+    assert (mine.warmup_ratio, mine.gradient_checkpointing, mine.lr_scheduler_type,
+            mine.gradient_accumulation_steps) == (0.0, False, "constant", 2)
+
+
+def test_trainer_arguments_follow_device_dtype_and_checkpointing():
+    fp32 = _common_args(SFTRunConfig(device="cpu"))
+    assert fp32["use_cpu"] is True and fp32["bf16"] is False and fp32["fp16"] is False
+    assert fp32["activation_checkpointing"] is False
+    bf16 = _common_args(GRPORunConfig(device="cpu", dtype="bf16", gradient_checkpointing=True))
+    assert bf16["bf16"] is True and bf16["fp16"] is False and bf16["activation_checkpointing"] is True
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        _common_args(SFTRunConfig(device="cpu", dtype="fp16"))
+    assert _schedule_args(GRPORunConfig(warmup_ratio=0.1))["warmup_steps"] == pytest.approx(0.1)
+    assert _schedule_args(GRPORunConfig())["warmup_steps"] == 0
+    with pytest.raises(ValueError, match="warmup_ratio must be in"):
+        _schedule_args(GRPORunConfig(warmup_ratio=1.5))
+
+
+def test_load_places_the_model_in_the_asked_dtype(tmp_path, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    copy.deepcopy(model).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    default, _ = load_model_and_tokenizer(tmp_path)
+    assert next(default.parameters()).dtype == torch.float32 and next(default.parameters()).device.type == "cpu"
+    half, _ = load_model_and_tokenizer(tmp_path, device="cpu", dtype="bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    ref = model.model.embed_tokens.weight
+    cos = torch.nn.functional.cosine_similarity(half.model.embed_tokens.weight.float().flatten(),
+                                                ref.flatten(), dim=0)
+    assert float(cos.detach()) > 0.999
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        load_model_and_tokenizer(tmp_path, dtype="fp8")
+    assert not is_offline_model(tmp_path)
+    (tmp_path / MODEL_INFO_FILE).write_text('{"source": "offline"}')
+    assert is_offline_model(tmp_path)
