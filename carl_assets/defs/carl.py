@@ -246,6 +246,9 @@ class SFTCheckpointConfig(dg.Config):
                            json_schema_extra=PERFORMANCE_ONLY)
     threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
+    launcher: str = Field(default="inprocess", description="where SFT runs: 'inprocess' (this process), or "
+                          "'torchrun:N' / 'accelerate:N' (N processes on this machine, through Dagster Pipes; "
+                          "batch_size is the global batch, split over them)", json_schema_extra=PERFORMANCE_ONLY)
 
     def run_config(self, learning_rate: float) -> Any:
         from carl_assets.carl.training import SFTRunConfig
@@ -296,6 +299,27 @@ def _sft_start(config: SFTCheckpointConfig, artifacts: ArtifactStore, duckdb: Du
     return asset, folder.name, folder, cycle_row
 
 
+def _launched_sft(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient,
+                  config: SFTCheckpointConfig, start_dir: Path, dataset_dir: Path, output_dir: Path,
+                  learning_rate: float) -> tuple[Any, dict[str, Any]]:
+    """SFT in N processes (torchrun / accelerate launch) through Dagster Pipes, rank 0 saving into
+    `output_dir`: (the outcome from the training log it wrote, the metadata it reported)."""
+    from carl_assets.carl.distributed import launch_command, outcome_from_log, sft_arguments
+    from carl_assets.carl.training import TRAINING_LOG_FILE
+
+    arguments = sft_arguments(start_dir, dataset_dir, output_dir, config.run_config(learning_rate),
+                              log_every=config.log_every, launcher=config.launcher)
+    command = launch_command(config.launcher, arguments)
+    context.log.info(f"SFT through Pipes: {' '.join(command[:command.index('-m', 2) + 2])} ...")
+    invocation = pipes.run(command=command, context=context, extras={"launcher": config.launcher})
+    reported = invocation.get_materialize_result()
+    outcome = outcome_from_log(json.loads((output_dir / TRAINING_LOG_FILE).read_text()))
+    metadata = dict(reported.metadata or {})
+    if reported.data_version is not None:  # the weights' hash; the asset's data version adds its config
+        metadata["weights_version"] = reported.data_version.value
+    return outcome, metadata
+
+
 @dg.asset(
     group_name="training",
     deps=["base_model", sft_dataset],
@@ -306,14 +330,14 @@ def _sft_start(config: SFTCheckpointConfig, artifacts: ArtifactStore, duckdb: Du
     "under artifacts/sft_checkpoint (safetensors + training_log.json), the last N kept.",
 )
 def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig, duckdb: DuckDBResource,
-                   artifacts: ArtifactStore) -> dg.MaterializeResult:
+                   artifacts: ArtifactStore, pipes: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     from datasets import load_from_disk
 
+    from carl_assets.carl.distributed import parse_launcher
     from carl_assets.carl.training import TRAINING_LOG_FILE, StepLogger, train_sft
 
     start_asset, start_version, start_dir, cycle_row = _sft_start(config, artifacts, duckdb)
     learning_rate = config.learning_rate or (float(cycle_row["learning_rate"]) if cycle_row else TEMPLATED_SFT_LR)
-    model, tokenizer = _load_model(start_dir)
     dataset_dir = artifacts.require("sft_dataset", DATASET_DIR)
     dataset = load_from_disk(str(dataset_dir))
     context.log.info(f"SFT from {start_asset}@{start_version} on {len(dataset)} examples, lr {learning_rate:.2e}, "
@@ -321,7 +345,13 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
     parents = {start_asset: start_version, "sft_dataset": dataset_dir.parent.name}
     logger = StepLogger(context.log.info, every=config.log_every, max_steps=config.max_steps, label="SFT")
     with artifacts.write_version("sft_checkpoint", run_id=context.run.run_id, parents=parents) as (tmp, version):
-        outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config(learning_rate), extra_callbacks=[logger])
+        if parse_launcher(config.launcher)[0] == "inprocess":
+            model, tokenizer = _load_model(start_dir)
+            outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config(learning_rate),
+                                extra_callbacks=[logger])
+            launched: dict[str, Any] = {"launcher": "inprocess", "world_size": 1}
+        else:
+            outcome, launched = _launched_sft(context, pipes, config, start_dir, dataset_dir, tmp, learning_rate)
         log = json.loads((tmp / TRAINING_LOG_FILE).read_text())
         log.update({"run_id": context.run.run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
                     "version": version, "started_from": f"{start_asset}@{start_version}",
@@ -352,6 +382,7 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
         "peak_entropy": outcome.peak_entropy,
         "peak_entropy_step": outcome.peak_entropy_step,
         "train_seconds": round(outcome.seconds, 2),
+        **launched,
     }, plots={"accuracy_curve": _accuracy_plot(log)})
 
 

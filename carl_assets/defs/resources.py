@@ -123,4 +123,5 @@ def build_resources(home: str | os.PathLike[str] | None = None) -> dict[str, dg.
         "duckdb": DuckDBResource(database=str(root / storage.DATABASE_NAME)),
         "artifacts": ArtifactStore(home=str(root)),
         "memory_source": memory_source_from_env(),
+        "pipes": dg.PipesSubprocessClient(),  # runs SFT under torchrun / accelerate launch (sft_checkpoint)
     }
