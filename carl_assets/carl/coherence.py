@@ -304,19 +304,43 @@ class _PhaseTransitionGate:
             self.peak_entropy = float(entropy)
             self.peak_entropy_step = step
 
+    def _observe(self, logs: dict[str, Any], step: int) -> bool:
+        """One log record; True when it makes the gate fire."""
+        entropy = logs.get("entropy")
+        if "mean_token_accuracy" not in logs:
+            self.track_entropy(entropy, step)
+            return False
+        accuracy = float(logs["mean_token_accuracy"])
+        self.history.append({"step": step, "mean_token_accuracy": accuracy,
+                             "entropy": None if entropy is None else float(entropy)})
+        return self.check(accuracy, entropy, step)
+
+    def restore(self, log_history: list[dict[str, Any]]) -> None:
+        """Start over and replay a run's logged records (`TrainerState.log_history`): after a resume from a
+        trainer checkpoint the window, the trigger and the entropy peak are what the uninterrupted run had
+        at that step, so the gate fires at the same step. Records without a step (the final summary) are
+        skipped."""
+        self._recent, self.history, self.window_values = [], [], []
+        self.triggered, self.trigger_step = False, -1
+        self.peak_entropy, self.peak_entropy_step = 0.0, -1
+        for record in log_history:
+            if "step" in record and "train_runtime" not in record:
+                self._observe(record, int(record["step"]))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # A resumed run starts at the checkpoint's step with its log history loaded: rebuild from it. A
+        # fresh run (step 0) leaves the gate as it is.
+        if int(getattr(state, "global_step", 0) or 0) > 0:
+            self.restore(list(getattr(state, "log_history", None) or []))
+            if self.triggered:
+                control.should_training_stop = True
+        return control
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> Any:
         if not logs:
             return control
-        step = int(getattr(state, "global_step", 0))
-        entropy = logs.get("entropy")
-        if "mean_token_accuracy" not in logs:
-            self.track_entropy(entropy, step)
-            return control
-        accuracy = float(logs["mean_token_accuracy"])
-        self.history.append({"step": step, "mean_token_accuracy": accuracy,
-                             "entropy": None if entropy is None else float(entropy)})
-        if self.check(accuracy, entropy, step):
+        if self._observe(logs, int(getattr(state, "global_step", 0))):
             control.should_training_stop = True
         return control
 

@@ -8,8 +8,11 @@ token ids of prompt and completion, which the scorers re-use (no re-tokenisation
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,6 +157,42 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class BatchCache:
+    """Generated batches kept on disk as they are made (`batch-<n>.json`, each written whole), so a run
+    killed part-way reuses them when started again and generates only the rest.
+
+    A file is reused only when it was made from the same prompt token ids with the same seed and
+    sampling settings (else it is generated again and overwritten): each batch draws from its own RNG
+    stream, so a reused batch is exactly what generating it again would give. `reused` and `generated`
+    count the batches of this process.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.reused = 0
+        self.generated = 0
+
+    def _file(self, batch: int) -> Path:
+        return self.folder / f"batch-{batch:05d}.json"
+
+    def load(self, batch: int, key: dict[str, Any]) -> list[GeneratedResponse] | None:
+        try:
+            stored = json.loads(self._file(batch).read_text())
+        except (OSError, ValueError):
+            return None
+        if stored.get("key") != key:
+            return None
+        self.reused += 1
+        return [GeneratedResponse(**r) for r in stored["responses"]]
+
+    def save(self, batch: int, key: dict[str, Any], responses: Sequence[GeneratedResponse]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{self._file(batch).name}.tmp"
+        tmp.write_text(json.dumps({"key": key, "responses": [asdict(r) for r in responses]}))
+        os.replace(tmp, self._file(batch))  # a kill mid-write leaves no half batch behind
+        self.generated += 1
+
+
 def _check(prompts: Sequence[Any], k: int, max_new_tokens: int, batch_size: int) -> None:
     if k < 1:
         raise ValueError(f"k (responses per prompt) must be >= 1, got {k}")
@@ -176,9 +215,11 @@ def _responses(tokenizer: Any, prompt_index: int, prompt_ids: list[int], complet
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], k: int,
                        temperature: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
                        min_new_tokens: int | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> list[GeneratedResponse]:
+                       progress: Callable[[int, int], None] | None = None,
+                       cache: BatchCache | None = None) -> list[GeneratedResponse]:
     """`k` responses to each chat prompt, `batch_size` prompts (so `batch_size * k` sequences) per
-    `generate` call, left-padded, ordered by (prompt_index, sample_index).
+    `generate` call, left-padded, ordered by (prompt_index, sample_index). With a `cache`, batches it
+    already holds are reused and new ones are stored as soon as they are made.
 
     Sampling is plain temperature sampling (no top-k/top-p); `temperature <= 0` decodes greedily (then
     the `k` samples are identical). Each batch draws from its own seeded RNG stream (`seed`, batch
@@ -196,10 +237,19 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[di
     try:
         for b, start in enumerate(range(0, len(encoded), batch_size)):
             rows = encoded[start: start + batch_size]
-            completions = _run_generate(model, tokenizer, rows, k, temperature, max_new_tokens, min_new_tokens,
-                                        seed=_stream_seed(seed, b))
-            for offset, (ids, comps) in enumerate(zip(rows, completions, strict=True)):
-                out.extend(_responses(tokenizer, start + offset, ids, comps, eos))
+            key = {"rows": rows, "start": start, "k": k, "temperature": float(temperature),
+                   "max_new_tokens": int(max_new_tokens), "min_new_tokens": min_new_tokens,
+                   "seed": _stream_seed(seed, b)}
+            batch = cache.load(b, key) if cache is not None else None
+            if batch is None:
+                completions = _run_generate(model, tokenizer, rows, k, temperature, max_new_tokens, min_new_tokens,
+                                            seed=_stream_seed(seed, b))
+                batch = []
+                for offset, (ids, comps) in enumerate(zip(rows, completions, strict=True)):
+                    batch.extend(_responses(tokenizer, start + offset, ids, comps, eos))
+                if cache is not None:
+                    cache.save(b, key, batch)
+            out.extend(batch)
             if progress is not None:
                 progress(min(start + batch_size, len(encoded)), len(encoded))
     finally:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -17,7 +18,7 @@ import pandas as pd
 from carl_assets.dreams.collisions import DEFAULT_SYSTEM_PROMPT, Collision, collide, scenario_messages
 from carl_assets.dreams.convergence import cycle_statistics
 from carl_assets.dreams.filtering import filter_responses
-from carl_assets.dreams.generation import generate_responses
+from carl_assets.dreams.generation import BatchCache, generate_responses
 from carl_assets.dreams.scoring import score_responses
 from carl_assets.dreams.walks import WalkConfig, random_walks
 
@@ -58,6 +59,7 @@ class DreamResult:
     collisions: list[Collision]
     statistics: dict[str, float | int]
     walks: int  # walks drawn to find the scenarios
+    reused_batches: int = 0  # generation batches taken from `cache_dir` (made by an earlier, interrupted run)
 
 
 def _cycle_seed(seed: int, cycle: int, purpose: int) -> int:
@@ -87,7 +89,8 @@ def dream_scenarios(nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfi
 
 def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfig, scorer: Any,
           cycle: int, temperature: float, exclude: set[frozenset[str]] | None = None,
-          progress: Callable[[int, int], None] | None = None) -> DreamResult:
+          progress: Callable[[int, int], None] | None = None,
+          cache_dir: str | os.PathLike[str] | None = None) -> DreamResult:
     """Dream one cycle and score it.
 
     `scorer` is any scorer (see `carl_assets.dreams.scoring`); its components become columns and its
@@ -96,16 +99,22 @@ def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, 
     scenarios generated, then all of them once scored. The frame has one row per response: dream_id,
     cycle, seed_node_ids (JSON list), seed_kinds (JSON list), prompt (JSON messages), temperature,
     sample_index, response, completion_tokens, finished, the score columns, score, kept, reason.
+
+    `cache_dir`: generated batches are kept there as they are made, and batches already there (from a
+    run of the same cycle that was killed) are reused, not generated again; the frame is the same as
+    an uninterrupted run's. The caller picks one folder per cycle, policy and config, and removes it
+    when the result is stored.
     """
     if cycle < 0:
         raise ValueError(f"cycle must be >= 0, got {cycle}")
     collisions, walks_drawn = dream_scenarios(nodes, edges, config, cycle, exclude)
     prompts = [scenario_messages(c, config.excerpt_chars, config.system_prompt) for c in collisions]
     total = len(prompts)
+    cache = BatchCache(cache_dir) if cache_dir is not None else None
     responses = generate_responses(model, tokenizer, prompts, k=config.responses_per_scenario,
                                    temperature=temperature, max_new_tokens=config.max_new_tokens,
                                    batch_size=config.batch_size, seed=_cycle_seed(config.seed, cycle, 10_000),
-                                   progress=progress)
+                                   progress=progress, cache=cache)
     components = score_responses(scorer, model, tokenizer, responses) if responses else {"score": np.zeros(0)}
     if progress is not None:
         progress(total, total)
@@ -127,4 +136,5 @@ def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, 
             frame[name] = values
     frame["score"] = components["score"]
     frame = filter_responses(frame, top_fraction=config.top_fraction, min_score=config.min_score)
-    return DreamResult(frame=frame, collisions=collisions, statistics=cycle_statistics(frame), walks=walks_drawn)
+    return DreamResult(frame=frame, collisions=collisions, statistics=cycle_statistics(frame), walks=walks_drawn,
+                       reused_batches=0 if cache is None else cache.reused)
