@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -62,6 +63,10 @@ class SFTRunConfig:
     threads: int | None = None  # torch CPU threads while training (None: leave as is)
     use_cpu: bool | None = None  # None: CPU unless CUDA is available
     optim: str = "adamw_torch"  # or "apollo_adamw" (the seed's APOLLO; needs the apollo-torch package)
+    warmup_ratio: float = 0.0  # share of max_steps warming up (used when warmup_steps is 0)
+    device: str | None = None  # "auto", "cpu", "cuda", "mps" (None: as use_cpu says)
+    dtype: str = "fp32"  # training precision: "fp32", "bf16" (or "fp16": mixed precision, CUDA only)
+    gradient_checkpointing: bool = False  # recompute activations: memory for time (real models)
     optim_target_modules: list[str] | None = None  # APOLLO: layers it projects (None: attention and MLP)
 
 
@@ -80,6 +85,12 @@ class GRPORunConfig:
     seed: int = 0
     threads: int | None = None
     use_cpu: bool | None = None
+    lr_scheduler_type: str = "linear"  # TRL's default, which the offline values were tuned with
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    device: str | None = None  # "auto", "cpu", "cuda", "mps" (None: as use_cpu says)
+    dtype: str = "fp32"  # training precision: "fp32", "bf16" (or "fp16": mixed precision, CUDA only)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -96,6 +107,7 @@ class SFTOutcome:
     log_history: list[dict[str, Any]]  # one record per logged step (step, loss, mean_token_accuracy, entropy, ...)
     final_accuracy: float | None = None
     output_dir: str | None = None
+    resumed_from_step: int = 0  # the trainer checkpoint this run continued from (0: from the start)
 
     @property
     def crystallized(self) -> bool:
@@ -117,6 +129,7 @@ class GRPOOutcome:
     log_history: list[dict[str, Any]]  # one record per step: reward, reward_std, carl/<component>, loss, ...
     completions: list[dict[str, Any]] = field(default_factory=list)  # one per scored completion
     output_dir: str | None = None
+    resumed_from_step: int = 0  # the trainer checkpoint this run continued from (0: from the start)
 
     @property
     def rewards(self) -> list[float]:
@@ -143,7 +156,18 @@ class GRPOOutcome:
 # --------------------------------------------------------------------------------------------
 
 
-def _use_cpu(flag: bool | None) -> bool:
+def _use_cpu(flag: bool | None, device: str | None = None) -> bool:
+    """Whether the Trainer runs on the CPU: the `device` asked for (resolved, so a missing one is a clear
+    error), else `flag`, else CPU unless CUDA is available (MPS, when there, is used as TRL would)."""
+    if device is not None:
+        from carl_assets.models.device import resolve_device
+
+        resolved = resolve_device(device)
+        if resolved.type == "cuda" and resolved.index not in (None, 0):
+            # The Trainer takes its GPU from the process (accelerate), not from an index.
+            raise ValueError(f"training on device {device!r}: the Trainer always uses the first visible GPU; "
+                             f"run with CUDA_VISIBLE_DEVICES={resolved.index} and device 'cuda'")
+        return resolved.type == "cpu"
     if flag is not None:
         return flag
     import torch
@@ -180,21 +204,52 @@ def _save(model: Any, tokenizer: Any, output_dir: str | os.PathLike[str] | None)
     return str(out)
 
 
-def _common_args(use_cpu: bool, seed: int) -> dict[str, Any]:
+def _precision_args(dtype: str, use_cpu: bool, device: str | None = None) -> dict[str, Any]:
+    """TRL's mixed-precision flags for a training dtype. Both are always set: left as None, TRL turns bf16
+    on by itself on a GPU, which would change an fp32 run's numbers."""
+    from carl_assets.models.device import dtype_name, resolve_dtype
+
+    name = dtype_name(resolve_dtype(dtype, "cpu" if use_cpu else (device or "auto")))
+    if name == "fp16" and use_cpu:
+        raise ValueError("dtype 'fp16' trains with a loss scaler that needs a CUDA device; use 'bf16' or 'fp32' "
+                         "on the CPU")
+    return {"bf16": name == "bf16", "fp16": name == "fp16"}
+
+
+def _warmup(config: Any) -> int | float:
+    """Trainer `warmup_steps`: the steps if set, else the ratio (a float in [0, 1) means a share of max_steps)."""
+    steps = int(getattr(config, "warmup_steps", 0) or 0)
+    if steps:
+        return steps
+    ratio = float(config.warmup_ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), not {ratio}")
+    return ratio if ratio > 0 else 0
+
+
+def _schedule_args(config: Any) -> dict[str, Any]:
+    """Learning-rate schedule and accumulation (GRPO; SFT names them in its own config)."""
+    return {"lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": _warmup(config),
+            "gradient_accumulation_steps": int(config.gradient_accumulation_steps)}
+
+
+def _common_args(config: Any) -> dict[str, Any]:
+    """Trainer arguments shared by SFT and GRPO, from an `SFTRunConfig` or `GRPORunConfig`."""
+    use_cpu = _use_cpu(config.use_cpu, config.device)
     # No checkpoints, no trackers, no progress bars: the asset saves the final model itself.
     return {
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": [],
         "use_cpu": use_cpu,
-        "bf16": False,
-        "fp16": False,
-        "seed": seed,
-        "data_seed": seed,
+        **_precision_args(config.dtype, use_cpu, config.device),
+        "seed": config.seed,
+        "data_seed": config.seed,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
-        # TRL turns activation (gradient) checkpointing on by default: pure recompute cost for small models.
-        "activation_checkpointing": False,
+        # TRL turns activation (gradient) checkpointing on by default: pure recompute cost for small
+        # models, so it is off unless asked for (real models: memory for time).
+        "activation_checkpointing": bool(config.gradient_checkpointing),
     }
 
 
@@ -318,17 +373,129 @@ def _quiet_trl() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------
+# Trainer checkpoints: an interrupted run resumes where it was
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_FILE = "trainer_state.json"
+GRPO_COMPLETIONS_FILE = "carl_completions.json"  # the scored completions up to a GRPO checkpoint's step
+DEFAULT_SAVE_STEPS = 25
+
+
+@dataclass
+class TrainerCheckpoint:
+    """A complete trainer checkpoint: its folder, the optimizer step it holds and the log up to it."""
+
+    path: Path
+    step: int
+    log_history: list[dict[str, Any]]
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    name = folder.name
+    if not folder.is_dir() or not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
+        return None
+    return int(name[len(CHECKPOINT_PREFIX):])
+
+
+def _complete(folder: Path, require: tuple[str, ...]) -> TrainerCheckpoint | None:
+    """The checkpoint in `folder` if every part of it is there, else None. The Trainer writes weights,
+    optimizer, scheduler and RNG state first and `trainer_state.json` last, in place: a process killed
+    mid-save leaves a folder whose state file is missing or cut short."""
+    try:
+        state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    has_weights = any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file()
+    needed = ("optimizer.pt", "scheduler.pt", *require)
+    if not has_weights or not all((folder / name).is_file() for name in needed):
+        return None
+    return TrainerCheckpoint(path=folder, step=step, log_history=list(state.get("log_history") or []))
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike[str] | None,
+                      require: tuple[str, ...] = ()) -> TrainerCheckpoint | None:
+    """The newest complete trainer checkpoint (`checkpoint-<step>/`) under `checkpoint_dir`, or None.
+    Half-written ones (see `_complete`) are passed over; `require` names extra files it must hold."""
+    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
+        return None
+    folders = [(step, p) for p in Path(checkpoint_dir).iterdir() if (step := _checkpoint_step(p)) is not None]
+    for _, folder in sorted(folders, reverse=True):
+        found = _complete(folder, require)
+        if found is not None:
+            return found
+    return None
+
+
+def _prepare_resume(checkpoint_dir: str | os.PathLike[str] | None,
+                    require: tuple[str, ...] = ()) -> TrainerCheckpoint | None:
+    """The checkpoint to resume from; half-written checkpoints after it are removed, so the Trainer's
+    rotation (`save_total_limit`) and a later save of the same step never meet them."""
+    found = latest_checkpoint(checkpoint_dir, require)
+    if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
+        for folder in Path(checkpoint_dir).iterdir():
+            step = _checkpoint_step(folder)
+            if step is not None and (found is None or step > found.step):
+                shutil.rmtree(folder, ignore_errors=True)
+    return found
+
+
+def _checkpoint_args(checkpoint_dir: str | os.PathLike[str] | None, save_steps: int) -> dict[str, Any]:
+    """Trainer arguments that save a full checkpoint (weights, optimizer, scheduler, RNG) every
+    `save_steps` steps; two are kept, so a kill while the newest is written leaves the one before."""
+    if checkpoint_dir is None or save_steps < 1:
+        return {}
+    return {"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 2,
+            "save_only_model": False}
+
+
+def _completions_saver(scored: list[dict[str, Any]]) -> Any:
+    """A callback that writes the completions scored so far into each checkpoint as it is saved (they
+    are not part of the Trainer's state)."""
+    from transformers import TrainerCallback
+
+    class _CompletionsSaver(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if folder.is_dir():
+                rows = [c for c in scored if int(c["step"]) <= int(state.global_step)]
+                tmp = folder / f".{GRPO_COMPLETIONS_FILE}.tmp"
+                tmp.write_text(json.dumps(rows, default=str))
+                os.replace(tmp, folder / GRPO_COMPLETIONS_FILE)  # the checkpoint counts only once this is whole
+
+    return _CompletionsSaver()
+
+
+def _load_finished(trainer: Any, checkpoint: TrainerCheckpoint) -> None:
+    """The run had already ended at its last checkpoint (the step budget or the gate): take its weights
+    and state instead of training on (`train(resume_from_checkpoint=...)` would run one more step)."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint.path))
+    trainer.state = TrainerState.load_from_json(str(checkpoint.path / TRAINER_STATE_FILE))
+
+
+# --------------------------------------------------------------------------------------------
 # SFT
 # --------------------------------------------------------------------------------------------
 
 
 def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
-              config: SFTRunConfig | None = None, extra_callbacks: list[Any] | None = None) -> SFTOutcome:
+              config: SFTRunConfig | None = None, extra_callbacks: list[Any] | None = None,
+              checkpoint_dir: str | os.PathLike[str] | None = None,
+              save_steps: int = DEFAULT_SAVE_STEPS) -> SFTOutcome:
     """TRL SFT with the crystallization gate: stops when the gate fires or at ``config.max_steps``.
 
     ``train_dataset`` is a `datasets.Dataset` in any format TRL's SFT accepts ("messages",
     "prompt"/"completion" (plain or conversational), or "text"). The trained model and tokenizer are
     saved to ``output_dir`` (if not None) with `training_log.json` (the outcome) beside them.
+
+    ``checkpoint_dir``: full trainer checkpoints (weights, optimizer, scheduler, RNG, log) are saved
+    there every ``save_steps`` steps (0: none), and when it already holds one the run resumes from the
+    newest complete one (``outcome.resumed_from_step``): the data order, the optimizer and the gate's
+    window continue as the uninterrupted run would have. Use one folder per run definition (model,
+    data, config); the caller removes it once the result is safe.
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -342,14 +509,17 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
     _check_prompts_fit(tokenizer, train_dataset, config.max_length)
     gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
                                min_above=config.gate_min_above)
+    resume = _prepare_resume(checkpoint_dir)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, torch_threads(config.threads), _quiet_trl():
+        trainer_args = {**_common_args(config),
+                        **_checkpoint_args(checkpoint_dir, save_steps)}
         args = SFTConfig(
-            output_dir=scratch,
+            output_dir=str(checkpoint_dir) if checkpoint_dir is not None else scratch,
             max_steps=config.max_steps,
             learning_rate=config.learning_rate,
             lr_scheduler_type=config.lr_scheduler_type,
-            warmup_steps=config.warmup_steps,
+            warmup_steps=_warmup(config),
             per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             weight_decay=config.weight_decay,
@@ -357,12 +527,17 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
             completion_only_loss=config.completion_only_loss,
             assistant_only_loss=config.assistant_only_loss,
             **_optimizer_args(config.optim, config.optim_target_modules),
-            **_common_args(_use_cpu(config.use_cpu), config.seed),
+            **trainer_args,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                              callbacks=[gate, *(extra_callbacks or [])])
         _no_printing(trainer)
-        trainer.train()
+        if resume is not None:
+            gate.restore(resume.log_history)
+        if resume is not None and (resume.step >= config.max_steps or gate.triggered):
+            _load_finished(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=None if resume is None else str(resume.path))
         steps = int(trainer.state.global_step)
         history = _step_logs(trainer.state.log_history)
     model.eval()
@@ -381,6 +556,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         seconds=seconds,
         log_history=history,
         final_accuracy=float(accuracies[-1]) if accuracies else None,
+        resumed_from_step=0 if resume is None else resume.step,
     )
     outcome.output_dir = _save(model, tokenizer, output_dir)
     if output_dir is not None:
@@ -415,13 +591,19 @@ def _prompt_only(dataset: Any, max_prompts: int | None, seed: int) -> Any:
 
 
 def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
-               config: GRPORunConfig | None = None, extra_callbacks: list[Any] | None = None) -> GRPOOutcome:
+               config: GRPORunConfig | None = None, extra_callbacks: list[Any] | None = None,
+               checkpoint_dir: str | os.PathLike[str] | None = None,
+               save_steps: int = DEFAULT_SAVE_STEPS) -> GRPOOutcome:
     """TRL GRPO with the CARL composite reward of the policy itself and ``beta=0``.
 
     ``train_dataset`` needs a "prompt" column (plain text or chat messages), or "messages" (the
     prompt is everything before the final assistant turn). Returns the per-step log (reward,
     reward_std, ``carl/<component>`` means, loss, ...) and every scored completion's reward and
     components. Saves the model, tokenizer and `grpo_log.json` to ``output_dir`` if given.
+
+    ``checkpoint_dir`` and ``save_steps``: as in `train_sft` (full trainer checkpoints, resume from the
+    newest complete one); each checkpoint also holds the completions scored up to its step, so a
+    resumed run's outcome still lists every completion of the run.
     """
     from trl import GRPOConfig, GRPOTrainer
 
@@ -453,10 +635,16 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
         return rewards
 
     carl_reward.__name__ = "carl"
+    saving = bool(_checkpoint_args(checkpoint_dir, save_steps))
+    resume = _prepare_resume(checkpoint_dir, require=(GRPO_COMPLETIONS_FILE,))
+    if resume is not None:
+        done = json.loads((resume.path / GRPO_COMPLETIONS_FILE).read_text())
+        scored.extend(c for c in done if int(c["step"]) <= resume.step)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, torch_threads(config.threads), _quiet_trl():
+        trainer_args = {**_common_args(config), **_checkpoint_args(checkpoint_dir, save_steps)}
         args = GRPOConfig(
-            output_dir=scratch,
+            output_dir=str(checkpoint_dir) if checkpoint_dir is not None else scratch,
             max_steps=config.max_steps,
             learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size,
@@ -465,17 +653,22 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
             temperature=config.temperature,
             beta=config.beta,
             log_completions=False,
-            **_common_args(_use_cpu(config.use_cpu), config.seed),
+            **_schedule_args(config),
+            **trainer_args,
         )
+        savers = [_completions_saver(scored)] if saving else []
         trainer = GRPOTrainer(model=model, reward_funcs=[carl_reward], args=args, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=list(extra_callbacks or []))
+                              processing_class=tokenizer, callbacks=[*savers, *(extra_callbacks or [])])
         _no_printing(trainer)
-        trainer.train()
+        if resume is not None and resume.step >= config.max_steps:
+            _load_finished(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=None if resume is None else str(resume.path))
         steps = int(trainer.state.global_step)
         history = _step_logs(trainer.state.log_history)
     model.eval()
     outcome = GRPOOutcome(steps=steps, seconds=time.perf_counter() - started, log_history=history,
-                          completions=scored)
+                          completions=scored, resumed_from_step=0 if resume is None else resume.step)
     outcome.output_dir = _save(model, tokenizer, output_dir)
     if output_dir is not None:
         (Path(output_dir) / GRPO_LOG_FILE).write_text(

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from pydantic import Field
 
 from carl_assets import storage
 from carl_assets.carl import SIGMA
-from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets.defs.common import PERFORMANCE_ONLY, config_values, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
 from carl_assets.plotting import line_plot
 from carl_assets.runtime import torch_threads
@@ -22,6 +23,7 @@ from carl_assets.runtime import torch_threads
 DREAMS_SOURCE = "dreams"
 TEMPLATE_SOURCES = ("templates", "memory_graph")  # "memory_graph" is the older name of the templated source
 DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside an sft_dataset version
+GRPO_PROMPTS_DIR = "grpo_prompts"  # prompts held out of SFT for GRPO, beside it
 # Provenance: which memory nodes each SFT example came from (one row per example and seed node).
 PROVENANCE_VIEW_SQL = """
 CREATE OR REPLACE VIEW sft_example_nodes AS
@@ -35,10 +37,68 @@ FROM sft_dataset
 # --------------------------------------------------------------------------------------------
 
 
-def _load_model(path: Path) -> tuple[Any, Any]:
+def _load_model(path: Path, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
     from carl_assets.models.loading import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(path)
+    return load_model_and_tokenizer(path, device=device, dtype=dtype)
+
+
+def _base_is_offline(artifacts: ArtifactStore) -> bool:
+    """Whether the run's base model is the offline one (checkpoints trained from it keep no record)."""
+    from carl_assets.models.defaults import is_offline_model
+
+    return is_offline_model(artifacts.require("base_model"))
+
+
+DEVICE_DESCRIPTION = "where the model runs: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'"
+DTYPE_DESCRIPTION = ("precision: 'auto' (fp32 for the offline model; bf16 on a CUDA device that supports it for a "
+                     "real one), 'bf16', 'fp16' (mixed precision on fp32 weights, CUDA only) or 'fp32'")
+
+
+class TrainingRunConfig(dg.Config):
+    """Settings SFT and GRPO share; 0, '' or None mean: the default for this base model (the offline
+    model's tuned values, or values for a real 0.5-8B model: `carl_assets.models.defaults`)."""
+
+    device: str = Field(default="auto", description=DEVICE_DESCRIPTION)
+    dtype: str = Field(default="auto", description=DTYPE_DESCRIPTION)
+    gradient_checkpointing: bool | None = Field(default=None, description="recompute activations in the backward "
+                                                "pass (memory for time); None: off for the offline model, on for "
+                                                "a real one")
+    lr_scheduler_type: str = Field(default="", description="transformers schedule name ('constant', 'linear', "
+                                   "'cosine', ...); '': the model's default")
+    warmup_ratio: float | None = Field(default=None, description="share of the steps warming the learning rate "
+                                       "up, in [0, 1); None: the model's default")
+    gradient_accumulation_steps: int = Field(default=0, description="batches per optimizer step (0: the model's "
+                                             "default)")
+
+    def placement(self, offline: bool) -> tuple[Any, Any, Any]:
+        """(device, dtype it trains in, dtype to load the weights in)."""
+        from carl_assets.models.defaults import resolve_placement
+        from carl_assets.models.device import training_weights_dtype
+
+        device, dtype = resolve_placement(self.device, self.dtype, offline)
+        return device, dtype, training_weights_dtype(dtype)
+
+    def shared_run_values(self, defaults: Any, device: Any, dtype: Any) -> dict[str, Any]:
+        """The run-config values this class holds, each resolved against `defaults` (SFT or GRPO)."""
+        from carl_assets.models.device import dtype_name
+
+        return {
+            "device": str(device),
+            "dtype": dtype_name(dtype),
+            "gradient_checkpointing": defaults.gradient_checkpointing if self.gradient_checkpointing is None
+            else bool(self.gradient_checkpointing),
+            "lr_scheduler_type": self.lr_scheduler_type or defaults.lr_scheduler_type,
+            "warmup_ratio": defaults.warmup_ratio if self.warmup_ratio is None else float(self.warmup_ratio),
+            "gradient_accumulation_steps": self.gradient_accumulation_steps or defaults.gradient_accumulation_steps,
+        }
+
+
+def _run_metadata(run: Any) -> dict[str, Any]:
+    """The hyper-parameters a run actually used (after the model's defaults filled the 0/auto fields)."""
+    names = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "batch_size", "gradient_accumulation_steps",
+             "max_steps", "gradient_checkpointing", "device", "dtype", "num_generations", "max_completion_length")
+    return {f"run/{n}": getattr(run, n) for n in names if hasattr(run, n)}
 
 
 def _weights_files(folder: Path) -> list[Path]:
@@ -124,6 +184,30 @@ class SFTDatasetConfig(dg.Config):
     tasks: list[str] = Field(default=["feelings"], description="templated question kinds: 'feelings' and/or 'kind'")
     excerpt_chars: int = Field(default=120, description="memory excerpt length in each templated prompt")
     seed: int = Field(default=0, description="which nodes go to templated SFT and which are held out")
+    grpo_prompts: int = Field(default=8, description="prompts held out of SFT for GRPO, so GRPO explores where "
+                              "the model did not memorise an answer (dreams: whole scenarios; templates: "
+                              "questions about other nodes)")
+
+
+def _split_grpo_prompts(examples: pd.DataFrame, n: int, key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(SFT rows, GRPO prompt rows): the `n` groups of `key` first in a stable hash order go to GRPO, at
+    most half of them (SFT keeps the rest)."""
+    import hashlib
+
+    groups = sorted(examples[key].astype(str).unique(), key=lambda g: hashlib.sha256(g.encode()).hexdigest())
+    held = set(groups[: min(n, len(groups) // 2)])
+    mask = examples[key].astype(str).isin(held)
+    return examples[~mask].reset_index(drop=True), examples[mask].reset_index(drop=True)
+
+
+def _grpo_prompt_dataset(rows: pd.DataFrame) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "prompt": [json.loads(p) for p in rows["prompt_json"]],
+        "example_id": [str(i) for i in rows["example_id"]],
+        "node_ids": [json.loads(n) for n in rows["node_ids_json"]],
+    })
 
 
 def _dream_examples(duckdb: DuckDBResource) -> tuple[pd.DataFrame, int]:
@@ -170,12 +254,17 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duc
     nodes = read_table(duckdb, "memory_nodes")
     data_config = SFTDataConfig(max_examples=config.max_examples, holdout_tasks=config.holdout_tasks,
                                 tasks=tuple(config.tasks), excerpt_chars=config.excerpt_chars, seed=config.seed)
+    data_config.max_examples += config.grpo_prompts  # extra nodes, split off for GRPO below
     templated, tasks = build_sft_examples(nodes, data_config)
     cycle = None
+    grpo_rows = None
     if config.source == DREAMS_SOURCE:
         examples, cycle = _dream_examples(duckdb)
+        examples, grpo_rows = _split_grpo_prompts(examples, config.grpo_prompts, "dream_id")
     elif config.source in TEMPLATE_SOURCES:
-        examples = templated.assign(dream_id="", node_ids_json=[json.dumps([n]) for n in templated["node_id"]])
+        templated = templated.assign(dream_id="", node_ids_json=[json.dumps([n]) for n in templated["node_id"]])
+        examples = templated.head(config.max_examples).reset_index(drop=True)
+        grpo_rows = templated.iloc[config.max_examples:].reset_index(drop=True)
     else:
         # An external dataset: SFT on it as is; the agent is still evaluated on memory-graph tasks.
         external = load_training_dataset(config.source).to_pandas()
@@ -192,6 +281,8 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duc
                      + (f" (dream cycle {cycle})" if cycle is not None else "") + f", {len(tasks)} held-out tasks")
     with artifacts.write_version("sft_dataset", run_id=context.run.run_id) as (tmp, version):
         dataset.save_to_disk(str(tmp / DATASET_DIR))
+        if grpo_rows is not None and len(grpo_rows):
+            _grpo_prompt_dataset(grpo_rows).save_to_disk(str(tmp / GRPO_PROMPTS_DIR))
     tables = {"sft_dataset": examples, "agent_tasks": tasks}
     write_tables(duckdb, tables)
     if "node_ids_json" in examples.columns:
@@ -204,6 +295,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duc
         "dream_cycle": cycle,
         "version": version,
         "rows": len(examples),
+        "grpo_prompts": 0 if grpo_rows is None else len(grpo_rows),
         "agent_tasks": len(tasks),
         "seed_nodes": int(examples["node_ids_json"].map(json.loads).explode().nunique())
         if "node_ids_json" in examples.columns else 0,
@@ -227,16 +319,19 @@ def sft_dataset_chat_formatted(artifacts: ArtifactStore) -> dg.AssetCheckResult:
 # --------------------------------------------------------------------------------------------
 
 
-class SFTCheckpointConfig(dg.Config):
+class SFTCheckpointConfig(TrainingRunConfig):
     start_from: str = Field(default="auto", description="weights SFT starts from: 'auto' (the checkpoint that "
                             "dreamed this cycle's data, else base_model), 'base_model', or '<asset>@<version>' "
                             "from artifact_versions (roll back to an earlier cycle)")
-    max_steps: int = Field(default=400, description="step budget; training stops earlier when the gate fires")
-    learning_rate: float = Field(default=0.0, description="constant learning rate (0: the dream cycle's "
-                                 "scheduled rate for dream data, 1.5e-3 for templated data)")
+    max_steps: int = Field(default=0, description="step budget; training stops earlier when the gate fires "
+                           "(0: 400 for the offline model, 300 for a real one)")
+    learning_rate: float = Field(default=0.0, description="peak learning rate (0: the dream cycle's scheduled "
+                                 "rate for dream data; for templated data 1.5e-3 for the offline model, 2e-5 "
+                                 "for a real one)")
     optim: str = Field(default="adamw_torch", description="transformers optimizer name: 'adamw_torch' or "
                        "'apollo_adamw' (the seed's APOLLO; needs the apollo-torch package)")
-    batch_size: int = Field(default=8, description="examples per step")
+    batch_size: int = Field(default=0, description="examples per device step (0: 8 for the offline model, 4 "
+                            "(x4 accumulated) for a real one)")
     gate_threshold: float = Field(default=0.99, description="token accuracy the gate waits for")
     gate_window: int = Field(default=5, description="gate window (logged steps)")
     gate_min_above: int = Field(default=3, description="steps in the window at or above the threshold")
@@ -244,19 +339,28 @@ class SFTCheckpointConfig(dg.Config):
     seed: int = Field(default=0, description="data order and dropout seed")
     log_every: int = Field(default=25, description="log step, loss, accuracy and time left every this many steps",
                            json_schema_extra=PERFORMANCE_ONLY)
+    checkpoint_every: int = Field(default=25, description="save a trainer checkpoint every this many steps, so "
+                                  "a killed run resumes from it when materialized again (0: never)",
+                                  json_schema_extra=PERFORMANCE_ONLY)
     threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
     launcher: str = Field(default="inprocess", description="where SFT runs: 'inprocess' (this process), or "
                           "'torchrun:N' / 'accelerate:N' (N processes on this machine, through Dagster Pipes; "
                           "batch_size is the global batch, split over them)", json_schema_extra=PERFORMANCE_ONLY)
 
-    def run_config(self, learning_rate: float) -> Any:
+    def run_config(self, learning_rate: float, offline: bool = True, device: Any = "cpu",
+                   dtype: Any = "fp32") -> Any:
+        """The SFT run config with every 0/auto field filled from this model's defaults."""
         from carl_assets.carl.training import SFTRunConfig
+        from carl_assets.models.defaults import training_defaults
 
-        return SFTRunConfig(max_steps=self.max_steps, learning_rate=learning_rate, batch_size=self.batch_size,
+        defaults = training_defaults(offline).sft
+        return SFTRunConfig(max_steps=self.max_steps or defaults.max_steps, learning_rate=learning_rate,
+                            batch_size=self.batch_size or defaults.batch_size,
                             gate_threshold=self.gate_threshold, gate_window=self.gate_window,
                             gate_min_above=self.gate_min_above, max_length=self.max_length, seed=self.seed,
-                            threads=self.threads or None, optim=self.optim)
+                            threads=self.threads or None, optim=self.optim,
+                            **self.shared_run_values(defaults, device, dtype))
 
 
 TEMPLATED_SFT_LR = 1.5e-3  # tuned: the offline model crystallizes on the 48 templated examples in ~120 steps
@@ -301,13 +405,20 @@ def _sft_start(config: SFTCheckpointConfig, artifacts: ArtifactStore, duckdb: Du
 
 def _launched_sft(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient,
                   config: SFTCheckpointConfig, start_dir: Path, dataset_dir: Path, output_dir: Path,
-                  learning_rate: float) -> tuple[Any, dict[str, Any]]:
+                  run: Any) -> tuple[Any, dict[str, Any]]:
     """SFT in N processes (torchrun / accelerate launch) through Dagster Pipes, rank 0 saving into
     `output_dir`: (the outcome from the training log it wrote, the metadata it reported)."""
-    from carl_assets.carl.distributed import launch_command, outcome_from_log, sft_arguments
+    from carl_assets.carl.distributed import (
+        launch_command,
+        outcome_from_log,
+        parse_launcher,
+        per_rank_batch,
+        sft_arguments,
+    )
     from carl_assets.carl.training import TRAINING_LOG_FILE
 
-    arguments = sft_arguments(start_dir, dataset_dir, output_dir, config.run_config(learning_rate),
+    per_rank_batch(run.batch_size, parse_launcher(config.launcher)[1])  # a clear error before launching
+    arguments = sft_arguments(start_dir, dataset_dir, output_dir, run,
                               log_every=config.log_every, launcher=config.launcher)
     command = launch_command(config.launcher, arguments)
     context.log.info(f"SFT through Pipes: {' '.join(command[:command.index('-m', 2) + 2])} ...")
@@ -318,6 +429,20 @@ def _launched_sft(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessCl
     if reported.data_version is not None:  # the weights' hash; the asset's data version adds its config
         metadata["weights_version"] = reported.data_version.value
     return outcome, metadata
+
+
+def _resume_dir(artifacts: ArtifactStore, asset: str, *run_definition: Any) -> Path:
+    """`artifacts/<asset>/.resume-<key>/`: trainer checkpoints of one run definition (its inputs' versions
+    and its config less performance-only fields); hidden, so never listed as a version."""
+    return storage.artifact_dir(asset, artifacts.root) / f".resume-{storage.content_hash(asset, *run_definition)}"
+
+
+def _say_resuming(context: dg.AssetExecutionContext, resume_dir: Path) -> None:
+    from carl_assets.carl.training import latest_checkpoint
+
+    found = latest_checkpoint(resume_dir)
+    if found is not None:
+        context.log.info(f"resuming from step {found.step} (trainer checkpoint {found.path})")
 
 
 @dg.asset(
@@ -335,23 +460,33 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
 
     from carl_assets.carl.distributed import parse_launcher
     from carl_assets.carl.training import TRAINING_LOG_FILE, StepLogger, train_sft
+    from carl_assets.models.defaults import training_defaults
 
     start_asset, start_version, start_dir, cycle_row = _sft_start(config, artifacts, duckdb)
-    learning_rate = config.learning_rate or (float(cycle_row["learning_rate"]) if cycle_row else TEMPLATED_SFT_LR)
+    offline = _base_is_offline(artifacts)
+    templated_lr = training_defaults(offline).sft.learning_rate  # offline: TEMPLATED_SFT_LR
+    learning_rate = config.learning_rate or (float(cycle_row["learning_rate"]) if cycle_row else templated_lr)
+    device, dtype, weights_dtype = config.placement(offline)
+    run = config.run_config(learning_rate, offline, device, dtype)
     dataset_dir = artifacts.require("sft_dataset", DATASET_DIR)
     dataset = load_from_disk(str(dataset_dir))
-    context.log.info(f"SFT from {start_asset}@{start_version} on {len(dataset)} examples, lr {learning_rate:.2e}, "
-                     f"optim {config.optim}, at most {config.max_steps} steps")
+    context.log.info(f"SFT from {start_asset}@{start_version} on {len(dataset)} examples, lr {learning_rate:.2e} "
+                     f"({run.lr_scheduler_type}), batch {run.batch_size}x{run.gradient_accumulation_steps}, "
+                     f"optim {config.optim}, {run.dtype} on {run.device}, at most {run.max_steps} steps")
     parents = {start_asset: start_version, "sft_dataset": dataset_dir.parent.name}
-    logger = StepLogger(context.log.info, every=config.log_every, max_steps=config.max_steps, label="SFT")
+    logger = StepLogger(context.log.info, every=config.log_every, max_steps=run.max_steps, label="SFT")
+    # Trainer checkpoints live outside the version folders, keyed by what defines the run: a rerun of the
+    # same run resumes, a changed one starts afresh. Removed once the version is written.
+    resume_dir = _resume_dir(artifacts, "sft_checkpoint", parents, config_values(config), learning_rate)
     with artifacts.write_version("sft_checkpoint", run_id=context.run.run_id, parents=parents) as (tmp, version):
         if parse_launcher(config.launcher)[0] == "inprocess":
-            model, tokenizer = _load_model(start_dir)
-            outcome = train_sft(model, tokenizer, dataset, tmp, config.run_config(learning_rate),
-                                extra_callbacks=[logger])
+            model, tokenizer = _load_model(start_dir, device, weights_dtype)
+            _say_resuming(context, resume_dir)
+            outcome = train_sft(model, tokenizer, dataset, tmp, run, extra_callbacks=[logger],
+                                checkpoint_dir=resume_dir, save_steps=config.checkpoint_every)
             launched: dict[str, Any] = {"launcher": "inprocess", "world_size": 1}
         else:
-            outcome, launched = _launched_sft(context, pipes, config, start_dir, dataset_dir, tmp, learning_rate)
+            outcome, launched = _launched_sft(context, pipes, config, start_dir, dataset_dir, tmp, run)
         log = json.loads((tmp / TRAINING_LOG_FILE).read_text())
         log.update({"run_id": context.run.run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
                     "version": version, "started_from": f"{start_asset}@{start_version}",
@@ -359,6 +494,7 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
                     "learning_rate": learning_rate})
         (tmp / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2, default=str) + "\n")
         version_files = [p.name for p in _weights_files(tmp)]
+    shutil.rmtree(resume_dir, ignore_errors=True)
     path = artifacts.path("sft_checkpoint", version)
     _record_provenance(duckdb, "sft_checkpoint", version, dataset, parents)
     if outcome.crystallized:
@@ -382,7 +518,9 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
         "peak_entropy": outcome.peak_entropy,
         "peak_entropy_step": outcome.peak_entropy_step,
         "train_seconds": round(outcome.seconds, 2),
+        **_run_metadata(run),
         **launched,
+        "resumed_from_step": outcome.resumed_from_step,
     }, plots={"accuracy_curve": _accuracy_plot(log)})
 
 
@@ -494,27 +632,46 @@ def crystallization_events(context: dg.AssetExecutionContext, config: Crystalliz
 # --------------------------------------------------------------------------------------------
 
 
-class GRPOCheckpointConfig(dg.Config):
-    max_steps: int = Field(default=16, description="GRPO steps")
-    learning_rate: float = Field(default=1e-4, description="AdamW learning rate")
-    batch_size: int = Field(default=8, description="completions per step (a multiple of num_generations)")
-    num_generations: int = Field(default=4, description="completions per prompt (the GRPO group)")
-    max_completion_length: int = Field(default=24, description="tokens per completion")
+class GRPOCheckpointConfig(TrainingRunConfig):
+    max_steps: int = Field(default=0, description="GRPO steps (0: 16 for the offline model, 300 for a real one)")
+    learning_rate: float = Field(default=0.0, description="AdamW learning rate (0: 1e-4 for the offline model, "
+                                 "1e-6 for a real one)")
+    batch_size: int = Field(default=0, description="completions per device step, a multiple of num_generations "
+                            "(0: 8)")
+    num_generations: int = Field(default=0, description="completions per prompt, the GRPO group (0: 4 for the "
+                                 "offline model, 8 for a real one)")
+    max_completion_length: int = Field(default=0, description="tokens per completion (0: 24 for the offline "
+                                       "model, 256 for a real one)")
     temperature: float = Field(default=1.0, description="sampling temperature")
     max_prompts: int = Field(default=0, description="use at most this many SFT prompts (0: all)")
+    max_frac_reward_zero_std: float = Field(default=0.5, description="the grpo_reward_spread check fails (and "
+                                            "holds the evaluation back) when on average this share of groups "
+                                            "or more had no reward spread")
     seed: int = Field(default=0, description="sampling and data order seed")
     log_every: int = Field(default=4, description="log step, reward and time left every this many steps",
                            json_schema_extra=PERFORMANCE_ONLY)
+    checkpoint_every: int = Field(default=25, description="save a trainer checkpoint every this many steps, so "
+                                  "a killed run resumes from it when materialized again (0: never)",
+                                  json_schema_extra=PERFORMANCE_ONLY)
     threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
                          "default model on a shared 2-core CPU; 0 keeps torch's default)")
 
-    def run_config(self) -> Any:
+    def run_config(self, offline: bool = True, device: Any = "cpu", dtype: Any = "fp32") -> Any:
+        """The GRPO run config with every 0/auto field filled from this model's defaults."""
         from carl_assets.carl.training import GRPORunConfig
+        from carl_assets.models.defaults import training_defaults
 
-        return GRPORunConfig(max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
-                             num_generations=self.num_generations, max_completion_length=self.max_completion_length,
+        defaults = training_defaults(offline).grpo
+        generations = self.num_generations or defaults.num_generations
+        # The default batch holds whole groups: the default size rounded up to a multiple of the group.
+        batch = self.batch_size or -(-max(defaults.batch_size, generations) // generations) * generations
+        return GRPORunConfig(max_steps=self.max_steps or defaults.max_steps,
+                             learning_rate=self.learning_rate or defaults.learning_rate, batch_size=batch,
+                             num_generations=generations,
+                             max_completion_length=self.max_completion_length or defaults.max_completion_length,
                              temperature=self.temperature, max_prompts=self.max_prompts or None, seed=self.seed,
-                             beta=0.0, threads=self.threads or None)
+                             beta=0.0, threads=self.threads or None,
+                             **self.shared_run_values(defaults, device, dtype))
 
 
 GRPO_REWARD_COLUMNS = ["step", "reward", "reward_std", "frac_reward_zero_std", "multiscale", "cloud_quality",
@@ -546,8 +703,14 @@ def _grpo_step_table(history: list[dict[str, Any]]) -> pd.DataFrame:
     group_name="training",
     deps=[sft_checkpoint, sft_dataset, crystallization_events],
     kinds={"pytorch", "safetensors", "duckdb"},
-    description="TRL GRPOTrainer from the SFT checkpoint with the CARL composite reward (beta=0) on the SFT "
-    "prompts, once the sft_crystallized check passed. Each run a new version under artifacts/grpo_checkpoint "
+    check_specs=[dg.AssetCheckSpec("grpo_reward_spread", asset="grpo_checkpoint", blocking=True,
+                                   description="GRPO had a signal: the mean over steps of TRL's "
+                                   "frac_reward_zero_std (groups whose completions all scored alike, so their "
+                                   "advantages are zero) is below max_frac_reward_zero_std")],
+    description="TRL GRPOTrainer from the SFT checkpoint with the CARL composite reward (beta=0) on prompts held "
+    "out of SFT (sft_dataset's grpo_prompts), once the sft_crystallized check passed; its blocking "
+    "grpo_reward_spread check requires within-group reward spread. Each run a new version under "
+    "artifacts/grpo_checkpoint "
     "(the policy the next dream cycle starts from); per-step reward and CARL components in DuckDB "
     "`grpo_rewards`, every scored completion in `grpo_completions`.",
 )
@@ -558,28 +721,49 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
     from carl_assets.carl.training import StepLogger, train_grpo
 
     sft_dir = artifacts.require("sft_checkpoint")
-    model, tokenizer = _load_model(sft_dir)
+    offline = _base_is_offline(artifacts)
+    device, dtype, weights_dtype = config.placement(offline)
+    run = config.run_config(offline, device, dtype)
+    model, tokenizer = _load_model(sft_dir, device, weights_dtype)
     dataset_dir = artifacts.require("sft_dataset", DATASET_DIR)
-    dataset = load_from_disk(str(dataset_dir))
-    context.log.info(f"GRPO from sft_checkpoint@{sft_dir.name} for {config.max_steps} steps, "
-                     f"{config.num_generations} generations per prompt")
+    held_out = dataset_dir.parent / GRPO_PROMPTS_DIR
+    if held_out.exists():
+        dataset = load_from_disk(str(held_out))
+    else:  # an external SFT dataset: GRPO on its prompts, which SFT has seen
+        dataset = load_from_disk(str(dataset_dir))
+        context.log.warning("sft_dataset has no held-out grpo_prompts: GRPO uses the SFT prompts")
+    context.log.info(f"GRPO from sft_checkpoint@{sft_dir.name} on {len(dataset)} prompts for {run.max_steps} "
+                     f"steps, {run.num_generations} generations per prompt of {run.max_completion_length} tokens, "
+                     f"lr {run.learning_rate:.2e}, {run.dtype} on {run.device}")
     parents = {"sft_checkpoint": sft_dir.name, "sft_dataset": dataset_dir.parent.name}
-    logger = StepLogger(context.log.info, every=config.log_every, max_steps=config.max_steps, label="GRPO")
+    logger = StepLogger(context.log.info, every=config.log_every, max_steps=run.max_steps, label="GRPO")
+    resume_dir = _resume_dir(artifacts, "grpo_checkpoint", parents, config_values(config))
+    _say_resuming(context, resume_dir)
     with artifacts.write_version("grpo_checkpoint", run_id=context.run.run_id, parents=parents) as (tmp, version):
-        outcome = train_grpo(model, tokenizer, dataset, tmp, config.run_config(), extra_callbacks=[logger])
+        outcome = train_grpo(model, tokenizer, dataset, tmp, run, extra_callbacks=[logger],
+                             checkpoint_dir=resume_dir, save_steps=config.checkpoint_every)
         version_files = [p.name for p in _weights_files(tmp)]
+    shutil.rmtree(resume_dir, ignore_errors=True)
     steps = _grpo_step_table(outcome.log_history)
     completions = pd.DataFrame(outcome.completions)
     write_tables(duckdb, {"grpo_rewards": steps, "grpo_completions": completions})
     _record_provenance(duckdb, "grpo_checkpoint", version, dataset, parents)
     path = artifacts.path("grpo_checkpoint", version)
     reward_std = outcome.reward_std
+    zero_std = float(steps["frac_reward_zero_std"].mean()) if len(steps) else 1.0
+    spread_check = dg.AssetCheckResult(
+        check_name="grpo_reward_spread",
+        passed=bool(zero_std < config.max_frac_reward_zero_std),
+        metadata={"mean_frac_reward_zero_std": zero_std, "bound": config.max_frac_reward_zero_std,
+                  "mean_within_group_reward_std": outcome.mean_step_reward_std, "steps": len(steps)},
+    )
     plot = line_plot(
         {"mean CARL reward": (steps["step"], steps["reward"]),
          "reward std (within step)": (steps["step"], steps["reward_std"]),
          "phi mean": (steps["step"], steps["phi_mean"])},
         title="GRPO on the CARL reward", xlabel="step", ylabel="value")
     return materialized(version_files, *[path / n for n in version_files], config=config, uri=path,
+                        check_results=[spread_check],
                         tables={"grpo_rewards": steps, "grpo_completions": completions}, metadata={
         "path": dg.MetadataValue.path(str(path)),
         "version": version,
@@ -591,7 +775,11 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
         "reward_std": reward_std,
         "mean_step_reward_std": outcome.mean_step_reward_std,
         "rewards_vary": bool(reward_std > 0),
+        "prompts": len(dataset),
+        "mean_frac_reward_zero_std": zero_std,
+        "resumed_from_step": outcome.resumed_from_step,
         "train_seconds": round(outcome.seconds, 2),
+        **_run_metadata(run),
         "rewards": table_preview(steps, rows=20),
     }, plots={"reward_curve": plot})
 
@@ -601,14 +789,6 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
 def grpo_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResult:
     problem = _weights_problem(artifacts.require("grpo_checkpoint"))
     return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
-
-
-@dg.asset_check(asset=grpo_checkpoint, description="GRPO ran on a model whose CARL rewards vary (std > 0).")
-def grpo_rewards_vary(duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    completions = read_table(duckdb, "grpo_completions")
-    std = float(np.std(completions["reward"])) if len(completions) else 0.0
-    return dg.AssetCheckResult(passed=bool(std > 0), severity=dg.AssetCheckSeverity.WARN,
-                               metadata={"reward_std": std, "completions": len(completions)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,9 +801,18 @@ class AgentEvaluationConfig(dg.Config):
     max_new_tokens: int = Field(default=32, description="tokens generated per task")
     max_tasks: int = Field(default=0, description="evaluate at most this many held-out tasks (0: all)")
     threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)")
+    device: str = Field(default="auto", description=DEVICE_DESCRIPTION)
+    dtype: str = Field(default="auto", description=DTYPE_DESCRIPTION)
 
 
-def _readout(artifacts: ArtifactStore, results: pd.DataFrame, tasks: pd.DataFrame) -> pd.DataFrame:
+def _agent_placement(config: AgentEvaluationConfig, artifacts: ArtifactStore) -> tuple[Any, Any]:
+    from carl_assets.models.defaults import resolve_placement
+
+    return resolve_placement(config.device, config.dtype, _base_is_offline(artifacts))
+
+
+def _readout(artifacts: ArtifactStore, results: pd.DataFrame, tasks: pd.DataFrame,
+             placement: tuple[Any, Any] = (None, None)) -> pd.DataFrame:
     """The amygdala readout of each agent turn (prompt and response, as served), per checkpoint, task,
     emotion and readout layer: what a vLLM readout would report while the agent answers."""
     from carl_assets.steering import load_readout
@@ -632,7 +821,7 @@ def _readout(artifacts: ArtifactStore, results: pd.DataFrame, tasks: pd.DataFram
     vectors = load_readout(artifacts.require("steering_vectors"))
     frames = []
     for name, part in results.groupby("checkpoint", sort=False):
-        model, tokenizer = _load_model(artifacts.require(str(name)))
+        model, tokenizer = _load_model(artifacts.require(str(name)), *placement)
         observation = dict(zip(tasks["task_id"], tasks["observation"], strict=True))
         texts = [f"{observation.get(t, '')}\n\n{i}\n{r}" for t, i, r in zip(part["task_id"], part["instruction"],
                                                                            part["raw_response"], strict=True)]
@@ -664,7 +853,7 @@ def _evaluate_checkpoint(context: dg.AssetExecutionContext, artifacts: ArtifactS
                          tasks: pd.DataFrame, config: AgentEvaluationConfig, frames: list, summaries: list) -> None:
     from carl_assets.carl.agent import evaluate_agent, summarise_evaluation
 
-    model, tokenizer = _load_model(artifacts.require(name))
+    model, tokenizer = _load_model(artifacts.require(name), *_agent_placement(config, artifacts))
     evaluation = evaluate_agent(model, tokenizer, tasks, gate_threshold=config.gate_threshold,
                                 max_new_tokens=config.max_new_tokens)
     evaluation.insert(0, "checkpoint", name)
@@ -695,7 +884,7 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
         for name in ("sft_checkpoint", "grpo_checkpoint"):
             _evaluate_checkpoint(context, artifacts, name, tasks, config, frames, summaries)
         results = pd.concat(frames, ignore_index=True)
-        readout = _readout(artifacts, results, tasks)
+        readout = _readout(artifacts, results, tasks, _agent_placement(config, artifacts))
     summary = pd.DataFrame(summaries)
     tables = {"agent_evaluation": results, "agent_evaluation_summary": summary, "agent_readout": readout}
     write_tables(duckdb, tables)
@@ -713,5 +902,7 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
         metadata[f"{short}_mean_phi"] = by_name[name]["mean_phi"]
         metadata[f"{short}_exact_match_rate"] = by_name[name]["exact_match_rate"]
     metadata["readout_rows"] = len(readout)
+    device, dtype = _agent_placement(config, artifacts)
+    metadata.update({"device": str(device), "dtype": str(dtype).removeprefix("torch.")})
     return materialized(results.drop(columns=["raw_response"]), readout, config=config, metadata=metadata,
                         tables=tables, plots={"phi_per_task": plot, "readout_heatmap": _readout_heatmap(readout)})
