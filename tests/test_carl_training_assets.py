@@ -15,7 +15,7 @@ from carl_assets.defs.resources import build_resources
 UPSTREAM = [memory.memory_graph, models.base_model, memory.emotion_training_pairs, steering.steering_vectors]
 ASSETS = [carl_defs.sft_dataset, carl_defs.sft_checkpoint, carl_defs.crystallization_events,
           carl_defs.grpo_checkpoint, carl_defs.agent_evaluation]
-CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.grpo_rewards_vary, carl_defs.sft_checkpoint_weights_finite,
+CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.sft_checkpoint_weights_finite,
           carl_defs.grpo_checkpoint_weights_finite]
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
@@ -48,7 +48,8 @@ def test_training_assets_materialize(tmp_path):
     assert checks["sft_dataset_chat_formatted"] and checks["sft_checkpoint_weights_finite"]
     assert checks["sft_crystallized"] is False  # failed, as a warning: GRPO still ran
     assert checks["grpo_checkpoint_weights_finite"]
-    assert checks["grpo_rewards_vary"] == metadata(result, "grpo_checkpoint")["rewards_vary"]
+    grpo_meta = metadata(result, "grpo_checkpoint")
+    assert checks["grpo_reward_spread"] == (grpo_meta["mean_frac_reward_zero_std"] < 0.5)
     db = tmp_path / storage.DATABASE_NAME
     art = tmp_path / storage.ARTIFACTS_DIR
     current = {name: art / name / "current" for name in ("sft_dataset", "sft_checkpoint", "grpo_checkpoint")}
@@ -58,6 +59,9 @@ def test_training_assets_materialize(tmp_path):
     assert len(sft) == 8 and len(tasks) == 3
     assert set(sft["node_id"]).isdisjoint(tasks["node_id"])
     on_disk = load_from_disk(str(current["sft_dataset"] / "dataset"))
+    grpo_prompts = load_from_disk(str(current["sft_dataset"] / "grpo_prompts"))
+    grpo_nodes = {n for ids in grpo_prompts["node_ids"] for n in ids}
+    assert len(grpo_prompts) == 8 and grpo_nodes.isdisjoint(sft["node_id"]) and grpo_nodes.isdisjoint(tasks["node_id"])
     assert len(on_disk) == 8 and on_disk[0]["completion"][0]["role"] == "assistant"
 
     for name in ("sft_checkpoint", "grpo_checkpoint"):
@@ -113,6 +117,19 @@ def test_training_assets_materialize(tmp_path):
     versions = storage.read_table(db, "artifact_versions")
     assert (versions["asset"] == "sft_checkpoint").sum() == 2  # both SFT runs kept, the newest current
     assert versions[versions["asset"] == "sft_checkpoint"]["current"].tolist() == [False, True]
+
+
+@pytest.mark.slow
+def test_grpo_without_within_group_spread_holds_the_evaluation_back(tmp_path):
+    """Near-greedy sampling makes every completion of a group the same: no advantage, no signal."""
+    resources = build_resources(tmp_path)
+    cfg = run_config(grpo_checkpoint={"temperature": 1e-4})
+    result = dg.materialize(UPSTREAM + ASSETS, resources=resources, run_config=cfg, raise_on_error=False)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    spread = checks["grpo_reward_spread"]
+    assert spread.passed is False and spread.metadata["mean_frac_reward_zero_std"].value == pytest.approx(1.0)
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "grpo_checkpoint" in done and "agent_evaluation" not in done
 
 
 @pytest.mark.slow

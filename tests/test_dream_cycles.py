@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from carl_assets import storage
@@ -84,7 +85,15 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     behind = nodes_behind(provenance, "sft_checkpoint", sft_v1.name)
     scenarios = storage.read_table(db, "dream_scenarios")
     kept_nodes = set(scenarios[scenarios["kept"]]["seed_node_ids"].map(json.loads).explode())
-    assert set(behind["node_id"]) == kept_nodes  # both cycles' kept dreams, and nothing else
+
+    def nodes_of(version: str, part: str) -> set:
+        return {n for ids in load_from_disk(str(art / "sft_dataset" / version / part))["node_ids"] for n in ids}
+
+    v0, v1 = sorted(p.name for p in (art / "sft_dataset").iterdir() if p.name[0].isdigit())
+    expected = nodes_of(v0, "dataset") | nodes_of(v0, "grpo_prompts") | nodes_of(v1, "dataset")
+    # cycle 1's SFT data, and cycle 0's SFT data and GRPO prompts (the chain it started from); not cycle
+    # 1's GRPO prompts, which only the next GRPO checkpoint saw
+    assert set(behind["node_id"]) == expected and expected <= kept_nodes
     chain = behind.attrs["chain"]
     assert chain[0] == ("sft_checkpoint", sft_v1.name) and ("grpo_checkpoint", grpo_v0.name) in chain
     view = storage.read_table(db, "sft_example_nodes")
