@@ -196,6 +196,14 @@ def test_sft_checkpoint_under_torchrun_through_pipes_matches_in_process(tmp_path
     assert any("SFT step 4/4" in m for m in messages), messages[-20:]
     assert any("SFT finished: 4 steps" in m and "world size 2" in m for m in messages)
 
+    # A batch that does not split over the processes is refused before anything is launched.
+    with pytest.raises(ValueError, match="batch_size 3 does not split evenly over 2 processes"):
+        dg.materialize([carl_defs.sft_checkpoint], resources=resources, instance=instance, run_config={
+            "ops": {"sft_checkpoint": {"config": {**TINY["sft_checkpoint"], "batch_size": 3,
+                                                  "launcher": "torchrun:2"}}}})
+    assert sorted(p.name for p in versions.iterdir() if not p.name.startswith(".")) == sorted(
+        [one["version"], two["version"], "current"])
+
 
 def test_launcher_is_performance_only():
     # Where SFT runs is not what it makes: the launcher stays out of the config part of the data version
