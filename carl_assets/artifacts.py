@@ -89,6 +89,19 @@ class ArtifactVersions:
         names = self.names()
         return names[-1] if names else None
 
+    def made_by(self, run_id: str) -> str | None:
+        """The newest version written by run `run_id` (its `_version.json` says so), or None. A step reads
+        what an upstream step of its own run made from here: `current` may meanwhile point at the
+        version of another run that overlaps this one."""
+        tag = re.sub(r"[^0-9a-z]", "", run_id.lower())[:8]
+        for name in reversed(self.names()):
+            # the name carries 8 chars of the run id: read only the candidates' _version.json
+            if not tag or name.split("-", 1)[-1].startswith(tag):
+                meta_file = self.root / name / VERSION_FILE
+                if meta_file.is_file() and json.loads(meta_file.read_text()).get("run_id") == run_id:
+                    return name
+        return None
+
     def path(self, version: str | None = None) -> Path:
         """The folder of `version` (default: the current one); ArtifactVersionError if it is not there."""
         name = version or self.current_name()

@@ -52,11 +52,18 @@ EXECUTOR = dg.multiprocess_executor.configured(
 )
 
 
-# Assets that train or generate for long share one machine's cores: they run in the concurrency pool
-# `training`, whose limit (1, from `concurrency: pools: default_limit` in the project's dagster.yaml,
-# written by carl_assets/dagster_instance.py) holds across runs, so two overlapping runs take turns.
+# Concurrency pools, each limited to 1 across all runs (`concurrency: pools: default_limit: 1` in the
+# project's dagster.yaml, written by carl_assets/dagster_instance.py), so two overlapping runs take turns:
+# - `training`: assets that train or generate for long share one machine's cores;
+# - `ledger`: crystallization_events reads its tables kept across runs, then writes them back with its
+#   row added; two at once would each write back what they read, and one run's row would be lost.
 TRAINING_POOL = "training"
-TRAINING_ASSETS = frozenset({"base_model", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"})
+LEDGER_POOL = "ledger"
+POOLS = {
+    TRAINING_POOL: frozenset({"base_model", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"}),
+    LEDGER_POOL: frozenset({"crystallization_events"}),
+}
+TRAINING_ASSETS = POOLS[TRAINING_POOL]
 
 
 def _in_pool(asset: dg.AssetsDefinition, pool: str) -> dg.AssetsDefinition:
@@ -66,6 +73,9 @@ def _in_pool(asset: dg.AssetsDefinition, pool: str) -> dg.AssetsDefinition:
     op = asset.op
     if op.pool not in (None, pool):
         raise ValueError(f"asset op {op.name!r} is already in pool {op.pool!r}, not {pool!r}")
+    with warnings.catch_warnings():  # `version` is the only public read of an op's code version in 1.13
+        warnings.simplefilter("ignore", DeprecationWarning)
+        code_version = op.version
     pooled = dg.OpDefinition(
         compute_fn=op.compute_fn,
         name=op.name,
@@ -76,7 +86,7 @@ def _in_pool(asset: dg.AssetsDefinition, pool: str) -> dg.AssetsDefinition:
         required_resource_keys=op.required_resource_keys,
         tags=op.tags,
         retry_policy=op.retry_policy,
-        code_version=op.version,
+        code_version=code_version,
         pool=pool,
     )
     return dg.AssetsDefinition.dagster_internal_init(**{**asset.get_attributes_dict(), "node_def": pooled})
@@ -84,7 +94,10 @@ def _in_pool(asset: dg.AssetsDefinition, pool: str) -> dg.AssetsDefinition:
 
 def _pooled(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
     names = {key.to_user_string() for key in asset.keys}
-    return _in_pool(asset, TRAINING_POOL) if names & TRAINING_ASSETS else asset
+    pools = [pool for pool, members in POOLS.items() if names & members]
+    if len(pools) > 1:
+        raise ValueError(f"assets {sorted(names)} are listed in several pools {pools}: an op has one pool")
+    return _in_pool(asset, pools[0]) if pools else asset
 
 
 def _with_code_version(spec: dg.AssetSpec) -> dg.AssetSpec:
@@ -98,9 +111,9 @@ def build_definitions(home: str | os.PathLike[str] | None = None) -> dg.Definiti
     loaded = dg.load_assets_from_modules(ASSET_MODULES)
     # A source asset is observed, not computed: its version is its data version; it has no code version.
     assets = [a if isinstance(a, dg.SourceAsset) else _pooled(a.map_asset_specs(_with_code_version)) for a in loaded]
-    missing = TRAINING_ASSETS - {key.to_user_string() for a in assets for key in getattr(a, "keys", [])}
+    missing = frozenset().union(*POOLS.values()) - {key.to_user_string() for a in assets for key in getattr(a, "keys", [])}
     if missing:
-        raise KeyError(f"TRAINING_ASSETS names {sorted(missing)}, which are not assets (carl_assets/defs/__init__.py)")
+        raise KeyError(f"POOLS names {sorted(missing)}, which are not assets (carl_assets/defs/__init__.py)")
     checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
     names = [key.to_user_string() for a in assets for key in getattr(a, "keys", [getattr(a, "key", None)]) if key]
     jobs, schedules, sensors = build_jobs_schedules_sensors(names)

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from carl_assets import storage
 from carl_assets.artifacts import (
@@ -32,6 +32,12 @@ class ArtifactStore(dg.ConfigurableResource):
 
     home: str = Field(default="", description="CARL_HOME; empty means $CARL_HOME, else the project's .carl")
     keep_versions: int = Field(default=DEFAULT_KEEP, description="versions of each artifact kept for rollback")
+    _run_id: str | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Inside a run, an upstream the run made itself is read from its own version, not `current`:
+        # another run overlapping this one may have promoted its version in between.
+        self._run_id = context.run_id
 
     @property
     def root(self) -> Path:
@@ -45,8 +51,12 @@ class ArtifactStore(dg.ConfigurableResource):
         return ArtifactVersions(storage.artifact_dir(asset, self.root), asset, keep=self.keep_versions)
 
     def path(self, asset: str, version: str | None = None) -> Path:
-        """The folder of a version of the asset's artifacts (default: the current one)."""
-        return self.versions(asset).path(version)
+        """The folder of a version of the asset's artifacts (default: the one this run made, if it made
+        one, else the current one)."""
+        versions = self.versions(asset)
+        if version is None and self._run_id:
+            version = versions.made_by(self._run_id)
+        return versions.path(version)
 
     @contextlib.contextmanager
     def write_version(self, asset: str, run_id: str | None = None,
@@ -80,8 +90,10 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def refresh_table(self) -> int:
         """Rewrite `artifact_versions` from the folders on disk (the disk is the source of truth)."""
-        rows = pd.DataFrame(all_versions(self.root), columns=VERSION_COLUMNS)
         with storage.connect(self.database, on_wait=_say_waiting) as con:
+            # Listed while holding the writer lock: a listing made before it could miss a version another
+            # run placed meanwhile and overwrite that run's fresher table.
+            rows = pd.DataFrame(all_versions(self.root), columns=VERSION_COLUMNS)
             return storage.write_table(con, VERSIONS_TABLE, rows)
 
 
