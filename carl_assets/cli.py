@@ -81,6 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="torch CPU threads while training (default: torch's; 1 is fastest for tiny models)")
     train.add_argument("--trust-remote-code", action="store_true")
+    _placement_flags(train)
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations (default: on for a real model, off for the offline one)")
+    train.add_argument("--lr", type=_finite_float, default=None, help="peak learning rate (default: the model's: "
+                       "SFT 2e-5 / GRPO 1e-6 for a real model, 1.5e-3 / 1e-4 for the offline one)")
+    train.add_argument("--lr-scheduler", default=None, help="transformers schedule: constant, linear, cosine, ...")
+    train.add_argument("--warmup-ratio", type=_finite_float, default=None, help="share of steps warming up, [0, 1)")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="examples (SFT) or completions "
+                       "(GRPO) per device step")
+    train.add_argument("--grad-accum", type=_positive_int, default=None, help="batches per optimizer step")
+    train.add_argument("--num-generations", type=_positive_int, default=None, help="GRPO: completions per prompt")
+    train.add_argument("--max-completion-length", type=_positive_int, default=None, help="GRPO: tokens per completion")
     train.add_argument("--allow-pickle", action="store_true",
                        help="load a model whose weights are pickles (.bin/.pt/.pkl): they can run code")
 
@@ -91,13 +103,38 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--gate-threshold", type=_finite_float, default=SIGMA)
     agent.add_argument("--max-new-tokens", type=_positive_int, default=128)
     agent.add_argument("--trust-remote-code", action="store_true")
+    _placement_flags(agent)
     agent.add_argument("--allow-pickle", action="store_true",
                        help="load a model whose weights are pickles (.bin/.pt/.pkl): they can run code")
+
+    readout = sub.add_parser("readout", help="a text's emotion projections on the amygdala readout vectors")
+    readout.add_argument("--text", action="append", required=True, help="a text to read (repeat for several)")
+    readout.add_argument("--vectors", default=None, help="readout folder (default: the current "
+                         "$CARL_HOME/artifacts/steering_vectors)")
+    readout.add_argument("--model", default=None, help="model to run (default: the one the vectors were made "
+                         "on, from the manifest)")
+    readout.add_argument("--layer", type=int, default=None, help="readout layer (default: the deepest)")
+    readout.add_argument("--allow-pickle", action="store_true",
+                         help="load a model whose weights are pickles (.bin/.pt/.pkl): they can run code")
 
     for name, text in (("materialize", "materialize the asset graph headless"),
                        ("lineage", "the asset graph with data versions and staleness")):
         sub.add_parser(name, help=f"{text} (see `carl {name} --help`)", add_help=False)
     return parser
+
+
+def _placement_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CUDA device that has it, else fp32; fp32 "
+                        "for the offline model), bf16, fp16 or fp32")
+
+
+def _placement(args: argparse.Namespace) -> tuple[bool, Any, Any]:
+    """(offline model?, device, dtype) for `--model`, `--device` and `--dtype`."""
+    from carl_assets.models.defaults import is_offline_model, resolve_placement
+
+    offline = Path(args.model).is_dir() and is_offline_model(args.model)
+    return (offline, *resolve_placement(args.device, args.dtype, offline))
 
 
 def _finite_float(text: str) -> float:
@@ -209,12 +246,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"CARL train: {args.model} → {args.output}")
     print(f" method={args.method} steps={args.max_steps}")
     print(f" kappa={KAPPA:.4f} sigma={SIGMA:.4f} kappa*sigma={KAPPA_SIGMA}")
+    from carl_assets.models.defaults import training_defaults
+    from carl_assets.models.device import dtype_name, training_weights_dtype
+
+    offline, device, dtype = _placement(args)
+    defaults = getattr(training_defaults(offline), args.method)
     dataset = training.load_training_dataset(args.dataset)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
-                                                allow_pickle=args.allow_pickle)
+                                                allow_pickle=args.allow_pickle, device=device,
+                                                dtype=training_weights_dtype(dtype))
+    # Each flag left out takes this model's default (a real model's, or the offline model's tuned one).
+    shared = {
+        "device": str(device), "dtype": dtype_name(dtype),
+        "learning_rate": args.lr if args.lr is not None else defaults.learning_rate,
+        "lr_scheduler_type": args.lr_scheduler or defaults.lr_scheduler_type,
+        "warmup_ratio": args.warmup_ratio if args.warmup_ratio is not None else defaults.warmup_ratio,
+        "batch_size": args.batch_size or defaults.batch_size,
+        "gradient_accumulation_steps": args.grad_accum or defaults.gradient_accumulation_steps,
+        "gradient_checkpointing": defaults.gradient_checkpointing if args.gradient_checkpointing is None
+        else args.gradient_checkpointing,
+    }
+    print(f" device={shared['device']} dtype={shared['dtype']} lr={shared['learning_rate']:.2e} "
+          f"({shared['lr_scheduler_type']}) batch={shared['batch_size']}x{shared['gradient_accumulation_steps']}")
     if args.method == "sft":
         config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_threshold=args.gate_accuracy,
-                         threads=args.threads)
+                         threads=args.threads, **shared)
         outcome = training.train_sft(model, tokenizer, dataset, args.output, config)
         if _get(outcome, "triggered"):
             print(f" Crystallized at step {_get(outcome, 'trigger_step')} "
@@ -225,7 +281,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if peak is not None:
             print(f" Peak entropy: {peak:.4f} at step {_get(outcome, 'peak_entropy_step')}")
     else:
-        config = _config(training.GRPORunConfig, max_steps=args.max_steps, threads=args.threads)
+        generations = args.num_generations or defaults.num_generations
+        if not args.batch_size:  # the default batch holds whole groups
+            shared["batch_size"] = -(-max(defaults.batch_size, generations) // generations) * generations
+        config = _config(training.GRPORunConfig, max_steps=args.max_steps, threads=args.threads, **shared,
+                         num_generations=generations,
+                         max_completion_length=args.max_completion_length or defaults.max_completion_length)
         outcome = training.train_grpo(model, tokenizer, dataset, args.output, config)
         rewards = list(_get(outcome, "rewards") or [])
         if rewards:
@@ -242,8 +303,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from carl_assets.carl.agent import agent_step
     from carl_assets.models.loading import load_model_and_tokenizer
 
+    _, device, dtype = _placement(args)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
-                                                allow_pickle=args.allow_pickle)
+                                                allow_pickle=args.allow_pickle, device=device, dtype=dtype)
     step = agent_step(model, tokenizer, args.observation, args.task, gate_threshold=args.gate_threshold,
                       max_new_tokens=args.max_new_tokens)
     if step.response is None:
@@ -256,6 +318,37 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_readout(args: argparse.Namespace) -> int:
+    import json
+
+    from carl_assets import storage
+    from carl_assets.models.loading import load_model_and_tokenizer
+    from carl_assets.steering import MANIFEST_FILE, load_readout
+    from carl_assets.steering.readout import readout_projections
+
+    folder = Path(args.vectors) if args.vectors else storage.carl_home() / "artifacts" / "steering_vectors" / "current"
+    if not (folder / MANIFEST_FILE).is_file():
+        raise UsageError(f"no readout at {folder}: materialize steering_vectors or pass --vectors")
+    vectors = load_readout(folder)
+    model_path = args.model or json.loads((folder / MANIFEST_FILE).read_text()).get("model")
+    if not model_path:
+        raise UsageError("the manifest names no model: pass --model")
+    layer = vectors.layers[-1] if args.layer is None else args.layer
+    if layer not in vectors.layers:
+        raise UsageError(f"layer {layer} is not a readout layer (layers: {vectors.layers})")
+    model, tokenizer = load_model_and_tokenizer(model_path, allow_pickle=args.allow_pickle)
+    frame = readout_projections(model, tokenizer, args.text, vectors)
+    frame = frame[frame["layer"] == layer]
+    calibrated = bool(frame["calibrated"].notna().any())
+    for index, text in enumerate(args.text):
+        rows = frame[frame["text_index"] == index].sort_values("calibrated" if calibrated else "projection",
+                                                                ascending=False)
+        print(f"{text[:70]!r} (layer {layer}; calibrated: 0 = a typical negative, 1 = a typical positive):")
+        for row in rows.itertuples(index=False):
+            print(f"  {row.emotion:<16}projection {row.projection:+.4f}   calibrated {row.calibrated:+.3f}")
+    return 0
+
+
 COMMANDS = {
     "phi": cmd_phi,
     "reward": cmd_reward,
@@ -263,6 +356,7 @@ COMMANDS = {
     "constants": cmd_constants,
     "train": cmd_train,
     "agent": cmd_agent,
+    "readout": cmd_readout,
 }
 
 

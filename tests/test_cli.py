@@ -163,7 +163,7 @@ def test_main_in_process_bad_input(arrays, capsys, args, fragment):
 def test_runtime_failure_is_one_line_unless_debugging(monkeypatch, capsys):
     fake = types.ModuleType("carl_assets.models.loading")
 
-    def broken_loader(path, trust_remote_code=False, allow_pickle=False):
+    def broken_loader(path, trust_remote_code=False, allow_pickle=False, **placement):
         raise OSError(f"no model at {path}\nsecond line")
 
     fake.load_model_and_tokenizer = broken_loader
@@ -222,7 +222,8 @@ def fake_training(calls):
 
     module.train_sft, module.train_grpo = train_sft, train_grpo
     loader = types.ModuleType("carl_assets.models.loading")
-    loader.load_model_and_tokenizer = lambda path, trust_remote_code=False, allow_pickle=False: (f"model:{path}", "tok")
+    loader.load_model_and_tokenizer = lambda path, trust_remote_code=False, allow_pickle=False, **placement: (
+        f"model:{path}", "tok")
     return module, loader
 
 
@@ -234,12 +235,13 @@ def test_train_command_wires_the_training_library(monkeypatch, capsys):
     assert cli.main(["train", "--method", "sft", "--model", "m", "--dataset", "d.jsonl", "--output", "out",
                      "--max-steps", "7", "--gate-accuracy", "0.95"]) == 0
     assert calls[0] == ("dataset", "d.jsonl")
-    assert calls[1] == ("sft", "model:m", "tok", ["rows"], "out", FakeSFTConfig(max_steps=7, gate_threshold=0.95))
+    assert calls[1] == ("sft", "model:m", "tok", ["rows"], "out",
+                        FakeSFTConfig(max_steps=7, gate_threshold=0.95, learning_rate=2e-5))  # a real model's lr
     out = capsys.readouterr().out
     assert "Crystallized at step 12 (window [0.99, 1.0, 0.995])" in out and "Peak entropy: 2.5000 at step 3" in out
     calls.clear()
     assert cli.main(["train", "--method", "grpo", "--model", "m", "--dataset", "name/ds", "--max-steps", "2"]) == 0
-    assert calls[1] == ("grpo", "model:m", "tok", ["rows"], "carl-output", FakeGRPOConfig(max_steps=2))
+    assert calls[1] == ("grpo", "model:m", "tok", ["rows"], "carl-output", FakeGRPOConfig(max_steps=2, num_generations=8))
     assert "CARL reward: first step 0.5100, last step 0.5500 (3 steps)" in capsys.readouterr().out
 
 

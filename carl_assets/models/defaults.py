@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from carl_assets.models.device import resolve_device, resolve_dtype
-from carl_assets.models.loading import MODEL_INFO_FILE
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,8 @@ def training_defaults(offline: bool) -> TrainingDefaults:
 def is_offline_model(folder: str | os.PathLike[str]) -> bool:
     """Whether the model folder records (in `carl_model.json`) that it is the offline default model.
     Checkpoints trained from it carry no record: ask the base model's folder."""
+    from carl_assets.models.loading import MODEL_INFO_FILE  # here: loading imports transformers
+
     info = Path(folder) / MODEL_INFO_FILE
     if not info.is_file():
         return False
