@@ -605,9 +605,23 @@ def save_readout(vectors: SteeringVectors, directory: str | os.PathLike[str],
     tensors = {tensor_key(layer): vectors.vectors[layer].detach().to("cpu", torch.float32).contiguous()
                for layer in vectors.layers}
     manifest = {**vectors.manifest(), **(extra or {})}
+    calibration = _calibration_records(vectors.stats)
+    if calibration:  # the training projections' class means: a reader can place new texts on that scale
+        manifest["calibration"] = calibration
     atomic_write_bytes(directory / VECTORS_FILE, safetensors_save(tensors, metadata={"format": FORMAT}))
     atomic_write_json(directory / MANIFEST_FILE, manifest)
     return directory
+
+
+CALIBRATION_COLUMNS = ["emotion", "layer", "mean_projection_positive", "mean_projection_negative"]
+
+
+def _calibration_records(stats: pd.DataFrame | None) -> list[dict[str, Any]]:
+    if stats is None or not set(CALIBRATION_COLUMNS) <= set(stats.columns):
+        return []
+    rows = stats[CALIBRATION_COLUMNS].dropna()
+    return [{"emotion": str(r.emotion), "layer": int(r.layer), "mean_projection_positive": float(r.mean_projection_positive),
+             "mean_projection_negative": float(r.mean_projection_negative)} for r in rows.itertuples(index=False)]
 
 
 def readout_problems(directory: str | os.PathLike[str]) -> list[str]:
@@ -680,4 +694,6 @@ def load_readout(directory: str | os.PathLike[str], layout: str = "per_layer") -
         max_tokens=manifest.get("max_tokens"),
         bos_excluded=bool(manifest.get("bos_excluded", False)),
     )
+    if manifest.get("calibration"):
+        vectors.stats = pd.DataFrame(manifest["calibration"])
     return vectors.as_tensor() if layout == "ELH" else vectors
