@@ -67,9 +67,15 @@ def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, g
     import torch
 
     device = next(model.parameters()).device
+    from carl_assets.models.loading import fit_prompt, model_max_positions
+
+    limit = model_max_positions(model)
+    if limit is not None:
+        max_new_tokens = min(max_new_tokens, max(1, limit // 2))
     prompt = _prompt_ids(tokenizer, observation, instruction)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens")
+    prompt = fit_prompt(prompt, model, max_new_tokens)
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     was_training = model.training
     model.eval()

@@ -277,6 +277,15 @@ def _optimizer_args(optim: str, target_modules: list[str] | None) -> dict[str, A
     return {"optim": optim, "optim_target_modules": target_modules or APOLLO_DEFAULT_TARGETS}
 
 
+def _fit_length(model: Any, max_length: int) -> int:
+    """`max_length`, or the model's position table if that is shorter (GPT-2's absolute positions would
+    raise an IndexError past it)."""
+    from carl_assets.models.loading import model_max_positions
+
+    limit = model_max_positions(model)
+    return min(max_length, limit) if limit else max_length
+
+
 def prompt_lengths(tokenizer: Any, dataset: Any, limit: int = 512) -> list[int]:
     """Token counts of the first `limit` prompts of a prompt-completion dataset (chat template applied
     for conversational prompts); [] for other formats."""
@@ -506,7 +515,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         raise ValueError("max_steps must be at least 1")
     if len(train_dataset) == 0:
         raise ValueError("the SFT dataset is empty")
-    _check_prompts_fit(tokenizer, train_dataset, config.max_length)
+    _check_prompts_fit(tokenizer, train_dataset, _fit_length(model, config.max_length))
     gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
                                min_above=config.gate_min_above)
     resume = _prepare_resume(checkpoint_dir)
@@ -523,7 +532,7 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
             per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             weight_decay=config.weight_decay,
-            max_length=config.max_length,
+            max_length=_fit_length(model, config.max_length),
             completion_only_loss=config.completion_only_loss,
             assistant_only_loss=config.assistant_only_loss,
             **_optimizer_args(config.optim, config.optim_target_modules),

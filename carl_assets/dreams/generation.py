@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from carl_assets.models.loading import fit_prompt
+
 
 @dataclass
 class GeneratedResponse:
@@ -229,7 +231,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[di
     prompts.
     """
     _check(prompts, k, max_new_tokens, batch_size)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [fit_prompt(encode_prompt(tokenizer, p), model, max_new_tokens) for p in prompts]
     _, eos = pad_and_eos_ids(model, tokenizer)
     out: list[GeneratedResponse] = []
     was_training = model.training
@@ -270,7 +272,7 @@ def generate_one_at_a_time(model: Any, tokenizer: Any, prompts: Sequence[Sequenc
     model.eval()
     try:
         for i, prompt in enumerate(prompts):
-            ids = encode_prompt(tokenizer, prompt)
+            ids = fit_prompt(encode_prompt(tokenizer, prompt), model, max_new_tokens)
             for j in range(k):
                 [[completion]] = _run_generate(model, tokenizer, [ids], 1, temperature, max_new_tokens,
                                                min_new_tokens, seed=_stream_seed(seed, i * k + j))

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from carl_assets.models.loading import model_max_positions  # noqa: F401  (re-exported: tests use it here)
 from carl_assets.storage import atomic_write_bytes, atomic_write_json
 
 VECTORS_FILE = "vectors.safetensors"
@@ -128,17 +129,6 @@ class SteeringVectors:
 
 def tensor_key(layer: int) -> str:
     return f"layer_{int(layer)}.vectors"
-
-
-def model_max_positions(model: torch.nn.Module) -> int | None:
-    """The longest input the model's position table allows (GPT-2 `n_positions`, Llama
-    `max_position_embeddings`, ...), or None if the config does not say."""
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def default_layers(num_blocks: int, fractions: Sequence[float] = DEPTH_FRACTIONS) -> list[int]:
