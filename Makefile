@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,apollo]'
 	# steering-vectors is the reference for the tests; it pins transformers<5, so no deps.
 	$(BIN)/python -m pip install -q --no-deps 'steering-vectors>=0.12'
 	# Every python of this venv gets the project's CARL_HOME / DAGSTER_HOME / CARL_MEMORY_SOURCE defaults

@@ -187,3 +187,22 @@ def test_load_training_dataset_from_files_and_folders(tmp_path):
     bad.write_text("x")
     with pytest.raises(ValueError, match="unsupported"):
         load_training_dataset(str(bad))
+
+
+@pytest.mark.slow
+def test_apollo_optimizer_trains(tiny_model_and_tokenizer):
+    """`optim: apollo_adamw` (the seed's APOLLO, on CPU through bitsandbytes) takes steps that lower the loss."""
+    pytest.importorskip("apollo_torch")
+    import copy
+
+    from datasets import Dataset
+
+    from carl_assets.carl.training import SFTRunConfig, train_sft
+
+    model, tokenizer = tiny_model_and_tokenizer
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "How was the day?"}]] * 8,
+                              "completion": [[{"role": "assistant", "content": "Warm and clear."}]] * 8})
+    outcome = train_sft(copy.deepcopy(model), tokenizer, data, None,
+                        SFTRunConfig(max_steps=12, batch_size=4, learning_rate=1e-2, optim="apollo_adamw"))
+    losses = [r["loss"] for r in outcome.log_history if r.get("loss") is not None]
+    assert outcome.steps == 12 and losses[-1] < losses[0]
