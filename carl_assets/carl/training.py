@@ -627,6 +627,13 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
     dataset = _prompt_only(train_dataset, config.max_prompts, config.seed)
     if len(dataset) == 0:
         raise ValueError("the GRPO dataset has no prompts")
+    per_step = config.batch_size // config.num_generations
+    if len(dataset) < per_step:
+        # TRL's sampler drops an incomplete last batch: with fewer prompts than one step takes, it would
+        # train nothing. Repeat them (each group still samples its own completions).
+        from datasets import concatenate_datasets
+
+        dataset = concatenate_datasets([dataset] * -(-per_step // len(dataset)))
     carl = make_carl_reward_fn(model, tokenizer)
     scored: list[dict[str, Any]] = []
 

@@ -108,16 +108,18 @@ def _weights_files(folder: Path) -> list[Path]:
 
 
 def _append(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Append rows to a table kept across runs, replacing earlier rows with the same `key` value."""
-    try:
-        old = read_table(duckdb, name)
-    except LookupError:
-        old = pd.DataFrame(columns=new.columns)
-    if key in old.columns:
-        old = old[~old[key].isin(set(new[key]))]
-    both = new if old.empty else pd.concat([old.astype(object), new.astype(object)], ignore_index=True)
-    both = both.infer_objects()
-    write_tables(duckdb, {name: both})
+    """Append rows to a table kept across runs, replacing earlier rows with the same `key` value. The read
+    and the write share one connection, so a concurrent run's rows are never lost in between."""
+    with storage.connect(duckdb.database) as con:
+        try:
+            old = storage.select_table(con, name, duckdb.database)
+        except LookupError:
+            old = pd.DataFrame(columns=new.columns)
+        if key in old.columns:
+            old = old[~old[key].isin(set(new[key]))]
+        both = new if old.empty else pd.concat([old.astype(object), new.astype(object)], ignore_index=True)
+        both = both.infer_objects()
+        storage.write_table(con, name, both)
     return both
 
 
@@ -210,12 +212,14 @@ def _grpo_prompt_dataset(rows: pd.DataFrame) -> Any:
     })
 
 
-def _dream_examples(duckdb: DuckDBResource) -> tuple[pd.DataFrame, int]:
-    """The kept responses of the latest dream cycle as SFT rows (dream id and seed node ids kept)."""
+def _dream_examples(duckdb: DuckDBResource, run_id: str) -> tuple[pd.DataFrame, int]:
+    """The kept responses of this run's dream cycle (else the latest one: dreams made by an earlier run)
+    as SFT rows, each with its dream id and seed node ids. Another run's newer cycle is never taken."""
     from carl_assets.dreams import sft_examples_from_dreams
 
     cycles = read_table(duckdb, "dream_cycles")
-    cycle = int(cycles["cycle"].max())
+    mine = cycles[cycles["run_id"].astype(str) == run_id] if "run_id" in cycles.columns else cycles.iloc[:0]
+    cycle = int((mine if len(mine) else cycles)["cycle"].max())
     frame = read_table(duckdb, "dream_scenarios")
     examples = sft_examples_from_dreams(frame[frame["cycle"] == cycle])
     if examples.empty:
@@ -259,7 +263,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duc
     cycle = None
     grpo_rows = None
     if config.source == DREAMS_SOURCE:
-        examples, cycle = _dream_examples(duckdb)
+        examples, cycle = _dream_examples(duckdb, context.run.run_id)
         examples, grpo_rows = _split_grpo_prompts(examples, config.grpo_prompts, "dream_id")
     elif config.source in TEMPLATE_SOURCES:
         templated = templated.assign(dream_id="", node_ids_json=[json.dumps([n]) for n in templated["node_id"]])
@@ -674,6 +678,8 @@ class GRPOCheckpointConfig(TrainingRunConfig):
                              **self.shared_run_values(defaults, device, dtype))
 
 
+GRPO_COMPLETION_COLUMNS = ["step", "index", "group", "completion", "reward", "multiscale", "cloud_quality",
+                           "discontinuity", "phi_mean"]
 GRPO_REWARD_COLUMNS = ["step", "reward", "reward_std", "frac_reward_zero_std", "multiscale", "cloud_quality",
                        "discontinuity", "phi_mean", "loss", "completion_mean_length", "entropy"]
 
@@ -745,7 +751,7 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
         version_files = [p.name for p in _weights_files(tmp)]
     shutil.rmtree(resume_dir, ignore_errors=True)
     steps = _grpo_step_table(outcome.log_history)
-    completions = pd.DataFrame(outcome.completions)
+    completions = pd.DataFrame(outcome.completions, columns=GRPO_COMPLETION_COLUMNS)
     write_tables(duckdb, {"grpo_rewards": steps, "grpo_completions": completions})
     _record_provenance(duckdb, "grpo_checkpoint", version, dataset, parents)
     path = artifacts.path("grpo_checkpoint", version)

@@ -63,7 +63,8 @@ class ArtifactStore(dg.ConfigurableResource):
                       parents: dict[str, str] | None = None) -> Iterator[tuple[Path, str]]:
         """(temporary folder, version name); the folder becomes the asset's new current version when the
         block succeeds, and the `artifact_versions` table is refreshed."""
-        with self.versions(asset).write(run_id=run_id, parents=parents) as (tmp, name):
+        # The run that writes is known from the resource's set-up: every version names its run.
+        with self.versions(asset).write(run_id=run_id or self._run_id, parents=parents) as (tmp, name):
             yield tmp, name
         self.refresh_table()
 
