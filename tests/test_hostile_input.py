@@ -561,7 +561,7 @@ def test_a_diverged_model_gives_zero_rewards_and_one_counted_warning(tiny_model_
 
     model, tokenizer = tiny_model_and_tokenizer
     model = copy.deepcopy(model)
-    reward_fn = make_carl_reward_fn(model, tokenizer)
+    reward_fn = make_carl_reward_fn(model, tokenizer, min_chars=0)  # placeholder texts: judged by the ids
     prompts = ["I felt the quiet morning", "We wrote about the deadline", "She noticed an old letter"]
     completions = [tokenizer(text=t, add_special_tokens=False)["input_ids"] for t in
                    (" and it was good.", " which made me angry.", " and everything felt clear.")]

@@ -3,6 +3,8 @@ the agent, the dreams' generation and SFT cut to fit instead of crashing."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from datasets import Dataset
@@ -20,7 +22,9 @@ LONG = " ".join(["The long meeting ran over and I kept writing notes about the b
 @pytest.fixture()
 def short_gpt2(tiny_model_and_tokenizer):
     _, llama_tok = tiny_model_and_tokenizer
-    tok = PreTrainedTokenizerFast(tokenizer_object=llama_tok.backend_tokenizer, eos_token="<|eos|>")
+    backend = copy.deepcopy(llama_tok.backend_tokenizer)
+    backend.no_padding()  # another test's batch may have left padding on the shared tokenizer
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>")
     tok.chat_template = llama_tok.chat_template
     assert tok.pad_token_id is None
     torch.manual_seed(0)
