@@ -319,6 +319,16 @@ def _check_prompts_fit(tokenizer: Any, dataset: Any, max_length: int) -> None:
             len(too_long), len(lengths), max_length)
 
 
+def _train_or_load(trainer: Any, resume: Any, finished: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Train (from the resume checkpoint, if any), or, when that checkpoint already ended the run, load it
+    instead of training a step more; (steps run, the per-step log)."""
+    if finished:
+        _load_finished(trainer, resume)
+    else:
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume.path))
+    return int(trainer.state.global_step), _step_logs(trainer.state.log_history)
+
+
 def _step_logger_class() -> type:
     from transformers import TrainerCallback
 
@@ -543,12 +553,8 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         _no_printing(trainer)
         if resume is not None:
             gate.restore(resume.log_history)
-        if resume is not None and (resume.step >= config.max_steps or gate.triggered):
-            _load_finished(trainer, resume)
-        else:
-            trainer.train(resume_from_checkpoint=None if resume is None else str(resume.path))
-        steps = int(trainer.state.global_step)
-        history = _step_logs(trainer.state.log_history)
+        steps, history = _train_or_load(trainer, resume, finished=resume is not None and (
+            resume.step >= config.max_steps or gate.triggered))
     model.eval()
     seconds = time.perf_counter() - started
     accuracies = [r["mean_token_accuracy"] for r in history if r.get("mean_token_accuracy") is not None]
@@ -676,12 +682,8 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
         trainer = GRPOTrainer(model=model, reward_funcs=[carl_reward], args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[*savers, *(extra_callbacks or [])])
         _no_printing(trainer)
-        if resume is not None and resume.step >= config.max_steps:
-            _load_finished(trainer, resume)
-        else:
-            trainer.train(resume_from_checkpoint=None if resume is None else str(resume.path))
-        steps = int(trainer.state.global_step)
-        history = _step_logs(trainer.state.log_history)
+        steps, history = _train_or_load(trainer, resume,
+                                        finished=resume is not None and resume.step >= config.max_steps)
     model.eval()
     outcome = GRPOOutcome(steps=steps, seconds=time.perf_counter() - started, log_history=history,
                           completions=scored, resumed_from_step=0 if resume is None else resume.step)

@@ -539,11 +539,19 @@ def _record_provenance(duckdb: DuckDBResource, asset: str, version: str, dataset
     _append(duckdb, PROVENANCE_TABLE, rows, key="version")
 
 
-@dg.asset_check(asset=sft_checkpoint, blocking=True,
-                description="The checkpoint's safetensors weights are all finite (GRPO does not start from a broken model).")
-def sft_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    problem = _weights_problem(artifacts.require("sft_checkpoint"))
-    return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
+def _weights_finite_check(asset: str, why: str) -> dg.AssetChecksDefinition:
+    """A blocking check that every safetensors weight of the asset's checkpoint (its run's version) is finite."""
+
+    @dg.asset_check(asset=asset, name=f"{asset}_weights_finite", blocking=True,
+                    description=f"The checkpoint's safetensors weights are all finite ({why}).")
+    def _check(artifacts: ArtifactStore) -> dg.AssetCheckResult:
+        problem = _weights_problem(artifacts.require(asset))
+        return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
+
+    return _check
+
+
+sft_checkpoint_weights_finite = _weights_finite_check("sft_checkpoint", "GRPO does not start from a broken model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,11 +798,7 @@ def grpo_checkpoint(context: dg.AssetExecutionContext, config: GRPOCheckpointCon
     }, plots={"reward_curve": plot})
 
 
-@dg.asset_check(asset=grpo_checkpoint, blocking=True,
-                description="The checkpoint's safetensors weights are all finite (before the agent is evaluated).")
-def grpo_checkpoint_weights_finite(artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    problem = _weights_problem(artifacts.require("grpo_checkpoint"))
-    return dg.AssetCheckResult(passed=problem is None, metadata={"problem": problem or "none"})
+grpo_checkpoint_weights_finite = _weights_finite_check("grpo_checkpoint", "before the agent is evaluated")
 
 
 # --------------------------------------------------------------------------------------------
