@@ -168,3 +168,24 @@ def test_sensor_fires_once_per_change_of_a_live_mcp_server(graph, tmp_path, monk
     requests, changed, _ = _evaluate(sensor, cursor)
     assert sorted(r.job_name for r in requests) == ["retraining", "steering_refresh"] and changed != cursor
     assert _evaluate(sensor, changed)[0] == []
+
+
+def test_a_run_without_config_reads_the_memory_source_from_the_environment(tmp_path, monkeypatch):
+    from carl_assets import storage
+    from carl_assets.defs.memory import memory_graph
+    from carl_assets.defs.resources import build_resources
+
+    memory = tmp_path / "mine.jsonl"
+    memory.write_text("\n".join(json.dumps(r) for r in [
+        {"type": "entity", "name": "only-mine", "entityType": "journal",
+         "observations": ["A memory that exists only in this file.", "warmth:9"]},
+        {"type": "entity", "name": "also-mine", "entityType": "lesson", "observations": ["Another one."]},
+        {"type": "relation", "from": "only-mine", "to": "also-mine", "relationType": "taught"},
+    ]) + "\n")
+    monkeypatch.setenv("CARL_MEMORY_SOURCE", f"jsonl:{memory}")
+    result = dg.materialize([memory_graph], resources=build_resources(tmp_path / "home"))  # no run config
+    assert result.success
+    nodes = storage.read_table(tmp_path / "home" / storage.DATABASE_NAME, "memory_nodes")
+    assert sorted(nodes["node_id"]) == ["also-mine", "only-mine"]
+    meta = result.asset_materializations_for_node("memory_graph")[0].metadata
+    assert meta["source"].value == f"jsonl:{memory}" and meta["source_kind"].value == "file"
