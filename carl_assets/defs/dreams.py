@@ -99,8 +99,10 @@ class DreamScenariosConfig(dg.Config):
     lr_end: float = Field(default=0.0, description="noise schedule: learning rate of the last cycle (0: a "
                           "tenth of lr_start, as the seed's 1e-4 -> 1e-5)")
     seed: int = Field(default=0, description="seed of walks, collisions and sampling (mixed with the cycle)")
-    batch_size: int = Field(default=8, description="scenarios per generate call",
-                            json_schema_extra=PERFORMANCE_ONLY)
+    # Not performance-only: each generate batch samples from its own seeded stream, so the batching
+    # changes which answers are drawn.
+    batch_size: int = Field(default=8, description="scenarios per generate call (each batch has its own "
+                            "seeded sampling stream, so this changes the answers drawn)")
     threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)",
                          json_schema_extra=PERFORMANCE_ONLY)
     device: str = Field(default="auto", description="where the policy generates and is scored: 'auto' (CUDA, "
