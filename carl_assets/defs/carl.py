@@ -16,7 +16,7 @@ from pydantic import Field
 from carl_assets import storage
 from carl_assets.carl import SIGMA
 from carl_assets.defs.common import PERFORMANCE_ONLY, config_values, materialized, table_preview
-from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.defs.resources import ArtifactStore, append_rows, read_table, write_tables
 from carl_assets.plotting import line_plot
 from carl_assets.runtime import torch_threads
 
@@ -105,22 +105,6 @@ def _weights_files(folder: Path) -> list[Path]:
     """What identifies a checkpoint's content: weights, configs and tokenizer files (not the logs)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".jinja"}
                   and not p.name.endswith("_log.json") and p.name != "run.json")
-
-
-def _append(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Append rows to a table kept across runs, replacing earlier rows with the same `key` value. The read
-    and the write share one connection, so a concurrent run's rows are never lost in between."""
-    with storage.connect(duckdb.database) as con:
-        try:
-            old = storage.select_table(con, name, duckdb.database)
-        except LookupError:
-            old = pd.DataFrame(columns=new.columns)
-        if key in old.columns:
-            old = old[~old[key].isin(set(new[key]))]
-        both = new if old.empty else pd.concat([old.astype(object), new.astype(object)], ignore_index=True)
-        both = both.infer_objects()
-        storage.write_table(con, name, both)
-    return both
 
 
 def _weights_problem(folder: Path) -> str | None:
@@ -215,11 +199,10 @@ def _grpo_prompt_dataset(rows: pd.DataFrame) -> Any:
 def _dream_examples(duckdb: DuckDBResource, run_id: str) -> tuple[pd.DataFrame, int]:
     """The kept responses of this run's dream cycle (else the latest one: dreams made by an earlier run)
     as SFT rows, each with its dream id and seed node ids. Another run's newer cycle is never taken."""
+    from carl_assets.defs.dreams import run_cycle
     from carl_assets.dreams import sft_examples_from_dreams
 
-    cycles = read_table(duckdb, "dream_cycles")
-    mine = cycles[cycles["run_id"].astype(str) == run_id] if "run_id" in cycles.columns else cycles.iloc[:0]
-    cycle = int((mine if len(mine) else cycles)["cycle"].max())
+    cycle = run_cycle(read_table(duckdb, "dream_cycles"), run_id)
     frame = read_table(duckdb, "dream_scenarios")
     examples = sft_examples_from_dreams(frame[frame["cycle"] == cycle])
     if examples.empty:
@@ -536,7 +519,7 @@ def _record_provenance(duckdb: DuckDBResource, asset: str, version: str, dataset
 
     rows = provenance_rows(asset, version, dataset["node_ids"] if "node_ids" in dataset.column_names else [],
                            parents)
-    _append(duckdb, PROVENANCE_TABLE, rows, key="version")
+    append_rows(duckdb, PROVENANCE_TABLE, rows, key="version")
 
 
 def _weights_finite_check(asset: str, why: str) -> dg.AssetChecksDefinition:
@@ -614,8 +597,8 @@ def crystallization_events(context: dg.AssetExecutionContext, config: Crystalliz
                                              "learning_rate", "grad_norm", "num_tokens"])
     for column in steps.columns[1:]:
         steps[column] = pd.to_numeric(steps[column], errors="coerce")
-    events = _append(duckdb, "crystallization_events", event, key="run_id")
-    training_log = _append(duckdb, "training_log", steps, key="run_id")
+    events = append_rows(duckdb, "crystallization_events", event, key="run_id")
+    training_log = append_rows(duckdb, "training_log", steps, key="run_id")
     context.log.info(f"{len(events)} SFT runs recorded; this one crystallized={log['crystallized']}")
     crystallized = bool(log["crystallized"])
     check = dg.AssetCheckResult(

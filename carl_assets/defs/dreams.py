@@ -8,7 +8,6 @@ outputs, a self-dependency that reads worse in the UI than one asset with a cycl
 """
 
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -21,7 +20,8 @@ from pydantic import Field
 
 from carl_assets import storage
 from carl_assets.defs.common import PERFORMANCE_ONLY, config_values, materialized, table_preview
-from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.defs.resources import ArtifactStore, append_rows, read_table
+from carl_assets.models.defaults import OFFLINE_DEFAULTS, is_offline_model
 from carl_assets.plotting import line_plot
 from carl_assets.runtime import torch_threads
 
@@ -29,7 +29,7 @@ POLICY_ASSETS = ("grpo_checkpoint", "sft_checkpoint", "base_model")
 # The seed's noise schedule is lr 1e-4 -> 1e-5 for a real model; the 1M-parameter offline model needs
 # the larger rate SFT is tuned to (it does not crystallize on its dreams at 1e-4 within a CPU budget).
 SEED_LR = (1e-4, 1e-5)
-OFFLINE_LR = (1.5e-3, 1.5e-4)
+OFFLINE_LR = (OFFLINE_DEFAULTS.sft.learning_rate, OFFLINE_DEFAULTS.sft.learning_rate / 10)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, str | None]:
@@ -53,13 +53,6 @@ def resolve_policy(artifacts: ArtifactStore, spec: str) -> tuple[str, str, Path]
     asset, version = parse_checkpoint_spec(spec)
     folder = artifacts.require(asset, version=version)
     return asset, folder.name, folder
-
-
-def model_is_offline(folder: Path) -> bool:
-    info = folder / "carl_model.json"
-    if not info.is_file():
-        return False
-    return str(json.loads(info.read_text()).get("source", "")).lower() in ("offline", "")
 
 
 class DreamScenariosConfig(dg.Config):
@@ -138,20 +131,11 @@ def heldout_bar(frame: pd.DataFrame, top_fraction: float) -> float:
     return float(scores.quantile(1.0 - top_fraction)) if len(scores) else float("nan")
 
 
-def _read_or_empty(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
-    try:
-        return read_table(duckdb, name)
-    except LookupError:
-        return pd.DataFrame()
-
-
-def _replace_cycle(old: pd.DataFrame, new: pd.DataFrame, cycle: int) -> pd.DataFrame:
-    """Rows of `old` for other cycles, then `new` (a re-run of a cycle replaces it)."""
-    if old.empty or "cycle" not in old.columns:
-        return new.reset_index(drop=True)
-    kept = old[old["cycle"] != cycle]
-    both = pd.concat([kept.astype(object), new.astype(object)], ignore_index=True).infer_objects()
-    return both.sort_values(["cycle"], kind="stable").reset_index(drop=True)
+def run_cycle(cycles: pd.DataFrame, run_id: str) -> int:
+    """The cycle a run dreamed, else the latest one (dreams made by an earlier run); never another run's
+    newer cycle while runs overlap."""
+    mine = cycles[cycles["run_id"].astype(str) == run_id] if "run_id" in cycles.columns else cycles.iloc[:0]
+    return int((mine if len(mine) else cycles)["cycle"].max())
 
 
 def _cycles_plot(cycles: pd.DataFrame) -> bytes:
@@ -181,10 +165,15 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     from carl_assets.steering import load_readout
 
     nodes, edges = read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges")
-    old_cycles = _read_or_empty(duckdb, "dream_cycles")
-    cycle = config.cycle if config.cycle >= 0 else (int(old_cycles["cycle"].max()) + 1 if len(old_cycles) else 0)
+    if config.cycle >= 0:
+        cycle = config.cycle
+    else:
+        try:
+            cycle = int(read_table(duckdb, "dream_cycles")["cycle"].max()) + 1
+        except LookupError:
+            cycle = 0
     policy_asset, policy_version, policy_dir = resolve_policy(artifacts, config.start_from)
-    offline = model_is_offline(artifacts.require("base_model"))
+    offline = is_offline_model(artifacts.require("base_model"))
     schedule = config.schedule(offline)
     step = schedule.at(cycle)
     context.log.info(f"cycle {cycle}: {policy_asset}@{policy_version} dreams at temperature "
@@ -229,12 +218,10 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
         "heldout_score_mean": float(heldout_frame["score"].mean()) if len(heldout_frame) else float("nan"),
         "scorer": config.scorer,
     }])
-    tables = {
-        "dream_scenarios": _replace_cycle(_read_or_empty(duckdb, "dream_scenarios"), frame, cycle),
-        "dream_cycles": _replace_cycle(old_cycles, cycle_row, cycle),
-        "dream_heldout": _replace_cycle(_read_or_empty(duckdb, "dream_heldout"), heldout_frame, cycle),
-    }
-    write_tables(duckdb, tables)
+    # kept across cycles; a rerun of a cycle replaces its rows
+    tables = {name: append_rows(duckdb, name, new, key="cycle", sort_by="cycle")
+              for name, new in (("dream_scenarios", frame), ("dream_cycles", cycle_row),
+                                ("dream_heldout", heldout_frame))}
     shutil.rmtree(partial_dir, ignore_errors=True)  # the cycle is stored: its partial batches are done with
     kept = frame[frame["kept"]]
     reasons = frame["reason"].value_counts().to_dict()
@@ -266,10 +253,9 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
 
 @dg.asset_check(asset=dream_scenarios, blocking=True, description="This cycle kept at least one response and "
                 "every kept response is non-empty (SFT does not start on nothing).")
-def dreams_kept_something(duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    cycles = read_table(duckdb, "dream_cycles")
+def dreams_kept_something(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    cycle = run_cycle(read_table(duckdb, "dream_cycles"), context.run.run_id)
     frame = read_table(duckdb, "dream_scenarios")
-    cycle = int(cycles["cycle"].max())
     current = frame[frame["cycle"] == cycle]
     kept = current[current["kept"].astype(bool)]
     empty = int((kept["response"].astype(str).str.strip() == "").sum())

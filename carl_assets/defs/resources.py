@@ -124,6 +124,26 @@ def write_tables(duckdb: DuckDBResource, tables: dict[str, pd.DataFrame]) -> dic
         return {name: storage.write_table(con, name, df) for name, df in tables.items()}
 
 
+def append_rows(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str,
+                sort_by: str | None = None) -> pd.DataFrame:
+    """Add rows to a table kept across runs, replacing earlier rows with the same `key` value (a rerun
+    replaces its own rows); optionally ordered by `sort_by`. The read and the write share one connection,
+    so a concurrent run's rows are never lost in between. Returns the whole table."""
+    with storage.connect(duckdb.database, on_wait=_say_waiting) as con:
+        try:
+            old = storage.select_table(con, name, duckdb.database)
+        except LookupError:
+            old = pd.DataFrame(columns=new.columns)
+        if key in old.columns:
+            old = old[~old[key].isin(set(new[key]))]
+        both = new if old.empty else pd.concat([old.astype(object), new.astype(object)], ignore_index=True)
+        both = both.infer_objects()
+        if sort_by is not None:
+            both = both.sort_values(sort_by, kind="stable").reset_index(drop=True)
+        storage.write_table(con, name, both)
+    return both
+
+
 def read_table(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
     with storage.connect(duckdb.database, read_only=Path(duckdb.database).exists(), on_wait=_say_waiting) as con:
         return storage.select_table(con, name, duckdb.database)
