@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def prepare_process() -> None:
+    """Run before importing torch. Restarts the interpreter once with glibc's mmap threshold fixed (else
+    it adapts upwards and freed tensors stay in the heap, so peak-RSS readings depend on history; set
+    NOREEXEC to skip), keeps the benchmark offline and single-tokenizer-threaded, and puts the project
+    root on sys.path."""
+    if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux") and not os.environ.get("NOREEXEC"):
+        os.environ[MMAP_ENV] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def status_kb(field: str) -> int:

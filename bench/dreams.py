@@ -25,23 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-from pathlib import Path
 
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux") and not os.environ.get("NOREEXEC"):
-    os.environ[MMAP_ENV] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from _measure import measure, prepare_process
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before torch: it may restart the interpreter
+
+prepare_process()
 
 import torch  # noqa: E402
-from _measure import measure  # noqa: E402
 
 from carl_assets.dreams import (  # noqa: E402
     CarlScorer,

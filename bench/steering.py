@@ -39,25 +39,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-from pathlib import Path
 
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux") and not os.environ.get("NOREEXEC"):
-    os.environ[MMAP_ENV] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from _measure import measure, prepare_process
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before torch: it may restart the interpreter
+
+prepare_process()
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401  (before the sklearn placeholder: torch probes installed modules)
-from _measure import measure  # noqa: E402
 
 from carl_assets.memory.graph import extract_training_pairs, graph_from_records  # noqa: E402
 from carl_assets.memory.sample import SAMPLE_SEED, sample_records  # noqa: E402
