@@ -20,6 +20,43 @@ import torch
 from carl_assets.models.loading import fit_prompt
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Truncation of each next-token distribution before a token is drawn (after the temperature, as
+    Hugging Face `generate` applies them): `top_k` keeps the k likeliest tokens (0: off), `top_p` the
+    smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2020; 1.0: off), `min_p`
+    the tokens at least `min_p` times as likely as the likeliest (Nguyen et al. 2024; 0.0: off).
+
+    The default truncates nothing (plain temperature sampling, what the offline model is tuned to). Over
+    a real model's ~50k-token vocabulary an untruncated tail at temperature >= 1 is word salad; top-p 0.9
+    with min-p 0.05 keeps it readable (see `carl_assets.models.defaults.dream_sampling_defaults`).
+    Raises ``ValueError`` on values outside those ranges.
+    """
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] (1.0: off), got {self.top_p!r}")
+        if not 0.0 <= float(self.min_p) < 1.0:
+            raise ValueError(f"min_p must lie in [0, 1) (0.0: off), got {self.min_p!r}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """`generate` keywords that set every truncation explicitly (the model's generation_config may
+        carry its own top-k/top-p defaults, which must not leak in)."""
+        kwargs: dict[str, Any] = {"top_k": int(self.top_k), "top_p": float(self.top_p)}
+        if self.min_p > 0:
+            kwargs["min_p"] = float(self.min_p)
+        return kwargs
+
+
+NO_TRUNCATION = Sampling()
+
+
 @dataclass
 class GeneratedResponse:
     """One sampled response: which prompt and sample it is, its text, and its token ids (the completion
@@ -92,20 +129,20 @@ def _cut(tokens: Sequence[int], eos: set[int]) -> tuple[list[int], bool]:
     return out, False
 
 
-def _sampling_kwargs(temperature: float, k: int) -> dict[str, Any]:
+def _sampling_kwargs(temperature: float, k: int, sampling: Sampling = NO_TRUNCATION) -> dict[str, Any]:
     if temperature <= 0:  # greedy: k > 1 repeats the rows, and the duplicates are expected
         return {"do_sample": False}
-    # Plain temperature sampling: the model's generation_config may carry top-k/top-p defaults.
-    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+    return {"do_sample": True, "temperature": float(temperature), **sampling.generate_kwargs()}
 
 
 def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int]], k: int, temperature: float,
-                  max_new_tokens: int, min_new_tokens: int | None, seed: int) -> list[list[list[int]]]:
+                  max_new_tokens: int, min_new_tokens: int | None, seed: int,
+                  sampling: Sampling = NO_TRUNCATION) -> list[list[list[int]]]:
     """Completions (cut at EOS) of each prompt row, `k` each, from one `generate` call."""
     pad_id, eos = pad_and_eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     rows = [list(r) for r in prompt_rows]
-    kwargs = _sampling_kwargs(temperature, k)
+    kwargs = _sampling_kwargs(temperature, k, sampling)
     input_ids, mask = _left_pad(rows, pad_id, device)
     extra: dict[str, Any] = {}
     if min_new_tokens:
@@ -218,13 +255,15 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[di
                        temperature: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
                        min_new_tokens: int | None = None,
                        progress: Callable[[int, int], None] | None = None,
-                       cache: BatchCache | None = None) -> list[GeneratedResponse]:
+                       cache: BatchCache | None = None,
+                       sampling: Sampling = NO_TRUNCATION) -> list[GeneratedResponse]:
     """`k` responses to each chat prompt, `batch_size` prompts (so `batch_size * k` sequences) per
     `generate` call, left-padded, ordered by (prompt_index, sample_index). With a `cache`, batches it
     already holds are reused and new ones are stored as soon as they are made.
 
-    Sampling is plain temperature sampling (no top-k/top-p); `temperature <= 0` decodes greedily (then
-    the `k` samples are identical). Each batch draws from its own seeded RNG stream (`seed`, batch
+    Sampling draws at `temperature` from each distribution truncated by `sampling` (default: no
+    truncation, plain temperature sampling); `temperature <= 0` decodes greedily (then the `k` samples
+    are identical). Each batch draws from its own seeded RNG stream (`seed`, batch
     number), so results are deterministic and the global torch RNG is left as it was. `min_new_tokens`
     suppresses EOS until that many tokens exist (the benchmark fixes token counts with it). The model
     runs in eval mode under no_grad; its train/eval mode is restored. `progress(done, total)` counts
@@ -242,10 +281,12 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[di
             key = {"rows": rows, "start": start, "k": k, "temperature": float(temperature),
                    "max_new_tokens": int(max_new_tokens), "min_new_tokens": min_new_tokens,
                    "seed": _stream_seed(seed, b)}
+            if sampling != NO_TRUNCATION:  # (kept out when off, so earlier caches stay valid)
+                key["sampling"] = asdict(sampling)
             batch = cache.load(b, key) if cache is not None else None
             if batch is None:
                 completions = _run_generate(model, tokenizer, rows, k, temperature, max_new_tokens, min_new_tokens,
-                                            seed=_stream_seed(seed, b))
+                                            seed=_stream_seed(seed, b), sampling=sampling)
                 batch = []
                 for offset, (ids, comps) in enumerate(zip(rows, completions, strict=True)):
                     batch.extend(_responses(tokenizer, start + offset, ids, comps, eos))
@@ -262,7 +303,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[di
 def generate_one_at_a_time(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], k: int,
                            temperature: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
                            min_new_tokens: int | None = None,
-                           progress: Callable[[int, int], None] | None = None) -> list[GeneratedResponse]:
+                           progress: Callable[[int, int], None] | None = None,
+                           sampling: Sampling = NO_TRUNCATION) -> list[GeneratedResponse]:
     """The naive path: one prompt and one sample per `generate` call (`batch_size` is ignored). Same
     output layout as `generate_responses`; under greedy decoding, the same tokens."""
     _check(prompts, k, max_new_tokens, batch_size)
@@ -275,7 +317,7 @@ def generate_one_at_a_time(model: Any, tokenizer: Any, prompts: Sequence[Sequenc
             ids = fit_prompt(encode_prompt(tokenizer, prompt), model, max_new_tokens)
             for j in range(k):
                 [[completion]] = _run_generate(model, tokenizer, [ids], 1, temperature, max_new_tokens,
-                                               min_new_tokens, seed=_stream_seed(seed, i * k + j))
+                                               min_new_tokens, seed=_stream_seed(seed, i * k + j), sampling=sampling)
                 response = _responses(tokenizer, i, ids, [completion], eos)[0]
                 response.sample_index = j
                 out.append(response)

@@ -18,7 +18,7 @@ import pandas as pd
 from carl_assets.dreams.collisions import DEFAULT_SYSTEM_PROMPT, Collision, collide, scenario_messages
 from carl_assets.dreams.convergence import cycle_statistics
 from carl_assets.dreams.filtering import filter_responses
-from carl_assets.dreams.generation import BatchCache, generate_responses
+from carl_assets.dreams.generation import BatchCache, Sampling, generate_responses
 from carl_assets.dreams.scoring import score_responses
 from carl_assets.dreams.walks import WalkConfig, random_walks
 
@@ -39,6 +39,7 @@ class DreamConfig:
     min_score: float | None = None
     seed: int = 0
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    sampling: Sampling = field(default_factory=Sampling)  # top-k / top-p / min-p truncation (default: none)
 
     def __post_init__(self) -> None:
         for name in ("n_scenarios", "responses_per_scenario", "max_new_tokens", "batch_size"):
@@ -46,6 +47,8 @@ class DreamConfig:
                 raise ValueError(f"DreamConfig.{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.walk, dict):  # from a JSON/YAML config
             self.walk = WalkConfig(**self.walk)
+        if isinstance(self.sampling, dict):
+            self.sampling = Sampling(**self.sampling)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +117,7 @@ def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, 
     responses = generate_responses(model, tokenizer, prompts, k=config.responses_per_scenario,
                                    temperature=temperature, max_new_tokens=config.max_new_tokens,
                                    batch_size=config.batch_size, seed=_cycle_seed(config.seed, cycle, 10_000),
-                                   progress=progress, cache=cache)
+                                   progress=progress, cache=cache, sampling=config.sampling)
     components = score_responses(scorer, model, tokenizer, responses) if responses else {"score": np.zeros(0)}
     if progress is not None:
         progress(total, total)
