@@ -52,6 +52,11 @@ def _edges(triples) -> pd.DataFrame:
     return pd.DataFrame(triples, columns=["src", "dst", "relation"])
 
 
+# The walk mechanics below are tested from the reflection/lesson nodes of small hand-made graphs; the
+# default (the graph's own kinds) is tested in "Conditioning kinds".
+REFLECTIVE = ("reflection", "lesson")
+
+
 @pytest.fixture(scope="module")
 def sample_graph():
     return load_graph("sample")
@@ -65,7 +70,8 @@ def test_restart_lengths_are_geometric():
     nodes = _nodes(ids, ["reflection"] + ["journal"] * (n - 1))
     edges = _edges([(ids[i], ids[i + 1], "follows") for i in range(n - 1)])
     p = 0.15
-    sample = sample_walks(nodes, edges, 40, WalkConfig(restart_prob=p, walk_length=2500, directed=True, seed=3))
+    sample = sample_walks(nodes, edges, 40, WalkConfig(restart_prob=p, walk_length=2500, directed=True, seed=3,
+                                                conditioning_kinds=REFLECTIVE))
     start = sample.nodes[:, 0]
     assert np.array_equal(sample.nodes[:, 1:] == start[:, None], sample.restarted[:, 1:])
     gaps = []
@@ -85,7 +91,7 @@ def test_neighbours_are_visited_in_proportion_to_edge_weights(directed):
     nodes = _nodes(["hub", "a", "b", "c"], ["reflection", "journal", "journal", "journal"])
     edges = _edges([("hub", "a", "r1"), ("hub", "b", "r2"), ("hub", "c", "r3")])
     config = WalkConfig(restart_prob=0.0, walk_length=20, relation_weights={"r1": 1.0, "r2": 2.0, "r3": 3.0},
-                        directed=directed, seed=1)
+                        directed=directed, seed=1, conditioning_kinds=REFLECTIVE)
     walks = np.array(random_walks(nodes, edges, 1500, config))
     assert (walks[:, 0] == "hub").all()
     leaves = walks[walks != "hub"]
@@ -99,14 +105,15 @@ def test_neighbours_are_visited_in_proportion_to_edge_weights(directed):
 def test_zero_weight_relations_are_never_walked_and_unknown_relations_get_the_default():
     nodes = _nodes(["hub", "a", "b"], ["lesson", "journal", "journal"])
     edges = _edges([("hub", "a", "muted"), ("hub", "b", "other")])
-    walks = np.array(random_walks(nodes, edges, 200, WalkConfig(relation_weights={"muted": 0.0}, seed=0)))
+    walks = np.array(random_walks(nodes, edges, 200, WalkConfig(relation_weights={"muted": 0.0}, seed=0,
+                                                                      conditioning_kinds=REFLECTIVE)))
     assert "a" not in walks and "b" in walks
 
 
 def test_restart_prob_one_never_leaves_the_start():
     nodes = _nodes(["r", "x", "y"], ["reflection", "journal", "journal"])
     edges = _edges([("r", "x", "e"), ("x", "y", "e")])
-    sample = sample_walks(nodes, edges, 50, WalkConfig(restart_prob=1.0, walk_length=12))
+    sample = sample_walks(nodes, edges, 50, WalkConfig(restart_prob=1.0, walk_length=12, conditioning_kinds=REFLECTIVE))
     assert (sample.nodes == sample.nodes[:, :1]).all()
     assert sample.restarted[:, 1:].all()
 
@@ -115,7 +122,7 @@ def test_starts_are_recent_nodes_of_the_conditioning_kinds(sample_graph):
     nodes, edges = sample_graph.nodes, sample_graph.edges
     config = WalkConfig(recent_nodes=10, seed=5)
     walks = random_walks(nodes, edges, 40, config)
-    eligible = nodes[nodes["kind"].isin(config.conditioning_kinds)]
+    eligible = nodes[nodes["kind"].isin(REFLECTIVE)]  # the sample graph's own kinds (auto)
     recent = set(eligible.sort_values("source_line", ascending=False)["node_id"].head(10))
     starts = [w[0] for w in walks]
     assert set(starts) == recent  # each of the 10 seeds 4 walks (round-robin over a shuffle)
@@ -135,8 +142,8 @@ def test_walks_are_deterministic_given_the_seed(sample_graph):
 
 def test_walks_without_conditioning_nodes_name_the_kinds():
     nodes = _nodes(["a", "b"], ["journal", "digest"])
-    with pytest.raises(ValueError, match=r"conditioning kinds \['reflection', 'lesson'\].*'digest', 'journal'"):
-        random_walks(nodes, _edges([("a", "b", "e")]), 3, WalkConfig())
+    with pytest.raises(ValueError, match=r"conditioning kinds \['reflection', 'lesson'\].*'digest': 1, 'journal': 1"):
+        random_walks(nodes, _edges([("a", "b", "e")]), 3, WalkConfig(conditioning_kinds=REFLECTIVE))
     with pytest.raises(ValueError, match="restart_prob"):
         WalkConfig(restart_prob=1.5)
     with pytest.raises(ValueError, match="edge weights"):
@@ -161,7 +168,7 @@ def test_collisions_hold_two_or_three_distinct_memories_led_by_the_start(sample_
     for c in collisions:
         assert len(set(c.node_ids)) == len(c.node_ids) and 2 <= len(c.node_ids) <= 3
         sizes.add(len(c.node_ids))
-        assert c.node_ids[0] in starts and c.kinds[0] in config.conditioning_kinds
+        assert c.node_ids[0] in starts and c.kinds[0] in REFLECTIVE
         assert c.kinds == tuple(kind_of[x] for x in c.node_ids)
         assert c.texts == tuple(text_of[x] for x in c.node_ids)
         assert c.dream_id == dream_id_of(reversed(c.node_ids))  # order-free, stable

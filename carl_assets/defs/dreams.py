@@ -8,6 +8,7 @@ outputs, a self-dependency that reads worse in the UI than one asset with a cycl
 """
 
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -74,10 +75,15 @@ class DreamScenariosConfig(dg.Config):
     walk_length: int = Field(default=8, description="random walk: steps per walk")
     relation_weights: dict[str, float] = Field(default={}, description="random walk: edge weight per relation "
                                                "type (others weigh 1)")
-    conditioning_kinds: list[str] = Field(default=["reflection", "lesson"], description="walks start at "
-                                          "recent nodes of these kinds")
+    conditioning_kinds: list[str] = Field(default=[], description="walks start at recent nodes of these "
+                                          "kinds; [] (the default) means the graph's own: reflection/lesson "
+                                          "when it has at least 8 of them, else its most populous kinds "
+                                          "covering half its nodes (carl_assets.dreams.walks)")
     recent_nodes: int = Field(default=64, description="walks start among this many most recent nodes of "
                               "the conditioning kinds")
+    recency_half_life_days: float = Field(default=30.0, description="when nodes carry dates (updated_at), a "
+                                          "start dated this many days before the newest seeds half as many "
+                                          "walks (<= 0: equal shares; without dates shares are equal)")
     max_memories: int = Field(default=3, description="memories collided per scenario (at least 2)")
     excerpt_chars: int = Field(default=160, description="characters of each memory shown in the prompt")
     heldout_scenarios: int = Field(default=8, description="fixed novel collisions never dreamed on, for the "
@@ -118,11 +124,51 @@ class DreamScenariosConfig(dg.Config):
         walk = WalkConfig(restart_prob=self.restart_prob, walk_length=self.walk_length,
                           relation_weights=dict(self.relation_weights),
                           conditioning_kinds=tuple(self.conditioning_kinds), recent_nodes=self.recent_nodes,
-                          seed=self.seed)
+                          recency_half_life_days=self.recency_half_life_days, seed=self.seed)
         return DreamConfig(n_scenarios=self.n_scenarios, responses_per_scenario=self.responses_per_scenario,
                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, walk=walk,
                            max_memories=self.max_memories, excerpt_chars=self.excerpt_chars,
                            top_fraction=self.top_fraction, min_score=self.min_score, seed=self.seed)
+
+
+CONDITIONING_FIELD = "dream_scenarios.conditioning_kinds (run config: ops.dream_scenarios.config.conditioning_kinds)"
+
+
+def too_few_scenarios_message(kinds: tuple[str, ...], explicit: bool, present: dict[str, int], why: str) -> str:
+    """What went wrong, the kinds present with their node counts, and what to set."""
+    suggestion = [k for k in present if k not in kinds][:3] or list(present)[:3]
+    rule = "set in config" if explicit else "auto: the graph's own kinds"
+    or_auto = ", or to [] for the graph's own kinds" if explicit else ""
+    return (f"dream_scenarios has too few scenarios: {why} (conditioning kinds {list(kinds)}, {rule}). "
+            f"Kinds present (non-stub nodes): {present}. Set {CONDITIONING_FIELD} to kinds of this graph with "
+            f"linked nodes, e.g. {suggestion}{or_auto}; or add relations between memories.")
+
+
+def plan_scenarios(nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamScenariosConfig,
+                   walk: Any) -> tuple[tuple[str, ...], Any]:
+    """(the conditioning kinds used, the held-out plan sized to the graph). Raises dg.Failure naming the
+    config field and the kinds present when no node can start a walk or the walks find no scenario."""
+    from carl_assets.dreams.collisions import plan_heldout
+    from carl_assets.dreams.walks import NoWalkStartError, kind_counts, resolve_conditioning_kinds
+
+    kinds = resolve_conditioning_kinds(nodes, walk)
+    present = kind_counts(nodes)
+    explicit = bool(config.conditioning_kinds)
+    try:
+        plan = plan_heldout(nodes, edges, config.heldout_scenarios, config.n_scenarios, walk,
+                            max_memories=config.max_memories)
+    except NoWalkStartError:
+        why = "no non-stub node of the conditioning kinds can start a walk"
+        plan = None
+    else:
+        why = "the walks found no collision of 2 or more distinct memories (the start nodes have no edges " \
+              "to other non-stub memories)"
+    if plan is None or plan.pool == 0:
+        raise dg.Failure(description=too_few_scenarios_message(kinds, explicit, present, why),
+                         metadata={"conditioning_kinds": dg.MetadataValue.json(list(kinds)),
+                                   "kinds_present": dg.MetadataValue.json(present),
+                                   "config_field": CONDITIONING_FIELD})
+    return kinds, plan
 
 
 def heldout_bar(frame: pd.DataFrame, top_fraction: float) -> float:
@@ -159,7 +205,8 @@ def _cycles_plot(cycles: pd.DataFrame) -> bytes:
 )
 def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosConfig, duckdb: DuckDBResource,
                     artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from carl_assets.dreams import dream, heldout_collisions, inverse_diagnostic_pass_rate, parse_scorer_spec
+    from carl_assets.dreams import dream, inverse_diagnostic_pass_rate, parse_scorer_spec
+    from carl_assets.dreams.walks import kind_counts
     from carl_assets.models.defaults import resolve_placement
     from carl_assets.models.loading import load_model_and_tokenizer
     from carl_assets.steering import load_readout
@@ -182,8 +229,14 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     vectors = load_readout(artifacts.require("steering_vectors")) if "steering" in config.scorer else None
     scorer = parse_scorer_spec(config.scorer, steering_vectors=vectors)
     dream_config = config.dream_config()
-    heldout = heldout_collisions(nodes, edges, config.heldout_scenarios, dream_config.walk,
-                                 max_memories=config.max_memories)
+    kinds, plan = plan_scenarios(nodes, edges, config, dream_config.walk)
+    heldout = plan.collisions
+    context.log.info(f"conditioning kinds {list(kinds)} ({'set' if config.conditioning_kinds else 'auto'}); "
+                     f"walks found {plan.pool} distinct scenarios for {config.n_scenarios} dreamed + "
+                     f"{config.heldout_scenarios} held out")
+    if plan.shrunk:
+        context.log.warning(f"few scenarios: held out {len(heldout)} instead of {plan.requested} (at most a "
+                            f"quarter of the {plan.pool} the walks found), the rest are dreamed")
     exclude = {c.node_set for c in heldout}
 
     def progress(done: int, total: int) -> None:
@@ -216,7 +269,7 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
         "schedule_progress": step.progress, **{k: stats[k] for k in stats}, "walks": result.walks,
         "heldout_scenarios": len(heldout), "heldout_bar": bar, "heldout_pass_rate": pass_rate,
         "heldout_score_mean": float(heldout_frame["score"].mean()) if len(heldout_frame) else float("nan"),
-        "scorer": config.scorer,
+        "scorer": config.scorer, "conditioning_kinds": json.dumps(list(kinds)), "scenario_pool": plan.pool,
     }])
     # kept across cycles; a rerun of a cycle replaces its rows
     tables = {name: append_rows(duckdb, name, new, key="cycle", sort_by="cycle")
@@ -242,6 +295,11 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
             "learning_rate": step.learning_rate,
             **{k: finite(v) for k, v in stats.items()},
             "heldout_pass_rate": finite(pass_rate),
+            "conditioning_kinds": dg.MetadataValue.json(list(kinds)),
+            "conditioning_kinds_rule": "set in config" if config.conditioning_kinds else "auto (the graph's own)",
+            "kinds_present": dg.MetadataValue.json(kind_counts(nodes)),
+            "scenario_pool": plan.pool,
+            "heldout_scenarios": len(heldout),
             "reused_batches": result.reused_batches,
             "reasons": dg.MetadataValue.json(reasons),
             "kept_preview": table_preview(kept[["dream_id", "response", "score"]]),
@@ -251,13 +309,43 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     )
 
 
-@dg.asset_check(asset=dream_scenarios, blocking=True, description="This cycle kept at least one response and "
-                "every kept response is non-empty (SFT does not start on nothing).")
-def dreams_kept_something(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    cycle = run_cycle(read_table(duckdb, "dream_cycles"), context.run.run_id)
-    frame = read_table(duckdb, "dream_scenarios")
-    current = frame[frame["cycle"] == cycle]
+def kept_something_reason(current: pd.DataFrame, cycle_row: pd.Series | None) -> str | None:
+    """Why a cycle's dreams cannot feed SFT, and what to change; None when they can. `current`: the cycle's
+    rows of `dream_scenarios`; `cycle_row`: its `dream_cycles` row (conditioning kinds, scenario pool)."""
     kept = current[current["kept"].astype(bool)]
     empty = int((kept["response"].astype(str).str.strip() == "").sum())
-    return dg.AssetCheckResult(passed=bool(len(kept) > 0 and empty == 0),
-                               metadata={"cycle": cycle, "kept": len(kept), "empty_kept": empty})
+    row = cycle_row if cycle_row is not None else pd.Series(dtype=object)
+    if len(current) == 0:
+        return (f"no scenario was dreamed: the walks from conditioning kinds {row.get('conditioning_kinds', '?')} "
+                f"found {row.get('scenario_pool', '?')} distinct scenarios and "
+                f"{row.get('heldout_scenarios', '?')} went to the held-out set. Set {CONDITIONING_FIELD} to "
+                "more populous kinds (dream_scenarios' metadata lists the kinds present), or lower "
+                "dream_scenarios.heldout_scenarios")
+    if len(kept) == 0:
+        return (f"the filter kept none of {len(current)} responses: lower dream_scenarios.min_score or raise "
+                "dream_scenarios.top_fraction")
+    if empty:
+        return (f"{empty} of {len(kept)} kept responses are empty (the policy generated no text): raise "
+                "dream_scenarios.max_new_tokens or dream from a better policy (dream_scenarios.start_from)")
+    return None
+
+
+@dg.asset_check(asset=dream_scenarios, blocking=True, description="This cycle kept at least one response and "
+                "every kept response is non-empty (SFT does not start on nothing). When it fails, its metadata "
+                "`reason` says why and which dream_scenarios setting to change: conditioning_kinds when no "
+                "scenario was dreamed, min_score/top_fraction when the filter kept nothing, max_new_tokens "
+                "when kept responses are empty.")
+def dreams_kept_something(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    cycles = read_table(duckdb, "dream_cycles")
+    cycle = run_cycle(cycles, context.run.run_id)
+    frame = read_table(duckdb, "dream_scenarios")
+    current = frame[frame["cycle"] == cycle]
+    rows = cycles[cycles["cycle"] == cycle]
+    reason = kept_something_reason(current, rows.iloc[-1] if len(rows) else None)
+    kept = current[current["kept"].astype(bool)]
+    empty = int((kept["response"].astype(str).str.strip() == "").sum())
+    metadata: dict[str, Any] = {"cycle": cycle, "dreamed_responses": len(current), "kept": len(kept),
+                                "empty_kept": empty}
+    if reason is not None:
+        metadata["reason"] = reason
+    return dg.AssetCheckResult(passed=reason is None, metadata=metadata, description=reason)

@@ -1,7 +1,8 @@
 """Colliding memories: a few distinct nodes from one walk become one dream scenario.
 
-A collision always holds the walk's start (a recent reflection or lesson: the conditioning) plus one
-or two other memories the walk passed through. Its `dream_id` is a short hash of the sorted node ids,
+A collision always holds the walk's start (a recent node of the conditioning kinds) plus one or two
+other memories the walk passed through; stub nodes (named by a relation, never created: no memory of
+their own) are passed through but never collided. Its `dream_id` is a short hash of the sorted node ids,
 so the same set of memories is the same dream in every cycle and table.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from carl_assets.dreams.walks import WalkConfig, random_walks
+from carl_assets.dreams.walks import WalkConfig, random_walks, stub_mask
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are dreaming. Memories from your own past drift together into one scene. "
@@ -42,22 +43,24 @@ def dream_id_of(node_ids: Iterable[str]) -> str:
     return f"dream-{digest[:12]}"
 
 
-def _node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str]]:
+def _node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
+    """node_id -> (kind, text, is_stub)."""
     missing = {"node_id", "kind", "text"} - set(nodes.columns)
     if missing:
         raise ValueError(f"nodes table lacks columns {sorted(missing)}")
     ids = nodes["node_id"].astype(str).tolist()
     return dict(zip(ids, zip(nodes["kind"].astype(str).tolist(), nodes["text"].fillna("").astype(str).tolist(),
-                             strict=True), strict=True))
+                             stub_mask(nodes).tolist(), strict=True), strict=True))
 
 
 def collide(walks: Sequence[Sequence[str]], nodes: pd.DataFrame, min_memories: int = 2, max_memories: int = 3,
             seed: int = 0, exclude: set[frozenset[str]] | None = None) -> list[Collision]:
     """One collision per usable walk: the start node plus `size - 1` other distinct nodes of the walk,
     drawn uniformly, where `size` is drawn uniformly from `min_memories..max_memories` (capped at the
-    walk's distinct nodes).
+    walk's distinct nodes). Stub nodes (`is_stub`) are never members: a walk that starts at one is
+    skipped, and the others it passed are left out before drawing.
 
-    Walks with fewer than `min_memories` distinct nodes are skipped, as are collisions whose node set is
+    Walks with fewer than `min_memories` distinct non-stub nodes are skipped, as are collisions whose node set is
     in `exclude` (e.g. the held-out set) or was already produced by an earlier walk of this call (so
     `dream_id` identifies one scenario). Deterministic given `seed`.
     """
@@ -74,10 +77,12 @@ def collide(walks: Sequence[Sequence[str]], nodes: pd.DataFrame, min_memories: i
         unknown = [x for x in distinct if x not in lookup]
         if unknown:
             raise KeyError(f"walk visits nodes missing from the nodes table: {unknown[:5]}")
+        start_is_stub = lookup[distinct[0]][2]
+        distinct = distinct[:1] + [x for x in distinct[1:] if not lookup[x][2]]
         # Draw before skipping, so one walk's skip does not shift the draws of the next ones.
         size = int(rng.integers(min_memories, max_memories + 1))
         order = rng.permutation(max(len(distinct) - 1, 0))
-        if len(distinct) < min_memories:
+        if len(distinct) < min_memories or start_is_stub:
             continue
         size = min(size, len(distinct))
         picked = sorted(order[: size - 1].tolist())
@@ -136,3 +141,37 @@ def heldout_collisions(nodes: pd.DataFrame, edges: pd.DataFrame, n: int, config:
         if len(found) >= n:
             break
     return found[:n]
+
+
+HELDOUT_POOL_DIVISOR = 4  # a small pool gives at most a quarter of its scenarios to the held-out set
+
+
+@dataclass(frozen=True)
+class HeldoutPlan:
+    """The held-out collisions, how many were asked for, and `pool`: the distinct collisions the walks
+    found when looking for held-out + dreamed ones (capped at that sum)."""
+
+    collisions: list[Collision]
+    requested: int
+    pool: int
+
+    @property
+    def shrunk(self) -> bool:
+        return len(self.collisions) < self.requested
+
+
+def plan_heldout(nodes: pd.DataFrame, edges: pd.DataFrame, requested: int, n_scenarios: int,
+                 config: WalkConfig | None = None, seed: int = 1_000_003, min_memories: int = 2,
+                 max_memories: int = 3) -> HeldoutPlan:
+    """Held-out collisions sized to the graph. When the walks find at least `requested + n_scenarios`
+    distinct collisions, the held-out set is `heldout_collisions(..., requested, ...)` unchanged; when
+    they find fewer (a small graph, few start nodes), it shrinks to at most `pool //
+    HELDOUT_POOL_DIVISOR`, so the dreams keep most of what the graph can give. A pool of 0 gives an
+    empty plan: the caller says why (see `walks.kind_counts`). Raises what the walks raise
+    (`NoWalkStartError` when no node can start one)."""
+    if requested < 0 or n_scenarios < 0:
+        raise ValueError(f"requested and n_scenarios must be >= 0, got {requested}, {n_scenarios}")
+    pool = len(heldout_collisions(nodes, edges, requested + n_scenarios, config, seed, min_memories, max_memories))
+    n = requested if pool >= requested + n_scenarios else min(requested, pool // HELDOUT_POOL_DIVISOR)
+    return HeldoutPlan(collisions=heldout_collisions(nodes, edges, n, config, seed, min_memories, max_memories),
+                       requested=requested, pool=pool)

@@ -1,10 +1,25 @@
 """Sampling the latent space: random walks with restart over the memory graph.
 
-The dream loop's "noise" is a walk through the memory graph that starts at a recent reflection or
-lesson (the conditioning) and wanders along weighted edges, jumping back to its start with
-probability `restart_prob` at each step. Restarts keep a walk near its seed, so the memories it
-collides stay related to what is being trained; edge weights let some relations (say `reflects_on`)
-pull harder than others (say `follows`).
+The dream loop's "noise" is a walk through the memory graph that starts at a recent node of the
+conditioning kinds and wanders along weighted edges, jumping back to its start with probability
+`restart_prob` at each step. Restarts keep a walk near its seed, so the memories it collides stay
+related to what is being trained; edge weights let some relations (say `reflects_on`) pull harder
+than others (say `follows`).
+
+Conditioning kinds. An explicit `conditioning_kinds` is used as given. Empty (the default) means the
+graph's own, `auto_conditioning_kinds`: `reflection`/`lesson` when the graph holds at least
+`MIN_PREFERRED_STARTS` (8) such nodes; otherwise the most populous kinds, from the largest down, until
+they cover `POPULOUS_SHARE` (half) of the nodes (a kind tied with the last one taken is taken too), plus
+any reflection/lesson nodes there are. Only non-stub nodes count (`is_stub`: an entity a relation names
+but the file never created; its text is only its name).
+
+Walk starts. Stub nodes never start a walk (walks may pass through them). Starts are the `recent_nodes`
+most recent candidates: by `updated_at` (the latest observation timestamp) when the table has one with
+any value, else `timestamp`/`created_at`, else file order (`source_line`); undated nodes count as older
+than dated ones, ties go to the later line. With file order only, every candidate seeds an equal share
+of the walks. With dates, the share of a candidate dated `age` days before the newest one is
+proportional to 0.5 ** (age / `recency_half_life_days`) (undated ones weigh as the oldest dated one),
+and walks are dealt out by largest remainders, so the counts follow the weights to within one walk.
 
 All walks advance together as numpy arrays: one draw for "restart?" and one for "which neighbour?"
 per walk and step, the neighbour found by a binary search in the global cumulative edge weights.
@@ -17,23 +32,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-RECENCY_COLUMNS = ("timestamp", "created_at")  # preferred over source_line when the nodes table has one
+# Recency columns, most preferred first; a column with no value is skipped. File order (`source_line`,
+# else the row position) is the fallback and breaks ties.
+RECENCY_COLUMNS = ("updated_at", "timestamp", "created_at")
+PREFERRED_KINDS = ("reflection", "lesson")
+MIN_PREFERRED_STARTS = 8  # fewer reflection/lesson nodes than this dream too few distinct scenes alone
+POPULOUS_SHARE = 0.5  # auto kinds without enough reflection/lesson nodes: the largest covering this share
 
 
 @dataclass
 class WalkConfig:
     """How walks are drawn. `relation_weights` maps a relation type to its edge weight (unknown types get
     `default_weight`; 0 means the walk never takes that relation); `directed=False` lets a walk follow
-    an edge both ways."""
+    an edge both ways. `conditioning_kinds` empty: the graph's own (`auto_conditioning_kinds`).
+    `recency_half_life_days` <= 0 gives every dated start an equal share."""
 
     restart_prob: float = 0.15
     walk_length: int = 8
     relation_weights: dict[str, float] = field(default_factory=dict)
     default_weight: float = 1.0
-    conditioning_kinds: tuple[str, ...] = ("reflection", "lesson")
+    conditioning_kinds: tuple[str, ...] = ()
     recent_nodes: int = 64
     directed: bool = False
     seed: int = 0
+    recency_half_life_days: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.restart_prob <= 1.0:
@@ -42,13 +64,25 @@ class WalkConfig:
             raise ValueError(f"walk_length must be >= 0, got {self.walk_length}")
         if self.recent_nodes < 1:
             raise ValueError(f"recent_nodes must be >= 1, got {self.recent_nodes}")
+        if not np.isfinite(self.recency_half_life_days):
+            raise ValueError(f"recency_half_life_days must be finite, got {self.recency_half_life_days}")
         weights = {**self.relation_weights, "<default_weight>": self.default_weight}
         bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
         if bad:
             raise ValueError(f"edge weights must be finite and >= 0, got {bad}")
-        self.conditioning_kinds = tuple(self.conditioning_kinds)
-        if not self.conditioning_kinds:
-            raise ValueError("conditioning_kinds is empty: walks need kinds to start from")
+        if isinstance(self.conditioning_kinds, str):  # "auto", or one kind written without a list
+            self.conditioning_kinds = () if self.conditioning_kinds in ("", "auto") else (self.conditioning_kinds,)
+        self.conditioning_kinds = tuple(str(k) for k in self.conditioning_kinds)
+
+
+class NoWalkStartError(ValueError):
+    """No node can start a walk: none of the conditioning kinds (or only stubs). `kinds` were asked
+    for; `present` counts the graph's non-stub nodes per kind, most first."""
+
+    def __init__(self, kinds: tuple[str, ...], present: dict[str, int]) -> None:
+        self.kinds, self.present = kinds, present
+        super().__init__(f"no node of the conditioning kinds {list(kinds)} can start a walk "
+                         f"(non-stub nodes per kind: {present})")
 
 
 @dataclass
@@ -75,32 +109,53 @@ class _Adjacency:
     out_weight: np.ndarray  # [N] total out-weight per node
 
 
-def _recency(nodes: pd.DataFrame) -> pd.Series:
-    for column in RECENCY_COLUMNS:
-        if column in nodes.columns:
-            return nodes[column]
-    if "source_line" not in nodes.columns:
-        raise ValueError(f"nodes need a recency column: one of {[*RECENCY_COLUMNS, 'source_line']}")
-    return nodes["source_line"]
+def stub_mask(nodes: pd.DataFrame) -> np.ndarray:
+    """[N] bool: the node is a stub (`is_stub` column; all False without one)."""
+    if "is_stub" not in nodes.columns:
+        return np.zeros(len(nodes), dtype=bool)
+    return nodes["is_stub"].astype("boolean").fillna(False).to_numpy(dtype=bool)
 
 
-def start_candidates(nodes: pd.DataFrame, config: WalkConfig) -> np.ndarray:
-    """Row positions of the nodes walks may start from: the `recent_nodes` most recent nodes of the
-    conditioning kinds (most recent first; ties keep table order)."""
-    kinds = nodes["kind"].astype(str)
-    eligible = np.flatnonzero(kinds.isin(config.conditioning_kinds).to_numpy())
-    if eligible.size == 0:
-        present = sorted(kinds.unique().tolist())
-        raise ValueError(f"no node of the conditioning kinds {list(config.conditioning_kinds)} "
-                         f"(kinds present: {present})")
-    recency = _recency(nodes).iloc[eligible]
-    order = np.argsort(-_as_sort_key(recency), kind="stable")
-    return eligible[order[: config.recent_nodes]]
+def kind_counts(nodes: pd.DataFrame) -> dict[str, int]:
+    """Non-stub nodes per kind, most first (ties by name)."""
+    kinds = nodes["kind"].astype(str)[~stub_mask(nodes)]
+    counts = kinds.value_counts()
+    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
+def auto_conditioning_kinds(nodes: pd.DataFrame) -> tuple[str, ...]:
+    """The graph's own conditioning kinds (the rule is in the module docstring): reflection/lesson when
+    there are at least `MIN_PREFERRED_STARTS` of them, else the most populous kinds covering
+    `POPULOUS_SHARE` of the non-stub nodes (ties taken together) plus any reflection/lesson. Empty
+    only for a graph without non-stub nodes."""
+    counts = kind_counts(nodes)
+    preferred = tuple(k for k in PREFERRED_KINDS if k in counts)
+    if sum(counts[k] for k in preferred) >= MIN_PREFERRED_STARTS:
+        return preferred
+    total, covered, taken = sum(counts.values()), 0, []
+    for kind, count in counts.items():
+        if covered >= POPULOUS_SHARE * total and count < counts[taken[-1]]:
+            break
+        taken.append(kind)
+        covered += count
+    return preferred + tuple(k for k in taken if k not in preferred)
+
+
+def resolve_conditioning_kinds(nodes: pd.DataFrame, config: WalkConfig) -> tuple[str, ...]:
+    """`config.conditioning_kinds` when given, else `auto_conditioning_kinds(nodes)`."""
+    return config.conditioning_kinds or auto_conditioning_kinds(nodes)
+
+
+def _file_order(nodes: pd.DataFrame) -> np.ndarray:
+    if "source_line" in nodes.columns:
+        return nodes["source_line"].to_numpy(dtype=np.float64, na_value=-np.inf)
+    return np.arange(len(nodes), dtype=np.float64)
 
 
 def _as_sort_key(values: pd.Series) -> np.ndarray:
-    """A float key that sorts like the column (timestamps become nanoseconds since the epoch)."""
-    if pd.api.types.is_numeric_dtype(values):
+    """A float key that sorts like the column (timestamps become nanoseconds since the epoch; missing
+    values -inf)."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return values.to_numpy(dtype=np.float64, na_value=-np.inf)
     stamps = pd.to_datetime(values, errors="coerce", utc=True)
     if stamps.isna().all():
@@ -108,6 +163,65 @@ def _as_sort_key(values: pd.Series) -> np.ndarray:
     key = stamps.astype("int64").to_numpy(dtype=np.float64)
     key[stamps.isna().to_numpy()] = -np.inf
     return key
+
+
+def _dated_recency(nodes: pd.DataFrame) -> tuple[np.ndarray, bool] | None:
+    """([N] sort key, NaN where undated; whether the key is a date in nanoseconds) from the first recency
+    column with a value, or None. A numeric column orders the nodes but is not taken for a date."""
+    for column in RECENCY_COLUMNS:
+        if column in nodes.columns and nodes[column].notna().any():
+            values = nodes[column]
+            key = _as_sort_key(values)
+            key[np.isneginf(key)] = np.nan
+            return key, not pd.api.types.is_numeric_dtype(values)
+    return None
+
+
+def start_candidates(nodes: pd.DataFrame, config: WalkConfig) -> np.ndarray:
+    """Row positions of the nodes walks may start from: the `recent_nodes` most recent non-stub nodes of
+    the conditioning kinds, most recent first (order: see the module docstring).
+
+    Raises NoWalkStartError (a ValueError) naming the kinds asked for and the kinds present."""
+    kinds = resolve_conditioning_kinds(nodes, config)
+    eligible = np.flatnonzero(nodes["kind"].astype(str).isin(kinds).to_numpy() & ~stub_mask(nodes))
+    if eligible.size == 0:
+        raise NoWalkStartError(kinds, kind_counts(nodes))
+    dated = _dated_recency(nodes)
+    if dated is None and "source_line" not in nodes.columns:
+        raise ValueError(f"nodes need a recency column: one of {[*RECENCY_COLUMNS, 'source_line']}")
+    primary = np.zeros(len(nodes)) if dated is None else np.nan_to_num(dated[0], nan=-np.inf)
+    order = np.lexsort((-_file_order(nodes)[eligible], -primary[eligible]))
+    return eligible[order[: config.recent_nodes]]
+
+
+def start_weights(nodes: pd.DataFrame, candidates: np.ndarray, config: WalkConfig) -> np.ndarray | None:
+    """[len(candidates)] shares of the walks each candidate seeds (summing to 1), or None for equal
+    shares (file order only, no dated candidate, or `recency_half_life_days` <= 0): a candidate dated
+    `age` days before the newest weighs 0.5 ** (age / half-life); undated ones weigh as the oldest."""
+    dated = _dated_recency(nodes)
+    if dated is None or not dated[1] or config.recency_half_life_days <= 0:
+        return None
+    stamps = dated[0][candidates]
+    if np.isnan(stamps).all():
+        return None
+    stamps = np.where(np.isnan(stamps), np.nanmin(stamps), stamps)
+    age_days = (stamps.max() - stamps) / 86_400e9
+    weights = 0.5 ** (age_days / config.recency_half_life_days)
+    return weights / weights.sum()
+
+
+def deal_starts(candidates: np.ndarray, weights: np.ndarray | None, n_walks: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """[n_walks] start rows. Equal shares: round-robin over a seeded shuffle of the candidates. Weighted:
+    each candidate gets floor(n_walks * weight) walks, the rest go to the largest remainders, then the
+    walks are shuffled."""
+    if weights is None:
+        return np.resize(rng.permutation(candidates), n_walks)
+    exact = weights * n_walks
+    counts = np.floor(exact).astype(np.int64)
+    rest = n_walks - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:rest]] += 1
+    return rng.permutation(np.repeat(candidates, counts))
 
 
 def _adjacency(node_ids: np.ndarray, edges: pd.DataFrame, config: WalkConfig) -> _Adjacency:
@@ -132,8 +246,7 @@ def _adjacency(node_ids: np.ndarray, edges: pd.DataFrame, config: WalkConfig) ->
 def sample_walks(nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config: WalkConfig) -> WalkSample:
     """`n_walks` random walks with restart, as arrays (see `random_walks` for the rules).
 
-    Start nodes go round a seeded shuffle of the start candidates, so every recent reflection/lesson
-    seeds about as many walks as any other.
+    Start nodes are dealt by `deal_starts`: equal shares without dates, recency-weighted shares with them.
     """
     if n_walks < 0:
         raise ValueError(f"n_walks must be >= 0, got {n_walks}")
@@ -147,7 +260,7 @@ def sample_walks(nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config:
     adjacency = _adjacency(node_ids, edges, config)
     rng = np.random.default_rng(config.seed)
 
-    starts = np.resize(rng.permutation(candidates), n_walks)
+    starts = deal_starts(candidates, start_weights(nodes, candidates, config), n_walks, rng)
     steps = config.walk_length
     walk = np.empty((n_walks, steps + 1), dtype=np.int64)
     restarted = np.zeros((n_walks, steps + 1), dtype=bool)
@@ -179,8 +292,9 @@ def random_walks(nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config:
     """`n_walks` random walks with restart over the memory graph, each a list of `walk_length + 1` node
     ids (the start, then one node per step).
 
-    A walk starts at one of the `recent_nodes` most recent nodes of `conditioning_kinds` (recency: a
-    `timestamp`/`created_at` column if the table has one, else `source_line`). At each step it jumps
+    A walk starts at one of the `recent_nodes` most recent non-stub nodes of the conditioning kinds (the
+    graph's own when `conditioning_kinds` is empty; recency and start shares: see the module docstring;
+    raises NoWalkStartError when no node qualifies). At each step it jumps
     back to its start with probability `restart_prob`, else moves to a neighbour drawn in proportion
     to edge weight (`relation_weights`, `default_weight`); a node with no out-edges restarts. With
     `directed=False` an edge is walked both ways. Deterministic given `config.seed`.
