@@ -34,7 +34,9 @@ ARTIFACTS_DIR = "artifacts"
 
 def carl_home(home: str | os.PathLike[str] | None = None) -> Path:
     """The project home: `home` if given, else `$CARL_HOME`, else `./.carl` (made if missing)."""
-    path = Path(home or os.environ.get("CARL_HOME") or DEFAULT_CARL_HOME).expanduser().resolve()
+    from carl_assets.project_env import setting
+
+    path = Path(home or setting("CARL_HOME") or DEFAULT_CARL_HOME).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -158,17 +160,11 @@ def lock_holder(message: str) -> tuple[str | None, int | None]:
 
 
 def lock_timeout_s() -> float:
-    """The wait for a lock: `$CARL_DB_LOCK_TIMEOUT` seconds, else 120."""
-    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_LOCK_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} must be a finite number of seconds >= 0")
-    return value
+    """The wait for a lock: `$CARL_DB_LOCK_TIMEOUT` seconds, else 120 (a value that is not a number of
+    seconds >= 0 warns, naming it, and gives 120: see `project_env.env_seconds`)."""
+    from carl_assets.project_env import env_seconds
+
+    return env_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S)
 
 
 @contextlib.contextmanager

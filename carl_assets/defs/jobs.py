@@ -22,7 +22,13 @@ import dagster as dg
 
 from carl_assets.memory.fingerprint import source_fingerprint
 from carl_assets.memory.graph import MemorySourceError
-from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR
+from carl_assets.project_env import (
+    MEMORY_SOURCE_VAR,
+    clean_value,
+    env_int,
+    memory_source_setting,
+    warn_setting,
+)
 
 ALL_JOB = "carl_all"
 RETRAINING_JOB = "retraining"
@@ -38,9 +44,12 @@ SENSOR_INTERVAL_VAR = "CARL_SENSOR_INTERVAL_S"
 
 def local_timezone() -> str:
     """The user's IANA timezone: $CARL_TIMEZONE, else $TZ, else the system's (/etc/localtime), else UTC."""
-    for candidate in (os.environ.get(TIMEZONE_VAR), os.environ.get("TZ")):
-        if candidate:
-            return candidate.lstrip(":")
+    for var in (TIMEZONE_VAR, "TZ"):
+        candidate = clean_value(os.environ.get(var)).lstrip(":")
+        if candidate and _known_timezone(candidate):
+            return candidate
+        if candidate and var == TIMEZONE_VAR:  # TZ may hold a POSIX rule ('CET-1CEST'): no IANA name, no warning
+            warn_setting(var, os.environ[var], "an IANA timezone such as 'Europe/Berlin'", "TZ or the system's")
     try:
         target = os.path.realpath("/etc/localtime")
         if "zoneinfo/" in target:
@@ -55,8 +64,33 @@ def local_timezone() -> str:
     return "UTC"
 
 
+def _known_timezone(name: str) -> bool:
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(name)
+    except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError; a bad path a ValueError
+        return False
+    return True
+
+
+def retrain_cron() -> str:
+    """`$CARL_RETRAIN_CRON` if Dagster accepts it (5 cron fields or `@daily`-style), else the default with a
+    warning naming the value: a bad setting must not stop the definitions from loading."""
+    raw = os.environ.get(CRON_VAR)
+    cron = clean_value(raw)
+    if not cron:
+        return DEFAULT_CRON
+    try:
+        dg.ScheduleDefinition(name="cron_probe", job_name="cron_probe", cron_schedule=cron)
+    except dg.DagsterInvalidDefinitionError:
+        warn_setting(CRON_VAR, str(raw), "a cron expression of 5 fields such as '30 3 * * *'", DEFAULT_CRON)
+        return DEFAULT_CRON
+    return cron
+
+
 def memory_source_string() -> str:
-    return os.environ.get(MEMORY_SOURCE_VAR) or DEFAULT_MEMORY_SOURCE
+    return memory_source_setting()
 
 
 def memory_graph_changed_sensor(jobs: Iterable[dg.UnresolvedAssetJobDefinition]) -> dg.SensorDefinition:
@@ -65,7 +99,7 @@ def memory_graph_changed_sensor(jobs: Iterable[dg.UnresolvedAssetJobDefinition])
     @dg.sensor(
         name="memory_graph_changed",
         jobs=jobs,
-        minimum_interval_seconds=int(os.environ.get(SENSOR_INTERVAL_VAR, "300")),
+        minimum_interval_seconds=env_int(SENSOR_INTERVAL_VAR, 300),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Fingerprints the memory source (${MEMORY_SOURCE_VAR}) and requests "
         f"{', '.join(j.name for j in jobs)} once per change; the first evaluation only records it.",
@@ -116,7 +150,7 @@ def build_jobs_schedules_sensors(asset_names: Iterable[str]) -> tuple[list, list
     nightly = dg.ScheduleDefinition(
         name="nightly_retraining",
         job=retraining,
-        cron_schedule=os.environ.get(CRON_VAR, DEFAULT_CRON),
+        cron_schedule=retrain_cron(),
         execution_timezone=local_timezone(),
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description=f"Runs `retraining` every night (cron ${CRON_VAR}, default '{DEFAULT_CRON}', in "

@@ -24,8 +24,10 @@ def ensure_dagster_home() -> Path:
     """`$DAGSTER_HOME` (default `./.dagster_home`) with the project's dagster.yaml (telemetry off, the
     `training` pool limited to 1); an existing file only gets the sections it lacks."""
     from carl_assets.dagster_instance import write_dagster_yaml
+    from carl_assets.project_env import env_path
 
-    home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    # Quoted, `~` or relative values are what a user's shell or .env may hold; Dagster wants an absolute path.
+    home = env_path("DAGSTER_HOME") or Path(".dagster_home").resolve()
     try:
         written = write_dagster_yaml(home)
     except ValueError as exc:  # a dagster.yaml Dagster could not read either: say which file, no traceback
@@ -37,6 +39,8 @@ def ensure_dagster_home() -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from carl_assets.defs.presets import preset_names
+
     parser = argparse.ArgumentParser(prog="carl", description="Pipeline commands of the CARL asset graph.")
     sub = parser.add_subparsers(dest="command", required=True)
     mat = sub.add_parser("materialize", help="materialize the asset graph headless (default: all of it)")
@@ -45,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                      "'steering_refresh' or 'carl_all'")
     mat.add_argument("--home", default=None, help="CARL_HOME for this run (default: $CARL_HOME or ./.carl)")
     mat.add_argument("--config", default=None, help="YAML/JSON run config: {ops: {<asset>: {config: {...}}}}")
+    mat.add_argument("--preset", default=None, choices=preset_names(),
+                     help="run-config preset (carl_assets/defs/presets.py): 'offline' (the defaults) or 'real' "
+                     "(SmolLM2-135M-Instruct, budgets for ~15 min on 2 cores); --config is laid over it")
     lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
     lin.add_argument("asset", nargs="?", default=None, help="show only this asset's upstream and downstream")
     lin.add_argument("--nodes", metavar="ASSET", default=None,
@@ -63,13 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     ensure_dagster_home()
     try:
         if args.command == "materialize":
-            return materialize(args.select, load_run_config(args.config), job=args.job)
+            return materialize(args.select, with_preset(args.preset, load_run_config(args.config)), job=args.job)
         if args.nodes:
             return lineage_nodes(args.nodes, args.version, args.limit)
         return lineage(args.asset)
     except PipelineUsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+
+
+def with_preset(preset: str | None, run_config: dict) -> dict:
+    """`run_config` laid over the named preset's run config (no preset: `run_config` as it is)."""
+    if preset is None:
+        return run_config
+    from carl_assets.defs.presets import merge_run_config, preset_run_config
+
+    return merge_run_config(preset_run_config(preset), run_config)
 
 
 def load_run_config(path: str | None) -> dict:
@@ -145,10 +161,10 @@ def _observe_memory_source(instance, run_config: dict) -> None:
 
     from carl_assets.memory.fingerprint import source_fingerprint
     from carl_assets.memory.graph import MemorySourceError
-    from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR
+    from carl_assets.project_env import memory_source_setting, normalise_memory_source
 
     override = (((run_config.get("ops") or {}).get("memory_graph") or {}).get("config") or {}).get("source")
-    source = override or os.environ.get(MEMORY_SOURCE_VAR) or DEFAULT_MEMORY_SOURCE
+    source = normalise_memory_source(str(override or "")) or memory_source_setting()
     if source.startswith("mcp"):
         return  # a live server is read by memory_graph itself; fingerprinting it would read it twice
     try:

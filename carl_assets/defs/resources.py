@@ -21,7 +21,7 @@ from carl_assets.artifacts import (
     ArtifactVersions,
     all_versions,
 )
-from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR
+from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR, normalise_memory_source
 
 VERSIONS_TABLE = "artifact_versions"
 
@@ -107,8 +107,15 @@ class MemorySource(dg.ConfigurableResource):
         "'mcp+http://HOST:PORT/PATH'. Set from $CARL_MEMORY_SOURCE (the project's .env).",
     )
 
+    @property
+    def resolved(self) -> str:
+        """The source string as the readers take it: quotes and whitespace dropped, a bare file path read
+        as `jsonl:PATH`, empty meaning the default ('sample')."""
+        return normalise_memory_source(self.source) or DEFAULT_MEMORY_SOURCE
+
 
 def memory_source_from_env() -> MemorySource:
+    # Resolved when a run starts (an EnvVar), so a changed variable needs no reload; read through `resolved`.
     return MemorySource(source=dg.EnvVar(MEMORY_SOURCE_VAR)) if os.environ.get(MEMORY_SOURCE_VAR) else MemorySource()
 
 

@@ -37,19 +37,13 @@ T = TypeVar("T")
 
 
 def mcp_timeout_s(timeout_s: float | None = None) -> float:
-    """`timeout_s` if given, else `$CARL_MCP_TIMEOUT` (read at call time), else 60 s; must be > 0."""
-    where = "timeout_s"
-    if timeout_s is None:
-        raw = os.environ.get(TIMEOUT_ENV, "").strip()
-        if not raw:
-            return DEFAULT_TIMEOUT_S
-        where = f"{TIMEOUT_ENV}={raw!r}"
-        try:
-            timeout_s = float(raw)
-        except ValueError:
-            raise ValueError(f"{where} is not a number of seconds") from None
+    """`timeout_s` if given (must be > 0), else `$CARL_MCP_TIMEOUT` (read at call time), else 60 s."""
+    if timeout_s is None:  # a bad environment value warns, naming it, and gives the default
+        from carl_assets.project_env import env_seconds
+
+        return env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, positive=True)
     if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"{where} must be a finite number of seconds > 0, got {timeout_s!r}")
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     return float(timeout_s)
 
 
