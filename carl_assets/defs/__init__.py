@@ -17,16 +17,17 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from carl_assets.defs import carl, dreams, leworld, memory, models, steering  # noqa: E402
+from carl_assets.defs import carl, dreams, emotion_tags, leworld, memory, models, steering  # noqa: E402
 from carl_assets.defs.jobs import build_jobs_schedules_sensors  # noqa: E402
 from carl_assets.defs.resources import build_resources  # noqa: E402
 
-ASSET_MODULES = [memory, models, steering, dreams, carl, leworld]
+ASSET_MODULES = [memory, emotion_tags, models, steering, dreams, carl, leworld]
 
 # Bump an asset's code version when its code changes what it makes: Dagster then marks it (and what is
 # downstream) stale. One table, so a change is one line in review.
 CODE_VERSIONS = {
     "memory_graph": "2",
+    "emotion_tags": "1",
     "emotion_training_pairs": "2",
     "base_model": "2",
     "steering_vectors": "2",

@@ -33,9 +33,9 @@ from carl_assets.project_env import (
 ALL_JOB = "carl_all"
 RETRAINING_JOB = "retraining"
 STEERING_JOB = "steering_refresh"
-RETRAINING_ASSETS = ("memory_graph", "dream_scenarios", "sft_dataset", "sft_checkpoint", "crystallization_events",
-                     "grpo_checkpoint", "agent_evaluation")
-STEERING_ASSETS = ("emotion_training_pairs", "steering_vectors")
+RETRAINING_ASSETS = ("memory_graph", "emotion_tags", "dream_scenarios", "sft_dataset", "sft_checkpoint",
+                     "crystallization_events", "grpo_checkpoint", "agent_evaluation")
+STEERING_ASSETS = ("emotion_tags", "emotion_training_pairs", "steering_vectors")
 CRON_VAR = "CARL_RETRAIN_CRON"
 TIMEZONE_VAR = "CARL_TIMEZONE"
 DEFAULT_CRON = "30 3 * * *"  # 03:30 every night

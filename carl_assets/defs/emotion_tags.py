@@ -1,0 +1,104 @@
+"""The emotion_tags asset: the user's tag lines, and a tagger's tags for nodes without one."""
+
+from typing import Literal
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.memory.taggers.lexicon import lexicon_categories
+from carl_assets.memory.tagging import emotion_vocabulary, node_status, tag_counts, tag_nodes, taggable
+
+TAGS_TABLE = "emotion_tags"
+STATUS_TABLE = "emotion_tag_nodes"
+
+
+class EmotionTagsConfig(dg.Config):
+    tagger: Literal["off", "lexicon", "model"] = Field(
+        default="lexicon",
+        description="who tags nodes without a user tag line: 'lexicon' (default: Empath word counts, fast, "
+        "no model), 'model' (the base model rates each emotion 0..10 from its answer log-probabilities: use a "
+        "real instruct model; the offline 1M-parameter model cannot rate), or 'off' (user tags only). "
+        "User tags always win: a tagger never touches a node that has a tag line.")
+    emotions: list[str] = Field(
+        default=[], description="emotions a tagger scores; empty = those the graph's user tags use, else the "
+        "default list (carl_assets.memory.tagging.DEFAULT_EMOTIONS)")
+    min_score: int = Field(default=1, description="a tagger's scores below this (0..10) are not written")
+    lexicon_categories: dict[str, list[str]] = Field(
+        default={}, description="lexicon tagger: extra emotion -> Empath categories (e.g. "
+        "{'curiosity': ['anticipation']}); the built-in map covers the common emotions")
+    reduction: Literal["expected", "argmax"] = Field(
+        default="expected", description="model tagger: the score is the expected value of the answer "
+        "distribution over 0..10 (rounded) or its most likely answer")
+    max_text_tokens: int = Field(default=256, description="model tagger: node texts are cut to this many tokens")
+    batch_size: int = Field(default=16, description="model tagger: prompts per forward pass",
+                            json_schema_extra=PERFORMANCE_ONLY)
+    threads: int = Field(default=0, description="torch threads for the model tagger (0: leave torch's setting)")
+    device: str = Field(default="auto", description="model tagger: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: str = Field(default="auto", description="model tagger: 'auto', 'bf16', 'fp16' or 'fp32'")
+
+
+def _load_policy(artifacts: ArtifactStore, config: EmotionTagsConfig):
+    from carl_assets.models.defaults import is_offline_model, resolve_placement
+    from carl_assets.models.loading import load_model_and_tokenizer
+
+    model_dir = artifacts.require("base_model")
+    device, dtype = resolve_placement(config.device, config.dtype, is_offline_model(model_dir))
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
+    return model, tokenizer, model_dir
+
+
+@dg.asset(
+    group_name="memory",
+    deps=["memory_graph", "base_model"],
+    kinds={"duckdb"},
+    description="Emotion tags for every node (table emotion_tags: node_id, emotion, score 0..10, source "
+    "user/model/lexicon, raw_score): the user's tag lines, and for nodes without one (not stubs, not empty) "
+    "the tags of the configured tagger, the seed's 'subconscious agents'. User tags always win. Table "
+    "emotion_tag_nodes says per node whether it was user-tagged, tagged, read with nothing found, or skipped. "
+    "base_model is read only by the 'model' tagger.",
+)
+def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, duckdb: DuckDBResource,
+                 artifacts: ArtifactStore) -> dg.MaterializeResult:
+    nodes = read_table(duckdb, "memory_nodes")
+    emotions = emotion_vocabulary(nodes, config.emotions)
+    model = tokenizer = None
+    extra: dict[str, object] = {}
+    if config.tagger == "model" and taggable(nodes).any():
+        model, tokenizer, model_dir = _load_policy(artifacts, config)
+        extra["model"] = str(model_dir)
+    if config.tagger == "lexicon":
+        covered = lexicon_categories(emotions, config.lexicon_categories)
+        extra["lexicon_categories"] = dg.MetadataValue.json({k: list(v) for k, v in covered.items()})
+        extra["uncovered_emotions"] = dg.MetadataValue.json([e for e in emotions if e not in covered])
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % (config.batch_size * 20) == 0:
+            context.log.info(f"model tagger: {done}/{total} prompts")
+
+    tags = tag_nodes(nodes, config.tagger, emotions, min_score=config.min_score,
+                     lexicon_map=config.lexicon_categories, model=model, tokenizer=tokenizer,
+                     reduction=config.reduction, batch_size=config.batch_size,
+                     max_text_tokens=config.max_text_tokens, threads=config.threads or None, progress=progress)
+    status = node_status(nodes, tags, config.tagger)
+    write_tables(duckdb, {TAGS_TABLE: tags, STATUS_TABLE: status})
+    counts = tag_counts(tags)
+    by_source = {s: int(n) for s, n in tags["source"].value_counts().items()}
+    by_status = {s: int(n) for s, n in status["status"].value_counts().items()}
+    context.log.info(f"{len(tags)} tags ({by_source}); nodes: {by_status}")
+    return materialized(
+        tags,
+        config=config,
+        tables={TAGS_TABLE: tags, STATUS_TABLE: status},
+        metadata={
+            "tagger": config.tagger,
+            "emotions": dg.MetadataValue.json(emotions),
+            "rows_by_source": dg.MetadataValue.json(by_source),
+            "nodes_by_status": dg.MetadataValue.json(by_status),
+            "rows_by_emotion": table_preview(counts, rows=len(counts) or 1),
+            "preview": table_preview(tags[tags["source"] != "user"] if (tags["source"] != "user").any() else tags),
+            **extra,
+        },
+    )
