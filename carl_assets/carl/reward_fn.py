@@ -1,5 +1,7 @@
-"""CARL as a TRL GRPO reward function: `make_carl_reward_fn(model, tokenizer)` and the batched scorer
-`score_completions` it runs (one no-grad forward pass, the LM head in vocabulary tiles)."""
+"""GRPO reward functions for TRL: the CARL composite (`make_carl_reward_fn(model, tokenizer)`, the seed's
+reward), each of its components, and the confidence scores of `carl_assets.carl.confidence`
+(`make_reward_fn(name, model, tokenizer)` for any name in `REWARD_NAMES`), and the batched scorer
+`score_completions` they run (one no-grad forward pass, the LM head in vocabulary tiles)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,18 @@ import numpy as np
 
 from carl_assets.carl.batch import carl_reward_from_stats, token_stats_from_hidden, token_stats_from_logits
 from carl_assets.carl.coherence import COMPONENT_KEYS
+from carl_assets.carl.confidence import (
+    CONFIDENCE_SCORES,
+    confidence_from_stats,
+    empty_value,
+    mean_vocab_logprob_from_hidden,
+)
 
 logger = logging.getLogger("carl_assets.carl")  # the name these warnings have always been logged under
 NONFINITE_REASON = "non-finite logits"
+CARL_SCORES = ("carl", "multiscale", "cloud_quality", "discontinuity")
+# Every name a reward (GRPO) or a dream scorer can be: the CARL composite, its components, the confidence scores.
+REWARD_NAMES = CARL_SCORES + CONFIDENCE_SCORES
 
 # ============================================================================================
 # TRL GRPO reward function
@@ -75,8 +86,13 @@ def _vocab_size(model: Any) -> int | None:
 
 
 def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                      pad_token_id: int = 0, chunk_size: int | None = None) -> CompletionScores:
+                      pad_token_id: int = 0, chunk_size: int | None = None,
+                      self_certainty: bool = False) -> CompletionScores:
     """CARL of each completion given its prompt, in ONE batched no-grad forward pass.
+
+    Each scored completion's components are CARL's (`COMPONENT_KEYS`) plus the confidence scores
+    neg_entropy and mean_logprob, and self_certainty when `self_certainty` is set (it needs the mean
+    log-probability over the vocabulary: one more pass of the predicting positions through the LM head).
 
     Sequences are ``prompt + completion[:-1]`` (the last token predicts nothing we score), right-padded.
     The hidden state at position ``len(prompt) - 1 + t`` predicts completion token t (the alignment of
@@ -142,11 +158,15 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
                 del hidden
                 stats = token_stats_from_hidden(selected_hidden, lm_head, ids, chunk_size=chunk_size,
                                                 softcap=softcap, logit_scale=scale, nonfinite="nan")
+                vocab_mean = (mean_vocab_logprob_from_hidden(selected_hidden, lm_head, softcap, scale)
+                              if self_certainty else None)
             else:  # no separable LM head: full logits (memory B*T*V), same numbers
                 logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-                stats = token_stats_from_logits(logits.reshape(-1, logits.shape[-1]).index_select(0, idx), ids,
-                                                nonfinite="nan")
-                del logits
+                picked_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, idx)
+                stats = token_stats_from_logits(picked_logits, ids, nonfinite="nan")
+                vocab_mean = (torch.log_softmax(picked_logits.double(), dim=-1).mean(dim=-1)
+                              if self_certainty else None)
+                del logits, picked_logits
     finally:
         model.train(was_training)
 
@@ -155,6 +175,12 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
     logprob = torch.zeros_like(entropy)
     entropy.view(-1)[picked.to(mask.device)] = stats.entropy
     logprob.view(-1)[picked.to(mask.device)] = stats.selected_logprob
+    vocab_logprob = None
+    if vocab_mean is not None:
+        vocab_logprob = torch.zeros_like(entropy)
+        vocab_logprob.view(-1)[picked.to(mask.device)] = vocab_mean.to(vocab_logprob.dtype).to(mask.device)
+    confidence = {k: v.tolist() for k, v in confidence_from_stats(entropy, logprob, vocab_logprob, mask,
+                                                                   stats.vocab_size).items() if k != "phi_mean"}
     # NaN statistics (NaN / +inf logits: a diverged model) make that row NaN, turned into a reason below
     batch_rewards, batch_components = carl_reward_from_stats(entropy, logprob, mask, stats.vocab_size, nonfinite="nan")
     finite = torch.isfinite(batch_rewards)
@@ -168,7 +194,8 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
             reasons[i] = NONFINITE_REASON
             continue
         rewards[i] = float(values[r])
-        components[i] = {k: float(comps[k][r]) for k in COMPONENT_KEYS}
+        components[i] = {**{k: float(comps[k][r]) for k in COMPONENT_KEYS},
+                         **{k: float(v[r]) for k, v in confidence.items()}}
     return CompletionScores(rewards, components, reasons)
 
 
@@ -180,8 +207,10 @@ SHORT_REASON = "shorter than the minimum characters"
 def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = None,
                         chat_template_kwargs: dict[str, Any] | None = None,
                         metric_prefix: str = "carl", min_chars: int = SEED_MIN_CHARS,
-                        max_completion_tokens: int | None = SEED_MAX_TOKENS) -> Callable[..., list[float]]:
-    """A TRL GRPO reward function: the CARL composite of each completion under ``model``.
+                        max_completion_tokens: int | None = SEED_MAX_TOKENS,
+                        reward: str = "carl") -> Callable[..., list[float]]:
+    """A TRL GRPO reward function: the CARL composite of each completion under ``model`` (or, with
+    ``reward``, another of `REWARD_NAMES`; see `make_reward_fn`).
 
     The returned ``carl(prompts, completions, completion_ids=None, log_metric=None, **kwargs)`` re-scores
     all completions of a step in one batched no-grad forward pass: each prompt is re-tokenised as TRL's
@@ -212,7 +241,16 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     ``__name__`` is "carl", so TRL's reward columns read ``rewards/carl/mean``. Without
     ``completion_ids`` (called outside TRL), the completion text is tokenised without special tokens.
     The last call's per-completion components are kept on ``carl.last_components``.
+
+    With ``reward`` other than "carl", the function is named after it and returns that component; a
+    completion skipped for a reason gets 0.0 for a CARL component (the seed's rule) and a confidence
+    score's `empty_value` (what a uniform distribution scores: 0.0 would put silence above every real
+    answer on neg_entropy and mean_logprob, which are never positive).
     """
+    if reward not in REWARD_NAMES:
+        raise ValueError(f"unknown reward {reward!r} (known: {', '.join(REWARD_NAMES)})")
+    vocab = _vocab_size(model) or len(tokenizer)
+    skipped_value = 0.0 if reward in CARL_SCORES else empty_value(reward, vocab)
     template_kwargs = dict(chat_template_kwargs or {})
     bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -239,21 +277,25 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
         short = [bool(c) and min_chars > 0 and (not _completion_text(t).strip() or len(_completion_text(t)) < min_chars)
                  for c, t in zip(comp_ids, completions, strict=True)]
         scored = score_completions(model, prompt_ids, [[] if s else c for c, s in zip(comp_ids, short, strict=True)],
-                                   pad_token_id=pad_id, chunk_size=chunk_size)
+                                   pad_token_id=pad_id, chunk_size=chunk_size,
+                                   self_certainty=reward == "self_certainty")
+        if reward != "carl":
+            scored.rewards = [skipped_value if c is None else float(c[reward]) for c in scored.components]
         for i, reason in enumerate(scored.reasons):
             if short[i]:
                 scored.reasons[i] = SHORT_REASON
             elif reason is not None:
-                logger.warning("CARL reward 0.0 for completion %d of %d: %s", i, len(comp_ids), reason)
+                logger.warning("%s reward %s for completion %d of %d: %s", reward, skipped_value, i,
+                               len(comp_ids), reason)
         n_nonfinite = sum(r == NONFINITE_REASON for r in scored.reasons)
         if n_nonfinite:  # a diverging model: say how much of the step it affects, in one line
-            logger.warning("CARL reward 0.0 for %d of %d completions with non-finite logits (NaN or +inf): "
-                           "the model may have diverged", n_nonfinite, len(comp_ids))
+            logger.warning("%s reward %s for %d of %d completions with non-finite logits (NaN or +inf): "
+                           "the model may have diverged", reward, skipped_value, n_nonfinite, len(comp_ids))
         carl.last_components = scored.components
         if log_metric is not None:
             kept = [c for c in scored.components if c is not None]
-            for key in ("multiscale", "cloud_quality", "discontinuity", "phi_mean"):
-                if kept:
+            for key in ("multiscale", "cloud_quality", "discontinuity", "phi_mean", *CONFIDENCE_SCORES[1:]):
+                if kept and key in kept[0]:
                     log_metric(f"{metric_prefix}/{key}", float(np.mean([c[key] for c in kept])))
             log_metric(f"{metric_prefix}/zeroed", sum(r is not None for r in scored.reasons) / max(1, len(comp_ids)))
             log_metric(f"{metric_prefix}/short", sum(short) / max(1, len(comp_ids)))
@@ -261,10 +303,19 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
             log_extra(f"{metric_prefix}_phi_mean", [None if c is None else c["phi_mean"] for c in scored.components])
         return scored.rewards
 
-    carl.__name__ = "carl"
-    carl.__qualname__ = "carl"
+    carl.__name__ = reward
+    carl.__qualname__ = reward
     carl.last_components = []
     return carl
+
+
+def make_reward_fn(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> Callable[..., list[float]]:
+    """A TRL GRPO reward function named `name`, one of `REWARD_NAMES`: "carl" (the seed's composite),
+    a CARL component ("multiscale", "cloud_quality", "discontinuity") or a confidence score ("phi_mean",
+    "self_certainty", "neg_entropy", "mean_logprob"; see `carl_assets.carl.confidence`), read at the
+    positions that predict each completion token. Keywords as `make_carl_reward_fn`. Raises
+    ``ValueError`` naming the known rewards for an unknown name."""
+    return make_carl_reward_fn(model, tokenizer, reward=name.strip().lower(), **kwargs)
 
 
 def _completion_text(completion: Any) -> str:

@@ -5,6 +5,10 @@ named components, one value per response. Built in:
 
 - `CarlScorer`: the CARL reward of each response under the policy (`carl`), its mean Phi
   (`phi_mean`) and whether the coherence gate lets the agent act on it (`gate_open`).
+- `TokenScorer`: any of `REWARD_NAMES` read from the policy's next-token distributions at the positions
+  that predict the completion: the CARL composite or one of its components (`multiscale`,
+  `cloud_quality`, `discontinuity`), or a confidence score (`phi_mean`, `self_certainty`, `neg_entropy`,
+  `mean_logprob`; see `carl_assets.carl.confidence`). One instance can compute several at once.
 - `SteeringScorer`: how strongly the response's residual stream points along an emotion's readout
   vector (`steering:<emotion>`).
 - `CombinedScorer` (built by `parse_scorer_spec`): runs its parts and adds `score`, the weighted
@@ -28,7 +32,18 @@ import torch
 
 from carl_assets.carl.batch import carl_reward_from_stats, token_stats_from_hidden
 from carl_assets.carl.coherence import SIGMA, coherence_gate
-from carl_assets.carl.reward_fn import _lm_head_parts, score_completions
+from carl_assets.carl.confidence import (
+    confidence_from_stats,
+    empty_value,
+    mean_vocab_logprob_from_hidden,
+)
+from carl_assets.carl.reward_fn import (
+    CARL_SCORES,
+    REWARD_NAMES,
+    _lm_head_parts,
+    _vocab_size,
+    score_completions,
+)
 from carl_assets.dreams.forward import ResponseForward, run_response_forward
 from carl_assets.dreams.generation import GeneratedResponse, pad_and_eos_ids
 from carl_assets.steering.vectors import SteeringVectors, find_decoder_blocks
@@ -107,6 +122,98 @@ class CarlScorer:
                 out["carl"][i] = scored.rewards[local]
                 components = scored.components[local]
                 out["phi_mean"][i] = components["phi_mean"] if components is not None else 0.0
+        return self.finish(out)
+
+
+@dataclass
+class TokenScorer:
+    """Scores read from the policy's next-token distributions at the positions that PREDICT each
+    completion token: any of `REWARD_NAMES` (`names`; the first is the primary score), computed from one
+    shared forward (`batch_size` responses each).
+
+    The CARL names give the numbers of `CarlScorer` (the same statistics, the same function); the
+    confidence scores those of `carl_assets.carl.confidence`. An empty completion scores 0.0 on the
+    CARL names (as `CarlScorer`) and a confidence score's `empty_value` (a uniform distribution's).
+    Raises ``ValueError`` on an unknown or repeated name.
+    """
+
+    names: tuple[str, ...] = ("self_certainty",)
+    batch_size: int = 32
+    chunk_size: int | None = None
+    layers_needed: tuple[int, ...] = ()
+    needs_predicting: bool = True
+
+    def __post_init__(self) -> None:
+        self.names = tuple(str(n).strip().lower() for n in self.names)
+        unknown = [n for n in self.names if n not in REWARD_NAMES]
+        if not self.names or unknown or len(set(self.names)) != len(self.names):
+            raise ValueError(f"TokenScorer names {list(self.names)}: give distinct names from {', '.join(REWARD_NAMES)}")
+        self._vocab: int | None = None
+
+    @property
+    def primary(self) -> str:
+        return self.names[0]
+
+    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        shared = score_with_shared_forward([self], model, tokenizer, responses, self.batch_size)
+        return shared if shared is not None else self._score_separately(model, tokenizer, responses)
+
+    def prepare(self, model: Any) -> None:
+        self._vocab = _vocab_size(model)
+
+    def empty(self, n: int) -> dict[str, np.ndarray]:
+        # NaN marks "not scored" until `finish` gives empty completions their value
+        return {name: np.full(n, np.nan) for name in self.names}
+
+    def fill(self, out: dict[str, np.ndarray], forward: ResponseForward, model: Any, eos: set[int]) -> None:
+        assert forward.predicting_hidden is not None
+        _, lm_head, softcap, scale = _lm_head_parts(model)
+        if lm_head is None:
+            raise ValueError("the model has no separable LM head")
+        mask = forward.completion_mask.bool()
+        hidden = forward.predicting_hidden[mask.to(forward.predicting_hidden.device)]
+        stats = token_stats_from_hidden(hidden, lm_head, forward.completion_ids[mask].to(hidden.device),
+                                        chunk_size=self.chunk_size, softcap=softcap, logit_scale=scale)
+        self._vocab = stats.vocab_size
+        entropy = torch.zeros(mask.shape, dtype=stats.entropy.dtype)
+        logprob = torch.zeros_like(entropy)
+        entropy[mask] = stats.entropy.cpu()
+        logprob[mask] = stats.selected_logprob.cpu()
+        vocab_logprob = None
+        if "self_certainty" in self.names:
+            vocab_logprob = torch.zeros_like(entropy)
+            vocab_logprob[mask] = mean_vocab_logprob_from_hidden(hidden, lm_head, softcap, scale).cpu().to(entropy.dtype)
+        values = confidence_from_stats(entropy, logprob, vocab_logprob, forward.completion_mask, stats.vocab_size)
+        if set(self.names) & set(CARL_SCORES):
+            rewards, components = carl_reward_from_stats(entropy, logprob, forward.completion_mask, stats.vocab_size)
+            values.update(components)
+            values["carl"] = rewards
+        for name in self.names:
+            column = values[name].double()
+            zero = 0.0 if name in CARL_SCORES else empty_value(name, stats.vocab_size)
+            out[name][forward.rows] = torch.where(torch.isfinite(column), column, torch.full_like(column, zero)).numpy()
+
+    def finish(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in self.names:
+            blank = np.isnan(out[name])
+            if blank.any():
+                out[name][blank] = 0.0 if name in CARL_SCORES else empty_value(name, self._vocab or 2)
+        return out
+
+    def _score_separately(self, model: Any, tokenizer: Any,
+                          responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+        self.prepare(model)
+        out = self.empty(len(responses))
+        pad_id, _ = pad_and_eos_ids(model, tokenizer)
+        for rows in _batches(len(responses), self.batch_size):
+            scored = score_completions(model, [responses[i].prompt_ids for i in rows],
+                                       [responses[i].completion_ids for i in rows], pad_token_id=pad_id,
+                                       chunk_size=self.chunk_size, self_certainty="self_certainty" in self.names)
+            for local, i in enumerate(rows):
+                components = scored.components[local]
+                if components is not None:
+                    for name in self.names:
+                        out[name][i] = scored.rewards[local] if name == "carl" else components[name]
         return self.finish(out)
 
 
@@ -266,6 +373,9 @@ def score_with_shared_forward(scorers: Sequence[Any], model: Any, tokenizer: Any
     n = len(responses)
     pad_id, eos = pad_and_eos_ids(model, tokenizer)
     outputs = [scorer.empty(n) for scorer in scorers]
+    for scorer in scorers:
+        if hasattr(scorer, "prepare"):
+            scorer.prepare(model)
     layers = sorted({layer for scorer in scorers for layer in scorer.layers_needed})
     predicting = any(scorer.needs_predicting for scorer in scorers)
     non_empty = [i for i in range(n) if len(responses[i].completion_ids) > 0]
@@ -283,9 +393,10 @@ def score_with_shared_forward(scorers: Sequence[Any], model: Any, tokenizer: Any
 
 
 def parse_scorer_spec(spec: str, steering_vectors: SteeringVectors | None = None) -> CombinedScorer:
-    """A scorer from a spec such as ``"carl"``, ``"steering:warmth"`` or ``"carl:0.7,steering:warmth:0.3"``:
-    comma-separated parts, each a scorer name with its arguments, and an optional trailing weight
-    (default 1.0). `steering:<emotion>` needs `steering_vectors`."""
+    """A scorer from a spec such as ``"carl"``, ``"self_certainty"``, ``"steering:warmth"`` or
+    ``"carl:0.7,steering:warmth:0.3"``: comma-separated parts, each a scorer name with its arguments, and
+    an optional trailing weight (default 1.0). Names: "carl" (`CarlScorer`, the seed's composite), the
+    other `REWARD_NAMES` (`TokenScorer`), `steering:<emotion>` (needs `steering_vectors`)."""
     if not spec or not spec.strip():
         raise ValueError("empty scorer spec: expected e.g. 'carl' or 'carl:0.7,steering:warmth:0.3'")
     parts: list[tuple[Any, float]] = []
@@ -304,6 +415,10 @@ def parse_scorer_spec(spec: str, steering_vectors: SteeringVectors | None = None
             if args:
                 raise ValueError(f"scorer spec part {part!r}: carl takes no arguments, only a weight")
             parts.append((CarlScorer(), weight))
+        elif name in REWARD_NAMES:
+            if args:
+                raise ValueError(f"scorer spec part {part!r}: {name} takes no arguments, only a weight")
+            parts.append((TokenScorer((name,)), weight))
         elif name == "steering":
             if len(args) != 1:
                 raise ValueError(f"scorer spec part {part!r}: expected steering:<emotion>[:weight]")
@@ -311,7 +426,8 @@ def parse_scorer_spec(spec: str, steering_vectors: SteeringVectors | None = None
                 raise ValueError(f"scorer spec part {part!r} needs steering vectors, and none were given")
             parts.append((SteeringScorer(steering_vectors, args[0]), weight))
         else:
-            raise ValueError(f"scorer spec part {part!r}: unknown scorer {pieces[0]!r} (known: carl, steering)")
+            raise ValueError(f"scorer spec part {part!r}: unknown scorer {pieces[0]!r} (known: "
+                             f"{', '.join(REWARD_NAMES)}, steering:<emotion>)")
     names = [scorer.primary for scorer, _ in parts]
     if len(set(names)) != len(names):
         raise ValueError(f"scorer spec {spec!r} names a scorer twice: {names}")
