@@ -152,7 +152,7 @@ def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     assert meta["num_layers"].value == 2 and meta["hidden_size"].value == 32
     copied, _ = load_model_and_tokenizer(home / "artifacts" / "base_model" / "current")
     info = json.loads((home / "artifacts" / "base_model" / "current" / "carl_model.json").read_text())
-    assert info == {"source": f"local:{src.resolve()}", "trust_remote_code": False}
+    assert info == {"source": f"local:{src.resolve()}", "trust_remote_code": False, "chat_template_installed": False}
     assert torch.equal(copied.model.embed_tokens.weight, model.model.embed_tokens.weight)
     bad = {"ops": {"base_model": {"config": {"model": str(tmp_path / "missing")}}}}
     with pytest.raises(FileNotFoundError, match="does not exist"):

