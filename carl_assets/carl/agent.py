@@ -44,12 +44,12 @@ class AgentStep:
 def _prompt_ids(tokenizer: Any, observation: str, instruction: str) -> list[int]:
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": user_message(observation, instruction)}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template already holds any special tokens it wants; don't add a second bos.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = f"{SYSTEM_PROMPT}\n\n{user_message(observation, instruction)}\n\n"
-    return list(tokenizer(text)["input_ids"])
+    from carl_assets.models.chat_template import chat_template_for  # the one policy for template-less models
+
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template_for(tokenizer), tokenize=False,
+                                         add_generation_prompt=True)
+    # The template already holds any special tokens it wants; don't add a second bos.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def completion_logits(model: Any, full_ids: Any, prompt_len: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from carl_assets.models.chat_template import chat_template_for
 from carl_assets.models.loading import fit_prompt
 
 
@@ -87,15 +88,12 @@ def pad_and_eos_ids(model: Any, tokenizer: Any) -> tuple[int, set[int]]:
 
 
 def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of a chat prompt with the generation prompt appended. Tokenizers without a chat template
-    get a plain `role: content` transcript ending in `assistant:`."""
-    if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)
-        ids = encoded["input_ids"]
-    else:
-        transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        ids = tokenizer(transcript)["input_ids"]
+    """Token ids of a chat prompt with the generation prompt appended, through the tokenizer's chat
+    template; a tokenizer without one (not loaded by the project's loaders, which install it) gets the
+    transcript template (`carl_assets.models.chat_template`), as SFT and GRPO will."""
+    encoded = tokenizer.apply_chat_template(list(messages), chat_template=chat_template_for(tokenizer),
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = encoded["input_ids"]
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     ids = [int(i) for i in ids]
