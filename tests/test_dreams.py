@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,10 @@ from carl_assets.dreams import (
     scenario_messages,
     sft_examples_from_dreams,
 )
+from carl_assets.dreams.collisions import plan_heldout
 from carl_assets.dreams.generation import encode_prompt
+from carl_assets.dreams.loop import dream_scenarios as loop_dream_scenarios
+from carl_assets.dreams.walks import NoWalkStartError, auto_conditioning_kinds, kind_counts
 from carl_assets.memory_graph import load_graph
 from carl_assets.steering import SteeringVectors, find_decoder_blocks
 
@@ -662,3 +666,165 @@ def test_dream_without_usable_walks_returns_an_empty_frame(lively_model):
     assert result.frame.empty and result.collisions == []
     assert {"dream_id", "response", "score", "kept", "reason"} <= set(result.frame.columns)
     assert result.statistics["responses"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning kinds: the graph's own by default, recency-weighted starts, too few scenarios
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_KINDS_CASES = Path(__file__).parent / "data" / "dreams_default_kinds"  # ../shared/cases real-10
+
+
+def _case(name: str):
+    return load_graph(f"jsonl:{DEFAULT_KINDS_CASES / name}")
+
+
+def test_auto_kinds_prefer_reflection_and_lesson(sample_graph):
+    assert auto_conditioning_kinds(sample_graph.nodes) == REFLECTIVE  # the sample graph dreams as before
+    # 8 lessons (the minimum) among 30 journals: lessons only, though journals are more numerous
+    nodes = _nodes([f"n{i}" for i in range(38)], ["lesson"] * 8 + ["journal"] * 30)
+    assert auto_conditioning_kinds(nodes) == ("lesson",)
+    assert {w[0] for w in random_walks(nodes, _edges([]), 16, WalkConfig())} == {f"n{i}" for i in range(8)}
+
+
+def test_auto_kinds_without_lessons_are_the_most_populous_covering_half():
+    # real-10 no_lesson: person/project/task/topic, 6 nodes each; ties are taken together -> all four
+    no_lesson = _case("memory_no_lesson.jsonl").nodes
+    assert kind_counts(no_lesson) == {"person": 6, "project": 6, "task": 6, "topic": 6}
+    assert auto_conditioning_kinds(no_lesson) == ("person", "project", "task", "topic")
+    # real-10 one_lesson: 1 lesson (< 8) + person 6, task 6, topic 6, project 5 of 24. Half is 12: person and
+    # task reach it, topic ties with task, project (5) does not; the lesson is kept.
+    one_lesson = _case("memory_one_lesson.jsonl").nodes
+    assert auto_conditioning_kinds(one_lesson) == ("lesson", "person", "task", "topic")
+    # 10 a, 5 b, 3 c, 2 d: a alone covers half
+    nodes = _nodes([f"n{i}" for i in range(20)], ["a"] * 10 + ["b"] * 5 + ["c"] * 3 + ["d"] * 2)
+    assert auto_conditioning_kinds(nodes) == ("a",)
+    assert auto_conditioning_kinds(nodes.iloc[1:]) == ("a", "b")  # 9 of 19 is less than half
+
+
+def test_one_lesson_graph_dreams_from_its_own_kinds_with_the_full_heldout_set():
+    graph = _case("memory_one_lesson.jsonl")
+    plan = plan_heldout(graph.nodes, graph.edges, 8, 32, WalkConfig(), max_memories=3)
+    assert plan.pool == 40 and len(plan.collisions) == 8 and not plan.shrunk
+    config = DreamConfig(n_scenarios=32, walk=WalkConfig())
+    collisions, _ = loop_dream_scenarios(graph.nodes, graph.edges, config, cycle=0,
+                                         exclude={c.node_set for c in plan.collisions})
+    assert len(collisions) == 32
+    kinds = {c.kinds[0] for c in collisions}
+    assert kinds <= {"lesson", "person", "task", "topic"} and len(kinds) >= 3
+
+
+def test_explicit_kinds_are_honoured():
+    graph = _case("memory_no_lesson.jsonl")
+    walks = random_walks(graph.nodes, graph.edges, 50, WalkConfig(conditioning_kinds=("topic",)))
+    kind_of = dict(zip(graph.nodes["node_id"], graph.nodes["kind"], strict=True))
+    assert {kind_of[w[0]] for w in walks} == {"topic"}
+    assert WalkConfig(conditioning_kinds="auto").conditioning_kinds == ()
+    assert WalkConfig(conditioning_kinds="topic").conditioning_kinds == ("topic",)
+    from carl_assets.defs.dreams import DreamScenariosConfig
+
+    assert DreamScenariosConfig().dream_config().walk.conditioning_kinds == ()  # auto by default
+    set_kinds = DreamScenariosConfig(conditioning_kinds=["paper", "topic"]).dream_config().walk
+    assert set_kinds.conditioning_kinds == ("paper", "topic")
+
+
+def test_stubs_never_start_nor_join_a_collision_but_walks_pass_through():
+    # s1/s2 are stubs of the most populous kind; the only way from p1 to p2 is through s1
+    nodes = _nodes(["p1", "s1", "p2", "s2", "s3"], ["project", "entity", "project", "entity", "entity"])
+    nodes["is_stub"] = [False, True, False, True, True]
+    edges = _edges([("p1", "s1", "r"), ("s1", "p2", "r")])
+    assert kind_counts(nodes) == {"project": 2} and auto_conditioning_kinds(nodes) == ("project",)
+    config = WalkConfig(restart_prob=0.0, walk_length=2, directed=True, seed=0)
+    walks = random_walks(nodes, edges, 10, config)
+    assert {w[0] for w in walks} == {"p1", "p2"} and ["p1", "s1", "p2"] in walks
+    collisions = collide(walks, nodes, seed=0)
+    assert [c.node_ids for c in collisions] == [("p1", "p2")]
+    with pytest.raises(NoWalkStartError, match=r"\['entity'\].*\{'project': 2\}"):
+        random_walks(nodes, edges, 3, WalkConfig(conditioning_kinds=("entity",)))
+
+
+def _dated(days_before_newest, lines=None):
+    ids = [f"n{i}" for i in range(len(days_before_newest))]
+    nodes = _nodes(ids, ["project"] * len(ids), lines)
+    newest = pd.Timestamp("2026-06-30T12:00:00Z")
+    nodes["updated_at"] = [None if d is None else newest - pd.Timedelta(days=d) for d in days_before_newest]
+    return nodes
+
+
+def test_recency_weighting_by_updated_at_sets_start_frequencies():
+    # ages 0, 30, 60 days with a 30-day half-life: weights 1, 1/2, 1/4 -> shares 4/7, 2/7, 1/7 of 700 walks
+    nodes = _dated([0, 30, 60])
+    config = WalkConfig(restart_prob=1.0, walk_length=1, seed=3)
+    counts = pd.Series([w[0] for w in random_walks(nodes, _edges([]), 700, config)]).value_counts().to_dict()
+    assert counts == {"n0": 400, "n1": 200, "n2": 100}
+    # an undated node weighs as the oldest dated one: 1, 1/2, 1/4, 1/4 -> 350, 175, 87.5, 87.5 of 700
+    with_undated = _dated([0, 30, 60, None])
+    counts = pd.Series([w[0] for w in random_walks(with_undated, _edges([]), 700, config)]).value_counts()
+    assert counts["n0"] == 350 and counts["n1"] == 175 and sorted([counts["n2"], counts["n3"]]) == [87, 88]
+    # half-life <= 0, or no date at all (file order only, as before): equal shares
+    flat = WalkConfig(restart_prob=1.0, walk_length=1, seed=3, recency_half_life_days=0.0)
+    for frame, cfg in ((nodes, flat), (nodes.assign(updated_at=None), config)):
+        shares = pd.Series([w[0] for w in random_walks(frame, _edges([]), 699, cfg)]).value_counts()
+        assert shares.to_dict() == {"n0": 233, "n1": 233, "n2": 233}
+
+
+def test_updated_at_decides_which_nodes_are_recent():
+    # the file's last line (n2) was updated first; recent_nodes=2 keeps the two newest by date, not by line
+    nodes = _dated([5, 0, 400, None])
+    config = WalkConfig(restart_prob=1.0, walk_length=1, recent_nodes=2, recency_half_life_days=0.0)
+    assert {w[0] for w in random_walks(nodes, _edges([]), 20, config)} == {"n0", "n1"}
+    # without dates the later lines are the recent ones
+    undated = nodes.assign(updated_at=None)
+    assert {w[0] for w in random_walks(undated, _edges([]), 20, config)} == {"n2", "n3"}
+
+
+def test_small_pool_shrinks_the_heldout_set():
+    # real-10 one_lesson with kinds set to ['lesson']: the lesson's component is Item 00-01-02, so
+    # the walks can make 3 collisions ({00,01}, {00,02}, {00,01,02}); held out: 3 // 4 = 0, so all 3 dream
+    graph = _case("memory_one_lesson.jsonl")
+    lesson = WalkConfig(conditioning_kinds=("lesson",))
+    plan = plan_heldout(graph.nodes, graph.edges, 8, 32, lesson, max_memories=3)
+    assert (plan.pool, len(plan.collisions), plan.shrunk) == (3, 0, True)
+    collisions, _ = loop_dream_scenarios(graph.nodes, graph.edges, DreamConfig(n_scenarios=32, walk=lesson), 0)
+    assert sorted(sorted(c.node_ids) for c in collisions) == [
+        ["Item 00", "Item 01"], ["Item 00", "Item 01", "Item 02"], ["Item 00", "Item 02"]]
+    # a larger pool keeps what it can: 12 found for 8 + 32 -> 3 held out
+    ids = [f"n{i}" for i in range(5)]
+    star = _nodes(ids, ["lesson"] + ["journal"] * 4)
+    star_edges = _edges([("n0", x, "r") for x in ids[1:]])
+    one = WalkConfig(conditioning_kinds=("lesson",))
+    plan = plan_heldout(star, star_edges, 8, 32, one, max_memories=3)
+    assert plan.pool == 4 + 6 and len(plan.collisions) == 2  # C(4,1) + C(4,2) collisions; 10 // 4 = 2
+
+
+def test_too_few_scenarios_fail_naming_the_config_field_and_the_kinds_present():
+    import dagster as dg
+
+    from carl_assets.defs.dreams import DreamScenariosConfig, kept_something_reason, plan_scenarios
+
+    graph = _case("memory_no_lesson.jsonl")
+    config = DreamScenariosConfig(conditioning_kinds=["reflection", "lesson"])
+    with pytest.raises(dg.Failure) as failure:
+        plan_scenarios(graph.nodes, graph.edges, config, config.dream_config().walk)
+    text = failure.value.description
+    assert "dream_scenarios.conditioning_kinds" in text and "ops.dream_scenarios.config.conditioning_kinds" in text
+    assert "{'person': 6, 'project': 6, 'task': 6, 'topic': 6}" in text and "['reflection', 'lesson']" in text
+    assert failure.value.metadata["kinds_present"].value == {"person": 6, "project": 6, "task": 6, "topic": 6}
+    # lessons without relations: starts exist, but no walk leaves them
+    lonely = _nodes(["l1", "l2", "j1"], ["lesson", "lesson", "journal"])
+    with pytest.raises(dg.Failure, match="no collision"):
+        plan_scenarios(lonely, _edges([]), DreamScenariosConfig(), DreamScenariosConfig().dream_config().walk)
+    # auto on the same graph goes through
+    auto = DreamScenariosConfig()
+    kinds, plan = plan_scenarios(graph.nodes, graph.edges, auto, auto.dream_config().walk)
+    assert kinds == ("person", "project", "task", "topic") and plan.pool > 0
+
+    # the blocking check's reason names what to change
+    row = pd.Series({"conditioning_kinds": '["lesson"]', "scenario_pool": 3, "heldout_scenarios": 3})
+    empty = pd.DataFrame({"response": [], "kept": []})
+    assert "dream_scenarios.conditioning_kinds" in kept_something_reason(empty, row)
+    rejected = pd.DataFrame({"response": ["a", "b"], "kept": [False, False]})
+    assert "min_score" in kept_something_reason(rejected, row)
+    blank = pd.DataFrame({"response": [" ", "b"], "kept": [True, True]})
+    assert "max_new_tokens" in kept_something_reason(blank, row)
+    assert kept_something_reason(pd.DataFrame({"response": ["b"], "kept": [True]}), row) is None

@@ -153,26 +153,25 @@ def _file_order(nodes: pd.DataFrame) -> np.ndarray:
 
 
 def _as_sort_key(values: pd.Series) -> np.ndarray:
-    """A float key that sorts like the column (timestamps become nanoseconds since the epoch; missing
-    values -inf)."""
+    """A float key that sorts like the column (timestamps become seconds since the epoch, whatever the
+    column's time unit; missing values -inf)."""
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return values.to_numpy(dtype=np.float64, na_value=-np.inf)
     stamps = pd.to_datetime(values, errors="coerce", utc=True)
     if stamps.isna().all():
         raise ValueError(f"recency column {values.name!r} is neither numeric nor parseable as timestamps")
-    key = stamps.astype("int64").to_numpy(dtype=np.float64)
-    key[stamps.isna().to_numpy()] = -np.inf
+    key = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64, na_value=-np.inf)
     return key
 
 
 def _dated_recency(nodes: pd.DataFrame) -> tuple[np.ndarray, bool] | None:
-    """([N] sort key, NaN where undated; whether the key is a date in nanoseconds) from the first recency
+    """([N] sort key, NaN where undated; whether the key is a date in seconds) from the first recency
     column with a value, or None. A numeric column orders the nodes but is not taken for a date."""
     for column in RECENCY_COLUMNS:
         if column in nodes.columns and nodes[column].notna().any():
             values = nodes[column]
             key = _as_sort_key(values)
-            key[np.isneginf(key)] = np.nan
+            key = np.where(np.isneginf(key), np.nan, key)
             return key, not pd.api.types.is_numeric_dtype(values)
     return None
 
@@ -205,7 +204,7 @@ def start_weights(nodes: pd.DataFrame, candidates: np.ndarray, config: WalkConfi
     if np.isnan(stamps).all():
         return None
     stamps = np.where(np.isnan(stamps), np.nanmin(stamps), stamps)
-    age_days = (stamps.max() - stamps) / 86_400e9
+    age_days = (stamps.max() - stamps) / 86_400.0
     weights = 0.5 ** (age_days / config.recency_half_life_days)
     return weights / weights.sum()
 

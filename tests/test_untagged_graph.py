@@ -1,0 +1,114 @@
+"""The whole graph on a memory file like most users have (issue 13): no emotion tag line, no reflection or
+lesson node, kinds project/person/paper/concept, some observations as {"text", "timestamp"} objects and a
+few relations to entities the file never created (tests/data/untagged_memory.jsonl, written by
+tests/data/make_untagged_memory.py). `carl materialize` runs every asset and check, as the `carl_all` job
+does, with the offline model on CPU and small budgets: it must be green, with steering skipped for a
+stated reason and dreams started from the graph's own kinds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from carl_assets import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY = ROOT / "tests" / "data" / "untagged_memory.jsonl"
+
+# Small budgets (as tests/test_pipeline_cli.py's): this test is about the graph running, not the numbers.
+TINY = {
+    "ops": {
+        "base_model": {"config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                                   "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
+        "steering_vectors": {"config": {"max_length": 64}},
+        "dream_scenarios": {"config": {"n_scenarios": 3, "responses_per_scenario": 2, "max_new_tokens": 6,
+                                       "heldout_scenarios": 2, "excerpt_chars": 40}},
+        "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
+        "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4, "max_length": 768}},
+        "crystallization_events": {"config": {"require_crystallization": False}},
+        "grpo_checkpoint": {"config": {"max_steps": 1, "batch_size": 4, "num_generations": 2,
+                                       "max_completion_length": 6, "max_prompts": 4}},
+        "agent_evaluation": {"config": {"max_new_tokens": 6, "max_tasks": 2}},
+        "leworld_memory": {"config": {"num_words": 4096}},
+        "leworld_dataset": {"config": {"num_train": 32, "num_validation": 8, "seq_length": 4}},
+        "leworld_model": {"config": {"phase1_epochs": 1, "phase2_epochs": 1, "phase3_epochs": 1, "slm_d_model": 16,
+                                     "blm_d_model": 32, "max_read_range": 32}},
+        "leworld_evaluation": {"config": {"n_steps": 2}},
+    }
+}
+
+
+def _entities() -> list[dict]:
+    records = [json.loads(line) for line in MEMORY.read_text(encoding="utf-8").splitlines()]
+    return [r for r in records if r["type"] == "entity"]
+
+
+def test_the_fixture_is_what_the_slow_test_claims():
+    """Checked fast, so that a regenerated file cannot quietly stop testing the untagged case."""
+    from tests.data.make_untagged_memory import build
+
+    records = [json.loads(line) for line in MEMORY.read_text(encoding="utf-8").splitlines()]
+    assert records == build()  # the committed file is the script's output
+    entities = _entities()
+    kinds = {e["entityType"] for e in entities}
+    assert len(entities) >= 100 and kinds == {"project", "person", "paper", "concept"}
+    observations = [o for e in entities for o in e["observations"]]
+    assert any(isinstance(o, dict) and {"text", "timestamp"} <= set(o) for o in observations)
+    assert any(isinstance(o, str) for o in observations)
+    names = {e["name"] for e in entities}
+    dangling = [r for r in records if r["type"] == "relation" and r["to"] not in names]
+    assert 1 <= len(dangling) <= 10
+    # no tag line anywhere: nothing of the form `word:score`
+    from re import fullmatch
+    texts = [o["text"] if isinstance(o, dict) else o for o in observations]
+    assert not [t for t in texts if fullmatch(r"(\s*[a-z]+\s*:\s*\d{1,2}\s*,?)+", t)]
+
+
+def _metadata(instance: dg.DagsterInstance, asset: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    assert event is not None and event.asset_materialization is not None, f"{asset} was not materialized"
+    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+
+
+@pytest.mark.slow
+def test_whole_graph_is_green_on_an_untagged_file(tmp_path):
+    home, dagster_home = tmp_path / "carl", tmp_path / "dagster"
+    env = {**os.environ, "CARL_HOME": str(home), "DAGSTER_HOME": str(dagster_home),
+           "CARL_MEMORY_SOURCE": f"jsonl:{MEMORY}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    run = subprocess.run([sys.executable, "-m", "carl_assets.cli", "materialize", "--config", str(config)],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    summary = run.stdout[run.stdout.find("asset "):]
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "FAILED" not in summary and "asset checks:" in summary, summary
+
+    db = home / storage.DATABASE_NAME
+    nodes = storage.read_table(db, "memory_nodes")
+    real = nodes[~nodes["is_stub"].astype(bool)] if "is_stub" in nodes.columns else nodes
+    assert len(real) == len(_entities())
+    assert not set(real["kind"]) & {"reflection", "lesson"}
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        pairs = _metadata(instance, "emotion_training_pairs")
+        steering = _metadata(instance, "steering_vectors")
+        dreams = _metadata(instance, "dream_scenarios")
+        for asset in ("sft_checkpoint", "crystallization_events", "grpo_checkpoint", "agent_evaluation"):
+            _metadata(instance, asset)  # materialized, not skipped
+
+    # untagged: no pairs, and steering says why it skipped (what it read and what to add)
+    assert pairs.get("dagster/row_count", 0) == 0
+    reason = " ".join(str(v) for k, v in steering.items() if "skip" in k.lower() or "reason" in k.lower())
+    assert "tag" in reason.lower(), steering
+
+    # dreams start from the graph's own kinds: the most populous ones (people 35, projects and papers
+    # 30 each, tied; concepts 25 are not needed to cover half the nodes)
+    assert sorted(dreams["conditioning_kinds"]) == ["paper", "person", "project"]
+    assert dreams["kept"] >= 1
