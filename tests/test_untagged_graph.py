@@ -112,3 +112,48 @@ def test_whole_graph_is_green_on_an_untagged_file(tmp_path):
     # 30 each, tied; concepts 25 are not needed to cover half the nodes)
     assert sorted(dreams["conditioning_kinds"]) == ["paper", "person", "project"]
     assert dreams["kept"] >= 1
+
+
+CASES = ROOT / "tests" / "data" / "dreams_default_kinds"  # ../shared/cases/memory-files/real-10
+BASE = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
+        "steps": 3, "seq_len": 32, "batch_size": 2}
+DREAMS = {"n_scenarios": 4, "responses_per_scenario": 2, "max_new_tokens": 6, "excerpt_chars": 40}
+
+
+@pytest.mark.slow
+def test_dream_asset_on_the_real_10_graphs(tmp_path):
+    """real-10: a graph with one lesson dreamed "0/0 scenarios" and failed the blocking check without a
+    reason; a graph without lessons failed without naming the config field."""
+    from carl_assets.defs import dreams, memory, models
+    from carl_assets.defs.resources import build_resources
+
+    def run(case: str, home: Path, **dream_config):
+        config = {"ops": {"memory_graph": {"config": {"source": f"jsonl:{CASES / case}"}},
+                          "base_model": {"config": BASE},
+                          "dream_scenarios": {"config": {**DREAMS, **dream_config}}}}
+        return dg.materialize([memory.memory_graph, models.base_model, dreams.dream_scenarios,
+                               dreams.dreams_kept_something], resources=build_resources(home), run_config=config,
+                              raise_on_error=False)
+
+    # one lesson: auto kinds are the lesson plus the populous kinds; all 8 held-out scenarios fit
+    result = run("memory_one_lesson.jsonl", tmp_path / "one")
+    assert result.success
+    cycle = storage.read_table(tmp_path / "one" / storage.DATABASE_NAME, "dream_cycles").iloc[-1]
+    assert json.loads(cycle["conditioning_kinds"]) == ["lesson", "person", "task", "topic"]
+    assert cycle["dreams"] == 4 and cycle["heldout_scenarios"] == 8
+
+    # kinds set to the lesson alone: 3 possible scenarios, so none is held out and all 3 are dreamed
+    result = run("memory_one_lesson.jsonl", tmp_path / "lesson", conditioning_kinds=["lesson"])
+    assert result.success
+    cycle = storage.read_table(tmp_path / "lesson" / storage.DATABASE_NAME, "dream_cycles").iloc[-1]
+    assert (cycle["dreams"], cycle["heldout_scenarios"], cycle["scenario_pool"]) == (3, 0, 3)
+    checks = result.get_asset_check_evaluations()
+    assert [c.passed for c in checks] == [True]
+
+    # kinds the graph does not have: the asset fails naming the field and the kinds present
+    result = run("memory_no_lesson.jsonl", tmp_path / "none", conditioning_kinds=["reflection"])
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "dream_scenarios")
+    message = str(failure.step_failure_data.user_failure_data.description)
+    assert "dream_scenarios.conditioning_kinds" in message
+    assert "{'person': 6, 'project': 6, 'task': 6, 'topic': 6}" in message

@@ -278,8 +278,11 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     shutil.rmtree(partial_dir, ignore_errors=True)  # the cycle is stored: its partial batches are done with
     kept = frame[frame["kept"]]
     reasons = frame["reason"].value_counts().to_dict()
-    context.log.info(f"cycle {cycle}: {stats['responses']} responses, {stats['kept']} kept, score "
-                     f"{stats['score_mean']:.4f} ± {stats['score_std']:.4f}, held-out pass rate {pass_rate:.2f}")
+    if stats["responses"]:
+        context.log.info(f"cycle {cycle}: {stats['responses']} responses, {stats['kept']} kept, score "
+                         f"{stats['score_mean']:.4f} ± {stats['score_std']:.4f}, held-out pass rate {pass_rate:.2f}")
+    else:  # the blocking check fails next; say why here too rather than "score nan ± nan"
+        context.log.warning(f"cycle {cycle}: " + str(kept_something_reason(frame, cycle_row.iloc[0])))
 
     def finite(value: Any) -> Any:
         return None if isinstance(value, float) and not math.isfinite(value) else value
