@@ -804,14 +804,20 @@ def _agent_placement(config: AgentEvaluationConfig, artifacts: ArtifactStore) ->
     return resolve_placement(config.device, config.dtype, _base_is_offline(artifacts))
 
 
+READOUT_TABLE_COLUMNS = ["checkpoint", "task_id", "emotion", "layer", "projection"]
+
+
 def _readout(artifacts: ArtifactStore, results: pd.DataFrame, tasks: pd.DataFrame,
-             placement: tuple[Any, Any] = (None, None)) -> pd.DataFrame:
+             placement: tuple[Any, Any] = (None, None)) -> tuple[pd.DataFrame, str]:
     """The amygdala readout of each agent turn (prompt and response, as served), per checkpoint, task,
-    emotion and readout layer: what a vLLM readout would report while the agent answers."""
+    emotion and readout layer: what a vLLM readout would report while the agent answers. With a skipped
+    (empty) readout: no rows, and the reason it was skipped."""
     from carl_assets.steering import load_readout
-    from carl_assets.steering.readout import readout_projections
+    from carl_assets.steering.readout import readout_projections, readout_skipped
 
     vectors = load_readout(artifacts.require("steering_vectors"))
+    if readout_skipped(vectors):
+        return pd.DataFrame(columns=READOUT_TABLE_COLUMNS), f"steering_vectors was skipped: {readout_skipped(vectors)}"
     frames = []
     for name, part in results.groupby("checkpoint", sort=False):
         model, tokenizer = _load_model(artifacts.require(str(name)), *placement)
@@ -822,7 +828,7 @@ def _readout(artifacts: ArtifactStore, results: pd.DataFrame, tasks: pd.DataFram
         projections["checkpoint"] = name
         projections["task_id"] = part["task_id"].to_numpy()[projections["text_index"].to_numpy()]
         frames.append(projections.drop(columns=["text_index"]))
-    return pd.concat(frames, ignore_index=True)[["checkpoint", "task_id", "emotion", "layer", "projection"]]
+    return pd.concat(frames, ignore_index=True)[READOUT_TABLE_COLUMNS], ""
 
 
 def _readout_heatmap(readout: pd.DataFrame) -> bytes:
@@ -877,7 +883,9 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
         for name in ("sft_checkpoint", "grpo_checkpoint"):
             _evaluate_checkpoint(context, artifacts, name, tasks, config, frames, summaries)
         results = pd.concat(frames, ignore_index=True)
-        readout = _readout(artifacts, results, tasks, _agent_placement(config, artifacts))
+        readout, readout_skipped = _readout(artifacts, results, tasks, _agent_placement(config, artifacts))
+    if readout_skipped:
+        context.log.warning(f"agent readout skipped: {readout_skipped}")
     summary = pd.DataFrame(summaries)
     tables = {"agent_evaluation": results, "agent_evaluation_summary": summary, "agent_readout": readout}
     write_tables(duckdb, tables)
@@ -895,7 +903,10 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
         metadata[f"{short}_mean_phi"] = by_name[name]["mean_phi"]
         metadata[f"{short}_exact_match_rate"] = by_name[name]["exact_match_rate"]
     metadata["readout_rows"] = len(readout)
+    if readout_skipped:
+        metadata["readout_skipped_reason"] = readout_skipped
     device, dtype = _agent_placement(config, artifacts)
     metadata.update({"device": str(device), "dtype": str(dtype).removeprefix("torch.")})
     return materialized(results.drop(columns=["raw_response"]), readout, config=config, metadata=metadata,
-                        tables=tables, plots={"phi_per_task": plot, "readout_heatmap": _readout_heatmap(readout)})
+                        tables=tables, plots={"phi_per_task": plot,
+                                              **({"readout_heatmap": _readout_heatmap(readout)} if len(readout) else {})})

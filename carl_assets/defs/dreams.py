@@ -210,6 +210,7 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     from carl_assets.models.defaults import resolve_placement
     from carl_assets.models.loading import load_model_and_tokenizer
     from carl_assets.steering import load_readout
+    from carl_assets.steering.readout import require_concepts
 
     nodes, edges = read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges")
     if config.cycle >= 0:
@@ -226,7 +227,8 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     context.log.info(f"cycle {cycle}: {policy_asset}@{policy_version} dreams at temperature "
                      f"{step.temperature:.3f} (SFT lr {step.learning_rate:.2e})")
 
-    vectors = load_readout(artifacts.require("steering_vectors")) if "steering" in config.scorer else None
+    vectors = require_concepts(load_readout(artifacts.require("steering_vectors")),
+                               f"dream_scenarios.scorer = {config.scorer!r}") if "steering" in config.scorer else None
     scorer = parse_scorer_spec(config.scorer, steering_vectors=vectors)
     dream_config = config.dream_config()
     kinds, plan = plan_scenarios(nodes, edges, config, dream_config.walk)

@@ -15,6 +15,7 @@ from carl_assets.memory.graph import (
     EMOTION_NAME,
     MAX_SCORE,
     MIN_SCORE,
+    MemorySourceError,
     extract_training_pairs,
     graph_from_tables,
     load_graph,
@@ -22,6 +23,7 @@ from carl_assets.memory.graph import (
     parse_tags,
 )
 from carl_assets.plotting import figure_png, plt
+from carl_assets.project_env import normalise_memory_source
 
 
 class MemoryGraphConfig(dg.Config):
@@ -41,7 +43,7 @@ class MemoryGraphConfig(dg.Config):
     "the graph). Observed by the memory_graph_changed sensor, or by 'Observe sources' in the UI.",
 )
 def memory_source(memory_source: MemorySource) -> dg.ObserveResult:
-    fingerprint = source_fingerprint(memory_source.source)
+    fingerprint = source_fingerprint(memory_source.resolved)
     return dg.ObserveResult(data_version=dg.DataVersion(fingerprint.version),
                             metadata=fingerprint_metadata(fingerprint))
 
@@ -80,33 +82,103 @@ def _bar_png(frame: pd.DataFrame, index: str, columns: list[str], title: str) ->
     return figure_png(fig)
 
 
+NO_TAGS_REASON = (
+    "no node carries an emotion tag line (an observation such as 'warmth:9 clarity:10'), so there are no "
+    "emotion training pairs; add tag lines to your memories, or set emotion_tags.tagger to 'lexicon' or "
+    "'model' to let a tagger score the untagged nodes"
+)
+METADATA_COLUMNS = ["line", "record_json"]
+
+
+def _previous_nodes(duckdb: DuckDBResource) -> int | None:
+    """Rows of the last good `memory_nodes` table, None when there is none."""
+    try:
+        return len(read_table(duckdb, "memory_nodes"))
+    except (LookupError, FileNotFoundError):
+        return None
+
+
+def _source_failure(source: str, why: str, duckdb: DuckDBResource, rejects: pd.DataFrame | None = None
+                    ) -> dg.Failure:
+    """The asset's failure for a source that gives no graph: what was read, why, what stays, what to do."""
+    previous = _previous_nodes(duckdb)
+    kept = ("nothing was written: the last good graph stays (memory_nodes, " + f"{previous} nodes)"
+            if previous is not None else "nothing was written (there is no earlier graph)")
+    text = (f"{why}. {kept}. Fix the file, or point $CARL_MEMORY_SOURCE (or this run's memory_graph.source) "
+            "at a memory file ('jsonl:PATH'), a live server ('mcp+stdio:COMMAND') or 'sample'.")
+    metadata: dict[str, Any] = {"source": source, "previous_nodes": -1 if previous is None else previous}
+    if rejects is not None and len(rejects):
+        metadata["rejects"] = len(rejects)
+        metadata["rejects_preview"] = table_preview(rejects)
+    return dg.Failure(description=text, metadata=metadata)
+
+
+def _file_metadata(graph: Any) -> pd.DataFrame:
+    """The source's own metadata records (marker lines such as `{"type":"_aim",...}`) as rows, when the
+    reader kept any (`MemoryGraph.metadata`: a frame, a list of records or a mapping)."""
+    found = getattr(graph, "metadata", None)
+    if isinstance(found, dict):  # e.g. {"markers": [{"line": 1, "record": {...}}, ...]}
+        found = [item if isinstance(item, dict) and "key" in item else
+                 {"key": key, **(item if isinstance(item, dict) else {"value": item})}
+                 for key, value in found.items() for item in (value if isinstance(value, list) else [value])]
+    rows = [{"line": int(r.get("line", i)) if isinstance(r, dict) else i,
+             "record_json": json.dumps(r, ensure_ascii=False, sort_keys=True, default=str)}
+            for i, r in enumerate(found or [], start=1)]
+    return pd.DataFrame(rows, columns=METADATA_COLUMNS)
+
+
+def _load(source: str, duckdb: DuckDBResource) -> tuple[Any, SourceFingerprint | None]:
+    """The graph and the file's fingerprint; a `dg.Failure` (before anything is written) when the source
+    cannot be read or holds no entity."""
+    try:
+        fingerprint = source_fingerprint(source) if not source.startswith("mcp") else None
+        graph = load_graph(source)
+    except MemorySourceError as exc:
+        raise _source_failure(source, str(exc), duckdb) from None
+    if graph.nodes.empty:
+        summary = graph.summary()
+        why = (f"cannot read memory source {source!r}: it holds no entity ({summary['rejects']} records rejected"
+               + (f", e.g. line {graph.rejects['line'].iloc[0]}: {graph.rejects['reason'].iloc[0]}"
+                  if len(graph.rejects) else "") + ")")
+        raise _source_failure(source, why, duckdb, graph.rejects)
+    return graph, fingerprint
+
+
 @dg.asset(
     group_name="memory",
     deps=[memory_source],
     kinds={"duckdb"},
     description="The memory graph (nodes with text and emotion tags, links, rejected records) from the "
     "project's memory source ($CARL_MEMORY_SOURCE, or this run's config override): the built-in sample, an "
-    "MCP memory-server JSONL file, or a live MCP server. Tables memory_nodes, memory_edges, memory_rejects.",
+    "MCP memory-server JSONL file, or a live MCP server. Tables memory_nodes, memory_edges, memory_rejects, "
+    "memory_file_metadata (the file's marker/metadata records). A source that cannot be read or holds no "
+    "entity fails the asset before anything is written: the last good graph stays.",
 )
 def memory_graph(
     context: dg.AssetExecutionContext, config: MemoryGraphConfig, duckdb: DuckDBResource,
     memory_source: MemorySource,
 ) -> dg.MaterializeResult:
-    source = config.source.strip() or memory_source.source
-    fingerprint = source_fingerprint(source) if not source.startswith("mcp") else None
-    graph = load_graph(source)
+    source = normalise_memory_source(config.source) or memory_source.resolved
+    graph, fingerprint = _load(source, duckdb)
     summary = graph.summary()
     context.log.info(
         f"{source}: {summary['nodes']} nodes, {summary['edges']} edges, {summary['rejects']} rejects"
     )
-    tables = {"memory_nodes": graph.nodes, "memory_edges": graph.edges, "memory_rejects": graph.rejects}
+    if summary["tagged_nodes"] == 0:
+        context.log.warning(f"0 of {summary['nodes']} nodes carry emotion tags: {NO_TAGS_REASON}. The rest of "
+                            "the graph (dreams, SFT, GRPO, evaluation) runs; steering vectors are skipped.")
+    file_metadata = _file_metadata(graph)
+    tables = {"memory_nodes": graph.nodes, "memory_edges": graph.edges, "memory_rejects": graph.rejects,
+              "memory_file_metadata": file_metadata}
     write_tables(duckdb, tables)
     emotions = pd.DataFrame({"emotion": list(summary["emotions"]), "nodes": list(summary["emotions"].values())})
     plots = {"emotion_histogram": _bar_png(emotions, "emotion", ["nodes"], "nodes tagged with each emotion")} if len(
         emotions
     ) else {}
+    # The metadata records count in the data version only when a file has some (the sample has none).
+    extra_version = [file_metadata] if len(file_metadata) else []
     return materialized(
-        graph.nodes, graph.edges, graph.rejects,
+        graph.nodes, graph.edges, graph.rejects, *extra_version,
         config=config,
         tables=tables,
         metadata={
@@ -116,9 +188,12 @@ def memory_graph(
             "edges": summary["edges"],
             "rejects": summary["rejects"],
             "tagged_nodes": summary["tagged_nodes"],
+            "tags_note": f"{summary['tagged_nodes']} of {summary['nodes']} nodes carry emotion tags"
+            + ("" if summary["tagged_nodes"] else f": {NO_TAGS_REASON}"),
             "emotions": len(summary["emotions"]),
             "kinds": _md_counts(summary["kinds"], ("kind", "nodes")),
             "emotion_counts": dg.MetadataValue.json(summary["emotions"]),
+            "file_metadata": dg.MetadataValue.json(file_metadata["record_json"].map(json.loads).tolist()),
             "nodes_preview": table_preview(graph.nodes),
             "rejects_preview": table_preview(graph.rejects),
         },
@@ -126,20 +201,40 @@ def memory_graph(
     )
 
 
-@dg.asset_check(asset=memory_graph, blocking=True, description="Node names unique, every edge between "
-                "existing nodes, tags plain-word emotions with scores 0..10, at least one node.")
-def memory_graph_is_consistent(duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    nodes, edges = read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges")
+def _graph_problems(nodes: pd.DataFrame, edges: pd.DataFrame) -> tuple[dict[str, int], list[str]]:
+    """Counts of what is wrong with the memory tables, and one sentence per problem saying what to do."""
     names = set(nodes["node_id"])
     dangling = int((~edges["src"].isin(names) | ~edges["dst"].isin(names)).sum())
     bad_tags = 0
     for tags_json in nodes["tags_json"]:
         tags = json.loads(tags_json)
         bad_tags += sum(1 for k, v in tags.items() if not EMOTION_NAME.match(k) or not MIN_SCORE <= v <= MAX_SCORE)
-    duplicates = int(nodes["node_id"].duplicated().sum())
+    counts = {"nodes": len(nodes), "dangling_edges": dangling, "bad_tags": bad_tags,
+              "duplicate_names": int(nodes["node_id"].duplicated().sum())}
+    problems = []
+    if not len(nodes):
+        problems.append("memory_nodes is empty: rematerialize memory_graph from a source with entities")
+    if dangling:
+        problems.append(f"{dangling} edges name a node that is not in memory_nodes (a stub node should stand "
+                        "for an entity that was never created): a reader bug, report it with the file")
+    if bad_tags:
+        problems.append(f"{bad_tags} tags are not a lower-case word with a score {MIN_SCORE}..{MAX_SCORE}: "
+                        "a reader bug, report it with the file")
+    if counts["duplicate_names"]:
+        problems.append(f"{counts['duplicate_names']} node names repeat: same-name entities should be merged "
+                        "by the reader; report it with the file")
+    return counts, problems
+
+
+@dg.asset_check(asset=memory_graph, blocking=True, description="Node names unique, every edge between "
+                "existing nodes (stub nodes stand for entities a relation names but the file never created), "
+                "tags plain-word emotions with scores 0..10, at least one node.")
+def memory_graph_is_consistent(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    counts, problems = _graph_problems(read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges"))
     return dg.AssetCheckResult(
-        passed=len(nodes) > 0 and dangling == 0 and bad_tags == 0 and duplicates == 0,
-        metadata={"nodes": len(nodes), "dangling_edges": dangling, "bad_tags": bad_tags, "duplicate_names": duplicates},
+        passed=not problems,
+        description="; ".join(problems) or f"{counts['nodes']} nodes, every edge between them",
+        metadata={**counts, "problems": dg.MetadataValue.json(problems)},
     )
 
 
@@ -169,6 +264,9 @@ def emotion_training_pairs(
     counts = pair_counts(pairs)
     dropped = sorted(set(graph.emotion_counts()) - set(counts["emotion"]))
     context.log.info(f"{len(pairs)} examples over {len(counts)} emotions; dropped (no positive or negative): {dropped}")
+    reason = _empty_reason(graph, config) if pairs.empty else ""
+    if reason:
+        context.log.warning(f"no emotion training pairs: {reason}")
     per_emotion = {row.emotion: {"positive": int(row.positive), "negative": int(row.negative)} for row in counts.itertuples()}
     plots = {"pair_counts": _bar_png(counts, "emotion", ["positive", "negative"], "examples per emotion")} if len(
         counts
@@ -187,9 +285,24 @@ def emotion_training_pairs(
             # The check reads the limits back from here: asset checks do not see the asset's config.
             "max_examples_per_emotion": config.max_examples_per_emotion,
             "min_content_chars": config.min_content_chars,
+            # Why there are none (empty when there are pairs): the check and steering_vectors repeat it.
+            "empty_reason": reason,
         },
         plots=plots,
     )
+
+
+def _empty_reason(graph: Any, config: PairsConfig) -> str:
+    """Why `extract_training_pairs` gave nothing, and what to change (names real config fields)."""
+    tagged = int((graph.nodes["n_tags"] > 0).sum())
+    if tagged == 0:
+        return NO_TAGS_REASON
+    emotions = graph.emotion_counts()
+    return (f"{tagged} of {len(graph.nodes)} nodes carry tags over {len(emotions)} emotions, but no emotion has "
+            f"both a positive node (scored >= emotion_training_pairs.min_positive_score = "
+            f"{config.min_positive_score}) and a negative one, each with >= min_content_chars = "
+            f"{config.min_content_chars} characters of text; lower those settings or tag more nodes "
+            "(every emotion needs nodes that score it high and tagged nodes without it)")
 
 
 def _latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict[str, Any]:
@@ -199,32 +312,47 @@ def _latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict
 
 
 @dg.asset_check(asset=emotion_training_pairs, blocking=True, description="Pairs non-empty; every emotion "
-                "kept has positives and negatives within the cap, plain-word names, long enough texts without tag lines.")
+                "kept has positives and negatives within the cap, plain-word names, long enough texts without "
+                "tag lines. No pairs at all (an untagged graph) is a WARN with the reason, so the rest of the "
+                "graph runs and steering_vectors skips; a malformed pair is an ERROR naming what to change.")
 def pairs_nonempty_within_caps(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
     pairs = read_table(duckdb, "emotion_training_pairs")
     meta = _latest_metadata(context, "emotion_training_pairs")
     cap = int(meta.get("max_examples_per_emotion", PairsConfig().max_examples_per_emotion))
     min_chars = int(meta.get("min_content_chars", PairsConfig().min_content_chars))
     counts = pair_counts(pairs)
-    over_cap = counts[(counts["positive"] > cap) | (counts["negative"] > cap)]["emotion"].tolist()
-    one_sided = counts[(counts["positive"] == 0) | (counts["negative"] == 0)]["emotion"].tolist()
-    bad_names = sorted({e for e in pairs["emotion"] if not EMOTION_NAME.match(str(e))})
-    bad_polarity = int((~pairs["polarity"].isin(["positive", "negative"])).sum())
-    short = int((pairs["text"].str.len() < min_chars).sum())
-    tagged_text = int(sum(1 for t in pairs["text"] if parse_tags(t)))
-    return dg.AssetCheckResult(
-        passed=bool(len(pairs) > 0 and not over_cap and not one_sided and not bad_names and bad_polarity == 0
-                    and short == 0 and tagged_text == 0),
-        metadata={
-            "rows": len(pairs),
-            "emotions": len(counts),
-            "cap": cap,
-            "max_per_polarity": int(counts[["positive", "negative"]].to_numpy().max()) if len(counts) else 0,
-            "over_cap": dg.MetadataValue.json(over_cap),
-            "one_sided": dg.MetadataValue.json(one_sided),
-            "bad_names": dg.MetadataValue.json(bad_names),
-            "bad_polarity": bad_polarity,
-            "too_short": short,
-            "texts_with_tag_line": tagged_text,
-        },
-    )
+    found = {
+        "over_cap": counts[(counts["positive"] > cap) | (counts["negative"] > cap)]["emotion"].tolist(),
+        "one_sided": counts[(counts["positive"] == 0) | (counts["negative"] == 0)]["emotion"].tolist(),
+        "bad_names": sorted({e for e in pairs["emotion"] if not EMOTION_NAME.match(str(e))}),
+        "bad_polarity": int((~pairs["polarity"].isin(["positive", "negative"])).sum()),
+        "too_short": int((pairs["text"].str.len() < min_chars).sum()),
+        "texts_with_tag_line": int(sum(1 for t in pairs["text"] if parse_tags(t))),
+    }
+    metadata = {
+        "rows": len(pairs), "emotions": len(counts), "cap": cap,
+        "max_per_polarity": int(counts[["positive", "negative"]].to_numpy().max()) if len(counts) else 0,
+        **{k: dg.MetadataValue.json(v) if isinstance(v, list) else v for k, v in found.items()},
+    }
+    if pairs.empty:
+        reason = str(meta.get("empty_reason") or "emotion_training_pairs is empty")
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, description=reason,
+                                   metadata={**metadata, "reason": reason})
+    problems = _pair_problems(found, cap, min_chars)
+    return dg.AssetCheckResult(passed=not problems, metadata={**metadata, "problems": dg.MetadataValue.json(problems)},
+                               description="; ".join(problems) or f"{len(pairs)} pairs over {len(counts)} emotions")
+
+
+def _pair_problems(found: dict[str, Any], cap: int, min_chars: int) -> list[str]:
+    """One sentence per problem the check found, saying what is wrong and what to change."""
+    messages = {
+        "over_cap": f"emotions {found['over_cap']} have more than max_examples_per_emotion = {cap} pairs of a "
+                    "polarity: a sampling bug, report it",
+        "one_sided": f"emotions {found['one_sided']} have pairs of one polarity only: a pairs bug, report it",
+        "bad_names": f"emotion names {found['bad_names']} are not lower-case words: fix those tag lines",
+        "bad_polarity": f"{found['bad_polarity']} pairs have a polarity other than positive/negative",
+        "too_short": f"{found['too_short']} texts are shorter than min_content_chars = {min_chars}",
+        "texts_with_tag_line": f"{found['texts_with_tag_line']} texts still hold a tag line: the tag parser "
+                               "missed it, report it with the memory file",
+    }
+    return [message for key, message in messages.items() if found[key]]

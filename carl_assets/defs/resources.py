@@ -37,7 +37,7 @@ class ArtifactStore(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Inside a run, an upstream the run made itself is read from its own version, not `current`:
         # another run overlapping this one may have promoted its version in between.
-        self._run_id = context.run_id
+        self._run_id = context.run.run_id if context.run else None
 
     @property
     def root(self) -> Path:

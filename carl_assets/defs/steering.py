@@ -30,6 +30,7 @@ from carl_assets.steering import (
 from carl_assets.steering.crosstalk import cosine_matrix, cross_talk, tag_cooccurrence
 from carl_assets.steering.layers import LayerSweep, sweep_layers
 from carl_assets.steering.projection import PROJECTION_COLUMNS, project_texts, read_text_file
+from carl_assets.steering.readout import empty_readout
 from carl_assets.steering.selection import select_emotions
 
 LAYER_SELECTIONS = ("depth", "auto")
@@ -144,8 +145,9 @@ def _cross_talk_plot(cos: np.ndarray, co: np.ndarray, concepts: list[str], layer
 
 
 def _select(pairs: pd.DataFrame, config: SteeringConfig, context: dg.AssetExecutionContext
-            ) -> tuple[pd.DataFrame, dict[str, dict[str, int]], dict[str, Any]]:
-    """Emotions with enough pairs, then the configured selection (top N by positive pairs, curated)."""
+            ) -> tuple[pd.DataFrame, dict[str, dict[str, int]], dict[str, Any], str]:
+    """Emotions with enough pairs, then the configured selection (top N by positive pairs, curated); the
+    last item is why nothing is left ("" when something is)."""
     counts = pairs.groupby(["emotion", "polarity"]).size().unstack(fill_value=0)
     counts = counts.reindex(columns=["positive", "negative"], fill_value=0)
     enough = (counts["positive"] >= config.min_pairs_per_polarity) & (counts["negative"] >= config.min_pairs_per_polarity)
@@ -154,14 +156,46 @@ def _select(pairs: pd.DataFrame, config: SteeringConfig, context: dg.AssetExecut
         context.log.warning(f"skipping {len(skipped)} emotions with < {config.min_pairs_per_polarity} pairs: {skipped}")
     positives = {str(e): int(counts.at[e, "positive"]) for e in counts.index[enough]}
     if not positives:
-        raise ValueError(f"no emotion has at least {config.min_pairs_per_polarity} pairs of each polarity "
-                         f"(counts: {counts.to_dict('index')})")
+        return pairs.iloc[:0], skipped, {}, _no_pairs_reason(pairs, skipped, config, context)
     kept, why, missing = select_emotions(positives, config.top_n_emotions, config.emotions)
     if missing:
         context.log.warning(f"curated emotions without enough pairs in the data: {missing}")
     selection = {"why": why, "missing_curated": missing,
                  "not_selected": sorted(set(positives) - set(kept))}
-    return pairs[pairs["emotion"].isin(kept)], skipped, selection
+    return pairs[pairs["emotion"].isin(kept)], skipped, selection, ""
+
+
+def _no_pairs_reason(pairs: pd.DataFrame, skipped: dict[str, dict[str, int]], config: SteeringConfig,
+                     context: dg.AssetExecutionContext) -> str:
+    """Why no emotion can be trained: the pairs' own reason when there are none, else the counts."""
+    if pairs.empty:
+        event = context.instance.get_latest_materialization_event(dg.AssetKey("emotion_training_pairs"))
+        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+        reason = meta["empty_reason"].value if "empty_reason" in meta else ""
+        return f"emotion_training_pairs is empty: {reason or 'no node gave a pair'}"
+    return (f"no emotion has at least steering_vectors.min_pairs_per_polarity = {config.min_pairs_per_polarity} "
+            f"pairs of each polarity (counts: {skipped}); lower min_pairs_per_polarity, or tag more nodes")
+
+
+def _skip(context: dg.AssetExecutionContext, config: SteeringConfig, duckdb: DuckDBResource,
+          artifacts: ArtifactStore, reason: str, skipped: dict[str, dict[str, int]]) -> dg.MaterializeResult:
+    """No usable pairs: an explicit empty readout (zero concepts, `skipped_reason` in the manifest) and
+    empty tables, so the checks and the readers downstream skip with the reason instead of failing."""
+    context.log.warning(f"steering vectors skipped: {reason}")
+    with artifacts.write_dir("steering_vectors") as tmp:
+        save_readout(empty_readout(reason, reduction=config.reduction), tmp,
+                     extra={"skipped": skipped, "min_pairs_per_polarity": config.min_pairs_per_polarity})
+    stats = pd.DataFrame(columns=["emotion", "layer", "n_positive", "n_negative", "raw_norm", "heldout_auc"])
+    write_tables(duckdb, {"steering_vector_stats": stats,
+                          "steering_layer_sweep": pd.DataFrame(columns=["layer", "mean_auc", "emotions", "rank",
+                                                                        "chosen"]),
+                          "steering_cross_talk": pd.DataFrame(columns=["layer", "emotion_a", "emotion_b", "cosine",
+                                                                       "cooccurrence"]),
+                          "steering_heldout_projections": pd.DataFrame(columns=PROJECTION_COLUMNS)})
+    folder = artifacts.path("steering_vectors")
+    return materialized(reason, skipped, config=config, metadata={
+        "path": dg.MetadataValue.path(str(folder)), "concepts": 0, "skipped_reason": reason,
+        "skipped_emotions": dg.MetadataValue.json(skipped)})
 
 
 @dg.asset(
@@ -179,7 +213,9 @@ def steering_vectors(context: dg.AssetExecutionContext, config: SteeringConfig, 
                      artifacts: ArtifactStore) -> dg.MaterializeResult:
     if config.layer_selection not in LAYER_SELECTIONS:
         raise ValueError(f"layer_selection must be one of {list(LAYER_SELECTIONS)}, not {config.layer_selection!r}")
-    pairs, skipped, selection = _select(read_table(duckdb, "emotion_training_pairs"), config, context)
+    pairs, skipped, selection, reason = _select(read_table(duckdb, "emotion_training_pairs"), config, context)
+    if reason:
+        return _skip(context, config, duckdb, artifacts, reason, skipped)
     # memory_nodes is upstream of the pairs: it gives each pair's node kind and the tags' co-occurrence.
     nodes = read_table(duckdb, "memory_nodes")
     pairs = pairs.merge(nodes[["node_id", "kind"]], on="node_id", how="left").fillna({"kind": "unknown"})
@@ -292,15 +328,28 @@ def vectors_finite_unit_norm(artifacts: ArtifactStore) -> dg.AssetCheckResult:
     from safetensors.torch import load_file
 
     tensors = load_file(str(artifacts.require("steering_vectors", VECTORS_FILE)))
+    skipped = _skipped_reason(artifacts)
     worst, finite = 0.0, True
     for t in tensors.values():
         finite = finite and bool(torch.isfinite(t).all())
         if finite and t.numel():
             worst = max(worst, float((t.double().norm(dim=-1) - 1).abs().max()))
-    return dg.AssetCheckResult(
-        passed=bool(tensors) and finite and worst <= 1e-4,
-        metadata={"tensors": len(tensors), "finite": finite, "max_abs_norm_error": worst},
-    )
+    metadata = {"tensors": len(tensors), "finite": finite, "max_abs_norm_error": worst}
+    if skipped and not tensors:  # an explicit empty readout: nothing to check, and it says why
+        return dg.AssetCheckResult(passed=True, description=f"skipped: {skipped}",
+                                   metadata={**metadata, "skipped_reason": skipped})
+    problems = [text for bad, text in (
+        (not tensors, "vectors.safetensors holds no tensor and the manifest gives no skipped_reason"),
+        (not finite, "some vectors are not finite"),
+        (worst > 1e-4, f"rows are not unit norm (max |norm - 1| = {worst:.2e})")) if bad]
+    return dg.AssetCheckResult(passed=not problems, metadata=metadata, description=(
+        "; ".join(problems) + ": rematerialize steering_vectors" if problems else f"{len(tensors)} layers, unit rows"))
+
+
+def _skipped_reason(artifacts: ArtifactStore) -> str:
+    """The `skipped_reason` of the current readout's manifest ("" for a readout with emotions)."""
+    manifest = artifacts.require("steering_vectors", MANIFEST_FILE)
+    return str(json.loads(manifest.read_text()).get("skipped_reason", ""))
 
 
 @dg.asset_check(asset=steering_vectors, blocking=True,
@@ -316,8 +365,12 @@ def manifest_matches_tensors(artifacts: ArtifactStore, duckdb: DuckDBResource) -
         problems.append("steering_vector_stats lacks some manifest concepts")
     if not set(manifest.get("layers", [])) <= set(stats["layer"].astype(int)):
         problems.append("steering_vector_stats lacks some manifest layers")
+    skipped = str(manifest.get("skipped_reason", ""))
+    description = "; ".join(problems) + ": rematerialize steering_vectors" if problems else (
+        f"skipped: {skipped}" if skipped else f"{len(concepts)} concepts agree with the tensors and the stats")
     return dg.AssetCheckResult(
-        passed=not problems,
+        passed=not problems, description=description,
         metadata={"problems": dg.MetadataValue.json(problems), "concepts": len(concepts),
-                  "layers": dg.MetadataValue.json(manifest.get("layers", []))},
+                  "layers": dg.MetadataValue.json(manifest.get("layers", [])),
+                  **({"skipped_reason": skipped} if skipped else {})},
     )

@@ -29,3 +29,35 @@ def readout_projections(model: Any, tokenizer: Any, texts: Sequence[str], vector
         return pd.DataFrame(columns=READOUT_COLUMNS)
     frame = project_texts(model, tokenizer, vectors, texts, batch_size=batch_size, max_length=max_length)
     return frame[READOUT_COLUMNS]
+
+
+class EmptyReadoutError(ValueError):
+    """A consumer asked for emotions from a readout that has none (steering_vectors was skipped)."""
+
+
+def empty_readout(reason: str, model: str = "", reduction: str = "mean") -> SteeringVectors:
+    """A readout with zero concepts and layers that says why (`skipped_reason`): what `steering_vectors`
+    saves when there are no usable pairs, so readers can skip with that reason instead of failing."""
+    if not reason:
+        raise ValueError("an empty readout needs the reason it is empty")
+    return SteeringVectors(concepts=[], layers=[], vectors={}, model=model, reduction=reduction,
+                           skipped_reason=reason)
+
+
+def readout_skipped(vectors: SteeringVectors) -> str:
+    """Why the readout holds no emotion ("" when it holds at least one)."""
+    if vectors.concepts:
+        return ""
+    return vectors.skipped_reason or "the readout has no emotion vectors"
+
+
+def require_concepts(vectors: SteeringVectors, needed_by: str) -> SteeringVectors:
+    """`vectors`, or `EmptyReadoutError` naming `needed_by` (the config that asked for the readout, e.g.
+    "dream_scenarios.scorer = 'steering:warmth'") and why steering_vectors has no emotions."""
+    reason = readout_skipped(vectors)
+    if reason:
+        raise EmptyReadoutError(
+            f"{needed_by} needs steering vectors, but steering_vectors was skipped: {reason}. Give the memory "
+            "graph emotion tags (then rematerialize emotion_training_pairs and steering_vectors), or change "
+            f"{needed_by.split(' ')[0]} to not use a steering scorer")
+    return vectors

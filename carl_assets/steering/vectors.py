@@ -85,6 +85,8 @@ class SteeringVectors:
     truncated_texts: int = 0  # unique texts cut to `max_tokens`
     max_tokens: int | None = None  # the token limit applied: min(max_length, the model's positions)
     bos_excluded: bool = False  # a leading BOS token was left out of the mean reduction
+    # Why the readout has no concepts at all (e.g. an untagged memory graph gave no pairs); "" otherwise.
+    skipped_reason: str = ""
     # Reduced activations per unique text, `[len(layers), hidden]`, only when asked for (the layer
     # sweep hands them to the main run so those texts are not run twice); never saved.
     activations: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -124,6 +126,7 @@ class SteeringVectors:
             "vllm_env_note": "paths relative to the folder holding this manifest",
             "pair_counts": {c: dict(self.pair_counts.get(c, {})) for c in self.concepts},
             "dropped": dict(self.dropped),
+            **({"skipped_reason": self.skipped_reason} if self.skipped_reason else {}),
         }
 
 
@@ -683,6 +686,7 @@ def load_readout(directory: str | os.PathLike[str], layout: str = "per_layer") -
         truncated_texts=int(manifest.get("truncated_texts", 0)),
         max_tokens=manifest.get("max_tokens"),
         bos_excluded=bool(manifest.get("bos_excluded", False)),
+        skipped_reason=str(manifest.get("skipped_reason", "")),
     )
     if manifest.get("calibration"):
         vectors.stats = pd.DataFrame(manifest["calibration"])

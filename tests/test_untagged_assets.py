@@ -1,0 +1,181 @@
+"""An untagged memory graph runs green with reasons, and a source that gives no graph writes nothing.
+
+Invented content throughout. What must hold (issue 13):
+- an untagged graph: `emotion_training_pairs` is empty with a stated reason (a WARN check, not a block),
+  `steering_vectors` saves an explicit empty readout with `skipped_reason` and its checks pass saying so,
+  the agent's readout and a steering dream scorer skip or fail naming the config;
+- an empty or unreadable file fails `memory_graph` before anything is written, naming the file; the last
+  good tables stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from carl_assets import storage
+from carl_assets.defs.memory import (
+    NO_TAGS_REASON,
+    emotion_training_pairs,
+    memory_graph,
+    memory_graph_is_consistent,
+    pairs_nonempty_within_caps,
+)
+from carl_assets.defs.resources import build_resources
+from carl_assets.defs.steering import manifest_matches_tensors, steering_vectors, vectors_finite_unit_norm
+from carl_assets.steering import load_readout
+
+GARDEN = [
+    {"type": "entity", "name": "Herb Spiral", "entityType": "project",
+     "observations": ["Stones stacked in a spiral hold thyme at the top and mint near the damp bottom.",
+                      "The spiral drained well after the storm last week."]},
+    {"type": "entity", "name": "Rosa", "entityType": "person",
+     "observations": ["Rosa trades seedlings for jam every spring at the allotment gate."]},
+    {"type": "entity", "name": "Worm Bin", "entityType": "topic",
+     "observations": ["Coffee grounds and cardboard go in; the worms turn it into dark crumbly soil."]},
+    {"type": "relation", "from": "Rosa", "to": "Herb Spiral", "relationType": "helped_build"},
+    {"type": "relation", "from": "Herb Spiral", "to": "Worm Bin", "relationType": "fed_by"},
+]
+TAGGED = [
+    {"type": "entity", "name": f"day-{i}", "entityType": "journal",
+     "observations": [f"Day {i}: a long walk by the canal with the dog, then soup and an early night.",
+                      "warmth:9" if i % 2 else "calm:7"]}
+    for i in range(6)
+]
+STEPS = [memory_graph, memory_graph_is_consistent, emotion_training_pairs, pairs_nonempty_within_caps,
+         steering_vectors, vectors_finite_unit_norm, manifest_matches_tensors]
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _run(home: Path, source: str, steps: list = STEPS, instance: dg.DagsterInstance | None = None):
+    config = {"ops": {"memory_graph": {"config": {"source": source}}}}
+    return dg.materialize(steps, resources=build_resources(home), run_config=config, instance=instance,
+                          raise_on_error=False)
+
+
+def _meta(result, asset: str) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+
+
+def test_untagged_graph_gives_empty_pairs_and_a_skipped_readout_with_the_reason(tmp_path):
+    memory = _write(tmp_path / "garden.jsonl", GARDEN)
+    with dg.instance_for_test() as instance:
+        result = _run(tmp_path / "home", f"jsonl:{memory}", instance=instance)
+        warnings = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert result.success
+    assert any(m.startswith("0 of 3 nodes carry emotion tags: no node carries an emotion tag line") for m in warnings)
+
+    graph = _meta(result, "memory_graph")
+    assert graph["tagged_nodes"] == 0 and graph["tags_note"].startswith(f"0 of {graph['nodes']} nodes")
+    pairs = _meta(result, "emotion_training_pairs")
+    assert pairs["rows"] == 0 and pairs["empty_reason"] == NO_TAGS_REASON
+    # The reason names config fields that exist.
+    assert "emotion_tags.tagger" in NO_TAGS_REASON and "'warmth:9 clarity:10'" in NO_TAGS_REASON
+
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["memory_graph_is_consistent"].passed
+    warn = checks["pairs_nonempty_within_caps"]
+    assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN and warn.description == NO_TAGS_REASON
+    for name in ("vectors_finite_unit_norm", "manifest_matches_tensors"):
+        assert checks[name].passed and checks[name].description.startswith("skipped: emotion_training_pairs is empty")
+
+    steering = _meta(result, "steering_vectors")
+    assert steering["concepts"] == 0
+    assert steering["skipped_reason"] == f"emotion_training_pairs is empty: {NO_TAGS_REASON}"
+    readout = load_readout(build_resources(tmp_path / "home")["artifacts"].require("steering_vectors"))
+    assert readout.concepts == [] and readout.layers == [] and readout.skipped_reason == steering["skipped_reason"]
+    db = tmp_path / "home" / storage.DATABASE_NAME
+    assert storage.read_table(db, "emotion_training_pairs").empty
+    assert storage.read_table(db, "steering_vector_stats").empty
+
+
+def test_too_few_pairs_skips_steering_naming_the_setting(tmp_path):
+    memory = _write(tmp_path / "few.jsonl", TAGGED)  # 3 positives, 3 negatives of warmth: fewer than 10
+    result = _run(tmp_path / "home", f"jsonl:{memory}")
+    assert result.success
+    assert _meta(result, "emotion_training_pairs")["rows"] == 6
+    reason = _meta(result, "steering_vectors")["skipped_reason"]
+    assert "steering_vectors.min_pairs_per_polarity = 10" in reason and "'warmth'" in reason
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["pairs_nonempty_within_caps"].passed
+
+
+def test_tagged_nodes_without_a_negative_say_which_settings_to_change(tmp_path):
+    only_high = [{**r, "observations": [r["observations"][0], "warmth:9"]} for r in TAGGED]
+    memory = _write(tmp_path / "high.jsonl", only_high)
+    result = _run(tmp_path / "home", f"jsonl:{memory}", STEPS[:4])
+    assert result.success
+    reason = _meta(result, "emotion_training_pairs")["empty_reason"]
+    assert reason.startswith("6 of 6 nodes carry tags over 1 emotions")
+    assert "emotion_training_pairs.min_positive_score = 8" in reason and "min_content_chars = 40" in reason
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"not json at all\n{\"half\": \n"])
+def test_a_source_without_a_graph_fails_before_writing_and_keeps_the_last_good_tables(tmp_path, content):
+    home = tmp_path / "home"
+    good = _write(tmp_path / "good.jsonl", GARDEN)
+    with dg.instance_for_test() as instance:
+        assert _run(home, f"jsonl:{good}", [memory_graph], instance).success
+        db = home / storage.DATABASE_NAME
+        before = storage.read_table(db, "memory_nodes")
+
+        bad = tmp_path / "broken.jsonl"
+        bad.write_bytes(content)
+        result = _run(home, f"jsonl:{bad}", [memory_graph], instance)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert str(bad) in failure.description and "nothing was written" in failure.description
+    assert f"memory_nodes, {len(before)} nodes" in failure.description and "CARL_MEMORY_SOURCE" in failure.description
+    assert failure.metadata["previous_nodes"].value == len(before)
+    after = storage.read_table(db, "memory_nodes")
+    pd.testing.assert_frame_equal(after, before)
+
+
+def test_a_missing_file_fails_naming_it_and_saying_nothing_was_there_before(tmp_path):
+    result = _run(tmp_path / "home", f"jsonl:{tmp_path / 'nope.jsonl'}", [memory_graph])
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "nope.jsonl" in failure.description and "there is no earlier graph" in failure.description
+
+
+def test_agent_readout_and_steering_scorer_with_a_skipped_readout(tmp_path):
+    from carl_assets.defs.carl import _readout
+    from carl_assets.steering import save_readout
+    from carl_assets.steering.readout import EmptyReadoutError, empty_readout, require_concepts
+
+    artifacts = build_resources(tmp_path)["artifacts"]
+    with artifacts.write_dir("steering_vectors") as folder:
+        save_readout(empty_readout("no tags here"), folder)
+    results = pd.DataFrame({"checkpoint": ["sft_checkpoint"], "task_id": ["t0"], "instruction": ["i"],
+                            "raw_response": ["r"]})
+    readout, reason = _readout(artifacts, results, pd.DataFrame({"task_id": ["t0"], "observation": ["o"]}))
+    assert readout.empty and list(readout.columns) == ["checkpoint", "task_id", "emotion", "layer", "projection"]
+    assert reason == "steering_vectors was skipped: no tags here"
+
+    vectors = load_readout(artifacts.require("steering_vectors"))
+    with pytest.raises(EmptyReadoutError, match=r"dream_scenarios.scorer = 'steering:warmth' needs steering "
+                       r"vectors, but steering_vectors was skipped: no tags here"):
+        require_concepts(vectors, "dream_scenarios.scorer = 'steering:warmth'")
+    with pytest.raises(ValueError, match="needs the reason"):
+        empty_readout("")
+
+
+def test_file_metadata_markers_are_kept_in_a_table(tmp_path):
+    from carl_assets.defs.memory import _file_metadata
+
+    class WithMarkers:
+        metadata = {"markers": [{"line": 1, "record": {"type": "_aim", "name": "garden"}}]}
+
+    table = _file_metadata(WithMarkers())
+    assert table["line"].tolist() == [1]
+    assert json.loads(table["record_json"][0]) == {"key": "markers", "line": 1,
+                                                   "record": {"type": "_aim", "name": "garden"}}
+    assert _file_metadata(object()).empty
