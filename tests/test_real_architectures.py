@@ -1,6 +1,8 @@
 """The whole chain through the Dagster assets on tiny random models of three real architectures, given as
 a local folder (`base_model.model = <folder>`): Llama, Qwen2 and GPT-2 (no pad token in its tokenizer,
-absolute position embeddings), all with tied input/output embeddings. Real-model defaults apply (they
+absolute position embeddings), all with tied input/output embeddings; and a GPT-2 *base* model as users
+bring them (case models/09: bos = eos = unk, no pad, no chat template), which base_model gives the
+transcript template that dreams, SFT, GRPO and the agent then share. Real-model defaults apply (they
 are not the offline model), so the configs shrink every size; gradient checkpointing stays on."""
 
 import json
@@ -24,7 +26,9 @@ from carl_assets.defs import carl as carl_defs
 from carl_assets.defs import dreams, memory, models, steering
 from carl_assets.defs.resources import build_resources
 from carl_assets.memory_graph import load_graph
+from carl_assets.models.chat_template import transcript_template
 from carl_assets.models.loading import train_tokenizer
+from tests.data.gpt2_like import save_gpt2_like
 
 CHAIN = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors,
          dreams.dream_scenarios, carl_defs.sft_dataset, carl_defs.sft_checkpoint,
@@ -46,10 +50,13 @@ def _config(kind: str, tokenizer) -> object:
                       tie_word_embeddings=True, **ids)
 
 
-CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}
+CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel,
+           "gpt2_base": GPT2LMHeadModel}
 
 
 def _save_model(kind: str, folder) -> torch.nn.Module:
+    if kind == "gpt2_base":
+        return save_gpt2_like(folder, hidden=HIDDEN, layers=LAYERS, positions=1024)
     texts = [t for t in load_graph("sample").nodes["text"].astype(str) if t.strip()]
     tokenizer = train_tokenizer(texts, vocab_size=512)
     if kind == "gpt2":  # as the real GPT-2: no pad token (it must be padded with eos downstream)
@@ -81,7 +88,7 @@ def _run_config(model_dir) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "gpt2_base"])
 def test_the_chain_runs_on_a_real_architecture(tmp_path, kind):
     original = _save_model(kind, tmp_path / "model")
     reloaded = load_file(str(tmp_path / "model" / "model.safetensors"))
@@ -97,6 +104,11 @@ def test_the_chain_runs_on_a_real_architecture(tmp_path, kind):
     base = (art / "base_model" / "current").resolve()
     info = json.loads((base / "carl_model.json").read_text())
     assert info["source"].startswith("local:")
+    assert info["chat_template_installed"] is (kind == "gpt2_base")
+    if kind == "gpt2_base":  # every later asset read this one template from the saved tokenizer
+        saved = json.loads((base / "tokenizer_config.json").read_text())
+        template = saved.get("chat_template") or (base / "chat_template.jinja").read_text()
+        assert template == transcript_template(add_bos=False) and saved["pad_token"] == "<|endoftext|>"
     readout = load_file(str(art / "steering_vectors" / "current" / "vectors.safetensors"))
     manifest = json.loads((art / "steering_vectors" / "current" / "manifest.json").read_text())
     assert readout, "no readout vectors"
