@@ -18,7 +18,7 @@ from carl_assets.memory.taggers.model import (
     ScoreTokens,
     answer_probabilities,
     model_probabilities,
-    rating_prompt,
+    prompt_ids,
     reduce_scores,
     score_tokens,
 )
@@ -86,7 +86,9 @@ def test_user_tags_win_and_stub_or_empty_nodes_are_never_tagged():
         ("untagged", LOVE_HEAVY, "{}"),
         ("stub", LOVE_HEAVY, "{}"),
         ("empty", "   ", "{}"),
-    ], stub=[False, False, True, False])
+        ("name only", "Mara (person)", "{}"),  # an entity without observations: its text is its name
+    ], stub=[False, False, True, False, False])
+    nodes["n_observations"] = [2, 1, 0, 0, 0]
     tags = tag_nodes(nodes, "lexicon", ["love", "joy"])
     by_node = tags_by_node(tags)
     assert by_node["tagged"] == {"joy": 3}
@@ -94,7 +96,8 @@ def test_user_tags_win_and_stub_or_empty_nodes_are_never_tagged():
     assert tags.loc[tags["node_id"] == "tagged", "source"].tolist() == ["user"]
     assert set(tags.loc[tags["node_id"] == "untagged", "source"]) == {"lexicon"}
     status = node_status(nodes, tags, "lexicon").set_index("node_id")["status"].to_dict()
-    assert status == {"tagged": "user", "untagged": "tagged", "stub": "stub", "empty": "empty_text"}
+    assert status == {"tagged": "user", "untagged": "tagged", "stub": "stub", "empty": "empty_text",
+                      "name only": "empty_text"}
     # off: user tags only; sources filter the per-node dicts
     assert tag_nodes(nodes, "off")[TAG_COLUMNS].values.tolist() == [["tagged", "joy", 3, "user", 3.0]]
     assert tags_by_node(tags, ["user"]) == {"tagged": {"joy": 3}}
@@ -142,12 +145,13 @@ def test_two_token_answers_share_the_prefix_mass():
 
 
 def _hand_probabilities(model, tokenizer, text: str, emotion: str) -> np.ndarray:
-    """Unbatched, no cache: softmax of the logits at the answer position, two-token answers by a
+    """Unbatched, no KV cache: softmax of the logits at the answer position, two-token answers by a
     second full forward on prompt + first token."""
     tokens = score_tokens(tokenizer)
-    chat = bool(tokenizer.chat_template)
-    prompt = tokenizer(rating_prompt(tokenizer, text, emotion), add_special_tokens=not chat)["input_ids"]
-    prompt = list(prompt) + list(tokens.prefix)
+    prompt = prompt_ids(tokenizer, text, emotion)
+    assert tokenizer.decode(prompt).endswith(f"express {emotion}? Answer with one number from 0 to 10."
+                                             + ("<|eos|><|assistant|>\n" if tokenizer.chat_template else
+                                                "\nRating (0-10): "))
 
     def next_probs(ids):
         with torch.no_grad():
@@ -192,6 +196,7 @@ def _write_nodes(home, nodes: pd.DataFrame) -> None:
     storage.write_tables(storage.database_path(home), {"memory_nodes": full})
 
 
+@pytest.mark.slow  # three materializations
 def test_asset_tags_an_untagged_graph_and_versions_follow_config(tmp_path):
     from carl_assets import storage
     from carl_assets.defs.emotion_tags import emotion_tags

@@ -17,7 +17,8 @@ Rules:
   read an emotion it leaves out as absent (a negative example, the seed's "absent or low"), so a
   tagger adding emotions to it would overrule the user. User tags therefore always win.
 - Stub nodes (``is_stub`` true: an entity a relation names but the file never created) and nodes
-  with empty text are never tagged by a tagger: there is nothing to read.
+  with empty text or no observations (``n_observations`` 0: the text is only the entity's name) are
+  never tagged by a tagger: there is nothing to read.
 - A tagger writes the emotions it scored at least ``min_score`` (a tag line names the emotions
   present); the node statuses (`node_status`) tell a node the tagger read and found nothing in
   (``none_found``: a negative for every emotion) from one it never read.
@@ -91,7 +92,12 @@ def _is_stub(nodes: pd.DataFrame) -> np.ndarray:
 
 
 def _is_empty(nodes: pd.DataFrame) -> np.ndarray:
-    return np.array([not str(t).strip() if t is not None and t == t else True for t in nodes["text"].tolist()])
+    """No text, or (where the reader counts them) no observations: a node text that is only the
+    entity's name and type gives a tagger nothing to read."""
+    empty = np.array([not str(t).strip() if t is not None and t == t else True for t in nodes["text"].tolist()])
+    if "n_observations" in nodes.columns:
+        empty |= nodes["n_observations"].fillna(0).astype(int).to_numpy() == 0
+    return empty
 
 
 def _has_user_tags(nodes: pd.DataFrame) -> np.ndarray:

@@ -13,8 +13,10 @@ is P(first) * P(second | first), read from a second one-token step on the first 
 the one-token answer that is its prefix keeps only the rest of its mass, P("1") * (1 - P("0" | "1")).
 Longer answers are refused with an error naming the tokenizer.
 
-Batches are left-padded (the last position is then the answer position for every row) with explicit
-position ids from the attention mask, so padding changes no row's numbers.
+A prompt is the memory first, the question last, so a node's prompts share their head: each batch of
+texts runs its heads once (left-padded, explicit position ids from the attention mask, so padding
+changes no row's numbers) into a KV cache, then each emotion's question (the same tokens for every
+text) runs on a copy of that cache. Head and question are tokenized separately (`prompt_ids`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from carl_assets.runtime import torch_threads
 
 SCORES = list(range(MIN_SCORE, MAX_SCORE + 1))
 REDUCTIONS = ("expected", "argmax")
-RATING_INSTRUCTION = (
-    "Rate how strongly the following memory expresses the emotion '{emotion}', from 0 (not at all) "
-    "to 10 (very strongly).\n\nMemory: {text}\n\nAnswer with one number from 0 to 10."
-)
+# The memory first, the question last: the question is fresh when the model answers, and a node's
+# prompts share their head (one KV cache for all its emotions).
+MEMORY_PART = "Memory: {text}\n\n"
+QUESTION = ("On a scale from 0 (not at all) to 10 (very strongly), how strongly does this memory express "
+            "{emotion}? Answer with one number from 0 to 10.")
 PLAIN_SUFFIX = "\nRating (0-10):"  # plain-text prompts end here; answers then start with a space
+_SPLIT = "\u241eCARL-SPLIT\u241e"  # marks where the head ends in a rendered chat template
 
 
 @dataclass(frozen=True)
@@ -60,32 +64,58 @@ def uses_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def rating_prompt(tokenizer: Any, text: str, emotion: str) -> str:
-    """The prompt string for one (text, emotion): chat template with a generation prompt if the
-    tokenizer has one, else the instruction followed by `PLAIN_SUFFIX`."""
-    message = RATING_INSTRUCTION.format(emotion=emotion, text=text)
+def _render(tokenizer: Any, message: str) -> str:
     if uses_chat_template(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                              add_generation_prompt=True)
     return message + PLAIN_SUFFIX
 
 
-def _encode(tokenizer: Any, prompt: str) -> list[int]:
+def prompt_pieces(tokenizer: Any, text: str, emotion: str) -> tuple[str, str]:
+    """(head, question) strings of the rating prompt for one (text, emotion): the head holds the text
+    and depends on it alone, the question (with the chat template's closing and generation prompt, or
+    `PLAIN_SUFFIX`) on the emotion alone."""
+    rendered = _render(tokenizer, MEMORY_PART.format(text=text) + _SPLIT + QUESTION.format(emotion=emotion))
+    if rendered.count(_SPLIT) != 1:
+        raise ValueError(f"the chat template of {type(tokenizer).__name__} does not keep the message as written")
+    head, question = rendered.split(_SPLIT)
+    return head, question
+
+
+def rating_prompt(tokenizer: Any, text: str, emotion: str) -> str:
+    """The whole prompt string for one (text, emotion): chat template with a generation prompt if the
+    tokenizer has one, else the instruction followed by `PLAIN_SUFFIX`."""
+    return "".join(prompt_pieces(tokenizer, text, emotion))
+
+
+def head_ids(tokenizer: Any, text: str) -> list[int]:
     # A chat template writes its own special tokens; a plain prompt gets the tokenizer's usual ones (BOS).
-    return list(tokenizer(prompt, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+    head, _ = prompt_pieces(tokenizer, text, "calm")
+    return list(tokenizer(head, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+
+
+def question_ids(tokenizer: Any, emotion: str) -> list[int]:
+    _, question = prompt_pieces(tokenizer, "", emotion)
+    return list(tokenizer(question, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, text: str, emotion: str) -> list[int]:
+    """The token ids the model reads for one (text, emotion), up to the answer: head, question, and
+    the tokens every answer starts with (`ScoreTokens.prefix`)."""
+    return head_ids(tokenizer, text) + question_ids(tokenizer, emotion) + list(score_tokens(tokenizer).prefix)
 
 
 def score_tokens(tokenizer: Any) -> ScoreTokens:
     """Token ids of the answers "0".."10" after a prompt (" 0".." 10" after a plain one), found by
-    encoding prompt + answer and removing the prompt's ids, so merges across the boundary are seen.
+    encoding question + answer and removing the question's ids, so merges across the boundary are seen.
 
     Raises ValueError if an answer takes more than two tokens, or two answers share their ids."""
-    probe = rating_prompt(tokenizer, "A day.", "calm")
-    base = _encode(tokenizer, probe)
+    _, probe = prompt_pieces(tokenizer, "A day.", "calm")
+    base = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     space = "" if uses_chat_template(tokenizer) else " "
     tails = []
     for score in SCORES:
-        full = _encode(tokenizer, probe + space + str(score))
+        full = list(tokenizer(probe + space + str(score), add_special_tokens=False)["input_ids"])
         tails.append(tuple(full[len(base):] if full[:len(base)] == base else
                            tokenizer(space + str(score), add_special_tokens=False)["input_ids"]))
     shared = 0  # tokens every answer starts with: they belong to the prompt
@@ -158,33 +188,47 @@ def _forward_keywords(model: Any, cache: Any) -> dict[str, Any]:
 
 
 def _new_cache(model: Any) -> Any:
-    try:
-        from transformers import DynamicCache
+    from transformers import DynamicCache
 
+    try:
         return DynamicCache(config=model.config)
-    except (ImportError, TypeError):  # an older transformers: the model makes its own
-        return None
+    except TypeError:  # transformers before 4.56 builds it without the config
+        return DynamicCache()
+
+
+def _answer_step(model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities `[B, V]` (float32, CPU) at the last of `input_ids`, run on `cache` (which grows)."""
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **_forward_keywords(model, cache))
+    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
 
 
 @torch.no_grad()
-def _batch_probabilities(model: Any, rows: list[list[int]], tokens: ScoreTokens, pad_id: int) -> np.ndarray:
+def _text_batch(model: Any, heads: list[list[int]], questions: list[list[int]], tokens: ScoreTokens,
+                pad_id: int) -> np.ndarray:
+    """`[len(heads), len(questions), 11]` answer probabilities: the heads run once into a KV cache; each
+    question runs on a copy of it, then one more step per first token of a two-token answer."""
     device = next(model.parameters()).device
-    ids, mask, positions = _left_pad(rows, pad_id, device)
-    firsts = tokens.firsts_of_pairs
-    cache = _new_cache(model) if firsts else None
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(firsts),
-                **_forward_keywords(model, cache))
-    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-    cache = cache if cache is not None else getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    second = {}
-    for k, t in enumerate(firsts):
-        # One more step on the prompt's cache; a copy when another first token still needs the original.
-        step_cache = copy.deepcopy(cache) if k < len(firsts) - 1 else cache
-        step = model(input_ids=torch.full((len(rows), 1), t, dtype=torch.long, device=device),
-                     attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
-                     position_ids=positions[:, -1:] + 1, use_cache=True, **_forward_keywords(model, step_cache))
-        second[t] = torch.log_softmax(step.logits[:, -1, :].float(), dim=-1).cpu()
-    return answer_probabilities(first, second, tokens)
+    ids, mask, positions = _left_pad(heads, pad_id, device)
+    cache = _new_cache(model)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+          **_forward_keywords(model, cache))
+    b, out = len(heads), np.zeros((len(heads), len(questions), len(SCORES)))
+    for j, question in enumerate(questions):
+        q = torch.tensor(question, dtype=torch.long, device=device).expand(b, -1)
+        q_mask = torch.cat([mask, torch.ones_like(q)], dim=1)
+        q_positions = positions[:, -1:] + 1 + torch.arange(q.shape[1], device=device)
+        q_cache = copy.deepcopy(cache)
+        first = _answer_step(model, q_cache, q, q_mask, q_positions)
+        second, firsts = {}, tokens.firsts_of_pairs
+        for k, t in enumerate(firsts):
+            step_cache = copy.deepcopy(q_cache) if k < len(firsts) - 1 else q_cache
+            second[t] = _answer_step(model, step_cache, torch.full((b, 1), t, dtype=torch.long, device=device),
+                                     torch.cat([q_mask, torch.ones_like(q_mask[:, :1])], dim=1),
+                                     q_positions[:, -1:] + 1)
+        out[:, j] = answer_probabilities(first, second, tokens)
+    return out
 
 
 def _fit_text(tokenizer: Any, text: str, max_tokens: int) -> str:
@@ -192,31 +236,27 @@ def _fit_text(tokenizer: Any, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def _prompt_ids(model: Any, tokenizer: Any, texts: Sequence[str], emotions: Sequence[str],
-                max_text_tokens: int) -> list[list[int]]:
-    """Encoded prompts, text-major (row i * len(emotions) + j = text i, emotion j), each text cut so
-    that prompt + a two-token answer fits the model's position table."""
+def _text_budget(model: Any, tokenizer: Any, questions: list[list[int]], max_text_tokens: int) -> int:
+    """Tokens a text may take so that head + the longest question + a two-token answer fit the model."""
     limit = model_max_positions(model)
-    overhead = max(len(_encode(tokenizer, rating_prompt(tokenizer, "", e))) for e in emotions) + 4
-    budget = max_text_tokens if limit is None else min(max_text_tokens, limit - overhead)
-    if budget < 1:
+    if limit is None:
+        return max_text_tokens
+    overhead = len(head_ids(tokenizer, "")) + max(len(q) for q in questions) + 4
+    if limit - overhead < 1:
         raise ValueError(f"the rating prompt alone takes {overhead} tokens; the model holds {limit} positions")
-    rows = []
-    for text in texts:
-        fitted = _fit_text(tokenizer, text, budget)
-        rows += [_encode(tokenizer, rating_prompt(tokenizer, fitted, e)) for e in emotions]
-    return rows
+    return min(max_text_tokens, limit - overhead)
 
 
 def model_probabilities(model: Any, tokenizer: Any, texts: Sequence[str], emotions: Sequence[str],
                         batch_size: int = 16, max_text_tokens: int = 256, threads: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """P(answer = s) for every text, emotion and score s in 0..10: `[len(texts), len(emotions), 11]`
-    float64, each `[i, j, :]` summing to 1. Texts longer than `max_text_tokens` tokens are cut.
+    float64, each `[i, j, :]` summing to 1. `batch_size` texts share a forward pass (each with all its
+    emotions); texts longer than `max_text_tokens` tokens (or than the model's positions allow) are cut.
 
     `threads`: torch intra-op threads for the forward passes (None: leave torch's setting).
-    Raises ValueError for an empty `emotions`, a bad batch size, or answers the tokenizer writes in
-    more than two tokens."""
+    `progress(done, total)` counts texts. Raises ValueError for an empty `emotions`, a bad batch size,
+    or answers the tokenizer writes in more than two tokens."""
     if not emotions:
         raise ValueError("model_probabilities needs at least one emotion")
     if batch_size < 1:
@@ -224,17 +264,19 @@ def model_probabilities(model: Any, tokenizer: Any, texts: Sequence[str], emotio
     if not texts:
         return np.zeros((0, len(emotions), len(SCORES)))
     tokens = score_tokens(tokenizer)
-    rows = [row + list(tokens.prefix) for row in _prompt_ids(model, tokenizer, texts, emotions, max_text_tokens)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch with less padding
-    probs = np.zeros((len(rows), len(SCORES)))
+    questions = [question_ids(tokenizer, e) + list(tokens.prefix) for e in emotions]
+    budget = _text_budget(model, tokenizer, questions, max_text_tokens)
+    heads = [head_ids(tokenizer, _fit_text(tokenizer, t, budget)) for t in texts]
+    order = sorted(range(len(heads)), key=lambda i: len(heads[i]))  # similar lengths batch with less padding
+    probs = np.zeros((len(texts), len(emotions), len(SCORES)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch_threads(threads):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            probs[chunk] = _batch_probabilities(model, [rows[i] for i in chunk], tokens, pad_id)
+            probs[chunk] = _text_batch(model, [heads[i] for i in chunk], questions, tokens, pad_id)
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
-    return probs.reshape(len(texts), len(emotions), len(SCORES))
+    return probs
 
 
 def expected_score(probs: np.ndarray) -> float:
