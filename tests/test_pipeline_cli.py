@@ -102,3 +102,59 @@ def test_materialize_names_a_missing_config_file(tmp_path):
     out = carl(["materialize", "--config", str(tmp_path / "nope.yaml")], env)
     assert out.returncode != 0
     assert "nope.yaml" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_failing_check_is_printed_with_its_description_and_metadata(capsys):
+    """The summary after a run names each check that did not pass, what it checks, why, and its metadata."""
+    import dagster as dg
+
+    from carl_assets.defs.pipeline_cli import _check_descriptions, _print_checks
+
+    @dg.asset
+    def notes():
+        return 3
+
+    @dg.asset_check(asset=notes, blocking=True, description="notes has at least five rows")
+    def enough_notes():  # no annotations: `dg` is local, and this module defers annotations
+        return dg.AssetCheckResult(passed=False, description="3 rows: add two notes",
+                                   metadata={"rows": 3, "missing": dg.MetadataValue.json(["a", "b"])})
+
+    @dg.asset_check(asset=notes, description="a warning only")
+    def tidy_notes():
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, description="untidy")
+
+    @dg.asset_check(asset=notes)
+    def fine_notes():
+        return dg.AssetCheckResult(passed=True)
+
+    defs = dg.Definitions(assets=[notes], asset_checks=[enough_notes, tidy_notes, fine_notes])
+    result = dg.materialize([notes, enough_notes, tidy_notes, fine_notes], raise_on_error=False)
+    capsys.readouterr()  # Dagster's own log lines
+    _print_checks(result, _check_descriptions(defs))
+    err = capsys.readouterr().err
+    assert "check notes:enough_notes FAILED (blocks what is downstream)" in err
+    assert "checks: notes has at least five rows" in err and "why:    3 rows: add two notes" in err
+    assert "rows: 3" in err and 'missing: ["a", "b"]' in err
+    assert "check notes:tidy_notes WARNING (nothing blocked)" in err and "why:    untidy" in err
+    assert "fine_notes" not in err
+
+
+@pytest.mark.slow
+def test_materialize_on_untagged_and_empty_memory_files(tmp_path):
+    """An untagged file runs green, printing the pairs check's reason; an empty file fails naming it."""
+    memory = tmp_path / "memory.jsonl"
+    memory.write_text('{"type":"entity","name":"Pond","entityType":"place","observations":'
+                      '["Frogs came back to the pond once the reeds grew tall along the edge."]}\n')
+    env = {**os.environ, "CARL_HOME": str(tmp_path / "carl"), "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "CARL_MEMORY_SOURCE": f"jsonl:{memory}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = carl(["materialize", "--select", "memory_graph,emotion_training_pairs"], env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "check emotion_training_pairs:pairs_nonempty_within_caps WARNING (nothing blocked)" in run.stderr
+    assert "why:    no node carries an emotion tag line" in run.stderr and "emotion_tags.tagger" in run.stderr
+    assert "warnings: pairs_nonempty_within_caps" in run.stdout
+
+    memory.write_text("")
+    empty = carl(["materialize", "--select", "memory_graph"], env)
+    assert empty.returncode == 1
+    assert f"memory_graph failed: cannot read memory source 'jsonl:{memory}'" in empty.stderr
+    assert "nothing was written: the last good graph stays (memory_nodes, 1 nodes)" in empty.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 import time
@@ -147,6 +148,7 @@ def materialize(select: str = ALL, run_config: dict | None = None, job: str | No
         )
         elapsed = time.perf_counter() - started
         _print_summary(instance, result, elapsed)
+        _print_checks(result, _check_descriptions(defs))
     home = storage.carl_home()
     print(f"\nOutputs:  {home}/carl.duckdb (tables) and {home}/artifacts/<asset>/")
     print(f"Runs:     {os.environ['DAGSTER_HOME']} (run {result.run_id})")
@@ -190,8 +192,9 @@ def _print_summary(instance, result, elapsed: float) -> None:
         elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
             ok = "ok" if event.event_type == dg.DagsterEventType.STEP_SUCCESS else "FAILED"
             rows.append((event.step_key, ok, entry.timestamp - starts.get(event.step_key, entry.timestamp)))
-    checks = [e for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
-    failed = [e.event_specific_data.check_name for e in checks if not e.event_specific_data.passed]
+    checks = result.get_asset_check_evaluations()
+    failed = [e.check_name for e in checks if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
+    warned = [e.check_name for e in checks if not e.passed and e.severity != dg.AssetCheckSeverity.ERROR]
     materialized = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
     # Check steps are folded into the count below; the table lists the assets.
     rows = [r for r in rows if r[0] in materialized or r[1] == "FAILED"]
@@ -201,12 +204,51 @@ def _print_summary(instance, result, elapsed: float) -> None:
     for step, ok, seconds in rows:
         print(f"{step:<{width}}{ok:<8}{seconds:>10.1f}")
     print(f"{'total':<{width + 8}}{elapsed:>10.1f}")
-    print(f"asset checks: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"asset checks: {len(checks) - len(failed) - len(warned)}/{len(checks)} passed"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + (f"; warnings: {', '.join(warned)}" if warned else ""))
     if not result.success:
-        for event in result.all_events:
-            if event.event_type == dg.DagsterEventType.STEP_FAILURE:
-                error = event.event_specific_data.error
-                print(f"\n{event.step_key} failed: {error.message.strip() if error else 'unknown error'}", file=sys.stderr)
+        for event in result.get_step_failure_events():
+            data = event.step_failure_data
+            error = data.error
+            if error is not None and error.cls_name == "DagsterAssetCheckFailedError":
+                continue  # the failing checks are printed with their reasons below
+            why = data.user_failure_data.description if data.user_failure_data and \
+                data.user_failure_data.description else (error.message.strip() if error else "unknown error")
+            print(f"\n{event.step_key} failed: {why}", file=sys.stderr)
+
+
+def _check_descriptions(defs) -> dict:
+    """What each asset check verifies (its definition's description), by check key."""
+    out = {}
+    for definition in [*(defs.assets or []), *(defs.asset_checks or [])]:
+        for spec in getattr(definition, "check_specs", []) or []:
+            out[spec.key] = spec.description
+    return out
+
+
+def _metadata_text(value, limit: int = 300) -> str:
+    raw = getattr(value, "value", value)
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _print_checks(result, descriptions: dict) -> None:
+    """Each check that did not pass: its name, what it checks, why it failed and its metadata (from the
+    run's check evaluations), on stderr; a WARN-severity check says it did not block anything."""
+    import dagster as dg
+
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        error = evaluation.severity == dg.AssetCheckSeverity.ERROR
+        key = evaluation.asset_check_key
+        print(f"\ncheck {key.asset_key.to_user_string()}:{key.name} "
+              + ("FAILED (blocks what is downstream)" if error else "WARNING (nothing blocked)"), file=sys.stderr)
+        if descriptions.get(key):
+            print(f"  checks: {descriptions[key]}", file=sys.stderr)
+        print(f"  why:    {evaluation.description or '(the check gave no reason)'}", file=sys.stderr)
+        for name, value in (evaluation.metadata or {}).items():
+            print(f"  {name}: {_metadata_text(value)}", file=sys.stderr)
 
 
 def _data_version(record_tags: dict[str, str]) -> str | None:
