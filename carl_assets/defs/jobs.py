@@ -2,6 +2,8 @@
 
 - `carl_all`: everything. `retraining`: one dream cycle (memory -> dreams -> SFT -> crystallization ->
   GRPO -> evaluation), starting from the previous cycle's checkpoint. `steering_refresh`: pairs -> vectors.
+- `carl_all_real`, `retraining_real`: the same with the `real` preset (carl_assets/defs/presets.py) as
+  their config: the packaged SmolLM2-135M-Instruct with budgets for a 2-core CPU.
 - `nightly_retraining` runs `retraining` at an off-hours cron in the user's timezone; STOPPED by default:
   a nightly training run costs compute the user should opt into, and the sensor below already retrains
   when the memories change.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from carl_assets.defs.presets import REAL_MODEL, preset_run_config
 from carl_assets.memory.fingerprint import source_fingerprint
 from carl_assets.memory.graph import MemorySourceError
 from carl_assets.project_env import (
@@ -156,4 +159,24 @@ def build_jobs_schedules_sensors(asset_names: Iterable[str]) -> tuple[list, list
         description=f"Runs `retraining` every night (cron ${CRON_VAR}, default '{DEFAULT_CRON}', in "
         f"${TIMEZONE_VAR} or the system timezone). Off by default: turn it on in the UI.",
     )
-    return [everything, retraining, steering], [nightly], [memory_graph_changed_sensor([steering, retraining])]
+    presets = preset_jobs(known)
+    return ([everything, retraining, steering, *presets], [nightly],
+            [memory_graph_changed_sensor([steering, retraining])])
+
+
+def preset_jobs(known: set[str]) -> list[dg.UnresolvedAssetJobDefinition]:
+    """`carl_all_real` and `retraining_real`: the same selections as `carl_all` and `retraining`, with the
+    `real` preset as their config. Dagster makes a job's `config=` the default of its run config, so the
+    launchpad opens pre-filled and every value stays editable (one job per preset, as dagster-nanochat's
+    tiers; Dagster has no preset object since 1.0)."""
+    retraining_assets = [a for a in RETRAINING_ASSETS if a in known]
+    return [
+        dg.define_asset_job(
+            f"{ALL_JOB}_real", selection=dg.AssetSelection.all(), config=preset_run_config("real", known),
+            description=f"The whole graph on the packaged real model ({REAL_MODEL}) with the `real` preset's "
+            "budgets (about 15 minutes on 2 CPU cores); edit any value in the launchpad."),
+        dg.define_asset_job(
+            f"{RETRAINING_JOB}_real", selection=dg.AssetSelection.assets(*retraining_assets),
+            config=preset_run_config("real", retraining_assets),
+            description="One dream cycle (as `retraining`) with the `real` preset's budgets."),
+    ]
