@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+# Hypothesis: the `ci` profile (the default, and always when $CI is set) is derandomized, with no example
+# database: every run draws the same examples, so a test cannot fail at random. HYPOTHESIS_PROFILE=dev
+# explores new random examples locally.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("dev", derandomize=False)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core box two OpenMP threads spin
 # for several times the CPU time. CARL_TEST_THREADS overrides.
