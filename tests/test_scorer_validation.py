@@ -126,3 +126,29 @@ def test_validate_scorers_on_a_tiny_model(tiny_model_and_tokenizer):
     assert pooled["n_pos"] == (scored["label"] == 1).sum() and pooled["n_neg"] == (scored["label"] == 0).sum()
     again, _ = validate_scorers(model, tok, prompts, memories, config)
     assert again.equals(table)  # seeded end to end
+
+
+@pytest.mark.slow
+def test_scorer_validation_asset_writes_its_table(tmp_path):
+    import dagster as dg
+
+    from carl_assets import storage
+    from carl_assets.defs import memory, models
+    from carl_assets.defs.resources import build_resources
+    from carl_assets.defs.scorer_validation import scorer_validation
+
+    tiny_model = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
+                  "steps": 3, "seq_len": 32, "batch_size": 2}
+    run_config = {"ops": {"base_model": {"config": tiny_model},
+                          "scorer_validation": {"config": {"n_prompts": 3, "max_tokens": 8, "n_bootstrap": 20}}}}
+    result = dg.materialize([memory.memory_graph, models.base_model, scorer_validation],
+                            resources=build_resources(tmp_path), run_config=run_config)
+    assert result.success
+    table = storage.read_table(tmp_path / storage.DATABASE_NAME, "scorer_validation")
+    assert list(table.columns) == ["model", "policy", "scorer", "corruption", "auc", "ci_low", "ci_high", "n_pos",
+                                   "n_neg", "mean_coherent", "mean_corrupted"]
+    assert set(table["model"]) == {"offline"} and table["policy"].str.startswith("base_model@").all()
+    assert set(table["corruption"]) == {*CORRUPTIONS, POOLED}
+    assert table["auc"].between(0, 1).all()
+    metadata = result.asset_materializations_for_node("scorer_validation")[0].metadata
+    assert metadata["best_scorer"].value in set(table["scorer"])

@@ -17,11 +17,20 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from carl_assets.defs import carl, dreams, emotion_tags, leworld, memory, models, steering  # noqa: E402
+from carl_assets.defs import (  # noqa: E402
+    carl,
+    dreams,
+    emotion_tags,
+    leworld,
+    memory,
+    models,
+    scorer_validation,
+    steering,
+)
 from carl_assets.defs.jobs import build_jobs_schedules_sensors  # noqa: E402
 from carl_assets.defs.resources import build_resources  # noqa: E402
 
-ASSET_MODULES = [memory, emotion_tags, models, steering, dreams, carl, leworld]
+ASSET_MODULES = [memory, emotion_tags, models, steering, dreams, scorer_validation, carl, leworld]
 
 # Bump an asset's code version when its code changes what it makes: Dagster then marks it (and what is
 # downstream) stale. One table, so a change is one line in review.
@@ -32,6 +41,7 @@ CODE_VERSIONS = {
     "base_model": "2",
     "steering_vectors": "2",
     "dream_scenarios": "1",
+    "scorer_validation": "1",
     "sft_dataset": "2",
     "sft_checkpoint": "2",
     "crystallization_events": "2",
@@ -61,7 +71,8 @@ EXECUTOR = dg.multiprocess_executor.configured(
 TRAINING_POOL = "training"
 LEDGER_POOL = "ledger"
 POOLS = {
-    TRAINING_POOL: frozenset({"base_model", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"}),
+    TRAINING_POOL: frozenset({"base_model", "dream_scenarios", "scorer_validation", "sft_checkpoint",
+                              "grpo_checkpoint", "leworld_model"}),
     LEDGER_POOL: frozenset({"crystallization_events"}),
 }
 TRAINING_ASSETS = POOLS[TRAINING_POOL]

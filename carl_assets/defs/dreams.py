@@ -22,7 +22,7 @@ from pydantic import Field
 from carl_assets import storage
 from carl_assets.defs.common import PERFORMANCE_ONLY, config_values, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, append_rows, read_table
-from carl_assets.models.defaults import OFFLINE_DEFAULTS, is_offline_model
+from carl_assets.models.defaults import OFFLINE_DEFAULTS, dream_sampling_defaults, is_offline_model
 from carl_assets.plotting import line_plot
 from carl_assets.runtime import torch_threads
 
@@ -91,8 +91,18 @@ class DreamScenariosConfig(dg.Config):
     cycle: int = Field(default=-1, description="this cycle's number (-1: one after the last in dream_cycles)")
     schedule_cycles: int = Field(default=3, description="noise schedule: cycles from the start to the end values")
     schedule_shape: str = Field(default="cosine", description="noise schedule: 'linear', 'cosine' or 'geometric'")
-    temperature_start: float = Field(default=1.3, description="noise schedule: sampling temperature of cycle 0")
-    temperature_end: float = Field(default=0.7, description="noise schedule: temperature of the last cycle")
+    temperature_start: float | None = Field(default=None, description="noise schedule: sampling temperature of "
+                                            "cycle 0 (None: the model's default, 1.3 for the offline model, 1.0 "
+                                            "for a real one; carl_assets.models.defaults)")
+    temperature_end: float | None = Field(default=None, description="noise schedule: temperature of the last "
+                                          "cycle (None: the model's default, 0.7 offline, 0.6 for a real model)")
+    top_k: int | None = Field(default=None, description="sampling: keep the k likeliest tokens (0: off; None: the "
+                              "model's default, off for both)")
+    top_p: float | None = Field(default=None, description="sampling: nucleus truncation (1.0: off; None: the "
+                                "model's default, off for the offline model, 0.9 for a real one)")
+    min_p: float | None = Field(default=None, description="sampling: drop tokens below min_p times the likeliest "
+                                "one's probability (0.0: off; None: the model's default, off offline, 0.05 for "
+                                "a real model)")
     lr_start: float = Field(default=0.0, description="noise schedule: SFT learning rate of cycle 0 (0: the "
                             "seed's 1e-4 for a real model, 1.5e-3 for the offline model)")
     lr_end: float = Field(default=0.0, description="noise schedule: learning rate of the last cycle (0: a "
@@ -112,13 +122,23 @@ class DreamScenariosConfig(dg.Config):
     def schedule(self, offline: bool) -> Any:
         from carl_assets.dreams import NoiseSchedule
 
+        defaults = dream_sampling_defaults(offline)
         lr_start = self.lr_start or (OFFLINE_LR if offline else SEED_LR)[0]
         lr_end = self.lr_end or lr_start / 10
         return NoiseSchedule(cycles=self.schedule_cycles, lr_start=lr_start, lr_end=lr_end,
-                             temperature_start=self.temperature_start, temperature_end=self.temperature_end,
+                             temperature_start=_or(self.temperature_start, defaults.temperature_start),
+                             temperature_end=_or(self.temperature_end, defaults.temperature_end),
                              shape=self.schedule_shape)
 
-    def dream_config(self) -> Any:
+    def sampling(self, offline: bool) -> Any:
+        """The truncation of dream sampling: each field as set, else the model's default."""
+        from carl_assets.dreams.generation import Sampling
+
+        defaults = dream_sampling_defaults(offline)
+        return Sampling(top_k=_or(self.top_k, defaults.top_k), top_p=_or(self.top_p, defaults.top_p),
+                        min_p=_or(self.min_p, defaults.min_p))
+
+    def dream_config(self, offline: bool = True) -> Any:
         from carl_assets.dreams import DreamConfig, WalkConfig
 
         walk = WalkConfig(restart_prob=self.restart_prob, walk_length=self.walk_length,
@@ -128,7 +148,12 @@ class DreamScenariosConfig(dg.Config):
         return DreamConfig(n_scenarios=self.n_scenarios, responses_per_scenario=self.responses_per_scenario,
                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, walk=walk,
                            max_memories=self.max_memories, excerpt_chars=self.excerpt_chars,
-                           top_fraction=self.top_fraction, min_score=self.min_score, seed=self.seed)
+                           top_fraction=self.top_fraction, min_score=self.min_score, seed=self.seed,
+                           sampling=self.sampling(offline))
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 CONDITIONING_FIELD = "dream_scenarios.conditioning_kinds (run config: ops.dream_scenarios.config.conditioning_kinds)"
@@ -194,7 +219,7 @@ def _cycles_plot(cycles: pd.DataFrame) -> bytes:
 
 @dg.asset(
     group_name="dreams",
-    deps=["memory_graph", "base_model", "steering_vectors"],
+    deps=["memory_graph", "base_model", "steering_vectors", "scorer_validation"],
     kinds={"pytorch", "duckdb"},
     description="One dream cycle: random walks on the memory graph collide 2-3 memories into a scenario, the "
     "current policy (the previous cycle's GRPO checkpoint, or base_model) answers each k times at the cycle's "
@@ -230,7 +255,7 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     vectors = require_concepts(load_readout(artifacts.require("steering_vectors")),
                                f"dream_scenarios.scorer = {config.scorer!r}") if "steering" in config.scorer else None
     scorer = parse_scorer_spec(config.scorer, steering_vectors=vectors)
-    dream_config = config.dream_config()
+    dream_config = config.dream_config(offline)
     kinds, plan = plan_scenarios(nodes, edges, config, dream_config.walk)
     heldout = plan.collisions
     context.log.info(f"conditioning kinds {list(kinds)} ({'set' if config.conditioning_kinds else 'auto'}); "

@@ -161,6 +161,35 @@ class Item:
     text: str
 
 
+def validation_prompts(nodes: pd.DataFrame, edges: pd.DataFrame, n: int, seed: int = 0,
+                       excerpt_chars: int = 160) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """`n` dream prompts (collisions of the memory graph drawn as the dream loop draws them, with their own
+    seed) and for each a memory text from a node outside its collision (at least 8 words), drawn
+    without replacement while the graph has enough. Raises ``ValueError`` when the graph gives no
+    collision or has no memory text of 8 words."""
+    from carl_assets.dreams.collisions import heldout_collisions, scenario_messages
+
+    collisions = heldout_collisions(nodes, edges, n, seed=7_000_003 + int(seed))
+    if not collisions:
+        raise ValueError("the memory graph gives no dream collision (no walk meets 2 distinct memories)")
+    texts = nodes.assign(text=nodes["text"].fillna("").astype(str))
+    texts = texts[texts["text"].str.split().str.len() >= 8]
+    if texts.empty:
+        raise ValueError("no memory node has a text of at least 8 words to serve as a coherent answer")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    ids, bodies = texts["node_id"].astype(str).to_numpy(), texts["text"].to_numpy()
+    memory_texts, cursor = [], 0
+    for collision in collisions:
+        for _ in range(len(order)):  # the next text whose node is not in this collision
+            k = order[cursor % len(order)]
+            cursor += 1
+            if ids[k] not in collision.node_set or len(order) == 1:
+                break
+        memory_texts.append(" ".join(str(bodies[k]).split()))
+    return [scenario_messages(c, excerpt_chars) for c in collisions], memory_texts
+
+
 def build_items(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]],
                 memory_texts: Sequence[str], config: ValidationConfig) -> list[Item]:
     """For each prompt: the policy's answer and `memory_texts[i]` (coherent), each shuffled and each cut

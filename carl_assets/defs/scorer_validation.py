@@ -1,0 +1,100 @@
+"""The dreams group's `scorer_validation`: how well each scorer tells coherent answers to dream prompts from
+corrupted ones, on the current policy (`carl_assets.dreams.validation`)."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets.defs.dreams import resolve_policy
+from carl_assets.defs.resources import ArtifactStore, append_rows, read_table
+from carl_assets.runtime import torch_threads
+
+
+class ScorerValidationConfig(dg.Config):
+    start_from: str = Field(default="auto", description="the policy measured: 'auto' (the newest grpo_checkpoint, "
+                            "else base_model, as dream_scenarios), 'base_model' or '<asset>@<version>'")
+    n_prompts: int = Field(default=24, description="dream prompts (memory collisions); each gives 2 coherent "
+                           "texts (the policy's answer, a memory text) and 2 + 2 + hot_samples corrupted ones")
+    max_tokens: int = Field(default=48, description="tokens generated and scored per text")
+    coherent_temperature: float = Field(default=0.5, description="temperature of the policy's own (coherent) "
+                                        "answers, sampled with top-p 0.9")
+    hot_temperature: float = Field(default=1.5, description="temperature of the untruncated (corrupted) samples")
+    hot_samples: int = Field(default=2, description="untruncated hot samples per prompt")
+    n_bootstrap: int = Field(default=1000, description="bootstrap resamples of each AUC's 95% interval")
+    seed: int = Field(default=0, description="seed of prompts, sampling, corruptions and the bootstrap")
+    batch_size: int = Field(default=8, description="prompts per generate call (each batch is its own seeded "
+                            "sampling stream, so this changes the answers drawn)")
+    threads: int = Field(default=0, description="torch CPU threads (0 keeps torch's default)",
+                         json_schema_extra=PERFORMANCE_ONLY)
+    device: str = Field(default="auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' "
+                        "or 'mps'")
+    dtype: str = Field(default="auto", description="'auto' (the model's default), 'bf16', 'fp16' or 'fp32'")
+
+
+def model_name(base_dir: Path) -> str:
+    """Where the base model came from (its `carl_model.json` source: 'offline', a hub id, a file...)."""
+    from carl_assets.models.loading import MODEL_INFO_FILE
+
+    info = base_dir / MODEL_INFO_FILE
+    return str(json.loads(info.read_text()).get("source", "unknown")) if info.is_file() else "unknown"
+
+
+@dg.asset(
+    group_name="dreams",
+    deps=["memory_graph", "base_model"],
+    kinds={"pytorch", "duckdb"},
+    description="Does each scorer tell sense from noise on the current policy? Coherent answers to dream prompts "
+    "(the policy's own low-temperature answers, memory texts) against corrupted ones (words shuffled, a cut "
+    "sentence repeated, untruncated high-temperature samples), each scored as a completion of its prompt by "
+    "carl, its components, phi_mean, self_certainty, neg_entropy and mean_logprob. DuckDB `scorer_validation` "
+    "(AUC with a bootstrap interval per scorer and corruption, kept per policy) and `scorer_validation_items`.",
+)
+def scorer_validation(context: dg.AssetExecutionContext, config: ScorerValidationConfig, duckdb: DuckDBResource,
+                      artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from carl_assets.dreams.validation import ValidationConfig, validate_scorers, validation_prompts
+    from carl_assets.models.defaults import is_offline_model, resolve_placement
+    from carl_assets.models.loading import load_model_and_tokenizer
+
+    nodes, edges = read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges")
+    base_dir = artifacts.require("base_model")
+    policy_asset, policy_version, policy_dir = resolve_policy(artifacts, config.start_from)
+    policy = f"{policy_asset}@{policy_version}"
+    device, dtype = resolve_placement(config.device, config.dtype, is_offline_model(base_dir))
+    model, tokenizer = load_model_and_tokenizer(policy_dir, device=device, dtype=dtype)
+    prompts, memory_texts = validation_prompts(nodes, edges, config.n_prompts, seed=config.seed)
+    context.log.info(f"validating scorers on {policy} with {len(prompts)} dream prompts")
+    validation = ValidationConfig(max_tokens=config.max_tokens, coherent_temperature=config.coherent_temperature,
+                                  hot_temperature=config.hot_temperature, hot_samples=config.hot_samples,
+                                  n_bootstrap=config.n_bootstrap, seed=config.seed, batch_size=config.batch_size)
+    with torch_threads(config.threads or None):
+        table, items = validate_scorers(model, tokenizer, prompts, memory_texts, validation)
+    name = model_name(base_dir)
+    table.insert(0, "policy", policy)
+    table.insert(0, "model", name)
+    items.insert(0, "policy", policy)
+    kept = {t: append_rows(duckdb, t, new, key="policy") for t, new in
+            (("scorer_validation", table), ("scorer_validation_items", items))}  # one result per policy
+    pooled = table[table["corruption"] == "pooled"].sort_values("auc", ascending=False)
+    best = pooled.iloc[0]
+    context.log.info(f"best pooled AUC on {policy}: {best['scorer']} {best['auc']:.3f} "
+                     f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}]")
+    return materialized(
+        table, config=config, tables={"scorer_validation": kept["scorer_validation"]},
+        metadata={
+            "model": name,
+            "policy": policy,
+            "best_scorer": str(best["scorer"]),
+            "best_pooled_auc": float(best["auc"]),
+            **{f"pooled_auc/{r.scorer}": float(r.auc) for r in pooled.itertuples()},
+            "coherent_texts": int((items["label"] == 1).sum()),
+            "corrupted_texts": int((items["label"] == 0).sum()),
+            "pooled": table_preview(pooled[["scorer", "auc", "ci_low", "ci_high", "mean_coherent",
+                                            "mean_corrupted"]], rows=20),
+            "by_corruption": table_preview(table.pivot(index="scorer", columns="corruption", values="auc")
+                                           .reset_index(), rows=20),
+        },
+    )
