@@ -76,3 +76,33 @@ def test_evaluate_agent_table_and_summary(tiny_model_and_tokenizer):
     assert summary["mean_reward"] == pytest.approx(float(acting["reward"].mean()))
     assert summary["exact_match_rate"] == 0.0  # a random model does not produce the expected answer
     assert SIGMA == 3 / 16
+
+
+def test_agent_sampling_keywords_and_checks():
+    from carl_assets.carl.agent import GREEDY, AgentSampling
+
+    assert GREEDY.generate_kwargs() == {"do_sample": False}
+    assert AgentSampling(temperature=0.7, top_p=0.9).generate_kwargs() == \
+        {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9}
+    assert AgentSampling(temperature=1.0, min_p=0.05).generate_kwargs()["min_p"] == 0.05
+    for bad in ({"temperature": -0.1}, {"top_p": 0.0}, {"top_k": -1}, {"min_p": 1.0}):
+        with pytest.raises(ValueError):
+            AgentSampling(**bad)
+
+
+def test_sampled_agent_step_top_k_1_is_greedy_and_seeds_repeat(tiny_model_and_tokenizer):
+    from carl_assets.carl.agent import AgentSampling
+
+    model, tokenizer = tiny_model_and_tokenizer
+    greedy = agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, gate_threshold=0.0, max_new_tokens=10)
+    top1 = agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, gate_threshold=0.0, max_new_tokens=10,
+                      sampling=AgentSampling(temperature=1.5, top_k=1, seed=3))
+    assert top1.raw_response == greedy.raw_response  # top-k 1 keeps only the argmax
+    assert top1.phi_mean == pytest.approx(greedy.phi_mean, abs=1e-9)  # scored on the untempered logits
+    hot = [agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, gate_threshold=0.0, max_new_tokens=10,
+                      sampling=AgentSampling(temperature=2.0, seed=s)).raw_response for s in (0, 0, 1, 2)]
+    assert hot[0] == hot[1]  # same seed, same answer
+    assert len(set(hot)) > 1  # a random model sampled hot does not repeat itself across seeds
+    state = torch.get_rng_state()
+    agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, max_new_tokens=4, sampling=AgentSampling(temperature=1.0))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone

@@ -37,7 +37,7 @@ def test_explicit_devices_and_dtypes():
     assert resolve_dtype("fp32", "cpu") == torch.float32
     assert resolve_dtype(torch.bfloat16) == torch.bfloat16
     assert training_weights_dtype(torch.float16) == torch.float32  # fp16 trains on fp32 master weights
-    assert training_weights_dtype(torch.bfloat16) == torch.bfloat16
+    assert training_weights_dtype(torch.bfloat16) == torch.float32  # bf16 too: updates below bf16 rounding
 
 
 @no_cuda
@@ -120,3 +120,78 @@ def test_load_places_the_model_in_the_asked_dtype(tmp_path, tiny_model_and_token
     assert not is_offline_model(tmp_path)
     (tmp_path / MODEL_INFO_FILE).write_text('{"source": "offline"}')
     assert is_offline_model(tmp_path)
+
+
+def test_cpu_bf16_detection_reads_the_flags_and_the_override(monkeypatch):
+    from carl_assets.models import device
+
+    monkeypatch.delenv(device.CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert device.cpu_bf16_supported() and device.fast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
+    assert device.cpu_bf16_supported()
+    monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert not device.cpu_bf16_supported() and device.fast_dtype("cpu") == torch.float32
+    monkeypatch.setenv(device.CPU_BF16_ENV, "1")
+    assert device.cpu_bf16_supported()
+    monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setenv(device.CPU_BF16_ENV, "0")
+    assert not device.cpu_bf16_supported()
+
+
+@no_cuda
+def test_auto_dtype_runs_a_real_model_in_bf16_where_the_cpu_has_it(monkeypatch):
+    from carl_assets.models import device
+    from carl_assets.models.defaults import REAL_MODEL_DEFAULTS
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(device.CPU_BF16_ENV, "1")
+    assert resolve_placement("cpu", "auto", offline=False) == (cpu, torch.bfloat16)  # inference
+    assert resolve_placement("cpu", "auto", offline=True) == (cpu, torch.float32)  # the offline model's tuned runs
+    assert resolve_placement("cpu", "fp32", offline=False) == (cpu, torch.float32)  # asked for
+    trained = torch.bfloat16 if REAL_MODEL_DEFAULTS.dtype in ("bf16", "auto") else torch.float32
+    assert resolve_placement("cpu", "auto", offline=False, purpose="training") == (cpu, trained)
+    monkeypatch.setenv(device.CPU_BF16_ENV, "0")
+    assert resolve_placement("cpu", "auto", offline=False) == (cpu, torch.float32)
+    assert resolve_placement("cpu", "auto", offline=False, purpose="training") == (cpu, torch.float32)
+    with pytest.raises(ValueError, match="unknown purpose 'serving'"):
+        resolve_placement("cpu", "auto", offline=False, purpose="serving")
+
+
+def test_threads_default_to_the_usable_cores_for_a_real_model(monkeypatch):
+    import os
+
+    from carl_assets.models import device
+    from carl_assets.models.defaults import default_threads, resolve_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(device, "_cgroup_cpu_limit", lambda: None)
+    assert device.available_cores() == 6
+    monkeypatch.setattr(device, "_cgroup_cpu_limit", lambda: 2.5)  # a container quota of 2.5 CPUs
+    assert device.available_cores() == 3
+    assert default_threads(offline=False) == 3 and default_threads(offline=True) == 1
+    assert resolve_threads(0, offline=False) == 3 and resolve_threads(None, offline=True) == 1
+    assert resolve_threads(5, offline=True) == 5  # asked for
+    with pytest.raises(ValueError, match="threads must be 0"):
+        resolve_threads(-1, offline=False)
+    assert SFTCheckpointConfig().run_config(1e-3, offline=False).threads == 3
+    assert GRPOCheckpointConfig(threads=2).run_config(offline=True).threads == 2
+    assert SFTCheckpointConfig().run_config(1e-3, offline=True).threads == 1
+
+
+def test_sampling_and_lora_defaults_per_model():
+    from carl_assets.defs.carl import AgentEvaluationConfig
+
+    offline = GRPOCheckpointConfig().run_config(offline=True)
+    assert (offline.temperature, offline.top_p, offline.top_k, offline.min_p) == (1.0, 1.0, 0, 0.0)  # as tuned
+    real = GRPOCheckpointConfig().run_config(offline=False)
+    assert (real.temperature, real.top_p, real.top_k, real.min_p) == (0.8, 0.9, 0, 0.05)
+    mine = GRPOCheckpointConfig(temperature=1.2, top_p=1.0, min_p=0.0, reward="Self_Certainty").run_config(False)
+    assert (mine.temperature, mine.top_p, mine.min_p, mine.reward) == (1.2, 1.0, 0.0, "self_certainty")
+    assert (offline.reward, offline.lora_r, offline.lora_target_modules) == ("carl", 0, None)
+    lora = SFTCheckpointConfig(lora_r=8, lora_target_modules=["q_proj", "v_proj"]).run_config(1e-4, offline=False)
+    assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (8, 0.0, ["q_proj", "v_proj"])
+    assert AgentEvaluationConfig().sampling(offline=True).generate_kwargs() == {"do_sample": False}
+    agent = AgentEvaluationConfig(seed=4).sampling(offline=False)
+    assert (agent.temperature, agent.top_p, agent.seed) == (0.7, 0.9, 4)
+    assert AgentEvaluationConfig(temperature=0.0).sampling(offline=False).generate_kwargs() == {"do_sample": False}

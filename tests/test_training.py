@@ -29,6 +29,7 @@ from carl_assets.carl.training import (
     train_grpo,
     train_sft,
 )
+from carl_assets.carl.trl_config import generation_batch_size, prompts_per_step, sampling_kwargs
 
 
 def _constant_answer_dataset(n: int = 8) -> Dataset:
@@ -117,6 +118,89 @@ def test_grpo_config_validation(fresh_tiny):
         train_grpo(model, tokenizer, _constant_answer_dataset(4), None, GRPORunConfig(batch_size=6, num_generations=4))
     with pytest.raises(ValueError, match="'prompt'"):
         train_grpo(model, tokenizer, Dataset.from_dict({"text": ["a", "b"]}), None, GRPORunConfig())
+
+
+CASE_12_PROMPTS = ["Write one calm sentence about the lake.", "Write one warm sentence about a friend.",
+                   "Write one sentence about rain.", "Write one sentence about a long walk."]
+
+
+def test_generation_batch_follows_trls_rule():
+    assert generation_batch_size(1, 8, 8, processes=1) == 8  # case 12: one prompt's group over 8 micro-batches
+    assert generation_batch_size(2, 1, 4, processes=2) == 4  # two processes fill one group
+    assert generation_batch_size(8, 4, 8, processes=1) == 32
+    assert prompts_per_step(4, 2, 2, processes=1) == 4
+    with pytest.raises(ValueError, match=r"6 x gradient_accumulation_steps 1 x processes 1 = 6 .*TRL requires.*"
+                                         r"E\.g\. gradient_accumulation_steps 2"):
+        generation_batch_size(6, 1, 4, processes=1)
+    with pytest.raises(ValueError, match=r"= 6 completions.*gradient_accumulation_steps 8"):
+        generation_batch_size(1, 6, 4, processes=1)  # accumulation: the next multiple of 4
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        generation_batch_size(8, 1, 1, processes=1)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be at least 1"):
+        generation_batch_size(8, 0, 2, processes=1)
+
+
+def test_sampling_kwargs_map_off_values_to_trls():
+    assert sampling_kwargs(1.0) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None}
+    assert sampling_kwargs(0.8, 0.9, 20, 0.05) == {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "min_p": 0.05}
+    for bad, match in (((0.0,), "temperature must be > 0"), ((1.0, 0.0), "top_p must lie"),
+                       ((1.0, 1.0, -1), "top_k must be >= 0"), ((1.0, 1.0, 0, 1.0), "min_p must lie")):
+        with pytest.raises(ValueError, match=match):
+            sampling_kwargs(*bad)
+
+
+@pytest.fixture()
+def gpt2_like(tmp_path):
+    """Case 09/12's model: a GPT-2-like base model (no pad token, no chat template), loaded as the project
+    loads it (pads with eos)."""
+    from carl_assets.models.loading import load_model_and_tokenizer
+    from tests.data.gpt2_like import save_gpt2_like
+
+    save_gpt2_like(tmp_path / "gpt2_like")
+    return load_model_and_tokenizer(tmp_path / "gpt2_like")
+
+
+def test_grpo_trains_batch_1_x_accumulation_8_x_8_generations(gpt2_like):
+    """Case 12: TRL trains this (generation batch 8 = one prompt's group); it used to be refused."""
+    model, tokenizer = gpt2_like
+    config = GRPORunConfig(max_steps=1, batch_size=1, gradient_accumulation_steps=8, num_generations=8,
+                           max_completion_length=4, seed=0)
+    outcome = train_grpo(model, tokenizer, Dataset.from_dict({"prompt": CASE_12_PROMPTS}), None, config)
+    assert outcome.steps == 1
+    assert len(outcome.completions) == 8  # one generation batch: 8 completions of one prompt
+    assert {c["group"] for c in outcome.completions} == {0}
+    assert outcome.log_history[0]["reward"] == pytest.approx(np.mean([c["reward"] for c in outcome.completions]),
+                                                           abs=1e-5)
+
+
+def test_grpo_refuses_what_trl_refuses_with_its_rule(gpt2_like):
+    model, tokenizer = gpt2_like
+    dataset = Dataset.from_dict({"prompt": CASE_12_PROMPTS})
+    with pytest.raises(ValueError, match=r"batch_size 6 x .* not a multiple of num_generations 4.*TRL requires"):
+        train_grpo(model, tokenizer, dataset, None, GRPORunConfig(batch_size=6, num_generations=4))
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        train_grpo(model, tokenizer, dataset, None, GRPORunConfig(batch_size=8, num_generations=1))
+
+
+def test_grpo_pads_fewer_prompts_than_one_generation_batch(fresh_tiny):
+    """1 prompt, 2 x accumulation 2 with groups of 2: a step takes 2 prompts, so the one prompt is repeated
+    (TRL's sampler would otherwise drop the incomplete batch and train nothing)."""
+    model, tokenizer = fresh_tiny
+    config = GRPORunConfig(max_steps=1, batch_size=2, gradient_accumulation_steps=2, num_generations=2,
+                           max_completion_length=4, top_p=0.9, min_p=0.05, seed=0)
+    outcome = train_grpo(model, tokenizer, _constant_answer_dataset(1), None, config)
+    assert outcome.steps == 1 and len(outcome.completions) == 4
+    assert {c["group"] for c in outcome.completions} == {0, 1}
+
+
+def test_grpo_reward_by_name(fresh_tiny):
+    model, tokenizer = fresh_tiny
+    config = GRPORunConfig(max_steps=1, batch_size=4, num_generations=2, max_completion_length=6,
+                           reward="self_certainty", seed=0)
+    outcome = train_grpo(model, tokenizer, _constant_answer_dataset(2), None, config)
+    assert "rewards/self_certainty/mean" in outcome.log_history[0]
+    with pytest.raises(ValueError, match="unknown reward 'nonsense'"):
+        train_grpo(model, tokenizer, _constant_answer_dataset(2), None, GRPORunConfig(reward="nonsense"))
 
 
 def _nodes() -> pd.DataFrame:

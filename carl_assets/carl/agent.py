@@ -1,7 +1,8 @@
 """The coherence-gated agent: observe → generate → measure Phi → act or abstain (the seed's agent step).
 
 `agent_step` builds the seed's two messages (a system instruction, then the observation and the
-instruction), generates greedily, and scores the new tokens with the CARL maths. Alignment: the
+instruction), generates (greedily, as the seed; or sampled with temperature and top-p / top-k / min-p
+truncation: `AgentSampling`), and scores the new tokens with the CARL maths. Alignment: the
 logits at position ``prompt_len - 1 + t`` are the distribution that *predicted* new token t, so the
 scored slice is ``logits[prompt_len - 1 : -1]`` of one forward pass over prompt + response (the
 seed's agent step does exactly this; its GRPO reward function was one position off). The
@@ -12,7 +13,7 @@ gate threshold (sigma = 3/16 by default) the agent abstains: ``response`` is Non
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,9 +62,56 @@ def completion_logits(model: Any, full_ids: Any, prompt_len: int) -> np.ndarray:
     return logits.detach().cpu().double().numpy()
 
 
+@dataclass(frozen=True)
+class AgentSampling:
+    """How the agent generates: ``temperature`` 0 decodes greedily (the seed's agent step); above 0 it
+    samples, truncated by ``top_k`` (0: off), ``top_p`` (1.0: off) and ``min_p`` (0.0: off), with
+    torch's RNG seeded by ``seed`` (plus the task's index in `evaluate_agent`) so a run repeats.
+    Defaults per model: `carl_assets.models.defaults.agent_sampling_defaults`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"agent temperature must be >= 0 (0: greedy), not {self.temperature}")
+        from carl_assets.dreams.generation import Sampling
+
+        Sampling(top_k=int(self.top_k), top_p=float(self.top_p), min_p=float(self.min_p))  # range checks
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """`generate` keywords: greedy, or sampling with every truncation set explicitly (a model's own
+        generation_config must not add a top-k or top-p of its own)."""
+        if self.temperature == 0:
+            return {"do_sample": False}
+        from carl_assets.dreams.generation import Sampling
+
+        truncation = Sampling(top_k=int(self.top_k), top_p=float(self.top_p), min_p=float(self.min_p))
+        return {"do_sample": True, "temperature": float(self.temperature), **truncation.generate_kwargs()}
+
+
+GREEDY = AgentSampling()
+
+
+def _generate(model: Any, input_ids: Any, max_new_tokens: int, pad_token_id: Any, sampling: AgentSampling) -> Any:
+    """`model.generate` as `sampling` says; a sampled answer draws from a seeded RNG that leaves the
+    caller's torch RNG state as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(int(sampling.seed))
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                              **sampling.generate_kwargs())
+
+
 def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, gate_threshold: float = SIGMA,
-               max_new_tokens: int = 128) -> AgentStep:
-    """One agent step: generate a greedy response, measure its Phi, and act only when coherent."""
+               max_new_tokens: int = 128, sampling: AgentSampling = GREEDY) -> AgentStep:
+    """One agent step: generate a response (greedy by default; `sampling` for temperature and top-p / top-k
+    / min-p), measure its Phi on the model's own (untempered) logits, and act only when coherent."""
     import torch
 
     device = next(model.parameters()).device
@@ -80,10 +128,7 @@ def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, g
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            output_ids = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
+        output_ids = _generate(model, input_ids, max_new_tokens, tokenizer.pad_token_id, sampling)
         new_tokens = output_ids[0, len(prompt):]
         raw = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         if len(new_tokens) > 0:
@@ -102,8 +147,10 @@ def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, g
 
 
 def evaluate_agent(model: Any, tokenizer: Any, tasks: pd.DataFrame | Iterable[Mapping[str, Any]],
-                   gate_threshold: float = SIGMA, max_new_tokens: int = 128) -> pd.DataFrame:
-    """`agent_step` on each task (`observation`, `instruction`, optional `task_id`, `node_id`, `expected`).
+                   gate_threshold: float = SIGMA, max_new_tokens: int = 128,
+                   sampling: AgentSampling = GREEDY) -> pd.DataFrame:
+    """`agent_step` on each task (`observation`, `instruction`, optional `task_id`, `node_id`, `expected`),
+    task i sampled with seed ``sampling.seed + i`` when `sampling` samples.
 
     One row per task: the response (None when abstaining), what was generated, whether it acted, the
     confidence level, phi mean, the CARL reward and components, and whether the raw response equals
@@ -113,7 +160,8 @@ def evaluate_agent(model: Any, tokenizer: Any, tasks: pd.DataFrame | Iterable[Ma
     rows = []
     for i, task in enumerate(records):
         step = agent_step(model, tokenizer, str(task["observation"]), str(task["instruction"]),
-                          gate_threshold=gate_threshold, max_new_tokens=max_new_tokens)
+                          gate_threshold=gate_threshold, max_new_tokens=max_new_tokens,
+                          sampling=replace(sampling, seed=sampling.seed + i))
         expected = task.get("expected")
         rows.append({
             "task_id": task.get("task_id", i),

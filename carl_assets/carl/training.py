@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from carl_assets.carl.trl_config import prompts_per_step, sampling_kwargs
 from carl_assets.runtime import torch_threads
 
 CARL_COMPONENTS = ("multiscale", "cloud_quality", "discontinuity", "phi_mean")
@@ -68,6 +69,10 @@ class SFTRunConfig:
     dtype: str = "fp32"  # training precision: "fp32", "bf16" (or "fp16": mixed precision, CUDA only)
     gradient_checkpointing: bool = False  # recompute activations: memory for time (real models)
     optim_target_modules: list[str] | None = None  # APOLLO: layers it projects (None: attention and MLP)
+    lora_r: int = 0  # LoRA rank (0: full fine-tune); the adapters are merged into the saved checkpoint
+    lora_alpha: float = 0.0  # LoRA scale numerator (0: 2 * lora_r)
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # None: the attention and MLP projections the model has
 
 
 @dataclass
@@ -76,7 +81,7 @@ class GRPORunConfig:
 
     max_steps: int = 8
     learning_rate: float = 1e-4
-    batch_size: int = 8  # completions per step; a multiple of num_generations
+    batch_size: int = 8  # completions per device step; batch x accumulation x processes: whole groups
     num_generations: int = 4
     max_completion_length: int = 24
     max_prompts: int | None = None  # keep at most this many prompts (None: all)
@@ -91,6 +96,14 @@ class GRPORunConfig:
     device: str | None = None  # "auto", "cpu", "cuda", "mps" (None: as use_cpu says)
     dtype: str = "fp32"  # training precision: "fp32", "bf16" (or "fp16": mixed precision, CUDA only)
     gradient_checkpointing: bool = False
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    min_p: float = 0.0  # drop tokens below min_p x the top probability (0.0: off)
+    reward: str = "carl"  # the reward function, by name (`carl_assets.carl.reward_fn`)
+    lora_r: int = 0  # LoRA rank (0: full fine-tune); the adapters are merged into the saved checkpoint
+    lora_alpha: float = 0.0  # LoRA scale numerator (0: 2 * lora_r)
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # None: the attention and MLP projections the model has
 
 
 @dataclass
@@ -284,6 +297,22 @@ def _fit_length(model: Any, max_length: int) -> int:
 
     limit = model_max_positions(model)
     return min(max_length, limit) if limit else max_length
+
+
+def _peft_config(model: Any, config: Any) -> Any:
+    """TRL's `peft_config` for the run (None: full fine-tune)."""
+    from carl_assets.carl.lora import lora_config
+
+    return lora_config(model, int(config.lora_r), float(config.lora_alpha) or None, float(config.lora_dropout),
+                       config.lora_target_modules)
+
+
+def _merged(trainer: Any, model: Any) -> Any:
+    """The trained model to save: LoRA adapters merged into the base weights (a plain checkpoint), or the
+    model itself after a full fine-tune."""
+    from carl_assets.carl.lora import is_peft_model, merge_adapters
+
+    return merge_adapters(trainer.model) if is_peft_model(trainer.model) else model
 
 
 def prompt_lengths(tokenizer: Any, dataset: Any, limit: int = 512) -> list[int]:
@@ -506,6 +535,10 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
               save_steps: int = DEFAULT_SAVE_STEPS) -> SFTOutcome:
     """TRL SFT with the crystallization gate: stops when the gate fires or at ``config.max_steps``.
 
+    With ``config.lora_r > 0`` only LoRA adapters (`carl_assets.carl.lora`) train; they are merged into
+    the base weights before saving, so ``output_dir`` holds a plain checkpoint (no adapter files) and
+    `model` is the merged model afterwards.
+
     ``train_dataset`` is a `datasets.Dataset` in any format TRL's SFT accepts ("messages",
     "prompt"/"completion" (plain or conversational), or "text"). The trained model and tokenizer are
     saved to ``output_dir`` (if not None) with `training_log.json` (the outcome) beside them.
@@ -549,12 +582,13 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
             **trainer_args,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                             callbacks=[gate, *(extra_callbacks or [])])
+                             callbacks=[gate, *(extra_callbacks or [])], peft_config=_peft_config(model, config))
         _no_printing(trainer)
         if resume is not None:
             gate.restore(resume.log_history)
         steps, history = _train_or_load(trainer, resume, finished=resume is not None and (
             resume.step >= config.max_steps or gate.triggered))
+        model = _merged(trainer, model)
     model.eval()
     seconds = time.perf_counter() - started
     accuracies = [r["mean_token_accuracy"] for r in history if r.get("mean_token_accuracy") is not None]
@@ -605,13 +639,41 @@ def _prompt_only(dataset: Any, max_prompts: int | None, seed: int) -> Any:
     return dataset
 
 
+def _recording_reward(model: Any, tokenizer: Any, config: GRPORunConfig, scored: list[dict[str, Any]]) -> Any:
+    """The run's reward function (`config.reward`, by name: `carl_assets.carl.reward_fn.REWARD_NAMES`),
+    appending every completion's step, group, text, reward and CARL components to `scored` (TRL itself
+    logs only their means). Raises ValueError naming the known rewards for an unknown name."""
+    from carl_assets.carl.reward_fn import make_reward_fn
+
+    score = make_reward_fn(config.reward, model, tokenizer)
+
+    def reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        rewards = score(prompts, completions, **kwargs)
+        state = kwargs.get("trainer_state")
+        step = int(getattr(state, "global_step", 0)) + 1  # the optimizer step these completions feed
+        for i, (completion, value) in enumerate(zip(completions, rewards, strict=True)):
+            comps = score.last_components[i] if i < len(score.last_components) else None
+            text = completion[-1]["content"] if isinstance(completion, list) and completion else str(completion)
+            scored.append({"step": step, "index": i, "group": i // config.num_generations,
+                           "completion": text, "reward": float(value),
+                           **{k: (None if comps is None else float(comps[k])) for k in CARL_COMPONENTS}})
+        return rewards
+
+    reward.__name__ = score.__name__  # TRL's columns: rewards/<name>/mean
+    return reward
+
+
 def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
                config: GRPORunConfig | None = None, extra_callbacks: list[Any] | None = None,
                checkpoint_dir: str | os.PathLike[str] | None = None,
                save_steps: int = DEFAULT_SAVE_STEPS) -> GRPOOutcome:
-    """TRL GRPO with the CARL composite reward of the policy itself and ``beta=0``.
+    """TRL GRPO with a reward of the policy itself (``config.reward``: the CARL composite by default, or any
+    name in `carl_assets.carl.reward_fn.REWARD_NAMES`) and ``beta=0``.
 
-    ``train_dataset`` needs a "prompt" column (plain text or chat messages), or "messages" (the
+    Any batch TRL accepts trains: ``batch_size x gradient_accumulation_steps x processes`` a multiple of
+    ``num_generations`` (`carl_assets.carl.trl_config.generation_batch_size`; ValueError with TRL's rule
+    otherwise). Sampling: ``temperature``, ``top_p``, ``top_k``, ``min_p``. With ``lora_r > 0`` only LoRA
+    adapters train and are merged into the saved weights. ``train_dataset`` needs a "prompt" column (plain text or chat messages), or "messages" (the
     prompt is everything before the final assistant turn). Returns the per-step log (reward,
     reward_std, ``carl/<component>`` means, loss, ...) and every scored completion's reward and
     components. Saves the model, tokenizer and `grpo_log.json` to ``output_dir`` if given.
@@ -622,41 +684,21 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
     """
     from trl import GRPOConfig, GRPOTrainer
 
-    from carl_assets.carl.reward_fn import make_carl_reward_fn
-
     config = config or GRPORunConfig()
-    if config.batch_size % config.num_generations:
-        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of num_generations "
-                         f"({config.num_generations})")
-    if config.num_generations < 2:
-        raise ValueError("GRPO needs num_generations >= 2 (advantages are relative within a group)")
+    prompts_needed = prompts_per_step(config.batch_size, config.gradient_accumulation_steps,
+                                      config.num_generations)
+    sampling = sampling_kwargs(config.temperature, config.top_p, config.top_k, config.min_p)
     dataset = _prompt_only(train_dataset, config.max_prompts, config.seed)
     if len(dataset) == 0:
         raise ValueError("the GRPO dataset has no prompts")
-    per_step = config.batch_size // config.num_generations
-    if len(dataset) < per_step:
-        # TRL's sampler drops an incomplete last batch: with fewer prompts than one step takes, it would
-        # train nothing. Repeat them (each group still samples its own completions).
+    if len(dataset) < prompts_needed:
+        # TRL's sampler drops an incomplete generation batch: with fewer prompts than one optimizer step
+        # takes, it would train nothing. Repeat them (each group still samples its own completions).
         from datasets import concatenate_datasets
 
-        dataset = concatenate_datasets([dataset] * -(-per_step // len(dataset)))
-    carl = make_carl_reward_fn(model, tokenizer)
+        dataset = concatenate_datasets([dataset] * -(-prompts_needed // len(dataset)))
     scored: list[dict[str, Any]] = []
-
-    # Record every completion's reward and components (TRL itself only logs their means).
-    def carl_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        rewards = carl(prompts, completions, **kwargs)
-        state = kwargs.get("trainer_state")
-        step = int(getattr(state, "global_step", 0)) + 1  # the optimizer step these completions feed
-        for i, (completion, reward) in enumerate(zip(completions, rewards, strict=True)):
-            comps = carl.last_components[i] if i < len(carl.last_components) else None
-            text = completion[-1]["content"] if isinstance(completion, list) and completion else str(completion)
-            scored.append({"step": step, "index": i, "group": i // config.num_generations,
-                                "completion": text, "reward": float(reward),
-                                **{k: (None if comps is None else float(comps[k])) for k in CARL_COMPONENTS}})
-        return rewards
-
-    carl_reward.__name__ = "carl"
+    reward_fn = _recording_reward(model, tokenizer, config, scored)
     saving = bool(_checkpoint_args(checkpoint_dir, save_steps))
     resume = _prepare_resume(checkpoint_dir, require=(GRPO_COMPLETIONS_FILE,))
     if resume is not None:
@@ -672,18 +714,20 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
             per_device_train_batch_size=config.batch_size,
             num_generations=config.num_generations,
             max_completion_length=config.max_completion_length,
-            temperature=config.temperature,
+            **sampling,
             beta=config.beta,
             log_completions=False,
             **_schedule_args(config),
             **trainer_args,
         )
         savers = [_completions_saver(scored)] if saving else []
-        trainer = GRPOTrainer(model=model, reward_funcs=[carl_reward], args=args, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[*savers, *(extra_callbacks or [])])
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[*savers, *(extra_callbacks or [])],
+                              peft_config=_peft_config(model, config))
         _no_printing(trainer)
         steps, history = _train_or_load(trainer, resume,
                                         finished=resume is not None and resume.step >= config.max_steps)
+        model = _merged(trainer, model)
     model.eval()
     outcome = GRPOOutcome(steps=steps, seconds=time.perf_counter() - started, log_history=history,
                           completions=scored, resumed_from_step=0 if resume is None else resume.step)

@@ -51,8 +51,13 @@ def _base_is_offline(artifacts: ArtifactStore) -> bool:
 
 
 DEVICE_DESCRIPTION = "where the model runs: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'"
-DTYPE_DESCRIPTION = ("precision: 'auto' (fp32 for the offline model; bf16 on a CUDA device that supports it for a "
-                     "real one), 'bf16', 'fp16' (mixed precision on fp32 weights, CUDA only) or 'fp32'")
+DTYPE_DESCRIPTION = ("precision: 'auto' (fp32 for the offline model; for a real one bf16 where the device computes it "
+                     "natively: a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), 'bf16' (training: mixed "
+                     "precision on fp32 weights), 'fp16' (mixed precision, CUDA only) or 'fp32'")
+THREADS_DESCRIPTION = ("torch CPU threads (0: the model's default, 1 for the offline model, all the cores this "
+                       "process may use for a real one: models.defaults.default_threads)")
+LORA_DESCRIPTION = ("LoRA rank through peft (0: full fine-tune); the adapters are merged into the saved "
+                    "checkpoint, a plain safetensors folder")
 
 
 class TrainingRunConfig(dg.Config):
@@ -70,14 +75,26 @@ class TrainingRunConfig(dg.Config):
                                        "up, in [0, 1); None: the model's default")
     gradient_accumulation_steps: int = Field(default=0, description="batches per optimizer step (0: the model's "
                                              "default)")
+    lora_r: int = Field(default=0, description=LORA_DESCRIPTION)
+    lora_alpha: float = Field(default=0.0, description="LoRA scale numerator, the update is scaled by alpha/r "
+                              "(0: 2 x lora_r)")
+    lora_dropout: float = Field(default=0.0, description="dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: list[str] = Field(default=[], description="module names LoRA adapts ([]: the attention "
+                                           "and MLP projections the model has, e.g. q_proj ... down_proj)")
 
     def placement(self, offline: bool) -> tuple[Any, Any, Any]:
         """(device, dtype it trains in, dtype to load the weights in)."""
         from carl_assets.models.defaults import resolve_placement
         from carl_assets.models.device import training_weights_dtype
 
-        device, dtype = resolve_placement(self.device, self.dtype, offline)
+        device, dtype = resolve_placement(self.device, self.dtype, offline, purpose="training")
         return device, dtype, training_weights_dtype(dtype)
+
+    def lora_values(self) -> dict[str, Any]:
+        """The run config's LoRA fields (checked when the trainer builds the adapters)."""
+        return {"lora_r": int(self.lora_r), "lora_alpha": float(self.lora_alpha),
+                "lora_dropout": float(self.lora_dropout),
+                "lora_target_modules": list(self.lora_target_modules) or None}
 
     def shared_run_values(self, defaults: Any, device: Any, dtype: Any) -> dict[str, Any]:
         """The run-config values this class holds, each resolved against `defaults` (SFT or GRPO)."""
@@ -97,7 +114,8 @@ class TrainingRunConfig(dg.Config):
 def _run_metadata(run: Any) -> dict[str, Any]:
     """The hyper-parameters a run actually used (after the model's defaults filled the 0/auto fields)."""
     names = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "batch_size", "gradient_accumulation_steps",
-             "max_steps", "gradient_checkpointing", "device", "dtype", "num_generations", "max_completion_length")
+             "max_steps", "gradient_checkpointing", "device", "dtype", "num_generations", "max_completion_length",
+             "threads", "lora_r", "temperature", "top_p", "top_k", "min_p", "reward")
     return {f"run/{n}": getattr(run, n) for n in names if hasattr(run, n)}
 
 
@@ -329,8 +347,7 @@ class SFTCheckpointConfig(TrainingRunConfig):
     checkpoint_every: int = Field(default=25, description="save a trainer checkpoint every this many steps, so "
                                   "a killed run resumes from it when materialized again (0: never)",
                                   json_schema_extra=PERFORMANCE_ONLY)
-    threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
-                         "default model on a shared 2-core CPU; 0 keeps torch's default)")
+    threads: int = Field(default=0, description=THREADS_DESCRIPTION)
     launcher: str = Field(default="inprocess", description="where SFT runs: 'inprocess' (this process), or "
                           "'torchrun:N' / 'accelerate:N' (N processes on this machine, through Dagster Pipes; "
                           "batch_size is the global batch, split over them)", json_schema_extra=PERFORMANCE_ONLY)
@@ -339,15 +356,15 @@ class SFTCheckpointConfig(TrainingRunConfig):
                    dtype: Any = "fp32") -> Any:
         """The SFT run config with every 0/auto field filled from this model's defaults."""
         from carl_assets.carl.training import SFTRunConfig
-        from carl_assets.models.defaults import training_defaults
+        from carl_assets.models.defaults import resolve_threads, training_defaults
 
         defaults = training_defaults(offline).sft
         return SFTRunConfig(max_steps=self.max_steps or defaults.max_steps, learning_rate=learning_rate,
                             batch_size=self.batch_size or defaults.batch_size,
                             gate_threshold=self.gate_threshold, gate_window=self.gate_window,
                             gate_min_above=self.gate_min_above, max_length=self.max_length, seed=self.seed,
-                            threads=self.threads or None, optim=self.optim,
-                            **self.shared_run_values(defaults, device, dtype))
+                            threads=resolve_threads(self.threads, offline), optim=self.optim,
+                            **self.lora_values(), **self.shared_run_values(defaults, device, dtype))
 
 
 TEMPLATED_SFT_LR = 1.5e-3  # tuned: the offline model crystallizes on the 48 templated examples in ~120 steps
@@ -631,13 +648,24 @@ class GRPOCheckpointConfig(TrainingRunConfig):
     max_steps: int = Field(default=0, description="GRPO steps (0: 16 for the offline model, 300 for a real one)")
     learning_rate: float = Field(default=0.0, description="AdamW learning rate (0: 1e-4 for the offline model, "
                                  "1e-6 for a real one)")
-    batch_size: int = Field(default=0, description="completions per device step, a multiple of num_generations "
-                            "(0: 8)")
+    batch_size: int = Field(default=0, description="completions per device step; batch_size x "
+                            "gradient_accumulation_steps x processes must be a multiple of num_generations, TRL's "
+                            "rule (0: 8, or the next multiple of num_generations)")
     num_generations: int = Field(default=0, description="completions per prompt, the GRPO group (0: 4 for the "
                                  "offline model, 8 for a real one)")
     max_completion_length: int = Field(default=0, description="tokens per completion (0: 24 for the offline "
                                        "model, 256 for a real one)")
-    temperature: float = Field(default=1.0, description="sampling temperature")
+    temperature: float | None = Field(default=None, description="sampling temperature (None: the model's default, "
+                                      "1.0 for the offline model, 0.8 for a real one)")
+    top_p: float | None = Field(default=None, description="nucleus truncation (1.0: off; None: the model's default, "
+                                "off for the offline model, 0.9 for a real one)")
+    top_k: int | None = Field(default=None, description="keep the k likeliest tokens (0: off; None: the model's "
+                              "default, off for both)")
+    min_p: float | None = Field(default=None, description="drop tokens below min_p x the likeliest one's "
+                                "probability (0.0: off; None: the model's default, off offline, 0.05 for a real "
+                                "model)")
+    reward: str = Field(default="carl", description="the GRPO reward, by name: 'carl' (the seed's composite), a "
+                        "CARL component or a confidence score (carl_assets.carl.reward_fn.REWARD_NAMES)")
     max_prompts: int = Field(default=0, description="use at most this many SFT prompts (0: all)")
     max_frac_reward_zero_std: float = Field(default=0.5, description="the grpo_reward_spread check fails (and "
                                             "holds the evaluation back) when on average this share of groups "
@@ -648,15 +676,15 @@ class GRPOCheckpointConfig(TrainingRunConfig):
     checkpoint_every: int = Field(default=25, description="save a trainer checkpoint every this many steps, so "
                                   "a killed run resumes from it when materialized again (0: never)",
                                   json_schema_extra=PERFORMANCE_ONLY)
-    threads: int = Field(default=1, description="torch CPU threads while training (1 is fastest for the tiny "
-                         "default model on a shared 2-core CPU; 0 keeps torch's default)")
+    threads: int = Field(default=0, description=THREADS_DESCRIPTION)
 
     def run_config(self, offline: bool = True, device: Any = "cpu", dtype: Any = "fp32") -> Any:
         """The GRPO run config with every 0/auto field filled from this model's defaults."""
         from carl_assets.carl.training import GRPORunConfig
-        from carl_assets.models.defaults import training_defaults
+        from carl_assets.models.defaults import grpo_sampling_defaults, resolve_threads, training_defaults
 
         defaults = training_defaults(offline).grpo
+        sampling = grpo_sampling_defaults(offline)
         generations = self.num_generations or defaults.num_generations
         # The default batch holds whole groups: the default size rounded up to a multiple of the group.
         batch = self.batch_size or -(-max(defaults.batch_size, generations) // generations) * generations
@@ -664,9 +692,17 @@ class GRPOCheckpointConfig(TrainingRunConfig):
                              learning_rate=self.learning_rate or defaults.learning_rate, batch_size=batch,
                              num_generations=generations,
                              max_completion_length=self.max_completion_length or defaults.max_completion_length,
-                             temperature=self.temperature, max_prompts=self.max_prompts or None, seed=self.seed,
-                             beta=0.0, threads=self.threads or None,
+                             temperature=_or(self.temperature, sampling.temperature),
+                             top_p=_or(self.top_p, sampling.top_p), top_k=_or(self.top_k, sampling.top_k),
+                             min_p=_or(self.min_p, sampling.min_p), reward=self.reward.strip().lower(),
+                             max_prompts=self.max_prompts or None, seed=self.seed, beta=0.0,
+                             threads=resolve_threads(self.threads, offline), **self.lora_values(),
                              **self.shared_run_values(defaults, device, dtype))
+
+
+def _or(value: Any, default: Any) -> Any:
+    """`value` unless it is None (then the model's default)."""
+    return default if value is None else value
 
 
 GRPO_COMPLETION_COLUMNS = ["step", "index", "group", "completion", "reward", "multiscale", "cloud_quality",
@@ -793,9 +829,27 @@ class AgentEvaluationConfig(dg.Config):
     gate_threshold: float = Field(default=SIGMA, description="abstain when phi mean is below this (sigma = 3/16)")
     max_new_tokens: int = Field(default=32, description="tokens generated per task")
     max_tasks: int = Field(default=0, description="evaluate at most this many held-out tasks (0: all)")
-    threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)")
+    threads: int = Field(default=0, description=THREADS_DESCRIPTION)
     device: str = Field(default="auto", description=DEVICE_DESCRIPTION)
     dtype: str = Field(default="auto", description=DTYPE_DESCRIPTION)
+    temperature: float | None = Field(default=None, description="answer sampling temperature, 0: greedy (None: "
+                                      "the model's default, greedy for the offline model as in the seed, 0.7 "
+                                      "for a real one)")
+    top_p: float | None = Field(default=None, description="nucleus truncation (1.0: off; None: the model's "
+                                "default, off offline, 0.9 for a real one)")
+    top_k: int | None = Field(default=None, description="keep the k likeliest tokens (0: off; None: off)")
+    min_p: float | None = Field(default=None, description="drop tokens below min_p x the likeliest one's "
+                                "probability (0.0: off; None: off)")
+    seed: int = Field(default=0, description="sampling seed (task i samples with seed + i)")
+
+    def sampling(self, offline: bool) -> Any:
+        """The agent's `AgentSampling`: each field as set, else the model's default."""
+        from carl_assets.carl.agent import AgentSampling
+        from carl_assets.models.defaults import agent_sampling_defaults
+
+        d = agent_sampling_defaults(offline)
+        return AgentSampling(temperature=_or(self.temperature, d.temperature), top_p=_or(self.top_p, d.top_p),
+                             top_k=_or(self.top_k, d.top_k), min_p=_or(self.min_p, d.min_p), seed=self.seed)
 
 
 def _agent_placement(config: AgentEvaluationConfig, artifacts: ArtifactStore) -> tuple[Any, Any]:
@@ -854,7 +908,8 @@ def _evaluate_checkpoint(context: dg.AssetExecutionContext, artifacts: ArtifactS
 
     model, tokenizer = _load_model(artifacts.require(name), *_agent_placement(config, artifacts))
     evaluation = evaluate_agent(model, tokenizer, tasks, gate_threshold=config.gate_threshold,
-                                max_new_tokens=config.max_new_tokens)
+                                max_new_tokens=config.max_new_tokens,
+                                sampling=config.sampling(_base_is_offline(artifacts)))
     evaluation.insert(0, "checkpoint", name)
     frames.append(evaluation)
     summaries.append({"checkpoint": name, **summarise_evaluation(evaluation)})
@@ -879,7 +934,9 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
     if tasks.empty:
         raise ValueError("agent_tasks is empty: give sft_dataset some holdout_tasks")
     frames, summaries = [], []
-    with torch_threads(config.threads or None):
+    from carl_assets.models.defaults import resolve_threads
+
+    with torch_threads(resolve_threads(config.threads, _base_is_offline(artifacts))):
         for name in ("sft_checkpoint", "grpo_checkpoint"):
             _evaluate_checkpoint(context, artifacts, name, tasks, config, frames, summaries)
         results = pd.concat(frames, ignore_index=True)

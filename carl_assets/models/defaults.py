@@ -4,6 +4,11 @@ The offline values are the ones the default pipeline is tuned to (they must not 
 depend on them). The real-model values follow common practice for SFT/GRPO of small instruct models
 (and the seed's `carl train`: 300 steps, 8 generations, bf16, gradient checkpointing): a learning
 rate two orders smaller, cosine decay with warm-up, an effective batch of 16 through accumulation.
+
+Every model-dependent default lives here, keyed by whether the model is the offline one: training
+hyper-parameters (`training_defaults`), the sampling of dreams, GRPO and the agent
+(`dream_sampling_defaults`, `grpo_sampling_defaults`, `agent_sampling_defaults`), torch threads
+(`default_threads`) and the precision a model runs in (`resolve_placement`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from carl_assets.models.device import resolve_device, resolve_dtype
+from carl_assets.models.device import available_cores, fast_dtype, native_bf16, resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class GRPODefaults:
 @dataclass(frozen=True)
 class TrainingDefaults:
     offline: bool
-    dtype: str  # "fp32", or "auto" (bf16 on a CUDA device that has it)
+    dtype: str  # training precision: "fp32", or "bf16" (mixed precision, where the device has native bf16)
     sft: SFTDefaults
     grpo: GRPODefaults
 
@@ -88,13 +93,29 @@ def is_offline_model(folder: str | os.PathLike[str]) -> bool:
     return str(json.loads(info.read_text()).get("source", "")).lower() in ("offline", "")
 
 
-def resolve_placement(device: str, dtype: str, offline: bool) -> tuple[torch.device, torch.dtype]:
+PURPOSES = ("inference", "training")
+
+
+def resolve_placement(device: str, dtype: str, offline: bool,
+                      purpose: str = "inference") -> tuple[torch.device, torch.dtype]:
     """The device and dtype an asset runs a model in: `device` resolved ("auto": CUDA, MPS, CPU), and
     `dtype` as asked, where "auto" (or "") is this model's default: fp32 for the offline model (its tuned
-    runs), else bf16 on a CUDA device that supports it and fp32 elsewhere."""
+    runs); for a real model, bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16/AMX: `models.device.native_bf16`) and fp32 elsewhere. For `purpose="training"` the real
+    model's "auto" is `training_defaults(False).dtype` where that is bf16 and the device has it natively.
+
+    Raises ValueError for an unknown purpose, device or dtype."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}: use one of {PURPOSES}")
     where = resolve_device(device)
-    wanted = dtype if (dtype or "auto").strip().lower() != "auto" else training_defaults(offline).dtype
-    return where, resolve_dtype(wanted, where)
+    if (dtype or "auto").strip().lower() != "auto":
+        return where, resolve_dtype(dtype, where)
+    if offline:
+        return where, resolve_dtype(OFFLINE_DEFAULTS.dtype, where)
+    if purpose == "training":
+        wanted = REAL_MODEL_DEFAULTS.dtype
+        return where, torch.bfloat16 if wanted in ("bf16", "auto") and native_bf16(where) else torch.float32
+    return where, fast_dtype(where)
 
 
 @dataclass(frozen=True)
@@ -123,3 +144,53 @@ REAL_DREAM_SAMPLING = DreamSamplingDefaults(temperature_start=1.0, temperature_e
 def dream_sampling_defaults(offline: bool) -> DreamSamplingDefaults:
     """The dream temperature schedule and truncation for the offline model or for a real one."""
     return OFFLINE_DREAM_SAMPLING if offline else REAL_DREAM_SAMPLING
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling of GRPO completions or agent answers: temperature (0: greedy decoding) and truncation
+    (top_k 0, top_p 1.0, min_p 0.0 are "off"; Hugging Face `generate` and TRL's GRPOConfig meanings)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+
+
+# The offline model's GRPO ran at TRL's defaults (temperature 1.0, no truncation) when it was tuned.
+OFFLINE_GRPO_SAMPLING = SamplingDefaults(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+# A real model's completions get the dream schedule's truncation (top-p 0.9, min-p 0.05, readable English
+# on SmolLM2-135M) at a temperature inside that schedule's range, so a group still varies.
+REAL_GRPO_SAMPLING = SamplingDefaults(temperature=0.8, top_p=0.9, top_k=0, min_p=0.05)
+# The seed's agent step decodes greedily; the offline model keeps that (its answers are memorised).
+OFFLINE_AGENT_SAMPLING = SamplingDefaults(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
+# Greedy decoding makes a small real model repeat itself; common practice samples at 0.7 with top-p 0.9.
+REAL_AGENT_SAMPLING = SamplingDefaults(temperature=0.7, top_p=0.9, top_k=0, min_p=0.0)
+
+
+def grpo_sampling_defaults(offline: bool) -> SamplingDefaults:
+    """How GRPO samples its completions, for the offline model or a real one."""
+    return OFFLINE_GRPO_SAMPLING if offline else REAL_GRPO_SAMPLING
+
+
+def agent_sampling_defaults(offline: bool) -> SamplingDefaults:
+    """How the agent generates its answers (temperature 0: greedy), for the offline model or a real one."""
+    return OFFLINE_AGENT_SAMPLING if offline else REAL_AGENT_SAMPLING
+
+
+# The offline ~1M-parameter model: torch's thread pool costs more than it saves (one thread ran its SFT
+# several times faster on a shared 2-core box). A real model's matrix products use every core.
+OFFLINE_THREADS = 1
+
+
+def default_threads(offline: bool) -> int:
+    """torch intra-op threads for dreams, SFT, GRPO and evaluation when the config leaves them at 0: 1 for the
+    offline model, else `models.device.available_cores()` (affinity mask, capped by a cgroup quota)."""
+    return OFFLINE_THREADS if offline else available_cores()
+
+
+def resolve_threads(threads: int | None, offline: bool) -> int:
+    """`threads` when positive, else `default_threads(offline)`. Raises ValueError when negative."""
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads must be 0 (the model's default) or a positive count, not {threads}")
+    return int(threads) if threads else default_threads(offline)
