@@ -19,7 +19,9 @@ import pandas as pd
 import pytest
 
 from carl_assets import storage
+from carl_assets.defs.emotion_tags import emotion_tags
 from carl_assets.defs.memory import (
+    NO_TAG_LINE,
     NO_TAGS_REASON,
     emotion_training_pairs,
     memory_graph,
@@ -47,8 +49,10 @@ TAGGED = [
                       "warmth:9" if i % 2 else "calm:7"]}
     for i in range(6)
 ]
-STEPS = [memory_graph, memory_graph_is_consistent, emotion_training_pairs, pairs_nonempty_within_caps,
+STEPS = [memory_graph, memory_graph_is_consistent, emotion_tags, emotion_training_pairs, pairs_nonempty_within_caps,
          steering_vectors, vectors_finite_unit_norm, manifest_matches_tensors]
+OFF_REASON = (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
+              "'lexicon' or 'model'")
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -56,8 +60,11 @@ def _write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _run(home: Path, source: str, steps: list = STEPS, instance: dg.DagsterInstance | None = None):
+def _run(home: Path, source: str, steps: list = STEPS, instance: dg.DagsterInstance | None = None,
+         tagger: str = "off"):
     config = {"ops": {"memory_graph": {"config": {"source": source}}}}
+    if emotion_tags in steps:
+        config["ops"]["emotion_tags"] = {"config": {"tagger": tagger}}
     return dg.materialize(steps, resources=build_resources(home), run_config=config, instance=instance,
                           raise_on_error=False)
 
@@ -77,20 +84,23 @@ def test_untagged_graph_gives_empty_pairs_and_a_skipped_readout_with_the_reason(
     graph = _meta(result, "memory_graph")
     assert graph["tagged_nodes"] == 0 and graph["tags_note"].startswith(f"0 of {graph['nodes']} nodes")
     pairs = _meta(result, "emotion_training_pairs")
-    assert pairs["rows"] == 0 and pairs["empty_reason"] == NO_TAGS_REASON
-    # The reason names config fields that exist.
+    assert pairs["rows"] == 0 and pairs["empty_reason"] == OFF_REASON and pairs["tagger"] == "off"
+    # The reasons name config fields that exist.
+    from carl_assets.defs.emotion_tags import EmotionTagsConfig
+
+    assert "tagger" in EmotionTagsConfig.model_fields and "min_score" in EmotionTagsConfig.model_fields
     assert "emotion_tags.tagger" in NO_TAGS_REASON and "'warmth:9 clarity:10'" in NO_TAGS_REASON
 
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["memory_graph_is_consistent"].passed
     warn = checks["pairs_nonempty_within_caps"]
-    assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN and warn.description == NO_TAGS_REASON
+    assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN and warn.description == OFF_REASON
     for name in ("vectors_finite_unit_norm", "manifest_matches_tensors"):
         assert checks[name].passed and checks[name].description.startswith("skipped: emotion_training_pairs is empty")
 
     steering = _meta(result, "steering_vectors")
     assert steering["concepts"] == 0
-    assert steering["skipped_reason"] == f"emotion_training_pairs is empty: {NO_TAGS_REASON}"
+    assert steering["skipped_reason"] == f"emotion_training_pairs is empty: {OFF_REASON}"
     readout = load_readout(build_resources(tmp_path / "home")["artifacts"].require("steering_vectors"))
     assert readout.concepts == [] and readout.layers == [] and readout.skipped_reason == steering["skipped_reason"]
     db = tmp_path / "home" / storage.DATABASE_NAME
@@ -179,3 +189,29 @@ def test_file_metadata_markers_are_kept_in_a_table(tmp_path):
     assert json.loads(table["record_json"][0]) == {"key": "markers", "line": 1,
                                                    "record": {"type": "_aim", "name": "garden"}}
     assert _file_metadata(object()).empty
+
+
+def test_pairs_take_a_taggers_tags_for_untagged_nodes_unless_restricted_to_user_tags(tmp_path):
+    untagged = [{"type": "entity", "name": f"u-{i}", "entityType": "note",
+                 "observations": [f"Note {i}: the kettle, the radio and a pile of letters on a slow grey morning."]}
+                for i in range(4)]
+    memory = _write(tmp_path / "mixed.jsonl", TAGGED + untagged)
+    home = tmp_path / "home"
+    assert _run(home, f"jsonl:{memory}", [memory_graph]).success
+    # A tagger's rows as the emotion_tags asset writes them; its row for a user-tagged node must lose.
+    storage.write_tables(home / storage.DATABASE_NAME, {"emotion_tags": pd.DataFrame({
+        "node_id": ["u-0", "u-1", "u-2", "day-1"], "emotion": ["warmth", "warmth", "calm", "warmth"],
+        "score": [9, 9, 8, 0], "source": ["model"] * 4, "raw_score": [9.1, 8.8, 7.9, 0.2]})})
+
+    def pairs(tag_sources: str) -> pd.DataFrame:
+        config = {"ops": {"emotion_training_pairs": {"config": {"tag_sources": tag_sources}}}}
+        result = dg.materialize([emotion_training_pairs], resources=build_resources(home), run_config=config)
+        assert result.success
+        return storage.read_table(home / storage.DATABASE_NAME, "emotion_training_pairs")
+
+    everything = pairs("all")
+    warmth = everything[everything["emotion"] == "warmth"]
+    assert sorted(warmth[warmth["polarity"] == "positive"]["node_id"]) == ["day-1", "day-3", "day-5", "u-0", "u-1"]
+    assert sorted(warmth[warmth["polarity"] == "negative"]["node_id"]) == ["day-0", "day-2", "day-4", "u-2"]
+    users = pairs("user")
+    assert sorted(users["node_id"]) == ["day-0", "day-1", "day-2", "day-3", "day-4", "day-5"]

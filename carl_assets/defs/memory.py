@@ -1,7 +1,7 @@
 """The memory group: the memory graph from its source, and the (emotion, polarity, text) pairs."""
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import pandas as pd
@@ -22,6 +22,7 @@ from carl_assets.memory.graph import (
     pair_counts,
     parse_tags,
 )
+from carl_assets.memory.tagging import SOURCES, tags_by_node
 from carl_assets.plotting import figure_png, plt
 from carl_assets.project_env import normalise_memory_source
 
@@ -61,6 +62,9 @@ class PairsConfig(dg.Config):
     min_content_chars: int = Field(default=40, description="shorter texts (tag line stripped) are skipped")
     max_examples_per_emotion: int = Field(default=500, description="cap per polarity per emotion")
     seed: int = Field(default=0, description="seed of the deterministic sampling under the cap")
+    tag_sources: Literal["all", "user"] = Field(
+        default="all", description="the tags that label the pairs: 'all' (the user's tag lines, and for nodes "
+        "without one the emotion_tags tagger's tags) or 'user' (tag lines only). User tags always win.")
     max_negative_score: int | None = Field(
         default=None, description="negatives are nodes without the emotion (None, the default) or also nodes "
         "that scored it at most this (the seed's 'absent or low'); must be below min_positive_score"
@@ -82,12 +86,13 @@ def _bar_png(frame: pd.DataFrame, index: str, columns: list[str], title: str) ->
     return figure_png(fig)
 
 
+NO_TAG_LINE = "no node carries an emotion tag line (an observation such as 'warmth:9 clarity:10')"
 NO_TAGS_REASON = (
-    "no node carries an emotion tag line (an observation such as 'warmth:9 clarity:10'), so there are no "
-    "emotion training pairs; add tag lines to your memories, or set emotion_tags.tagger to 'lexicon' or "
-    "'model' to let a tagger score the untagged nodes"
+    f"{NO_TAG_LINE}; the emotion_tags asset's tagger (emotion_tags.tagger: 'lexicon', the default, or 'model') "
+    "scores untagged nodes for the pairs, or add tag lines to your memories"
 )
 METADATA_COLUMNS = ["line", "record_json"]
+TAGS_TABLE = "emotion_tags"  # written by the emotion_tags asset (carl_assets/defs/emotion_tags.py)
 
 
 def _previous_nodes(duckdb: DuckDBResource) -> int | None:
@@ -240,17 +245,20 @@ def memory_graph_is_consistent(duckdb: DuckDBResource) -> dg.AssetCheckResult:
 
 @dg.asset(
     group_name="memory",
-    deps=[memory_graph],
+    deps=[memory_graph, "emotion_tags"],
     kinds={"duckdb"},
     description="The amygdala training examples (seed step 1): per emotion, positive nodes (scored >= "
     "min_positive_score) and negative nodes (tagged, without the emotion, naming it at most "
     "max_negative_mentions times), text >= min_content_chars with the tag line stripped, at most "
-    "max_examples_per_emotion per polarity, sampled deterministically from seed.",
+    "max_examples_per_emotion per polarity, sampled deterministically from seed. Tags: the user's tag lines, "
+    "and for nodes without one the emotion_tags tagger's (tag_sources 'all'), or tag lines only ('user'). "
+    "No tags at all: empty, with the reason in metadata (empty_reason).",
 )
 def emotion_training_pairs(
     context: dg.AssetExecutionContext, config: PairsConfig, duckdb: DuckDBResource
 ) -> dg.MaterializeResult:
-    graph = graph_from_tables(read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges"))
+    nodes, tagger = _nodes_with_tags(context, duckdb, config.tag_sources)
+    graph = graph_from_tables(nodes, read_table(duckdb, "memory_edges"))
     pairs = extract_training_pairs(
         graph,
         min_positive_score=config.min_positive_score,
@@ -264,7 +272,7 @@ def emotion_training_pairs(
     counts = pair_counts(pairs)
     dropped = sorted(set(graph.emotion_counts()) - set(counts["emotion"]))
     context.log.info(f"{len(pairs)} examples over {len(counts)} emotions; dropped (no positive or negative): {dropped}")
-    reason = _empty_reason(graph, config) if pairs.empty else ""
+    reason = _empty_reason(graph, config, tagger) if pairs.empty else ""
     if reason:
         context.log.warning(f"no emotion training pairs: {reason}")
     per_emotion = {row.emotion: {"positive": int(row.positive), "negative": int(row.negative)} for row in counts.itertuples()}
@@ -287,16 +295,60 @@ def emotion_training_pairs(
             "min_content_chars": config.min_content_chars,
             # Why there are none (empty when there are pairs): the check and steering_vectors repeat it.
             "empty_reason": reason,
+            "tag_sources": config.tag_sources,
+            "tagger": tagger or "not materialized",
+            "tagged_nodes": int((graph.nodes["n_tags"] > 0).sum()),
         },
         plots=plots,
     )
 
 
-def _empty_reason(graph: Any, config: PairsConfig) -> str:
+def _nodes_with_tags(context: dg.AssetExecutionContext, duckdb: DuckDBResource, tag_sources: str
+                     ) -> tuple[pd.DataFrame, str | None]:
+    """`memory_nodes` with the tags the pairs use, and the emotion_tags tagger (None: never materialized).
+    The user's tag lines come from the graph itself (always current, always winning); a node without one
+    takes the tagger's tags from the `emotion_tags` table when `tag_sources` is 'all'."""
+    nodes = read_table(duckdb, "memory_nodes")
+    try:
+        table = read_table(duckdb, TAGS_TABLE)
+    except LookupError:
+        context.log.warning("emotion_tags has not been materialized: the pairs use the graph's tag lines only")
+        return nodes, None
+    tagger = str(_latest_metadata(context, TAGS_TABLE).get("tagger", "unknown"))
+    if tag_sources == "user":
+        return nodes, tagger
+    scored = tags_by_node(table, [s for s in SOURCES if s != "user"])
+    user = (nodes["n_tags"] > 0).to_numpy()
+    tags = [None if has else scored.get(str(node), {}) for node, has in zip(nodes["node_id"], user, strict=True)]
+    return nodes.assign(
+        tags_json=[old if new is None else json.dumps(new, sort_keys=True) for old, new in zip(nodes["tags_json"], tags,
+                                                                                              strict=True)],
+        n_tags=[old if new is None else len(new) for old, new in zip(nodes["n_tags"], tags, strict=True)],
+    ), tagger
+
+
+def no_tags_reason(tag_sources: str, tagger: str | None) -> str:
+    """Why no node has a tag the pairs can use, and what to change (config fields that exist)."""
+    if tag_sources == "user":
+        return (f"{NO_TAG_LINE}, and emotion_training_pairs.tag_sources = 'user' leaves out a tagger's tags; add "
+                "tag lines, or set tag_sources to 'all' with emotion_tags.tagger 'lexicon' or 'model'")
+    if tagger is None:
+        return (f"{NO_TAG_LINE}, and emotion_tags has not been materialized; add tag lines, or materialize "
+                "emotion_tags (emotion_tags.tagger 'lexicon' or 'model') before the pairs")
+    if tagger == "off":
+        return (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
+                "'lexicon' or 'model'")
+    other = "model" if tagger == "lexicon" else "lexicon"
+    return (f"{NO_TAG_LINE}, and the {tagger!r} tagger (emotion_tags.tagger) scored no node at or above "
+            f"emotion_tags.min_score; add tag lines, lower emotion_tags.min_score, or set emotion_tags.tagger "
+            f"to {other!r}")
+
+
+def _empty_reason(graph: Any, config: PairsConfig, tagger: str | None) -> str:
     """Why `extract_training_pairs` gave nothing, and what to change (names real config fields)."""
     tagged = int((graph.nodes["n_tags"] > 0).sum())
     if tagged == 0:
-        return NO_TAGS_REASON
+        return no_tags_reason(config.tag_sources, tagger)
     emotions = graph.emotion_counts()
     return (f"{tagged} of {len(graph.nodes)} nodes carry tags over {len(emotions)} emotions, but no emotion has "
             f"both a positive node (scored >= emotion_training_pairs.min_positive_score = "
