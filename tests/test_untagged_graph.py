@@ -27,6 +27,7 @@ TINY = {
     "ops": {
         "base_model": {"config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
                                    "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
+        "emotion_tags": {"config": {"tagger": "off"}},  # untagged stays untagged: steering must skip
         "steering_vectors": {"config": {"max_length": 64}},
         "dream_scenarios": {"config": {"n_scenarios": 3, "responses_per_scenario": 2, "max_new_tokens": 6,
                                        "heldout_scenarios": 2, "excerpt_chars": 40}},
