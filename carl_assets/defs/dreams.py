@@ -258,8 +258,9 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     dream_config = config.dream_config(offline)
     kinds, plan = plan_scenarios(nodes, edges, config, dream_config.walk)
     heldout = plan.collisions
+    enough = " (enough)" if plan.pool >= config.n_scenarios + plan.requested else ""
     context.log.info(f"conditioning kinds {list(kinds)} ({'set' if config.conditioning_kinds else 'auto'}); "
-                     f"walks found {plan.pool} distinct scenarios for {config.n_scenarios} dreamed + "
+                     f"walks found {plan.pool}{enough} distinct scenarios for {config.n_scenarios} dreamed + "
                      f"{config.heldout_scenarios} held out")
     if plan.shrunk:
         context.log.warning(f"few scenarios: held out {len(heldout)} instead of {plan.requested} (at most a "

@@ -157,7 +157,9 @@ def _as_sort_key(values: pd.Series) -> np.ndarray:
     column's time unit; missing values -inf)."""
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return values.to_numpy(dtype=np.float64, na_value=-np.inf)
-    stamps = pd.to_datetime(values, errors="coerce", utc=True)
+    stamps = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    if stamps.isna().sum() > values.isna().sum():  # not all ISO 8601: parse each value on its own (slower)
+        stamps = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
     if stamps.isna().all():
         raise ValueError(f"recency column {values.name!r} is neither numeric nor parseable as timestamps")
     key = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64, na_value=-np.inf)
