@@ -173,3 +173,29 @@ def test_weights_check_finds_non_finite_values(tmp_path):
     assert "b has non-finite" in carl_defs._weights_problem(tmp_path)
     save_file({"a": torch.ones(3)}, str(tmp_path / "model.safetensors"))
     assert carl_defs._weights_problem(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_lora_and_a_small_per_device_batch_through_the_assets(tmp_path):
+    """LoRA on both trainers (merged: the versions are plain checkpoints), GRPO at batch 1 x accumulation 4
+    with groups of 4 (TRL's rule, not batch % generations) and a reward chosen by name."""
+    resources = build_resources(tmp_path)
+    lora = {"lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]}
+    cfg = run_config(sft_checkpoint=dict(lora, max_steps=2),
+                     grpo_checkpoint=dict(lora, max_steps=1, batch_size=1, gradient_accumulation_steps=4,
+                                          num_generations=4, reward="mean_logprob", top_p=0.9, min_p=0.05))
+    ops = ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events", "grpo_checkpoint")
+    result = dg.materialize(UPSTREAM[:2] + ASSETS[:4], resources=resources,
+                            run_config={"ops": {k: cfg["ops"][k] for k in ops}})
+    assert result.success
+    art = tmp_path / storage.ARTIFACTS_DIR
+    for name in ("sft_checkpoint", "grpo_checkpoint"):
+        folder = art / name / "current"
+        assert metadata(result, name)["run/lora_r"] == 4
+        assert not list(folder.glob("adapter_*"))
+        assert not any("lora_" in k for k in load_file(str(folder / "model.safetensors")))
+    grpo = metadata(result, "grpo_checkpoint")
+    assert (grpo["run/reward"], grpo["run/top_p"], grpo["run/min_p"]) == ("mean_logprob", 0.9, 0.05)
+    completions = storage.read_table(tmp_path / storage.DATABASE_NAME, "grpo_completions")
+    assert len(completions) == 4 and set(completions["group"]) == {0}  # one prompt's group per step
+    assert (completions["reward"] <= 0).all()  # a mean log-probability is never positive
