@@ -129,12 +129,12 @@ def _placement_flags(parser: argparse.ArgumentParser) -> None:
                         "for the offline model), bf16, fp16 or fp32")
 
 
-def _placement(args: argparse.Namespace) -> tuple[bool, Any, Any]:
-    """(offline model?, device, dtype) for `--model`, `--device` and `--dtype`."""
+def _placement(args: argparse.Namespace, purpose: str = "inference") -> tuple[bool, Any, Any]:
+    """(offline model?, device, dtype) for `--model`, `--device` and `--dtype` (models.defaults.resolve_placement)."""
     from carl_assets.models.defaults import is_offline_model, resolve_placement
 
     offline = Path(args.model).is_dir() and is_offline_model(args.model)
-    return (offline, *resolve_placement(args.device, args.dtype, offline))
+    return (offline, *resolve_placement(args.device, args.dtype, offline, purpose))
 
 
 def _finite_float(text: str) -> float:
@@ -249,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from carl_assets.models.defaults import training_defaults
     from carl_assets.models.device import dtype_name, training_weights_dtype
 
-    offline, device, dtype = _placement(args)
+    offline, device, dtype = _placement(args, "training")
     defaults = getattr(training_defaults(offline), args.method)
     dataset = training.load_training_dataset(args.dataset)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
