@@ -157,4 +157,4 @@ def test_materialize_on_untagged_and_empty_memory_files(tmp_path):
     empty = carl(["materialize", "--select", "memory_graph"], env)
     assert empty.returncode == 1
     assert f"memory_graph failed: cannot read memory source 'jsonl:{memory}'" in empty.stderr
-    assert "nothing was written: the last good graph stays (memory_nodes, 1 nodes)" in empty.stderr
+    assert "Nothing was written: the last good graph stays (memory_nodes, 1 nodes)" in empty.stderr

@@ -143,7 +143,7 @@ def test_a_source_without_a_graph_fails_before_writing_and_keeps_the_last_good_t
         result = _run(home, f"jsonl:{bad}", [memory_graph], instance)
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
-    assert str(bad) in failure.description and "nothing was written" in failure.description
+    assert str(bad) in failure.description and "Nothing was written" in failure.description
     assert f"memory_nodes, {len(before)} nodes" in failure.description and "CARL_MEMORY_SOURCE" in failure.description
     assert failure.metadata["previous_nodes"].value == len(before)
     after = storage.read_table(db, "memory_nodes")

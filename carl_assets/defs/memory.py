@@ -107,10 +107,12 @@ def _source_failure(source: str, why: str, duckdb: DuckDBResource, rejects: pd.D
                     ) -> dg.Failure:
     """The asset's failure for a source that gives no graph: what was read, why, what stays, what to do."""
     previous = _previous_nodes(duckdb)
-    kept = ("nothing was written: the last good graph stays (memory_nodes, " + f"{previous} nodes)"
-            if previous is not None else "nothing was written (there is no earlier graph)")
-    text = (f"{why}. {kept}. Fix the file, or point $CARL_MEMORY_SOURCE (or this run's memory_graph.source) "
-            "at a memory file ('jsonl:PATH'), a live server ('mcp+stdio:COMMAND') or 'sample'.")
+    kept = ("Nothing was written: the last good graph stays (memory_nodes, " + f"{previous} nodes)"
+            if previous is not None else "Nothing was written (there is no earlier graph)")
+    advice = "" if "CARL_MEMORY_SOURCE" in why else (
+        " Fix the file, or point $CARL_MEMORY_SOURCE (or this run's memory_graph.source) at a memory file "
+        "('jsonl:PATH'), a live server ('mcp+stdio:COMMAND') or 'sample'.")
+    text = f"{why.rstrip('. ')}. {kept}.{advice}"
     metadata: dict[str, Any] = {"source": source, "previous_nodes": -1 if previous is None else previous}
     if rejects is not None and len(rejects):
         metadata["rejects"] = len(rejects)
@@ -170,8 +172,9 @@ def memory_graph(
         f"{source}: {summary['nodes']} nodes, {summary['edges']} edges, {summary['rejects']} rejects"
     )
     if summary["tagged_nodes"] == 0:
-        context.log.warning(f"0 of {summary['nodes']} nodes carry emotion tags: {NO_TAGS_REASON}. The rest of "
-                            "the graph (dreams, SFT, GRPO, evaluation) runs; steering vectors are skipped.")
+        context.log.warning(f"0 of {summary['nodes']} nodes carry emotion tags: {NO_TAGS_REASON}. If no tagger "
+                            "tags them either, the pairs are empty and steering_vectors is skipped (with that "
+                            "reason); dreams, SFT, GRPO and the evaluation run all the same.")
     file_metadata = _file_metadata(graph)
     tables = {"memory_nodes": graph.nodes, "memory_edges": graph.edges, "memory_rejects": graph.rejects,
               "memory_file_metadata": file_metadata}
