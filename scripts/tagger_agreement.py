@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-nodes", type=int, default=0, help="score only this many tagged nodes (0: all)")
     parser.add_argument("--emotions", default="", help="comma list (default: every emotion of the graph)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small busy CPU)")
     parser.add_argument("--cache", default=".carl/tagger_agreement", help="where the offline model is built")
     parser.add_argument("--json", default="", help="write all numbers here")
     args = parser.parse_args(argv)

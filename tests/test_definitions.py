@@ -15,6 +15,7 @@ from carl_assets.defs import CODE_VERSIONS, build_definitions
 EXPECTED = {
     "memory_source": ("memory", set()),
     "memory_graph": ("memory", {"memory_source"}),
+    "emotion_tags": ("memory", {"memory_graph", "base_model"}),
     "emotion_training_pairs": ("memory", {"memory_graph"}),
     "base_model": ("training", {"memory_graph"}),
     "steering_vectors": ("steering", {"emotion_training_pairs", "base_model"}),
@@ -88,9 +89,9 @@ def test_jobs_schedule_and_sensor(graph):
         return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
 
     assert keys("carl_all") >= set(EXPECTED) - {"memory_source"}
-    assert keys("retraining") == {"memory_graph", "dream_scenarios", "sft_dataset", "sft_checkpoint",
+    assert keys("retraining") == {"memory_graph", "emotion_tags", "dream_scenarios", "sft_dataset", "sft_checkpoint",
                                   "crystallization_events", "grpo_checkpoint", "agent_evaluation"}
-    assert keys("steering_refresh") == {"emotion_training_pairs", "steering_vectors"}
+    assert keys("steering_refresh") == {"emotion_tags", "emotion_training_pairs", "steering_vectors"}
     schedule = defs.resolve_schedule_def("nightly_retraining")
     assert schedule.job_name == "retraining"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
