@@ -69,7 +69,7 @@ def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_pa
     assert lineage.returncode == 0, lineage.stderr
     before = statuses(lineage.stdout)
     assert before.pop("memory_source") == "observed"  # materialize observes the source first
-    assert len(before) == 14 and set(before.values()) == {"fresh"}, lineage.stdout
+    assert len(before) == 15 and set(before.values()) == {"fresh"}, lineage.stdout
 
     # A different pairs config is a new data version of emotion_training_pairs: steering goes stale,
     # assets that do not depend on it stay fresh.
