@@ -268,6 +268,8 @@ class _Builder:
 
     def _unique(self, observations: list[str], seen: set[str]) -> list[str]:
         """`observations` without exact repeats (of each other or of `seen`), counting those dropped."""
+        if not seen and len(set(observations)) == len(observations):  # no repeat: the common case, fast
+            return observations
         kept = []
         for observation in observations:
             if observation in seen:

@@ -34,6 +34,7 @@ RELATION_TYPE_KEYS = ("relationType", "relation_type", "relation")
 # Record-level times, most telling first; observation objects use the same keys.
 TIMESTAMP_KEYS = ("updatedAt", "updated_at", "_savedAt", "timestamp", "createdAt", "created_at")
 MARKER_TYPES = frozenset({"metadata", "meta", "header"})
+_ENTITY_KEYS = frozenset({"name", "observations", *TYPE_KEYS})
 EXPECTED = "expected an entity (name, entityType, observations) or a relation (from, to, relationType)"
 _SHOW_LIMIT = 120
 
@@ -114,6 +115,9 @@ def parse_entity(record: dict[str, Any]) -> Entity:
                             "expected a list of strings (or of objects with a 'text' string)")
     entity = Entity(name, entity_type, [])
     times: list[datetime] = []
+    if all(type(item) is str for item in raw_observations):  # the common case, fast
+        entity.observations = list(raw_observations)
+        raw_observations = []
     for index, item in enumerate(raw_observations, start=1):
         if isinstance(item, str):
             entity.observations.append(item)
@@ -126,10 +130,9 @@ def parse_entity(record: dict[str, Any]) -> Entity:
         else:
             raise RecordProblem(f"entity {show(name)}: observation {index} is {show(item)}, expected a string "
                                 "or an object with a 'text' string (observations is not a list of strings)")
-    used = {"name", "observations", *TYPE_KEYS, *([type_key] if type_key else [])}
-    entity.extra = {k: v for k, v in record.items() if k not in used}
-    if not times:  # no observation time: the record's own
-        times = [t for k in TIMESTAMP_KEYS if k in record and (t := parse_timestamp(record[k])) is not None]
+    entity.extra = {k: v for k, v in record.items() if k not in _ENTITY_KEYS and k != type_key}
+    if not times and entity.extra:  # no observation time: the record's own
+        times = [t for k in TIMESTAMP_KEYS if k in entity.extra and (t := parse_timestamp(entity.extra[k])) is not None]
     entity.updated_at = max(times) if times else None
     return entity
 
