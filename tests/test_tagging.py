@@ -27,6 +27,7 @@ from carl_assets.memory.tagging import (
     TAG_COLUMNS,
     emotion_vocabulary,
     node_status,
+    nodes_with_tags,
     tag_counts,
     tag_nodes,
     tags_by_node,
@@ -101,6 +102,9 @@ def test_user_tags_win_and_stub_or_empty_nodes_are_never_tagged():
     # off: user tags only; sources filter the per-node dicts
     assert tag_nodes(nodes, "off")[TAG_COLUMNS].values.tolist() == [["tagged", "joy", 3, "user", 3.0]]
     assert tags_by_node(tags, ["user"]) == {"tagged": {"joy": 3}}
+    rebuilt = nodes_with_tags(nodes, tags, ["lexicon"]).set_index("node_id")
+    assert rebuilt.loc["tagged", "tags_json"] == "{}" and rebuilt.loc["untagged", "n_tags"] == 2
+    assert json.loads(rebuilt.loc["untagged", "tags_json"]) == by_node["untagged"]
     counts = tag_counts(tags).set_index("emotion")
     assert counts.loc["love", "lexicon"] == 1 and counts.loc["joy", "user"] == 1
 

@@ -231,6 +231,18 @@ def tags_by_node(tags: pd.DataFrame, sources: Iterable[str] = SOURCES) -> dict[s
     return out
 
 
+def nodes_with_tags(nodes: pd.DataFrame, tags: pd.DataFrame, sources: Iterable[str] = SOURCES) -> pd.DataFrame:
+    """A copy of `nodes` whose ``tags_json`` and ``n_tags`` hold the `tags` rows of the given sources
+    (so `extract_training_pairs` and anything else that reads ``tags_json`` sees the tagger's tags);
+    nodes without such rows get ``{}``. Raises ValueError for an unknown source."""
+    per_node = tags_by_node(tags, sources)
+    ids = nodes["node_id"].astype(str)
+    out = nodes.copy()
+    out["tags_json"] = [json.dumps(per_node.get(n, {}), sort_keys=True) for n in ids]
+    out["n_tags"] = [len(per_node.get(n, {})) for n in ids]
+    return out
+
+
 def tag_counts(tags: pd.DataFrame) -> pd.DataFrame:
     """Rows per emotion and source: columns emotion, user, model, lexicon, total (most tagged first)."""
     table = tags.groupby(["emotion", "source"]).size().unstack(fill_value=0) if len(tags) else pd.DataFrame()
