@@ -104,27 +104,28 @@ def test_copy_with_bad_lines_keeps_the_good_and_rejects_the_bad(written, tmp_pat
 
     graph = load_graph(f"jsonl:{copy}")
     original = load_graph(f"jsonl:{memory_file}")
-    assert len(graph.nodes) == 420 + 2  # extra-1 and extra-2 kept, with their valid tags only
-    assert len(graph.edges) == len(relations) + 1
+    # extra-1 and extra-2 kept (their near-miss tag lines stay prose: no tags), a stub node for 'ghost'
+    assert len(graph.nodes) == 420 + 2 + 1 and graph.nodes["is_stub"].sum() == 1
+    assert len(graph.edges) == len(relations) + 2  # the relation to 'ghost' is kept
     kept = graph.nodes.set_index("node_id")
-    assert json.loads(kept.loc["extra-1", "tags_json"]) == {"joy": 7}
+    assert json.loads(kept.loc["extra-1", "tags_json"]) == {}
     assert json.loads(kept.loc["extra-2", "tags_json"]) == {}
-    assert kept.loc["extra-1", "text"] == extra
+    assert kept.loc["extra-1", "text"] == f"extra-1 (journal)\n{extra}\nwarmth:high joy:7"
+    # the second 'journal-000' record is merged into the first: its observation appended
+    assert kept.loc["journal-000", "text"] == original.nodes.set_index("node_id").loc["journal-000", "text"] + "\nagain"
     pd.testing.assert_frame_equal(
-        graph.nodes.iloc[:420].drop(columns="source_line"), original.nodes.drop(columns="source_line")
+        graph.nodes.iloc[1:420].drop(columns="source_line"), original.nodes.iloc[1:].drop(columns="source_line")
     )
 
     rejects = graph.rejects
-    assert rejects["line"].tolist() == [middle + 1] + [n + 2 + i for i in (0, 1, 2, 3, 4, 6)]
+    assert rejects["line"].tolist() == [middle + 1] + [n + 2 + i for i in (1, 2, 3, 6)]
     reasons = rejects["reason"].tolist()
     assert "malformed JSON" in reasons[0]
-    assert "duplicate node name 'journal-000' (first at line 1)" in reasons[1]
-    assert "malformed JSON" in reasons[2]
-    assert "unknown record type 'comment'" in reasons[3]
-    assert "bad tag token 'warmth:high'" in reasons[4]
-    assert "missing node(s) ['ghost']" in reasons[5]
-    assert "bad tag token 'warmth:99'" in reasons[6] and "outside 0..10" in reasons[6]
-    assert rejects["raw"].iloc[2] == "this is not json {"
+    assert "malformed JSON" in reasons[1]
+    assert "unknown record type 'comment'" in reasons[2]
+    assert "bad tag token 'warmth:high'" in reasons[3] and "stays in the text" in reasons[3]
+    assert "bad tag token 'warmth:99'" in reasons[4] and "outside 0..10" in reasons[4]
+    assert rejects["raw"].iloc[1] == "this is not json {"
 
 
 def test_live_stdio_read_gives_the_same_tables(written, server):
