@@ -182,12 +182,15 @@ def test_file_metadata_markers_are_kept_in_a_table(tmp_path):
     from carl_assets.defs.memory import _file_metadata
 
     class WithMarkers:
-        metadata = {"markers": [{"line": 1, "record": {"type": "_aim", "name": "garden"}}]}
+        metadata = {"format": "jsonl", "markers": [{"line": 1, "record": {"type": "_aim", "name": "garden"}},
+                                                  {"line": 7, "record": {"type": "_aim", "name": "shed"}}]}
 
     table = _file_metadata(WithMarkers())
-    assert table["line"].tolist() == [1]
-    assert json.loads(table["record_json"][0]) == {"key": "markers", "line": 1,
-                                                   "record": {"type": "_aim", "name": "garden"}}
+    assert table["key"].tolist() == ["format", "markers", "markers"]
+    assert table["line"].isna().tolist() == [True, False, False]
+    assert table["line"].dropna().tolist() == [1, 7]
+    assert json.loads(table["value_json"][1]) == {"record": {"type": "_aim", "name": "garden"}}
+    assert json.loads(table["value_json"][0]) == "jsonl"
     assert _file_metadata(object()).empty
 
 

@@ -91,7 +91,7 @@ NO_TAGS_REASON = (
     f"{NO_TAG_LINE}; the emotion_tags asset's tagger (emotion_tags.tagger: 'lexicon', the default, or 'model') "
     "scores untagged nodes for the pairs, or add tag lines to your memories"
 )
-METADATA_COLUMNS = ["line", "record_json"]
+METADATA_COLUMNS = ["key", "line", "value_json"]
 TAGS_TABLE = "emotion_tags"  # written by the emotion_tags asset (carl_assets/defs/emotion_tags.py)
 
 
@@ -121,17 +121,18 @@ def _source_failure(source: str, why: str, duckdb: DuckDBResource, rejects: pd.D
 
 
 def _file_metadata(graph: Any) -> pd.DataFrame:
-    """The source's own metadata records (marker lines such as `{"type":"_aim",...}`) as rows, when the
-    reader kept any (`MemoryGraph.metadata`: a frame, a list of records or a mapping)."""
-    found = getattr(graph, "metadata", None)
-    if isinstance(found, dict):  # e.g. {"markers": [{"line": 1, "record": {...}}, ...]}
-        found = [item if isinstance(item, dict) and "key" in item else
-                 {"key": key, **(item if isinstance(item, dict) else {"value": item})}
-                 for key, value in found.items() for item in (value if isinstance(value, list) else [value])]
-    rows = [{"line": int(r.get("line", i)) if isinstance(r, dict) else i,
-             "record_json": json.dumps(r, ensure_ascii=False, sort_keys=True, default=str)}
-            for i, r in enumerate(found or [], start=1)]
-    return pd.DataFrame(rows, columns=METADATA_COLUMNS)
+    """What the reader learnt about the file besides the graph (`MemoryGraph.metadata`: format, encoding,
+    counts, and marker records such as `{"type":"_aim",...}` with their line), one row per item: columns
+    key, line (the marker's line, else null), value_json."""
+    found = getattr(graph, "metadata", None) or {}
+    rows = []
+    for key, value in (found.items() if isinstance(found, dict) else [("records", found)]):
+        for item in value if isinstance(value, list) else [value]:
+            line = item.get("line") if isinstance(item, dict) else None
+            rest = {k: v for k, v in item.items() if k != "line"} if isinstance(item, dict) else item
+            rows.append({"key": str(key), "line": None if line is None else int(line),
+                         "value_json": json.dumps(rest, ensure_ascii=False, sort_keys=True, default=str)})
+    return pd.DataFrame(rows, columns=METADATA_COLUMNS).astype({"line": "Int64"})
 
 
 def _load(source: str, duckdb: DuckDBResource) -> tuple[Any, SourceFingerprint | None]:
@@ -183,10 +184,9 @@ def memory_graph(
     plots = {"emotion_histogram": _bar_png(emotions, "emotion", ["nodes"], "nodes tagged with each emotion")} if len(
         emotions
     ) else {}
-    # The metadata records count in the data version only when a file has some (the sample has none).
-    extra_version = [file_metadata] if len(file_metadata) else []
+    # The file's metadata describes the file, not the graph: it stays out of the data version.
     return materialized(
-        graph.nodes, graph.edges, graph.rejects, *extra_version,
+        graph.nodes, graph.edges, graph.rejects,
         config=config,
         tables=tables,
         metadata={
@@ -201,7 +201,7 @@ def memory_graph(
             "emotions": len(summary["emotions"]),
             "kinds": _md_counts(summary["kinds"], ("kind", "nodes")),
             "emotion_counts": dg.MetadataValue.json(summary["emotions"]),
-            "file_metadata": dg.MetadataValue.json(file_metadata["record_json"].map(json.loads).tolist()),
+            "file_metadata": table_preview(file_metadata, rows=20),
             "nodes_preview": table_preview(graph.nodes),
             "rejects_preview": table_preview(graph.rejects),
         },
