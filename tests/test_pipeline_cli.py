@@ -158,3 +158,13 @@ def test_materialize_on_untagged_and_empty_memory_files(tmp_path):
     assert empty.returncode == 1
     assert f"memory_graph failed: cannot read memory source 'jsonl:{memory}'" in empty.stderr
     assert "Nothing was written: the last good graph stays (memory_nodes, 1 nodes)" in empty.stderr
+
+
+def test_dagster_home_written_with_quotes_and_tilde_is_made_absolute(tmp_path, monkeypatch):
+    from carl_assets.defs.pipeline_cli import ensure_dagster_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", ' "~/dagster home" ')
+    home = ensure_dagster_home()
+    assert home == tmp_path / "dagster home" and os.environ["DAGSTER_HOME"] == str(home)
+    assert (home / "dagster.yaml").is_file()
