@@ -5,12 +5,16 @@ over the logging interval, so the gate needs every step) and the `PhaseTransitio
 stops when 3 of the last 5 logged accuracies reach the threshold, or at ``max_steps``.
 
 `train_grpo` runs TRL's `GRPOTrainer` with the CARL composite reward of the policy itself
-(`carl_assets.carl.make_carl_reward_fn`) and ``beta=0`` (no reference model, as in the seed). It
-returns the per-step reward curve and the reward components TRL logged through ``log_metric``, and
-the per-completion rewards the reward function computed.
+(`carl_assets.carl.make_carl_reward_fn`; any reward of `reward_fn.REWARD_NAMES` by name) and
+``beta=0`` (no reference model, as in the seed). It returns the per-step reward curve and the reward
+components TRL logged through ``log_metric``, and the per-completion rewards the reward function
+computed. Its batch follows TRL's rule (`carl_assets.carl.trl_config`), its sampling takes top-p,
+top-k and min-p.
 
-Both train the given model in place, save it (safetensors) with its tokenizer to ``output_dir`` when
-given, and return an outcome dataclass with the per-step log history. No Dagster import here.
+Both train the given model in place (or LoRA adapters on it, `carl_assets.carl.lora`, merged before
+saving), save it (safetensors) with its tokenizer to ``output_dir`` when given, and return an outcome
+dataclass with the per-step log history. Precision: ``dtype`` "bf16" is TRL's mixed precision (autocast)
+on the fp32 weights the caller loads (`models.device.training_weights_dtype`). No Dagster import here.
 """
 
 from __future__ import annotations
