@@ -22,7 +22,7 @@ from carl_assets.memory.graph import (
     pair_counts,
     parse_tags,
 )
-from carl_assets.memory.tagging import SOURCES, tags_by_node
+from carl_assets.memory.tagging import SOURCES, nodes_with_tags
 from carl_assets.plotting import figure_png, plt
 from carl_assets.project_env import normalise_memory_source
 
@@ -320,14 +320,10 @@ def _nodes_with_tags(context: dg.AssetExecutionContext, duckdb: DuckDBResource, 
     tagger = str(_latest_metadata(context, TAGS_TABLE).get("tagger", "unknown"))
     if tag_sources == "user":
         return nodes, tagger
-    scored = tags_by_node(table, [s for s in SOURCES if s != "user"])
-    user = (nodes["n_tags"] > 0).to_numpy()
-    tags = [None if has else scored.get(str(node), {}) for node, has in zip(nodes["node_id"], user, strict=True)]
-    return nodes.assign(
-        tags_json=[old if new is None else json.dumps(new, sort_keys=True) for old, new in zip(nodes["tags_json"], tags,
-                                                                                              strict=True)],
-        n_tags=[old if new is None else len(new) for old, new in zip(nodes["n_tags"], tags, strict=True)],
-    ), tagger
+    scored = nodes_with_tags(nodes, table, [s for s in SOURCES if s != "user"])
+    user = nodes["n_tags"] > 0  # the graph's own tag lines, current even if emotion_tags is older
+    scored.loc[user, ["tags_json", "n_tags"]] = nodes.loc[user, ["tags_json", "n_tags"]]
+    return scored, tagger
 
 
 def no_tags_reason(tag_sources: str, tagger: str | None) -> str:
