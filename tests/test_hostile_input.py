@@ -117,7 +117,9 @@ def _is_blank(line: bytes) -> bool:
 
 
 def _check_accounting(graph, lines: list[bytes]) -> None:
-    expected = {i for i, line in enumerate(lines, start=1) if not _is_blank(line)}
+    # a byte-order mark opening the file is not data (line 1 may be only that)
+    expected = {i for i, line in enumerate(lines, start=1)
+                if not _is_blank(line.removeprefix(b"\xef\xbb\xbf") if i == 1 else line)}
     real = ~graph.nodes["is_stub"]
     node_lines = graph.nodes.loc[real, "source_line"].tolist()
     merged_lines = [m["line"] for extra in graph.nodes["extra_json"] for m in json.loads(extra).get("merged", [])]
