@@ -27,14 +27,18 @@ OFFLINE: dict[str, Any] = {"ops": {}}
 REAL: dict[str, Any] = {
     "ops": {
         "base_model": {"config": {"model": REAL_MODEL}},
-        # Fewer pairs and shorter texts: a 30-layer forward per text is the cost.
-        "emotion_training_pairs": {"config": {"max_examples_per_emotion": 40}},
-        "steering_vectors": {"config": {"max_length": 128, "max_heldout_per_polarity": 12, "batch_size": 16}},
+        # A 30-layer forward per unique text is steering's cost: 16 pairs per polarity (steering needs 10),
+        # the 8 emotions with most pairs, texts cut to 128 tokens.
+        "emotion_training_pairs": {"config": {"max_examples_per_emotion": 16}},
+        "steering_vectors": {"config": {"max_length": 128, "top_n_emotions": 8, "max_heldout_per_polarity": 8,
+                                        "batch_size": 16}},
+        "scorer_validation": {"config": {"n_prompts": 12, "max_tokens": 32, "n_bootstrap": 500}},
         "dream_scenarios": {"config": {"n_scenarios": 12, "responses_per_scenario": 4, "max_new_tokens": 40,
                                        "heldout_scenarios": 4, "batch_size": 4}},
         "sft_dataset": {"config": {"grpo_prompts": 4}},
+        # max_length is a ceiling (batches pad to their longest example), set above the longest dream prompt.
         "sft_checkpoint": {"config": {"max_steps": 12, "batch_size": 4, "gradient_accumulation_steps": 1,
-                                      "max_length": 384, "log_every": 2, "checkpoint_every": 0}},
+                                      "max_length": 768, "log_every": 2, "checkpoint_every": 0}},
         # A dozen steps cannot reach the gate's 0.99 token accuracy on a real model's varied answers: the
         # sft_crystallized check then warns instead of holding GRPO back.
         "crystallization_events": {"config": {"require_crystallization": False}},
