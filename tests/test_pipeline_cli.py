@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from carl_assets import storage
+from carl_assets.defs import CODE_VERSIONS
 
 TINY = {
     "ops": {
@@ -69,7 +70,7 @@ def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_pa
     assert lineage.returncode == 0, lineage.stderr
     before = statuses(lineage.stdout)
     assert before.pop("memory_source") == "observed"  # materialize observes the source first
-    assert len(before) == 15 and set(before.values()) == {"fresh"}, lineage.stdout
+    assert len(before) == len(CODE_VERSIONS) and set(before.values()) == {"fresh"}, lineage.stdout  # every asset
 
     # A different pairs config is a new data version of emotion_training_pairs: steering goes stale,
     # assets that do not depend on it stay fresh.
@@ -79,8 +80,10 @@ def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_pa
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     after = statuses(carl(["lineage", "steering_vectors"], env).stdout)
     assert after.pop("steering_vectors") == "stale (emotion_training_pairs changed)"
-    assert {k: after.pop(k) for k in ("memory_source", "memory_graph", "emotion_training_pairs", "base_model")} == {
-        "memory_source": "observed", "memory_graph": "fresh", "emotion_training_pairs": "fresh", "base_model": "fresh"}
+    upstream = ("memory_source", "memory_graph", "emotion_tags", "emotion_training_pairs", "base_model")
+    assert {k: after.pop(k) for k in upstream} == {
+        "memory_source": "observed", "memory_graph": "fresh", "emotion_tags": "fresh", "emotion_training_pairs": "fresh",
+        "base_model": "fresh"}
     # everything downstream of the readout waits on it
     assert set(after) >= {"dream_scenarios", "agent_evaluation"} and set(after.values()) == {"upstream stale"}
 
