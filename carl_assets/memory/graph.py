@@ -143,7 +143,8 @@ def read_jsonl(path: str | Path, source: str | None = None) -> MemoryGraph:
     try:
         return graph_from_records(file_records(path, source, metadata), source, metadata)
     except OSError as exc:
-        raise MemorySourceError(source, f"cannot read {str(path)!r}: {exc}") from exc
+        raise MemorySourceError(source, f"cannot read {str(path)!r}: {exc}; make the file readable by this user, "
+                                        f"or {WHAT_TO_DO}") from exc
 
 
 def require_records(graph: MemoryGraph, source: str) -> MemoryGraph:
