@@ -29,6 +29,7 @@ TINY = {
                                    "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
         "emotion_tags": {"config": {"tagger": "off"}},  # untagged stays untagged: steering must skip
         "steering_vectors": {"config": {"max_length": 64}},
+        "scorer_validation": {"config": {"n_prompts": 2, "max_tokens": 4, "hot_samples": 1, "n_bootstrap": 50}},
         "dream_scenarios": {"config": {"n_scenarios": 3, "responses_per_scenario": 2, "max_new_tokens": 6,
                                        "heldout_scenarios": 2, "excerpt_chars": 40}},
         "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
@@ -105,9 +106,8 @@ def test_whole_graph_is_green_on_an_untagged_file(tmp_path):
             _metadata(instance, asset)  # materialized, not skipped
 
     # untagged: no pairs, and steering says why it skipped (what it read and what to add)
-    assert pairs.get("dagster/row_count", 0) == 0
-    reason = " ".join(str(v) for k, v in steering.items() if "skip" in k.lower() or "reason" in k.lower())
-    assert "tag" in reason.lower(), steering
+    assert int(pairs["rows"]) == 0 and "tag" in pairs["empty_reason"]
+    assert int(steering["concepts"]) == 0 and "emotion_tags.tagger" in steering["skipped_reason"], steering
 
     # dreams start from the graph's own kinds: the most populous ones (people 35, projects and papers
     # 30 each, tied; concepts 25 are not needed to cover half the nodes)
@@ -158,3 +158,18 @@ def test_dream_asset_on_the_real_10_graphs(tmp_path):
     message = str(failure.step_failure_data.user_failure_data.description)
     assert "dream_scenarios.conditioning_kinds" in message
     assert "{'person': 6, 'project': 6, 'task': 6, 'topic': 6}" in message
+
+
+def test_agent_tasks_on_an_untagged_graph_ask_for_the_kind():
+    """No node has feelings to ask about: the held-out agent tasks ask for each node's kind instead, never
+    about a stub (its text is only its name)."""
+    from carl_assets.carl.sft_data import SFTDataConfig, build_sft_examples
+    from carl_assets.memory_graph import load_graph
+
+    nodes = load_graph(f"jsonl:{MEMORY}").nodes
+    examples, tasks = build_sft_examples(nodes, SFTDataConfig(max_examples=8, holdout_tasks=4))
+    assert len(examples) == 8 and len(tasks) == 4 and set(tasks["task"]) == {"kind"}
+    kind_of = dict(zip(nodes["node_id"], nodes["kind"], strict=True))
+    assert all(row.expected == f"A {kind_of[row.node_id]}." for row in tasks.itertuples())
+    stubs = set(nodes.loc[nodes["is_stub"].astype(bool), "node_id"]) if "is_stub" in nodes.columns else set()
+    assert not stubs & (set(tasks["node_id"]) | set(examples["node_id"]))

@@ -75,7 +75,10 @@ def feelings_answer(tags: Mapping[str, int]) -> str | None:
 
 
 def kind_answer(kind: str) -> str | None:
-    return KIND_ANSWERS.get(str(kind).strip().lower())
+    """The sample graph's kinds have their own sentence; any other kind (a user's `project`, `paper`...)
+    is named as it is: "A project."."""
+    kind = str(kind).strip().lower()
+    return KIND_ANSWERS.get(kind) or (f"A {kind}." if kind else None)
 
 
 def _answer(task: str, node: Mapping[str, Any]) -> str | None:
@@ -106,7 +109,7 @@ def _candidates(nodes: pd.DataFrame, tasks: Sequence[str], excerpt_chars: int) -
     rows = []
     for node in nodes.to_dict("records"):
         observation = excerpt(node.get("text", ""), excerpt_chars)
-        if not observation:
+        if not observation or node.get("is_stub") is True:  # a stub's text is only its name
             continue
         for task in tasks:
             answer = _answer(task, node)
@@ -156,7 +159,9 @@ def _records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def build_sft_examples(nodes: pd.DataFrame, config: SFTDataConfig | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(SFT examples, held-out agent tasks) from memory nodes (`memory_nodes` columns).
+    """(SFT examples, held-out agent tasks) from memory nodes (`memory_nodes` columns). Stub nodes are
+    left out; when the configured tasks give nothing (an untagged graph asked only about feelings), the
+    `kind` task is used instead.
 
     SFT rows hold the messages both as text columns and as JSON (`prompt_json`, `completion_json`),
     which `to_hf_dataset` turns into TRL's conversational prompt-completion format.
@@ -167,7 +172,12 @@ def build_sft_examples(nodes: pd.DataFrame, config: SFTDataConfig | None = None)
         raise ValueError(f"unknown SFT task(s) {sorted(unknown)}: choose from {', '.join(TASKS)}")
     if config.max_examples < 1:
         raise ValueError("max_examples must be at least 1")
-    train, held = _split_nodes(_candidates(nodes, config.tasks, config.excerpt_chars), config)
+    candidates = _candidates(nodes, config.tasks, config.excerpt_chars)
+    if not candidates and "kind" not in config.tasks:
+        # An untagged graph: no node has feelings to ask about, every node has a kind (issue 13: the
+        # agent evaluation goes on).
+        candidates = _candidates(nodes, ("kind",), config.excerpt_chars)
+    train, held = _split_nodes(candidates, config)
     tasks = pd.DataFrame(
         [{"task_id": i, **{k: row[k] for k in TASK_COLUMNS if k != "task_id"}} for i, row in enumerate(held)],
         columns=TASK_COLUMNS,
