@@ -172,7 +172,33 @@ def test_q4_1_conversion_equals_the_dequantized_gguf(tiny_llama, tmp_path):
     assert meta["source_sha256"].value == digest and meta["source"].value == f"gguf:{tmp_path / 'tiny.gguf'}"
     assert meta["source_file"].value == str(tmp_path / "tiny.gguf") and meta["conversion_seconds"].value >= 0
     assert meta["parameters"].value == count_parameters(model) and meta["dtype"].value == "fp32"
-    assert meta["chat_template_installed"].value is False
+    assert meta["chat_template_installed"].value is False and meta["reused_conversion"].value is False
+    again = dg.materialize([base_model], resources=build_resources(home), selection=["base_model"],
+                           run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}})
+    mat, first = (r.asset_materializations_for_node("base_model")[0] for r in (again, result))
+    assert mat.metadata["reused_conversion"].value is True  # linked from CARL_HOME/cache/gguf
+    assert mat.tags["dagster/data_version"] == first.tags["dagster/data_version"]
+
+
+def test_conversion_is_cached_by_file_content(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    path, cache = tmp_path / "tiny.gguf", tmp_path / "cache"
+    write_gguf(path, model, tokenizer, gguf.GGMLQuantizationType.F32)
+    first = prepare_base_model(str(path), [], tmp_path / "v1", cache_dir=cache)
+    second = prepare_base_model(str(path), [], tmp_path / "v2", cache_dir=cache)
+    assert (first["reused_conversion"], second["reused_conversion"]) == (False, True)
+    assert second["conversion_seconds"] == first["conversion_seconds"] and second["parameters"] == first["parameters"]
+    names = sorted(p.name for p in (tmp_path / "v1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "v2").iterdir()) and "model.safetensors" in names
+    for name in names:
+        assert (tmp_path / "v1" / name).read_bytes() == (tmp_path / "v2" / name).read_bytes(), name
+    torch.manual_seed(1)
+    changed = LlamaForCausalLM(model.config).eval()  # other weights in the same file name: converted anew
+    write_gguf(path, changed, tokenizer, gguf.GGMLQuantizationType.F32)
+    third = prepare_base_model(str(path), [], tmp_path / "v3", cache_dir=cache)
+    assert third["reused_conversion"] is False and third["source_sha256"] != first["source_sha256"]
+    weights = load_file(str(tmp_path / "v3" / "model.safetensors"))["model.embed_tokens.weight"]
+    torch.testing.assert_close(weights, changed.model.embed_tokens.weight.detach(), rtol=0, atol=0)
 
 
 def test_gguf_without_chat_template_gets_the_transcript_template(tiny_llama, tmp_path):

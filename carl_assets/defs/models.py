@@ -20,6 +20,7 @@ from carl_assets.models.loading import (
 from carl_assets.plotting import line_plot
 
 SAMPLE_PROMPT = "How did today feel?"
+GGUF_CACHE = "cache/gguf"  # under CARL_HOME: GGUF conversions, hard-linked into each base_model version
 
 
 class BaseModelConfig(dg.Config):
@@ -94,7 +95,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
     with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version):
         stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress,
                                    allow_pickle=config.allow_pickle, dtype=dtype,
-                                   missing_chat_template=config.missing_chat_template)
+                                   missing_chat_template=config.missing_chat_template,
+                                   cache_dir=artifacts.root / GGUF_CACHE)
         # The data version is the weights, tokenizer and config (not the timing stats).
         version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
     path = artifacts.path("base_model", version)
@@ -148,7 +150,9 @@ def _policy_metadata(context: dg.AssetExecutionContext, stats: dict) -> dict:
             "source_file": dg.MetadataValue.path(stats["source_file"]),
             "source_sha256": stats["source_sha256"],
             "conversion_seconds": round(float(stats["conversion_seconds"]), 2),
+            "reused_conversion": bool(stats["reused_conversion"]),
         })
-        context.log.info(f"converted {stats['source_file']} (sha256 {stats['source_sha256'][:12]}...) to "
-                         f"safetensors in {stats['conversion_seconds']:.1f} s")
+        how = "reused the conversion" if stats["reused_conversion"] else "converted"
+        context.log.info(f"{how} of {stats['source_file']} (sha256 {stats['source_sha256'][:12]}...) to "
+                         f"safetensors ({stats['conversion_seconds']:.1f} s to convert)")
     return metadata

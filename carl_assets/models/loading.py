@@ -454,43 +454,101 @@ def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.Pat
                        config: OfflineModelConfig | None = None, trust_remote_code: bool = False,
                        progress: Callable[[int, float], None] | None = None,
                        allow_pickle: bool = False, dtype: torch.dtype | str | None = None,
-                       missing_chat_template: str = "install") -> dict[str, Any]:
+                       missing_chat_template: str = "install",
+                       cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Write the base model named by `spec` into `output_dir`: build the offline one, or load a hub
     id / local folder / `.gguf` file / packaged model and save it there with `save_pretrained` (so
-    downstream reads one place, in safetensors: a GGUF file is dequantized and converted once here), in
+    downstream reads one place, in safetensors: a GGUF file is dequantized and converted here), in
     `dtype` (None: fp32; "auto": bf16 where this machine's CUDA has it). Pickle-only weights are refused
     unless `allow_pickle`. The offline model is always built in fp32. The tokenizer policy
     (`apply_tokenizer_policy`) is applied before saving, so every later reader gets the same template.
 
+    `cache_dir`: GGUF conversions are kept there, keyed by the file's SHA-256, the dtype and the policy,
+    and a later call hard-links (else copies) the converted files instead of converting again.
+
     Returns stats: source, parameters, num_layers, hidden_size, vocab_size, dtype, losses (offline),
-    the policy's notes, and for GGUF sources `source_file`, `source_sha256`, `conversion_seconds`."""
+    the policy's notes, and for GGUF sources `source_file`, `source_sha256`, `conversion_seconds` (of
+    the conversion that made the files) and `reused_conversion`."""
+    from carl_assets.models.device import resolve_dtype
+
     source = resolve_model_source(spec)
     output_dir = Path(output_dir)
+    dtype = None if dtype is None else resolve_dtype(dtype, "auto")
     if source.kind == "offline":
         stats = build_offline_model(texts, output_dir, config, progress)
         stats.update(_unchanged_notes())
         trust_remote_code = False
+    elif source.kind in ("gguf", "packaged"):
+        stats = _prepare_gguf(source, output_dir, dtype or torch.float32, missing_chat_template, cache_dir)
     else:
-        started = time.perf_counter()
-        from carl_assets.models.device import resolve_dtype
-
-        model, tokenizer, notes = _load_source(source, trust_remote_code,
-                                               None if dtype is None else resolve_dtype(dtype, "auto"),
-                                               allow_pickle, torch.device("cpu"), missing_chat_template)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
+        model, tokenizer, notes = _load_source(source, trust_remote_code, dtype, allow_pickle, torch.device("cpu"),
+                                               missing_chat_template)
+        _save(model, tokenizer, output_dir)
         stats = {**_loaded_stats(source, model, tokenizer), **notes}
-        if source.kind in ("gguf", "packaged"):
-            gguf_file = gguf_source_file(source)
-            stats.update({"source_file": str(gguf_file), "source_sha256": sha256_file(gguf_file),
-                          "conversion_seconds": time.perf_counter() - started})
     info = {"source": stats["source"], "trust_remote_code": bool(trust_remote_code),
             "chat_template_installed": bool(stats["chat_template_installed"])}
     if stats.get("source_sha256"):
         info["source_sha256"] = stats["source_sha256"]
     (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return stats
+
+
+GGUF_CACHE_STATS = "conversion.json"  # written last into a cache entry: the entry is complete
+
+
+def _save(model: PreTrainedModel, tokenizer: Any, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
+def _prepare_gguf(source: ModelSource, output_dir: Path, dtype: torch.dtype, missing_chat_template: str,
+                  cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Convert the GGUF file behind `source` into `output_dir`, or link a cached conversion of it."""
+    from carl_assets.models.device import dtype_name
+
+    gguf_file = gguf_source_file(source)
+    digest = sha256_file(gguf_file)
+    key = f"{digest[:32]}-{dtype_name(dtype)}-{missing_chat_template}"
+    entry = Path(cache_dir) / key if cache_dir is not None else None
+    where = {"source": f"{source.kind}:{source.value}", "source_file": str(gguf_file), "source_sha256": digest}
+    if entry is not None and (entry / GGUF_CACHE_STATS).is_file():
+        _link_files(entry, output_dir, skip={GGUF_CACHE_STATS})
+        return {**json.loads((entry / GGUF_CACHE_STATS).read_text()), **where, "reused_conversion": True}
+    started = time.perf_counter()
+    model, tokenizer, notes = _load_source(source, False, dtype, False, torch.device("cpu"), missing_chat_template)
+    _save(model, tokenizer, output_dir)
+    stats = {**_loaded_stats(source, model, tokenizer), **notes, **where,
+             "conversion_seconds": time.perf_counter() - started, "reused_conversion": False}
+    if entry is not None:
+        _publish_cache_entry(output_dir, entry, stats)
+    return stats
+
+
+def _link_files(source: Path, target: Path, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Hard-link (else copy) the files of `source` into `target`: artifacts are never written in place."""
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in skip:
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copy2(path, target / path.name)
+
+
+def _publish_cache_entry(output_dir: Path, entry: Path, stats: dict[str, Any]) -> None:
+    """Fill a temporary folder, then rename it to the entry: a reader sees a whole entry or none."""
+    import shutil
+
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        _link_files(output_dir, tmp, skip={MODEL_INFO_FILE})
+        (tmp / GGUF_CACHE_STATS).write_text(json.dumps(stats, indent=2) + "\n")
+        os.replace(tmp, entry)
+    except OSError:  # another run published it first, or the cache is not writable: the artifact stands
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _unchanged_notes() -> dict[str, Any]:
