@@ -80,13 +80,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
     source = resolve_model_source(config.model)  # fail fast on a missing path
     device = resolve_device(config.device)  # ... and on a device or dtype this machine lacks
     dtype = torch.float32 if source.kind == "offline" else resolve_dtype(config.dtype, device)
-    texts: list[str] = []
-    if source.kind == "offline":
-        nodes = read_table(duckdb, "memory_nodes")
-        texts = [t for t in nodes["text"].astype(str) if t.strip()]
-        if not texts:
-            raise ValueError("memory_nodes has no text to train the offline model on")
-        context.log.info(f"building the offline model on {len(texts)} memory-node texts")
+    texts = _offline_texts(context, duckdb) if source.kind == "offline" else []
 
     def progress(step: int, loss: float) -> None:
         if step % 25 == 0 or step == config.steps - 1:
@@ -132,6 +126,15 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
     names = [p.name for p in version_files]
     return materialized(names, *[path / name for name in names], config=config, metadata=metadata, plots=plots,
                         uri=path)
+
+
+def _offline_texts(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> list[str]:
+    nodes = read_table(duckdb, "memory_nodes")
+    texts = [t for t in nodes["text"].astype(str) if t.strip()]
+    if not texts:
+        raise ValueError("memory_nodes has no text to train the offline model on")
+    context.log.info(f"building the offline model on {len(texts)} memory-node texts")
+    return texts
 
 
 def _policy_metadata(context: dg.AssetExecutionContext, stats: dict) -> dict:
