@@ -54,6 +54,10 @@ DEVICE_DESCRIPTION = "where the model runs: 'auto' (CUDA, then MPS, then CPU), '
 DTYPE_DESCRIPTION = ("precision: 'auto' (fp32 for the offline model; for a real one bf16 where the device computes it "
                      "natively: a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), 'bf16' (training: mixed "
                      "precision on fp32 weights), 'fp16' (mixed precision, CUDA only) or 'fp32'")
+TRAINING_DTYPE_DESCRIPTION = ("training precision: 'auto' (fp32 for the offline model; for a real one fp32 on a CPU, "
+                              "measured: bf16 autocast was no faster and lagged, models.defaults.CPU_TRAINING_DTYPE; "
+                              "bf16 mixed precision on a CUDA GPU with bf16), 'bf16' (mixed precision on fp32 "
+                              "weights), 'fp16' (mixed precision, CUDA only) or 'fp32'")
 THREADS_DESCRIPTION = ("torch CPU threads (0: the model's default, 1 for the offline model, all the cores this "
                        "process may use for a real one: models.defaults.default_threads)")
 LORA_DESCRIPTION = ("LoRA rank through peft (0: full fine-tune); the adapters are merged into the saved "
@@ -65,7 +69,7 @@ class TrainingRunConfig(dg.Config):
     model's tuned values, or values for a real 0.5-8B model: `carl_assets.models.defaults`)."""
 
     device: str = Field(default="auto", description=DEVICE_DESCRIPTION)
-    dtype: str = Field(default="auto", description=DTYPE_DESCRIPTION)
+    dtype: str = Field(default="auto", description=TRAINING_DTYPE_DESCRIPTION)
     gradient_checkpointing: bool | None = Field(default=None, description="recompute activations in the backward "
                                                 "pass (memory for time); None: off for the offline model, on for "
                                                 "a real one")

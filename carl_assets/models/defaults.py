@@ -50,7 +50,7 @@ class GRPODefaults:
 @dataclass(frozen=True)
 class TrainingDefaults:
     offline: bool
-    dtype: str  # training precision: "fp32", or "bf16" (mixed precision, where the device has native bf16)
+    dtype: str  # training precision: "fp32", or "auto" (bf16 mixed precision on a CUDA GPU with bf16)
     sft: SFTDefaults
     grpo: GRPODefaults
 
@@ -68,7 +68,7 @@ OFFLINE_DEFAULTS = TrainingDefaults(
 
 REAL_MODEL_DEFAULTS = TrainingDefaults(
     offline=False,
-    dtype="auto",
+    dtype="auto",  # bf16 mixed precision on a CUDA GPU that has it; on a CPU: CPU_TRAINING_DTYPE
     sft=SFTDefaults(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_ratio=0.03, batch_size=4,
                     gradient_accumulation_steps=4, max_steps=300, gradient_checkpointing=True),
     grpo=GRPODefaults(learning_rate=1e-6, lr_scheduler_type="linear", warmup_ratio=0.0, batch_size=8,
@@ -94,6 +94,11 @@ def is_offline_model(folder: str | os.PathLike[str]) -> bool:
 
 
 PURPOSES = ("inference", "training")
+# A real model trains in fp32 on a CPU, even one with native bf16. Measured on SmolLM2-135M (2-core
+# AVX512-BF16 Xeon, SFT at lr 2e-5, 3 seeds; F_measurements in the README): bf16 autocast (TRL bf16=True on
+# fp32 weights) was no faster, and its loss lagged fp32 far beyond the seed spread: a 2e-5 update is below
+# bf16's rounding of most weights, so the bf16 forward barely sees it.
+CPU_TRAINING_DTYPE = "fp32"
 
 
 def resolve_placement(device: str, dtype: str, offline: bool,
@@ -101,8 +106,9 @@ def resolve_placement(device: str, dtype: str, offline: bool,
     """The device and dtype an asset runs a model in: `device` resolved ("auto": CUDA, MPS, CPU), and
     `dtype` as asked, where "auto" (or "") is this model's default: fp32 for the offline model (its tuned
     runs); for a real model, bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16/AMX: `models.device.native_bf16`) and fp32 elsewhere. For `purpose="training"` the real
-    model's "auto" is `training_defaults(False).dtype` where that is bf16 and the device has it natively.
+    AVX512-BF16/AMX: `models.device.native_bf16`) and fp32 elsewhere. For `purpose="training"` a real
+    model's "auto" is bf16 (mixed precision) on a CUDA GPU with bf16, and `CPU_TRAINING_DTYPE` (fp32,
+    measured) on a CPU.
 
     Raises ValueError for an unknown purpose, device or dtype."""
     if purpose not in PURPOSES:
@@ -113,8 +119,9 @@ def resolve_placement(device: str, dtype: str, offline: bool,
     if offline:
         return where, resolve_dtype(OFFLINE_DEFAULTS.dtype, where)
     if purpose == "training":
-        wanted = REAL_MODEL_DEFAULTS.dtype
-        return where, torch.bfloat16 if wanted in ("bf16", "auto") and native_bf16(where) else torch.float32
+        if where.type == "cpu":
+            return where, torch.bfloat16 if CPU_TRAINING_DTYPE == "bf16" and native_bf16(where) else torch.float32
+        return where, resolve_dtype(REAL_MODEL_DEFAULTS.dtype, where)
     return where, fast_dtype(where)
 
 
