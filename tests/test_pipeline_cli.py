@@ -111,7 +111,7 @@ def test_a_failing_check_is_printed_with_its_description_and_metadata(capsys):
     """The summary after a run names each check that did not pass, what it checks, why, and its metadata."""
     import dagster as dg
 
-    from carl_assets.defs.pipeline_cli import _check_descriptions, _print_checks
+    from carl_assets.defs.pipeline_cli import _check_descriptions, _print_checks, _print_summary
 
     @dg.asset
     def notes():
@@ -130,6 +130,10 @@ def test_a_failing_check_is_printed_with_its_description_and_metadata(capsys):
     def fine_notes():
         return dg.AssetCheckResult(passed=True)
 
+    @dg.asset
+    def broken():
+        raise ValueError("broken.config must name a file")
+
     defs = dg.Definitions(assets=[notes], asset_checks=[enough_notes, tidy_notes, fine_notes])
     result = dg.materialize([notes, enough_notes, tidy_notes, fine_notes], raise_on_error=False)
     capsys.readouterr()  # Dagster's own log lines
@@ -140,6 +144,13 @@ def test_a_failing_check_is_printed_with_its_description_and_metadata(capsys):
     assert "rows: 3" in err and 'missing: ["a", "b"]' in err
     assert "check notes:tidy_notes WARNING (nothing blocked)" in err and "why:    untidy" in err
     assert "fine_notes" not in err
+
+    with dg.instance_for_test() as instance:
+        failed = dg.materialize([broken], instance=instance, raise_on_error=False)
+        capsys.readouterr()
+        _print_summary(instance, failed, 0.0)
+    err = capsys.readouterr().err
+    assert "broken failed: ValueError: broken.config must name a file" in err  # the cause, not Dagster's wrapper
 
 
 @pytest.mark.slow

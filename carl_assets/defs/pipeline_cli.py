@@ -213,8 +213,17 @@ def _print_summary(instance, result, elapsed: float) -> None:
             if error is not None and error.cls_name == "DagsterAssetCheckFailedError":
                 continue  # the failing checks are printed with their reasons below
             why = data.user_failure_data.description if data.user_failure_data and \
-                data.user_failure_data.description else (error.message.strip() if error else "unknown error")
+                data.user_failure_data.description else _root_cause(error)
             print(f"\n{event.step_key} failed: {why}", file=sys.stderr)
+
+
+def _root_cause(error) -> str:
+    """The asset's own exception behind Dagster's wrapper ('Error occurred while executing op ...')."""
+    if error is None:
+        return "unknown error"
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def _check_descriptions(defs) -> dict:
