@@ -112,7 +112,8 @@ class DreamScenariosConfig(dg.Config):
     # changes which answers are drawn.
     batch_size: int = Field(default=8, description="scenarios per generate call (each batch has its own "
                             "seeded sampling stream, so this changes the answers drawn)")
-    threads: int = Field(default=1, description="torch CPU threads (0 keeps torch's default)",
+    threads: int = Field(default=0, description="torch CPU threads (0: the model's default, 1 for the offline "
+                         "model, all usable cores for a real one: models.defaults.default_threads)",
                          json_schema_extra=PERFORMANCE_ONLY)
     device: str = Field(default="auto", description="where the policy generates and is scored: 'auto' (CUDA, "
                         "then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -279,7 +280,9 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
 
     device, dtype = resolve_placement(config.device, config.dtype, offline)
     model, tokenizer = load_model_and_tokenizer(policy_dir, device=device, dtype=dtype)
-    with torch_threads(config.threads or None):
+    from carl_assets.models.defaults import resolve_threads
+
+    with torch_threads(resolve_threads(config.threads, offline)):
         result = dream(model, tokenizer, nodes, edges, dream_config, scorer, cycle=cycle,
                        temperature=step.temperature, exclude=exclude, progress=progress, cache_dir=partial_dir)
         # "Passes the filter": at least the set minimum, else at least the score the filter kept at this
