@@ -170,6 +170,7 @@ def test_definitions_load_with_bad_settings_and_warn(monkeypatch, tmp_path):
     assert isinstance(defs, dg.Definitions)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and Dagster
 def test_importing_definitions_py_with_bad_settings(tmp_path):
     env = {**os.environ, "CARL_DB_LOCK_TIMEOUT": "soon", "CARL_RETRAIN_CRON": "nightly",
            "CARL_HOME": str(tmp_path / "c"), "DAGSTER_HOME": str(tmp_path / "d")}
