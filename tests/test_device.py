@@ -126,12 +126,18 @@ def test_cpu_bf16_detection_reads_the_flags_and_the_override(monkeypatch):
     from carl_assets.models import device
 
     monkeypatch.delenv(device.CPU_BF16_ENV, raising=False)
+    speedup = {"value": 2.2}
+    monkeypatch.setattr(device, "_measured_bf16_speedup", lambda: speedup["value"])
     monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert device.cpu_bf16_supported() and device.fast_dtype("cpu") == torch.bfloat16
+    speedup["value"] = 1.1  # native bf16, but measured too little faster: inference stays fp32
+    assert device.cpu_bf16_supported() and not device.cpu_bf16_faster()
+    assert device.fast_dtype("cpu") == torch.float32
     monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
     assert device.cpu_bf16_supported()
+    speedup["value"] = 3.0
     monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert not device.cpu_bf16_supported() and device.fast_dtype("cpu") == torch.float32
+    assert not device.cpu_bf16_supported() and device.fast_dtype("cpu") == torch.float32  # no flags: no bf16
     monkeypatch.setenv(device.CPU_BF16_ENV, "1")
     assert device.cpu_bf16_supported()
     monkeypatch.setattr(device, "_cpuinfo_flags", lambda: frozenset({"avx512_bf16"}))
@@ -140,7 +146,7 @@ def test_cpu_bf16_detection_reads_the_flags_and_the_override(monkeypatch):
 
 
 @no_cuda
-def test_auto_dtype_runs_a_real_model_in_bf16_where_the_cpu_has_it(monkeypatch):
+def test_auto_dtype_runs_a_real_model_in_bf16_where_the_cpu_has_it_and_it_is_faster(monkeypatch):
     from carl_assets.models import defaults, device
 
     cpu = torch.device("cpu")
@@ -198,3 +204,11 @@ def test_sampling_and_lora_defaults_per_model():
     agent = AgentEvaluationConfig(seed=4).sampling(offline=False)
     assert (agent.temperature, agent.top_p, agent.seed) == (0.7, 0.9, 4)
     assert AgentEvaluationConfig(temperature=0.0).sampling(offline=False).generate_kwargs() == {"do_sample": False}
+
+
+def test_the_bf16_speed_measurement_is_a_positive_ratio():
+    from carl_assets.models import device
+
+    ratio = device._measured_bf16_speedup()
+    assert 0.05 < ratio < 50  # fp32 time / bf16 time of the same product; the decision compares it to 1.2
+    assert device._measured_bf16_speedup() == ratio  # measured once per process

@@ -52,8 +52,8 @@ def _base_is_offline(artifacts: ArtifactStore) -> bool:
 
 DEVICE_DESCRIPTION = "where the model runs: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'"
 DTYPE_DESCRIPTION = ("precision: 'auto' (fp32 for the offline model; for a real one bf16 where the device computes it "
-                     "natively: a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), 'bf16' (training: mixed "
-                     "precision on fp32 weights), 'fp16' (mixed precision, CUDA only) or 'fp32'")
+                     "natively and fast: a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX where a quick matmul "
+                     "measurement finds bf16 faster), 'bf16', 'fp16' or 'fp32'")
 TRAINING_DTYPE_DESCRIPTION = ("training precision: 'auto' (fp32 for the offline model; for a real one fp32 on a CPU, "
                               "measured: bf16 autocast was no faster and lagged, models.defaults.CPU_TRAINING_DTYPE; "
                               "bf16 mixed precision on a CUDA GPU with bf16), 'bf16' (mixed precision on fp32 "

@@ -105,8 +105,9 @@ def resolve_placement(device: str, dtype: str, offline: bool,
                       purpose: str = "inference") -> tuple[torch.device, torch.dtype]:
     """The device and dtype an asset runs a model in: `device` resolved ("auto": CUDA, MPS, CPU), and
     `dtype` as asked, where "auto" (or "") is this model's default: fp32 for the offline model (its tuned
-    runs); for a real model, bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16/AMX: `models.device.native_bf16`) and fp32 elsewhere. For `purpose="training"` a real
+    runs); for a real model, bf16 where the device computes it natively and fast (a CUDA GPU with bf16, a
+    CPU with AVX512-BF16/AMX where a quick matmul measurement finds bf16 faster: `models.device.fast_dtype`)
+    and fp32 elsewhere. For `purpose="training"` a real
     model's "auto" is bf16 (mixed precision) on a CUDA GPU with bf16, and `CPU_TRAINING_DTYPE` (fp32,
     measured) on a CPU.
 

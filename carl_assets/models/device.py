@@ -2,9 +2,11 @@
 
 "auto" picks CUDA, then Apple's MPS, then the CPU; `resolve_dtype`'s "auto" is bf16 on a CUDA device
 with bf16 support, else fp32 (what a model folder is stored in). `fast_dtype` is the precision a model
-*runs* fastest in: bf16 also on a CPU with native bf16 instructions (`cpu_bf16_supported`: AVX512-BF16
-or AMX-BF16), where bf16 matrix products run about twice as fast as fp32 (measured on this project's
-2-core Xeon: 205 vs 92 GFLOP/s). MPS stays fp32 unless asked: its bf16/fp16 kernels are incomplete
+*runs* fastest in: bf16 on a CUDA GPU with bf16, and on a CPU with native bf16 instructions
+(`cpu_bf16_supported`: AVX512-BF16 or AMX-BF16) *where a quick measurement says bf16 matrix products are
+faster there* (`cpu_bf16_faster`): the flags alone are not enough. On this project's 2-core AVX512-BF16
+Xeon, one measurement gave bf16 2.2x fp32 (205 vs 92 GFLOP/s, 2048^2), another, with this torch build on
+the busy machine, 0.6x (20 vs 33 GFLOP/s), and a SmolLM2-135M forward was slower in bf16. MPS stays fp32 unless asked: its bf16/fp16 kernels are incomplete
 and the CARL statistics already run in float32 there. Asking for a device that is not there is an
 error that names it, never a silent fall back to the CPU.
 
@@ -110,6 +112,48 @@ def cpu_bf16_supported() -> bool:
     return any(f in flags for f in CPU_BF16_FLAGS) or "bf16" in flags
 
 
+BF16_SPEEDUP_NEEDED = 1.2  # bf16 must beat fp32 by this factor to be the default (its logits are coarser)
+
+
+def _matmul_seconds(dtype: torch.dtype, rounds: int = 2, reps: int = 2) -> float:
+    """Best time of `reps` products of a [256, 576] x [576, 1536] matrix pair (a small model's MLP layer
+    over a batch of tokens) in `dtype`, over `rounds` rounds."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 576, generator=generator).to(dtype)
+    b = torch.randn(576, 1536, generator=generator).to(dtype)
+    a @ b  # warm-up: kernel selection
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_bf16_speedup() -> float:
+    """fp32 time / bf16 time of the same matrix product on this CPU, interleaved (once per process)."""
+    fp32, bf16 = float("inf"), float("inf")
+    for _ in range(2):  # interleaved, so a burst of load hits both
+        fp32 = min(fp32, _matmul_seconds(torch.float32))
+        bf16 = min(bf16, _matmul_seconds(torch.bfloat16))
+    return fp32 / bf16
+
+
+def cpu_bf16_faster() -> bool:
+    """Whether a real model should run in bf16 on this CPU: it has native bf16 (`cpu_bf16_supported`) and a
+    quick interleaved matmul measurement (0.05 s on an idle 2-core CPU, about 1 s on a busy one; once per
+    process) finds bf16 at least
+    `BF16_SPEEDUP_NEEDED` times as fast as fp32. CARL_CPU_BF16=1/0 decides without measuring."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    return cpu_bf16_supported() and _measured_bf16_speedup() >= BF16_SPEEDUP_NEEDED
+
+
 def native_bf16(device: str | torch.device | None) -> bool:
     """Whether `device` (resolved) computes bf16 natively: CUDA with bf16 support, or such a CPU."""
     where = resolve_device(device)
@@ -117,8 +161,12 @@ def native_bf16(device: str | torch.device | None) -> bool:
 
 
 def fast_dtype(device: str | torch.device | None) -> torch.dtype:
-    """bf16 where `device` computes it natively (`native_bf16`), else fp32: what inference runs in by default."""
-    return torch.bfloat16 if native_bf16(device) else torch.float32
+    """What a real model's inference runs in by default: bf16 on a CUDA GPU with bf16, or on a CPU where
+    `cpu_bf16_faster`; fp32 elsewhere."""
+    where = resolve_device(device)
+    if _bf16_supported(where) or (where.type == "cpu" and cpu_bf16_faster()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _cgroup_cpu_limit() -> float | None:
