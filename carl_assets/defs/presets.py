@@ -37,13 +37,16 @@ REAL: dict[str, Any] = {
                                        "heldout_scenarios": 4, "batch_size": 4}},
         "sft_dataset": {"config": {"grpo_prompts": 4}},
         # max_length is a ceiling (batches pad to their longest example), set above the longest dream prompt.
+        # Activations of a 135M model fit in memory: no gradient checkpointing (it recomputes the forward).
         "sft_checkpoint": {"config": {"max_steps": 12, "batch_size": 4, "gradient_accumulation_steps": 1,
-                                      "max_length": 768, "log_every": 2, "checkpoint_every": 0}},
+                                      "gradient_checkpointing": False, "max_length": 768, "log_every": 2,
+                                      "checkpoint_every": 0}},
         # A dozen steps cannot reach the gate's 0.99 token accuracy on a real model's varied answers: the
         # sft_crystallized check then warns instead of holding GRPO back.
         "crystallization_events": {"config": {"require_crystallization": False}},
         "grpo_checkpoint": {"config": {"max_steps": 4, "batch_size": 4, "num_generations": 4,
-                                       "gradient_accumulation_steps": 1, "max_completion_length": 32,
+                                       "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+                                       "max_completion_length": 32,
                                        "max_prompts": 4, "log_every": 1, "checkpoint_every": 0}},
         "agent_evaluation": {"config": {"max_tasks": 6, "max_new_tokens": 32}},
         # LeWorld does not use the language model; one seed instead of three keeps it a small share.
