@@ -10,8 +10,9 @@ memory graph, collided into chat prompts). Threads: the cores this process may u
 - prefill:  ours = the dream scorers' forward (`run_response_forward`: distinct prompts left-padded in one
             batch with a KV cache, then the completions right-padded) + the LM head on the completion
             positions; baseline = one plain `model(ids)` per prompt + completion. Agreement: the
-            completion-token logits of both, `torch.testing.assert_close` (fp32: atol 2e-3, rtol 1e-4;
-            bf16: max |diff| <= 0.5 on logits of magnitude ~10-30, with greedy argmax agreement >= 99 %).
+            completion-token logits of both: fp32 `torch.testing.assert_close` (atol 2e-3, rtol 1e-4); bf16
+            rounds differently on each side, so ours must be as close to the fp32 logits as the plain bf16
+            forward (max |error| <= 2 x its error + 0.05; fp32 greedy token kept as often, less 2 points).
 - decoding: ours = `generate_responses` (prompts batched, k samples sharing each prompt's prefilled
             cache) at the real-model dream sampling (T 1.0, top-p 0.9, min-p 0.05); baseline = plain
             `model.generate` for one prompt and one sample at a time, same sampling. Both generate exactly
@@ -60,7 +61,7 @@ from carl_assets.memory_graph import load_graph  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DREAM_SAMPLING = Sampling(top_p=0.9, min_p=0.05)  # the real-model dream default (models.defaults)
-PREFILL_TOL = {"fp32": {"atol": 2e-3, "rtol": 1e-4}, "bf16": {"error_ratio": 2.0, "slack": 0.05, "argmax": 0.99}}
+PREFILL_TOL = {"fp32": {"atol": 2e-3, "rtol": 1e-4}, "bf16": {"error_ratio": 2.0, "slack": 0.05, "argmax_slack": 0.02}}
 SFT_LOSS_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 
 
@@ -176,9 +177,10 @@ def prefill_baseline(model, responses) -> torch.Tensor:
 
 def check_prefill(name: str, ours: torch.Tensor, base: torch.Tensor,
                   reference: torch.Tensor | None = None) -> dict[str, float]:
-    """fp32: ours equals the plain forward (assert_close). bf16: both round differently, so ours must be
-    as close to the fp32 plain forward (`reference`) as the bf16 plain forward is (within `error_ratio`
-    times its error plus `slack`), with the same greedy token at >= `argmax` of the positions."""
+    """fp32: ours equals the plain forward (assert_close). bf16: both round differently (near-ties flip
+    either way), so ours must be as close to the fp32 plain forward (`reference`) as the bf16 plain forward
+    is: max |error| within `error_ratio` times its error plus `slack`, and the fp32 greedy token kept at
+    as many positions as the plain bf16 forward keeps it, less `argmax_slack`."""
     diff = (ours - base).abs().max().item()
     argmax = (ours.argmax(-1) == base.argmax(-1)).float().mean().item()
     tol = PREFILL_TOL[name]
@@ -193,11 +195,15 @@ def check_prefill(name: str, ours: torch.Tensor, base: torch.Tensor,
         raise Disagreement(f"prefill {name}: needs the fp32 run first (--dtypes fp32,{name})")
     ours_error = (ours - reference).abs().max().item()
     base_error = (base - reference).abs().max().item()
-    out.update({"max_abs_error_vs_fp32": round(ours_error, 5), "baseline_max_abs_error_vs_fp32": round(base_error, 5)})
-    if ours_error > tol["error_ratio"] * base_error + tol["slack"] or argmax < tol["argmax"]:
+    greedy = reference.argmax(-1)
+    ours_kept = (ours.argmax(-1) == greedy).float().mean().item()
+    base_kept = (base.argmax(-1) == greedy).float().mean().item()
+    out.update({"max_abs_error_vs_fp32": round(ours_error, 5), "baseline_max_abs_error_vs_fp32": round(base_error, 5),
+                "fp32_argmax_kept": round(ours_kept, 5), "baseline_fp32_argmax_kept": round(base_kept, 5)})
+    if ours_error > tol["error_ratio"] * base_error + tol["slack"] or ours_kept < base_kept - tol["argmax_slack"]:
         raise Disagreement(f"prefill {name}: error vs fp32 {ours_error:.3f} against the plain forward's "
-                           f"{base_error:.3f} (allowed x{tol['error_ratio']} + {tol['slack']}), argmax agreement "
-                           f"{argmax:.4f} (needed {tol['argmax']})")
+                           f"{base_error:.3f} (allowed x{tol['error_ratio']} + {tol['slack']}); fp32 greedy token "
+                           f"kept at {ours_kept:.4f} of positions against {base_kept:.4f} (slack {tol['argmax_slack']})")
     return out
 
 
@@ -348,6 +354,7 @@ def run_prefill(model, tokenizer, prompts, shape, args, limits, report) -> None:
             "fraction_of_limit": round(flops * tokens / ours_s / 1e9 / limits[name], 3),
             "fraction_of_limit_baseline": round(flops * tokens / base_s / 1e9 / limits[name], 3),
             "peak_mb": round(peak, 1), "agreement": agreement}
+        print(f"prefill {name}: {report['prefill'][name]}", file=sys.stderr, flush=True)
     report["prefill"]["tokens"] = tokens
     report["prefill"]["gflop_per_token"] = round(flops / 1e9, 4)
 
@@ -368,6 +375,7 @@ def run_decoding(model, tokenizer, prompts, args, report) -> None:
             "speedup": round(base_s / ours_s, 3), "tokens_per_s": round(generated / ours_s, 1),
             "tokens_per_s_baseline": round(generated / base_s, 1), "peak_mb": round(peak, 1),
             "agreement_greedy": agreement}
+        print(f"decoding {name}: {report['decoding'][name]}", file=sys.stderr, flush=True)
     report["decoding"]["generated_tokens"] = len(prompts) * args.k * args.new_tokens
 
 
@@ -392,6 +400,7 @@ def run_sft(model, tokenizer, prompts, shape, args, limits, report) -> None:
             "fraction_of_limit_baseline": round(flops * tokens / base_s / 1e9 / limits[name], 3),
             "first_loss": round(ours_loss, 6), "first_loss_baseline": round(base_loss, 6),
             "agreement_loss_rel_diff": float(f"{rel:.3g}")}
+        print(f"sft {name}: {report['sft'][name]}", file=sys.stderr, flush=True)
     report["sft"].update({"tokens_per_step": tokens, "gflop_per_token": round(flops / 1e9, 4)})
 
 
@@ -413,6 +422,7 @@ def main() -> int:
     started = time.perf_counter()
 
     limits_start = {name: matmul_gflops(DTYPES[name]) for name in DTYPES}
+    print(f"matmul limit (GFLOP/s, {args.threads} threads): {limits_start}", file=sys.stderr, flush=True)
     model, tokenizer, load_s = load_model(args.model)
     shape = model_shape(model)
     prompts = scenario_prompts(max(args.prompts, args.sft_batch))
