@@ -62,9 +62,11 @@ class PairsConfig(dg.Config):
     min_content_chars: int = Field(default=40, description="shorter texts (tag line stripped) are skipped")
     max_examples_per_emotion: int = Field(default=500, description="cap per polarity per emotion")
     seed: int = Field(default=0, description="seed of the deterministic sampling under the cap")
-    tag_sources: Literal["all", "user"] = Field(
-        default="all", description="the tags that label the pairs: 'all' (the user's tag lines, and for nodes "
-        "without one the emotion_tags tagger's tags) or 'user' (tag lines only). User tags always win.")
+    tag_sources: Literal["auto", "all", "user"] = Field(
+        default="auto", description="the tags that label the pairs: 'all' (the user's tag lines, and for nodes "
+        "without one the emotion_tags tagger's tags), 'user' (tag lines only) or 'auto' (the default: 'user' "
+        "when any node carries a tag line, else 'all': on the tagged sample graph, a lexicon's tags on its few "
+        "untagged nodes made the steering vectors worse). User tags always win.")
     max_negative_score: int | None = Field(
         default=None, description="negatives are nodes without the emotion (None, the default) or also nodes "
         "that scored it at most this (the seed's 'absent or low'); must be below min_positive_score"
@@ -254,13 +256,14 @@ def memory_graph_is_consistent(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     "min_positive_score) and negative nodes (tagged, without the emotion, naming it at most "
     "max_negative_mentions times), text >= min_content_chars with the tag line stripped, at most "
     "max_examples_per_emotion per polarity, sampled deterministically from seed. Tags: the user's tag lines, "
-    "and for nodes without one the emotion_tags tagger's (tag_sources 'all'), or tag lines only ('user'). "
+    "and for nodes without one the emotion_tags tagger's (tag_sources 'all', or 'auto' on a graph without tag "
+    "lines), or tag lines only ('user'). "
     "No tags at all: empty, with the reason in metadata (empty_reason).",
 )
 def emotion_training_pairs(
     context: dg.AssetExecutionContext, config: PairsConfig, duckdb: DuckDBResource
 ) -> dg.MaterializeResult:
-    nodes, tagger = _nodes_with_tags(context, duckdb, config.tag_sources)
+    nodes, tagger, used = _nodes_with_tags(context, duckdb, config.tag_sources)
     graph = graph_from_tables(nodes, read_table(duckdb, "memory_edges"))
     pairs = extract_training_pairs(
         graph,
@@ -275,7 +278,7 @@ def emotion_training_pairs(
     counts = pair_counts(pairs)
     dropped = sorted(set(graph.emotion_counts()) - set(counts["emotion"]))
     context.log.info(f"{len(pairs)} examples over {len(counts)} emotions; dropped (no positive or negative): {dropped}")
-    reason = _empty_reason(graph, config, tagger) if pairs.empty else ""
+    reason = _empty_reason(graph, config, tagger, used) if pairs.empty else ""
     if reason:
         context.log.warning(f"no emotion training pairs: {reason}")
     per_emotion = {row.emotion: {"positive": int(row.positive), "negative": int(row.negative)} for row in counts.itertuples()}
@@ -299,6 +302,7 @@ def emotion_training_pairs(
             # Why there are none (empty when there are pairs): the check and steering_vectors repeat it.
             "empty_reason": reason,
             "tag_sources": config.tag_sources,
+            "tag_sources_used": used,
             "tagger": tagger or "not materialized",
             "tagged_nodes": int((graph.nodes["n_tags"] > 0).sum()),
         },
@@ -307,23 +311,26 @@ def emotion_training_pairs(
 
 
 def _nodes_with_tags(context: dg.AssetExecutionContext, duckdb: DuckDBResource, tag_sources: str
-                     ) -> tuple[pd.DataFrame, str | None]:
-    """`memory_nodes` with the tags the pairs use, and the emotion_tags tagger (None: never materialized).
-    The user's tag lines come from the graph itself (always current, always winning); a node without one
-    takes the tagger's tags from the `emotion_tags` table when `tag_sources` is 'all'."""
+                     ) -> tuple[pd.DataFrame, str | None, str]:
+    """`memory_nodes` with the tags the pairs use, the emotion_tags tagger (None: never materialized) and
+    the sources used ('user' or 'all'). The user's tag lines come from the graph itself (always current,
+    always winning); with 'all' (or 'auto' on a graph without tag lines) a node without one takes the
+    tagger's tags from the `emotion_tags` table."""
     nodes = read_table(duckdb, "memory_nodes")
+    user = nodes["n_tags"] > 0
+    used = "all" if tag_sources == "all" or (tag_sources == "auto" and not user.any()) else "user"
     try:
         table = read_table(duckdb, TAGS_TABLE)
     except LookupError:
         context.log.warning("emotion_tags has not been materialized: the pairs use the graph's tag lines only")
-        return nodes, None
+        return nodes, None, "user"
     tagger = str(_latest_metadata(context, TAGS_TABLE).get("tagger", "unknown"))
-    if tag_sources == "user":
-        return nodes, tagger
+    if used == "user":
+        return nodes, tagger, used
     scored = nodes_with_tags(nodes, table, [s for s in SOURCES if s != "user"])
-    user = nodes["n_tags"] > 0  # the graph's own tag lines, current even if emotion_tags is older
+    # The graph's own tag lines, current even if emotion_tags was made from an older graph.
     scored.loc[user, ["tags_json", "n_tags"]] = nodes.loc[user, ["tags_json", "n_tags"]]
-    return scored, tagger
+    return scored, tagger, used
 
 
 def no_tags_reason(tag_sources: str, tagger: str | None) -> str:
@@ -343,17 +350,20 @@ def no_tags_reason(tag_sources: str, tagger: str | None) -> str:
             f"to {other!r}")
 
 
-def _empty_reason(graph: Any, config: PairsConfig, tagger: str | None) -> str:
+def _empty_reason(graph: Any, config: PairsConfig, tagger: str | None, used: str) -> str:
     """Why `extract_training_pairs` gave nothing, and what to change (names real config fields)."""
     tagged = int((graph.nodes["n_tags"] > 0).sum())
     if tagged == 0:
-        return no_tags_reason(config.tag_sources, tagger)
+        return no_tags_reason(used if config.tag_sources == "auto" else config.tag_sources, tagger)
     emotions = graph.emotion_counts()
+    more = "" if used == "all" or tagger in (None, "off") else (
+        "; the tagger's tags were left out (emotion_training_pairs.tag_sources = "
+        f"{config.tag_sources!r}): set it to 'all' to add them")
     return (f"{tagged} of {len(graph.nodes)} nodes carry tags over {len(emotions)} emotions, but no emotion has "
             f"both a positive node (scored >= emotion_training_pairs.min_positive_score = "
             f"{config.min_positive_score}) and a negative one, each with >= min_content_chars = "
             f"{config.min_content_chars} characters of text; lower those settings or tag more nodes "
-            "(every emotion needs nodes that score it high and tagged nodes without it)")
+            f"(every emotion needs nodes that score it high and tagged nodes without it){more}")
 
 
 def _latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict[str, Any]:
