@@ -95,9 +95,10 @@ def is_offline_model(folder: str | os.PathLike[str]) -> bool:
 
 PURPOSES = ("inference", "training")
 # A real model trains in fp32 on a CPU, even one with native bf16. Measured on SmolLM2-135M (2-core
-# AVX512-BF16 Xeon, SFT at lr 2e-5, 3 seeds; F_measurements in the README): bf16 autocast (TRL bf16=True on
-# fp32 weights) was no faster, and its loss lagged fp32 far beyond the seed spread: a 2e-5 update is below
-# bf16's rounding of most weights, so the bf16 forward barely sees it.
+# AVX512-BF16 Xeon, SFT at lr 2e-5, 6 steps x 3 seeds, paired data order): bf16 autocast (TRL bf16=True on
+# fp32 weights) was no faster, and its loss lagged fp32 in every seed, by 0.22 at step 6 (paired differences
+# 0.215-0.221; the seeds' own spread 0.11): a 2e-5 update is below bf16's rounding of most weights, so the
+# bf16 forward barely sees it.
 CPU_TRAINING_DTYPE = "fp32"
 
 
@@ -202,3 +203,23 @@ def resolve_threads(threads: int | None, offline: bool) -> int:
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 (the model's default) or a positive count, not {threads}")
     return int(threads) if threads else default_threads(offline)
+
+
+@dataclass(frozen=True)
+class ScorerDefaults:
+    """Which score filters dreams (`dream_scenarios.scorer`) and rewards GRPO, per model, as chosen by the
+    `scorer_validation` measurement (notes in the README, "Scorer validation")."""
+
+    dream_scorer: str
+    grpo_reward: str
+
+
+# The offline model keeps the seed's CARL, which its tuned results depend on (it separates coherent from
+# corrupted answers there: pooled AUC 0.85); on SmolLM2-135M-Instruct CARL does not, mean log-probability does.
+OFFLINE_SCORERS = ScorerDefaults(dream_scorer="carl", grpo_reward="carl")
+REAL_SCORERS = ScorerDefaults(dream_scorer="mean_logprob", grpo_reward="mean_logprob")
+
+
+def scorer_defaults(offline: bool) -> ScorerDefaults:
+    """The dream filter's scorer and the GRPO reward for the offline model or for a real one."""
+    return OFFLINE_SCORERS if offline else REAL_SCORERS
