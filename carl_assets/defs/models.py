@@ -9,6 +9,7 @@ from pydantic import Field
 from carl_assets.defs.common import materialized
 from carl_assets.defs.resources import ArtifactStore, read_table
 from carl_assets.models.chat_template import POLICIES as CHAT_TEMPLATE_POLICIES
+from carl_assets.models.defaults import resolve_threads
 from carl_assets.models.device import dtype_name, resolve_device, resolve_dtype
 from carl_assets.models.loading import (
     OfflineModelConfig,
@@ -18,6 +19,7 @@ from carl_assets.models.loading import (
     sample_generation,
 )
 from carl_assets.plotting import line_plot
+from carl_assets.runtime import torch_threads
 
 SAMPLE_PROMPT = "How did today feel?"
 GGUF_CACHE = "cache/gguf"  # under CARL_HOME: GGUF conversions, hard-linked into each base_model version
@@ -48,6 +50,9 @@ class BaseModelConfig(dg.Config):
     batch_size: int = Field(default=8, description="offline model: windows per step")
     learning_rate: float = Field(default=3e-3, description="offline model: peak AdamW learning rate")
     seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
+    threads: int = Field(default=0, description="torch CPU threads for loading/converting and the sample "
+                         "generation: 0 is the model's default (the usable cores for a real model; the offline "
+                         "model trains on 1). On an oversubscribed machine 1 can be many times faster")
     device: str = Field(default="auto", description="where the sample generation runs: 'auto' (CUDA, then MPS, "
                         "then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     dtype: str = Field(default="auto", description="precision a hub model / folder is saved in: 'auto' (bf16 "
@@ -86,7 +91,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
         if step % 25 == 0 or step == config.steps - 1:
             context.log.info(f"pretraining step {step + 1}/{config.steps}: loss {loss:.3f}")
 
-    with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version):
+    threads = resolve_threads(config.threads, source.kind == "offline")
+    with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version), torch_threads(threads):
         stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress,
                                    allow_pickle=config.allow_pickle, dtype=dtype,
                                    missing_chat_template=config.missing_chat_template,
@@ -96,7 +102,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
     path = artifacts.path("base_model", version)
     model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code, device=device,
                                                 dtype=dtype)
-    sample = sample_generation(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=40)
+    with torch_threads(threads):
+        sample = sample_generation(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=40)
     metadata = {
         "path": dg.MetadataValue.path(str(path)),
         "version": version,
@@ -107,6 +114,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
         "vocab_size": int(stats["vocab_size"]),
         "device": str(device),
         "dtype": dtype_name(dtype),
+        "threads": threads,
         "sample_prompt": SAMPLE_PROMPT,
         "sample_generation": dg.MetadataValue.text(sample),
     }
