@@ -200,9 +200,10 @@ def test_scenario_prompt_presents_every_memory(sample_graph):
     assert [m["role"] for m in messages] == ["system", "user"] and messages[0]["content"] == "Be yourself."
     user = messages[1]["content"]
     for i, (kind, text) in enumerate(zip(c.kinds, c.texts, strict=True), start=1):
-        line = next(x for x in user.splitlines() if x.startswith(f"{i}. ({kind})"))
-        assert len(line) - len(f"{i}. ({kind}) ") <= 60
-        assert text.split()[0] in line
+        line = next(x for x in user.splitlines() if x.startswith(f"{i}. "))
+        assert len(line) - len(f"{i}. ") <= 60
+        # the node text opens with "name (kind)": the kind is named once, by the text itself
+        assert text.split()[0] in line and line.count(f"({kind})") == 1
     assert "your own words" in user
     assert [m["role"] for m in scenario_messages(c, system_prompt=None)] == ["user"]
 

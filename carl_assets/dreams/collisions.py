@@ -114,8 +114,9 @@ def scenario_messages(collision: Collision, excerpt_chars: int = 160,
     """The chat prompt of a dream: a system message (unless `system_prompt` is None or empty) and one user
     message that sets the collided memories as one scene and asks for a response in the model's words."""
     lines = [f"{len(collision.node_ids)} memories surface together in a dream:"]
-    for i, (kind, text) in enumerate(zip(collision.kinds, collision.texts, strict=True), start=1):
-        lines.append(f"{i}. ({kind}) {excerpt(text, excerpt_chars)}")
+    # A node's text opens with its name and kind (memory.build.node_text): no second kind label here.
+    for i, text in enumerate(collision.texts, start=1):
+        lines.append(f"{i}. {excerpt(text, excerpt_chars)}")
     lines.append("They are one scene, happening now. What do you do, think or feel? Answer in your own words.")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": "\n".join(lines)})
