@@ -215,3 +215,22 @@ def test_truncation_to_one_token_is_greedy(lively, sampling):
     assert [r.completion_ids for r in truncated] == [g.completion_ids for g in greedy for _ in range(2)]
     plain = generate_responses(model, tok, PROMPTS, k=2, temperature=2.0, max_new_tokens=8, seed=4)
     assert [r.completion_ids for r in plain] != [r.completion_ids for r in truncated]
+
+
+def test_dream_config_takes_the_models_defaults_unless_set():
+    from carl_assets.defs.dreams import DreamScenariosConfig
+    from carl_assets.models.defaults import dream_sampling_defaults, scorer_defaults
+
+    config = DreamScenariosConfig()
+    # the offline model keeps its tuned, untruncated schedule and the seed's CARL
+    assert config.sampling(offline=True) == Sampling()
+    assert (config.schedule(True).temperature_start, config.schedule(True).temperature_end) == (1.3, 0.7)
+    assert config.scorer_spec(offline=True) == "carl"
+    real = dream_sampling_defaults(offline=False)
+    assert config.sampling(offline=False) == Sampling(top_k=real.top_k, top_p=real.top_p, min_p=real.min_p)
+    assert config.schedule(False).temperature_start == real.temperature_start
+    assert config.scorer_spec(offline=False) == scorer_defaults(offline=False).dream_scorer
+    assert config.dream_config(offline=False).sampling.top_p == real.top_p < 1.0
+    chosen = DreamScenariosConfig(scorer="carl", top_p=1.0, min_p=0.0, temperature_start=1.3)
+    assert chosen.scorer_spec(offline=False) == "carl" and chosen.sampling(offline=False) == Sampling()
+    assert chosen.schedule(False).temperature_start == 1.3

@@ -60,8 +60,10 @@ class DreamScenariosConfig(dg.Config):
     start_from: str = Field(default="auto", description="the policy that dreams: 'auto' (the newest "
                             "grpo_checkpoint, i.e. the previous cycle's, else base_model), 'base_model', or "
                             "'<asset>@<version>' from artifact_versions to roll back to an earlier cycle")
-    scorer: str = Field(default="carl", description="the training-signal agent: 'carl', 'steering:<emotion>' "
-                        "or a weighted mix such as 'carl:0.7,steering:warmth:0.3'")
+    scorer: str = Field(default="auto", description="the training-signal agent: 'auto' (the model's default, "
+                        "chosen by scorer_validation: 'carl' for the offline model, 'self_certainty' for a real one), "
+                        "'carl', a CARL component, 'phi_mean', 'self_certainty', 'neg_entropy', 'mean_logprob', "
+                        "'steering:<emotion>' or a weighted mix such as 'carl:0.7,steering:warmth:0.3'")
     n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
     responses_per_scenario: int = Field(default=4, description="responses sampled per scenario (k)")
     max_new_tokens: int = Field(default=32, description="tokens per response")
@@ -130,6 +132,12 @@ class DreamScenariosConfig(dg.Config):
                              temperature_start=_or(self.temperature_start, defaults.temperature_start),
                              temperature_end=_or(self.temperature_end, defaults.temperature_end),
                              shape=self.schedule_shape)
+
+    def scorer_spec(self, offline: bool) -> str:
+        """The scorer spec: as set, or for 'auto' the model's default (`models.defaults.scorer_defaults`)."""
+        from carl_assets.models.defaults import scorer_defaults
+
+        return scorer_defaults(offline).dream_scorer if self.scorer.strip().lower() == "auto" else self.scorer
 
     def sampling(self, offline: bool) -> Any:
         """The truncation of dream sampling: each field as set, else the model's default."""
@@ -253,9 +261,10 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     context.log.info(f"cycle {cycle}: {policy_asset}@{policy_version} dreams at temperature "
                      f"{step.temperature:.3f} (SFT lr {step.learning_rate:.2e})")
 
+    scorer_spec = config.scorer_spec(offline)
     vectors = require_concepts(load_readout(artifacts.require("steering_vectors")),
-                               f"dream_scenarios.scorer = {config.scorer!r}") if "steering" in config.scorer else None
-    scorer = parse_scorer_spec(config.scorer, steering_vectors=vectors)
+                               f"dream_scenarios.scorer = {config.scorer!r}") if "steering" in scorer_spec else None
+    scorer = parse_scorer_spec(scorer_spec, steering_vectors=vectors)
     dream_config = config.dream_config(offline)
     kinds, plan = plan_scenarios(nodes, edges, config, dream_config.walk)
     heldout = plan.collisions
@@ -300,7 +309,7 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
         "schedule_progress": step.progress, **{k: stats[k] for k in stats}, "walks": result.walks,
         "heldout_scenarios": len(heldout), "heldout_bar": bar, "heldout_pass_rate": pass_rate,
         "heldout_score_mean": float(heldout_frame["score"].mean()) if len(heldout_frame) else float("nan"),
-        "scorer": config.scorer, "conditioning_kinds": json.dumps(list(kinds)), "scenario_pool": plan.pool,
+        "scorer": scorer_spec, "conditioning_kinds": json.dumps(list(kinds)), "scenario_pool": plan.pool,
     }])
     # kept across cycles; a rerun of a cycle replaces its rows
     tables = {name: append_rows(duckdb, name, new, key="cycle", sort_by="cycle")
