@@ -78,7 +78,7 @@ def test_corruptions_keep_the_words_or_repeat_a_fragment():
     assert sorted(shuffled.split()) == sorted(text.split()) and shuffled != text
     looped = cut_and_repeat(text, rng).split()
     assert len(looped) == len(text.split())
-    period = next(n for n in range(3, len(looped)) if looped[n:n + 3] == looped[:3])
+    period = next(n for n in range(3, len(looped)) if looped[n : n + 3] == looped[:3])
     assert looped == (looped[:period] * len(looped))[: len(looped)]  # one fragment, repeated
     assert " ".join(looped[:period]) in text  # cut from a sentence of the text
     assert shuffle_words("one", rng) == "one" and cut_and_repeat("", rng) == ""
@@ -87,12 +87,21 @@ def test_corruptions_keep_the_words_or_repeat_a_fragment():
 def test_auc_table_per_corruption_and_pooled():
     import pandas as pd
 
-    scored = pd.DataFrame({
-        "label": [1, 1, 0, 0, 0, 0],
-        "source": ["policy_answer", "memory_text", "shuffled_words", "shuffled_words", "hot_sample", "hot_sample"],
-        "good": [0.9, 0.8, 0.1, 0.2, 0.3, 0.4],  # coherent above everything
-        "bad": [0.1, 0.2, 0.5, 0.6, 0.0, 0.05],  # below the shuffled texts, above the hot samples
-    })
+    scored = pd.DataFrame(
+        {
+            "label": [1, 1, 0, 0, 0, 0],
+            "source": [
+                "policy_answer",
+                "memory_text",
+                "shuffled_words",
+                "shuffled_words",
+                "hot_sample",
+                "hot_sample",
+            ],
+            "good": [0.9, 0.8, 0.1, 0.2, 0.3, 0.4],  # coherent above everything
+            "bad": [0.1, 0.2, 0.5, 0.6, 0.0, 0.05],  # below the shuffled texts, above the hot samples
+        }
+    )
     table = auc_table(scored, ["good", "bad"], n_bootstrap=50).set_index(["scorer", "corruption"])
     assert set(table.index.get_level_values("corruption")) == {"shuffled_words", "hot_sample", POOLED}
     assert table.loc[("good", POOLED), "auc"] == 1.0
@@ -110,11 +119,17 @@ def test_validate_scorers_on_a_tiny_model(tiny_model_and_tokenizer):
         for p in model.parameters():
             if p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    prompts = [[{"role": "user", "content": f"memory {i}: the quiet morning and an old letter"}] for i in range(3)]
-    memories = ["We laughed at the garden after rain with real warmth, and it was good.",
-                "I remembered a long meeting and the broken build. Nothing changed.",
-                "She wrote about the deadline and I was tired."]
-    config = ValidationConfig(max_tokens=10, n_bootstrap=20, scorers=("carl", "mean_logprob", "self_certainty"))
+    prompts = [
+        [{"role": "user", "content": f"memory {i}: the quiet morning and an old letter"}] for i in range(3)
+    ]
+    memories = [
+        "We laughed at the garden after rain with real warmth, and it was good.",
+        "I remembered a long meeting and the broken build. Nothing changed.",
+        "She wrote about the deadline and I was tired.",
+    ]
+    config = ValidationConfig(
+        max_tokens=10, n_bootstrap=20, scorers=("carl", "mean_logprob", "self_certainty")
+    )
     table, scored = validate_scorers(model.eval(), tok, prompts, memories, config)
     assert set(table["corruption"]) == {*CORRUPTIONS, POOLED}
     assert set(table["scorer"]) == {"carl", "mean_logprob", "self_certainty"}
@@ -137,16 +152,42 @@ def test_scorer_validation_asset_writes_its_table(tmp_path):
     from carl_assets.defs.resources import build_resources
     from carl_assets.defs.scorer_validation import scorer_validation
 
-    tiny_model = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
-                  "steps": 3, "seq_len": 32, "batch_size": 2}
-    run_config = {"ops": {"base_model": {"config": tiny_model},
-                          "scorer_validation": {"config": {"n_prompts": 3, "max_tokens": 8, "n_bootstrap": 20}}}}
-    result = dg.materialize([memory.memory_graph, models.base_model, scorer_validation],
-                            resources=build_resources(tmp_path), run_config=run_config)
+    tiny_model = {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 512,
+        "steps": 3,
+        "seq_len": 32,
+        "batch_size": 2,
+    }
+    run_config = {
+        "ops": {
+            "base_model": {"config": tiny_model},
+            "scorer_validation": {"config": {"n_prompts": 3, "max_tokens": 8, "n_bootstrap": 20}},
+        }
+    }
+    result = dg.materialize(
+        [memory.memory_graph, models.base_model, scorer_validation],
+        resources=build_resources(tmp_path),
+        run_config=run_config,
+    )
     assert result.success
     table = storage.read_table(tmp_path / storage.DATABASE_NAME, "scorer_validation")
-    assert list(table.columns) == ["model", "policy", "scorer", "corruption", "auc", "ci_low", "ci_high", "n_pos",
-                                   "n_neg", "mean_coherent", "mean_corrupted"]
+    assert list(table.columns) == [
+        "model",
+        "policy",
+        "scorer",
+        "corruption",
+        "auc",
+        "ci_low",
+        "ci_high",
+        "n_pos",
+        "n_neg",
+        "mean_coherent",
+        "mean_corrupted",
+    ]
     assert set(table["model"]) == {"offline"} and table["policy"].str.startswith("base_model@").all()
     assert set(table["corruption"]) == {*CORRUPTIONS, POOLED}
     assert table["auc"].between(0, 1).all()

@@ -78,7 +78,9 @@ def test_mean_vocab_logprob_from_hidden_matches_log_softmax():
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         expected = torch.log_softmax(logits, dim=-1).mean(dim=-1)
-        got = mean_vocab_logprob_from_hidden(hidden, head, softcap=softcap, logit_scale=scale, rows_per_chunk=3)
+        got = mean_vocab_logprob_from_hidden(
+            hidden, head, softcap=softcap, logit_scale=scale, rows_per_chunk=3
+        )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # logits are taken in float32
 
 
@@ -102,8 +104,10 @@ def lively(tiny_model_and_tokenizer):
 
 PROMPTS = [
     [{"role": "user", "content": "the quiet morning"}],
-    [{"role": "system", "content": "Be brief."},
-     {"role": "user", "content": "I remembered a long meeting and the broken build, and nothing changed."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "I remembered a long meeting and the broken build, and nothing changed."},
+    ],
     [{"role": "user", "content": "an old letter"}],
 ]
 
@@ -121,7 +125,9 @@ def _reference(model, response: GeneratedResponse) -> dict[str, float]:
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double().numpy()
     start = len(response.prompt_ids) - 1  # the position that predicts the first completion token
-    return confidence_scores(logits[start: start + len(response.completion_ids)], np.array(response.completion_ids))
+    return confidence_scores(
+        logits[start : start + len(response.completion_ids)], np.array(response.completion_ids)
+    )
 
 
 def test_token_scorer_reads_the_predicting_positions(lively, sampled):
@@ -182,11 +188,15 @@ def test_reward_functions_are_named_and_score_what_the_scorer_scores(lively, sam
     for name in REWARD_NAMES:
         fn = make_reward_fn(name, model, tok, min_chars=0)
         assert fn.__name__ == name
-        np.testing.assert_allclose(fn(prompts, completions, completion_ids=ids), scorer[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            fn(prompts, completions, completion_ids=ids), scorer[name], rtol=1e-5, atol=1e-6
+        )
     vocab = model.get_output_embeddings().weight.shape[0]
     empty = make_reward_fn("mean_logprob", model, tok)([PROMPTS[0]], [""], completion_ids=[[]])
     assert empty == [pytest.approx(-math.log(vocab))]  # never above a real answer, unlike 0.0
-    assert make_carl_reward_fn(model, tok)([PROMPTS[0]], [""], completion_ids=[[]]) == [0.0]  # the seed's rule
+    assert make_carl_reward_fn(model, tok)([PROMPTS[0]], [""], completion_ids=[[]]) == [
+        0.0
+    ]  # the seed's rule
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward_fn("rouge", model, tok)
 
@@ -210,8 +220,9 @@ def test_truncation_to_one_token_is_greedy(lively, sampling):
     temperature; untruncated sampling at that temperature must not."""
     model, tok = lively
     greedy = generate_responses(model, tok, PROMPTS, k=1, temperature=0.0, max_new_tokens=8)
-    truncated = generate_responses(model, tok, PROMPTS, k=2, temperature=2.0, max_new_tokens=8, seed=4,
-                                   sampling=sampling)
+    truncated = generate_responses(
+        model, tok, PROMPTS, k=2, temperature=2.0, max_new_tokens=8, seed=4, sampling=sampling
+    )
     assert [r.completion_ids for r in truncated] == [g.completion_ids for g in greedy for _ in range(2)]
     plain = generate_responses(model, tok, PROMPTS, k=2, temperature=2.0, max_new_tokens=8, seed=4)
     assert [r.completion_ids for r in plain] != [r.completion_ids for r in truncated]

@@ -80,8 +80,9 @@ def confidence_scores(logits: np.ndarray, token_ids: np.ndarray) -> dict[str, fl
     }
 
 
-def confidence_from_stats(entropy: Any, selected_logprob: Any, mean_vocab_logprob: Any | None, mask: Any,
-                          vocab_size: int) -> dict[str, Any]:
+def confidence_from_stats(
+    entropy: Any, selected_logprob: Any, mean_vocab_logprob: Any | None, mask: Any, vocab_size: int
+) -> dict[str, Any]:
     """The scores of a batch from per-token statistics, each ``[B, T]``: entropy (nats), log p(token),
     and ``(1/V) sum_v log p(v)`` (None: self_certainty is left out). ``mask`` ``[B, T]`` marks the
     completion's positions, in any layout (right or left padding); values elsewhere are ignored, NaN
@@ -99,8 +100,9 @@ def confidence_from_stats(entropy: Any, selected_logprob: Any, mean_vocab_logpro
     log_vocab = math.log(vocab_size)
 
     def mean(values: Any) -> Any:
-        zeroed = torch.where(valid, values.to(torch.float64), torch.zeros((), dtype=torch.float64,
-                                                                           device=values.device))
+        zeroed = torch.where(
+            valid, values.to(torch.float64), torch.zeros((), dtype=torch.float64, device=values.device)
+        )
         return zeroed.sum(dim=-1) / count.clamp(min=1.0)
 
     mean_entropy = mean(entropy)
@@ -112,7 +114,10 @@ def confidence_from_stats(entropy: Any, selected_logprob: Any, mean_vocab_logpro
     if mean_vocab_logprob is not None:
         out["self_certainty"] = -log_vocab - mean(mean_vocab_logprob)
     empty = count == 0
-    return {name: torch.where(empty, torch.full_like(v, empty_value(name, vocab_size)), v) for name, v in out.items()}
+    return {
+        name: torch.where(empty, torch.full_like(v, empty_value(name, vocab_size)), v)
+        for name, v in out.items()
+    }
 
 
 def confidence_scores_batch(logits: Any, token_ids: Any, mask: Any) -> dict[str, Any]:
@@ -130,8 +135,13 @@ def confidence_scores_batch(logits: Any, token_ids: Any, mask: Any) -> dict[str,
     return confidence_from_stats(entropy, selected, logp.mean(dim=-1), mask, int(logits.shape[-1]))
 
 
-def mean_vocab_logprob_from_hidden(hidden: Any, lm_head: Any, softcap: float | None = None,
-                                   logit_scale: float = 1.0, rows_per_chunk: int | None = None) -> Any:
+def mean_vocab_logprob_from_hidden(
+    hidden: Any,
+    lm_head: Any,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    rows_per_chunk: int | None = None,
+) -> Any:
     """``(1/V) sum_v log p(v)`` at each position of ``hidden`` ``[N, H]`` (final-normed hidden states),
     the logits being ``lm_head(hidden) * logit_scale``, soft-capped as ``softcap * tanh(l / softcap)``
     when `softcap` is set (Gemma 2). Full logits are held for `rows_per_chunk` positions at a time
@@ -142,7 +152,7 @@ def mean_vocab_logprob_from_hidden(hidden: Any, lm_head: Any, softcap: float | N
     parts = []
     with torch.no_grad():
         for start in range(0, hidden.shape[0], rows):
-            logits = lm_head(hidden[start: start + rows]).to(torch.float32)
+            logits = lm_head(hidden[start : start + rows]).to(torch.float32)
             if logit_scale != 1.0:
                 logits = logits * logit_scale
             if softcap:

@@ -15,23 +15,39 @@ from carl_assets.runtime import torch_threads
 
 
 class ScorerValidationConfig(dg.Config):
-    start_from: str = Field(default="auto", description="the policy measured: 'auto' (the newest grpo_checkpoint, "
-                            "else base_model, as dream_scenarios), 'base_model' or '<asset>@<version>'")
-    n_prompts: int = Field(default=24, description="dream prompts (memory collisions); each gives 2 coherent "
-                           "texts (the policy's answer, a memory text) and 2 + 2 + hot_samples corrupted ones")
+    start_from: str = Field(
+        default="auto",
+        description="the policy measured: 'auto' (the newest grpo_checkpoint, "
+        "else base_model, as dream_scenarios), 'base_model' or '<asset>@<version>'",
+    )
+    n_prompts: int = Field(
+        default=24,
+        description="dream prompts (memory collisions); each gives 2 coherent "
+        "texts (the policy's answer, a memory text) and 2 + 2 + hot_samples corrupted ones",
+    )
     max_tokens: int = Field(default=48, description="tokens generated and scored per text")
-    coherent_temperature: float = Field(default=0.5, description="temperature of the policy's own (coherent) "
-                                        "answers, sampled with top-p 0.9")
-    hot_temperature: float = Field(default=1.5, description="temperature of the untruncated (corrupted) samples")
+    coherent_temperature: float = Field(
+        default=0.5, description="temperature of the policy's own (coherent) answers, sampled with top-p 0.9"
+    )
+    hot_temperature: float = Field(
+        default=1.5, description="temperature of the untruncated (corrupted) samples"
+    )
     hot_samples: int = Field(default=2, description="untruncated hot samples per prompt")
     n_bootstrap: int = Field(default=1000, description="bootstrap resamples of each AUC's 95% interval")
     seed: int = Field(default=0, description="seed of prompts, sampling, corruptions and the bootstrap")
-    batch_size: int = Field(default=8, description="prompts per generate call (each batch is its own seeded "
-                            "sampling stream, so this changes the answers drawn)")
-    threads: int = Field(default=0, description="torch CPU threads (0 keeps torch's default)",
-                         json_schema_extra=PERFORMANCE_ONLY)
-    device: str = Field(default="auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' "
-                        "or 'mps'")
+    batch_size: int = Field(
+        default=8,
+        description="prompts per generate call (each batch is its own seeded "
+        "sampling stream, so this changes the answers drawn)",
+    )
+    threads: int = Field(
+        default=0,
+        description="torch CPU threads (0 keeps torch's default)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+    device: str = Field(
+        default="auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    )
     dtype: str = Field(default="auto", description="'auto' (the model's default), 'bf16', 'fp16' or 'fp32'")
 
 
@@ -47,14 +63,19 @@ def model_name(base_dir: Path) -> str:
     group_name="dreams",
     deps=["memory_graph", "base_model"],
     kinds={"pytorch", "duckdb"},
-    description="Does each scorer tell sense from noise on the current policy? Coherent answers to dream prompts "
-    "(the policy's own low-temperature answers, memory texts) against corrupted ones (words shuffled, a cut "
-    "sentence repeated, untruncated high-temperature samples), each scored as a completion of its prompt by "
-    "carl, its components, phi_mean, self_certainty, neg_entropy and mean_logprob. DuckDB `scorer_validation` "
-    "(AUC with a bootstrap interval per scorer and corruption, kept per policy) and `scorer_validation_items`.",
+    description="Does each scorer tell sense from noise on the current policy? Coherent answers to dream "
+    "prompts (the policy's own low-temperature answers, memory texts) against corrupted ones (words "
+    "shuffled, a cut sentence repeated, untruncated high-temperature samples), each scored as a completion "
+    "of its prompt by carl, its components, phi_mean, self_certainty, neg_entropy and mean_logprob. DuckDB "
+    "`scorer_validation` (AUC with a bootstrap interval per scorer and corruption, kept per policy) and "
+    "`scorer_validation_items`.",
 )
-def scorer_validation(context: dg.AssetExecutionContext, config: ScorerValidationConfig, duckdb: DuckDBResource,
-                      artifacts: ArtifactStore) -> dg.MaterializeResult:
+def scorer_validation(
+    context: dg.AssetExecutionContext,
+    config: ScorerValidationConfig,
+    duckdb: DuckDBResource,
+    artifacts: ArtifactStore,
+) -> dg.MaterializeResult:
     from carl_assets.dreams.validation import ValidationConfig, validate_scorers, validation_prompts
     from carl_assets.models.defaults import is_offline_model, resolve_placement
     from carl_assets.models.loading import load_model_and_tokenizer
@@ -67,23 +88,35 @@ def scorer_validation(context: dg.AssetExecutionContext, config: ScorerValidatio
     model, tokenizer = load_model_and_tokenizer(policy_dir, device=device, dtype=dtype)
     prompts, memory_texts = validation_prompts(nodes, edges, config.n_prompts, seed=config.seed)
     context.log.info(f"validating scorers on {policy} with {len(prompts)} dream prompts")
-    validation = ValidationConfig(max_tokens=config.max_tokens, coherent_temperature=config.coherent_temperature,
-                                  hot_temperature=config.hot_temperature, hot_samples=config.hot_samples,
-                                  n_bootstrap=config.n_bootstrap, seed=config.seed, batch_size=config.batch_size)
+    validation = ValidationConfig(
+        max_tokens=config.max_tokens,
+        coherent_temperature=config.coherent_temperature,
+        hot_temperature=config.hot_temperature,
+        hot_samples=config.hot_samples,
+        n_bootstrap=config.n_bootstrap,
+        seed=config.seed,
+        batch_size=config.batch_size,
+    )
     with torch_threads(config.threads or None):
         table, items = validate_scorers(model, tokenizer, prompts, memory_texts, validation)
     name = model_name(base_dir)
     table.insert(0, "policy", policy)
     table.insert(0, "model", name)
     items.insert(0, "policy", policy)
-    kept = {t: append_rows(duckdb, t, new, key="policy") for t, new in
-            (("scorer_validation", table), ("scorer_validation_items", items))}  # one result per policy
+    kept = {
+        t: append_rows(duckdb, t, new, key="policy")
+        for t, new in (("scorer_validation", table), ("scorer_validation_items", items))
+    }  # one result per policy
     pooled = table[table["corruption"] == "pooled"].sort_values("auc", ascending=False)
     best = pooled.iloc[0]
-    context.log.info(f"best pooled AUC on {policy}: {best['scorer']} {best['auc']:.3f} "
-                     f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}]")
+    context.log.info(
+        f"best pooled AUC on {policy}: {best['scorer']} {best['auc']:.3f} "
+        f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}]"
+    )
     return materialized(
-        table, config=config, tables={"scorer_validation": kept["scorer_validation"]},
+        table,
+        config=config,
+        tables={"scorer_validation": kept["scorer_validation"]},
         metadata={
             "model": name,
             "policy": policy,
@@ -92,9 +125,11 @@ def scorer_validation(context: dg.AssetExecutionContext, config: ScorerValidatio
             **{f"pooled_auc/{r.scorer}": float(r.auc) for r in pooled.itertuples()},
             "coherent_texts": int((items["label"] == 1).sum()),
             "corrupted_texts": int((items["label"] == 0).sum()),
-            "pooled": table_preview(pooled[["scorer", "auc", "ci_low", "ci_high", "mean_coherent",
-                                            "mean_corrupted"]], rows=20),
-            "by_corruption": table_preview(table.pivot(index="scorer", columns="corruption", values="auc")
-                                           .reset_index(), rows=20),
+            "pooled": table_preview(
+                pooled[["scorer", "auc", "ci_low", "ci_high", "mean_coherent", "mean_corrupted"]], rows=20
+            ),
+            "by_corruption": table_preview(
+                table.pivot(index="scorer", columns="corruption", values="auc").reset_index(), rows=20
+            ),
         },
     )

@@ -40,8 +40,19 @@ from carl_assets.dreams.scoring import TokenScorer
 CORRUPTIONS = ("shuffled_words", "cut_repeated", "hot_sample")
 COHERENT_SOURCES = ("policy_answer", "memory_text")
 POOLED = "pooled"
-TABLE_COLUMNS = ["model", "policy", "scorer", "corruption", "auc", "ci_low", "ci_high", "n_pos", "n_neg",
-                 "mean_coherent", "mean_corrupted"]
+TABLE_COLUMNS = [
+    "model",
+    "policy",
+    "scorer",
+    "corruption",
+    "auc",
+    "ci_low",
+    "ci_high",
+    "n_pos",
+    "n_neg",
+    "mean_coherent",
+    "mean_corrupted",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +86,13 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return float(u / (pos.size * neg.size))
 
 
-def bootstrap_auc_interval(positive: Sequence[float], negative: Sequence[float], n_bootstrap: int = 1000,
-                           level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_auc_interval(
+    positive: Sequence[float],
+    negative: Sequence[float],
+    n_bootstrap: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `auc`: `n_bootstrap` resamples, positives and negatives each drawn
     with replacement from their own side (so every resample has both), from ``default_rng(seed)``."""
     if n_bootstrap < 1:
@@ -85,8 +101,12 @@ def bootstrap_auc_interval(positive: Sequence[float], negative: Sequence[float],
         raise ValueError(f"level must lie in (0, 1), got {level}")
     pos, neg = _checked(positive, "positive"), _checked(negative, "negative")
     rng = np.random.default_rng(seed)
-    draws = np.array([auc(pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)])
-                      for _ in range(n_bootstrap)])
+    draws = np.array(
+        [
+            auc(pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)])
+            for _ in range(n_bootstrap)
+        ]
+    )
     tail = (1.0 - level) / 2.0
     return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))
 
@@ -161,8 +181,9 @@ class Item:
     text: str
 
 
-def validation_prompts(nodes: pd.DataFrame, edges: pd.DataFrame, n: int, seed: int = 0,
-                       excerpt_chars: int = 160) -> tuple[list[list[dict[str, str]]], list[str]]:
+def validation_prompts(
+    nodes: pd.DataFrame, edges: pd.DataFrame, n: int, seed: int = 0, excerpt_chars: int = 160
+) -> tuple[list[list[dict[str, str]]], list[str]]:
     """`n` dream prompts (collisions of the memory graph drawn as the dream loop draws them, with their own
     seed) and for each a memory text from a node outside its collision (at least 8 words), drawn
     without replacement while the graph has enough. Raises ``ValueError`` when the graph gives no
@@ -190,18 +211,39 @@ def validation_prompts(nodes: pd.DataFrame, edges: pd.DataFrame, n: int, seed: i
     return [scenario_messages(c, excerpt_chars) for c in collisions], memory_texts
 
 
-def build_items(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]],
-                memory_texts: Sequence[str], config: ValidationConfig) -> list[Item]:
+def build_items(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    memory_texts: Sequence[str],
+    config: ValidationConfig,
+) -> list[Item]:
     """For each prompt: the policy's answer and `memory_texts[i]` (coherent), each shuffled and each cut
     and repeated, and `hot_samples` untruncated samples at `hot_temperature` (corrupted). Raises
     ``ValueError`` unless there is one memory text per prompt."""
     if len(memory_texts) != len(prompts):
         raise ValueError(f"{len(memory_texts)} memory texts for {len(prompts)} prompts: give one per prompt")
-    answers = generate_responses(model, tokenizer, prompts, k=1, temperature=config.coherent_temperature,
-                                 max_new_tokens=config.max_tokens, batch_size=config.batch_size, seed=config.seed,
-                                 sampling=config.coherent_sampling)
-    hot = generate_responses(model, tokenizer, prompts, k=config.hot_samples, temperature=config.hot_temperature,
-                             max_new_tokens=config.max_tokens, batch_size=config.batch_size, seed=config.seed + 1)
+    answers = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        k=1,
+        temperature=config.coherent_temperature,
+        max_new_tokens=config.max_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        sampling=config.coherent_sampling,
+    )
+    hot = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        k=config.hot_samples,
+        temperature=config.hot_temperature,
+        max_new_tokens=config.max_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed + 1,
+    )
     rng = np.random.default_rng(config.seed)
     items: list[Item] = []
     for i, answer in enumerate(answers):
@@ -216,26 +258,42 @@ def build_items(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str,
     return items
 
 
-def score_items(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], items: Sequence[Item],
-                config: ValidationConfig) -> pd.DataFrame:
+def score_items(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    items: Sequence[Item],
+    config: ValidationConfig,
+) -> pd.DataFrame:
     """One row per item (prompt_index, source, label, text, tokens) with one column per scorer: each text
     re-tokenised (no special tokens, first `max_tokens`) and scored as the completion of its prompt."""
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     responses = []
     for n, item in enumerate(items):
         ids = tokenizer(item.text, add_special_tokens=False)["input_ids"][: config.max_tokens]
-        responses.append(GeneratedResponse(item.prompt_index, n, item.text, prompt_ids[item.prompt_index],
-                                           [int(t) for t in ids]))
+        responses.append(
+            GeneratedResponse(
+                item.prompt_index, n, item.text, prompt_ids[item.prompt_index], [int(t) for t in ids]
+            )
+        )
     scores = TokenScorer(tuple(config.scorers), batch_size=4 * config.batch_size)(model, tokenizer, responses)
-    frame = pd.DataFrame({"prompt_index": [it.prompt_index for it in items], "source": [it.source for it in items],
-                          "label": [it.label for it in items], "text": [it.text for it in items],
-                          "tokens": [len(r.completion_ids) for r in responses]})
+    frame = pd.DataFrame(
+        {
+            "prompt_index": [it.prompt_index for it in items],
+            "source": [it.source for it in items],
+            "label": [it.label for it in items],
+            "text": [it.text for it in items],
+            "tokens": [len(r.completion_ids) for r in responses],
+        }
+    )
     for name in config.scorers:
         frame[name] = scores[name]
     return frame
 
 
-def auc_table(scored: pd.DataFrame, scorers: Sequence[str], n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+def auc_table(
+    scored: pd.DataFrame, scorers: Sequence[str], n_bootstrap: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """AUC of each scorer, coherent (label 1) against each corruption kind present and against all of
     them pooled, with its bootstrap interval; columns scorer, corruption, auc, ci_low, ci_high, n_pos,
     n_neg, mean_coherent, mean_corrupted."""
@@ -250,18 +308,35 @@ def auc_table(scored: pd.DataFrame, scorers: Sequence[str], n_bootstrap: int = 1
             corrupted = scored[wanted]
             pos, neg = coherent[name].to_numpy(float), corrupted[name].to_numpy(float)
             low, high = bootstrap_auc_interval(pos, neg, n_bootstrap=n_bootstrap, seed=seed)
-            rows.append({"scorer": name, "corruption": kind, "auc": auc(pos, neg), "ci_low": low, "ci_high": high,
-                         "n_pos": len(pos), "n_neg": len(neg), "mean_coherent": float(pos.mean()),
-                         "mean_corrupted": float(neg.mean())})
+            rows.append(
+                {
+                    "scorer": name,
+                    "corruption": kind,
+                    "auc": auc(pos, neg),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_pos": len(pos),
+                    "n_neg": len(neg),
+                    "mean_coherent": float(pos.mean()),
+                    "mean_corrupted": float(neg.mean()),
+                }
+            )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS[2:])
 
 
-def validate_scorers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]],
-                     memory_texts: Sequence[str], config: ValidationConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def validate_scorers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    memory_texts: Sequence[str],
+    config: ValidationConfig,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(AUC table, scored items) of every scorer in `config.scorers` on this policy: see the module."""
     items = build_items(model, tokenizer, prompts, memory_texts, config)
     scored = score_items(model, tokenizer, prompts, items, config)
     if not (scored["label"] == 1).any() or not (scored["label"] == 0).any():
-        raise ValueError("the validation set needs coherent and corrupted texts: the prompts gave "
-                         f"{int((scored['label'] == 1).sum())} and {int((scored['label'] == 0).sum())}")
+        raise ValueError(
+            "the validation set needs coherent and corrupted texts: the prompts gave "
+            f"{int((scored['label'] == 1).sum())} and {int((scored['label'] == 0).sum())}"
+        )
     return auc_table(scored, config.scorers, config.n_bootstrap, config.seed), scored
