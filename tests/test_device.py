@@ -210,5 +210,5 @@ def test_the_bf16_speed_measurement_is_a_positive_ratio():
     from carl_assets.models import device
 
     ratio = device._measured_bf16_speedup()
-    assert 0.05 < ratio < 50  # fp32 time / bf16 time of the same product; the decision compares it to 1.2
+    assert 0.05 < ratio < 50  # fp32 time / bf16 time of the same product; the decision compares it to 1.3
     assert device._measured_bf16_speedup() == ratio  # measured once per process

@@ -112,17 +112,21 @@ def cpu_bf16_supported() -> bool:
     return any(f in flags for f in CPU_BF16_FLAGS) or "bf16" in flags
 
 
-BF16_SPEEDUP_NEEDED = 1.2  # bf16 must beat fp32 by this factor to be the default (its logits are coarser)
+BF16_SPEEDUP_NEEDED = 1.3  # bf16 must beat fp32 by this factor to be the default (its logits are coarser)
 
 
-def _matmul_seconds(dtype: torch.dtype, rounds: int = 2, reps: int = 2) -> float:
-    """Best time of `reps` products of a [256, 576] x [576, 1536] matrix pair (a small model's MLP layer
-    over a batch of tokens) in `dtype`, over `rounds` rounds."""
+# A small model's MLP layer over a batch of tokens, and a square product (where fp32 kernels are at their best).
+BF16_PROBE_SHAPES = ((256, 576, 1536), (1024, 1024, 1024))
+
+
+def _matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int], rounds: int = 2, reps: int = 2) -> float:
+    """Best time of `reps` products of an [m, k] x [k, n] matrix pair in `dtype`, over `rounds` rounds."""
     import time
 
+    m, k, n = shape
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 576, generator=generator).to(dtype)
-    b = torch.randn(576, 1536, generator=generator).to(dtype)
+    a = torch.randn(m, k, generator=generator).to(dtype)
+    b = torch.randn(k, n, generator=generator).to(dtype)
     a @ b  # warm-up: kernel selection
     best = float("inf")
     for _ in range(rounds):
@@ -135,18 +139,21 @@ def _matmul_seconds(dtype: torch.dtype, rounds: int = 2, reps: int = 2) -> float
 
 @functools.lru_cache(maxsize=1)
 def _measured_bf16_speedup() -> float:
-    """fp32 time / bf16 time of the same matrix product on this CPU, interleaved (once per process)."""
-    fp32, bf16 = float("inf"), float("inf")
-    for _ in range(2):  # interleaved, so a burst of load hits both
-        fp32 = min(fp32, _matmul_seconds(torch.float32))
-        bf16 = min(bf16, _matmul_seconds(torch.bfloat16))
-    return fp32 / bf16
+    """fp32 time / bf16 time of the same matrix products (`BF16_PROBE_SHAPES`, summed) on this CPU,
+    interleaved so a burst of load hits both (once per process)."""
+    fp32 = {shape: float("inf") for shape in BF16_PROBE_SHAPES}
+    bf16 = dict(fp32)
+    for _ in range(2):
+        for shape in BF16_PROBE_SHAPES:
+            fp32[shape] = min(fp32[shape], _matmul_seconds(torch.float32, shape))
+            bf16[shape] = min(bf16[shape], _matmul_seconds(torch.bfloat16, shape))
+    return sum(fp32.values()) / sum(bf16.values())
 
 
 def cpu_bf16_faster() -> bool:
     """Whether a real model should run in bf16 on this CPU: it has native bf16 (`cpu_bf16_supported`) and a
-    quick interleaved matmul measurement (0.05 s on an idle 2-core CPU, about 1 s on a busy one; once per
-    process) finds bf16 at least
+    quick interleaved measurement of two matrix products (about 0.3 s on an idle 2-core CPU, a few seconds
+    on a busy one; once per process) finds bf16 at least
     `BF16_SPEEDUP_NEEDED` times as fast as fp32. CARL_CPU_BF16=1/0 decides without measuring."""
     override = os.environ.get(CPU_BF16_ENV, "").strip()
     if override in ("0", "1"):
