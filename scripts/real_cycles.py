@@ -254,6 +254,7 @@ def report(m: Measurer, home: Path, records: dict) -> dict[str, Any]:
     for arm, frame in cycles.items():
         if frame is not None:
             print(f"\ndream_cycles ({arm}):\n" + frame[[c for c in cols if c in frame.columns]].to_string(index=False))
+    records["base_nll"] = m.base_nll
     summary = {"preset": m.args.preset, "emotion": m.emotion, "steer_scorer": m.args.steer_scorer or
                f"steering:{m.emotion}", "heldout_memories": len([i for i in m.candidates["node_id"] if i not in reached]),
                "absorption": absorption, "readout": readout, "records": records,

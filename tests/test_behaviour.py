@@ -119,8 +119,9 @@ def test_memory_candidates_skip_stubs_and_empty_texts_in_a_fixed_order():
 
 
 def test_node_ids_in_reads_json_lists():
-    a = pd.DataFrame({"node_ids_json": [json.dumps(["x", "y"]), json.dumps(["y", "z"])]})
-    assert B.node_ids_in([a, None, pd.DataFrame({"other": [1]})]) == {"x", "y", "z"}
+    heldout = pd.DataFrame({"node_ids_json": [json.dumps(["x", "y"]), json.dumps(["y", "z"])]})
+    dreams = pd.DataFrame({"seed_node_ids": [json.dumps(["w"]), None]})  # dream_scenarios' column
+    assert B.node_ids_in([heldout, None, pd.DataFrame({"other": [1]}), dreams]) == {"w", "x", "y", "z"}
 
 
 def _readout(model, layer: int) -> SteeringVectors:

@@ -207,15 +207,18 @@ def memory_candidates(nodes: pd.DataFrame, max_texts: int = 96) -> pd.DataFrame:
                          "text": frame["text"].to_numpy()}).reset_index(drop=True)
 
 
-def node_ids_in(frames: Iterable[pd.DataFrame | None], column: str = "node_ids_json") -> set[str]:
-    """Every node id named in `column` (JSON lists) of the given tables (None or column-less ones skipped):
-    e.g. `dream_scenarios` and `dream_heldout` give the nodes that reached a dream prompt."""
+def node_ids_in(frames: Iterable[pd.DataFrame | None],
+                columns: Sequence[str] = ("seed_node_ids", "node_ids_json")) -> set[str]:
+    """Every node id named in any of `columns` (JSON lists) of the given tables (None and tables without
+    them skipped): `dream_scenarios` (seed_node_ids) and `dream_heldout` (node_ids_json) give the nodes
+    that reached a dream prompt."""
     found: set[str] = set()
     for frame in frames:
-        if frame is None or column not in frame.columns:
+        if frame is None:
             continue
-        for value in frame[column].dropna():
-            found.update(str(x) for x in json.loads(value))
+        for column in (c for c in columns if c in frame.columns):
+            for value in frame[column].dropna():
+                found.update(str(x) for x in json.loads(value))
     return found
 
 
