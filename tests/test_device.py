@@ -198,6 +198,8 @@ def test_sampling_and_lora_defaults_per_model():
     mine = GRPOCheckpointConfig(temperature=1.2, top_p=1.0, min_p=0.0, reward="Self_Certainty").run_config(False)
     assert (mine.temperature, mine.top_p, mine.min_p, mine.reward) == (1.2, 1.0, 0.0, "self_certainty")
     assert (offline.reward, offline.lora_r, offline.lora_target_modules) == ("carl", 0, None)
+    assert real.reward == "self_certainty"  # 'auto': scorer_validation's choice for a real model
+    assert GRPOCheckpointConfig(reward="carl").run_config(offline=False).reward == "carl"  # asked for
     lora = SFTCheckpointConfig(lora_r=8, lora_target_modules=["q_proj", "v_proj"]).run_config(1e-4, offline=False)
     assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (8, 0.0, ["q_proj", "v_proj"])
     assert AgentEvaluationConfig().sampling(offline=True).generate_kwargs() == {"do_sample": False}

@@ -668,8 +668,10 @@ class GRPOCheckpointConfig(TrainingRunConfig):
     min_p: float | None = Field(default=None, description="drop tokens below min_p x the likeliest one's "
                                 "probability (0.0: off; None: the model's default, off offline, 0.05 for a real "
                                 "model)")
-    reward: str = Field(default="carl", description="the GRPO reward, by name: 'carl' (the seed's composite), a "
-                        "CARL component or a confidence score (carl_assets.carl.reward_fn.REWARD_NAMES)")
+    reward: str = Field(default="auto", description="the GRPO reward, by name: 'carl' (the seed's composite), a "
+                        "CARL component or a confidence score (carl_assets.carl.reward_fn.REWARD_NAMES); 'auto': "
+                        "the model's, chosen by scorer_validation (carl for the offline model, self_certainty "
+                        "for a real one: models.defaults.scorer_defaults)")
     max_prompts: int = Field(default=0, description="use at most this many SFT prompts (0: all)")
     max_frac_reward_zero_std: float = Field(default=0.5, description="the grpo_reward_spread check fails (and "
                                             "holds the evaluation back) when on average this share of groups "
@@ -685,7 +687,11 @@ class GRPOCheckpointConfig(TrainingRunConfig):
     def run_config(self, offline: bool = True, device: Any = "cpu", dtype: Any = "fp32") -> Any:
         """The GRPO run config with every 0/auto field filled from this model's defaults."""
         from carl_assets.carl.training import GRPORunConfig
-        from carl_assets.models.defaults import grpo_sampling_defaults, resolve_threads, training_defaults
+        from carl_assets.models.defaults import (
+            grpo_sampling_defaults,
+            resolve_threads,
+            training_defaults,
+        )
 
         defaults = training_defaults(offline).grpo
         sampling = grpo_sampling_defaults(offline)
@@ -698,10 +704,18 @@ class GRPOCheckpointConfig(TrainingRunConfig):
                              max_completion_length=self.max_completion_length or defaults.max_completion_length,
                              temperature=_or(self.temperature, sampling.temperature),
                              top_p=_or(self.top_p, sampling.top_p), top_k=_or(self.top_k, sampling.top_k),
-                             min_p=_or(self.min_p, sampling.min_p), reward=self.reward.strip().lower(),
+                             min_p=_or(self.min_p, sampling.min_p), reward=_reward_name(self.reward, offline),
                              max_prompts=self.max_prompts or None, seed=self.seed, beta=0.0,
                              threads=resolve_threads(self.threads, offline), **self.lora_values(),
                              **self.shared_run_values(defaults, device, dtype))
+
+
+def _reward_name(reward: str, offline: bool) -> str:
+    """The GRPO reward's name: as set, or the model's default for 'auto' / ''."""
+    from carl_assets.models.defaults import scorer_defaults
+
+    name = reward.strip().lower()
+    return scorer_defaults(offline).grpo_reward if name in ("", "auto") else name
 
 
 def _or(value: Any, default: Any) -> Any:
