@@ -142,6 +142,9 @@ def test_grpo_is_held_back_when_sft_did_not_crystallize(tmp_path):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["sft_crystallized"].passed is False
     assert checks["sft_crystallized"].severity == dg.AssetCheckSeverity.ERROR
+    # the failed check says why and what to change
+    assert "never fired" in checks["sft_crystallized"].description
+    assert "require_crystallization: false" in checks["sft_crystallized"].description
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert {"sft_checkpoint", "crystallization_events"} <= done  # the failed run is still recorded
     assert "grpo_checkpoint" not in done

@@ -622,9 +622,16 @@ def crystallization_events(context: dg.AssetExecutionContext, config: Crystalliz
     training_log = append_rows(duckdb, "training_log", steps, key="run_id")
     context.log.info(f"{len(events)} SFT runs recorded; this one crystallized={log['crystallized']}")
     crystallized = bool(log["crystallized"])
+    final = log.get("final_accuracy")
+    why = (f"crystallized at step {int(log['trigger_step'])} of {int(log['max_steps'])}" if crystallized else
+           f"SFT ran {int(log['steps'])} of {int(log['max_steps'])} steps and the gate never fired (3 of 5 logged "
+           f"token accuracies >= {float(log['threshold']):.2f}; last accuracy "
+           f"{'n/a' if final is None else f'{float(final):.3f}'}): raise sft_checkpoint.max_steps or its learning "
+           "rate, or set crystallization_events.require_crystallization: false to let GRPO run anyway")
     check = dg.AssetCheckResult(
         check_name="sft_crystallized",
         passed=crystallized,
+        description=why,
         severity=dg.AssetCheckSeverity.ERROR if config.require_crystallization else dg.AssetCheckSeverity.WARN,
         metadata={"trigger_step": int(log["trigger_step"]), "max_steps": int(log["max_steps"]),
                   "checkpoint_version": str(log.get("version", "")),
