@@ -93,7 +93,7 @@ def test_training_assets_are_planned_in_their_pools(tmp_path: Path) -> None:
     pooled = {key: pool for key, pool in pools.items() if pool}
     assert pooled == {asset: pool for pool, assets in POOLS.items() for asset in assets}
     assert {k for k, p in pooled.items() if p == TRAINING_POOL} == {
-        "base_model", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"}
+        "base_model", "scorer_validation", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"}
     assert pools["steering_vectors"] is None and pools["memory_graph"] is None  # cheap steps run freely
 
 
