@@ -297,7 +297,8 @@ def sft_ours(model, tokenizer, batch, dtype_name: str, steps: int, lr: float, th
     timer = _step_timer()
     config = SFTRunConfig(max_steps=steps, learning_rate=lr, batch_size=len(batch["input_ids"]),
                           max_length=len(batch["input_ids"][0]), dtype=dtype_name, use_cpu=True, device="cpu",
-                          threads=threads, gate_threshold=2.0)  # the gate never fires: every step runs
+                          threads=threads, gate_threshold=2.0,  # the gate never fires: every step runs
+                          completion_only_loss=True)  # TRL infers it only for prompt/completion columns
     outcome = train_sft(model, tokenizer, Dataset.from_dict(batch), None, config, extra_callbacks=[timer])
     return timer, first_loss(outcome.log_history)
 
