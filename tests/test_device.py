@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from carl_assets.carl.training import GRPORunConfig, SFTRunConfig, _common_args, _schedule_args
-from carl_assets.defs.carl import GRPOCheckpointConfig, SFTCheckpointConfig
+from carl_assets.defs.training_config import GRPOCheckpointConfig, SFTCheckpointConfig
 from carl_assets.models.defaults import (
     OFFLINE_DEFAULTS,
     REAL_MODEL_DEFAULTS,
@@ -189,7 +189,7 @@ def test_threads_default_to_the_usable_cores_for_a_real_model(monkeypatch):
 
 
 def test_sampling_and_lora_defaults_per_model():
-    from carl_assets.defs.carl import AgentEvaluationConfig
+    from carl_assets.defs.training_config import AgentEvaluationConfig
 
     offline = GRPOCheckpointConfig().run_config(offline=True)
     assert (offline.temperature, offline.top_p, offline.top_k, offline.min_p) == (1.0, 1.0, 0, 0.0)  # as tuned
