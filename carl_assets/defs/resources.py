@@ -17,10 +17,12 @@ from carl_assets import storage
 from carl_assets.artifacts import (
     DEFAULT_KEEP,
     VERSION_COLUMNS,
+    ArtifactVersion,
     ArtifactVersionError,
     ArtifactVersions,
     all_versions,
 )
+from carl_assets.handles import AssetHandle, make_handle
 from carl_assets.project_env import DEFAULT_MEMORY_SOURCE, MEMORY_SOURCE_VAR, normalise_memory_source
 
 VERSIONS_TABLE = "artifact_versions"
@@ -50,13 +52,38 @@ class ArtifactStore(dg.ConfigurableResource):
     def versions(self, asset: str) -> ArtifactVersions:
         return ArtifactVersions(storage.artifact_dir(asset, self.root), asset, keep=self.keep_versions)
 
-    def path(self, asset: str, version: str | None = None) -> Path:
-        """The folder of a version of the asset's artifacts (default: the one this run made, if it made
-        one, else the current one)."""
+    @property
+    def run_id(self) -> str | None:
+        """The run this resource was set up for (None outside a run)."""
+        return self._run_id
+
+    def resolve(self, asset: str, run_ids: tuple[str | None, ...] = ()) -> str | None:
+        """The one place a version is chosen for reading: the newest version made by the first of `run_ids`
+        (then this run) that made one, else `current`; None when the asset has no version. Every read of a
+        run goes through here, so a path and its `_version.json` always name the same version even after an
+        overlapping run promoted another `current`."""
         versions = self.versions(asset)
-        if version is None and self._run_id:
-            version = versions.made_by(self._run_id)
-        return versions.path(version)
+        for run_id in (*run_ids, self._run_id):
+            if run_id:
+                made = versions.made_by(run_id)
+                if made is not None:
+                    return made
+        return versions.current_name()
+
+    def path(self, asset: str, version: str | None = None) -> Path:
+        """The folder of a version of the asset's artifacts (default: `resolve(asset)`: the one this run
+        made, if it made one, else the current one)."""
+        return self.versions(asset).path(version or self.resolve(asset))
+
+    def info(self, asset: str, version: str | None = None) -> ArtifactVersion:
+        """A version's `_version.json` (default: `resolve(asset)`, the same version `path` names)."""
+        return self.versions(asset).info(version or self.resolve(asset))
+
+    def handle(self, asset: str, run_ids: tuple[str | None, ...] = ()) -> AssetHandle:
+        """The typed handle a downstream asset receives for `asset` (version from `resolve`)."""
+        version = self.resolve(asset, run_ids)
+        path = self.versions(asset).path(version) if version is not None else None
+        return make_handle(asset, version, path, self.database)
 
     @contextlib.contextmanager
     def write_version(self, asset: str, run_id: str | None = None,
@@ -158,10 +185,16 @@ def read_table(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
 
 def build_resources(home: str | os.PathLike[str] | None = None) -> dict[str, dg.ConfigurableResource]:
     """The resources every asset uses. `home` overrides `$CARL_HOME` (tests pass a temp folder)."""
+    # Here, not at the top: io_manager imports this module for ArtifactStore.
+    from carl_assets.defs.io_manager import ArtifactIOManager
+
     root = storage.carl_home(home)
+    artifacts = ArtifactStore(home=str(root))
     return {
         "duckdb": DuckDBResource(database=str(root / storage.DATABASE_NAME)),
-        "artifacts": ArtifactStore(home=str(root)),
+        "artifacts": artifacts,
+        # Declared inputs arrive as handles of the version this run made (carl_assets.handles).
+        "io_manager": ArtifactIOManager(artifacts=artifacts),
         "memory_source": memory_source_from_env(),
         "pipes": dg.PipesSubprocessClient(),  # runs SFT under torchrun / accelerate launch (sft_checkpoint)
     }
