@@ -1,13 +1,17 @@
-"""Timing and peak-memory measurement shared by the benchmarks (one protocol on both sides of a ratio)."""
+"""Timing, peak-memory measurement and agreement checks shared by the benchmarks: one protocol on both
+sides of a ratio, and no ratio unless the fast path computed what its baseline computed (`run_bench`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -47,3 +51,72 @@ def measure(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     result = fn()
     seconds = time.perf_counter() - start
     return seconds, max(0, status_kb("VmHWM") - rss_before) / 1024.0, result
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+
+REQUIRED_KEYS = ("name", "ratio", "agreement", "peak_mb", "memory_ratio")
+
+
+class Disagreement(RuntimeError):
+    """A fast path computed something other than its baseline on the same inputs: the bench prints no
+    ratio and exits 1."""
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def max_abs_diff(fast: Any, baseline: Any) -> float:
+    """max |fast - baseline| over arrays, tensors or nested lists of one shape; NaN in the same place on both
+    sides counts as equal, NaN on one side only as an infinite difference. Raises Disagreement when the
+    shapes differ."""
+    a, b = _as_array(fast), _as_array(baseline)
+    if a.shape != b.shape:
+        raise Disagreement(f"shapes differ: fast {a.shape} vs baseline {b.shape}")
+    if a.size == 0:
+        return 0.0
+    both_nan = np.isnan(a) & np.isnan(b)
+    diff = np.where(both_nan, 0.0, np.abs(a - b))
+    return float(np.nan_to_num(diff, nan=np.inf).max())
+
+
+def agree(check: str, value: float, tolerance: float, metric: str = "max_abs_diff", **details: Any) -> dict[str, Any]:
+    """The record of one agreement check, `{metric: value, "tolerance": tolerance, **details}`.
+
+    Raises Disagreement naming `check` when `value` exceeds `tolerance` or is NaN (a check is passed only
+    by a number at or below its tolerance)."""
+    value = float(value)
+    if not value <= tolerance:
+        raise Disagreement(f"{check}: {metric} {value:.3g} exceeds the tolerance {tolerance:g} ({details or ''})")
+    return {metric: value, "tolerance": tolerance, **details}
+
+
+def agree_close(check: str, fast: Any, baseline: Any, tolerance: float, **details: Any) -> dict[str, Any]:
+    """`agree` on max |fast - baseline| (see `max_abs_diff`)."""
+    return agree(check, max_abs_diff(fast, baseline), tolerance, **details)
+
+
+def memory_ratio(baseline_mb: float | None, ours_mb: float | None) -> float | None:
+    """Baseline peak extra memory / ours (None when either was not measured); ours is floored at 0.1 MB."""
+    if baseline_mb is None or ours_mb is None:
+        return None
+    return round(baseline_mb / max(ours_mb, 0.1), 2)
+
+
+def run_bench(main: Callable[[], dict[str, Any]]) -> None:
+    """Run a bench's `main`, which returns its JSON record after its agreement checks, and print that
+    record as the bench's last line. A Disagreement ends the process with status 1 and no JSON line (no
+    ratio); so does a record without the keys every bench reports (`REQUIRED_KEYS`)."""
+    try:
+        record = main()
+    except Disagreement as exc:
+        print(f"{Path(sys.argv[0]).stem}: the fast path disagrees with its baseline, no ratio: {exc}", file=sys.stderr)
+        sys.exit(1)
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing or not record["agreement"]:
+        print(f"{Path(sys.argv[0]).stem}: record lacks {missing or ['agreement figures']}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(record))
