@@ -11,31 +11,38 @@ region and step, torch ops on single vectors) / ours; `populate_ratio` = the see
 Python iteration per word, and per bit for the history quarter) / ours. Both sides of every ratio use one
 timing protocol: `WARMUP` untimed call(s), then the median of `REPEATS` timed calls, in this process.
 
-Equivalence is checked in the same run: the dataset exactly on replayed draws (same numbers for the same
-noise) and in distribution on independent draws (per-step moments, address statistics); the structured
-memory exactly on every region but the pseudo-random context quarter, whose per-word `manual_seed` stream is
-replaced by one generator (both checked for fair bits). Ends with one JSON line.
+Agreement is checked in the same run, before any ratio is printed (else exit 1 and no JSON line; tolerances
+in `check_dataset` / `check_population`): the dataset exactly on replayed draws (same numbers for the same
+noise: max |diff| <= 1e-4) and in distribution on the timed calls' independent draws (per-step mean gap <=
+0.05, per-step std ratio within 5 %, address lengths within 3 words and starts within 3 % of the memory,
+each for 1,000 sequences and scaled by sqrt(1000 / n) for fewer: about 4 standard errors);
+the structured memory exactly on every region but the pseudo-random context quarter (max |diff| 0), whose
+per-word `manual_seed` stream is replaced by one generator (both checked for fair bits: density within
+0.01 of 0.5). Peak memory: the RSS high-water mark of each timed call above the RSS before it (the
+largest over the calls; `_measure.measure`), ours and the seed's. Ends with one JSON line.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import random
-import resource
 import statistics
-import sys
-import time
 
-import torch
+from _measure import agree, measure, memory_ratio, prepare_process, run_bench
 
-from carl_assets.leworld.architecture import ArtificialMemory, MemoryConfig
-from carl_assets.leworld.data import generate_sequences
-from carl_assets.leworld.populators import structured_bits
+# before torch: it may restart the interpreter
+
+prepare_process()
+
+import torch  # noqa: E402
+
+from carl_assets.leworld.architecture import ArtificialMemory, MemoryConfig  # noqa: E402
+from carl_assets.leworld.data import generate_sequences  # noqa: E402
+from carl_assets.leworld.populators import structured_bits  # noqa: E402
 
 N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY = 1000, 20, 64, 32, "medium"
 NUM_WORDS, WORD_SIZE = 65536, 32
-THREADS = int(sys.argv[1]) if len(sys.argv) > 1 else 2  # the process's torch threads (the seed loops' setting)
 WARMUP, REPEATS = 1, 3  # every timed function, ours and the seed's alike: WARMUP untimed calls, median of REPEATS
 BASELINES = {
     "ratio": "seed StateTransitionDataset._generate_sequences loops (per sequence, region, step) / generate_sequences",
@@ -102,26 +109,27 @@ def seed_structured_patterns(memory: ArtificialMemory) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def median_time(fn, repeats: int = REPEATS, warmup: int = WARMUP) -> tuple[float, object]:
+def median_time(fn, repeats: int = REPEATS, warmup: int = WARMUP) -> tuple[float, object, float]:
     """The protocol for both sides of every ratio: `warmup` untimed calls, then the median of `repeats`
-    timed calls; returns (median seconds, the last call's output)."""
+    timed calls; returns (median seconds, the last call's output, the largest peak extra MB)."""
     out = None
     for _ in range(warmup):
         out = fn()
-    times = []
+    times, peak = [], 0.0
     for _ in range(repeats):
-        started = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), out
+        seconds, extra, out = measure(fn)
+        times.append(seconds)
+        peak = max(peak, extra)
+    return statistics.median(times), out, peak
 
 
 def replayed_equivalence(bits: torch.Tensor, n: int = 50, seed: int = 7) -> float:
     """Max |vectorised − seed loop| when the loop consumes the same draws (the last region's pass)."""
+    num_words = bits.shape[0]
     data = generate_sequences(bits, n, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=seed)
     g = torch.Generator().manual_seed(seed)
     chars = torch.randn(n, CHAR_DIM, generator=g)
-    starts = torch.randint(0, NUM_WORDS - 256 + 1, (n, 2), generator=g)
+    starts = torch.randint(0, num_words - 256 + 1, (n, 2), generator=g)
     lengths = torch.randint(16, 129, (n, 2), generator=g)
     x0 = torch.randn(n, STATE_DIM, generator=g)
     noise = torch.randn(n, SEQ_LEN - 1, STATE_DIM, generator=g) * 0.1
@@ -139,96 +147,123 @@ def replayed_equivalence(bits: torch.Tensor, n: int = 50, seed: int = 7) -> floa
     return worst
 
 
-def main() -> None:
-    torch.set_num_threads(THREADS)
-    bits = structured_bits(NUM_WORDS, WORD_SIZE)
+def check_dataset(bits: torch.Tensor, seed_data: list[dict], ours) -> dict:
+    """The dataset agreement: exact on replayed draws, in distribution on the timed calls' draws."""
+    num_words = bits.shape[0]
+    seed_states = torch.stack([d["states"] for d in seed_data])
+    seed_starts = torch.tensor([[s for s, _ in d["relevant_addrs"]] for d in seed_data], dtype=torch.float32)
+    seed_lengths = torch.tensor([[e - s for s, e in d["relevant_addrs"]] for d in seed_data], dtype=torch.float32)
+    step_mean_gap = (seed_states.mean(dim=(0, 2)) - ours.states.mean(dim=(0, 2))).abs().max().item()
+    step_std_ratio = ours.states.std(dim=(0, 2)) / seed_states.std(dim=(0, 2))
+    ours_lengths = (ours.relevant_ends - ours.relevant_starts)[:, :2].float()
+    # the distribution tolerances are set for N_SEQ sequences; sampling noise grows as 1/sqrt(n)
+    scale = math.sqrt(N_SEQ / min(len(seed_data), len(ours.states)))
+    start_gap = abs(seed_starts.mean().item() - ours.relevant_starts[:, :2].float().mean().item())
+    return {
+        "dataset_replayed": agree("dataset on replayed draws", replayed_equivalence(bits), 1e-4),
+        "dataset_step_mean": agree("dataset per-step mean", step_mean_gap, 0.05 * scale, metric="max_abs_gap"),
+        "dataset_step_std": agree("dataset per-step std ratio", (step_std_ratio - 1).abs().max().item(),
+                                  0.05 * scale,
+                                  metric="max_abs_ratio_minus_1"),
+        "dataset_address_length": agree("address length mean", abs(seed_lengths.mean().item()
+                                                                   - ours_lengths.mean().item()), 3.0 * scale,
+                                        metric="abs_gap_words"),
+        "dataset_address_start": agree("address start mean", start_gap / num_words, 0.03 * scale,
+                                       metric="abs_gap_fraction_of_memory"),
+    }
 
-    # Ours first, so that the process's peak RSS after them is theirs (imports included: see start_rss_mb).
-    start_rss_mb = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-    # As called by default (their kernels on one thread: see carl_assets.leworld.runtime) ...
-    populate_ours, ours_bits = median_time(lambda: structured_bits(NUM_WORDS, WORD_SIZE, seed=0))
-    data_ours, ours = median_time(lambda: generate_sequences(bits, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=0))
-    # ... and with the process's thread pool (THREADS), for comparison.
-    populate_pool, _ = median_time(lambda: structured_bits(NUM_WORDS, WORD_SIZE, seed=0, num_threads=None))
-    data_pool, _ = median_time(lambda: generate_sequences(bits, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=0, num_threads=None))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    memory = ArtificialMemory(MemoryConfig(NUM_WORDS, WORD_SIZE))
+def check_population(loop_bits: torch.Tensor, ours_bits: torch.Tensor) -> dict:
+    """The structured memory's agreement: exact outside the context quarter, XOR layout, fair context bits."""
+    quarter = loop_bits.shape[0] // 4
+    context = slice(quarter, 2 * quarter)
+    fixed = [slice(0, quarter), slice(2 * quarter, 3 * quarter)]  # regions 1 and 3
+    fixed_gap = max((loop_bits[r] - ours_bits[r]).abs().max().item() for r in fixed)
+    xor_gap = max((b[3 * quarter:] - (b[:quarter] + b[context]) % 2).abs().max().item() for b in (loop_bits, ours_bits))
+    density = [loop_bits[context].mean().item(), ours_bits[context].mean().item()]
+    return {
+        "populate_fixed_regions": agree("structured regions 1 and 3", fixed_gap, 0.0),
+        "populate_xor_region": agree("region 4 = region 1 XOR region 2", xor_gap, 0.0),
+        "populate_context_density": agree("context bits fair", max(abs(d - 0.5) for d in density), 0.01,
+                                          metric="max_abs_density_minus_half",
+                                          density=[round(d, 4) for d in density]),
+    }
+
+
+def time_ours(bits: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Our two functions as called by default (their kernels on one thread: see carl_assets.leworld.runtime)
+    and with the process's thread pool (`args.threads`), for comparison."""
+    words, n = bits.shape[0], args.sequences
+    out = {}
+    out["populate"] = median_time(lambda: structured_bits(words, WORD_SIZE, seed=0))
+    out["dataset"] = median_time(lambda: generate_sequences(bits, n, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY,
+                                                            generator=0))
+    out["populate_pool"] = median_time(lambda: structured_bits(words, WORD_SIZE, seed=0, num_threads=None))
+    out["dataset_pool"] = median_time(lambda: generate_sequences(bits, n, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY,
+                                                                 generator=0, num_threads=None))
+    return out
+
+
+def time_seed(bits: torch.Tensor, args: argparse.Namespace) -> tuple[dict, ArtificialMemory]:
+    """The seed's loops, same protocol; returns their timings and the memory the seed populator filled."""
+    memory = ArtificialMemory(MemoryConfig(bits.shape[0], WORD_SIZE))
     with torch.no_grad():
         memory.memory.copy_(bits)
 
     def seed_dataset() -> list[dict]:
         random.seed(0)  # every call draws the same sequences
         torch.manual_seed(0)
-        return seed_generate_sequences(memory, N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY)
+        return seed_generate_sequences(memory, args.sequences, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY)
 
-    data_seed, seed_data = median_time(seed_dataset)
-    seed_memory = ArtificialMemory(MemoryConfig(NUM_WORDS, WORD_SIZE))
-    populate_seed, _ = median_time(lambda: seed_structured_patterns(seed_memory))
+    seed_memory = ArtificialMemory(MemoryConfig(bits.shape[0], WORD_SIZE))
+    out = {"dataset": median_time(seed_dataset),
+           "populate": median_time(lambda: seed_structured_patterns(seed_memory))}
+    return out, seed_memory
 
-    # Equivalence: dataset in distribution (independent draws) and exactly on replayed draws.
-    seed_states = torch.stack([d["states"] for d in seed_data])
-    seed_starts = torch.tensor([[s for s, _ in d["relevant_addrs"]] for d in seed_data], dtype=torch.float32)
-    seed_lengths = torch.tensor([[e - s for s, e in d["relevant_addrs"]] for d in seed_data], dtype=torch.float32)
-    step_mean_gap = (seed_states.mean(dim=(0, 2)) - ours.states.mean(dim=(0, 2))).abs().max().item()
-    step_std_ratio = (ours.states.std(dim=(0, 2)) / seed_states.std(dim=(0, 2))).tolist()
-    ours_lengths = (ours.relevant_ends - ours.relevant_starts)[:, :2].float()
-    distribution_ok = (
-        step_mean_gap < 0.05
-        and all(0.95 < r < 1.05 for r in step_std_ratio)
-        and abs(seed_lengths.mean().item() - ours_lengths.mean().item()) < 3
-        and abs(seed_starts.mean().item() - ours.relevant_starts[:, :2].float().mean().item()) < 0.03 * NUM_WORDS
-    )
-    replay_gap = replayed_equivalence(bits)
 
-    quarter = NUM_WORDS // 4
-    context = slice(quarter, 2 * quarter)
-    loop_bits = seed_memory.memory
-    others = torch.ones(NUM_WORDS, dtype=torch.bool)
-    others[context] = False
-    # Regions 1 and 3 exactly; region 4 is XOR(region 1, region 2) in both.
-    fixed_equal = torch.equal(loop_bits[:quarter], ours_bits[:quarter]) and torch.equal(loop_bits[2 * quarter : 3 * quarter], ours_bits[2 * quarter : 3 * quarter])
-    xor_ok = torch.equal(loop_bits[3 * quarter :], (loop_bits[:quarter] + loop_bits[context]) % 2) and torch.equal(
-        ours_bits[3 * quarter :], (ours_bits[:quarter] + ours_bits[context]) % 2
-    )
-    context_density = (loop_bits[context].mean().item(), ours_bits[context].mean().item())
-    populate_ok = fixed_equal and xor_ok and all(abs(d - 0.5) < 0.01 for d in context_density)
-
-    report = {
-        "dataset_seed_s": round(data_seed, 4),
-        "dataset_ours_s": round(data_ours, 5),
-        "populate_seed_s": round(populate_seed, 4),
-        "populate_ours_s": round(populate_ours, 5),
-        f"dataset_ours_{THREADS}_threads_s": round(data_pool, 5),
-        f"populate_ours_{THREADS}_threads_s": round(populate_pool, 5),
-        "dataset_step_mean_gap": round(step_mean_gap, 4),
-        "dataset_step_std_ratio_range": [round(min(step_std_ratio), 3), round(max(step_std_ratio), 3)],
-        "dataset_replayed_max_abs_diff": replay_gap,
-        "populate_context_density": [round(d, 4) for d in context_density],
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("threads", type=int, nargs="?", default=2,
+                        help="the process's torch threads (the seed loops' setting)")
+    parser.add_argument("--sequences", type=int, default=N_SEQ)
+    parser.add_argument("--words", type=int, default=NUM_WORDS, help="memory words (a multiple of 4, >= 512)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bits = structured_bits(args.words, WORD_SIZE)
+    ours = time_ours(bits, args)
+    seed, seed_memory = time_seed(bits, args)
+    agreement = {**check_dataset(bits, seed["dataset"][1], ours["dataset"][1]),
+                 **check_population(seed_memory.memory.detach(), ours["populate"][1])}
+    seconds = {f"{side}_{what}": timing[what][0] for side, timing in (("seed", seed), ("ours", ours))
+               for what in timing}
+    peaks = {f"{side}_{what}": timing[what][2] for side, timing in (("seed", seed), ("ours", ours))
+             for what in timing}
+    for key in sorted(seconds):
+        print(f"{key}: median {seconds[key]:.5f} s, peak extra {peaks[key]:.1f} MB")
+    return {
+        "name": "leworld",
+        "ratio": round(seconds["seed_dataset"] / seconds["ours_dataset"], 1),
+        "target": 50,
+        "populate_ratio": round(seconds["seed_populate"] / seconds["ours_populate"], 1),
+        "populate_target": 100,
+        "agreement": agreement,
+        "peak_mb": round(peaks["ours_dataset"], 1),
+        "peak_mb_seed": round(peaks["seed_dataset"], 1),
+        "memory_ratio": memory_ratio(peaks["seed_dataset"], peaks["ours_dataset"]),
+        "populate_peak_mb": round(peaks["ours_populate"], 1),
+        "populate_peak_mb_seed": round(peaks["seed_populate"], 1),
+        "populate_memory_ratio": memory_ratio(peaks["seed_populate"], peaks["ours_populate"]),
+        "peak_memory_method": "RSS high-water mark (VmHWM after /proc/self/clear_refs) minus RSS before, per call",
+        "ratio_thread_pool": round(seconds["seed_dataset"] / seconds["ours_dataset_pool"], 1),
+        "populate_ratio_thread_pool": round(seconds["seed_populate"] / seconds["ours_populate_pool"], 1),
+        "median_seconds": {k: round(v, 5) for k, v in seconds.items()},
+        "threads": args.threads,
+        "sequences": args.sequences,
+        "words": args.words,
+        "timing": f"both sides: {WARMUP} warm-up call, median of {REPEATS} timed calls",
+        "baselines": BASELINES,
     }
-    for key, value in report.items():
-        print(f"{key}: {value}")
-    print(
-        json.dumps(
-            {
-                "name": "leworld",
-                "ratio": round(data_seed / data_ours, 1),
-                "target": 50,
-                "populate_ratio": round(populate_seed / populate_ours, 1),
-                "populate_target": 100,
-                "peak_mb": round(peak_mb, 1),
-                "start_rss_mb": round(start_rss_mb, 1),
-                "ratio_thread_pool": round(data_seed / data_pool, 1),
-                "populate_ratio_thread_pool": round(populate_seed / populate_pool, 1),
-                "threads": THREADS,
-                "dataset_equivalent": bool(distribution_ok and replay_gap < 1e-4),
-                "populate_equivalent": bool(populate_ok),
-                "timing": f"both sides: {WARMUP} warm-up call, median of {REPEATS} timed calls",
-                "baselines": BASELINES,
-            }
-        )
-    )
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)
