@@ -10,9 +10,9 @@ from carl_assets import storage
 from carl_assets.defs import leworld
 from carl_assets.defs.resources import build_resources, write_tables
 from carl_assets.leworld.architecture import load_system
+from tests.upstreams import with_upstreams
 
 ASSETS = [leworld.leworld_memory, leworld.leworld_dataset, leworld.leworld_model, leworld.leworld_evaluation]
-CHECKS = [leworld.leworld_dataset_is_well_formed, leworld.leworld_model_is_sound, leworld.leworld_beats_persistence]
 TINY = {
     "leworld_memory": {"num_words": 2048, "word_size": 8},
     "leworld_dataset": {"num_train": 48, "num_validation": 16, "seq_length": 6, "state_dim": 8, "char_dim": 4},
@@ -38,7 +38,7 @@ def metadata(result, asset):
 def test_leworld_assets_materialize(tmp_path):
     resources = build_resources(tmp_path)
     artifacts = resources["artifacts"]
-    result = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=run_config())
+    result = dg.materialize(with_upstreams(*ASSETS), resources=resources, run_config=run_config())
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["leworld_dataset_is_well_formed"] and checks["leworld_model_is_sound"]
@@ -88,9 +88,9 @@ def test_leworld_assets_materialize(tmp_path):
     assert evaluation["with_memory_mse_std"].value == pytest.approx(row["memory_std"])
     assert evaluation["step_mse_plot"].value.startswith("![")
     # A model is not trained on a dataset generated from another memory.
-    dg.materialize([leworld.leworld_memory], resources=build_resources(tmp_path), run_config={"ops": {"leworld_memory": {"config": dict(TINY["leworld_memory"], populator="random")}}})
+    dg.materialize(with_upstreams(leworld.leworld_memory), resources=build_resources(tmp_path), run_config={"ops": {"leworld_memory": {"config": dict(TINY["leworld_memory"], populator="random")}}})
     with pytest.raises(Exception) as excinfo:
-        dg.materialize([leworld.leworld_model], resources=build_resources(tmp_path), run_config={"ops": {"leworld_model": {"config": TINY["leworld_model"]}}})
+        dg.materialize(with_upstreams(leworld.leworld_model), resources=build_resources(tmp_path), run_config={"ops": {"leworld_model": {"config": TINY["leworld_model"]}}})
     assert "materialize leworld_dataset again" in repr(excinfo.value) + repr(excinfo.value.__cause__)
     model_meta = metadata(result, "leworld_model")
     assert model_meta["loss_plot"].value.startswith("![") and model_meta["slm_loss_plot"].value.startswith("![")
@@ -102,19 +102,19 @@ def test_memory_populators_and_data_version(tmp_path):
     versions = {}
     for populator in ("structured", "random"):
         cfg = run_config(leworld_memory={"populator": populator})
-        result = dg.materialize([leworld.leworld_memory], resources=resources, run_config={"ops": {"leworld_memory": cfg["ops"]["leworld_memory"]}})
+        result = dg.materialize(with_upstreams(leworld.leworld_memory), resources=resources, run_config={"ops": {"leworld_memory": cfg["ops"]["leworld_memory"]}})
         versions[populator] = metadata(result, "leworld_memory")["data_version"].value
     assert versions["structured"] != versions["random"]
 
     experience = {"ops": {"leworld_memory": run_config(leworld_memory={"populator": "experience"})["ops"]["leworld_memory"]}}
     with pytest.raises(Exception) as excinfo:
-        dg.materialize([leworld.leworld_memory], resources=resources, run_config=experience)
+        dg.materialize(with_upstreams(leworld.leworld_memory), resources=resources, run_config=experience)
     assert "memory_nodes" in repr(excinfo.value) + repr(excinfo.value.__cause__)
     del excinfo  # its traceback holds the failed run's DuckDB connection
 
     nodes = pd.DataFrame({"node_id": ["a", "b"], "text": ["I walked by the river. It was calm.", "Debugging all night. Tired but clear."]})
     write_tables(resources["duckdb"], {"memory_nodes": nodes})
-    result = dg.materialize([leworld.leworld_memory], resources=resources, run_config=experience)
+    result = dg.materialize(with_upstreams(leworld.leworld_memory), resources=resources, run_config=experience)
     assert metadata(result, "leworld_memory")["experience_rows"].value == 4
     bits = load_file(str(resources["artifacts"].require("leworld_memory", "memory.safetensors")))["bits"]
     assert torch.equal(bits[4:8], bits[:4])  # the 4 sentence words tile the memory
@@ -143,6 +143,6 @@ def test_bad_leworld_config_names_the_field(tmp_path, asset, bad, message):
     names = [a.key.path[-1] for a in assets]
     config = {"ops": {n: {"config": dict(TINY[n], **(bad if n == asset else {}))} for n in names}}
     with pytest.raises(Exception) as excinfo:
-        dg.materialize(assets, resources=build_resources(tmp_path), run_config=config)
+        dg.materialize(with_upstreams(*assets), resources=build_resources(tmp_path), run_config=config)
     assert message in repr(excinfo.value) + repr(excinfo.value.__cause__)
     del excinfo
