@@ -29,10 +29,12 @@ call and the peak is VmHWM minus the RSS just before the call. The script re-exe
 MALLOC_MMAP_THRESHOLD_=65536 so glibc returns large freed buffers to the OS and a later call cannot
 look cheaper by reusing an earlier call's pages.
 
-Also checked in the same run: our vectors equal the normalised reference vectors and the shared-pass
-vectors (max relative error). Prints one JSON line: ratio = reference median / our median (target >= 3),
+Agreement, checked in the same run on the timed calls' outputs before any ratio is printed (else exit 1,
+no JSON line): our vectors equal the normalised reference vectors (max relative error <= 1e-5) and the
+shared-pass vectors (max |difference| <= 1e-5, unit vectors; the layers before the last). The bare
+forward computes no vectors: it is a floor, not a baseline. Prints one JSON line: ratio = reference median / our median (target >= 3),
 ratio_vs_shared_pass, ratio_vs_bare_forward = bare / ours (target >= 1/1.2, i.e. ours within 1.2x of
-a bare forward), peak_mb (ours).
+a bare forward), peak_mb (ours), memory_ratio = the reference's peak / ours, agreement.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import json
 import statistics
 import sys
 
-from _measure import measure, prepare_process
+from _measure import agree, measure, memory_ratio, prepare_process, run_bench
 
 # before torch: it may restart the interpreter
 
@@ -57,6 +59,8 @@ from carl_assets.memory.sample import SAMPLE_SEED, sample_records  # noqa: E402
 from carl_assets.models.loading import new_offline_model  # noqa: E402
 from carl_assets.steering import train_steering_vectors  # noqa: E402
 from carl_assets.steering.reference import import_train_steering_vector  # noqa: E402
+
+VECTOR_TOLERANCE = 1e-5  # unit vectors in fp32, summed in another order on each side
 
 
 def balanced_pairs(n_graphs: int) -> pd.DataFrame:
@@ -75,7 +79,7 @@ def balanced_pairs(n_graphs: int) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)[["emotion", "polarity", "text"]]
 
 
-def main() -> None:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--graphs", type=int, default=2, help="sample graphs (seeds) to draw pairs from")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -174,12 +178,18 @@ def main() -> None:
         for j, layer in enumerate(layers[:-1]):
             expected = results["shared_pass"][emotion][j]
             shared_worst = max(shared_worst, float((sv.vectors[layer][k].double() - expected).norm()))
+    agreement = {
+        "vectors_vs_reference": agree("vectors vs steering-vectors", worst, VECTOR_TOLERANCE,
+                                      metric="max_relative_error", vectors=len(sv.concepts) * len(layers)),
+        "vectors_vs_shared_pass": agree("vectors vs the shared pass", shared_worst, VECTOR_TOLERANCE,
+                                        metric="max_abs_diff", vectors=len(sv.concepts) * (len(layers) - 1)),
+    }
 
     median = {k: statistics.median(v) for k, v in times.items()}
     for name in ways:
         print(f"{name:>14}: median {median[name]:.3f} s of {len(times[name])} "
               f"({', '.join(f'{x:.3f}' for x in times[name])}), peak +{peaks[name]:.1f} MB", file=sys.stderr)
-    print(json.dumps({
+    return {
         "name": "steering_vectors_extraction",
         "ratio": round(median["reference"] / median["ours"], 3),
         "target": 3.0,
@@ -187,7 +197,9 @@ def main() -> None:
         "ratio_vs_bare_forward": round(median["bare"] / median["ours"], 3),
         "target_vs_bare_forward": round(1 / 1.2, 3),
         "ratio_vs_reference_batch1": round(median["reference_bs1"] / median["ours"], 3) if args.with_bs1 else None,
+        "agreement": agreement,
         "peak_mb": round(peaks["ours"], 1),
+        "memory_ratio": memory_ratio(peaks["reference"], peaks["ours"]),
         "peak_mb_reference": round(peaks["reference"], 1),
         "peak_mb_shared_pass": round(peaks["shared_pass"], 1),
         "peak_mb_bare": round(peaks["bare"], 1),
@@ -208,7 +220,8 @@ def main() -> None:
         "max_relative_error_vs_reference": worst,
         "max_error_vs_shared_pass": shared_worst,
         "device": "cpu, 1 thread",
-    }))
+    }
+
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)
