@@ -1,12 +1,10 @@
-"""Amygdala readout vectors (`vectors`) and the `steering-vectors` reference loader (`reference`).
+"""Amygdala readout vectors and the `steering-vectors` reference loader (`reference`).
 
-The public names of `carl_assets.steering.vectors` are importable from here, the path DESIGN.md names.
+The public names of the readout (see `carl_assets.steering.vectors` for the module of each) are
+importable from here.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from carl_assets.steering.vectors import (
     DEPTH_FRACTIONS,
@@ -16,33 +14,28 @@ from carl_assets.steering.vectors import (
     REDUCTIONS,
     VECTORS_FILE,
     VLLM_ENV,
+    ReadoutConfig,
     ResidualReader,
     SteeringVectors,
     ZeroNormError,
     auc,
     default_layers,
+    encode_texts,
     find_decoder_blocks,
     heldout_mask,
     load_readout,
     model_max_positions,
+    padded_batch,
     readout_problems,
     save_readout,
     tensor_key,
+    token_limit,
     train_steering_vectors,
 )
 
 __all__ = [
-    "DEPTH_FRACTIONS", "FORMAT", "INDEX_CONVENTION", "MANIFEST_FILE", "REDUCTIONS", "VECTORS_FILE",
-    "ResidualReader", "SteeringVectors", "ZeroNormError", "auc", "default_layers", "find_decoder_blocks",
-    "heldout_mask", "load_readout", "readout_problems", "save_readout", "tensor_key", "train_steering_vectors",
-    "VLLM_ENV", "model_max_positions",
+    "DEPTH_FRACTIONS", "FORMAT", "INDEX_CONVENTION", "MANIFEST_FILE", "REDUCTIONS", "VECTORS_FILE", "VLLM_ENV",
+    "ReadoutConfig", "ResidualReader", "SteeringVectors", "ZeroNormError", "auc", "default_layers",
+    "encode_texts", "find_decoder_blocks", "heldout_mask", "load_readout", "model_max_positions", "padded_batch",
+    "readout_problems", "save_readout", "tensor_key", "token_limit", "train_steering_vectors",
 ]
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the rest of `vectors` (helpers the tests reach for)
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return getattr(importlib.import_module("carl_assets.steering.vectors"), name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -1,6 +1,6 @@
 """Cross-talk: how close the emotion vectors are to each other, beside how often the tags co-occur.
 
-The seed expects co-occurring emotions (warmth + love) to get close vectors, and asks only that we do
+The reference expects co-occurring emotions (warmth + love) to get close vectors, and asks only that we do
 not pretend they are independent axes. This measures it: per layer the cosine matrix of the unit
 vectors (symmetric, unit diagonal), the tags' co-occurrence over the nodes (the phi coefficient of
 "the node is a positive for a" and "... for b", i.e. the correlation of the two indicators), and how
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from carl_assets.steering.vectors import SteeringVectors
+from carl_assets.steering.manifest import SteeringVectors
 
 
 def cosine_matrix(vectors: SteeringVectors, layer: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Layer selection (`layers: auto`): sweep every layer on a subsample of the pairs, keep the k best.
 
-The seed's open question: which layers separate the emotions most cleanly. The answer is measured,
+The reference's open question: which layers separate the emotions most cleanly. The answer is measured,
 not assumed: each candidate layer gets the held-out AUC of its diff-of-means direction (mean over
 emotions) on a deterministic subsample of the pairs, and the k layers with the highest score are kept.
 
@@ -18,12 +18,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from carl_assets.steering.vectors import (
-    _as_frame,
-    _stable_rank,
-    find_decoder_blocks,
-    train_steering_vectors,
-)
+from carl_assets.steering.pairs import pairs_frame, stable_rank
+from carl_assets.steering.residual import find_decoder_blocks
+from carl_assets.steering.training import ReadoutConfig, train_steering_vectors
 
 
 @dataclass
@@ -56,7 +53,7 @@ def subsample_pairs(pairs: pd.DataFrame, max_per_group: int, seed: int = 0, max_
     if max_per_group < 2:
         raise ValueError(f"max_per_group must be at least 2 (a held-out split needs it), got {max_per_group}")
     frame = pairs.reset_index(drop=True)
-    rank = frame["text"].map(lambda t: _stable_rank(str(seed), "layer-sweep", str(t)))
+    rank = frame["text"].map(lambda t: stable_rank(str(seed), "layer-sweep", str(t)))
     ordered = frame.assign(_rank=rank).sort_values(["_rank", "emotion", "polarity"], kind="stable")
     cap = max_per_group
     while True:
@@ -68,7 +65,7 @@ def subsample_pairs(pairs: pd.DataFrame, max_per_group: int, seed: int = 0, max_
 
 def rank_layers(stats: pd.DataFrame) -> pd.DataFrame:
     """Mean held-out AUC per layer over the emotions that have one; rank 1 = best (ties: the deeper
-    layer first, the seed's prior that later layers hold more abstract features)."""
+    layer first, the reference's prior that later layers hold more abstract features)."""
     by_layer = stats.groupby("layer").agg(mean_auc=("heldout_auc", "mean"),
                                           emotions=("heldout_auc", lambda x: int(x.notna().sum())))
     by_layer = by_layer.reset_index()
@@ -100,14 +97,13 @@ def sweep_layers(
         raise ValueError(f"k must be at least 1, got {k}")
     n_blocks = len(find_decoder_blocks(model))
     swept = sorted({int(x) for x in candidates}) if candidates else list(range(1, n_blocks + 1))
-    frame = _as_frame(pairs)
+    frame = pairs_frame(pairs)
     sample = subsample_pairs(frame, max_per_group, seed=seed, max_texts=max_texts)
-    result = train_steering_vectors(
-        model, tokenizer, sample, layers=swept, batch_size=batch_size, reduction=reduction,
-        heldout_fraction=heldout_fraction, max_heldout_per_polarity=max_per_group, seed=seed,
-        max_length=max_length, on_zero_norm="drop", exclude_bos=exclude_bos, keep_activations=True,
-        progress=progress,
-    )
+    config = ReadoutConfig(layers=swept, batch_size=batch_size, reduction=reduction,  # type: ignore[arg-type]
+                           heldout_fraction=heldout_fraction, max_heldout_per_polarity=max_per_group, seed=seed,
+                           max_length=max_length, on_zero_norm="drop", exclude_bos=exclude_bos,
+                           keep_activations=True)
+    result = train_steering_vectors(model, tokenizer, sample, config, progress=progress)
     assert result.stats is not None and result.activations is not None
     by_layer = rank_layers(result.stats)
     if by_layer["mean_auc"].isna().all():

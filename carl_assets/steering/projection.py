@@ -1,4 +1,4 @@
-"""Projections of new text on the readout vectors: the seed's generalisation check ("apply them to
+"""Projections of new text on the readout vectors: the reference's generalisation check ("apply them to
 held-out conversation data and eyeball the projections").
 
 Each text is read as the vectors were trained (same layers, token reduction, BOS rule and token limit)
@@ -19,15 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from carl_assets.steering.vectors import (
-    ResidualReader,
-    SteeringVectors,
-    _bos_id,
-    _pad_id,
-    encode_texts,
-    padded_batch,
-    token_limit,
-)
+from carl_assets.steering.manifest import SteeringVectors
+from carl_assets.steering.residual import ResidualReader
+from carl_assets.steering.tokens import bos_to_skip, encode_texts, pad_token_id, padded_batch, token_limit
 
 PROJECTION_COLUMNS = ["text_index", "text", "emotion", "layer", "projection", "calibrated"]
 
@@ -53,11 +47,11 @@ def project_texts(model: torch.nn.Module, tokenizer: Any, vectors: SteeringVecto
     if any(not str(t) for t in texts):
         raise ValueError("empty text: nothing to project")
     reader = ResidualReader(model, vectors.layers, vectors.reduction,
-                            skip_leading_token_id=_bos_id(tokenizer, exclude_bos))
+                            skip_leading_token_id=bos_to_skip(tokenizer, exclude_bos))
     encoded, _ = encode_texts(tokenizer, [str(t) for t in texts], token_limit(model, max_length))
     stacked = vectors.as_tensor().double()  # [E, L, H]
     out = np.zeros((len(texts), len(vectors.concepts), len(vectors.layers)))
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     for start in range(0, len(texts), batch_size):
         rows = list(range(start, min(start + batch_size, len(texts))))
         acts = reader(*padded_batch([encoded[i] for i in rows], pad_id)).to("cpu", torch.float64)  # [b, L, H]

@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from carl_assets.steering.manifest import SteeringVectors
 from carl_assets.steering.projection import project_texts
-from carl_assets.steering.vectors import SteeringVectors
 
 READOUT_COLUMNS = ["text_index", "emotion", "layer", "projection", "calibrated"]
 

@@ -1,4 +1,4 @@
-"""Emotion selection: which emotions get a readout vector, data-driven, curated, or both (the seed's
+"""Emotion selection: which emotions get a readout vector, data-driven, curated, or both (the reference's
 "probably both")."""
 
 from __future__ import annotations
