@@ -18,17 +18,23 @@ Peak memory: resident memory (RSS) high-water mark after /proc/self/clear_refs, 
 call; the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536 so large freed buffers go back
 to the OS between calls. One torch thread.
 
-Prints one JSON line: ratio = baseline time / our time (target >= 3), tokens/s on both sides, peak_mb.
+Agreement, checked before any ratio is printed (else exit 1 and no JSON line): (1) scoring — the batched
+scorer's components for our timed call's responses equal the scorer run on each of those responses alone
+(the baseline's way), max |diff| <= 1e-4 over every component; (2) generation — greedy decoding (k = 1,
+temperature 0) of every scenario gives the same tokens batched and one at a time (0 sequences differ).
+Sampled responses are not compared token by token: each side draws from its own seeded streams.
+
+Prints one JSON line: ratio = baseline time / our time (target >= 3), tokens/s on both sides, peak_mb,
+memory_ratio = the baseline's peak / ours, agreement.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
-from _measure import measure, prepare_process
+from _measure import agree, agree_close, measure, memory_ratio, prepare_process, run_bench
 
 # before torch: it may restart the interpreter
 
@@ -50,6 +56,8 @@ from carl_assets.memory_graph import load_graph  # noqa: E402
 from carl_assets.models.loading import new_offline_model  # noqa: E402
 from carl_assets.steering import SteeringVectors, default_layers  # noqa: E402
 
+SCORE_TOLERANCE = 1e-4  # fp32 forwards over differently padded batches
+
 
 def random_readout(hidden: int, layers: list[int], seed: int = 0) -> SteeringVectors:
     generator = torch.Generator().manual_seed(seed)
@@ -60,7 +68,26 @@ def random_readout(hidden: int, layers: list[int], seed: int = 0) -> SteeringVec
     return SteeringVectors(concepts=["warmth"], layers=layers, vectors=vectors)
 
 
-def main() -> None:
+def check_agreement(model, tok, prompts, scorer, responses, scores, new_tokens: int) -> dict:
+    """Scoring: batched scores of `responses` vs one response at a time. Generation: greedy tokens batched
+    vs one at a time. Raises Disagreement when either differs beyond its tolerance."""
+    alone = [scorer(model, tok, [r]) for r in responses]
+    keys = sorted(scores)
+    fast = [[float(scores[k][i]) for k in keys] for i in range(len(responses))]
+    slow = [[float(a[k][0]) for k in keys] for a in alone]
+    greedy = dict(k=1, temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=0)
+    batched = generate_responses(model, tok, prompts, batch_size=len(prompts), **greedy)
+    single = generate_one_at_a_time(model, tok, prompts, **greedy)
+    differing = sum(a.completion_ids != b.completion_ids for a, b in zip(batched, single, strict=True))
+    return {
+        "scores_vs_one_at_a_time": agree_close("scores, batched vs one response at a time", fast, slow,
+                                               SCORE_TOLERANCE, components=keys, responses=len(responses)),
+        "greedy_tokens_vs_one_at_a_time": agree("greedy decoding, batched vs one at a time", differing, 0,
+                                                metric="differing_sequences", sequences=len(batched)),
+    }
+
+
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenarios", type=int, default=8)
     parser.add_argument("--k", type=int, default=4, help="responses per scenario")
@@ -107,6 +134,7 @@ def main() -> None:
     if len(set(tokens.values())) != 1:
         raise RuntimeError(f"the two sides generated different token counts: {tokens}")
     n_tokens = tokens["ours"]
+    agreement = check_agreement(model, tok, prompts, scorer, *results["ours"], args.new_tokens)
     prompt_tokens = sum(len(r.prompt_ids) for r in results["ours"][0])
 
     # Where our time goes: generation alone (one more run) against the whole.
@@ -120,11 +148,13 @@ def main() -> None:
     print(f"{len(prompts)} scenarios x {args.k} responses x {args.new_tokens} tokens = {n_tokens} tokens; "
           f"mean prompt {prompt_tokens / len(results['ours'][0]):.0f} tokens; ours: generation {gen_seconds:.3f} s "
           f"of {median['ours']:.3f} s", file=sys.stderr)
-    print(json.dumps({
+    return {
         "name": "dreams",
         "ratio": round(median["baseline"] / median["ours"], 3),
         "target": 3,
+        "agreement": agreement,
         "peak_mb": round(peaks["ours"], 1),
+        "memory_ratio": memory_ratio(peaks["baseline"], peaks["ours"]),
         "peak_mb_baseline": round(peaks["baseline"], 1),
         "peak_memory_method": "RSS high-water mark (VmHWM after /proc/self/clear_refs) minus RSS before",
         "tokens_per_s": round(n_tokens / median["ours"], 1),
@@ -141,8 +171,8 @@ def main() -> None:
         "scorer": "carl + steering:warmth (deepest default layer)",
         "model_parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "device": "cpu, 1 thread",
-    }))
+    }
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)
