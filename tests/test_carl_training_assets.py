@@ -8,15 +8,14 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from carl_assets import storage
-from carl_assets.defs import carl as carl_defs
-from carl_assets.defs import memory, models, steering
+from carl_assets.defs import agent, crystallization, grpo, memory, models, sft, sft_training, steering
+from carl_assets.defs.checkpoints import weights_problem
 from carl_assets.defs.resources import build_resources
+from tests.upstreams import with_upstreams
 
 UPSTREAM = [memory.memory_graph, models.base_model, memory.emotion_training_pairs, steering.steering_vectors]
-ASSETS = [carl_defs.sft_dataset, carl_defs.sft_checkpoint, carl_defs.crystallization_events,
-          carl_defs.grpo_checkpoint, carl_defs.agent_evaluation]
-CHECKS = [carl_defs.sft_dataset_chat_formatted, carl_defs.sft_checkpoint_weights_finite,
-          carl_defs.grpo_checkpoint_weights_finite]
+ASSETS = [sft.sft_dataset, sft_training.sft_checkpoint, crystallization.crystallization_events,
+          grpo.grpo_checkpoint, agent.agent_evaluation]
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
                    "steps": 3, "seq_len": 32, "batch_size": 2},
@@ -42,7 +41,7 @@ def metadata(result, asset):
 @pytest.mark.slow
 def test_training_assets_materialize(tmp_path):
     resources = build_resources(tmp_path)
-    result = dg.materialize(UPSTREAM + ASSETS + CHECKS, resources=resources, run_config=run_config())
+    result = dg.materialize(with_upstreams(*UPSTREAM, *ASSETS), resources=resources, run_config=run_config())
     assert result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["sft_dataset_chat_formatted"] and checks["sft_checkpoint_weights_finite"]
@@ -106,7 +105,7 @@ def test_training_assets_materialize(tmp_path):
     assert readout["projection"].notna().all() and "readout_heatmap" in metadata(result, "agent_evaluation")
 
     # a second SFT run appends a crystallization event (one row per run)
-    again = dg.materialize(ASSETS[1:3], resources=resources, run_config={"ops": {
+    again = dg.materialize(with_upstreams(*ASSETS[1:3]), resources=resources, run_config={"ops": {
         "sft_checkpoint": {"config": dict(TINY["sft_checkpoint"], max_steps=3)},
         "crystallization_events": {"config": TINY["crystallization_events"]}}})
     assert again.success
@@ -124,7 +123,8 @@ def test_grpo_without_within_group_spread_holds_the_evaluation_back(tmp_path):
     """Near-greedy sampling makes every completion of a group the same: no advantage, no signal."""
     resources = build_resources(tmp_path)
     cfg = run_config(grpo_checkpoint={"temperature": 1e-4})
-    result = dg.materialize(UPSTREAM + ASSETS, resources=resources, run_config=cfg, raise_on_error=False)
+    result = dg.materialize(with_upstreams(*UPSTREAM, *ASSETS), resources=resources, run_config=cfg,
+                            raise_on_error=False)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     spread = checks["grpo_reward_spread"]
     assert spread.passed is False and spread.metadata["mean_frac_reward_zero_std"].value == pytest.approx(1.0)
@@ -136,7 +136,7 @@ def test_grpo_without_within_group_spread_holds_the_evaluation_back(tmp_path):
 def test_grpo_is_held_back_when_sft_did_not_crystallize(tmp_path):
     resources = build_resources(tmp_path)
     cfg = run_config(crystallization_events={"require_crystallization": True})
-    result = dg.materialize(UPSTREAM[:2] + ASSETS[:4], resources=resources, run_config={
+    result = dg.materialize(with_upstreams(*UPSTREAM[:2], *ASSETS[:4]), resources=resources, run_config={
         "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events",
                                            "grpo_checkpoint")}}, raise_on_error=False)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -158,7 +158,7 @@ def test_bad_sft_data_blocks_training(tmp_path):
                                "completion": [{"role": "assistant", "content": ""}]}) + "\n")
     resources = build_resources(tmp_path / "home")
     cfg = run_config(sft_dataset={"source": str(bad)})
-    result = dg.materialize(UPSTREAM[:2] + ASSETS[:2] + CHECKS[:1], resources=resources, run_config={
+    result = dg.materialize(with_upstreams(*UPSTREAM[:2], *ASSETS[:2]), resources=resources, run_config={
         "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint")}}, raise_on_error=False)
     assert not result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
@@ -171,11 +171,11 @@ def test_weights_check_finds_non_finite_values(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    assert carl_defs._weights_problem(tmp_path) == "no safetensors weights"
+    assert weights_problem(tmp_path) == "no safetensors weights"
     save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "model.safetensors"))
-    assert "b has non-finite" in carl_defs._weights_problem(tmp_path)
+    assert "b has non-finite" in weights_problem(tmp_path)
     save_file({"a": torch.ones(3)}, str(tmp_path / "model.safetensors"))
-    assert carl_defs._weights_problem(tmp_path) is None
+    assert weights_problem(tmp_path) is None
 
 
 @pytest.mark.slow
@@ -188,7 +188,7 @@ def test_lora_and_a_small_per_device_batch_through_the_assets(tmp_path):
                      grpo_checkpoint=dict(lora, max_steps=1, batch_size=1, gradient_accumulation_steps=4,
                                           num_generations=4, reward="mean_logprob", top_p=0.9, min_p=0.05))
     ops = ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events", "grpo_checkpoint")
-    result = dg.materialize(UPSTREAM[:2] + ASSETS[:4], resources=resources,
+    result = dg.materialize(with_upstreams(*UPSTREAM[:2], *ASSETS[:4]), resources=resources,
                             run_config={"ops": {k: cfg["ops"][k] for k in ops}})
     assert result.success
     art = tmp_path / storage.ARTIFACTS_DIR

@@ -22,9 +22,10 @@ from carl_assets.carl.distributed import (
     sft_summary,
 )
 from carl_assets.carl.training import TRAINING_LOG_FILE, SFTOutcome, SFTRunConfig
-from carl_assets.defs import carl as carl_defs
-from carl_assets.defs import memory, models
+from carl_assets.defs import memory, models, sft, sft_training
 from carl_assets.defs.resources import build_resources
+from carl_assets.defs.training_config import SFTCheckpointConfig
+from tests.upstreams import with_upstreams
 
 # --------------------------------------------------------------------------------------------
 # Launcher strings, worlds and configs (fast)
@@ -45,13 +46,13 @@ def test_launch_commands_run_this_module_under_the_launcher():
     torchrun = launch_command("torchrun:3", args, python="py")
     assert torchrun[:3] == ["py", "-m", "torch.distributed.run"]
     assert torchrun[torchrun.index("--nproc_per_node") + 1] == "3" and "--standalone" in torchrun
-    assert torchrun[-5:] == ["-m", "carl_assets.carl.distributed", *args]
+    assert torchrun[-5:] == ["-m", "carl_assets.cli", *args]
     accelerate = launch_command("accelerate:2", args, python="py")
     assert accelerate[:3] == ["py", "-m", "accelerate.commands.launch"] and "--multi_gpu" in accelerate
     assert accelerate[accelerate.index("--num_processes") + 1] == "2"
-    assert accelerate[-5:] == ["-m", "carl_assets.carl.distributed", *args]
+    assert accelerate[-5:] == ["-m", "carl_assets.cli", *args]
     assert "--multi_gpu" not in launch_command("accelerate:1", args, python="py")
-    assert launch_command("inprocess", args, python="py") == ["py", "-m", "carl_assets.carl.distributed", *args]
+    assert launch_command("inprocess", args, python="py") == ["py", "-m", "carl_assets.cli", *args]
 
 
 def test_world_from_env_and_batch_split():
@@ -165,11 +166,11 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 def test_sft_checkpoint_under_torchrun_through_pipes_matches_in_process(tmp_path):
     resources = build_resources(tmp_path / "home")
     instance = dg.DagsterInstance.ephemeral()
-    upstream = [memory.memory_graph, models.base_model, carl_defs.sft_dataset, carl_defs.sft_checkpoint]
+    upstream = with_upstreams(memory.memory_graph, models.base_model, sft.sft_dataset, sft_training.sft_checkpoint)
     inproc = dg.materialize(upstream, resources=resources, instance=instance,
                             run_config={"ops": {k: {"config": v} for k, v in TINY.items()}})
     assert inproc.success
-    launched = dg.materialize([carl_defs.sft_checkpoint], resources=resources, instance=instance, run_config={
+    launched = dg.materialize(with_upstreams(sft_training.sft_checkpoint), resources=resources, instance=instance, run_config={
         "ops": {"sft_checkpoint": {"config": {**TINY["sft_checkpoint"], "launcher": "torchrun:2"}}}})
     assert launched.success
 
@@ -198,7 +199,7 @@ def test_sft_checkpoint_under_torchrun_through_pipes_matches_in_process(tmp_path
 
     # A batch that does not split over the processes is refused before anything is launched.
     with pytest.raises(ValueError, match="batch_size 3 does not split evenly over 2 processes"):
-        dg.materialize([carl_defs.sft_checkpoint], resources=resources, instance=instance, run_config={
+        dg.materialize(with_upstreams(sft_training.sft_checkpoint), resources=resources, instance=instance, run_config={
             "ops": {"sft_checkpoint": {"config": {**TINY["sft_checkpoint"], "batch_size": 3,
                                                   "launcher": "torchrun:2"}}}})
     assert sorted(p.name for p in versions.iterdir() if not p.name.startswith(".")) == sorted(
@@ -210,4 +211,4 @@ def test_launcher_is_performance_only():
     # (the weights' hash is in it).
     from carl_assets.defs.common import config_values
 
-    assert "launcher" not in config_values(carl_defs.SFTCheckpointConfig(launcher="torchrun:2"))
+    assert "launcher" not in config_values(SFTCheckpointConfig(launcher="torchrun:2"))

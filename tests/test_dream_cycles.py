@@ -12,14 +12,14 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from carl_assets import storage
-from carl_assets.defs import carl as carl_defs
-from carl_assets.defs import dreams, memory, models, steering
+from carl_assets.defs import crystallization, dreams, grpo, memory, models, sft, sft_training, steering
 from carl_assets.defs.resources import build_resources
 from carl_assets.provenance import PROVENANCE_TABLE, nodes_behind
+from tests.upstreams import with_upstreams
 
 UPSTREAM = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors]
-CYCLE = [dreams.dream_scenarios, carl_defs.sft_dataset, carl_defs.sft_checkpoint, carl_defs.crystallization_events,
-         carl_defs.grpo_checkpoint]
+CYCLE = [dreams.dream_scenarios, sft.sft_dataset, sft_training.sft_checkpoint, crystallization.crystallization_events,
+         grpo.grpo_checkpoint]
 TINY = {
     "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
                    "steps": 3, "seq_len": 32, "batch_size": 2},
@@ -58,7 +58,7 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     grpo_v0 = (art / "grpo_checkpoint" / "current").resolve()
 
     # cycle 1: dreams with cycle 0's GRPO policy, SFT starts from it (a tiny rate: the weights barely move)
-    second = dg.materialize(CYCLE, resources=resources, run_config=ops(
+    second = dg.materialize(with_upstreams(*CYCLE), resources=resources, run_config=ops(
         [a.key.to_user_string() for a in CYCLE], sft_checkpoint={"learning_rate": 1e-12, "max_steps": 1}))
     assert second.success
     cycles = storage.read_table(db, "dream_cycles")
@@ -100,7 +100,7 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     assert set(view["node_id"]) <= kept_nodes and len(view) >= len(storage.read_table(db, "sft_dataset"))
 
     # roll back: the next cycle dreams with (and so trains from) the first GRPO version, not the newest
-    rollback = dg.materialize(CYCLE[:3], resources=resources, run_config=ops(
+    rollback = dg.materialize(with_upstreams(*CYCLE[:3]), resources=resources, run_config=ops(
         [a.key.to_user_string() for a in CYCLE[:3]],
         dream_scenarios={"start_from": f"grpo_checkpoint@{grpo_v0.name}"}))
     assert rollback.success

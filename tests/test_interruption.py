@@ -41,11 +41,14 @@ from carl_assets.carl.training import (
     train_grpo,
     train_sft,
 )
-from carl_assets.defs import carl as carl_defs
-from carl_assets.defs import dreams, memory, models, steering
+from carl_assets.defs import dreams, memory, models, sft, sft_training, steering
+from carl_assets.defs.checkpoints import resume_dir
+from carl_assets.defs.common import config_values
 from carl_assets.defs.resources import build_resources
+from carl_assets.defs.training_config import SFTCheckpointConfig
 from carl_assets.dreams import generation
 from carl_assets.dreams.generation import BatchCache, generate_responses
+from tests.upstreams import with_upstreams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,10 +256,11 @@ KILLED_SFT = {"max_steps": 48, "learning_rate": 1e-2, "batch_size": 4, "gate_thr
 MATERIALIZE_SFT = """
 import json, sys
 import dagster as dg
-from carl_assets.defs import carl as carl_defs
 from carl_assets.defs.resources import build_resources
+from carl_assets.defs.sft_training import sft_checkpoint
+from tests.upstreams import with_upstreams
 home, config = sys.argv[1], json.loads(sys.argv[2])
-dg.materialize([carl_defs.sft_checkpoint], resources=build_resources(home),
+dg.materialize(with_upstreams(sft_checkpoint), resources=build_resources(home),
                run_config={"ops": {"sft_checkpoint": {"config": config}}})
 """
 
@@ -269,7 +273,7 @@ def _user_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 def test_sigkilled_sft_materialization_resumes(tmp_path):
     home = tmp_path / "home"
     resources = build_resources(home)
-    prepared = dg.materialize([memory.memory_graph, models.base_model, carl_defs.sft_dataset], resources=resources,
+    prepared = dg.materialize(with_upstreams(memory.memory_graph, models.base_model, sft.sft_dataset), resources=resources,
                               run_config={"ops": {"base_model": {"config": TINY_BASE}, "sft_dataset": {"config": {
                                   "source": "templates", "max_examples": 8, "holdout_tasks": 2}}}})
     assert prepared.success
@@ -308,7 +312,7 @@ def test_sigkilled_sft_materialization_resumes(tmp_path):
 
     # materialized again: resumes from the checkpoint, and the version is complete and loadable
     instance = dg.DagsterInstance.ephemeral()
-    again = dg.materialize([carl_defs.sft_checkpoint], resources=resources, instance=instance,
+    again = dg.materialize(with_upstreams(sft_training.sft_checkpoint), resources=resources, instance=instance,
                            run_config={"ops": {"sft_checkpoint": {"config": KILLED_SFT}}})
     assert again.success
     event = again.get_asset_materialization_events()[-1].materialization
@@ -335,14 +339,14 @@ def test_resume_key_follows_the_run_definition(tmp_path):
     parents = {"base_model": "v1", "sft_dataset": "d1"}
 
     def folder(config, parents=parents, lr=1e-2):
-        return carl_defs._resume_dir(store, "sft_checkpoint", parents, carl_defs.config_values(config), lr)
+        return resume_dir(store, "sft_checkpoint", parents, config_values(config), lr)
 
-    base = carl_defs.SFTCheckpointConfig(max_steps=6)
-    assert folder(base) == folder(carl_defs.SFTCheckpointConfig(max_steps=6, checkpoint_every=2, log_every=1))
+    base = SFTCheckpointConfig(max_steps=6)
+    assert folder(base) == folder(SFTCheckpointConfig(max_steps=6, checkpoint_every=2, log_every=1))
     assert folder(base).parent == tmp_path / storage.ARTIFACTS_DIR / "sft_checkpoint"
     assert folder(base).name.startswith(".resume-")
-    assert folder(base) != folder(carl_defs.SFTCheckpointConfig(max_steps=7))
-    assert folder(base) != folder(carl_defs.SFTCheckpointConfig(max_steps=6, seed=1))
+    assert folder(base) != folder(SFTCheckpointConfig(max_steps=7))
+    assert folder(base) != folder(SFTCheckpointConfig(max_steps=6, seed=1))
     assert folder(base) != folder(base, parents={**parents, "sft_dataset": "d2"})
     assert folder(base) != folder(base, lr=2e-2)
 
@@ -398,7 +402,7 @@ def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(generation, "_run_generate", counted)
     fail_after = 2  # the 3rd of 3 dream batches fails (the held-out diagnostic never starts)
-    broken = dg.materialize([dreams.dream_scenarios], resources=resources, run_config=run_config,
+    broken = dg.materialize(with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config,
                             raise_on_error=False)
     assert not broken.success and len(calls) == 3
     db = tmp_path / storage.DATABASE_NAME
@@ -409,7 +413,7 @@ def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
 
     calls.clear()
     fail_after = None
-    resumed = dg.materialize([dreams.dream_scenarios], resources=resources, run_config=run_config)
+    resumed = dg.materialize(with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config)
     assert resumed.success
     meta = resumed.get_asset_materialization_events()[-1].materialization.metadata
     assert meta["reused_batches"].value == 2
@@ -418,7 +422,7 @@ def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
     resumed_frame = storage.read_table(db, "dream_scenarios")
 
     calls.clear()
-    uninterrupted = dg.materialize([dreams.dream_scenarios], resources=resources, run_config=run_config)
+    uninterrupted = dg.materialize(with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config)
     assert uninterrupted.success and len(calls) == 3 + 1
     assert uninterrupted.get_asset_materialization_events()[-1].materialization.metadata["reused_batches"].value == 0
     fresh_frame = storage.read_table(db, "dream_scenarios")

@@ -22,8 +22,7 @@ from transformers import (
 )
 
 from carl_assets import storage
-from carl_assets.defs import carl as carl_defs
-from carl_assets.defs import dreams, memory, models, steering
+from carl_assets.defs import agent, crystallization, dreams, grpo, memory, models, sft, sft_training, steering
 from carl_assets.defs.resources import build_resources
 from carl_assets.memory_graph import load_graph
 from carl_assets.models.chat_template import transcript_template
@@ -31,8 +30,8 @@ from carl_assets.models.loading import train_tokenizer
 from tests.data.gpt2_like import save_gpt2_like
 
 CHAIN = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors,
-         dreams.dream_scenarios, carl_defs.sft_dataset, carl_defs.sft_checkpoint,
-         carl_defs.crystallization_events, carl_defs.grpo_checkpoint, carl_defs.agent_evaluation]
+         dreams.dream_scenarios, sft.sft_dataset, sft_training.sft_checkpoint,
+         crystallization.crystallization_events, grpo.grpo_checkpoint, agent.agent_evaluation]
 HIDDEN, LAYERS = 32, 2
 
 

@@ -26,11 +26,11 @@ from carl_assets.defs.memory import (
     emotion_training_pairs,
     memory_graph,
     memory_graph_is_consistent,
-    pairs_nonempty_within_caps,
 )
 from carl_assets.defs.resources import build_resources
-from carl_assets.defs.steering import manifest_matches_tensors, steering_vectors, vectors_finite_unit_norm
+from carl_assets.defs.steering import steering_vectors
 from carl_assets.steering import load_readout
+from tests.upstreams import with_upstreams
 
 GARDEN = [
     {"type": "entity", "name": "Herb Spiral", "entityType": "project",
@@ -49,8 +49,8 @@ TAGGED = [
                       "warmth:9" if i % 2 else "calm:7"]}
     for i in range(6)
 ]
-STEPS = [memory_graph, memory_graph_is_consistent, emotion_tags, emotion_training_pairs, pairs_nonempty_within_caps,
-         steering_vectors, vectors_finite_unit_norm, manifest_matches_tensors]
+STEPS = [*with_upstreams(memory_graph, emotion_tags, emotion_training_pairs), memory_graph_is_consistent,
+         steering_vectors, dg.AssetSpec("base_model")]
 OFF_REASON = (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
               "'lexicon' or 'model'")
 
@@ -122,7 +122,7 @@ def test_too_few_pairs_skips_steering_naming_the_setting(tmp_path):
 def test_tagged_nodes_without_a_negative_say_which_settings_to_change(tmp_path):
     only_high = [{**r, "observations": [r["observations"][0], "warmth:9"]} for r in TAGGED]
     memory = _write(tmp_path / "high.jsonl", only_high)
-    result = _run(tmp_path / "home", f"jsonl:{memory}", STEPS[:4])
+    result = _run(tmp_path / "home", f"jsonl:{memory}", STEPS[:5])
     assert result.success
     reason = _meta(result, "emotion_training_pairs")["empty_reason"]
     assert reason.startswith("6 of 6 nodes carry tags over 1 emotions")
@@ -157,7 +157,7 @@ def test_a_missing_file_fails_naming_it_and_saying_nothing_was_there_before(tmp_
 
 
 def test_agent_readout_and_steering_scorer_with_a_skipped_readout(tmp_path):
-    from carl_assets.defs.carl import _readout
+    from carl_assets.defs.agent import readout_table
     from carl_assets.steering import save_readout
     from carl_assets.steering.readout import EmptyReadoutError, empty_readout, require_concepts
 
@@ -166,7 +166,8 @@ def test_agent_readout_and_steering_scorer_with_a_skipped_readout(tmp_path):
         save_readout(empty_readout("no tags here"), folder)
     results = pd.DataFrame({"checkpoint": ["sft_checkpoint"], "task_id": ["t0"], "instruction": ["i"],
                             "raw_response": ["r"]})
-    readout, reason = _readout(artifacts, results, pd.DataFrame({"task_id": ["t0"], "observation": ["o"]}))
+    readout, reason = readout_table(load_readout(artifacts.require("steering_vectors")), {}, results,
+                                    pd.DataFrame({"task_id": ["t0"], "observation": ["o"]}))
     assert readout.empty and list(readout.columns) == ["checkpoint", "task_id", "emotion", "layer", "projection"]
     assert reason == "steering_vectors was skipped: no tags here"
 
@@ -208,7 +209,8 @@ def test_pairs_take_a_taggers_tags_for_untagged_nodes_unless_restricted_to_user_
 
     def pairs(tag_sources: str) -> pd.DataFrame:
         config = {"ops": {"emotion_training_pairs": {"config": {"tag_sources": tag_sources}}}}
-        result = dg.materialize([emotion_training_pairs], resources=build_resources(home), run_config=config)
+        result = dg.materialize(with_upstreams(emotion_training_pairs), resources=build_resources(home),
+                                run_config=config)
         assert result.success
         return storage.read_table(home / storage.DATABASE_NAME, "emotion_training_pairs")
 
