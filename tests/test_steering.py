@@ -318,14 +318,15 @@ def _seed_home(home, model, tok, pairs: pd.DataFrame, tables: dict[str, pd.DataF
 
 def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_tokenizer, groups, tmp_path):
     from carl_assets.defs.resources import build_resources
-    from carl_assets.defs.steering import manifest_matches_tensors, steering_vectors, vectors_finite_unit_norm
+    from carl_assets.defs.steering import steering_vectors
+    from carl_assets.defs.steering_checks import vectors_finite_unit_norm
+    from tests.upstreams import with_upstreams
 
     model, tok = tiny_model_and_tokenizer
     rows = pd.DataFrame(_records({**groups, "rare": (groups["warmth"][0][:3], groups["warmth"][1][:3])}))
     _seed_home(tmp_path, model, tok, rows)
     run_config = {"ops": {"steering_vectors": {"config": {"min_pairs_per_polarity": 5, "layers": [1, 2]}}}}
-    result = dg.materialize([steering_vectors, vectors_finite_unit_norm, manifest_matches_tensors],
-                            resources=build_resources(tmp_path), run_config=run_config)
+    result = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=run_config)
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 2 and all(c.passed for c in checks)
@@ -340,10 +341,10 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     assert len(stats) == 6 and set(stats["emotion"]) == set(loaded.concepts)
 
     # A config change is a new data version (downstream goes stale); the same config is the same one.
-    again = dg.materialize([steering_vectors], resources=build_resources(tmp_path), run_config=run_config)
+    again = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=run_config)
     other = {"ops": {"steering_vectors": {"config": {"min_pairs_per_polarity": 5, "layers": [1, 2],
                                                      "reduction": "last"}}}}
-    changed = dg.materialize([steering_vectors], resources=build_resources(tmp_path), run_config=other)
+    changed = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=other)
     versions = [r.asset_materializations_for_node("steering_vectors")[0].metadata["data_version"].value
                 for r in (result, again, changed)]
     assert versions[0] == versions[1] != versions[2]
@@ -354,7 +355,7 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     path = build_resources(tmp_path)["artifacts"].require("steering_vectors", "vectors.safetensors")
     tensors = {k: v * 3 for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path))
-    check = vectors_finite_unit_norm(build_resources(tmp_path)["artifacts"])
+    check = vectors_finite_unit_norm(path.parent)
     assert not check.passed and check.metadata["max_abs_norm_error"].value > 1.0
 
 
@@ -364,11 +365,11 @@ def test_default_graph_end_to_end(tmp_path):
     from carl_assets.defs.memory import emotion_training_pairs, memory_graph
     from carl_assets.defs.models import base_model
     from carl_assets.defs.resources import build_resources
-    from carl_assets.defs.steering import manifest_matches_tensors, steering_vectors, vectors_finite_unit_norm
+    from carl_assets.defs.steering import steering_vectors
+    from tests.upstreams import with_upstreams
 
     run_config = {"ops": {"base_model": {"config": {"steps": 30}}}}
-    result = dg.materialize([memory_graph, emotion_training_pairs, base_model, steering_vectors,
-                             vectors_finite_unit_norm, manifest_matches_tensors],
+    result = dg.materialize(with_upstreams(memory_graph, emotion_training_pairs, base_model, steering_vectors),
                             resources=build_resources(tmp_path), run_config=run_config)
     assert result.success
     assert all(c.passed for c in result.get_asset_check_evaluations())

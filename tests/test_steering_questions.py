@@ -401,6 +401,7 @@ def test_asset_answers_the_open_questions(tiny_model_and_tokenizer, tiny_texts, 
     from carl_assets import storage
     from carl_assets.defs.resources import build_resources
     from carl_assets.defs.steering import steering_vectors
+    from tests.upstreams import with_upstreams
 
     model, tok = tiny_model_and_tokenizer
     marked = [t + " warm kitchen warm" for t in tiny_texts]
@@ -411,7 +412,7 @@ def test_asset_answers_the_open_questions(tiny_model_and_tokenizer, tiny_texts, 
     held.write_text("the warm kitchen warm and a quiet morning\nthe broken build, again\n")
     config = {"layer_selection": "auto", "auto_k": 1, "min_pairs_per_polarity": 10, "top_n_emotions": 2,
               "emotions": ["awe", "wonder"], "heldout_text_file": str(held), "sweep_max_per_group": 16}
-    result = dg.materialize([steering_vectors], resources=build_resources(tmp_path),
+    result = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path),
                             run_config={"ops": {"steering_vectors": {"config": config}}})
     assert result.success
     meta = {k: v.value for k, v in result.asset_materializations_for_node("steering_vectors")[0].metadata.items()}
