@@ -394,10 +394,10 @@ def test_new_columns_round_trip_through_duckdb_and_old_tables_still_read(tmp_pat
 def _materialize(home, run_config=None):
     from carl_assets.defs import memory
     from carl_assets.defs.resources import build_resources
+    from tests.upstreams import with_upstreams
 
     return dg.materialize(
-        [memory.memory_graph, memory.emotion_training_pairs, memory.memory_graph_is_consistent,
-         memory.pairs_nonempty_within_caps],
+        [*with_upstreams(memory.memory_graph, memory.emotion_training_pairs), memory.memory_graph_is_consistent],
         resources=build_resources(home),
         run_config=run_config or {},
         raise_on_error=False,
@@ -448,13 +448,14 @@ def test_unreadable_source_fails_the_asset_with_the_source_named(tmp_path):
 def test_pair_config_changes_the_data_version(tmp_path):
     from carl_assets.defs import memory
     from carl_assets.defs.resources import build_resources
+    from tests.upstreams import with_upstreams
 
     resources = build_resources(tmp_path)
     assert dg.materialize([memory.memory_graph], resources=resources).success
 
     def version(seed: int) -> str:
         result = dg.materialize(
-            [memory.memory_graph, memory.emotion_training_pairs],
+            with_upstreams(memory.memory_graph, memory.emotion_training_pairs),
             selection=["emotion_training_pairs"],
             resources=resources,
             run_config={"ops": {"emotion_training_pairs": {"config": {"seed": seed, "max_examples_per_emotion": 10}}}},

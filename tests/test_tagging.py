@@ -32,6 +32,7 @@ from carl_assets.memory.tagging import (
     tag_nodes,
     tags_by_node,
 )
+from tests.upstreams import with_upstreams
 
 # 25 words; of them only "adore" is in Empath's `love` category, and no word is in `pride`.
 GARDEN = ("I adore the old garden. We walked along the path to the river and counted the boats, "
@@ -209,7 +210,7 @@ def test_asset_tags_an_untagged_graph_and_versions_follow_config(tmp_path):
     _write_nodes(tmp_path, _nodes([("g", GARDEN, "{}"), ("h", LOVE_HEAVY, "{}"), ("s", "", "{}")]))
 
     def run(config):
-        result = dg.materialize([emotion_tags], resources=build_resources(tmp_path),
+        result = dg.materialize(with_upstreams(emotion_tags), resources=build_resources(tmp_path),
                                 run_config={"ops": {"emotion_tags": {"config": config}}})
         assert result.success
         return result.asset_materializations_for_node("emotion_tags")[0].metadata
@@ -240,7 +241,7 @@ def test_asset_model_tagger_reads_base_model(tiny_model_and_tokenizer, tmp_path)
         tokenizer.save_pretrained(folder)
     _write_nodes(tmp_path, _nodes([("a", "I felt the quiet morning.", json.dumps({"calm": 7})),
                                    ("b", "The team argued over the deadline.", "{}")]))
-    result = dg.materialize([emotion_tags], resources=build_resources(tmp_path), run_config={
+    result = dg.materialize(with_upstreams(emotion_tags), resources=build_resources(tmp_path), run_config={
         "ops": {"emotion_tags": {"config": {"tagger": "model", "min_score": 0, "device": "cpu"}}}})
     assert result.success
     table = storage.read_table(storage.database_path(tmp_path), "emotion_tags")

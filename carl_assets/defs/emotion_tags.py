@@ -1,15 +1,18 @@
 """The emotion_tags asset: the user's tag lines, and a tagger's tags for nodes without one."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
-from carl_assets.defs.resources import ArtifactStore, read_table, write_tables
+from carl_assets.defs.resources import write_tables
+from carl_assets.handles import AssetHandle, Checkpoint
 from carl_assets.memory.taggers.lexicon import lexicon_categories
 from carl_assets.memory.tagging import emotion_vocabulary, node_status, tag_counts, tag_nodes, taggable
+from carl_assets.models.defaults import resolve_placement
+from carl_assets.models.loading import load_model_and_tokenizer
 
 TAGS_TABLE = "emotion_tags"
 STATUS_TABLE = "emotion_tag_nodes"
@@ -40,35 +43,34 @@ class EmotionTagsConfig(dg.Config):
     dtype: str = Field(default="auto", description="model tagger: 'auto', 'bf16', 'fp16' or 'fp32'")
 
 
-def _load_policy(artifacts: ArtifactStore, config: EmotionTagsConfig):
-    from carl_assets.models.defaults import is_offline_model, resolve_placement
-    from carl_assets.models.loading import load_model_and_tokenizer
-
-    model_dir = artifacts.require("base_model")
-    device, dtype = resolve_placement(config.device, config.dtype, is_offline_model(model_dir))
-    model, tokenizer = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
-    return model, tokenizer, model_dir
+def _load_policy(base_model: Checkpoint, config: EmotionTagsConfig) -> tuple[Any, Any]:
+    """The base model and tokenizer of this run's base_model version, placed as the config says."""
+    model_dir = base_model.file()
+    device, dtype = resolve_placement(config.device, config.dtype, base_model.is_offline)
+    return load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
 
 
 @dg.asset(
     group_name="memory",
-    deps=["memory_graph", "base_model"],
+    ins={"memory_graph": dg.AssetIn(), "base_model": dg.AssetIn()},
     kinds={"duckdb"},
     description="Emotion tags for every node (table emotion_tags: node_id, emotion, score 0..10, source "
     "user/model/lexicon, raw_score): the user's tag lines, and for nodes without one (not stubs, not empty) "
     "the tags of the configured tagger, the seed's 'subconscious agents'. User tags always win. Table "
     "emotion_tag_nodes says per node whether it was user-tagged, tagged, read with nothing found, or skipped. "
-    "base_model is read only by the 'model' tagger.",
+    "base_model is an input for the 'model' tagger (which reads it); the other taggers never open it, and their "
+    "tags, hence the data version, do not change with it.",
 )
 def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, duckdb: DuckDBResource,
-                 artifacts: ArtifactStore) -> dg.MaterializeResult:
-    nodes = read_table(duckdb, "memory_nodes")
+                 memory_graph: AssetHandle, base_model: Checkpoint) -> dg.MaterializeResult:
+    nodes = memory_graph.read("memory_nodes")
     emotions = emotion_vocabulary(nodes, config.emotions)
     model = tokenizer = None
     extra: dict[str, object] = {}
     if config.tagger == "model" and taggable(nodes).any():
-        model, tokenizer, model_dir = _load_policy(artifacts, config)
-        extra["model"] = str(model_dir)
+        model, tokenizer = _load_policy(base_model, config)
+        extra["model"] = str(base_model.path)
+        extra["base_model_version"] = str(base_model.version)
     if config.tagger == "lexicon":
         covered = lexicon_categories(emotions, config.lexicon_categories)
         extra["lexicon_categories"] = dg.MetadataValue.json({k: list(v) for k, v in covered.items()})
@@ -82,7 +84,9 @@ def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, d
                      lexicon_map=config.lexicon_categories, model=model, tokenizer=tokenizer,
                      reduction=config.reduction, batch_size=config.batch_size,
                      max_text_tokens=config.max_text_tokens, threads=config.threads or None, progress=progress)
-    status = node_status(nodes, tags, config.tagger)
+    # The tagger beside each node's status: emotion_training_pairs reads it from here (this run's tables),
+    # not from the latest materialization's metadata (which may be another run's).
+    status = node_status(nodes, tags, config.tagger).assign(tagger=config.tagger)
     write_tables(duckdb, {TAGS_TABLE: tags, STATUS_TABLE: status})
     counts = tag_counts(tags)
     by_source = {s: int(n) for s, n in tags["source"].value_counts().items()}

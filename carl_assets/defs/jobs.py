@@ -22,8 +22,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from carl_assets.defs.memory_source import memory_source_observation
 from carl_assets.defs.presets import REAL_MODEL, preset_run_config
-from carl_assets.memory.fingerprint import source_fingerprint
 from carl_assets.memory.graph import MemorySourceError
 from carl_assets.project_env import (
     MEMORY_SOURCE_VAR,
@@ -110,26 +110,20 @@ def memory_graph_changed_sensor(jobs: Iterable[dg.UnresolvedAssetJobDefinition])
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         source = memory_source_string()
         try:
-            fingerprint = source_fingerprint(source)
+            version, observation = memory_source_observation(source)  # the one observation of the source
         except MemorySourceError as exc:
             return dg.SkipReason(f"cannot read the memory source: {exc}")
-        observation = dg.AssetObservation(
-            asset_key="memory_source",
-            tags={"dagster/data_version": fingerprint.version},
-            metadata={"source": source, "fingerprint": fingerprint.version,
-                      **{f"source_{k}": v for k, v in fingerprint.details.items()}},
-        )
         previous = context.cursor
-        if previous == fingerprint.version:
-            return dg.SkipReason(f"{source} unchanged (fingerprint {fingerprint.version})")
+        if previous == version:
+            return dg.SkipReason(f"{source} unchanged (fingerprint {version})")
         if not previous:
             # First look: remember the source as it is; retrain only when it changes from here on.
-            return dg.SensorResult(cursor=fingerprint.version, asset_events=[observation])
-        requests = [dg.RunRequest(run_key=f"{job.name}:{fingerprint.version}", job_name=job.name,
-                                  tags={"carl/memory_fingerprint": fingerprint.version})
+            return dg.SensorResult(cursor=version, asset_events=[observation])
+        requests = [dg.RunRequest(run_key=f"{job.name}:{version}", job_name=job.name,
+                                  tags={"carl/memory_fingerprint": version})
                     for job in jobs]
-        context.log.info(f"{source} changed: {previous} -> {fingerprint.version}")
-        return dg.SensorResult(run_requests=requests, cursor=fingerprint.version, asset_events=[observation])
+        context.log.info(f"{source} changed: {previous} -> {version}")
+        return dg.SensorResult(run_requests=requests, cursor=version, asset_events=[observation])
 
     return _sensor
 

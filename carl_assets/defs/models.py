@@ -3,11 +3,12 @@ SmolLM2-135M-Instruct, a GGUF file, a hub id or a folder; the chat-template poli
 
 import dagster as dg
 import torch
-from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.defs.common import materialized
-from carl_assets.defs.resources import ArtifactStore, read_table
+from carl_assets.defs.pools import TRAINING_POOL
+from carl_assets.defs.resources import ArtifactStore
+from carl_assets.handles import AssetHandle
 from carl_assets.models.chat_template import POLICIES as CHAT_TEMPLATE_POLICIES
 from carl_assets.models.defaults import resolve_threads
 from carl_assets.models.device import dtype_name, resolve_device, resolve_dtype
@@ -68,8 +69,9 @@ class BaseModelConfig(dg.Config):
 
 
 @dg.asset(
+    pool=TRAINING_POOL,
     group_name="training",
-    deps=["memory_graph"],
+    ins={"memory_graph": dg.AssetIn()},
     kinds={"pytorch", "safetensors"},
     description="The base language model as a Hugging Face folder (safetensors + tokenizer) under "
     "artifacts/base_model. Default: a byte-level BPE tokenizer trained on the memory-graph text and a "
@@ -77,15 +79,15 @@ class BaseModelConfig(dg.Config):
     "a .gguf file, a hub id or a local folder. A tokenizer without a chat template gets the transcript "
     "template (or the run fails here, missing_chat_template='fail'); one without a pad token pads with eos.",
 )
-def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckdb: DuckDBResource,
-               artifacts: ArtifactStore) -> dg.MaterializeResult:
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
+               memory_graph: AssetHandle) -> dg.MaterializeResult:
     if config.missing_chat_template not in CHAT_TEMPLATE_POLICIES:  # fail before any model is read
         raise ValueError(f"base_model.missing_chat_template must be one of {CHAT_TEMPLATE_POLICIES}, "
                          f"got {config.missing_chat_template!r}")
     source = resolve_model_source(config.model)  # fail fast on a missing path
     device = resolve_device(config.device)  # ... and on a device or dtype this machine lacks
     dtype = torch.float32 if source.kind == "offline" else resolve_dtype(config.dtype, device)
-    texts = _offline_texts(context, duckdb) if source.kind == "offline" else []
+    texts = _offline_texts(context, memory_graph) if source.kind == "offline" else []
 
     def progress(step: int, loss: float) -> None:
         if step % 25 == 0 or step == config.steps - 1:
@@ -136,8 +138,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, duckd
                         uri=path)
 
 
-def _offline_texts(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> list[str]:
-    nodes = read_table(duckdb, "memory_nodes")
+def _offline_texts(context: dg.AssetExecutionContext, memory_graph: AssetHandle) -> list[str]:
+    """The memory-node texts the offline model's tokenizer and pretraining read (this run's memory_graph)."""
+    nodes = memory_graph.read("memory_nodes")
     texts = [t for t in nodes["text"].astype(str) if t.strip()]
     if not texts:
         raise ValueError("memory_nodes has no text to train the offline model on")

@@ -1,0 +1,224 @@
+"""Lineage that tells the truth: every read an asset (or check) makes is of itself or of an upstream asset it
+declares, so the UI's edges and staleness are the real ones. The whole offline graph runs in process with
+storage instrumented: each DuckDB table read and each artifact version look-up is recorded against the step
+that made it; the test lists every read of an asset that is not declared. Also the IO manager's handles:
+they name the version this run made even when an overlapping run promoted another `current`."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import defaultdict
+
+import dagster as dg
+import pytest
+
+from carl_assets import artifacts as artifacts_module
+from carl_assets import storage
+from carl_assets.defs import build_definitions
+from carl_assets.defs import resources as resources_module
+from carl_assets.defs.io_manager import ArtifactIOManager
+from carl_assets.defs.resources import ArtifactStore
+from carl_assets.handles import TABLE_OWNERS, Checkpoint, DatasetVersion, make_handle, table_owners
+from tests.test_pipeline_cli import TINY
+
+_local = threading.local()
+
+
+def _reader() -> tuple[str, str]:
+    """(kind, name) of the step running now: ('asset', asset) or ('check', 'asset:check'); ('none', '')
+    outside a step."""
+    try:
+        context = dg.OpExecutionContext.get()
+    except Exception:  # noqa: BLE001 - no step context in this thread
+        context = None
+    if context is None:
+        return "none", ""
+    checks = context.selected_asset_check_keys
+    if context.has_assets_def and context.assets_def.keys:
+        return "asset", context.assets_def.key.path[-1]
+    if checks:
+        key = next(iter(checks))
+        return "check", f"{key.asset_key.path[-1]}:{key.name}"
+    return "op", context.op_def.name
+
+
+class ReadLog:
+    """Reads seen while the graph ran: (reader kind, reader, target asset) -> what was read."""
+
+    def __init__(self) -> None:
+        self.reads: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+
+    def note(self, targets: tuple[str, ...], what: str) -> None:
+        if getattr(_local, "quiet", 0):
+            return
+        kind, name = _reader()
+        for target in targets or ("<no owner>",):
+            self.reads[(kind, name, target)].add(what)
+
+
+def _instrument(monkeypatch: pytest.MonkeyPatch, log: ReadLog) -> None:
+    """Wrap the storage reads: DuckDB tables (target: the table's owner) and artifact version look-ups
+    (target: the artifact's asset). The store's own bookkeeping (the artifact_versions listing) is quiet."""
+    select = storage.select_table
+
+    def select_table(con, name, where="the database"):
+        log.note(table_owners(name), f"table {name}")
+        return select(con, name, where)
+
+    monkeypatch.setattr(storage, "select_table", select_table)
+    for method in ("path", "made_by", "info", "current_name"):
+        original = getattr(artifacts_module.ArtifactVersions, method)
+
+        def wrapped(self, *args, _original=original, _method=method, **kwargs):
+            log.note((self.asset,), f"artifact {_method}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(artifacts_module.ArtifactVersions, method, wrapped)
+    listing = artifacts_module.all_versions
+
+    def all_versions(home):
+        _local.quiet = getattr(_local, "quiet", 0) + 1
+        try:
+            return listing(home)
+        finally:
+            _local.quiet -= 1
+
+    monkeypatch.setattr(resources_module, "all_versions", all_versions)
+    latest = dg.DagsterInstance.get_latest_materialization_event
+
+    def latest_event(self, asset_key):
+        log.note((asset_key.path[-1],), "latest materialization metadata")
+        return latest(self, asset_key)
+
+    monkeypatch.setattr(dg.DagsterInstance, "get_latest_materialization_event", latest_event)
+
+
+def _declared(defs: dg.Definitions) -> dict[tuple[str, str], set[str]]:
+    """(reader kind, reader) -> the assets it may read: itself and the upstream assets the Definitions give
+    it (deps and ins); a check: its asset and its additional deps/ins."""
+    allowed: dict[tuple[str, str], set[str]] = {}
+    for spec in defs.resolve_all_asset_specs():
+        allowed[("asset", spec.key.path[-1])] = {spec.key.path[-1]} | {d.asset_key.path[-1] for d in spec.deps}
+    for definition in [*(defs.assets or []), *(defs.asset_checks or [])]:
+        for check in getattr(definition, "check_specs", []):
+            name = check.asset_key.path[-1]
+            allowed[("check", f"{name}:{check.name}")] = {name} | {d.asset_key.path[-1] for d in check.additional_deps}
+    return allowed
+
+
+def _materialize_all(defs: dg.Definitions, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
+    """Every asset and check of `defs` in this process (so the instruments see every read)."""
+    assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition | dg.SourceAsset)]
+    return dg.materialize([*assets, *(defs.asset_checks or [])], resources=defs.resources, run_config=run_config,
+                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+
+def undeclared_reads(log: ReadLog, allowed: dict[tuple[str, str], set[str]]) -> list[str]:
+    """One line per (reader, target) pair that the graph does not declare, naming what was read."""
+    lines = []
+    for (kind, reader, target), what in sorted(log.reads.items()):
+        if kind == "none":
+            continue  # outside a step (the resource set-up, the test itself)
+        if target not in allowed.get((kind, reader), {reader}):
+            lines.append(f"{kind} {reader} reads {target} ({', '.join(sorted(what))}) without declaring it")
+    return lines
+
+
+@pytest.mark.slow
+def test_every_read_is_of_the_asset_itself_or_a_declared_upstream(tmp_path, monkeypatch):
+    defs = build_definitions(tmp_path / "carl")
+    log = ReadLog()
+    _instrument(monkeypatch, log)
+    result = _materialize_all(defs, TINY)
+    offenders = undeclared_reads(log, _declared(defs))
+    assert not offenders, f"{len(offenders)} undeclared reads:\n" + "\n".join(offenders)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    readers = {reader for kind, reader, _ in log.reads if kind == "asset"}
+    # the instrument sees reads at all: these readers read an upstream table or artifact
+    assert {"emotion_training_pairs", "steering_vectors", "sft_checkpoint", "agent_evaluation"} <= readers
+
+
+def test_the_instrument_catches_a_read_of_an_undeclared_table(tmp_path, monkeypatch):
+    """Proof that the instrumented test can fail: an asset that reads memory_nodes without declaring
+    memory_graph is listed (the shape of steering_vectors' read before the lineage work)."""
+
+    @dg.asset
+    def memory_graph(duckdb: resources_module.DuckDBResource) -> dg.MaterializeResult:
+        import pandas as pd
+
+        resources_module.write_tables(duckdb, {"memory_nodes": pd.DataFrame({"node_id": ["a"]})})
+        return dg.MaterializeResult()
+
+    @dg.asset(deps=[memory_graph])
+    def declared(duckdb: resources_module.DuckDBResource) -> dg.MaterializeResult:
+        resources_module.read_table(duckdb, "memory_nodes")
+        return dg.MaterializeResult()
+
+    @dg.asset
+    def hidden(duckdb: resources_module.DuckDBResource) -> dg.MaterializeResult:
+        with contextlib.suppress(LookupError):  # it may run before memory_graph: nothing orders them
+            resources_module.read_table(duckdb, "memory_nodes")
+        return dg.MaterializeResult()
+
+    defs = dg.Definitions(assets=[memory_graph, declared, hidden],
+                          resources=resources_module.build_resources(tmp_path))
+    log = ReadLog()
+    _instrument(monkeypatch, log)
+    result = _materialize_all(defs)
+    assert result.success
+    offenders = undeclared_reads(log, _declared(defs))
+    assert offenders == ["asset hidden reads memory_graph (table memory_nodes) without declaring it"]
+
+
+def test_a_handle_names_this_runs_version_when_an_overlapping_run_promoted_another(tmp_path):
+    """Run A makes a base_model version; run B (overlapping) makes another and promotes it to `current`;
+    A's downstream step still receives A's version, B's receives B's, and a run that made none gets current."""
+    store = ArtifactStore(home=str(tmp_path))
+    with store.write_version("base_model", run_id="aaaaaaaa-run-a") as (tmp, version_a):
+        (tmp / "weights").write_text("A")
+    with store.write_version("base_model", run_id="bbbbbbbb-run-b") as (tmp, version_b):
+        (tmp / "weights").write_text("B")
+    assert store.versions("base_model").current_name() == version_b != version_a
+    handle_a = store.handle("base_model", run_ids=("aaaaaaaa-run-a",))
+    assert isinstance(handle_a, Checkpoint) and handle_a.version == version_a
+    assert handle_a.file("weights").read_text() == "A"
+    assert handle_a.version_info["run_id"] == "aaaaaaaa-run-a"  # the path and its record agree
+    assert store.handle("base_model", run_ids=("bbbbbbbb-run-b",)).file("weights").read_text() == "B"
+    assert store.handle("base_model", run_ids=("cccccccc-run-c",)).version == version_b
+    assert store.handle("sft_dataset").path is None and isinstance(store.handle("sft_dataset"), DatasetVersion)
+    with pytest.raises(FileNotFoundError, match="sft_dataset"):
+        store.handle("sft_dataset").file("dataset")
+
+
+def test_the_io_manager_hands_the_downstream_step_its_runs_version(tmp_path):
+    """Through Dagster: `up` writes its version, then another run promotes a newer `current` before `down`
+    loads its input; `down` receives up's version of this run, and reading a table up does not write is
+    refused naming the owner."""
+    store = ArtifactStore(home=str(tmp_path))
+    seen = {}
+
+    @dg.asset(name="base_model")
+    def up(artifacts: ArtifactStore) -> dg.MaterializeResult:
+        with artifacts.write_version("base_model") as (tmp, version):
+            (tmp / "weights").write_text("this run")
+        seen["made"] = version
+        with ArtifactStore(home=str(tmp_path)).write_version("base_model", run_id="zzzzzzzz-other") as (tmp, other):
+            (tmp / "weights").write_text("other run")
+        seen["other"] = other
+        return dg.MaterializeResult()
+
+    @dg.asset(ins={"base_model": dg.AssetIn()})
+    def down(base_model: Checkpoint) -> dg.MaterializeResult:
+        seen["received"] = base_model
+        return dg.MaterializeResult()
+
+    result = dg.materialize([up, down], resources={"artifacts": store, "io_manager": ArtifactIOManager(artifacts=store)})
+    assert result.success
+    received = seen["received"]
+    assert store.versions("base_model").current_name() == seen["other"]
+    assert received.version == seen["made"] and received.file("weights").read_text() == "this run"
+    with pytest.raises(KeyError, match="memory_graph"):
+        received.read("memory_nodes")
+    assert set(TABLE_OWNERS) >= {"memory_graph", "base_model", "steering_vectors"}
+    assert make_handle("memory_graph", None, None, tmp_path / "x.duckdb").tables[0] == "memory_nodes"
