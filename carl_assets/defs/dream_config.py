@@ -17,7 +17,6 @@ SEED_LR = (1e-4, 1e-5)
 OFFLINE_LR = (OFFLINE_DEFAULTS.sft.learning_rate, OFFLINE_DEFAULTS.sft.learning_rate / 10)
 
 
-
 class DreamScenariosConfig(dg.Config):
     start_from: str = Field(default="auto", description="the policy that dreams: 'auto' (the newest "
                             "grpo_checkpoint, i.e. the previous cycle's, else base_model), 'base_model', or "
@@ -119,3 +118,4 @@ class DreamScenariosConfig(dg.Config):
 
 def _or(value: Any, default: Any) -> Any:
     """`value` unless it is None (then the model's default)."""
+    return default if value is None else value
