@@ -151,6 +151,7 @@ def test_scorer_validation_asset_writes_its_table(tmp_path):
     from carl_assets.defs import memory, models
     from carl_assets.defs.resources import build_resources
     from carl_assets.defs.scorer_validation import scorer_validation
+    from tests.upstreams import with_upstreams
 
     tiny_model = {
         "hidden_size": 32,
@@ -169,7 +170,7 @@ def test_scorer_validation_asset_writes_its_table(tmp_path):
         }
     }
     result = dg.materialize(
-        [memory.memory_graph, models.base_model, scorer_validation],
+        with_upstreams(memory.memory_graph, models.base_model, scorer_validation),
         resources=build_resources(tmp_path),
         run_config=run_config,
     )
