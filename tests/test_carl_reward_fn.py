@@ -180,14 +180,14 @@ def test_reward_fn_inside_a_real_grpo_trainer_step(tiny, tmp_path):
 def test_full_logits_fallback_and_bf16_model_give_the_same_rewards(tiny, monkeypatch):
     import copy
 
-    from carl_assets.carl import reward_fn as carl_reward_fn
+    from carl_assets.carl import completion_scores
 
     model, tokenizer = tiny
     prompts = ["Click", [{"role": "user", "content": "Type the name."}]]
     completion_ids = [[5, 9, 33, 2], [7, 7, 8, 100, 101, 3, 4]]
     tiled = make_carl_reward_fn(model, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
                                                                completion_ids=completion_ids)
-    monkeypatch.setattr(carl_reward_fn, "_lm_head_parts", lambda m: (None, None, None, 1.0))
+    monkeypatch.setattr(completion_scores, "lm_head_parts", lambda m: (None, None, None, 1.0))
     full = make_carl_reward_fn(model, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
                                                               completion_ids=completion_ids)
     monkeypatch.undo()
