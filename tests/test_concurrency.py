@@ -21,7 +21,8 @@ import yaml
 from carl_assets import storage
 from carl_assets.artifacts import VERSION_FILE, ArtifactVersions
 from carl_assets.dagster_instance import TRAINING_POOL, TRAINING_POOL_LIMIT, write_dagster_yaml
-from carl_assets.defs import POOLS, build_definitions
+from carl_assets.defs import build_definitions
+from carl_assets.defs.pools import LEDGER_POOL, POOLED
 from carl_assets.defs.resources import ArtifactStore
 
 # --------------------------------------------------------------------------------------------
@@ -81,20 +82,24 @@ def test_unreadable_dagster_yaml_is_named(tmp_path: Path, content: str, message:
 
 
 def step_pools(home: Path) -> dict[str, str | None]:
-    """Step key -> pool of the whole-graph asset job, as Dagster plans it."""
-    from dagster._core.execution.api import create_execution_plan
+    """Step key -> pool of every step of the whole graph (each asset's and each separate check's op; an op's
+    name is its step key), as the Definitions declare them through public APIs."""
+    defs = build_definitions(home=home)
+    nodes = [d for d in [*(defs.assets or []), *(defs.asset_checks or [])] if isinstance(d, dg.AssetsDefinition)]
+    return {d.op.name: d.op.pool for d in nodes}
 
-    job = build_definitions(home=home).resolve_implicit_global_asset_job_def()
-    return {step.key: step.pool for step in create_execution_plan(job).steps}
 
-
-def test_training_assets_are_planned_in_their_pools(tmp_path: Path) -> None:
+def test_pooled_assets_are_the_expected_ones_and_dagster_plans_them_so(tmp_path: Path) -> None:
     pools = step_pools(tmp_path)
     pooled = {key: pool for key, pool in pools.items() if pool}
-    assert pooled == {asset: pool for pool, assets in POOLS.items() for asset in assets}
+    assert pooled == {asset: pool for pool, assets in POOLED.items() for asset in assets}
     assert {k for k, p in pooled.items() if p == TRAINING_POOL} == {
         "base_model", "scorer_validation", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"}
+    assert {k for k, p in pooled.items() if p == LEDGER_POOL} == {"crystallization_events"}
     assert pools["steering_vectors"] is None and pools["memory_graph"] is None  # cheap steps run freely
+    # The job Dagster runs holds the same ops, so its steps carry these pools.
+    job = build_definitions(home=tmp_path).resolve_job_def("carl_all")
+    assert {op.name: op.pool for op in job.graph.node_defs if op.pool} == pooled
 
 
 def test_made_by_finds_the_runs_own_version(tmp_path: Path) -> None:

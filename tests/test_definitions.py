@@ -1,17 +1,19 @@
-"""The one Definitions object: the asset graph of DESIGN.md, its groups, code versions, checks, jobs,
-the nightly schedule and the memory-change sensor."""
+"""The one Definitions object: the asset graph (docs/architecture.md), its groups, code versions, checks,
+jobs, the nightly schedule and the memory-change sensor."""
 
 from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from carl_assets.defs import CODE_VERSIONS, build_definitions
 
-# asset -> (group, upstream assets it must have) as DESIGN.md lays the graph out.
+# asset -> (group, upstream assets it must have), as docs/architecture.md lays the graph out.
 EXPECTED = {
     "memory_source": ("memory", set()),
     "memory_graph": ("memory", {"memory_source"}),
@@ -19,7 +21,8 @@ EXPECTED = {
     "emotion_training_pairs": ("memory", {"memory_graph"}),
     "base_model": ("training", {"memory_graph"}),
     "steering_vectors": ("steering", {"emotion_training_pairs", "base_model"}),
-    "dream_scenarios": ("dreams", {"memory_graph", "base_model", "steering_vectors"}),
+    "scorer_validation": ("dreams", {"memory_graph", "base_model"}),
+    "dream_scenarios": ("dreams", {"memory_graph", "base_model", "steering_vectors", "scorer_validation"}),
     "sft_dataset": ("training", {"dream_scenarios"}),
     "sft_checkpoint": ("training", {"base_model", "sft_dataset"}),
     "crystallization_events": ("training", {"sft_checkpoint"}),
@@ -52,11 +55,35 @@ def test_asset_in_graph_with_its_group_and_upstreams(graph, asset):
 
 def test_every_asset_has_a_description_and_a_code_version(graph):
     _, asset_graph = graph
+    materializable = set()
     for key in asset_graph.get_all_asset_keys():
         node = asset_graph.get(key)
         assert node.description, f"{key.to_user_string()} has no description"
         if node.is_materializable:
-            assert node.code_version == CODE_VERSIONS[key.to_user_string()]
+            materializable.add(key.to_user_string())
+            assert node.code_version, f"{key.to_user_string()} has no code version"
+    assert set(CODE_VERSIONS) == materializable  # no asset without an entry, no entry without an asset
+
+
+def test_a_materialization_records_the_tables_code_version(tmp_path, monkeypatch):
+    """What Dagster records with each materialization (the `dagster/code_version` tag its staleness compares
+    with the asset's current code version), on the Definitions the code location loads."""
+    from carl_assets.definitions import defs as code_location
+
+    monkeypatch.setenv("CARL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CARL_MEMORY_SOURCE", "sample")
+    defs = code_location()
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_job_def("carl_all")
+        result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("memory_graph")])
+        assert result.success
+        event = instance.get_latest_materialization_event(dg.AssetKey("memory_graph"))
+    recorded = dict(event.asset_materialization.tags or {})
+    assert recorded["dagster/code_version"] == CODE_VERSIONS["memory_graph"]
+    graph = defs.resolve_asset_graph()
+    reported = {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()
+                if graph.get(k).is_materializable}
+    assert reported == CODE_VERSIONS
 
 
 def test_no_leaf_but_the_evaluations(graph):
@@ -112,10 +139,20 @@ def test_schedule_requests_a_retraining_run_in_the_users_timezone(monkeypatch):
     assert len(data.run_requests) == 1 and data.run_requests[0].job_name in (None, "retraining")
 
 
-def test_workspace_loads_definitions_module():
-    import definitions
+def test_workspace_and_dg_load_the_same_code_location():
+    """workspace.yaml (`dagster dev`), `[tool.dagster]` and `[tool.dg.project]` all name
+    carl_assets/definitions.py, whose `defs` is the project's Definitions."""
+    from carl_assets.definitions import defs
 
-    assert isinstance(definitions.defs, dg.Definitions)
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    repo = Path(__file__).resolve().parents[1]
+    workspace = yaml.safe_load((repo / "workspace.yaml").read_text())
+    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
+    assert workspace["load_from"] == [{"python_module": {"module_name": "carl_assets.definitions",
+                                                         "working_directory": "."}}]
+    assert pyproject["tool"]["dagster"]["module_name"] == "carl_assets.definitions"
+    assert pyproject["tool"]["dg"]["project"]["code_location_target_module"] == "carl_assets.definitions"
+    assert isinstance(defs(), dg.Definitions)
 
 
 def _evaluate(sensor: dg.SensorDefinition, cursor: str | None) -> tuple[list[dg.RunRequest], str | None, list]:

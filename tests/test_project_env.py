@@ -171,10 +171,10 @@ def test_definitions_load_with_bad_settings_and_warn(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch, transformers and Dagster
-def test_importing_definitions_py_with_bad_settings(tmp_path):
+def test_loading_the_code_location_with_bad_settings(tmp_path):
     env = {**os.environ, "CARL_DB_LOCK_TIMEOUT": "soon", "CARL_RETRAIN_CRON": "nightly",
            "CARL_HOME": str(tmp_path / "c"), "DAGSTER_HOME": str(tmp_path / "d")}
-    out = subprocess.run([sys.executable, "-c", "import definitions; print(type(definitions.defs).__name__)"],
+    out = subprocess.run([sys.executable, "-c", "from carl_assets.definitions import defs; print(type(defs()).__name__)"],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "Definitions"

@@ -1,14 +1,18 @@
 """The Dagster layer: assets per group, resources, checks, jobs, schedules and sensors.
 
 Each asset module mirrors a library package (`memory`, `models`, `steering`, `dreams`, `carl`, `leworld`):
-it reads inputs from storage, calls the library, writes storage and returns metadata.
-`build_definitions()` collects them into the one `Definitions` object.
+it reads inputs from storage, calls the library, writes storage and returns metadata. This package is the
+project's dg defs folder (`[tool.dg]` in pyproject.toml): `dg.load_from_defs_folder` finds every asset and
+asset check defined at the top of its modules, and `build_definitions()` adds what is project-wide (code
+versions, jobs, schedule, sensor, resources, executor) into the one `Definitions` object that
+carl_assets/definitions.py hands to `dg`, `dagster dev` and `carl`.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
@@ -17,20 +21,8 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from carl_assets.defs import (  # noqa: E402
-    carl,
-    dreams,
-    emotion_tags,
-    leworld,
-    memory,
-    models,
-    scorer_validation,
-    steering,
-)
 from carl_assets.defs.jobs import build_jobs_schedules_sensors  # noqa: E402
 from carl_assets.defs.resources import build_resources  # noqa: E402
-
-ASSET_MODULES = [memory, emotion_tags, models, steering, dreams, scorer_validation, carl, leworld]
 
 # Bump an asset's code version when its code changes what it makes: Dagster then marks it (and what is
 # downstream) stale. One table, so a change is one line in review.
@@ -63,55 +55,6 @@ EXECUTOR = dg.multiprocess_executor.configured(
 )
 
 
-# Concurrency pools, each limited to 1 across all runs (`concurrency: pools: default_limit: 1` in the
-# project's dagster.yaml, written by carl_assets/dagster_instance.py), so two overlapping runs take turns:
-# - `training`: assets that train or generate for long share one machine's cores;
-# - `ledger`: crystallization_events reads its tables kept across runs, then writes them back with its
-#   row added; two at once would each write back what they read, and one run's row would be lost.
-TRAINING_POOL = "training"
-LEDGER_POOL = "ledger"
-POOLS = {
-    TRAINING_POOL: frozenset({"base_model", "dream_scenarios", "scorer_validation", "sft_checkpoint",
-                              "grpo_checkpoint", "leworld_model"}),
-    LEDGER_POOL: frozenset({"crystallization_events"}),
-}
-TRAINING_ASSETS = POOLS[TRAINING_POOL]
-
-
-def _in_pool(asset: dg.AssetsDefinition, pool: str) -> dg.AssetsDefinition:
-    """The same asset with its op in `pool`. Dagster reads a step's pool from the op, and an asset's op
-    can only be given one by its decorator; this rebuilds the op with every other property unchanged,
-    the way Dagster copies ops itself, so the list of pooled assets stays in this one file."""
-    op = asset.op
-    if op.pool not in (None, pool):
-        raise ValueError(f"asset op {op.name!r} is already in pool {op.pool!r}, not {pool!r}")
-    with warnings.catch_warnings():  # `version` is the only public read of an op's code version in 1.13
-        warnings.simplefilter("ignore", DeprecationWarning)
-        code_version = op.version
-    pooled = dg.OpDefinition(
-        compute_fn=op.compute_fn,
-        name=op.name,
-        ins={definition.name: dg.In.from_definition(definition) for definition in op.input_defs},
-        outs={definition.name: dg.Out.from_definition(definition) for definition in op.output_defs},
-        description=op.description,
-        config_schema=op.config_schema,
-        required_resource_keys=op.required_resource_keys,
-        tags=op.tags,
-        retry_policy=op.retry_policy,
-        code_version=code_version,
-        pool=pool,
-    )
-    return dg.AssetsDefinition.dagster_internal_init(**{**asset.get_attributes_dict(), "node_def": pooled})
-
-
-def _pooled(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
-    names = {key.to_user_string() for key in asset.keys}
-    pools = [pool for pool, members in POOLS.items() if names & members]
-    if len(pools) > 1:
-        raise ValueError(f"assets {sorted(names)} are listed in several pools {pools}: an op has one pool")
-    return _in_pool(asset, pools[0]) if pools else asset
-
-
 def _with_code_version(spec: dg.AssetSpec) -> dg.AssetSpec:
     name = spec.key.to_user_string()
     if name not in CODE_VERSIONS:
@@ -119,14 +62,23 @@ def _with_code_version(spec: dg.AssetSpec) -> dg.AssetSpec:
     return spec.replace_attributes(code_version=CODE_VERSIONS[name])
 
 
+def _found_in_defs_folder() -> tuple[list, list]:
+    """The assets and asset checks at the top of the modules of this folder, each once (a module that
+    imports another's asset holds the same object)."""
+    found = dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)
+    assets = list({id(a): a for a in found.assets or []}.values())
+    checks = list({id(c): c for c in found.asset_checks or []}.values())
+    return assets, checks
+
+
 def build_definitions(home: str | os.PathLike[str] | None = None) -> dg.Definitions:
-    loaded = dg.load_assets_from_modules(ASSET_MODULES)
+    """The project's one `Definitions`: every asset and check of this folder with its code version from
+    `CODE_VERSIONS`, the jobs, schedule and sensor, the resources on `home` (None: `$CARL_HOME`, else the
+    project's .carl) and the preloading multiprocess executor. Raises KeyError for an asset missing
+    from `CODE_VERSIONS`."""
+    found, checks = _found_in_defs_folder()
     # A source asset is observed, not computed: its version is its data version; it has no code version.
-    assets = [a if isinstance(a, dg.SourceAsset) else _pooled(a.map_asset_specs(_with_code_version)) for a in loaded]
-    missing = frozenset().union(*POOLS.values()) - {key.to_user_string() for a in assets for key in getattr(a, "keys", [])}
-    if missing:
-        raise KeyError(f"POOLS names {sorted(missing)}, which are not assets (carl_assets/defs/__init__.py)")
-    checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
+    assets = [a if isinstance(a, dg.SourceAsset) else a.map_asset_specs(_with_code_version) for a in found]
     names = [key.to_user_string() for a in assets for key in getattr(a, "keys", [getattr(a, "key", None)]) if key]
     jobs, schedules, sensors = build_jobs_schedules_sensors(names)
     return dg.Definitions(
