@@ -41,12 +41,14 @@ POPULATORS = ("structured", "random", "experience")
 class LeWorldMemoryConfig(dg.Config):
     populator: str = Field(
         default="structured",
-        description="how the memory is filled: 'structured' (the seed's four pattern quarters), 'random' (fair "
-        "coin bits) or 'experience' (the sentences of the memory graph's node texts, DuckDB memory_nodes)",
+        description="how the memory is filled: 'structured' (the seed's four pattern quarters), 'random' "
+        "(fair coin bits) or 'experience' (the sentences of the memory graph's node texts, DuckDB "
+        "memory_nodes)",
     )
     num_words: int = Field(default=65536, description="words of memory, 1,024..65,536 (two address bytes)")
     word_size: int = Field(default=32, description="bits per word")
-    seed: int = Field(default=0, description="seed of the random bits / the context quarter / the text projection")
+    seed: int = Field(
+        default=0, description="seed of the random bits / the context quarter / the text projection")
 
 
 class LeWorldDatasetConfig(dg.Config):
@@ -59,13 +61,14 @@ class LeWorldDatasetConfig(dg.Config):
         default="medium", description="'easy', 'medium' or 'hard': 1, 2 or 3 relevant memory regions")
     mix: str = Field(
         default="last",
-        description="'last': the seed (the last relevant region drives the dynamics); 'mean': every region does",
+        description="'last': the seed (the last relevant region drives the dynamics); 'mean': every region "
+        "does",
     )
     cue: str = Field(
         default="none",
-        description="'none': the seed (regions drawn independently of anything a model sees, so memory cannot "
-        "matter); 'characteristics': the characteristics' signs spell each region's start address in binary "
-        "(magnitudes unchanged), so an SLM can find the region and memory can matter",
+        description="'none': the seed (regions drawn independently of anything a model sees, so memory "
+        "cannot matter); 'characteristics': the characteristics' signs spell each region's start address in "
+        "binary (magnitudes unchanged), so an SLM can find the region and memory can matter",
     )
     seed: int = Field(default=0, description="seed of the draws (train uses 2·seed, validation 2·seed + 1)")
 
@@ -80,7 +83,8 @@ def load_split(leworld_dataset: AssetHandle, split: str) -> SequenceBatch:
     return SequenceBatch.from_tensors(load_file(str(leworld_dataset.file(f"{split}.safetensors"))))
 
 
-def _populate(config: LeWorldMemoryConfig, memory_graph: AssetHandle) -> tuple[ArtificialMemory, dict[str, object]]:
+def _populate(config: LeWorldMemoryConfig, memory_graph: AssetHandle
+              ) -> tuple[ArtificialMemory, dict[str, object]]:
     """The memory filled by the configured populator, and what the `experience` one reports."""
     if config.populator not in POPULATORS:
         raise ValueError(f"unknown populator {config.populator!r}: use structured, random or experience")
@@ -119,7 +123,8 @@ def leworld_memory(context: dg.AssetExecutionContext, config: LeWorldMemoryConfi
     with artifacts.write_version("leworld_memory") as (tmp, version):
         save_file({"bits": bits}, str(tmp / MEMORY_FILE), metadata={"populator": config.populator})
     quarters = region_of(torch.arange(config.num_words), config.num_words)
-    density = {f"bit_density_{name}": float(bits[quarters == i].float().mean()) for i, name in enumerate(REGIONS)}
+    density = {f"bit_density_{name}": float(bits[quarters == i].float().mean())
+               for i, name in enumerate(REGIONS)}
     context.log.info(f"leworld_memory: {config.populator}, {tuple(bits.shape)}")
     return materialized(bits, config=config, metadata={
         "shape": list(bits.shape), "populator": config.populator, "bit_density": float(bits.float().mean()),
@@ -185,8 +190,9 @@ def _write_dataset(artifacts: ArtifactStore, config: LeWorldDatasetConfig, split
     description="Synthetic state-transition sequences whose dynamics depend on the contents of 1–3 memory "
     "regions (train and validation splits), generated vectorised; an index table `leworld_dataset_index`.",
 )
-def leworld_dataset(context: dg.AssetExecutionContext, config: LeWorldDatasetConfig, leworld_memory: AssetHandle,
-                    artifacts: ArtifactStore, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def leworld_dataset(context: dg.AssetExecutionContext, config: LeWorldDatasetConfig,
+                    leworld_memory: AssetHandle, artifacts: ArtifactStore, duckdb: DuckDBResource
+                    ) -> dg.MaterializeResult:
     if config.cue not in CUES:
         raise ValueError(f"unknown cue {config.cue!r}: use one of {CUES}")
     bits = load_memory_bits(leworld_memory)

@@ -54,8 +54,8 @@ REPLICATES_DIR, REPLICATES_FILE = "replicates", "replicates.json"
 class LeWorldModelConfig(dg.Config):
     phase1_epochs: int = Field(
         default=3, description="phase 1 epochs (SLMs and BLM pre-trained apart), per replicate")
-    phase2_epochs: int = Field(default=2, description="phase 2 epochs (end to end), per replicate (4 before the "
-                               "multi-seed comparison: halved to keep 3 seeds × 2 variants affordable)")
+    phase2_epochs: int = Field(default=2, description="phase 2 epochs (end to end), per replicate (4 before "
+                               "the multi-seed comparison: halved to keep 3 seeds × 2 variants affordable)")
     phase3_epochs: int = Field(
         default=1, description="phase 3 epochs (info-request refinement), per replicate (was 2)")
     batch_size: int = Field(default=32, description="sequences per batch in every phase")
@@ -65,13 +65,13 @@ class LeWorldModelConfig(dg.Config):
                              "seed's groups: SLMs and the rest of the BLM ×0.1, memory encoder ×0.01)")
     info_utility: str = Field(
         default="reinforce",
-        description="phase 3's information-utility term: 'reinforce' (REINFORCE on the BLM's decision to send "
-        "its info request, reward = the improvement over the branch without it) or 'seed' (the seed's "
+        description="phase 3's information-utility term: 'reinforce' (REINFORCE on the BLM's decision to "
+        "send its info request, reward = the improvement over the branch without it) or 'seed' (the seed's "
         "detached form, which has no gradient: documented, inert)",
     )
     lambda_info_util: float = Field(default=0.1, description="weight λ of phase 3's information-utility term")
-    slm_d_model: int = Field(default=64, description="SLM width (the seed used 128; 64 halves the SLMs' cost at "
-                             "the same validation MSE here)")
+    slm_d_model: int = Field(default=64, description="SLM width (the seed used 128; 64 halves the SLMs' cost "
+                             "at the same validation MSE here)")
     blm_d_model: int = Field(default=128, description="BLM width (hidden size of the big model)")
     n_slms: int = Field(default=3, description="number of small models (address pickers)")
     info_dim: int = Field(default=16, description="size of the BLM's info request")
@@ -79,8 +79,8 @@ class LeWorldModelConfig(dg.Config):
     max_read_range: int = Field(default=128, description="most words one read covers")
     seed: int = Field(
         default=0, description="seed of the primary model (initialisation, batch order, phase 3 draws)")
-    seeds: int = Field(default=3, description="replicates per variant, seeds seed..seed+seeds-1, for the memory "
-                       "verdict (1: only the primary model)")
+    seeds: int = Field(default=3, description="replicates per variant, seeds seed..seed+seeds-1, for the "
+                       "memory verdict (1: only the primary model)")
     train_without_memory: bool = Field(
         default=True,
         description="also train the same architecture with memory reads off (the fair no-memory baseline), "
@@ -197,7 +197,8 @@ MODEL_SOUND = dg.AssetCheckSpec("leworld_model_is_sound", asset="leworld_model",
 
 
 def model_sound(metrics: pd.DataFrame, folder: Path) -> dg.AssetCheckResult:
-    """The model check: every value of `metrics` finite and the saved primary system reloads with parameters."""
+    """The model check: every value of `metrics` finite, and the saved primary system reloads with
+    parameters."""
     finite = bool(np.isfinite(metrics["value"].to_numpy()).all())
     params = count_params(load_system(folder))
     return dg.AssetCheckResult(check_name=MODEL_SOUND.name, passed=finite and params > 0,
@@ -225,11 +226,13 @@ def leworld_model(context: dg.AssetExecutionContext, config: LeWorldModelConfig,
     seeds = [config.seed + k for k in range(config.seeds)]
     variants = VARIANTS if config.train_without_memory else ("memory",)
     started = time.perf_counter()
-    replicates = train_replicates(make_system, train, validation, training, seeds, variants, log=context.log.info)
+    replicates = train_replicates(make_system, train, validation, training, seeds, variants,
+                                  log=context.log.info)
     seconds = time.perf_counter() - started
     primary = replicates[0]  # memory, first seed: the model downstream users load
     folder = _save_model(artifacts, replicates, training, seconds)
-    metrics = pd.concat([r.metrics.assign(variant=r.variant, seed=r.seed) for r in replicates], ignore_index=True)
+    metrics = pd.concat([r.metrics.assign(variant=r.variant, seed=r.seed) for r in replicates],
+                        ignore_index=True)
     write_tables(duckdb, {"leworld_metrics": metrics})
     last = primary.metrics.groupby(["phase", "metric"])["value"].last()
     final = {f"phase{p}_{m}": float(v) for (p, m), v in last.items()
@@ -244,7 +247,8 @@ def leworld_model(context: dg.AssetExecutionContext, config: LeWorldModelConfig,
 def load_replicates(leworld_model: AssetHandle) -> list[Replicate]:
     """Every replicate a leworld_model version saved (manifest order: the primary first)."""
     manifest = json.loads(leworld_model.file(REPLICATES_FILE).read_text())
-    return [Replicate(m["variant"], int(m["seed"]), load_system(leworld_model.file(m["path"]))) for m in manifest]
+    return [Replicate(m["variant"], int(m["seed"]), load_system(leworld_model.file(m["path"])))
+            for m in manifest]
 
 
 def _verdict(per_seed: pd.DataFrame) -> tuple[str, dict[str, object], pd.DataFrame | None]:
@@ -261,7 +265,8 @@ def _verdict(per_seed: pd.DataFrame) -> tuple[str, dict[str, object], pd.DataFra
         "memory_verdict": verdict,
         "memory_verdict_one_step": verdict_sentence(by_metric.loc["one_step_mse"]),
         "memory_helps": bool(headline["verdict"] == "memory helps"),
-        "with_memory_mse_mean": float(headline["memory_mean"]), "with_memory_mse_std": float(headline["memory_std"]),
+        "with_memory_mse_mean": float(headline["memory_mean"]),
+        "with_memory_mse_std": float(headline["memory_std"]),
         "without_memory_mse_mean": float(headline["no_memory_mean"]),
         "without_memory_mse_std": float(headline["no_memory_std"]),
         "memory_gap": float(headline["gap"]), "twice_spread": float(headline["twice_spread"]),
@@ -286,12 +291,12 @@ def beats_persistence(summary: pd.DataFrame) -> dg.AssetCheckResult:
     group_name=GROUP,
     kinds={"pytorch", "duckdb"},
     check_specs=[BEATS_PERSISTENCE],
-    description="Validation MSE/MAE (rollout from the first state, per horizon and one-step), routing entropy "
-    "and SLM usage of the trained system against predicting the current state, the same system with its "
-    "memory reads zeroed, the same architecture trained without memory reads, and (reference) reads of the "
-    "true relevant regions; the memory verdict over seeds (mean ± std with memory vs trained without, the gap, "
-    "twice the spread). Tables `leworld_evaluation`, `leworld_evaluation_steps`, `leworld_evaluation_seeds`, "
-    "`leworld_memory_verdict`.",
+    description="Validation MSE/MAE (rollout from the first state, per horizon and one-step), routing "
+    "entropy and SLM usage of the trained system against predicting the current state, the same system with "
+    "its memory reads zeroed, the same architecture trained without memory reads, and (reference) reads of "
+    "the true relevant regions; the memory verdict over seeds (mean ± std with memory vs trained without, "
+    "the gap, twice the spread). Tables `leworld_evaluation`, `leworld_evaluation_steps`, "
+    "`leworld_evaluation_seeds`, `leworld_memory_verdict`.",
 )
 def leworld_evaluation(context: dg.AssetExecutionContext, config: LeWorldEvaluationConfig,
                        leworld_model: AssetHandle, leworld_dataset: AssetHandle, duckdb: DuckDBResource
@@ -309,18 +314,19 @@ def leworld_evaluation(context: dg.AssetExecutionContext, config: LeWorldEvaluat
     gain = 100 * (m["memory_ablated_mse"] - m["mse"]) / m["memory_ablated_mse"]
     zeroed = (
         f"zeroing the trained system's reads at test time: rollout MSE {m['mse']:.4f} -> "
-        f"{m['memory_ablated_mse']:.4f} ({gain:+.1f}%, not a fair baseline); reading the true relevant regions "
-        f"instead: {m['oracle_reads_mse']:.4f}"
+        f"{m['memory_ablated_mse']:.4f} ({gain:+.1f}%, not a fair baseline); reading the true relevant "
+        f"regions instead: {m['oracle_reads_mse']:.4f}"
     )
     write_tables(duckdb, {"leworld_evaluation": result.summary, "leworld_evaluation_steps": result.steps,
                           "leworld_evaluation_seeds": per_seed,
                           **({"leworld_memory_verdict": verdicts} if verdicts is not None else {})})
     context.log.info(verdict)
     context.log.info(zeroed)
-    plot = line_plot({name: (g["step"].tolist(), g["mse"].tolist()) for name, g in result.steps.groupby("system")},
+    by_system = result.steps.groupby("system")
+    plot = line_plot({name: (g["step"].tolist(), g["mse"].tolist()) for name, g in by_system},
                      "Validation MSE per rollout step", "step (horizon)", "MSE")
-    return materialized(result.summary, per_seed, config=config, check_results=[beats_persistence(result.summary)],
-                        metadata={
+    checks = [beats_persistence(result.summary)]
+    return materialized(result.summary, per_seed, config=config, check_results=checks, metadata={
         **{key: m[key] for key in ("mse", "mae", "one_step_mse", "persistence_mse", "memory_ablated_mse",
                                    "oracle_reads_mse", "beats_persistence", "beats_memory_ablated")},
         **verdict_meta, "memory_zeroed_at_test": zeroed,
