@@ -19,13 +19,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
+
+from carl_assets.project_env import env_seconds, setting
 
 DEFAULT_CARL_HOME = ".carl"
 DATABASE_NAME = "carl.duckdb"
@@ -34,8 +36,6 @@ ARTIFACTS_DIR = "artifacts"
 
 def carl_home(home: str | os.PathLike[str] | None = None) -> Path:
     """The project home: `home` if given, else `$CARL_HOME`, else `./.carl` (made if missing)."""
-    from carl_assets.project_env import setting
-
     path = Path(home or setting("CARL_HOME") or DEFAULT_CARL_HOME).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -162,8 +162,6 @@ def lock_holder(message: str) -> tuple[str | None, int | None]:
 def lock_timeout_s() -> float:
     """The wait for a lock: `$CARL_DB_LOCK_TIMEOUT` seconds, else 120 (a value that is not a number of
     seconds >= 0 warns, naming it, and gives 120: see `project_env.env_seconds`)."""
-    from carl_assets.project_env import env_seconds
-
     return env_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S)
 
 
@@ -331,7 +329,3 @@ def content_hash(*parts: Any) -> str:
         hasher.update(b"\x00")
         _update_with(hasher, part)
     return hasher.hexdigest()[:16]
-
-
-def iter_files(path: str | os.PathLike[str]) -> Iterable[Path]:
-    return sorted(p for p in Path(path).rglob("*") if p.is_file())
