@@ -26,19 +26,30 @@ READOUT_TABLE_COLUMNS = ["checkpoint", "task_id", "emotion", "layer", "projectio
 SHORT_NAMES = {"sft_checkpoint": "sft", "grpo_checkpoint": "grpo"}
 
 
-def readout_table(vectors: SteeringVectors, checkpoints: Mapping[str, Path], results: pd.DataFrame,
-                  tasks: pd.DataFrame, placement: tuple[Any, Any] = (None, None)) -> tuple[pd.DataFrame, str]:
+def readout_table(
+    vectors: SteeringVectors,
+    checkpoints: Mapping[str, Path],
+    results: pd.DataFrame,
+    tasks: pd.DataFrame,
+    placement: tuple[Any, Any] = (None, None),
+) -> tuple[pd.DataFrame, str]:
     """The amygdala readout of each agent turn (prompt and response, as served), per checkpoint (name ->
     folder), task, emotion and readout layer: what a vLLM readout would report while the agent answers.
     With a skipped (empty) readout: no rows, and the reason it was skipped."""
     if readout_skipped(vectors):
-        return pd.DataFrame(columns=READOUT_TABLE_COLUMNS), f"steering_vectors was skipped: {readout_skipped(vectors)}"
+        return pd.DataFrame(
+            columns=READOUT_TABLE_COLUMNS
+        ), f"steering_vectors was skipped: {readout_skipped(vectors)}"
     observation = dict(zip(tasks["task_id"], tasks["observation"], strict=True))
     frames = []
     for name, part in results.groupby("checkpoint", sort=False):
-        model, tokenizer = load_model_and_tokenizer(checkpoints[str(name)], device=placement[0], dtype=placement[1])
-        texts = [f"{observation.get(t, '')}\n\n{i}\n{r}" for t, i, r in zip(part["task_id"], part["instruction"],
-                                                                           part["raw_response"], strict=True)]
+        model, tokenizer = load_model_and_tokenizer(
+            checkpoints[str(name)], device=placement[0], dtype=placement[1]
+        )
+        texts = [
+            f"{observation.get(t, '')}\n\n{i}\n{r}"
+            for t, i, r in zip(part["task_id"], part["instruction"], part["raw_response"], strict=True)
+        ]
         projections = readout_projections(model, tokenizer, texts, vectors)
         projections["checkpoint"] = name
         projections["task_id"] = part["task_id"].to_numpy()[projections["text_index"].to_numpy()]
@@ -61,15 +72,26 @@ def readout_heatmap(readout: pd.DataFrame) -> bytes:
     return figure_png(fig)
 
 
-def evaluate_checkpoints(context: dg.AssetExecutionContext, checkpoints: Mapping[str, Path], tasks: pd.DataFrame,
-                         config: AgentEvaluationConfig, placement: tuple[Any, Any],
-                         offline: bool) -> tuple[list[pd.DataFrame], list[dict[str, Any]]]:
+def evaluate_checkpoints(
+    context: dg.AssetExecutionContext,
+    checkpoints: Mapping[str, Path],
+    tasks: pd.DataFrame,
+    config: AgentEvaluationConfig,
+    placement: tuple[Any, Any],
+    offline: bool,
+) -> tuple[list[pd.DataFrame], list[dict[str, Any]]]:
     """(one evaluation table per checkpoint, tagged with its name; one summary per checkpoint)."""
     frames, summaries = [], []
     for name, folder in checkpoints.items():
         model, tokenizer = load_model_and_tokenizer(folder, device=placement[0], dtype=placement[1])
-        evaluation = evaluate_agent(model, tokenizer, tasks, gate_threshold=config.gate_threshold,
-                                    max_new_tokens=config.max_new_tokens, sampling=config.sampling(offline))
+        evaluation = evaluate_agent(
+            model,
+            tokenizer,
+            tasks,
+            gate_threshold=config.gate_threshold,
+            max_new_tokens=config.max_new_tokens,
+            sampling=config.sampling(offline),
+        )
         evaluation.insert(0, "checkpoint", name)
         frames.append(evaluation)
         summaries.append({"checkpoint": name, **summarise_evaluation(evaluation)})
@@ -87,12 +109,21 @@ def held_out_tasks(dataset: DatasetVersion, config: AgentEvaluationConfig) -> pd
     return tasks
 
 
-def _metadata(tasks: pd.DataFrame, results: pd.DataFrame, summaries: list[dict[str, Any]], readout: pd.DataFrame,
-              skipped: str, placement: tuple[Any, Any]) -> dict[str, Any]:
+def _metadata(
+    tasks: pd.DataFrame,
+    results: pd.DataFrame,
+    summaries: list[dict[str, Any]],
+    readout: pd.DataFrame,
+    skipped: str,
+    placement: tuple[Any, Any],
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {
-        "tasks": len(tasks), "summary": table_preview(pd.DataFrame(summaries)),
-        "preview": table_preview(results[["checkpoint", "instruction", "expected", "response", "confidence",
-                                          "phi_mean", "reward"]])}
+        "tasks": len(tasks),
+        "summary": table_preview(pd.DataFrame(summaries)),
+        "preview": table_preview(
+            results[["checkpoint", "instruction", "expected", "response", "confidence", "phi_mean", "reward"]]
+        ),
+    }
     for summary in summaries:
         short = SHORT_NAMES[summary["checkpoint"]]
         for key in ("act_rate", "mean_reward", "mean_phi", "exact_match_rate"):
@@ -106,8 +137,13 @@ def _metadata(tasks: pd.DataFrame, results: pd.DataFrame, summaries: list[dict[s
 
 @dg.asset(
     group_name="evaluation",
-    ins={"grpo_checkpoint": dg.AssetIn(), "sft_checkpoint": dg.AssetIn(), "sft_dataset": dg.AssetIn(),
-         "steering_vectors": dg.AssetIn(), "base_model": dg.AssetIn()},
+    ins={
+        "grpo_checkpoint": dg.AssetIn(),
+        "sft_checkpoint": dg.AssetIn(),
+        "sft_dataset": dg.AssetIn(),
+        "steering_vectors": dg.AssetIn(),
+        "base_model": dg.AssetIn(),
+    },
     kinds={"duckdb"},
     description="The seed's coherence-gated agent step on held-out memory tasks, for the SFT and GRPO "
     "checkpoints: response or abstain, phi mean, confidence, CARL reward; and the amygdala readout of each "
@@ -115,9 +151,16 @@ def _metadata(tasks: pd.DataFrame, results: pd.DataFrame, summaries: list[dict[s
     "`agent_evaluation` (one row per task and checkpoint), `agent_evaluation_summary` (act rate, mean "
     "reward) and `agent_readout` (per checkpoint, task, emotion and layer).",
 )
-def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationConfig, duckdb: DuckDBResource,
-                     grpo_checkpoint: Checkpoint, sft_checkpoint: Checkpoint, sft_dataset: DatasetVersion,
-                     steering_vectors: Readout, base_model: Checkpoint) -> dg.MaterializeResult:
+def agent_evaluation(
+    context: dg.AssetExecutionContext,
+    config: AgentEvaluationConfig,
+    duckdb: DuckDBResource,
+    grpo_checkpoint: Checkpoint,
+    sft_checkpoint: Checkpoint,
+    sft_dataset: DatasetVersion,
+    steering_vectors: Readout,
+    base_model: Checkpoint,
+) -> dg.MaterializeResult:
     tasks = held_out_tasks(sft_dataset, config)
     offline = base_model.is_offline
     placement = resolve_placement(config.device, config.dtype, offline)
@@ -125,16 +168,30 @@ def agent_evaluation(context: dg.AssetExecutionContext, config: AgentEvaluationC
     with torch_threads(resolve_threads(config.threads, offline)):
         frames, summaries = evaluate_checkpoints(context, checkpoints, tasks, config, placement, offline)
         results = pd.concat(frames, ignore_index=True)
-        readout, skipped = readout_table(load_readout(steering_vectors.file()), checkpoints, results, tasks,
-                                         placement)
+        readout, skipped = readout_table(
+            load_readout(steering_vectors.file()), checkpoints, results, tasks, placement
+        )
     if skipped:
         context.log.warning(f"agent readout skipped: {skipped}")
-    tables = {"agent_evaluation": results, "agent_evaluation_summary": pd.DataFrame(summaries),
-              "agent_readout": readout}
+    tables = {
+        "agent_evaluation": results,
+        "agent_evaluation_summary": pd.DataFrame(summaries),
+        "agent_readout": readout,
+    }
     write_tables(duckdb, tables)
-    plot = line_plot({SHORT_NAMES[str(f["checkpoint"].iloc[0])]: (list(range(len(f))), f["phi_mean"]) for f in frames},
-                     title="agent: phi mean per held-out task", xlabel="task", ylabel="phi mean",
-                     hlines={f"gate threshold {config.gate_threshold:.4f}": config.gate_threshold})
+    plot = line_plot(
+        {SHORT_NAMES[str(f["checkpoint"].iloc[0])]: (list(range(len(f))), f["phi_mean"]) for f in frames},
+        title="agent: phi mean per held-out task",
+        xlabel="task",
+        ylabel="phi mean",
+        hlines={f"gate threshold {config.gate_threshold:.4f}": config.gate_threshold},
+    )
     plots = {"phi_per_task": plot, **({"readout_heatmap": readout_heatmap(readout)} if len(readout) else {})}
-    return materialized(results.drop(columns=["raw_response"]), readout, config=config, tables=tables, plots=plots,
-                        metadata=_metadata(tasks, results, summaries, readout, skipped, placement))
+    return materialized(
+        results.drop(columns=["raw_response"]),
+        readout,
+        config=config,
+        tables=tables,
+        plots=plots,
+        metadata=_metadata(tasks, results, summaries, readout, skipped, placement),
+    )

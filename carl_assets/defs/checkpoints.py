@@ -15,9 +15,26 @@ from carl_assets.plotting import line_plot
 from carl_assets.provenance import PROVENANCE_TABLE, provenance_rows
 
 # The run-config fields reported as `run/<name>` metadata, where the run config has them.
-RUN_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "batch_size", "gradient_accumulation_steps",
-              "max_steps", "gradient_checkpointing", "device", "dtype", "num_generations", "max_completion_length",
-              "threads", "lora_r", "temperature", "top_p", "top_k", "min_p", "reward")
+RUN_FIELDS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "gradient_checkpointing",
+    "device",
+    "dtype",
+    "num_generations",
+    "max_completion_length",
+    "threads",
+    "lora_r",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "reward",
+)
 
 
 def run_metadata(run: Any) -> dict[str, Any]:
@@ -27,8 +44,14 @@ def run_metadata(run: Any) -> dict[str, Any]:
 
 def weights_files(folder: Path) -> list[Path]:
     """What identifies a checkpoint's content: weights, configs and tokenizer files (not the logs)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".jinja"}
-                  and not p.name.endswith("_log.json") and p.name != "run.json")
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.suffix in {".safetensors", ".json", ".jinja"}
+        and not p.name.endswith("_log.json")
+        and p.name != "run.json"
+    )
 
 
 def weights_problem(folder: Path) -> str | None:
@@ -45,21 +68,29 @@ def weights_problem(folder: Path) -> str | None:
 
 def weights_check_spec(asset: str, why: str) -> dg.AssetCheckSpec:
     """The blocking `<asset>_weights_finite` check, judged by the asset on the version it just wrote."""
-    return dg.AssetCheckSpec(f"{asset}_weights_finite", asset=asset, blocking=True,
-                             description=f"The checkpoint's safetensors weights are all finite ({why}).")
+    return dg.AssetCheckSpec(
+        f"{asset}_weights_finite",
+        asset=asset,
+        blocking=True,
+        description=f"The checkpoint's safetensors weights are all finite ({why}).",
+    )
 
 
 def weights_check(asset: str, folder: Path) -> dg.AssetCheckResult:
     """The result of `weights_check_spec(asset, ...)` for the checkpoint in `folder`."""
     problem = weights_problem(folder)
-    return dg.AssetCheckResult(check_name=f"{asset}_weights_finite", passed=problem is None,
-                               metadata={"problem": problem or "none"})
+    return dg.AssetCheckResult(
+        check_name=f"{asset}_weights_finite", passed=problem is None, metadata={"problem": problem or "none"}
+    )
 
 
 def resume_dir(artifacts: ArtifactStore, asset: str, *run_definition: Any) -> Path:
     """`artifacts/<asset>/.resume-<key>/`: trainer checkpoints of one run definition (its inputs' versions
     and its config less performance-only fields); hidden, so never listed as a version."""
-    return storage.artifact_dir(asset, artifacts.root) / f".resume-{storage.content_hash(asset, *run_definition)}"
+    return (
+        storage.artifact_dir(asset, artifacts.root)
+        / f".resume-{storage.content_hash(asset, *run_definition)}"
+    )
 
 
 def say_resuming(context: dg.AssetExecutionContext, folder: Path) -> None:
@@ -69,12 +100,14 @@ def say_resuming(context: dg.AssetExecutionContext, folder: Path) -> None:
         context.log.info(f"resuming from step {found.step} (trainer checkpoint {found.path})")
 
 
-def record_provenance(duckdb: DuckDBResource, asset: str, version: str, dataset: Any,
-                      parents: dict[str, str]) -> None:
+def record_provenance(
+    duckdb: DuckDBResource, asset: str, version: str, dataset: Any, parents: dict[str, str]
+) -> None:
     """Append (asset, version, node, examples) rows: the memory nodes this checkpoint was trained on, and
     which checkpoint it started from (so `carl lineage --nodes` can follow the chain of cycles)."""
-    rows = provenance_rows(asset, version, dataset["node_ids"] if "node_ids" in dataset.column_names else [],
-                           parents)
+    rows = provenance_rows(
+        asset, version, dataset["node_ids"] if "node_ids" in dataset.column_names else [], parents
+    )
     append_rows(duckdb, PROVENANCE_TABLE, rows, key="version")
 
 
@@ -83,6 +116,11 @@ def accuracy_plot(log: dict[str, Any]) -> bytes:
     rows = [r for r in log["log_history"] if r.get("mean_token_accuracy") is not None]
     steps = [r["step"] for r in rows]
     vlines = {f"crystallized (step {log['trigger_step']})": log["trigger_step"]} if log["triggered"] else {}
-    return line_plot({"mean token accuracy": (steps, [r["mean_token_accuracy"] for r in rows])},
-                     title="SFT: answer-token accuracy", xlabel="step", ylabel="accuracy",
-                     vlines=vlines, hlines={f"threshold {log['threshold']}": log["threshold"]})
+    return line_plot(
+        {"mean token accuracy": (steps, [r["mean_token_accuracy"] for r in rows])},
+        title="SFT: answer-token accuracy",
+        xlabel="step",
+        ylabel="accuracy",
+        vlines=vlines,
+        hlines={f"threshold {log['threshold']}": log["threshold"]},
+    )

@@ -18,80 +18,141 @@ OFFLINE_LR = (OFFLINE_DEFAULTS.sft.learning_rate, OFFLINE_DEFAULTS.sft.learning_
 
 
 class DreamScenariosConfig(dg.Config):
-    start_from: str = Field(default="auto", description="the policy that dreams: 'auto' (the newest "
-                            "grpo_checkpoint, i.e. the previous cycle's, else base_model), 'base_model', or "
-                            "'<asset>@<version>' from artifact_versions to roll back to an earlier cycle")
-    scorer: str = Field(default="auto", description="the training-signal agent: 'auto' (the model's default, "
-                        "chosen by scorer_validation: 'carl' for the offline model, 'self_certainty' for a real one), "
-                        "'carl', a CARL component, 'phi_mean', 'self_certainty', 'neg_entropy', 'mean_logprob', "
-                        "'steering:<emotion>' or a weighted mix such as 'carl:0.7,steering:warmth:0.3'")
+    start_from: str = Field(
+        default="auto",
+        description="the policy that dreams: 'auto' (the newest "
+        "grpo_checkpoint, i.e. the previous cycle's, else base_model), 'base_model', or "
+        "'<asset>@<version>' from artifact_versions to roll back to an earlier cycle",
+    )
+    scorer: str = Field(
+        default="auto",
+        description="the training-signal agent: 'auto' (the model's default, "
+        "chosen by scorer_validation: 'carl' for the offline model, 'self_certainty' for a real one), "
+        "'carl', a CARL component, 'phi_mean', 'self_certainty', 'neg_entropy', 'mean_logprob', "
+        "'steering:<emotion>' or a weighted mix such as 'carl:0.7,steering:warmth:0.3'",
+    )
     n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
     responses_per_scenario: int = Field(default=4, description="responses sampled per scenario (k)")
     max_new_tokens: int = Field(default=32, description="tokens per response")
-    top_fraction: float = Field(default=0.25, description="the filter keeps this top share of each scenario's "
-                                "responses (0.25 of 4: the best one)")
-    min_score: float | None = Field(default=None, description="the filter keeps only responses scoring at "
-                                    "least this (None: no minimum; the inverse diagnostic then uses the score "
-                                    "the filter kept at, the cycle's (1 - top_fraction) quantile)")
-    restart_prob: float = Field(default=0.15, description="random walk: probability of jumping back to the "
-                                "start node at each step")
+    top_fraction: float = Field(
+        default=0.25,
+        description="the filter keeps this top share of each scenario's responses (0.25 of 4: the best one)",
+    )
+    min_score: float | None = Field(
+        default=None,
+        description="the filter keeps only responses scoring at "
+        "least this (None: no minimum; the inverse diagnostic then uses the score "
+        "the filter kept at, the cycle's (1 - top_fraction) quantile)",
+    )
+    restart_prob: float = Field(
+        default=0.15, description="random walk: probability of jumping back to the start node at each step"
+    )
     walk_length: int = Field(default=8, description="random walk: steps per walk")
-    relation_weights: dict[str, float] = Field(default={}, description="random walk: edge weight per relation "
-                                               "type (others weigh 1)")
-    conditioning_kinds: list[str] = Field(default=[], description="walks start at recent nodes of these "
-                                          "kinds; [] (the default) means the graph's own: reflection/lesson "
-                                          "when it has at least 8 of them, else its most populous kinds "
-                                          "covering half its nodes (carl_assets.dreams.walks)")
-    recent_nodes: int = Field(default=64, description="walks start among this many most recent nodes of "
-                              "the conditioning kinds")
-    recency_half_life_days: float = Field(default=30.0, description="when nodes carry dates (updated_at), a "
-                                          "start dated this many days before the newest seeds half as many "
-                                          "walks (<= 0: equal shares; without dates shares are equal)")
+    relation_weights: dict[str, float] = Field(
+        default={}, description="random walk: edge weight per relation type (others weigh 1)"
+    )
+    conditioning_kinds: list[str] = Field(
+        default=[],
+        description="walks start at recent nodes of these "
+        "kinds; [] (the default) means the graph's own: reflection/lesson "
+        "when it has at least 8 of them, else its most populous kinds "
+        "covering half its nodes (carl_assets.dreams.walks)",
+    )
+    recent_nodes: int = Field(
+        default=64, description="walks start among this many most recent nodes of the conditioning kinds"
+    )
+    recency_half_life_days: float = Field(
+        default=30.0,
+        description="when nodes carry dates (updated_at), a "
+        "start dated this many days before the newest seeds half as many "
+        "walks (<= 0: equal shares; without dates shares are equal)",
+    )
     max_memories: int = Field(default=3, description="memories collided per scenario (at least 2)")
     excerpt_chars: int = Field(default=160, description="characters of each memory shown in the prompt")
-    heldout_scenarios: int = Field(default=8, description="fixed novel collisions never dreamed on, for the "
-                                   "inverse diagnostic")
+    heldout_scenarios: int = Field(
+        default=8, description="fixed novel collisions never dreamed on, for the inverse diagnostic"
+    )
     cycle: int = Field(default=-1, description="this cycle's number (-1: one after the last in dream_cycles)")
-    schedule_cycles: int = Field(default=3, description="noise schedule: cycles from the start to the end values")
-    schedule_shape: str = Field(default="cosine", description="noise schedule: 'linear', 'cosine' or 'geometric'")
-    temperature_start: float | None = Field(default=None, description="noise schedule: sampling temperature of "
-                                            "cycle 0 (None: the model's default, 1.3 for the offline model, 1.0 "
-                                            "for a real one; carl_assets.models.defaults)")
-    temperature_end: float | None = Field(default=None, description="noise schedule: temperature of the last "
-                                          "cycle (None: the model's default, 0.7 offline, 0.6 for a real model)")
-    top_k: int | None = Field(default=None, description="sampling: keep the k likeliest tokens (0: off; None: the "
-                              "model's default, off for both)")
-    top_p: float | None = Field(default=None, description="sampling: nucleus truncation (1.0: off; None: the "
-                                "model's default, off for the offline model, 0.9 for a real one)")
-    min_p: float | None = Field(default=None, description="sampling: drop tokens below min_p times the likeliest "
-                                "one's probability (0.0: off; None: the model's default, off offline, 0.05 for "
-                                "a real model)")
-    lr_start: float = Field(default=0.0, description="noise schedule: SFT learning rate of cycle 0 (0: the "
-                            "seed's 1e-4 for a real model, 1.5e-3 for the offline model)")
-    lr_end: float = Field(default=0.0, description="noise schedule: learning rate of the last cycle (0: a "
-                          "tenth of lr_start, as the seed's 1e-4 -> 1e-5)")
+    schedule_cycles: int = Field(
+        default=3, description="noise schedule: cycles from the start to the end values"
+    )
+    schedule_shape: str = Field(
+        default="cosine", description="noise schedule: 'linear', 'cosine' or 'geometric'"
+    )
+    temperature_start: float | None = Field(
+        default=None,
+        description="noise schedule: sampling temperature of "
+        "cycle 0 (None: the model's default, 1.3 for the offline model, 1.0 "
+        "for a real one; carl_assets.models.defaults)",
+    )
+    temperature_end: float | None = Field(
+        default=None,
+        description="noise schedule: temperature of the last "
+        "cycle (None: the model's default, 0.7 offline, 0.6 for a real model)",
+    )
+    top_k: int | None = Field(
+        default=None,
+        description="sampling: keep the k likeliest tokens (0: off; None: the model's default, off for both)",
+    )
+    top_p: float | None = Field(
+        default=None,
+        description="sampling: nucleus truncation (1.0: off; None: the "
+        "model's default, off for the offline model, 0.9 for a real one)",
+    )
+    min_p: float | None = Field(
+        default=None,
+        description="sampling: drop tokens below min_p times the likeliest "
+        "one's probability (0.0: off; None: the model's default, off offline, 0.05 for "
+        "a real model)",
+    )
+    lr_start: float = Field(
+        default=0.0,
+        description="noise schedule: SFT learning rate of cycle 0 (0: the "
+        "seed's 1e-4 for a real model, 1.5e-3 for the offline model)",
+    )
+    lr_end: float = Field(
+        default=0.0,
+        description="noise schedule: learning rate of the last cycle (0: a "
+        "tenth of lr_start, as the seed's 1e-4 -> 1e-5)",
+    )
     seed: int = Field(default=0, description="seed of walks, collisions and sampling (mixed with the cycle)")
     # Not performance-only: each generate batch samples from its own seeded stream, so the batching
     # changes which answers are drawn.
-    batch_size: int = Field(default=8, description="scenarios per generate call (each batch has its own "
-                            "seeded sampling stream, so this changes the answers drawn)")
-    threads: int = Field(default=0, description="torch CPU threads (0: the model's default, 1 for the offline "
-                         "model, all usable cores for a real one: models.defaults.default_threads)",
-                         json_schema_extra=PERFORMANCE_ONLY)
-    device: str = Field(default="auto", description="where the policy generates and is scored: 'auto' (CUDA, "
-                        "then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: str = Field(default="auto", description="policy precision: 'auto' (fp32 for the offline model; bf16 on "
-                       "a CUDA device that supports it for a real one), 'bf16', 'fp16' or 'fp32'")
+    batch_size: int = Field(
+        default=8,
+        description="scenarios per generate call (each batch has its own "
+        "seeded sampling stream, so this changes the answers drawn)",
+    )
+    threads: int = Field(
+        default=0,
+        description="torch CPU threads (0: the model's default, 1 for the offline "
+        "model, all usable cores for a real one: models.defaults.default_threads)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+    device: str = Field(
+        default="auto",
+        description="where the policy generates and is scored: 'auto' (CUDA, "
+        "then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'",
+    )
+    dtype: str = Field(
+        default="auto",
+        description="policy precision: 'auto' (fp32 for the offline model; bf16 on "
+        "a CUDA device that supports it for a real one), 'bf16', 'fp16' or 'fp32'",
+    )
 
     def schedule(self, offline: bool) -> NoiseSchedule:
         """The noise schedule: each 0/None field as the model's default."""
         defaults = dream_sampling_defaults(offline)
         lr_start = self.lr_start or (OFFLINE_LR if offline else SEED_LR)[0]
         lr_end = self.lr_end or lr_start / 10
-        return NoiseSchedule(cycles=self.schedule_cycles, lr_start=lr_start, lr_end=lr_end,
-                             temperature_start=_or(self.temperature_start, defaults.temperature_start),
-                             temperature_end=_or(self.temperature_end, defaults.temperature_end),
-                             shape=self.schedule_shape)
+        return NoiseSchedule(
+            cycles=self.schedule_cycles,
+            lr_start=lr_start,
+            lr_end=lr_end,
+            temperature_start=_or(self.temperature_start, defaults.temperature_start),
+            temperature_end=_or(self.temperature_end, defaults.temperature_end),
+            shape=self.schedule_shape,
+        )
 
     def scorer_spec(self, offline: bool) -> str:
         """The scorer spec: as set, or for 'auto' the model's default (`models.defaults.scorer_defaults`)."""
@@ -100,20 +161,36 @@ class DreamScenariosConfig(dg.Config):
     def sampling(self, offline: bool) -> Sampling:
         """The truncation of dream sampling: each field as set, else the model's default."""
         defaults = dream_sampling_defaults(offline)
-        return Sampling(top_k=_or(self.top_k, defaults.top_k), top_p=_or(self.top_p, defaults.top_p),
-                        min_p=_or(self.min_p, defaults.min_p))
+        return Sampling(
+            top_k=_or(self.top_k, defaults.top_k),
+            top_p=_or(self.top_p, defaults.top_p),
+            min_p=_or(self.min_p, defaults.min_p),
+        )
 
     def dream_config(self, offline: bool = True) -> DreamConfig:
         """The library's dream config (walks, collisions, filter, sampling) for this model."""
-        walk = WalkConfig(restart_prob=self.restart_prob, walk_length=self.walk_length,
-                          relation_weights=dict(self.relation_weights),
-                          conditioning_kinds=tuple(self.conditioning_kinds), recent_nodes=self.recent_nodes,
-                          recency_half_life_days=self.recency_half_life_days, seed=self.seed)
-        return DreamConfig(n_scenarios=self.n_scenarios, responses_per_scenario=self.responses_per_scenario,
-                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, walk=walk,
-                           max_memories=self.max_memories, excerpt_chars=self.excerpt_chars,
-                           top_fraction=self.top_fraction, min_score=self.min_score, seed=self.seed,
-                           sampling=self.sampling(offline))
+        walk = WalkConfig(
+            restart_prob=self.restart_prob,
+            walk_length=self.walk_length,
+            relation_weights=dict(self.relation_weights),
+            conditioning_kinds=tuple(self.conditioning_kinds),
+            recent_nodes=self.recent_nodes,
+            recency_half_life_days=self.recency_half_life_days,
+            seed=self.seed,
+        )
+        return DreamConfig(
+            n_scenarios=self.n_scenarios,
+            responses_per_scenario=self.responses_per_scenario,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            walk=walk,
+            max_memories=self.max_memories,
+            excerpt_chars=self.excerpt_chars,
+            top_fraction=self.top_fraction,
+            min_score=self.min_score,
+            seed=self.seed,
+            sampling=self.sampling(offline),
+        )
 
 
 def _or(value: Any, default: Any) -> Any:

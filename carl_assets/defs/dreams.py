@@ -22,13 +22,13 @@ from dagster_duckdb import DuckDBResource
 
 from carl_assets import storage
 from carl_assets.defs.common import config_values, materialized, table_preview
+from carl_assets.defs.dream_checks import KEPT_CHECK, kept_check, kept_something_reason, plan_scenarios
 from carl_assets.defs.dream_config import DreamScenariosConfig
 from carl_assets.defs.pools import TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore, append_rows, read_table
 from carl_assets.dreams import DreamResult, dream, inverse_diagnostic_pass_rate, parse_scorer_spec
-from carl_assets.dreams.collisions import plan_heldout
 from carl_assets.dreams.cycle_state import DreamCycleState, is_auto, next_cycle, parse_checkpoint_spec
-from carl_assets.dreams.walks import NoWalkStartError, kind_counts, resolve_conditioning_kinds
+from carl_assets.dreams.walks import kind_counts
 from carl_assets.handles import AssetHandle, Checkpoint, Readout
 from carl_assets.models.defaults import resolve_placement, resolve_threads
 from carl_assets.models.loading import load_model_and_tokenizer
@@ -37,17 +37,19 @@ from carl_assets.runtime import torch_threads
 from carl_assets.steering import load_readout
 from carl_assets.steering.readout import require_concepts
 
-__all__ = ["DreamScenariosConfig", "dream_scenarios", "kept_something_reason", "parse_checkpoint_spec",
-           "plan_scenarios", "resolve_policy"]
-KEPT_CHECK = dg.AssetCheckSpec(
-    "dreams_kept_something", asset="dream_scenarios", blocking=True,
-    description="This cycle kept at least one response and every kept response is non-empty (SFT does not "
-    "start on nothing). When it fails, its metadata `reason` says why and which dream_scenarios setting to "
-    "change: conditioning_kinds when no scenario was dreamed, min_score/top_fraction when the filter kept "
-    "nothing, max_new_tokens when kept responses are empty.")
+__all__ = [
+    "DreamScenariosConfig",
+    "dream_scenarios",
+    "kept_something_reason",
+    "parse_checkpoint_spec",
+    "plan_scenarios",
+    "resolve_policy",
+]
 
 
-def resolve_policy(artifacts: ArtifactStore, spec: str, base_model: Checkpoint | None = None) -> tuple[str, str, Path]:
+def resolve_policy(
+    artifacts: ArtifactStore, spec: str, base_model: Checkpoint | None = None
+) -> tuple[str, str, Path]:
     """(asset, version, folder) of the checkpoint a cycle starts from. 'auto': the newest GRPO checkpoint
     (the previous cycle's policy) if there is one, else the base model (`base_model`'s handle when given).
     FileNotFoundError when there is no base model, or the named version is not kept."""
@@ -71,8 +73,13 @@ def resolve_policy(artifacts: ArtifactStore, spec: str, base_model: Checkpoint |
     return asset, folder.name, folder
 
 
-def resolve_cycle(config: DreamScenariosConfig, artifacts: ArtifactStore, duckdb: DuckDBResource,
-                  base_model: Checkpoint, run_id: str) -> DreamCycleState:
+def resolve_cycle(
+    config: DreamScenariosConfig,
+    artifacts: ArtifactStore,
+    duckdb: DuckDBResource,
+    base_model: Checkpoint,
+    run_id: str,
+) -> DreamCycleState:
     """This cycle's state, resolved once: its number (after the last in this asset's own `dream_cycles`
     ledger unless set), the policy that dreams, and the noise schedule's step for that number."""
     try:
@@ -82,48 +89,17 @@ def resolve_cycle(config: DreamScenariosConfig, artifacts: ArtifactStore, duckdb
     cycle = next_cycle(config.cycle, last)
     asset, version, folder = resolve_policy(artifacts, config.start_from, base_model)
     step = config.schedule(base_model.is_offline).at(cycle)
-    return DreamCycleState(cycle=cycle, policy_asset=asset, policy_version=version, policy_path=str(folder),
-                           temperature=step.temperature, learning_rate=step.learning_rate,
-                           schedule_progress=step.progress, start_from=config.start_from.strip() or "auto",
-                           run_id=run_id)
-
-
-
-CONDITIONING_FIELD = "dream_scenarios.conditioning_kinds (run config: ops.dream_scenarios.config.conditioning_kinds)"
-
-
-def too_few_scenarios_message(kinds: tuple[str, ...], explicit: bool, present: dict[str, int], why: str) -> str:
-    """What went wrong, the kinds present with their node counts, and what to set."""
-    suggestion = [k for k in present if k not in kinds][:3] or list(present)[:3]
-    rule = "set in config" if explicit else "auto: the graph's own kinds"
-    or_auto = ", or to [] for the graph's own kinds" if explicit else ""
-    return (f"dream_scenarios has too few scenarios: {why} (conditioning kinds {list(kinds)}, {rule}). "
-            f"Kinds present (non-stub nodes): {present}. Set {CONDITIONING_FIELD} to kinds of this graph with "
-            f"linked nodes, e.g. {suggestion}{or_auto}; or add relations between memories.")
-
-
-def plan_scenarios(nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamScenariosConfig,
-                   walk: Any) -> tuple[tuple[str, ...], Any]:
-    """(the conditioning kinds used, the held-out plan sized to the graph). Raises dg.Failure naming the
-    config field and the kinds present when no node can start a walk or the walks find no scenario."""
-    kinds = resolve_conditioning_kinds(nodes, walk)
-    present = kind_counts(nodes)
-    explicit = bool(config.conditioning_kinds)
-    try:
-        plan = plan_heldout(nodes, edges, config.heldout_scenarios, config.n_scenarios, walk,
-                            max_memories=config.max_memories)
-    except NoWalkStartError:
-        why = "no non-stub node of the conditioning kinds can start a walk"
-        plan = None
-    else:
-        why = "the walks found no collision of 2 or more distinct memories (the start nodes have no edges " \
-              "to other non-stub memories)"
-    if plan is None or plan.pool == 0:
-        raise dg.Failure(description=too_few_scenarios_message(kinds, explicit, present, why),
-                         metadata={"conditioning_kinds": dg.MetadataValue.json(list(kinds)),
-                                   "kinds_present": dg.MetadataValue.json(present),
-                                   "config_field": CONDITIONING_FIELD})
-    return kinds, plan
+    return DreamCycleState(
+        cycle=cycle,
+        policy_asset=asset,
+        policy_version=version,
+        policy_path=str(folder),
+        temperature=step.temperature,
+        learning_rate=step.learning_rate,
+        schedule_progress=step.progress,
+        start_from=config.start_from.strip() or "auto",
+        run_id=run_id,
+    )
 
 
 def heldout_bar(frame: pd.DataFrame, top_fraction: float) -> float:
@@ -134,52 +110,53 @@ def heldout_bar(frame: pd.DataFrame, top_fraction: float) -> float:
 
 def _cycles_plot(cycles: pd.DataFrame) -> bytes:
     x = cycles["cycle"].astype(int).tolist()
-    series = {name: (x, cycles[name].astype(float).tolist()) for name in
-              ("temperature", "reject_fraction", "score_mean", "score_std", "no_signal_fraction",
-               "heldout_pass_rate") if name in cycles.columns}
-    return line_plot(series, title="dream cycles: noise schedule and convergence", xlabel="cycle", ylabel="value")
-
-
-def kept_something_reason(current: pd.DataFrame, cycle_row: pd.Series | None) -> str | None:
-    """Why a cycle's dreams cannot feed SFT, and what to change; None when they can. `current`: the cycle's
-    rows of `dream_scenarios`; `cycle_row`: its `dream_cycles` row (conditioning kinds, scenario pool)."""
-    kept = current[current["kept"].astype(bool)]
-    empty = int((kept["response"].astype(str).str.strip() == "").sum())
-    row = cycle_row if cycle_row is not None else pd.Series(dtype=object)
-    if len(current) == 0:
-        return (f"no scenario was dreamed: the walks from conditioning kinds {row.get('conditioning_kinds', '?')} "
-                f"found {row.get('scenario_pool', '?')} distinct scenarios and "
-                f"{row.get('heldout_scenarios', '?')} went to the held-out set. Set {CONDITIONING_FIELD} to "
-                "more populous kinds (dream_scenarios' metadata lists the kinds present), or lower "
-                "dream_scenarios.heldout_scenarios")
-    if len(kept) == 0:
-        return (f"the filter kept none of {len(current)} responses: lower dream_scenarios.min_score or raise "
-                "dream_scenarios.top_fraction")
-    if empty:
-        return (f"{empty} of {len(kept)} kept responses are empty (the policy generated no text): raise "
-                "dream_scenarios.max_new_tokens or dream from a better policy (dream_scenarios.start_from)")
-    return None
+    series = {
+        name: (x, cycles[name].astype(float).tolist())
+        for name in (
+            "temperature",
+            "reject_fraction",
+            "score_mean",
+            "score_std",
+            "no_signal_fraction",
+            "heldout_pass_rate",
+        )
+        if name in cycles.columns
+    }
+    return line_plot(
+        series, title="dream cycles: noise schedule and convergence", xlabel="cycle", ylabel="value"
+    )
 
 
 def load_scorer(config: DreamScenariosConfig, offline: bool, steering_vectors: Readout) -> tuple[str, Any]:
     """(the scorer spec, the scorer): the steering readout is loaded only when the spec uses it."""
     spec = config.scorer_spec(offline)
-    vectors = require_concepts(load_readout(steering_vectors.file()),
-                               f"dream_scenarios.scorer = {config.scorer!r}") if "steering" in spec else None
+    vectors = (
+        require_concepts(load_readout(steering_vectors.file()), f"dream_scenarios.scorer = {config.scorer!r}")
+        if "steering" in spec
+        else None
+    )
     return spec, parse_scorer_spec(spec, steering_vectors=vectors)
 
 
 def partial_dir(artifacts: ArtifactStore, state: DreamCycleState, config: DreamScenariosConfig) -> Path:
     """Where generated batches are kept as they are made, keyed by what defines the cycle's dreams: a rerun
     after a kill reuses them and generates only the rest."""
-    key = storage.content_hash("dream_scenarios", state.cycle, state.policy_asset, state.policy_version,
-                               config_values(config))
+    key = storage.content_hash(
+        "dream_scenarios", state.cycle, state.policy_asset, state.policy_version, config_values(config)
+    )
     return storage.artifact_dir("dream_scenarios", artifacts.root) / f".partial-{key}"
 
 
-def dream_cycle(context: dg.AssetExecutionContext, config: DreamScenariosConfig, state: DreamCycleState,
-                graph: tuple[pd.DataFrame, pd.DataFrame], scorer: Any, heldout: list, cache: Path,
-                offline: bool) -> tuple[DreamResult, float, float, pd.DataFrame]:
+def dream_cycle(
+    context: dg.AssetExecutionContext,
+    config: DreamScenariosConfig,
+    state: DreamCycleState,
+    graph: tuple[pd.DataFrame, pd.DataFrame],
+    scorer: Any,
+    heldout: list,
+    cache: Path,
+    offline: bool,
+) -> tuple[DreamResult, float, float, pd.DataFrame]:
     """Dream the cycle with its policy at its temperature, then the inverse diagnostic on the held-out
     collisions: (the dreams, the bar a held-out answer must reach, the pass rate, the held-out rows)."""
     device, dtype = resolve_placement(config.device, config.dtype, offline)
@@ -189,51 +166,88 @@ def dream_cycle(context: dg.AssetExecutionContext, config: DreamScenariosConfig,
         context.log.info(f"dreamed {done}/{total} scenarios")
 
     with torch_threads(resolve_threads(config.threads, offline)):
-        result = dream(model, tokenizer, *graph, config.dream_config(offline), scorer, cycle=state.cycle,
-                       temperature=state.temperature, exclude={c.node_set for c in heldout}, progress=progress,
-                       cache_dir=cache)
+        result = dream(
+            model,
+            tokenizer,
+            *graph,
+            config.dream_config(offline),
+            scorer,
+            cycle=state.cycle,
+            temperature=state.temperature,
+            exclude={c.node_set for c in heldout},
+            progress=progress,
+            cache_dir=cache,
+        )
         # "Passes the filter": at least the set minimum, else at least the score the filter kept at this
         # cycle (a greedy reflex as good as the kept dreams).
-        bar = config.min_score if config.min_score is not None else heldout_bar(result.frame, config.top_fraction)
+        bar = (
+            config.min_score
+            if config.min_score is not None
+            else heldout_bar(result.frame, config.top_fraction)
+        )
         pass_rate, heldout_frame = inverse_diagnostic_pass_rate(
-            model, tokenizer, heldout, scorer, min_score=bar, max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size, excerpt_chars=config.excerpt_chars)
+            model,
+            tokenizer,
+            heldout,
+            scorer,
+            min_score=bar,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            excerpt_chars=config.excerpt_chars,
+        )
     heldout_frame.insert(0, "cycle", state.cycle)
     return result, bar, pass_rate, heldout_frame
 
 
-def cycle_row(state: DreamCycleState, result: DreamResult, heldout: pd.DataFrame, bar: float, pass_rate: float,
-              scorer_spec: str, kinds: tuple[str, ...], pool: int) -> pd.DataFrame:
+def cycle_row(
+    state: DreamCycleState,
+    result: DreamResult,
+    heldout: pd.DataFrame,
+    bar: float,
+    pass_rate: float,
+    scorer_spec: str,
+    kinds: tuple[str, ...],
+    pool: int,
+) -> pd.DataFrame:
     """The cycle's `dream_cycles` row: its state, statistics and inverse diagnostic."""
-    return pd.DataFrame([{
-        "cycle": state.cycle, "policy_asset": state.policy_asset, "policy_version": state.policy_version,
-        "run_id": state.run_id, "temperature": state.temperature, "learning_rate": state.learning_rate,
-        "schedule_progress": state.schedule_progress, **result.statistics, "walks": result.walks,
-        "heldout_scenarios": len(heldout), "heldout_bar": bar, "heldout_pass_rate": pass_rate,
-        "heldout_score_mean": float(heldout["score"].mean()) if len(heldout) else float("nan"),
-        "scorer": scorer_spec, "conditioning_kinds": json.dumps(list(kinds)), "scenario_pool": pool,
-    }])
-
-
-def kept_check(frame: pd.DataFrame, row: pd.Series, cycle: int) -> dg.AssetCheckResult:
-    """dreams_kept_something on the cycle just dreamed (`frame`: its rows; `row`: its dream_cycles row)."""
-    reason = kept_something_reason(frame, row)
-    kept = frame[frame["kept"].astype(bool)]
-    empty = int((kept["response"].astype(str).str.strip() == "").sum())
-    metadata: dict[str, Any] = {"cycle": cycle, "dreamed_responses": len(frame), "kept": len(kept),
-                                "empty_kept": empty}
-    if reason is not None:
-        metadata["reason"] = reason
-    return dg.AssetCheckResult(check_name=KEPT_CHECK.name, passed=reason is None, metadata=metadata,
-                               description=reason)
+    return pd.DataFrame(
+        [
+            {
+                "cycle": state.cycle,
+                "policy_asset": state.policy_asset,
+                "policy_version": state.policy_version,
+                "run_id": state.run_id,
+                "temperature": state.temperature,
+                "learning_rate": state.learning_rate,
+                "schedule_progress": state.schedule_progress,
+                **result.statistics,
+                "walks": result.walks,
+                "heldout_scenarios": len(heldout),
+                "heldout_bar": bar,
+                "heldout_pass_rate": pass_rate,
+                "heldout_score_mean": float(heldout["score"].mean()) if len(heldout) else float("nan"),
+                "scorer": scorer_spec,
+                "conditioning_kinds": json.dumps(list(kinds)),
+                "scenario_pool": pool,
+            }
+        ]
+    )
 
 
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _metadata(state: DreamCycleState, result: DreamResult, pass_rate: float, kinds: tuple[str, ...],
-              config: DreamScenariosConfig, nodes: pd.DataFrame, plan: Any, cycles: pd.DataFrame) -> dict[str, Any]:
+def _metadata(
+    state: DreamCycleState,
+    result: DreamResult,
+    pass_rate: float,
+    kinds: tuple[str, ...],
+    config: DreamScenariosConfig,
+    nodes: pd.DataFrame,
+    plan: Any,
+    cycles: pd.DataFrame,
+) -> dict[str, Any]:
     frame = result.frame
     return {
         "cycle": state.cycle,
@@ -255,25 +269,43 @@ def _metadata(state: DreamCycleState, result: DreamResult, pass_rate: float, kin
     }
 
 
-def _say_plan(context: dg.AssetExecutionContext, config: DreamScenariosConfig, state: DreamCycleState,
-              kinds: tuple[str, ...], plan: Any) -> None:
-    context.log.info(f"cycle {state.cycle}: {state.policy} dreams at temperature {state.temperature:.3f} "
-                     f"(SFT lr {state.learning_rate:.2e})")
+def _say_plan(
+    context: dg.AssetExecutionContext,
+    config: DreamScenariosConfig,
+    state: DreamCycleState,
+    kinds: tuple[str, ...],
+    plan: Any,
+) -> None:
+    context.log.info(
+        f"cycle {state.cycle}: {state.policy} dreams at temperature {state.temperature:.3f} "
+        f"(SFT lr {state.learning_rate:.2e})"
+    )
     enough = " (enough)" if plan.pool >= config.n_scenarios + plan.requested else ""
-    context.log.info(f"conditioning kinds {list(kinds)} ({'set' if config.conditioning_kinds else 'auto'}); "
-                     f"walks found {plan.pool}{enough} distinct scenarios for {config.n_scenarios} dreamed + "
-                     f"{config.heldout_scenarios} held out")
+    context.log.info(
+        f"conditioning kinds {list(kinds)} ({'set' if config.conditioning_kinds else 'auto'}); "
+        f"walks found {plan.pool}{enough} distinct scenarios for {config.n_scenarios} dreamed + "
+        f"{config.heldout_scenarios} held out"
+    )
     if plan.shrunk:
-        context.log.warning(f"few scenarios: held out {len(plan.collisions)} instead of {plan.requested} (at most "
-                            f"a quarter of the {plan.pool} the walks found), the rest are dreamed")
+        context.log.warning(
+            f"few scenarios: held out {len(plan.collisions)} instead of {plan.requested} (at most "
+            f"a quarter of the {plan.pool} the walks found), the rest are dreamed"
+        )
 
 
-def _say_result(context: dg.AssetExecutionContext, state: DreamCycleState, result: DreamResult,
-                pass_rate: float, reason: str | None) -> None:
+def _say_result(
+    context: dg.AssetExecutionContext,
+    state: DreamCycleState,
+    result: DreamResult,
+    pass_rate: float,
+    reason: str | None,
+) -> None:
     stats = result.statistics
     if stats["responses"]:
-        context.log.info(f"cycle {state.cycle}: {stats['responses']} responses, {stats['kept']} kept, score "
-                         f"{stats['score_mean']:.4f} ± {stats['score_std']:.4f}, held-out pass rate {pass_rate:.2f}")
+        context.log.info(
+            f"cycle {state.cycle}: {stats['responses']} responses, {stats['kept']} kept, score "
+            f"{stats['score_mean']:.4f} ± {stats['score_std']:.4f}, held-out pass rate {pass_rate:.2f}"
+        )
     else:  # the blocking check fails next; say why here too rather than "score nan ± nan"
         context.log.warning(f"cycle {state.cycle}: {reason}")
 
@@ -286,15 +318,21 @@ def _say_result(context: dg.AssetExecutionContext, state: DreamCycleState, resul
     pool=TRAINING_POOL,
     check_specs=[KEPT_CHECK],
     description="One dream cycle: random walks on the memory graph collide 2-3 memories into a scenario, the "
-    "current policy (the previous cycle's GRPO checkpoint, or base_model) answers each k times at the cycle's "
-    "temperature, a training-signal agent (CARL and/or a steering-vector readout) scores the answers and a "
-    "filter keeps the best. DuckDB `dream_scenarios` (every response, its scores, kept or not and why), "
-    "`dream_cycles` (schedule, convergence, which checkpoint dreamed) and `dream_heldout` (the inverse "
+    "current policy (the previous cycle's GRPO checkpoint, or base_model) answers each k times at the "
+    "cycle's temperature, a training-signal agent (CARL and/or a steering-vector readout) scores the answers "
+    "and a filter keeps the best. DuckDB `dream_scenarios` (every response, its scores, kept or not and "
+    "why), `dream_cycles` (schedule, convergence, which checkpoint dreamed) and `dream_heldout` (the inverse "
     "diagnostic on fixed novel collisions); the cycle's state (cycle.json) in its version folder.",
 )
-def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosConfig, duckdb: DuckDBResource,
-                    artifacts: ArtifactStore, memory_graph: AssetHandle, base_model: Checkpoint,
-                    steering_vectors: Readout) -> dg.MaterializeResult:
+def dream_scenarios(
+    context: dg.AssetExecutionContext,
+    config: DreamScenariosConfig,
+    duckdb: DuckDBResource,
+    artifacts: ArtifactStore,
+    memory_graph: AssetHandle,
+    base_model: Checkpoint,
+    steering_vectors: Readout,
+) -> dg.MaterializeResult:
     nodes, edges = memory_graph.read("memory_nodes"), memory_graph.read("memory_edges")
     offline = base_model.is_offline
     state = resolve_cycle(config, artifacts, duckdb, base_model, context.run.run_id)
@@ -304,23 +342,35 @@ def dream_scenarios(context: dg.AssetExecutionContext, config: DreamScenariosCon
     cache = partial_dir(artifacts, state, config)
     if cache.is_dir() and any(cache.glob("batch-*.json")):
         context.log.info(f"reusing the generated batches of an interrupted run in {cache}")
-    result, bar, pass_rate, heldout = dream_cycle(context, config, state, (nodes, edges), scorer, plan.collisions,
-                                                  cache, offline)
+    result, bar, pass_rate, heldout = dream_cycle(
+        context, config, state, (nodes, edges), scorer, plan.collisions, cache, offline
+    )
     row = cycle_row(state, result, heldout, bar, pass_rate, scorer_spec, kinds, plan.pool)
     # kept across cycles (this asset's own ledgers); a rerun of a cycle replaces its rows
-    tables = {name: append_rows(duckdb, name, new, key="cycle", sort_by="cycle")
-              for name, new in (("dream_scenarios", result.frame), ("dream_cycles", row),
-                                ("dream_heldout", heldout))}
-    with artifacts.write_version("dream_scenarios", run_id=context.run.run_id,
-                                 parents={state.policy_asset: state.policy_version}) as (folder, _):
+    tables = {
+        name: append_rows(duckdb, name, new, key="cycle", sort_by="cycle")
+        for name, new in (
+            ("dream_scenarios", result.frame),
+            ("dream_cycles", row),
+            ("dream_heldout", heldout),
+        )
+    }
+    with artifacts.write_version(
+        "dream_scenarios", run_id=context.run.run_id, parents={state.policy_asset: state.policy_version}
+    ) as (folder, _):
         state.save(folder)
     shutil.rmtree(cache, ignore_errors=True)  # the cycle is stored: its partial batches are done with
     check = kept_check(result.frame, row.iloc[0], state.cycle)
     _say_result(context, state, result, pass_rate, check.description)
     frame = result.frame
     return materialized(
-        frame.drop(columns=[c for c in ("finished",) if c in frame.columns]), state.cycle, state.policy_asset,
-        state.policy_version, config=config, check_results=[check],
+        frame.drop(columns=[c for c in ("finished",) if c in frame.columns]),
+        state.cycle,
+        state.policy_asset,
+        state.policy_version,
+        config=config,
+        check_results=[check],
         tables={"dream_scenarios": tables["dream_scenarios"], "dream_cycles": tables["dream_cycles"]},
         metadata=_metadata(state, result, pass_rate, kinds, config, nodes, plan, tables["dream_cycles"]),
-        plots={"cycles_plot": _cycles_plot(tables["dream_cycles"])})
+        plots={"cycles_plot": _cycles_plot(tables["dream_cycles"])},
+    )

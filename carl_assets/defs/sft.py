@@ -30,9 +30,12 @@ SELECT example_id, dream_id, unnest(CAST(json_extract_string(node_ids_json, '$[*
 FROM sft_dataset
 """
 CHAT_CHECK = dg.AssetCheckSpec(
-    "sft_dataset_chat_formatted", asset="sft_dataset", blocking=True,
+    "sft_dataset_chat_formatted",
+    asset="sft_dataset",
+    blocking=True,
     description="The HF dataset on disk is non-empty and chat-formatted (prompt ends with a user turn; one "
-    "non-empty assistant completion), so SFT does not start on bad data.")
+    "non-empty assistant completion), so SFT does not start on bad data.",
+)
 
 
 def _prompt_completion_problem(dataset: Any) -> str | None:
@@ -41,8 +44,12 @@ def _prompt_completion_problem(dataset: Any) -> str | None:
         if isinstance(prompt, list):
             if not prompt or prompt[-1].get("role") != "user":
                 return f"row {i}: the prompt does not end with a user message"
-            if (not isinstance(completion, list) or len(completion) != 1
-                    or completion[0].get("role") != "assistant" or not completion[0].get("content")):
+            if (
+                not isinstance(completion, list)
+                or len(completion) != 1
+                or completion[0].get("role") != "assistant"
+                or not completion[0].get("content")
+            ):
                 return f"row {i}: the completion is not one non-empty assistant message"
         elif not str(completion):
             return f"row {i}: empty completion"
@@ -50,7 +57,8 @@ def _prompt_completion_problem(dataset: Any) -> str | None:
 
 
 def hf_dataset_problem(path: Path) -> str | None:
-    """None if the dataset on disk is non-empty and chat-formatted (or plain text TRL accepts), else why not."""
+    """None if the dataset on disk is non-empty and chat-formatted (or plain text TRL accepts), else why
+    not."""
     dataset = load_from_disk(str(path))
     if len(dataset) == 0:
         return "the dataset is empty"
@@ -77,22 +85,26 @@ def split_grpo_prompts(examples: pd.DataFrame, n: int, key: str) -> tuple[pd.Dat
 
 
 def _grpo_prompt_dataset(rows: pd.DataFrame) -> Dataset:
-    return Dataset.from_dict({
-        "prompt": [json.loads(p) for p in rows["prompt_json"]],
-        "example_id": [str(i) for i in rows["example_id"]],
-        "node_ids": [json.loads(n) for n in rows["node_ids_json"]],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [json.loads(p) for p in rows["prompt_json"]],
+            "example_id": [str(i) for i in rows["example_id"]],
+            "node_ids": [json.loads(n) for n in rows["node_ids_json"]],
+        }
+    )
 
 
 def _hf_from_examples(examples: pd.DataFrame) -> Dataset:
     """TRL's conversational prompt-completion dataset, each example with its ids and seed node ids."""
-    return Dataset.from_dict({
-        "prompt": [json.loads(p) for p in examples["prompt_json"]],
-        "completion": [json.loads(c) for c in examples["completion_json"]],
-        "example_id": [str(i) for i in examples["example_id"]],
-        "dream_id": [str(d) for d in examples.get("dream_id", pd.Series([""] * len(examples)))],
-        "node_ids": [json.loads(n) for n in examples["node_ids_json"]],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [json.loads(p) for p in examples["prompt_json"]],
+            "completion": [json.loads(c) for c in examples["completion_json"]],
+            "example_id": [str(i) for i in examples["example_id"]],
+            "dream_id": [str(d) for d in examples.get("dream_id", pd.Series([""] * len(examples)))],
+            "node_ids": [json.loads(n) for n in examples["node_ids_json"]],
+        }
+    )
 
 
 def _dream_examples(dreams: AssetHandle) -> tuple[pd.DataFrame, DreamCycleState]:
@@ -102,8 +114,10 @@ def _dream_examples(dreams: AssetHandle) -> tuple[pd.DataFrame, DreamCycleState]
     frame = dreams.read("dream_scenarios")
     examples = sft_examples_from_dreams(frame[frame["cycle"] == state.cycle])
     if examples.empty:
-        raise ValueError(f"dream cycle {state.cycle} kept no response: lower dream_scenarios' min_score or raise "
-                         "top_fraction")
+        raise ValueError(
+            f"dream cycle {state.cycle} kept no response: lower dream_scenarios' min_score or raise "
+            "top_fraction"
+        )
     return examples, state
 
 
@@ -113,16 +127,23 @@ def _external_examples(source: str) -> pd.DataFrame:
     for column in external.columns:
         if external[column].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
             external[column] = external[column].map(
-                lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str))
+                lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str)
+            )
     return external
 
 
-def build_examples(config: SFTDatasetConfig, nodes: pd.DataFrame, dreams: AssetHandle) -> tuple[
-        pd.DataFrame, pd.DataFrame, pd.DataFrame | None, DreamCycleState | None]:
+def build_examples(
+    config: SFTDatasetConfig, nodes: pd.DataFrame, dreams: AssetHandle
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, DreamCycleState | None]:
     """(SFT examples, held-out agent tasks, GRPO prompt rows or None, the dream cycle or None) from the
     configured source; the agent is evaluated on memory-graph tasks whatever the source."""
-    data_config = SFTDataConfig(max_examples=config.max_examples, holdout_tasks=config.holdout_tasks,
-                                tasks=tuple(config.tasks), excerpt_chars=config.excerpt_chars, seed=config.seed)
+    data_config = SFTDataConfig(
+        max_examples=config.max_examples,
+        holdout_tasks=config.holdout_tasks,
+        tasks=tuple(config.tasks),
+        excerpt_chars=config.excerpt_chars,
+        seed=config.seed,
+    )
     data_config.max_examples += config.grpo_prompts  # extra nodes, split off for GRPO below
     templated, tasks = build_sft_examples(nodes, data_config)
     if config.source == DREAMS_SOURCE:
@@ -130,9 +151,15 @@ def build_examples(config: SFTDatasetConfig, nodes: pd.DataFrame, dreams: AssetH
         sft_rows, grpo_rows = split_grpo_prompts(examples, config.grpo_prompts, "dream_id")
         return sft_rows, tasks, grpo_rows, state
     if config.source in TEMPLATE_SOURCES:
-        templated = templated.assign(dream_id="", node_ids_json=[json.dumps([n]) for n in templated["node_id"]])
-        return (templated.head(config.max_examples).reset_index(drop=True), tasks,
-                templated.iloc[config.max_examples:].reset_index(drop=True), None)
+        templated = templated.assign(
+            dream_id="", node_ids_json=[json.dumps([n]) for n in templated["node_id"]]
+        )
+        return (
+            templated.head(config.max_examples).reset_index(drop=True),
+            tasks,
+            templated.iloc[config.max_examples :].reset_index(drop=True),
+            None,
+        )
     return _external_examples(config.source), tasks, None, None
 
 
@@ -142,8 +169,15 @@ def _hf_dataset(config: SFTDatasetConfig, examples: pd.DataFrame) -> Dataset:
     return load_training_dataset(config.source)
 
 
-def _metadata(config: SFTDatasetConfig, examples: pd.DataFrame, tasks: pd.DataFrame, dataset: Dataset,
-              grpo_rows: pd.DataFrame | None, cycle: int | None, version: str) -> dict[str, Any]:
+def _metadata(
+    config: SFTDatasetConfig,
+    examples: pd.DataFrame,
+    tasks: pd.DataFrame,
+    dataset: Dataset,
+    grpo_rows: pd.DataFrame | None,
+    cycle: int | None,
+    version: str,
+) -> dict[str, Any]:
     return {
         "source": config.source,
         "dream_cycle": cycle,
@@ -152,10 +186,14 @@ def _metadata(config: SFTDatasetConfig, examples: pd.DataFrame, tasks: pd.DataFr
         "grpo_prompts": 0 if grpo_rows is None else len(grpo_rows),
         "agent_tasks": len(tasks),
         "seed_nodes": int(examples["node_ids_json"].map(json.loads).explode().nunique())
-        if "node_ids_json" in examples.columns else 0,
+        if "node_ids_json" in examples.columns
+        else 0,
         "columns": ", ".join(dataset.column_names),
-        "preview": table_preview(examples.drop(columns=[c for c in ("prompt_json", "completion_json", "system")
-                                                        if c in examples.columns])),
+        "preview": table_preview(
+            examples.drop(
+                columns=[c for c in ("prompt_json", "completion_json", "system") if c in examples.columns]
+            )
+        ),
     }
 
 
@@ -165,19 +203,29 @@ def _metadata(config: SFTDatasetConfig, examples: pd.DataFrame, tasks: pd.DataFr
     kinds={"duckdb", "huggingface"},
     check_specs=[CHAT_CHECK],
     description="Chat-format SFT examples (system + user prompt, one assistant answer). Default: the kept "
-    "responses of the dream cycle this run dreamed, else the current one (filtered behavioural cloning), each "
-    "with its dream id and seed node ids, and that cycle's state (cycle.json) beside them; or short templated "
-    "answers about memory nodes. DuckDB `sft_dataset` + held-out `agent_tasks` + the provenance view "
-    "`sft_example_nodes`, and an HF dataset on disk (TRL's conversational prompt-completion).",
+    "responses of the dream cycle this run dreamed, else the current one (filtered behavioural cloning), "
+    "each with its dream id and seed node ids, and that cycle's state (cycle.json) beside them; or short "
+    "templated answers about memory nodes. DuckDB `sft_dataset` + held-out `agent_tasks` + the provenance "
+    "view `sft_example_nodes`, and an HF dataset on disk (TRL's conversational prompt-completion).",
 )
-def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duckdb: DuckDBResource,
-                artifacts: ArtifactStore, memory_graph: AssetHandle,
-                dream_scenarios: AssetHandle) -> dg.MaterializeResult:
-    examples, tasks, grpo_rows, state = build_examples(config, memory_graph.read("memory_nodes"), dream_scenarios)
+def sft_dataset(
+    context: dg.AssetExecutionContext,
+    config: SFTDatasetConfig,
+    duckdb: DuckDBResource,
+    artifacts: ArtifactStore,
+    memory_graph: AssetHandle,
+    dream_scenarios: AssetHandle,
+) -> dg.MaterializeResult:
+    examples, tasks, grpo_rows, state = build_examples(
+        config, memory_graph.read("memory_nodes"), dream_scenarios
+    )
     cycle = None if state is None else state.cycle
     dataset = _hf_dataset(config, examples)
-    context.log.info(f"{len(examples)} SFT examples from {config.source}"
-                     + (f" (dream cycle {cycle})" if cycle is not None else "") + f", {len(tasks)} held-out tasks")
+    context.log.info(
+        f"{len(examples)} SFT examples from {config.source}"
+        + (f" (dream cycle {cycle})" if cycle is not None else "")
+        + f", {len(tasks)} held-out tasks"
+    )
     with artifacts.write_version("sft_dataset", run_id=context.run.run_id) as (tmp, version):
         dataset.save_to_disk(str(tmp / DATASET_DIR))
         if grpo_rows is not None and len(grpo_rows):
@@ -192,7 +240,15 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SFTDatasetConfig, duc
             con.execute(PROVENANCE_VIEW_SQL)
     path = artifacts.path("sft_dataset", version)
     artifacts.record("sft_dataset", version, dream_cycle=cycle, source=config.source)
-    check = dg.AssetCheckResult(check_name=CHAT_CHECK.name, passed=problem is None,
-                                metadata={"problem": problem or "none"})
-    return materialized(examples, tasks, config=config, tables=tables, uri=path, check_results=[check],
-                        metadata=_metadata(config, examples, tasks, dataset, grpo_rows, cycle, version))
+    check = dg.AssetCheckResult(
+        check_name=CHAT_CHECK.name, passed=problem is None, metadata={"problem": problem or "none"}
+    )
+    return materialized(
+        examples,
+        tasks,
+        config=config,
+        tables=tables,
+        uri=path,
+        check_results=[check],
+        metadata=_metadata(config, examples, tasks, dataset, grpo_rows, cycle, version),
+    )

@@ -62,8 +62,9 @@ def dataset_cycle(dataset: DatasetVersion) -> DreamCycleState | None:
     return DreamCycleState.load(path) if path.is_file() else None
 
 
-def sft_start(config: SFTCheckpointConfig, artifacts: ArtifactStore, base_model: Checkpoint,
-              dataset: DatasetVersion) -> SFTStart:
+def sft_start(
+    config: SFTCheckpointConfig, artifacts: ArtifactStore, base_model: Checkpoint, dataset: DatasetVersion
+) -> SFTStart:
     """Where this SFT run starts: `start_from` when set (a rollback names any kept policy version),
     else the policy that dreamed the dataset's cycle (cycle n+1 from cycle n's weights), else base_model."""
     cycle = dataset_cycle(dataset)
@@ -80,16 +81,23 @@ def sft_start(config: SFTCheckpointConfig, artifacts: ArtifactStore, base_model:
     return SFTStart(asset, folder.name, folder, cycle)
 
 
-def _launched_sft(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient,
-                  config: SFTCheckpointConfig, start_dir: Path, dataset_dir: Path, output_dir: Path,
-                  run: Any) -> tuple[Any, dict[str, Any]]:
+def _launched_sft(
+    context: dg.AssetExecutionContext,
+    pipes: dg.PipesSubprocessClient,
+    config: SFTCheckpointConfig,
+    start_dir: Path,
+    dataset_dir: Path,
+    output_dir: Path,
+    run: Any,
+) -> tuple[Any, dict[str, Any]]:
     """SFT in N processes (torchrun / accelerate launch) through Dagster Pipes, rank 0 saving into
     `output_dir`: (the outcome from the training log it wrote, the metadata it reported)."""
     per_rank_batch(run.batch_size, parse_launcher(config.launcher)[1])  # a clear error before launching
-    arguments = sft_arguments(start_dir, dataset_dir, output_dir, run,
-                              log_every=config.log_every, launcher=config.launcher)
+    arguments = sft_arguments(
+        start_dir, dataset_dir, output_dir, run, log_every=config.log_every, launcher=config.launcher
+    )
     command = launch_command(config.launcher, arguments)
-    context.log.info(f"SFT through Pipes: {' '.join(command[:command.index('-m', 2) + 2])} ...")
+    context.log.info(f"SFT through Pipes: {' '.join(command[: command.index('-m', 2) + 2])} ...")
     invocation = pipes.run(command=command, context=context, extras={"launcher": config.launcher})
     reported = invocation.get_materialize_result()
     outcome = outcome_from_log(json.loads((output_dir / TRAINING_LOG_FILE).read_text()))
@@ -99,33 +107,65 @@ def _launched_sft(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessCl
     return outcome, metadata
 
 
-def _train(context: dg.AssetExecutionContext, pipes: dg.PipesSubprocessClient, config: SFTCheckpointConfig,
-           start: SFTStart, dataset_dir: Path, output_dir: Path, run: Any, resume: Path,
-           placement: tuple[Any, Any]) -> tuple[Any, dict[str, Any]]:
+def _train(
+    context: dg.AssetExecutionContext,
+    pipes: dg.PipesSubprocessClient,
+    config: SFTCheckpointConfig,
+    start: SFTStart,
+    dataset_dir: Path,
+    output_dir: Path,
+    run: Any,
+    resume: Path,
+    placement: tuple[Any, Any],
+) -> tuple[Any, dict[str, Any]]:
     """Train into `output_dir` in this process or through Pipes: (outcome, launcher metadata)."""
     if parse_launcher(config.launcher)[0] != "inprocess":
         return _launched_sft(context, pipes, config, start.folder, dataset_dir, output_dir, run)
     model, tokenizer = load_model_and_tokenizer(start.folder, device=placement[0], dtype=placement[1])
     say_resuming(context, resume)
     logger = StepLogger(context.log.info, every=config.log_every, max_steps=run.max_steps, label="SFT")
-    outcome = train_sft(model, tokenizer, load_from_disk(str(dataset_dir)), output_dir, run,
-                        extra_callbacks=[logger], checkpoint_dir=resume, save_steps=config.checkpoint_every)
+    outcome = train_sft(
+        model,
+        tokenizer,
+        load_from_disk(str(dataset_dir)),
+        output_dir,
+        run,
+        extra_callbacks=[logger],
+        checkpoint_dir=resume,
+        save_steps=config.checkpoint_every,
+    )
     return outcome, {"launcher": "inprocess", "world_size": 1}
 
 
-def _finish_log(folder: Path, context: dg.AssetExecutionContext, version: str, start: SFTStart,
-                learning_rate: float) -> dict[str, Any]:
+def _finish_log(
+    folder: Path, context: dg.AssetExecutionContext, version: str, start: SFTStart, learning_rate: float
+) -> dict[str, Any]:
     """Add the run, version, start and cycle to the training log the trainer wrote; returns the log."""
     log = json.loads((folder / TRAINING_LOG_FILE).read_text())
-    log.update({"run_id": context.run.run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
-                "version": version, "started_from": start.name,
-                "dream_cycle": None if start.cycle is None else start.cycle.cycle, "learning_rate": learning_rate})
+    log.update(
+        {
+            "run_id": context.run.run_id,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "version": version,
+            "started_from": start.name,
+            "dream_cycle": None if start.cycle is None else start.cycle.cycle,
+            "learning_rate": learning_rate,
+        }
+    )
     (folder / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2, default=str) + "\n")
     return log
 
 
-def _metadata(path: Path, version: str, start: SFTStart, learning_rate: float, config: SFTCheckpointConfig,
-              outcome: Any, run: Any, launched: dict[str, Any]) -> dict[str, Any]:
+def _metadata(
+    path: Path,
+    version: str,
+    start: SFTStart,
+    learning_rate: float,
+    config: SFTCheckpointConfig,
+    outcome: Any,
+    run: Any,
+    launched: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "path": dg.MetadataValue.path(str(path)),
         "version": version,
@@ -161,9 +201,15 @@ def _metadata(path: Path, version: str, start: SFTStart, learning_rate: float, c
     "rate) or base_model; each run is a new version folder under artifacts/sft_checkpoint (safetensors + "
     "training_log.json), the last N kept.",
 )
-def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig, duckdb: DuckDBResource,
-                   artifacts: ArtifactStore, pipes: dg.PipesSubprocessClient, base_model: Checkpoint,
-                   sft_dataset: DatasetVersion) -> dg.MaterializeResult:
+def sft_checkpoint(
+    context: dg.AssetExecutionContext,
+    config: SFTCheckpointConfig,
+    duckdb: DuckDBResource,
+    artifacts: ArtifactStore,
+    pipes: dg.PipesSubprocessClient,
+    base_model: Checkpoint,
+    sft_dataset: DatasetVersion,
+) -> dg.MaterializeResult:
     start = sft_start(config, artifacts, base_model, sft_dataset)
     offline = base_model.is_offline
     templated_lr = training_defaults(offline).sft.learning_rate  # offline: TEMPLATED_SFT_LR
@@ -171,16 +217,22 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
     device, dtype, weights_dtype = config.placement(offline)
     run = config.run_config(learning_rate, offline, device, dtype)
     dataset = load_from_disk(str(sft_dataset.dataset_dir))
-    context.log.info(f"SFT from {start.name} on {len(dataset)} examples, lr {learning_rate:.2e} "
-                     f"({run.lr_scheduler_type}), batch {run.batch_size}x{run.gradient_accumulation_steps}, "
-                     f"optim {config.optim}, {run.dtype} on {run.device}, at most {run.max_steps} steps")
+    context.log.info(
+        f"SFT from {start.name} on {len(dataset)} examples, lr {learning_rate:.2e} "
+        f"({run.lr_scheduler_type}), batch {run.batch_size}x{run.gradient_accumulation_steps}, "
+        f"optim {config.optim}, {run.dtype} on {run.device}, at most {run.max_steps} steps"
+    )
     parents = {start.asset: start.version, "sft_dataset": sft_dataset.version}
     # Trainer checkpoints live outside the version folders, keyed by what defines the run: a rerun of the
     # same run resumes, a changed one starts afresh. Removed once the version is written.
     resume = resume_dir(artifacts, "sft_checkpoint", parents, config_values(config), learning_rate)
-    with artifacts.write_version("sft_checkpoint", run_id=context.run.run_id, parents=parents) as (tmp, version):
-        outcome, launched = _train(context, pipes, config, start, sft_dataset.dataset_dir, tmp, run, resume,
-                                   (device, weights_dtype))
+    with artifacts.write_version("sft_checkpoint", run_id=context.run.run_id, parents=parents) as (
+        tmp,
+        version,
+    ):
+        outcome, launched = _train(
+            context, pipes, config, start, sft_dataset.dataset_dir, tmp, run, resume, (device, weights_dtype)
+        )
         log = _finish_log(tmp, context, version, start, learning_rate)
         version_files = [p.name for p in weights_files(tmp)]
     shutil.rmtree(resume, ignore_errors=True)
@@ -190,7 +242,12 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
         context.log.info(f"crystallized at step {outcome.trigger_step} ({outcome.seconds:.1f} s)")
     else:
         context.log.warning(f"did not crystallize within {outcome.max_steps} steps")
-    return materialized(version_files, *[path / n for n in version_files], config=config, uri=path,
-                        check_results=[weights_check("sft_checkpoint", path)],
-                        metadata=_metadata(path, version, start, learning_rate, config, outcome, run, launched),
-                        plots={"accuracy_curve": accuracy_plot(log)})
+    return materialized(
+        version_files,
+        *[path / n for n in version_files],
+        config=config,
+        uri=path,
+        check_results=[weights_check("sft_checkpoint", path)],
+        metadata=_metadata(path, version, start, learning_rate, config, outcome, run, launched),
+        plots={"accuracy_curve": accuracy_plot(log)},
+    )

@@ -23,8 +23,10 @@ AUTO = "auto"
 # The cycle's back edge: with start_from 'auto' a cycle dreams with the newest grpo_checkpoint, which is
 # downstream of the dreaming assets, so no acyclic asset graph can declare it. Reader -> what it reads
 # (through `carl_assets.defs.dreams.resolve_policy`); the version read is recorded in the cycle's state.
-BACK_EDGES: dict[str, tuple[str, ...]] = {"dream_scenarios": ("grpo_checkpoint",),
-                                          "scorer_validation": ("grpo_checkpoint",)}
+BACK_EDGES: dict[str, tuple[str, ...]] = {
+    "dream_scenarios": ("grpo_checkpoint",),
+    "scorer_validation": ("grpo_checkpoint",),
+}
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,10 @@ class DreamCycleState:
         """The dreaming policy's version folder. Raises FileNotFoundError when it is no longer kept."""
         folder = Path(self.policy_path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is missing: {self.policy} dreamed cycle {self.cycle} but is no "
-                                    "longer kept (raise the artifacts' keep_versions, or set start_from)")
+            raise FileNotFoundError(
+                f"{folder} is missing: {self.policy} dreamed cycle {self.cycle} but is no "
+                "longer kept (raise the artifacts' keep_versions, or set start_from)"
+            )
         return folder
 
     def to_json(self) -> str:
@@ -76,8 +80,10 @@ class DreamCycleState:
         values: dict[str, Any] = json.loads(text)
         names = {f.name for f in fields(cls)}
         if set(values) != names:
-            raise ValueError(f"not a dream cycle state: missing {sorted(names - set(values))}, "
-                             f"unknown {sorted(set(values) - names)}")
+            raise ValueError(
+                f"not a dream cycle state: missing {sorted(names - set(values))}, "
+                f"unknown {sorted(set(values) - names)}"
+            )
         return cls(**values)
 
     def save(self, folder: Path) -> Path:
@@ -98,8 +104,10 @@ def parse_checkpoint_spec(spec: str) -> tuple[str, str | None]:
     Raises ValueError for an asset that is not a policy (`POLICY_ASSETS`)."""
     asset, _, version = spec.strip().partition("@")
     if asset not in POLICY_ASSETS:
-        raise ValueError(f"unknown checkpoint {spec!r}: use 'auto', one of {', '.join(POLICY_ASSETS)}, "
-                         "or '<asset>@<version>' (see the artifact_versions table)")
+        raise ValueError(
+            f"unknown checkpoint {spec!r}: use 'auto', one of {', '.join(POLICY_ASSETS)}, "
+            "or '<asset>@<version>' (see the artifact_versions table)"
+        )
     return asset, (version or None)
 
 
