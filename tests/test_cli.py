@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import types
@@ -177,14 +178,31 @@ def test_runtime_failure_is_one_line_unless_debugging(monkeypatch, capsys):
         cli.main(["agent", "--model", "/nowhere", "--task", "t"])
 
 
-def test_pipeline_commands_forward_the_rest_of_argv(monkeypatch):
+def test_pipeline_commands_parse_their_flags_and_call_the_dagster_layer(monkeypatch, tmp_path, capsys):
     from carl_assets.defs import pipeline_cli
 
     seen = []
-    monkeypatch.setattr(pipeline_cli, "main", lambda argv: seen.append(argv) or 3)
-    assert cli.main(["materialize", "--select", "base_model+", "--home", "/tmp/h"]) == 3
-    assert cli.main(["lineage", "sft_checkpoint"]) == 3
-    assert seen == [["materialize", "--select", "base_model+", "--home", "/tmp/h"], ["lineage", "sft_checkpoint"]]
+    monkeypatch.setattr(pipeline_cli, "ensure_dagster_home", lambda: seen.append("dagster_home"))
+    monkeypatch.setattr(pipeline_cli, "materialize", lambda select, config, job=None: seen.append(
+        ("materialize", select, config, job)) or 3)
+    monkeypatch.setattr(pipeline_cli, "lineage", lambda asset: seen.append(("lineage", asset)) or 4)
+    monkeypatch.setattr(pipeline_cli, "lineage_nodes", lambda asset, version, limit: seen.append(
+        ("nodes", asset, version, limit)) or 5)
+    monkeypatch.setenv("CARL_HOME", str(tmp_path / "before"))
+    assert cli.main(["materialize", "--select", "base_model+", "--home", str(tmp_path / "h")]) == 3
+    assert cli.main(["materialize", "--job", "retraining", "--preset", "real"]) == 3
+    assert cli.main(["lineage", "sft_checkpoint"]) == 4
+    assert cli.main(["lineage", "--nodes", "grpo_checkpoint", "--version", "v1", "--limit", "3"]) == 5
+    preset_config = seen[3][2]
+    assert seen == ["dagster_home", ("materialize", "base_model+", {}, None),
+                    "dagster_home", ("materialize", "*", preset_config, "retraining"),
+                    "dagster_home", ("lineage", "sft_checkpoint"),
+                    "dagster_home", ("nodes", "grpo_checkpoint", "v1", 3)]
+    assert preset_config["ops"]["base_model"]["config"]["model"] == "smollm2-135m-instruct"  # the real preset
+    assert os.environ["CARL_HOME"] == str((tmp_path / "h").resolve())
+    assert cli.main(["materialize", "--preset", "fast"]) == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    assert cli.main(["lineage", "--limit", "many"]) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """SFT under whatever torch.distributed world this process was launched into, reporting through Dagster Pipes.
 
-The same entry point runs on one CPU, under ``torchrun --nproc_per_node N`` / ``accelerate launch
---num_processes N`` on one machine, or as the command of a Kubernetes pod (``PipesK8sClient``)::
+`run_sft` is one process's work; the command that runs it is ``carl sft-rank`` (carl_assets/cli/models.py),
+the same on one CPU, under ``torchrun --nproc_per_node N`` / ``accelerate launch --num_processes N`` on one
+machine, or as the command of a Kubernetes pod (``PipesK8sClient``)::
 
-    python -m carl_assets.carl.distributed sft --model DIR --dataset DIR --output DIR --config JSON
+    python -m carl_assets.cli sft-rank --model DIR --dataset DIR --output DIR --config JSON
 
 Each rank loads the model and dataset; the Trainer (through accelerate) wraps the model in DDP and
 gives each rank its share of every batch. ``--config`` holds `SFTRunConfig` fields; its ``batch_size``
@@ -18,18 +19,18 @@ No Dagster import here except ``dagster_pipes``, the small client side of Pipes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from carl_assets.carl.training import TRAINING_LOG_FILE, SFTOutcome, SFTRunConfig
 
-MODULE = "carl_assets.carl.distributed"
+MODULE = "carl_assets.cli"  # `python -m carl_assets.cli sft-rank ...`: one rank
+COMMAND = "sft-rank"
 INPROCESS = "inprocess"
 LAUNCHERS = ("torchrun", "accelerate")
 DISTRIBUTED_KEY = "distributed"  # where rank 0 records the world in training_log.json
@@ -73,7 +74,8 @@ def parse_launcher(launcher: str) -> tuple[str, int]:
 
 
 def launch_command(launcher: str, module_args: Sequence[str], python: str | None = None) -> list[str]:
-    """The command that runs this module with `module_args` under the launcher, on this machine.
+    """The command that runs `python -m carl_assets.cli` with `module_args` (`sft_arguments`: the `sft-rank`
+    command) under the launcher, on this machine.
 
     ``--standalone`` (torchrun) and ``--main_process_port 0`` (accelerate) pick a free rendezvous port,
     so two runs on one machine do not collide. Multi-node runs use the launcher of their cluster
@@ -95,9 +97,9 @@ def launch_command(launcher: str, module_args: Sequence[str], python: str | None
 
 def sft_arguments(model: str | os.PathLike[str], dataset: str | os.PathLike[str], output: str | os.PathLike[str],
                   config: SFTRunConfig, log_every: int = 25, launcher: str = INPROCESS) -> list[str]:
-    """Arguments of the `sft` command for these inputs (what `launch_command` appends)."""
-    return ["sft", "--model", str(model), "--dataset", str(dataset), "--output", str(output),
-            "--config", json.dumps(asdict(config)), "--log-every", str(int(log_every)), "--launcher", launcher]
+    """Arguments of `carl sft-rank` for these inputs (what `launch_command` appends)."""
+    return [COMMAND, "--model", str(model), "--dataset", str(dataset), "--output", str(output),
+            "--config", config.model_dump_json(), "--log-every", str(int(log_every)), "--launcher", launcher]
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
@@ -183,7 +185,7 @@ def run_sft(model_dir: str, dataset_dir: str, output_dir: str, config: SFTRunCon
                 f"{local} example(s) per rank per step, global batch {config.batch_size}")
         model, tokenizer = load_model_and_tokenizer(model_dir)
         dataset = load_training_dataset(dataset_dir)
-        run_config = SFTRunConfig(**{**asdict(config), "batch_size": local})
+        run_config = config.model_copy(update={"batch_size": local})
         callbacks = [StepLogger(log, every=log_every, max_steps=config.max_steps, label="SFT")] if world.is_main else []
         outcome = train_sft(model, tokenizer, dataset, output_dir if world.is_main else None, run_config,
                             extra_callbacks=callbacks)
@@ -233,19 +235,6 @@ def _leave_group(world: World) -> None:
             dist.destroy_process_group()
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    sft = commands.add_parser("sft", help="SFT until crystallization (train_sft) in this torch.distributed world")
-    sft.add_argument("--model", required=True, help="folder of the starting checkpoint (safetensors)")
-    sft.add_argument("--dataset", required=True, help="save_to_disk folder or .jsonl/.json/.parquet/.csv file")
-    sft.add_argument("--output", required=True, help="folder rank 0 saves the checkpoint to")
-    sft.add_argument("--config", default="{}", help="JSON object of SFTRunConfig fields (batch_size is global)")
-    sft.add_argument("--log-every", type=int, default=25, help="progress line every this many steps")
-    sft.add_argument("--launcher", default=INPROCESS, help="recorded in the log: how the processes were started")
-    return parser
-
-
 def config_from_json(text: str) -> SFTRunConfig:
     """SFTRunConfig from a JSON object; unknown fields are named in the error."""
     try:
@@ -254,18 +243,7 @@ def config_from_json(text: str) -> SFTRunConfig:
         raise ValueError(f"--config is not JSON: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config must be a JSON object of SFTRunConfig fields, got {type(values).__name__}")
-    unknown = sorted(set(values) - {f.name for f in fields(SFTRunConfig)})
+    unknown = sorted(set(values) - set(SFTRunConfig.model_fields))
     if unknown:
         raise ValueError(f"--config has unknown SFTRunConfig field(s): {', '.join(unknown)}")
     return SFTRunConfig(**values)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    config = config_from_json(args.config)
-    run_sft(args.model, args.dataset, args.output, config, log_every=args.log_every, launcher=args.launcher)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`carl materialize` and `carl lineage`: run the asset graph headless and inspect what it produced.
+"""What `carl materialize` and `carl lineage` do (their flags are parsed in carl_assets/cli/pipeline.py):
+run the asset graph headless and inspect what it produced.
 
 Runs go through the Dagster instance in `$DAGSTER_HOME` (default `./.dagster_home`), so a headless run
 shows up in `dagster dev` with its logs, metadata and lineage.
@@ -6,7 +7,6 @@ shows up in `dagster dev` with its logs, metadata and lineage.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -37,47 +37,6 @@ def ensure_dagster_home() -> Path:
         print(f"{written.path}: added the project's {', '.join(written.added)} settings", file=sys.stderr)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
-
-
-def _parser() -> argparse.ArgumentParser:
-    from carl_assets.defs.presets import preset_names
-
-    parser = argparse.ArgumentParser(prog="carl", description="Pipeline commands of the CARL asset graph.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    mat = sub.add_parser("materialize", help="materialize the asset graph headless (default: all of it)")
-    mat.add_argument("--select", default=ALL, help="asset selection, Dagster syntax (e.g. 'steering_vectors+', '+base_model'); default: everything")
-    mat.add_argument("--job", default=None, help="materialize what a job selects: 'retraining' (one dream cycle), "
-                     "'steering_refresh' or 'carl_all'")
-    mat.add_argument("--home", default=None, help="CARL_HOME for this run (default: $CARL_HOME or ./.carl)")
-    mat.add_argument("--config", default=None, help="YAML/JSON run config: {ops: {<asset>: {config: {...}}}}")
-    mat.add_argument("--preset", default=None, choices=preset_names(),
-                     help="run-config preset (carl_assets/defs/presets.py): 'offline' (the defaults) or 'real' "
-                     "(SmolLM2-135M-Instruct, budgets for ~15 min on 2 cores); --config is laid over it")
-    lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
-    lin.add_argument("asset", nargs="?", default=None, help="show only this asset's upstream and downstream")
-    lin.add_argument("--nodes", metavar="ASSET", default=None,
-                     help="the memory nodes behind a checkpoint (sft_checkpoint or grpo_checkpoint), with counts, "
-                     "following the chain of dream cycles it started from")
-    lin.add_argument("--version", default=None, help="with --nodes: that version (default: the current one)")
-    lin.add_argument("--limit", type=int, default=20, help="with --nodes: rows to print")
-    lin.add_argument("--home", default=None)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.home:
-        os.environ["CARL_HOME"] = str(Path(args.home).resolve())
-    ensure_dagster_home()
-    try:
-        if args.command == "materialize":
-            return materialize(args.select, with_preset(args.preset, load_run_config(args.config)), job=args.job)
-        if args.nodes:
-            return lineage_nodes(args.nodes, args.version, args.limit)
-        return lineage(args.asset)
-    except PipelineUsageError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
 
 
 def with_preset(preset: str | None, run_config: dict) -> dict:
@@ -159,9 +118,7 @@ def materialize(select: str = ALL, run_config: dict | None = None, job: str | No
 def _observe_memory_source(instance, run_config: dict) -> None:
     """Record the memory source's fingerprint as an observation of `memory_source` before the run, as the
     sensor does, so the lineage knows which version of the memories `memory_graph` read."""
-    import dagster as dg
-
-    from carl_assets.memory.fingerprint import source_fingerprint
+    from carl_assets.defs.memory_source import memory_source_observation
     from carl_assets.memory.graph import MemorySourceError
     from carl_assets.project_env import memory_source_setting, normalise_memory_source
 
@@ -170,12 +127,10 @@ def _observe_memory_source(instance, run_config: dict) -> None:
     if source.startswith("mcp"):
         return  # a live server is read by memory_graph itself; fingerprinting it would read it twice
     try:
-        fingerprint = source_fingerprint(source)
+        _, observation = memory_source_observation(source)  # the one observation (defs/memory_source.py)
     except MemorySourceError:
         return  # memory_graph reports the error with its context
-    instance.report_runless_asset_event(dg.AssetObservation(
-        asset_key="memory_source", tags={"dagster/data_version": fingerprint.version},
-        metadata={"source": source, "fingerprint": fingerprint.version}))
+    instance.report_runless_asset_event(observation)
 
 
 def _print_summary(instance, result, elapsed: float) -> None:
