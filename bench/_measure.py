@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -120,3 +121,18 @@ def run_bench(main: Callable[[], dict[str, Any]]) -> None:
         print(f"{Path(sys.argv[0]).stem}: record lacks {missing or ['agreement figures']}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps(record))
+
+
+def time_interleaved(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, Any]]:
+    """The protocol for every side of every ratio: one warm-up call per way, then `repeats` interleaved
+    rounds (each way once per round, `measure`d). Per way: seconds (list), median, best, peak_mb (the
+    largest peak extra MB over the rounds) and result (the last round's output)."""
+    for fn in ways.values():
+        fn()  # warm-up: lazy inits, first touch of the weights
+    runs: dict[str, list[tuple[float, float, Any]]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            runs[name].append(measure(fn))
+    return {name: {"seconds": [r[0] for r in rs], "median": statistics.median(r[0] for r in rs),
+                   "best": min(r[0] for r in rs), "peak_mb": max(r[1] for r in rs), "result": rs[-1][2]}
+            for name, rs in runs.items()}

@@ -31,10 +31,9 @@ memory_ratio = the baseline's peak / ours, agreement.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
-from _measure import agree, agree_close, measure, memory_ratio, prepare_process, run_bench
+from _measure import agree, agree_close, measure, memory_ratio, prepare_process, run_bench, time_interleaved
 
 # before torch: it may restart the interpreter
 
@@ -87,7 +86,7 @@ def check_agreement(model, tok, prompts, scorer, responses, scores, new_tokens: 
     }
 
 
-def main() -> dict:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenarios", type=int, default=8)
     parser.add_argument("--k", type=int, default=4, help="responses per scenario")
@@ -95,9 +94,11 @@ def main() -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (ours)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    return parser.parse_args()
 
+
+def set_up(args: argparse.Namespace):
+    """(model, tokenizer, chat prompts of real dream scenarios, the carl + steering scorer)."""
     graph = load_graph("sample")
     model, tok = new_offline_model(graph.nodes["text"].astype(str).tolist())
     model.eval()
@@ -106,6 +107,13 @@ def main() -> dict:
     layers = default_layers(model.config.num_hidden_layers)
     scorer = CombinedScorer([(CarlScorer(), 1.0), (SteeringScorer(random_readout(model.config.hidden_size, layers),
                                                                   "warmth"), 1.0)])
+    return model, tok, prompts, scorer
+
+
+def main() -> dict:
+    args = parse_args()
+    torch.set_num_threads(1)
+    model, tok, prompts, scorer = set_up(args)
     common = dict(k=args.k, temperature=args.temperature, max_new_tokens=args.new_tokens,
                   min_new_tokens=args.new_tokens, seed=0)
 
@@ -115,38 +123,27 @@ def main() -> dict:
 
     def baseline():
         responses = generate_one_at_a_time(model, tok, prompts, **common)
-        scores = [scorer(model, tok, [r]) for r in responses]
-        return responses, scores
+        return responses, [scorer(model, tok, [r]) for r in responses]
 
-    ways = {"ours": ours, "baseline": baseline}
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    peaks = {k: 0.0 for k in ways}
-    results = {}
-    for fn in ways.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in ways.items():
-            seconds, peak, result = measure(fn)
-            times[name].append(seconds)
-            peaks[name] = max(peaks[name], peak)
-            results[name] = result
-    tokens = {name: sum(len(r.completion_ids) for r in results[name][0]) for name in ways}
-    if len(set(tokens.values())) != 1:
-        raise RuntimeError(f"the two sides generated different token counts: {tokens}")
-    n_tokens = tokens["ours"]
-    agreement = check_agreement(model, tok, prompts, scorer, *results["ours"], args.new_tokens)
-    prompt_tokens = sum(len(r.prompt_ids) for r in results["ours"][0])
-
+    stats = time_interleaved({"ours": ours, "baseline": baseline}, args.repeats)
+    responses = stats["ours"]["result"][0]
+    n_tokens = sum(len(r.completion_ids) for r in responses)
+    baseline_tokens = sum(len(r.completion_ids) for r in stats["baseline"]["result"][0])
+    agreement = {  # before any ratio is printed
+        "generated_tokens": agree("generated tokens, ours vs baseline", abs(n_tokens - baseline_tokens), 0,
+                                  metric="abs_diff", tokens=n_tokens),
+        **check_agreement(model, tok, prompts, scorer, *stats["ours"]["result"], args.new_tokens),
+    }
+    prompt_tokens = sum(len(r.prompt_ids) for r in responses)
     # Where our time goes: generation alone (one more run) against the whole.
     gen_seconds, _, _ = measure(lambda: generate_responses(model, tok, prompts, batch_size=args.batch_size, **common))
-
-    median = {k: statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}
-    for name in ways:
-        print(f"{name:>9}: median {median[name]:.3f} s, best {best[name]:.3f} s, "
-              f"{n_tokens / median[name]:.0f} generated tokens/s, peak +{peaks[name]:.1f} MB", file=sys.stderr)
+    median = {k: s["median"] for k, s in stats.items()}
+    peaks = {k: s["peak_mb"] for k, s in stats.items()}
+    for name, s in stats.items():
+        print(f"{name:>9}: median {s['median']:.3f} s, best {s['best']:.3f} s, "
+              f"{n_tokens / s['median']:.0f} generated tokens/s, peak +{s['peak_mb']:.1f} MB", file=sys.stderr)
     print(f"{len(prompts)} scenarios x {args.k} responses x {args.new_tokens} tokens = {n_tokens} tokens; "
-          f"mean prompt {prompt_tokens / len(results['ours'][0]):.0f} tokens; ours: generation {gen_seconds:.3f} s "
+          f"mean prompt {prompt_tokens / len(responses):.0f} tokens; ours: generation {gen_seconds:.3f} s "
           f"of {median['ours']:.3f} s", file=sys.stderr)
     return {
         "name": "dreams",
@@ -160,13 +157,13 @@ def main() -> dict:
         "tokens_per_s": round(n_tokens / median["ours"], 1),
         "tokens_per_s_baseline": round(n_tokens / median["baseline"], 1),
         "median_seconds": {k: round(v, 4) for k, v in median.items()},
-        "best_seconds": {k: round(v, 4) for k, v in best.items()},
+        "best_seconds": {k: round(s["best"], 4) for k, s in stats.items()},
         "ours_generation_seconds": round(gen_seconds, 4),
         "scenarios": len(prompts),
         "responses_per_scenario": args.k,
         "new_tokens_per_response": args.new_tokens,
         "generated_tokens": n_tokens,
-        "mean_prompt_tokens": round(prompt_tokens / len(results["ours"][0]), 1),
+        "mean_prompt_tokens": round(prompt_tokens / len(responses), 1),
         "batch_size": args.batch_size,
         "scorer": "carl + steering:warmth (deepest default layer)",
         "model_parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
