@@ -9,7 +9,7 @@ Systems compared on the same sequences:
 - any `trained_baselines` given (e.g. `trained_without_memory`: the same architecture trained with
   `memory_reads=False`, the fair test of memory; see `carl_assets.leworld.comparison`).
 
-Metrics, as in the seed's `Evaluator.prediction_accuracy`: `mse`/`mae` of an `n_steps` rollout from the
+Metrics, as in the reference's `Evaluator.prediction_accuracy`: `mse`/`mae` of an `n_steps` rollout from the
 first state (errors at horizons 1..n_steps), `step_mses` per horizon, routing entropy of the mean SLM usage
 and the usage per SLM; plus `one_step_mse`, the teacher-forced error over every step of the sequences.
 """
@@ -34,7 +34,7 @@ SYSTEMS = ("leworld", "persistence", "memory_ablated", "oracle_reads")
 class EvaluationResult:
     summary: pd.DataFrame  # one row per system
     steps: pd.DataFrame  # system, step (horizon), mse
-    metrics: dict[str, Any] = field(default_factory=dict)  # the trained system's seed-style metrics
+    metrics: dict[str, Any] = field(default_factory=dict)  # the trained system's reference-style metrics
 
 
 def evaluate(
@@ -53,10 +53,25 @@ def evaluate(
         return _evaluate(system, data, n_steps, batch_size, trained_baselines or {})
 
 
-def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_size: int, baselines: dict[str, LeWorldSystem]) -> EvaluationResult:
+def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_size: int,
+              baselines: dict[str, LeWorldSystem]) -> EvaluationResult:
+    """`evaluate` inside its thread limit and no-grad: errors, then the summary table, then the metrics."""
+    horizon = min(n_steps, data.states.shape[1] - 1)
+    rollouts, one_step, all_masks = _builtin_errors(system, data, horizon, batch_size)
+    usage = all_masks.mean(dim=(0, 1))
+    routing_entropy = float(-(usage * torch.log(usage + 1e-8)).sum()) + 0.0  # + 0.0: no "-0.0"
+    for name, other in baselines.items():
+        rollouts[name], one_step[name] = _errors(other, data, horizon, batch_size)
+    summary, step_rows = _summary(rollouts, one_step, usage, routing_entropy)
+    metrics = _metrics(summary, step_rows, usage, routing_entropy, baselines)
+    return EvaluationResult(summary=summary, steps=pd.DataFrame(step_rows), metrics=metrics)
+
+
+def _builtin_errors(system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int
+                    ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Per-batch rollout and teacher-forced errors of the `SYSTEMS`, and the routing masks `[N, horizon, n_slms]`."""
     was_training = system.training
     system.eval()
-    horizon = min(n_steps, data.states.shape[1] - 1)
     rollouts: dict[str, list[torch.Tensor]] = {name: [] for name in SYSTEMS}
     one_step: dict[str, list[torch.Tensor]] = {name: [] for name in SYSTEMS}
     masks = []
@@ -75,12 +90,12 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
             one_step[name].append(system.multi_step_forward(states, chars, **kwargs)["predictions"] - states[:, 1:])
         one_step["persistence"].append(states[:, :-1] - states[:, 1:])
     system.train(was_training)
+    return rollouts, one_step, torch.cat(masks)
 
-    all_masks = torch.cat(masks)  # [N, horizon, n_slms]
-    usage = all_masks.mean(dim=(0, 1))
-    routing_entropy = float(-(usage * torch.log(usage + 1e-8)).sum()) + 0.0  # + 0.0: no "-0.0"
-    for name, other in baselines.items():
-        rollouts[name], one_step[name] = _errors(other, data, horizon, batch_size)
+
+def _summary(rollouts: dict[str, list[torch.Tensor]], one_step: dict[str, list[torch.Tensor]], usage: torch.Tensor,
+             routing_entropy: float) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """One row per system (errors, routing for the trained one, whether it beats each) and per (system, step)."""
     rows, step_rows = [], []
     for name in rollouts:
         err = torch.cat(rollouts[name])
@@ -101,7 +116,14 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
     # Whether the trained system beats each system (honest for both baselines; False for itself).
     summary["leworld_beats"] = [bool(model["mse"] < r) for r in summary["mse"]]
     summary["leworld_beats_one_step"] = [bool(model["one_step_mse"] < r) for r in summary["one_step_mse"]]
+    return summary, step_rows
+
+
+def _metrics(summary: pd.DataFrame, step_rows: list[dict[str, Any]], usage: torch.Tensor, routing_entropy: float,
+             baselines: dict[str, LeWorldSystem]) -> dict[str, Any]:
+    """The trained system's reference-style metrics, and how it compares with each baseline."""
     by = summary.set_index("system")
+    model = by.loc["leworld"]
     metrics = {
         "mse": float(model["mse"]),
         "mae": float(model["mae"]),
@@ -119,7 +141,7 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
     for name in baselines:
         metrics[f"{name}_mse"] = float(by.loc[name, "mse"])
         metrics[f"beats_{name}"] = bool(by.loc[name, "leworld_beats"])
-    return EvaluationResult(summary=summary, steps=pd.DataFrame(step_rows), metrics=metrics)
+    return metrics
 
 
 def _errors(system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -147,7 +169,7 @@ def model_errors(
 
 
 class Evaluator:
-    """The seed's evaluator: metrics averaged over a DataLoader's batches, the prediction an `n_steps`
+    """The reference's evaluator: metrics averaged over a DataLoader's batches, the prediction an `n_steps`
     rollout from each sequence's first state."""
 
     @staticmethod
