@@ -397,7 +397,7 @@ def _materialize(home, run_config=None):
     from tests.upstreams import with_upstreams
 
     return dg.materialize(
-        [*with_upstreams(memory.memory_graph, memory.emotion_training_pairs), memory.memory_graph_is_consistent],
+        with_upstreams(memory.memory_graph, memory.emotion_training_pairs),
         resources=build_resources(home),
         run_config=run_config or {},
         raise_on_error=False,

@@ -25,7 +25,6 @@ from carl_assets.defs.memory import (
     NO_TAGS_REASON,
     emotion_training_pairs,
     memory_graph,
-    memory_graph_is_consistent,
 )
 from carl_assets.defs.resources import build_resources
 from carl_assets.defs.steering import steering_vectors
@@ -49,7 +48,7 @@ TAGGED = [
                       "warmth:9" if i % 2 else "calm:7"]}
     for i in range(6)
 ]
-STEPS = [*with_upstreams(memory_graph, emotion_tags, emotion_training_pairs), memory_graph_is_consistent,
+STEPS = [*with_upstreams(memory_graph, emotion_tags, emotion_training_pairs),
          steering_vectors, dg.AssetSpec("base_model")]
 OFF_REASON = (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
               "'lexicon' or 'model'")
@@ -122,7 +121,7 @@ def test_too_few_pairs_skips_steering_naming_the_setting(tmp_path):
 def test_tagged_nodes_without_a_negative_say_which_settings_to_change(tmp_path):
     only_high = [{**r, "observations": [r["observations"][0], "warmth:9"]} for r in TAGGED]
     memory = _write(tmp_path / "high.jsonl", only_high)
-    result = _run(tmp_path / "home", f"jsonl:{memory}", STEPS[:5])
+    result = _run(tmp_path / "home", f"jsonl:{memory}", STEPS[:4])
     assert result.success
     reason = _meta(result, "emotion_training_pairs")["empty_reason"]
     assert reason.startswith("6 of 6 nodes carry tags over 1 emotions")

@@ -40,6 +40,7 @@ def _md_counts(counts: dict[str, int], header: tuple[str, str]) -> dg.MetadataVa
 
 
 METADATA_COLUMNS = ["key", "line", "value_json"]
+GRAPH_CHECK = "memory_graph_is_consistent"
 
 
 def _previous_nodes(duckdb: DuckDBResource) -> int | None:
@@ -103,6 +104,10 @@ def _load(source: str, duckdb: DuckDBResource) -> tuple[Any, SourceFingerprint |
     group_name="memory",
     deps=[memory_source],
     kinds={"duckdb"},
+    check_specs=[dg.AssetCheckSpec(
+        GRAPH_CHECK, asset="memory_graph", blocking=True, description="Node names unique, every edge between "
+        "existing nodes (stub nodes stand for entities a relation names but the file never created), tags "
+        "plain-word emotions with scores 0..10, at least one node.")],
     description="The memory graph (nodes with text and emotion tags, links, rejected records) from the "
     "project's memory source ($CARL_MEMORY_SOURCE, or this run's config override): the built-in sample, an "
     "MCP memory-server JSONL file, or a live MCP server. Tables memory_nodes, memory_edges, memory_rejects, "
@@ -153,6 +158,7 @@ def memory_graph(
             "rejects_preview": table_preview(graph.rejects),
         },
         plots=plots,
+        check_results=[judge_graph(graph.nodes, graph.edges)],
     )
 
 
@@ -181,12 +187,11 @@ def _graph_problems(nodes: pd.DataFrame, edges: pd.DataFrame) -> tuple[dict[str,
     return counts, problems
 
 
-@dg.asset_check(asset=memory_graph, blocking=True, description="Node names unique, every edge between "
-                "existing nodes (stub nodes stand for entities a relation names but the file never created), "
-                "tags plain-word emotions with scores 0..10, at least one node.")
-def memory_graph_is_consistent(duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    counts, problems = _graph_problems(read_table(duckdb, "memory_nodes"), read_table(duckdb, "memory_edges"))
+def judge_graph(nodes: pd.DataFrame, edges: pd.DataFrame) -> dg.AssetCheckResult:
+    """The `memory_graph_is_consistent` result for the tables this run wrote."""
+    counts, problems = _graph_problems(nodes, edges)
     return dg.AssetCheckResult(
+        check_name=GRAPH_CHECK,
         passed=not problems,
         description="; ".join(problems) or f"{counts['nodes']} nodes, every edge between them",
         metadata={**counts, "problems": dg.MetadataValue.json(problems)},
