@@ -25,6 +25,7 @@ from carl_assets.models.chat_template import (
 )
 from carl_assets.models.loading import load_model_and_tokenizer
 from tests.data.gpt2_like import END, gpt2_like_tokenizer, save_gpt2_like
+from tests.upstreams import with_upstreams
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How was the day?"}]
 ANSWER = {"role": "assistant", "content": "Quiet and good."}
@@ -95,7 +96,7 @@ def base_model_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2_like")
     save_gpt2_like(root / "model")
     home = root / "home"
-    result = dg.materialize([base_model], resources=build_resources(home), selection=["base_model"],
+    result = dg.materialize(with_upstreams(base_model), resources=build_resources(home), selection=["base_model"],
                             run_config={"ops": {"base_model": {"config": {"model": str(root / "model")}}}})
     return root, home, result
 
@@ -138,8 +139,8 @@ def test_fail_policy_stops_at_base_model(tmp_path):
     save_gpt2_like(tmp_path / "model")
     config = {"model": str(tmp_path / "model"), "missing_chat_template": "fail"}
     with pytest.raises(ValueError, match="has no chat template: pass an instruct model"):
-        dg.materialize([base_model], resources=build_resources(tmp_path / "home"), selection=["base_model"],
+        dg.materialize(with_upstreams(base_model), resources=build_resources(tmp_path / "home"), selection=["base_model"],
                        run_config={"ops": {"base_model": {"config": config}}})
     with pytest.raises(ValueError, match="missing_chat_template must be one of"):
-        dg.materialize([base_model], resources=build_resources(tmp_path / "home"), selection=["base_model"],
+        dg.materialize(with_upstreams(base_model), resources=build_resources(tmp_path / "home"), selection=["base_model"],
                        run_config={"ops": {"base_model": {"config": {**config, "missing_chat_template": "x"}}}})

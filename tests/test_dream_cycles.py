@@ -49,7 +49,7 @@ def max_rel_diff(a, b):
 def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     resources = build_resources(tmp_path)
     names = [a.key.to_user_string() for a in UPSTREAM + CYCLE]
-    first = dg.materialize(UPSTREAM + CYCLE, resources=resources, run_config=ops(names))
+    first = dg.materialize(with_upstreams(*UPSTREAM, *CYCLE), resources=resources, run_config=ops(names))
     assert first.success
     db = tmp_path / storage.DATABASE_NAME
     art = tmp_path / storage.ARTIFACTS_DIR

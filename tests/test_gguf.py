@@ -31,6 +31,7 @@ from carl_assets.models.loading import (
     resolve_model_source,
     train_tokenizer,
 )
+from tests.upstreams import with_upstreams
 
 HEADS, KV_HEADS, HIDDEN, LAYERS = 2, 1, 64, 2  # rows of 64: whole Q4_1 blocks of 32
 TEXT = "We laughed at the warm kitchen. Ünïcode still encodes!"
@@ -151,7 +152,7 @@ def test_q4_1_conversion_equals_the_dequantized_gguf(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     expected = write_gguf(tmp_path / "tiny.gguf", model, tokenizer, gguf.GGMLQuantizationType.Q4_1)
     home = tmp_path / "home"
-    result = dg.materialize([base_model], resources=build_resources(home), selection=["base_model"],
+    result = dg.materialize(with_upstreams(base_model), resources=build_resources(home), selection=["base_model"],
                             run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}})
     folder = home / "artifacts" / "base_model" / "current"
     saved = load_file(str(folder / "model.safetensors"))
@@ -173,7 +174,7 @@ def test_q4_1_conversion_equals_the_dequantized_gguf(tiny_llama, tmp_path):
     assert meta["source_file"].value == str(tmp_path / "tiny.gguf") and meta["conversion_seconds"].value >= 0
     assert meta["parameters"].value == count_parameters(model) and meta["dtype"].value == "fp32"
     assert meta["chat_template_installed"].value is False and meta["reused_conversion"].value is False
-    again = dg.materialize([base_model], resources=build_resources(home), selection=["base_model"],
+    again = dg.materialize(with_upstreams(base_model), resources=build_resources(home), selection=["base_model"],
                            run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}})
     mat, first = (r.asset_materializations_for_node("base_model")[0] for r in (again, result))
     assert mat.metadata["reused_conversion"].value is True  # linked from CARL_HOME/cache/gguf

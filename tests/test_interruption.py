@@ -386,7 +386,7 @@ DREAMS = {"n_scenarios": 6, "responses_per_scenario": 2, "max_new_tokens": 6, "h
 def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
     resources = build_resources(tmp_path)
     upstream = dg.materialize(
-        [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors],
+        with_upstreams(memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors),
         resources=resources, run_config={"ops": {"base_model": {"config": TINY_BASE},
                                                  "steering_vectors": {"config": {"max_length": 64}}}})
     assert upstream.success

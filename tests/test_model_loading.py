@@ -138,6 +138,7 @@ def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     follows the weights."""
     from carl_assets.defs.models import base_model
     from carl_assets.defs.resources import build_resources
+    from tests.upstreams import with_upstreams
 
     model, tok = tiny_model_and_tokenizer
     src = tmp_path / "src"
@@ -145,7 +146,7 @@ def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     tok.save_pretrained(src)
     home = tmp_path / "home"
     run_config = {"ops": {"base_model": {"config": {"model": str(src)}}}}
-    result = dg.materialize([base_model], resources=build_resources(home), run_config=run_config,
+    result = dg.materialize(with_upstreams(base_model), resources=build_resources(home), run_config=run_config,
                             selection=["base_model"])
     meta = result.asset_materializations_for_node("base_model")[0].metadata
     assert meta["source"].value == f"local:{src.resolve()}"
@@ -156,4 +157,4 @@ def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     assert torch.equal(copied.model.embed_tokens.weight, model.model.embed_tokens.weight)
     bad = {"ops": {"base_model": {"config": {"model": str(tmp_path / "missing")}}}}
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        dg.materialize([base_model], resources=build_resources(home), run_config=bad, selection=["base_model"])
+        dg.materialize(with_upstreams(base_model), resources=build_resources(home), run_config=bad, selection=["base_model"])

@@ -28,6 +28,7 @@ from carl_assets.memory_graph import load_graph
 from carl_assets.models.chat_template import transcript_template
 from carl_assets.models.loading import train_tokenizer
 from tests.data.gpt2_like import save_gpt2_like
+from tests.upstreams import with_upstreams
 
 CHAIN = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors,
          dreams.dream_scenarios, sft.sft_dataset, sft_training.sft_checkpoint,
@@ -96,7 +97,7 @@ def test_the_chain_runs_on_a_real_architecture(tmp_path, kind):
         if key is not None:
             torch.testing.assert_close(reloaded[key], tensor)
     home = tmp_path / "home"
-    result = dg.materialize(CHAIN, resources=build_resources(home), run_config=_run_config(tmp_path / "model"))
+    result = dg.materialize(with_upstreams(*CHAIN), resources=build_resources(home), run_config=_run_config(tmp_path / "model"))
     assert result.success
 
     art = home / storage.ARTIFACTS_DIR
