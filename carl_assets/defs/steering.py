@@ -132,14 +132,22 @@ def _select(pairs: pd.DataFrame, config: SteeringConfig, context: dg.AssetExecut
     return pairs[pairs["emotion"].isin(kept)], skipped, selection, ""
 
 
+def _pairs_empty_reason(context: dg.AssetExecutionContext) -> str:
+    """The `empty_reason` emotion_training_pairs recorded: in its materialization of this run when it made
+    one (an overlapping run may have made a later one, as with artifact versions), else in its latest."""
+    records = context.instance.fetch_materializations(dg.AssetKey("emotion_training_pairs"), limit=20).records
+    ours = [r for r in records if r.run_id == context.run_id]
+    record = (ours or records or [None])[0]
+    materialization = record.asset_materialization if record is not None else None
+    meta = materialization.metadata if materialization is not None else {}
+    return str(meta["empty_reason"].value) if "empty_reason" in meta else ""
+
+
 def _no_pairs_reason(pairs: pd.DataFrame, skipped: dict[str, dict[str, int]], config: SteeringConfig,
                      context: dg.AssetExecutionContext) -> str:
     """Why no emotion can be trained: the pairs' own reason when there are none, else the counts."""
     if pairs.empty:
-        event = context.instance.get_latest_materialization_event(dg.AssetKey("emotion_training_pairs"))
-        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
-        reason = meta["empty_reason"].value if "empty_reason" in meta else ""
-        return f"emotion_training_pairs is empty: {reason or 'no node gave a pair'}"
+        return f"emotion_training_pairs is empty: {_pairs_empty_reason(context) or 'no node gave a pair'}"
     return (f"no emotion has at least steering_vectors.min_pairs_per_polarity = "
             f"{config.min_pairs_per_polarity} pairs of each polarity (counts: {skipped}); lower "
             "min_pairs_per_polarity, or tag more nodes")
