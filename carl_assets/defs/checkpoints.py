@@ -1,6 +1,7 @@
 """What the training assets share: a checkpoint's content files and the check that its weights are finite,
 trainer checkpoints kept for resuming, provenance rows, and the hyper-parameters a run used."""
 
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,14 @@ RUN_FIELDS = (
 
 
 def run_metadata(run: Any) -> dict[str, Any]:
-    """The hyper-parameters a run actually used (after the model's defaults filled the 0/auto fields)."""
-    return {f"run/{n}": getattr(run, n) for n in RUN_FIELDS if hasattr(run, n)}
+    """The hyper-parameters a run actually used (after the model's defaults filled the 0/auto fields); a
+    choice made of an Enum is reported by its value (Dagster's metadata takes plain values)."""
+    return {f"run/{n}": plain(getattr(run, n)) for n in RUN_FIELDS if hasattr(run, n)}
+
+
+def plain(value: Any) -> Any:
+    """An Enum choice as its value, anything else as it is (Dagster's metadata refuses Enums)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def weights_files(folder: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from carl_assets.carl.distributed import (
 from carl_assets.carl.training import TRAINING_LOG_FILE, StepLogger, train_sft
 from carl_assets.defs.checkpoints import (
     accuracy_plot,
+    plain,
     record_provenance,
     resume_dir,
     run_metadata,
@@ -172,7 +173,7 @@ def _metadata(
         "started_from": start.name,
         "dream_cycle": None if start.cycle is None else start.cycle.cycle,
         "learning_rate": learning_rate,
-        "optim": config.optim,
+        "optim": plain(config.optim),
         "crystallized": outcome.crystallized,
         "triggered": outcome.triggered,
         "trigger_step": outcome.trigger_step,
