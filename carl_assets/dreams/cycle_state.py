@@ -20,13 +20,6 @@ from typing import Any
 CYCLE_FILE = "cycle.json"
 POLICY_ASSETS = ("grpo_checkpoint", "sft_checkpoint", "base_model")
 AUTO = "auto"
-# The cycle's back edge: with start_from 'auto' a cycle dreams with the newest grpo_checkpoint, which is
-# downstream of the dreaming assets, so no acyclic asset graph can declare it. Reader -> what it reads
-# (through `carl_assets.defs.dreams.resolve_policy`); the version read is recorded in the cycle's state.
-BACK_EDGES: dict[str, tuple[str, ...]] = {
-    "dream_scenarios": ("grpo_checkpoint",),
-    "scorer_validation": ("grpo_checkpoint",),
-}
 
 
 @dataclass(frozen=True)
