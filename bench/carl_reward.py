@@ -6,13 +6,13 @@ this project's GRPO and agent prompts (a system message, a memory text of the sa
 observation and an instruction). Completions are REAL texts, deterministic: the sample graph's memory
 texts (next ones in node order, joined until long enough), cut to mixed lengths of 8 to 128 tokens of a
 BPE tokenizer trained on those texts; each is passed as TRL passes it, text (decoded from its ids, so at
-least 5 characters: the seed's blank/short rule scores none of them 0) and token ids. The tokenizer's
+least 5 characters: the reference's blank/short rule scores none of them 0) and token ids. The tokenizer's
 ids are a small part of the model's 32k vocabulary; every reward is still over all 32k logits. Three
 ways over the same sequences, in one run:
 
-- seed:  the seed's way (the reference) — the seed's rules (blank or < 5 characters: 0; at most 512
+- reference: the reference prototype's way — its rules (blank or < 5 characters: 0; at most 512
          tokens), one forward pass per sequence, full logits, numpy `carl_reward` on the positions that
-         predict the completion (aligned as the seed's agent step does).
+         predict the completion (aligned as the reference's agent step does).
 - ours:  `make_carl_reward_fn` — one batched no-grad forward through the decoder stack, the LM head
          only on the completions' predicting positions, in vocabulary tiles; entropy and log
          P(selected) per token; the sequence maths vectorised in torch.
@@ -21,11 +21,11 @@ ways over the same sequences, in one run:
          it has nothing to agree on).
 
 Agreement, checked on the timed calls' outputs before any ratio is printed (`_measure.run_bench`: exit
-1 and no JSON line otherwise): max |reward ours - reward seed way| <= 1e-5 (the reward tests' tolerance),
+1 and no JSON line otherwise): max |reward ours - reward reference way| <= 1e-5 (the reward tests' tolerance),
 and every completion scored (none skipped to 0 by a rule; their spread is reported).
 
 Time: the same protocol for every method — one warm-up call each, then at least 3 interleaved rounds
-(seed, bare, ours, seed, ...), in this process with the default allocator; each ratio compares
+(reference, bare, ours, reference, ...), in this process with the default allocator; each ratio compares
 medians (the fastest rounds are printed and reported too, as `best_*`).
 
 Memory: peak extra resident memory — VmHWM after resetting it through /proc/self/clear_refs, minus
@@ -37,8 +37,8 @@ With ``--device cuda``: torch's peak allocated CUDA memory above what was alloca
 
 Memory, likewise: one warm-up call each, then the largest of 2 measured calls each.
 
-Prints one JSON line: ratio = seed median time / our median time (target >= 2), ratio_vs_bare_forward =
-our median / bare median (target <= 1.15), memory_ratio = the seed way's peak extra / ours,
+Prints one JSON line: ratio = reference median time / our median time (target >= 2), ratio_vs_bare_forward =
+our median / bare median (target <= 1.15), memory_ratio = the reference way's peak extra / ours,
 memory_ratio_vs_bare_forward = bare peak extra / ours (target >= 8), peak_mb, agreement.
 """
 
@@ -70,8 +70,8 @@ SYSTEM = "You are a precise agent. Follow the instruction exactly."
 INSTRUCTIONS = ["Which feelings does this memory carry?", "What kind of memory is this?",
                 "Click the submit button.", "Summarise the note in one line."]
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-REWARD_TOLERANCE = 1e-5  # max |ours - seed way|, as in tests/test_carl_reward_fn.py
-SEED_MIN_CHARS, SEED_MAX_TOKENS = 5, 512  # the seed's rules: a shorter text scores 0; longer ones are cut
+REWARD_TOLERANCE = 1e-5  # max |ours - reference way|, as in tests/test_carl_reward_fn.py
+REFERENCE_MIN_CHARS, REFERENCE_MAX_TOKENS = 5, 512  # the reference's rules: a shorter text scores 0; longer ones are cut
 
 
 def _status_mb(key: str) -> float:
@@ -161,14 +161,14 @@ def methods(model, tokenizer, prompts, texts, completion_ids, device):
                        ["input_ids"]) for p in prompts]
     sequences = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
 
-    def seed_way() -> list[float]:
+    def reference_way() -> list[float]:
         rewards = []
         with torch.no_grad():
             for p, c, text in zip(prompt_ids, completion_ids, texts, strict=True):
-                if not text.strip() or len(text) < SEED_MIN_CHARS:
+                if not text.strip() or len(text) < REFERENCE_MIN_CHARS:
                     rewards.append(0.0)
                     continue
-                c = c[:SEED_MAX_TOKENS]
+                c = c[:REFERENCE_MAX_TOKENS]
                 logits = model(input_ids=torch.tensor([p + c], device=device)).logits[0]
                 start = len(p) - 1
                 window = logits[start : start + len(c)].float().cpu().numpy()
@@ -197,7 +197,7 @@ def methods(model, tokenizer, prompts, texts, completion_ids, device):
     info = {"prompt_tokens_mean": float(np.mean([len(p) for p in prompt_ids])),
             "completion_tokens": int(sum(len(c) for c in completion_ids)),
             "completion_chars_min": min(len(t) for t in texts), "padded_width": width}
-    return {"seed": seed_way, "bare": bare, "ours": ours}, info, reward_fn
+    return {"reference": reference_way, "bare": bare, "ours": ours}, info, reward_fn
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -226,14 +226,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def check_agreement(r_seed: list[float], r_ours: list[float], reward_fn) -> dict:
-    """Ours equals the seed way within REWARD_TOLERANCE, and no completion was skipped (a bench of
+def check_agreement(r_ref: list[float], r_ours: list[float], reward_fn) -> dict:
+    """Ours equals the reference way within REWARD_TOLERANCE, and no completion was skipped (a bench of
     skipped completions would time a rule, not the reward). Raises Disagreement otherwise."""
     skipped = sum(c is None for c in reward_fn.last_components)
     return {
-        "rewards_vs_seed_way": agree_close("rewards vs the seed way", r_ours, r_seed, REWARD_TOLERANCE,
-                                           reward_std=round(float(np.std(r_seed)), 4),
-                                           reward_mean=round(float(np.mean(r_seed)), 4)),
+        "rewards_vs_reference_way": agree_close("rewards vs the reference way", r_ours, r_ref, REWARD_TOLERANCE,
+                                           reward_std=round(float(np.std(r_ref)), 4),
+                                           reward_mean=round(float(np.mean(r_ref)), 4)),
         "scored": agree("completions scored", skipped, 0, metric="skipped_completions", completions=len(r_ours)),
     }
 
@@ -247,8 +247,8 @@ def main() -> dict | None:
     device = torch.device(args.device)
     fns, info, reward_fn = methods(*build(args), device)
     stats = time_interleaved(fns, args.repeats, device)
-    r_seed, shape, r_ours = (stats[k]["result"] for k in ("seed", "bare", "ours"))
-    agreement = check_agreement(r_seed, r_ours, reward_fn)  # before any ratio is printed
+    r_ref, shape, r_ours = (stats[k]["result"] for k in ("reference", "bare", "ours"))
+    agreement = check_agreement(r_ref, r_ours, reward_fn)  # before any ratio is printed
 
     if device.type == "cuda":  # CUDA's allocator statistics need no help
         memory = {name: s["peak_mb"] for name, s in stats.items()}
@@ -256,34 +256,34 @@ def main() -> dict | None:
         child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child"], capture_output=True,
                                text=True, env={**os.environ, MMAP_ENV: "65536"}, check=True)
         memory = json.loads(child.stdout.strip().splitlines()[-1])
-    t_seed, t_bare, t_ours = (stats[k]["median"] for k in ("seed", "bare", "ours"))
-    m_seed, m_bare, m_ours = (memory[k] for k in ("seed", "bare", "ours"))
+    t_ref, t_bare, t_ours = (stats[k]["median"] for k in ("reference", "bare", "ours"))
+    m_ref, m_bare, m_ours = (memory[k] for k in ("reference", "bare", "ours"))
     print(f"sequences={args.sequences}: prompts {info['prompt_tokens_mean']:.0f} tokens on average, "
           f"{info['completion_tokens']} completion tokens (8-{args.max_completion}, real memory texts, "
           f">= {info['completion_chars_min']} characters), padded width {info['padded_width']}; V={args.vocab}; "
           f"full logits {shape}; threads={args.threads}", file=sys.stderr)
-    for label, key in (("seed way", "seed"), ("bare fwd", "bare"), ("ours    ", "ours")):
+    for label, key in (("ref way ", "reference"), ("bare fwd", "bare"), ("ours    ", "ours")):
         print(f"{label}: best {stats[key]['best'] * 1000:8.1f} ms  median {stats[key]['median'] * 1000:8.1f} ms  "
               f"peak extra {memory[key]:7.1f} MB", file=sys.stderr)
     return {
         "name": "carl_reward",
-        "ratio": round(t_seed / t_ours, 3),
+        "ratio": round(t_ref / t_ours, 3),
         "target": 2.0,
-        "ratio_is": f"seed way median time / ours (the same {args.sequences} real completions, rewards agreeing)",
+        "ratio_is": f"reference way median time / ours (the same {args.sequences} real completions, rewards agreeing)",
         "agreement": agreement,
         "ratio_vs_bare_forward": round(t_ours / t_bare, 3),
         "target_vs_bare_forward": 1.15,
-        "memory_ratio": memory_ratio(m_seed, m_ours),
+        "memory_ratio": memory_ratio(m_ref, m_ours),
         "memory_ratio_vs_bare_forward": memory_ratio(m_bare, m_ours),
         "target_memory_ratio_vs_bare_forward": 8.0,
         "peak_mb": round(m_ours, 1),
         "peak_mb_bare_forward": round(m_bare, 1),
-        "peak_mb_seed": round(m_seed, 1),
+        "peak_mb_reference": round(m_ref, 1),
         "seconds_ours": round(t_ours, 4),
         "seconds_bare_forward": round(t_bare, 4),
-        "seconds_seed": round(t_seed, 4),
+        "seconds_reference": round(t_ref, 4),
         "timing": f"median of {max(MIN_REPEATS, args.repeats)} interleaved rounds after 1 warm-up, each method",
-        "best_ratio": round(stats["seed"]["best"] / stats["ours"]["best"], 3),
+        "best_ratio": round(stats["reference"]["best"] / stats["ours"]["best"], 3),
         "best_ratio_vs_bare_forward": round(stats["ours"]["best"] / stats["bare"]["best"], 3),
         "completion_tokens": info["completion_tokens"],
         "threads": args.threads,

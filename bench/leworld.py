@@ -1,13 +1,13 @@
-"""LeWorld data benchmark: the seed's per-sequence/per-step and per-word loops against the vectorised forms.
+"""LeWorld data benchmark: the reference's per-sequence/per-step and per-word loops against the vectorised forms.
 
 1. Dataset generation, 1,000 sequences × 20 steps (state 64, characteristics 32, difficulty "medium"):
-   the seed's `StateTransitionDataset._generate_sequences` (transcribed below) against
+   the reference's `StateTransitionDataset._generate_sequences` (transcribed below) against
    `carl_assets.leworld.data.generate_sequences` (prefix sums + closed-form recurrence). Target ≥ 50×.
-2. Structured population of 65,536 words × 32 bits: the seed's `MemoryPopulator.structured_patterns`
+2. Structured population of 65,536 words × 32 bits: the reference's `MemoryPopulator.structured_patterns`
    (transcribed below) against `structured_bits`. Target ≥ 100×.
 
-Baselines (what each ratio divides): `ratio` = the seed's dataset loop (one Python iteration per sequence,
-region and step, torch ops on single vectors) / ours; `populate_ratio` = the seed's structured populator (one
+Baselines (what each ratio divides): `ratio` = the reference's dataset loop (one Python iteration per sequence,
+region and step, torch ops on single vectors) / ours; `populate_ratio` = the reference's structured populator (one
 Python iteration per word, and per bit for the history quarter) / ours. Both sides of every ratio use one
 timing protocol: `WARMUP` untimed call(s), then the median of `REPEATS` timed calls, in this process.
 
@@ -19,7 +19,7 @@ each for 1,000 sequences and scaled by sqrt(1000 / n) for fewer: about 4 standar
 the structured memory exactly on every region but the pseudo-random context quarter (max |diff| 0), whose
 per-word `manual_seed` stream is replaced by one generator (both checked for fair bits: density within
 0.01 of 0.5). Peak memory: the RSS high-water mark of each timed call above the RSS before it (the
-largest over the calls; `_measure.measure`), ours and the seed's. Ends with one JSON line.
+largest over the calls; `_measure.measure`), ours and the reference's. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ from carl_assets.leworld.populators import structured_bits  # noqa: E402
 
 N_SEQ, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY = 1000, 20, 64, 32, "medium"
 NUM_WORDS, WORD_SIZE = 65536, 32
-WARMUP, REPEATS = 1, 3  # every timed function, ours and the seed's alike: WARMUP untimed calls, median of REPEATS
+WARMUP, REPEATS = 1, 3  # every timed function, ours and the reference's alike: WARMUP untimed calls, median of REPEATS
 BASELINES = {
-    "ratio": "seed StateTransitionDataset._generate_sequences loops (per sequence, region, step) / generate_sequences",
-    "populate_ratio": "seed MemoryPopulator.structured_patterns loops (per word) / structured_bits",
+    "ratio": "reference StateTransitionDataset._generate_sequences loops (per sequence, region, step) / generate_sequences",
+    "populate_ratio": "reference MemoryPopulator.structured_patterns loops (per word) / structured_bits",
 }
 
 
 # ---------------------------------------------------------------------------------------------
-# The seed's loop forms, transcribed
+# The reference's loop forms, transcribed
 # ---------------------------------------------------------------------------------------------
 
 
-def seed_generate_sequences(memory: ArtificialMemory, num_sequences: int, seq_length: int, state_dim: int, char_dim: int, difficulty: str) -> list[dict]:
+def reference_generate_sequences(memory: ArtificialMemory, num_sequences: int, seq_length: int, state_dim: int, char_dim: int, difficulty: str) -> list[dict]:
     data = []
     mem_size = memory.config.num_words
     for _ in range(num_sequences):
@@ -81,7 +81,7 @@ def seed_generate_sequences(memory: ArtificialMemory, num_sequences: int, seq_le
     return data
 
 
-def seed_structured_patterns(memory: ArtificialMemory) -> None:
+def reference_structured_patterns(memory: ArtificialMemory) -> None:
     n = memory.config.num_words
     w = memory.config.word_size
     quarter = n // 4
@@ -124,7 +124,7 @@ def median_time(fn, repeats: int = REPEATS, warmup: int = WARMUP) -> tuple[float
 
 
 def replayed_equivalence(bits: torch.Tensor, n: int = 50, seed: int = 7) -> float:
-    """Max |vectorised − seed loop| when the loop consumes the same draws (the last region's pass)."""
+    """Max |vectorised − reference loop| when the loop consumes the same draws (the last region's pass)."""
     num_words = bits.shape[0]
     data = generate_sequences(bits, n, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY, generator=seed)
     g = torch.Generator().manual_seed(seed)
@@ -139,33 +139,33 @@ def replayed_equivalence(bits: torch.Tensor, n: int = 50, seed: int = 7) -> floa
         states[0] = x0[i]
         for r in range(2):
             mem_bits = bits[starts[i, r] : starts[i, r] + lengths[i, r]].mean(dim=0)
-            seed_vec = (mem_bits * 2 - 1).repeat(math.ceil(STATE_DIM / WORD_SIZE))[:STATE_DIM]
+            transition_vec = (mem_bits * 2 - 1).repeat(math.ceil(STATE_DIM / WORD_SIZE))[:STATE_DIM]
             char_padded = chars[i].repeat(math.ceil(STATE_DIM / CHAR_DIM))[:STATE_DIM]
             for t in range(1, SEQ_LEN):
-                states[t] = 0.8 * states[t - 1] + 0.15 * seed_vec + 0.05 * char_padded + noise[i, t - 1]
+                states[t] = 0.8 * states[t - 1] + 0.15 * transition_vec + 0.05 * char_padded + noise[i, t - 1]
         worst = max(worst, (states - data.states[i]).abs().max().item())
     return worst
 
 
-def check_dataset(bits: torch.Tensor, seed_data: list[dict], ours) -> dict:
+def check_dataset(bits: torch.Tensor, ref_data: list[dict], ours) -> dict:
     """The dataset agreement: exact on replayed draws, in distribution on the timed calls' draws."""
     num_words = bits.shape[0]
-    seed_states = torch.stack([d["states"] for d in seed_data])
-    seed_starts = torch.tensor([[s for s, _ in d["relevant_addrs"]] for d in seed_data], dtype=torch.float32)
-    seed_lengths = torch.tensor([[e - s for s, e in d["relevant_addrs"]] for d in seed_data], dtype=torch.float32)
-    step_mean_gap = (seed_states.mean(dim=(0, 2)) - ours.states.mean(dim=(0, 2))).abs().max().item()
-    step_std_ratio = ours.states.std(dim=(0, 2)) / seed_states.std(dim=(0, 2))
+    ref_states = torch.stack([d["states"] for d in ref_data])
+    ref_starts = torch.tensor([[s for s, _ in d["relevant_addrs"]] for d in ref_data], dtype=torch.float32)
+    ref_lengths = torch.tensor([[e - s for s, e in d["relevant_addrs"]] for d in ref_data], dtype=torch.float32)
+    step_mean_gap = (ref_states.mean(dim=(0, 2)) - ours.states.mean(dim=(0, 2))).abs().max().item()
+    step_std_ratio = ours.states.std(dim=(0, 2)) / ref_states.std(dim=(0, 2))
     ours_lengths = (ours.relevant_ends - ours.relevant_starts)[:, :2].float()
     # the distribution tolerances are set for N_SEQ sequences; sampling noise grows as 1/sqrt(n)
-    scale = math.sqrt(N_SEQ / min(len(seed_data), len(ours.states)))
-    start_gap = abs(seed_starts.mean().item() - ours.relevant_starts[:, :2].float().mean().item())
+    scale = math.sqrt(N_SEQ / min(len(ref_data), len(ours.states)))
+    start_gap = abs(ref_starts.mean().item() - ours.relevant_starts[:, :2].float().mean().item())
     return {
         "dataset_replayed": agree("dataset on replayed draws", replayed_equivalence(bits), 1e-4),
         "dataset_step_mean": agree("dataset per-step mean", step_mean_gap, 0.05 * scale, metric="max_abs_gap"),
         "dataset_step_std": agree("dataset per-step std ratio", (step_std_ratio - 1).abs().max().item(),
                                   0.05 * scale,
                                   metric="max_abs_ratio_minus_1"),
-        "dataset_address_length": agree("address length mean", abs(seed_lengths.mean().item()
+        "dataset_address_length": agree("address length mean", abs(ref_lengths.mean().item()
                                                                    - ours_lengths.mean().item()), 3.0 * scale,
                                         metric="abs_gap_words"),
         "dataset_address_start": agree("address start mean", start_gap / num_words, 0.03 * scale,
@@ -204,58 +204,58 @@ def time_ours(bits: torch.Tensor, args: argparse.Namespace) -> dict:
     return out
 
 
-def time_seed(bits: torch.Tensor, args: argparse.Namespace) -> tuple[dict, ArtificialMemory]:
-    """The seed's loops, same protocol; returns their timings and the memory the seed populator filled."""
+def time_reference(bits: torch.Tensor, args: argparse.Namespace) -> tuple[dict, ArtificialMemory]:
+    """The reference's loops, same protocol; returns their timings and the memory the reference populator filled."""
     memory = ArtificialMemory(MemoryConfig(bits.shape[0], WORD_SIZE))
     with torch.no_grad():
         memory.memory.copy_(bits)
 
-    def seed_dataset() -> list[dict]:
+    def reference_dataset() -> list[dict]:
         random.seed(0)  # every call draws the same sequences
         torch.manual_seed(0)
-        return seed_generate_sequences(memory, args.sequences, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY)
+        return reference_generate_sequences(memory, args.sequences, SEQ_LEN, STATE_DIM, CHAR_DIM, DIFFICULTY)
 
-    seed_memory = ArtificialMemory(MemoryConfig(bits.shape[0], WORD_SIZE))
-    out = {"dataset": median_time(seed_dataset),
-           "populate": median_time(lambda: seed_structured_patterns(seed_memory))}
-    return out, seed_memory
+    reference_memory = ArtificialMemory(MemoryConfig(bits.shape[0], WORD_SIZE))
+    out = {"dataset": median_time(reference_dataset),
+           "populate": median_time(lambda: reference_structured_patterns(reference_memory))}
+    return out, reference_memory
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("threads", type=int, nargs="?", default=2,
-                        help="the process's torch threads (the seed loops' setting)")
+                        help="the process's torch threads (the reference loops' setting)")
     parser.add_argument("--sequences", type=int, default=N_SEQ)
     parser.add_argument("--words", type=int, default=NUM_WORDS, help="memory words (a multiple of 4, >= 512)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bits = structured_bits(args.words, WORD_SIZE)
     ours = time_ours(bits, args)
-    seed, seed_memory = time_seed(bits, args)
-    agreement = {**check_dataset(bits, seed["dataset"][1], ours["dataset"][1]),
-                 **check_population(seed_memory.memory.detach(), ours["populate"][1])}
-    seconds = {f"{side}_{what}": timing[what][0] for side, timing in (("seed", seed), ("ours", ours))
+    reference, reference_memory = time_reference(bits, args)
+    agreement = {**check_dataset(bits, reference["dataset"][1], ours["dataset"][1]),
+                 **check_population(reference_memory.memory.detach(), ours["populate"][1])}
+    seconds = {f"{side}_{what}": timing[what][0] for side, timing in (("reference", reference), ("ours", ours))
                for what in timing}
-    peaks = {f"{side}_{what}": timing[what][2] for side, timing in (("seed", seed), ("ours", ours))
+    peaks = {f"{side}_{what}": timing[what][2] for side, timing in (("reference", reference), ("ours", ours))
              for what in timing}
     for key in sorted(seconds):
         print(f"{key}: median {seconds[key]:.5f} s, peak extra {peaks[key]:.1f} MB")
     return {
         "name": "leworld",
-        "ratio": round(seconds["seed_dataset"] / seconds["ours_dataset"], 1),
+        "ratio": round(seconds["reference_dataset"] / seconds["ours_dataset"], 1),
         "target": 50,
-        "populate_ratio": round(seconds["seed_populate"] / seconds["ours_populate"], 1),
+        "populate_ratio": round(seconds["reference_populate"] / seconds["ours_populate"], 1),
         "populate_target": 100,
         "agreement": agreement,
         "peak_mb": round(peaks["ours_dataset"], 1),
-        "peak_mb_seed": round(peaks["seed_dataset"], 1),
-        "memory_ratio": memory_ratio(peaks["seed_dataset"], peaks["ours_dataset"]),
+        "peak_mb_reference": round(peaks["reference_dataset"], 1),
+        "memory_ratio": memory_ratio(peaks["reference_dataset"], peaks["ours_dataset"]),
         "populate_peak_mb": round(peaks["ours_populate"], 1),
-        "populate_peak_mb_seed": round(peaks["seed_populate"], 1),
-        "populate_memory_ratio": memory_ratio(peaks["seed_populate"], peaks["ours_populate"]),
+        "populate_peak_mb_reference": round(peaks["reference_populate"], 1),
+        "populate_memory_ratio": memory_ratio(peaks["reference_populate"], peaks["ours_populate"]),
         "peak_memory_method": "RSS high-water mark (VmHWM after /proc/self/clear_refs) minus RSS before, per call",
-        "ratio_thread_pool": round(seconds["seed_dataset"] / seconds["ours_dataset_pool"], 1),
-        "populate_ratio_thread_pool": round(seconds["seed_populate"] / seconds["ours_populate_pool"], 1),
+        "ratio_thread_pool": round(seconds["reference_dataset"] / seconds["ours_dataset_pool"], 1),
+        "populate_ratio_thread_pool": round(seconds["reference_populate"] / seconds["ours_populate_pool"], 1),
         "median_seconds": {k: round(v, 5) for k, v in seconds.items()},
         "threads": args.threads,
         "sequences": args.sequences,
