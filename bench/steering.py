@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
-from _measure import agree, measure, memory_ratio, prepare_process, run_bench
+from _measure import agree, memory_ratio, prepare_process, run_bench, time_interleaved
 
 # before torch: it may restart the interpreter
 
@@ -79,7 +78,7 @@ def balanced_pairs(n_graphs: int) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)[["emotion", "polarity", "text"]]
 
 
-def main() -> dict:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--graphs", type=int, default=2, help="sample graphs (seeds) to draw pairs from")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -88,21 +87,39 @@ def main() -> dict:
     args = parser.parse_args()
     if args.repeats < 3:
         parser.error("--repeats must be at least 3 (ratios compare medians)")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+    return args
 
-    pairs = balanced_pairs(args.graphs)
+
+def shared_pass_way(model, tok, sorted_texts: list[str], members: dict, layers: list[int], batch_size: int):
+    """Each unique text once, full forward with output_hidden_states, diff of means by indexing."""
+    def run():
+        per_batch = []
+        with torch.inference_mode():
+            for start in range(0, len(sorted_texts), batch_size):
+                batch = tok(sorted_texts[start: start + batch_size], return_tensors="pt", padding=True)
+                hidden = model(**batch, output_hidden_states=True).hidden_states
+                last = batch["attention_mask"].sum(dim=1) - 1  # right padding
+                rows = torch.arange(len(last))
+                # hidden_states[x] is the output of block x-1, except the last entry (after the final
+                # norm): the same work either way, but only the layers before the last are compared.
+                per_batch.append(torch.stack([hidden[x][rows, last] for x in layers], dim=1))
+        acts = torch.cat(per_batch).double()  # [texts, layers, hidden]
+        out = {}
+        for e, (pos, neg) in members.items():
+            diff = acts[pos].mean(dim=0) - acts[neg].mean(dim=0)
+            out[e] = diff / diff.norm(dim=-1, keepdim=True)
+        return out
+    return run
+
+
+def build_ways(args: argparse.Namespace, pairs: pd.DataFrame, model, tok, layers: list[int]) -> dict:
+    """ours, reference, shared_pass, bare (and reference_bs1 with --with-bs1) over the same pairs."""
     unique_texts = list(dict.fromkeys(pairs["text"]))
-    model, tok = new_offline_model(unique_texts)
-    layers = [1, 2, 3, 4]
-    emotions = sorted(pairs["emotion"].unique())
     by_emotion = {
         e: (pairs[(pairs.emotion == e) & (pairs.polarity == "positive")]["text"].tolist(),
             pairs[(pairs.emotion == e) & (pairs.polarity == "negative")]["text"].tolist())
-        for e in emotions
+        for e in sorted(pairs["emotion"].unique())
     }
-    print(f"{len(pairs)} pair texts, {len(unique_texts)} unique, {len(emotions)} emotions, "
-          f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
     train_steering_vector = import_train_steering_vector()
 
     def ours():
@@ -119,28 +136,9 @@ def main() -> dict:
 
     encoded = tok(unique_texts)["input_ids"]
     sorted_texts = [unique_texts[i] for i in sorted(range(len(unique_texts)), key=lambda i: len(encoded[i]))]
-
     text_row = {t: i for i, t in enumerate(sorted_texts)}
     members = {e: (torch.as_tensor([text_row[t] for t in pos]), torch.as_tensor([text_row[t] for t in neg]))
                for e, (pos, neg) in by_emotion.items()}
-
-    def shared_pass():
-        per_batch = []
-        with torch.inference_mode():
-            for start in range(0, len(sorted_texts), args.batch_size):
-                batch = tok(sorted_texts[start: start + args.batch_size], return_tensors="pt", padding=True)
-                hidden = model(**batch, output_hidden_states=True).hidden_states
-                last = batch["attention_mask"].sum(dim=1) - 1  # right padding
-                rows = torch.arange(len(last))
-                # hidden_states[x] is the output of block x-1, except the last entry (after the final
-                # norm): the same work either way, but only the layers before the last are compared.
-                per_batch.append(torch.stack([hidden[x][rows, last] for x in layers], dim=1))
-        acts = torch.cat(per_batch).double()  # [texts, layers, hidden]
-        out = {}
-        for e, (pos, neg) in members.items():
-            diff = acts[pos].mean(dim=0) - acts[neg].mean(dim=0)
-            out[e] = diff / diff.norm(dim=-1, keepdim=True)
-        return out
 
     def bare():
         with torch.inference_mode():
@@ -148,21 +146,15 @@ def main() -> dict:
                 batch = tok(sorted_texts[start: start + args.batch_size], return_tensors="pt", padding=True)
                 model(**batch)
 
-    ways = {"ours": ours, "reference": reference(args.batch_size), "shared_pass": shared_pass, "bare": bare}
+    ways = {"ours": ours, "reference": reference(args.batch_size),
+            "shared_pass": shared_pass_way(model, tok, sorted_texts, members, layers, args.batch_size), "bare": bare}
     if args.with_bs1:
         ways["reference_bs1"] = reference(1)
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    peaks: dict[str, float] = {k: 0.0 for k in ways}
-    results = {}
-    for fn in ways.values():  # warm-up, every way alike
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in ways.items():
-            seconds, peak, result = measure(fn)
-            times[name].append(seconds)
-            peaks[name] = max(peaks[name], peak)
-            results[name] = result
+    return ways
 
+
+def check_agreement(results: dict, layers: list[int]) -> dict:
+    """Our vectors vs the normalised reference vectors and vs the shared pass; raises Disagreement."""
     sv, ref = results["ours"], results["reference"]
     worst = 0.0
     for k, emotion in enumerate(sv.concepts):
@@ -170,7 +162,6 @@ def main() -> dict:
             expected = ref[emotion].layer_activations[layer - 1].double()
             expected = expected / expected.norm()
             worst = max(worst, float((sv.vectors[layer][k].double() - expected).norm() / expected.norm()))
-
     # The shared pass reads output_hidden_states, whose last entry is after the final norm: compare it
     # on the layers before the last block only.
     shared_worst = 0.0
@@ -178,26 +169,49 @@ def main() -> dict:
         for j, layer in enumerate(layers[:-1]):
             expected = results["shared_pass"][emotion][j]
             shared_worst = max(shared_worst, float((sv.vectors[layer][k].double() - expected).norm()))
-    agreement = {
+    return {
         "vectors_vs_reference": agree("vectors vs steering-vectors", worst, VECTOR_TOLERANCE,
                                       metric="max_relative_error", vectors=len(sv.concepts) * len(layers)),
         "vectors_vs_shared_pass": agree("vectors vs the shared pass", shared_worst, VECTOR_TOLERANCE,
                                         metric="max_abs_diff", vectors=len(sv.concepts) * (len(layers) - 1)),
     }
 
-    median = {k: statistics.median(v) for k, v in times.items()}
-    for name in ways:
-        print(f"{name:>14}: median {median[name]:.3f} s of {len(times[name])} "
-              f"({', '.join(f'{x:.3f}' for x in times[name])}), peak +{peaks[name]:.1f} MB", file=sys.stderr)
+
+BASELINES = {
+    "reference": "steering-vectors train_steering_vector, one call per emotion (one concept per call: "
+                 "each text runs once per emotion it belongs to)",
+    "shared_pass": "each unique text once, full forward with output_hidden_states, diff of means by indexing",
+    "bare": "full forward of each unique text once, nothing read",
+}
+
+
+def main() -> dict:
+    args = parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pairs = balanced_pairs(args.graphs)
+    unique_texts = list(dict.fromkeys(pairs["text"]))
+    model, tok = new_offline_model(unique_texts)
+    layers = [1, 2, 3, 4]
+    emotions = sorted(pairs["emotion"].unique())
+    print(f"{len(pairs)} pair texts, {len(unique_texts)} unique, {len(emotions)} emotions, "
+          f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
+    stats = time_interleaved(build_ways(args, pairs, model, tok, layers), args.repeats)
+    agreement = check_agreement({name: s["result"] for name, s in stats.items()}, layers)  # before any ratio
+    median = {name: s["median"] for name, s in stats.items()}
+    peaks = {name: s["peak_mb"] for name, s in stats.items()}
+    for name, s in stats.items():
+        print(f"{name:>14}: median {s['median']:.3f} s of {len(s['seconds'])} "
+              f"({', '.join(f'{x:.3f}' for x in s['seconds'])}), peak +{s['peak_mb']:.1f} MB", file=sys.stderr)
     return {
         "name": "steering_vectors_extraction",
         "ratio": round(median["reference"] / median["ours"], 3),
         "target": 3.0,
+        "agreement": agreement,
         "ratio_vs_shared_pass": round(median["shared_pass"] / median["ours"], 3),
         "ratio_vs_bare_forward": round(median["bare"] / median["ours"], 3),
         "target_vs_bare_forward": round(1 / 1.2, 3),
         "ratio_vs_reference_batch1": round(median["reference_bs1"] / median["ours"], 3) if args.with_bs1 else None,
-        "agreement": agreement,
         "peak_mb": round(peaks["ours"], 1),
         "memory_ratio": memory_ratio(peaks["reference"], peaks["ours"]),
         "peak_mb_reference": round(peaks["reference"], 1),
@@ -205,20 +219,13 @@ def main() -> dict:
         "peak_mb_bare": round(peaks["bare"], 1),
         "peak_memory_method": "RSS high-water mark (VmHWM after /proc/self/clear_refs) minus RSS before",
         "timing": f"one warm-up per way, then median of {args.repeats} interleaved runs per way",
-        "baselines": {
-            "reference": "steering-vectors train_steering_vector, one call per emotion (one concept per call: "
-                         "each text runs once per emotion it belongs to)",
-            "shared_pass": "each unique text once, full forward with output_hidden_states, diff of means by indexing",
-            "bare": "full forward of each unique text once, nothing read",
-        },
+        "baselines": BASELINES,
         "median_seconds": {k: round(v, 4) for k, v in median.items()},
         "pair_texts": len(pairs),
         "unique_texts": len(unique_texts),
         "emotions": len(emotions),
         "layers": layers,
         "batch_size": args.batch_size,
-        "max_relative_error_vs_reference": worst,
-        "max_error_vs_shared_pass": shared_worst,
         "device": "cpu, 1 thread",
     }
 
