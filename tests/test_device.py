@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from carl_assets.carl.training import GRPORunConfig, SFTRunConfig, _common_args, _schedule_args
+from carl_assets.carl.run_config import GRPORunConfig, SFTRunConfig
+from carl_assets.carl.trl_config import trl_config
 from carl_assets.defs.training_config import GRPOCheckpointConfig, SFTCheckpointConfig
 from carl_assets.models.defaults import (
     OFFLINE_DEFAULTS,
@@ -89,18 +90,20 @@ def test_real_model_defaults_and_explicit_values_win():
             mine.gradient_accumulation_steps) == (0.0, False, "constant", 2)
 
 
-def test_trainer_arguments_follow_device_dtype_and_checkpointing():
-    fp32 = _common_args(SFTRunConfig(device="cpu"))
-    assert fp32["use_cpu"] is True and fp32["bf16"] is False and fp32["fp16"] is False
-    assert fp32["activation_checkpointing"] is False
-    bf16 = _common_args(GRPORunConfig(device="cpu", dtype="bf16", gradient_checkpointing=True))
-    assert bf16["bf16"] is True and bf16["fp16"] is False and bf16["activation_checkpointing"] is True
+def test_trainer_arguments_follow_device_dtype_and_checkpointing(tmp_path):
+    fp32 = trl_config(SFTRunConfig(device="cpu").resolved(offline=True), tmp_path)
+    assert fp32.use_cpu is True and fp32.bf16 is False and fp32.fp16 is False
+    assert fp32.activation_checkpointing is False
+    bf16 = trl_config(GRPORunConfig(device="cpu", dtype="bf16", gradient_checkpointing=True).resolved(True), tmp_path)
+    assert bf16.bf16 is True and bf16.fp16 is False and bf16.activation_checkpointing is True
     with pytest.raises(ValueError, match="fp16.*CUDA"):
-        _common_args(SFTRunConfig(device="cpu", dtype="fp16"))
-    assert _schedule_args(GRPORunConfig(warmup_ratio=0.1))["warmup_steps"] == pytest.approx(0.1)
-    assert _schedule_args(GRPORunConfig())["warmup_steps"] == 0
-    with pytest.raises(ValueError, match="warmup_ratio must be in"):
-        _schedule_args(GRPORunConfig(warmup_ratio=1.5))
+        trl_config(SFTRunConfig(device="cpu", dtype="fp16").resolved(offline=True), tmp_path)
+    assert trl_config(GRPORunConfig(warmup_ratio=0.1).resolved(True), tmp_path).warmup_steps == pytest.approx(0.1)
+    assert trl_config(GRPORunConfig().resolved(True), tmp_path).warmup_steps == 0
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        GRPORunConfig(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match="max_steps.*not set.*resolved"):
+        trl_config(SFTRunConfig(), tmp_path)  # unresolved: the model's defaults not filled in
 
 
 def test_load_places_the_model_in_the_asked_dtype(tmp_path, tiny_model_and_tokenizer):
@@ -183,6 +186,8 @@ def test_threads_default_to_the_usable_cores_for_a_real_model(monkeypatch):
     assert resolve_threads(5, offline=True) == 5  # asked for
     with pytest.raises(ValueError, match="threads must be 0"):
         resolve_threads(-1, offline=False)
+    with pytest.raises(ValueError, match="threads"):
+        SFTCheckpointConfig(threads=0)  # None is the model's default; a count is at least 1
     assert SFTCheckpointConfig().run_config(1e-3, offline=False).threads == 3
     assert GRPOCheckpointConfig(threads=2).run_config(offline=True).threads == 2
     assert SFTCheckpointConfig().run_config(1e-3, offline=True).threads == 1
@@ -195,13 +200,13 @@ def test_sampling_and_lora_defaults_per_model():
     assert (offline.temperature, offline.top_p, offline.top_k, offline.min_p) == (1.0, 1.0, 0, 0.0)  # as tuned
     real = GRPOCheckpointConfig().run_config(offline=False)
     assert (real.temperature, real.top_p, real.top_k, real.min_p) == (0.8, 0.9, 0, 0.05)
-    mine = GRPOCheckpointConfig(temperature=1.2, top_p=1.0, min_p=0.0, reward="Self_Certainty").run_config(False)
+    mine = GRPOCheckpointConfig(temperature=1.2, top_p=1.0, min_p=0.0, reward="self_certainty").run_config(False)
     assert (mine.temperature, mine.top_p, mine.min_p, mine.reward) == (1.2, 1.0, 0.0, "self_certainty")
     assert (offline.reward, offline.lora_r, offline.lora_target_modules) == ("carl", 0, None)
     assert real.reward == "self_certainty"  # 'auto': scorer_validation's choice for a real model
     assert GRPOCheckpointConfig(reward="carl").run_config(offline=False).reward == "carl"  # asked for
     lora = SFTCheckpointConfig(lora_r=8, lora_target_modules=["q_proj", "v_proj"]).run_config(1e-4, offline=False)
-    assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (8, 0.0, ["q_proj", "v_proj"])
+    assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (8, None, ["q_proj", "v_proj"])
     assert AgentEvaluationConfig().sampling(offline=True).generate_kwargs() == {"do_sample": False}
     agent = AgentEvaluationConfig(seed=4).sampling(offline=False)
     assert (agent.temperature, agent.top_p, agent.seed) == (0.7, 0.9, 4)

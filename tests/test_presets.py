@@ -113,3 +113,35 @@ def test_real_preset_runs_on_a_tiny_model(tmp_path, tiny_model_and_tokenizer):
     assert meta["sft_checkpoint"]["run/max_steps"] == real["sft_checkpoint"]["config"]["max_steps"]
     assert meta["grpo_checkpoint"]["run/max_steps"] == real["grpo_checkpoint"]["config"]["max_steps"]
     assert meta["grpo_checkpoint"]["run/num_generations"] == real["grpo_checkpoint"]["config"]["num_generations"]
+
+
+def test_asset_configs_reuse_the_library_run_configs(defs):
+    """Each trainer setting is defined once, in the library run config the asset config inherits: the
+    asset classes add only their own fields, the launchpad shows a choice as an enum and refuses another
+    value before the run starts, and performance-only fields stay out of the data version."""
+    from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig
+    from carl_assets.defs.common import config_values
+    from carl_assets.defs.training_config import (
+        AgentEvaluationConfig,
+        GRPOCheckpointConfig,
+        SFTCheckpointConfig,
+    )
+
+    for asset_config, library in ((SFTCheckpointConfig, [SFTRunConfig]), (GRPOCheckpointConfig, [GRPORunConfig]),
+                                  (AgentEvaluationConfig, [AgentSampling, Placement])):
+        inherited = set().union(*(cls.model_fields for cls in library))
+        assert inherited <= set(asset_config.model_fields)
+        assert not set(asset_config.__annotations__) & inherited, asset_config  # nothing redefined
+    job = defs.resolve_job_def("carl_all")
+    schema = SFTCheckpointConfig.to_config_schema().as_field().config_type.fields  # what the launchpad shows
+    assert schema["optim"].config_type.kind.name == "ENUM"
+    assert schema["lr_scheduler_type"].config_type.inner_type.kind.name == "ENUM"  # or None
+    assert schema["max_steps"].default_value is None
+    for bad in ({"sft_checkpoint": {"optim": "adamw"}}, {"grpo_checkpoint": {"reward": "nonsense"}},
+                {"agent_evaluation": {"dtype": "int8"}}):
+        (op, config), = bad.items()
+        with pytest.raises(dg.DagsterInvalidConfigError, match="not in enum"):
+            dg.validate_run_config(job, {"ops": {op: {"config": config}}})
+    assert config_values(SFTCheckpointConfig(threads=2, log_every=1, checkpoint_every=0, launcher="torchrun:2")) \
+        == config_values(SFTCheckpointConfig())
+    assert config_values(SFTCheckpointConfig(max_steps=9)) != config_values(SFTCheckpointConfig())

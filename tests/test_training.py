@@ -29,7 +29,8 @@ from carl_assets.carl.training import (
     train_grpo,
     train_sft,
 )
-from carl_assets.carl.trl_config import generation_batch_size, prompts_per_step, sampling_kwargs
+from carl_assets.carl.trl_config import generation_batch_size, prompts_per_step, sampling_kwargs, trl_config
+from carl_assets.models.defaults import OFFLINE_DEFAULTS, REAL_MODEL_DEFAULTS, model_defaults
 
 
 def _constant_answer_dataset(n: int = 8) -> Dataset:
@@ -178,7 +179,7 @@ def test_grpo_refuses_what_trl_refuses_with_its_rule(gpt2_like):
     dataset = Dataset.from_dict({"prompt": CASE_12_PROMPTS})
     with pytest.raises(ValueError, match=r"batch_size 6 x .* not a multiple of num_generations 4.*TRL requires"):
         train_grpo(model, tokenizer, dataset, None, GRPORunConfig(batch_size=6, num_generations=4))
-    with pytest.raises(ValueError, match="num_generations >= 2"):
+    with pytest.raises(ValueError, match=r"num_generations\n.*greater than or equal to 2"):  # before training
         train_grpo(model, tokenizer, dataset, None, GRPORunConfig(batch_size=8, num_generations=1))
 
 
@@ -199,7 +200,7 @@ def test_grpo_reward_by_name(fresh_tiny):
                            reward="self_certainty", seed=0)
     outcome = train_grpo(model, tokenizer, _constant_answer_dataset(2), None, config)
     assert "rewards/self_certainty/mean" in outcome.log_history[0]
-    with pytest.raises(ValueError, match="unknown reward 'nonsense'"):
+    with pytest.raises(ValueError, match=r"reward\n.*Input should be 'carl'"):  # a choice: refused on creation
         train_grpo(model, tokenizer, _constant_answer_dataset(2), None, GRPORunConfig(reward="nonsense"))
 
 
@@ -290,3 +291,55 @@ def test_apollo_optimizer_trains(tiny_model_and_tokenizer):
                         SFTRunConfig(max_steps=12, batch_size=4, learning_rate=1e-2, optim="apollo_adamw"))
     losses = [r["loss"] for r in outcome.log_history if r.get("loss") is not None]
     assert outcome.steps == 12 and losses[-1] < losses[0]
+
+
+def test_none_means_the_models_default_from_the_one_table():
+    """Every None field of a run config is filled from models.defaults, for the offline model or a real one;
+    a field that is set stays, and resolving twice changes nothing."""
+    for offline, table in ((True, OFFLINE_DEFAULTS), (False, REAL_MODEL_DEFAULTS)):
+        sft = SFTRunConfig(device="cpu").resolved(offline)
+        assert (sft.max_steps, sft.learning_rate, sft.lr_scheduler_type, sft.warmup_ratio, sft.batch_size,
+                sft.gradient_accumulation_steps, sft.gradient_checkpointing) == (
+            table.sft.max_steps, table.sft.learning_rate, table.sft.lr_scheduler_type, table.sft.warmup_ratio,
+            table.sft.batch_size, table.sft.gradient_accumulation_steps, table.sft.gradient_checkpointing)
+        assert sft.resolved(offline) == sft
+    # The drift the issue found: the library's GRPO default (8 steps) disagreed with the offline table (16).
+    assert GRPORunConfig().resolved(offline=True).max_steps == 16 == model_defaults("grpo", True)["max_steps"]
+    mine = GRPORunConfig(max_steps=3, temperature=1.5, num_generations=3).resolved(offline=False)
+    assert (mine.max_steps, mine.temperature, mine.num_generations, mine.batch_size) == (3, 1.5, 3, 9)
+    assert (mine.reward, mine.top_p, mine.min_p) == ("self_certainty", 0.9, 0.05)  # the real model's
+    assert SFTRunConfig(threads=3).resolved(offline=True).threads == 3
+    assert SFTRunConfig().resolved(offline=True).threads == 1
+    with pytest.raises(KeyError, match="no model defaults for 'dpo'"):
+        model_defaults("dpo", True)
+
+
+def test_run_configs_refuse_bad_values_when_made():
+    for bad in ({"optim": "adamw"}, {"lr_scheduler_type": "cosine_annealing"}, {"dtype": "int8"},
+                {"device": "gpu"}, {"warmup_ratio": 1.0}, {"max_steps": 0}, {"lora_dropout": 1.0},
+                {"max_length_typo": 3}):
+        with pytest.raises(ValueError):
+            SFTRunConfig(**bad)
+    for bad in ({"reward": "nonsense"}, {"top_p": 0.0}, {"num_generations": 1}, {"max_prompts": 0}):
+        with pytest.raises(ValueError):
+            GRPORunConfig(**bad)
+
+
+def test_trl_config_carries_each_run_setting(tmp_path):
+    """One mapping onto TRL's configs: each set value arrives under TRL's name."""
+    sft = SFTRunConfig(device="cpu", max_steps=7, learning_rate=3e-4, lr_scheduler_type="cosine",
+                       warmup_ratio=0.25, batch_size=3, gradient_accumulation_steps=2, weight_decay=0.01, seed=5,
+                       max_length=96, optim="adafactor", completion_only_loss=True).resolved(offline=True)
+    args = trl_config(sft, tmp_path, max_length=64)
+    assert (args.max_steps, args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (7, 3e-4, "cosine", 0.25)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.weight_decay) == (3, 2, 0.01)
+    assert (args.seed, args.data_seed, args.max_length, args.optim, args.completion_only_loss) == (
+        5, 5, 64, "adafactor", True)
+    assert (args.logging_steps, args.use_cpu, args.bf16, args.save_strategy) == (1, True, False, "no")
+    grpo = GRPORunConfig(device="cpu", max_steps=2, batch_size=6, num_generations=3, max_completion_length=9,
+                         temperature=0.7, top_p=0.8, top_k=5, min_p=0.0, beta=0.02).resolved(offline=True)
+    args = trl_config(grpo, tmp_path, checkpointing={"save_strategy": "steps", "save_steps": 2})
+    assert (args.max_steps, args.per_device_train_batch_size, args.num_generations, args.max_completion_length,
+            args.beta) == (2, 6, 3, 9, 0.02)
+    assert (args.temperature, args.top_p, args.top_k, args.min_p) == (0.7, 0.8, 5, None)  # min_p 0: TRL's off
+    assert (args.save_strategy, args.save_steps, args.learning_rate) == ("steps", 2, 1e-4)

@@ -2,7 +2,7 @@
 
 `agent_step` builds the seed's two messages (a system instruction, then the observation and the
 instruction), generates (greedily, as the seed; or sampled with temperature and top-p / top-k / min-p
-truncation: `AgentSampling`), and scores the new tokens with the CARL maths. Alignment: the
+truncation: `carl_assets.carl.run_config.AgentSampling`, resolved for the model), and scores the new tokens with the CARL maths. Alignment: the
 logits at position ``prompt_len - 1 + t`` are the distribution that *predicted* new token t, so the
 scored slice is ``logits[prompt_len - 1 : -1]`` of one forward pass over prompt + response (the
 seed's agent step does exactly this; its GRPO reward function was one position off). The
@@ -13,14 +13,18 @@ gate threshold (sigma = 3/16 by default) the agent abstains: ``response`` is Non
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from carl_assets.carl.coherence import SIGMA, carl_reward, coherence_gate
+from carl_assets.carl.run_config import GREEDY, AgentSampling
 from carl_assets.carl.sft_data import SYSTEM_PROMPT, user_message
+from carl_assets.models.chat_template import chat_template_for  # the one policy for template-less models
+from carl_assets.models.loading import fit_prompt, model_max_positions
 
 EVALUATION_COLUMNS = ["task_id", "node_id", "instruction", "expected", "response", "raw_response", "acted",
                       "confidence", "phi_mean", "reward", "multiscale", "cloud_quality", "discontinuity",
@@ -45,8 +49,6 @@ class AgentStep:
 def _prompt_ids(tokenizer: Any, observation: str, instruction: str) -> list[int]:
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": user_message(observation, instruction)}]
-    from carl_assets.models.chat_template import chat_template_for  # the one policy for template-less models
-
     text = tokenizer.apply_chat_template(messages, chat_template=chat_template_for(tokenizer), tokenize=False,
                                          add_generation_prompt=True)
     # The template already holds any special tokens it wants; don't add a second bos.
@@ -55,52 +57,14 @@ def _prompt_ids(tokenizer: Any, observation: str, instruction: str) -> list[int]
 
 def completion_logits(model: Any, full_ids: Any, prompt_len: int) -> np.ndarray:
     """Logits ``[n_new, V]`` (float64) at the positions that predict tokens ``prompt_len..`` of ``full_ids [1, T]``."""
-    import torch
-
     with torch.no_grad():
         logits = model(input_ids=full_ids, use_cache=False).logits[0, prompt_len - 1 : -1]
     return logits.detach().cpu().double().numpy()
 
 
-@dataclass(frozen=True)
-class AgentSampling:
-    """How the agent generates: ``temperature`` 0 decodes greedily (the seed's agent step); above 0 it
-    samples, truncated by ``top_k`` (0: off), ``top_p`` (1.0: off) and ``min_p`` (0.0: off), with
-    torch's RNG seeded by ``seed`` (plus the task's index in `evaluate_agent`) so a run repeats.
-    Defaults per model: `carl_assets.models.defaults.agent_sampling_defaults`."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"agent temperature must be >= 0 (0: greedy), not {self.temperature}")
-        from carl_assets.dreams.generation import Sampling
-
-        Sampling(top_k=int(self.top_k), top_p=float(self.top_p), min_p=float(self.min_p))  # range checks
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """`generate` keywords: greedy, or sampling with every truncation set explicitly (a model's own
-        generation_config must not add a top-k or top-p of its own)."""
-        if self.temperature == 0:
-            return {"do_sample": False}
-        from carl_assets.dreams.generation import Sampling
-
-        truncation = Sampling(top_k=int(self.top_k), top_p=float(self.top_p), min_p=float(self.min_p))
-        return {"do_sample": True, "temperature": float(self.temperature), **truncation.generate_kwargs()}
-
-
-GREEDY = AgentSampling()
-
-
 def _generate(model: Any, input_ids: Any, max_new_tokens: int, pad_token_id: Any, sampling: AgentSampling) -> Any:
     """`model.generate` as `sampling` says; a sampled answer draws from a seeded RNG that leaves the
     caller's torch RNG state as it was."""
-    import torch
-
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(int(sampling.seed))
         return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -112,11 +76,7 @@ def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, g
                max_new_tokens: int = 128, sampling: AgentSampling = GREEDY) -> AgentStep:
     """One agent step: generate a response (greedy by default; `sampling` for temperature and top-p / top-k
     / min-p), measure its Phi on the model's own (untempered) logits, and act only when coherent."""
-    import torch
-
     device = next(model.parameters()).device
-    from carl_assets.models.loading import fit_prompt, model_max_positions
-
     limit = model_max_positions(model)
     if limit is not None:
         max_new_tokens = min(max_new_tokens, max(1, limit // 2))
@@ -161,7 +121,7 @@ def evaluate_agent(model: Any, tokenizer: Any, tasks: pd.DataFrame | Iterable[Ma
     for i, task in enumerate(records):
         step = agent_step(model, tokenizer, str(task["observation"]), str(task["instruction"]),
                           gate_threshold=gate_threshold, max_new_tokens=max_new_tokens,
-                          sampling=replace(sampling, seed=sampling.seed + i))
+                          sampling=sampling.model_copy(update={"seed": sampling.seed + i}))
         expected = task.get("expected")
         rows.append({
             "task_id": task.get("task_id", i),

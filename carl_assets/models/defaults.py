@@ -8,15 +8,18 @@ rate two orders smaller, cosine decay with warm-up, an effective batch of 16 thr
 Every model-dependent default lives here, keyed by whether the model is the offline one: training
 hyper-parameters (`training_defaults`), the sampling of dreams, GRPO and the agent
 (`dream_sampling_defaults`, `grpo_sampling_defaults`, `agent_sampling_defaults`), torch threads
-(`default_threads`) and the precision a model runs in (`resolve_placement`).
+(`default_threads`) and the precision a model runs in (`resolve_placement`). `model_defaults` gives a run
+config's share of them by field name (`carl_assets.carl.run_config` fills its None fields from it).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -225,3 +228,22 @@ REAL_SCORERS = ScorerDefaults(dream_scorer="self_certainty", grpo_reward="self_c
 def scorer_defaults(offline: bool) -> ScorerDefaults:
     """The dream filter's scorer and the GRPO reward for the offline model or for a real one."""
     return OFFLINE_SCORERS if offline else REAL_SCORERS
+
+
+def model_defaults(kind: str, offline: bool) -> dict[str, Any]:
+    """This table's model-dependent defaults for one run config, by field name: `kind` "sft" or "grpo"
+    (`training_defaults`, the torch threads; GRPO adds its sampling and reward) or "agent" (its sampling).
+    `carl_assets.carl.run_config.RunSettings.resolved` fills a config's None fields from it.
+
+    Raises KeyError naming the kinds for another `kind`."""
+    training = training_defaults(offline)
+    threads = {"threads": default_threads(offline)}
+    tables: dict[str, Callable[[], dict[str, Any]]] = {
+        "sft": lambda: {**asdict(training.sft), **threads},
+        "grpo": lambda: {**asdict(training.grpo), **asdict(grpo_sampling_defaults(offline)),
+                         "reward": scorer_defaults(offline).grpo_reward, **threads},
+        "agent": lambda: asdict(agent_sampling_defaults(offline)),
+    }
+    if kind not in tables:
+        raise KeyError(f"no model defaults for {kind!r}: use one of {sorted(tables)}")
+    return tables[kind]()
