@@ -254,8 +254,10 @@ def test_the_io_manager_hands_the_downstream_step_its_runs_version(tmp_path):
         return dg.MaterializeResult()
 
     @dg.asset(ins={"base_model": dg.AssetIn()})
-    def down(base_model: Checkpoint) -> dg.MaterializeResult:
+    def down(base_model: Checkpoint, artifacts: ArtifactStore) -> dg.MaterializeResult:
         seen["received"] = base_model
+        # the store's own reads resolve the same version: a path and its _version.json never disagree
+        seen["store"] = (artifacts.path("base_model").name, artifacts.info("base_model").version)
         return dg.MaterializeResult()
 
     result = dg.materialize([up, down], resources={"artifacts": store, "io_manager": ArtifactIOManager(artifacts=store)})
@@ -263,6 +265,8 @@ def test_the_io_manager_hands_the_downstream_step_its_runs_version(tmp_path):
     received = seen["received"]
     assert store.versions("base_model").current_name() == seen["other"]
     assert received.version == seen["made"] and received.file("weights").read_text() == "this run"
+    assert seen["store"] == (seen["made"], seen["made"])
+    assert store.info("base_model").version == seen["other"]  # outside the run: current
     with pytest.raises(KeyError, match="memory_graph"):
         received.read("memory_nodes")
     assert set(TABLE_OWNERS) >= {"memory_graph", "base_model", "steering_vectors"}
