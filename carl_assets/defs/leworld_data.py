@@ -39,6 +39,8 @@ POPULATORS = ("structured", "random", "experience")
 
 
 class LeWorldMemoryConfig(dg.Config):
+    """leworld_memory: its size and the populator that fills it."""
+
     populator: str = Field(
         default="structured",
         description="how the memory is filled: 'structured' (the seed's four pattern quarters), 'random' "
@@ -52,6 +54,8 @@ class LeWorldMemoryConfig(dg.Config):
 
 
 class LeWorldDatasetConfig(dg.Config):
+    """leworld_dataset: the splits' sizes and the dynamics' difficulty, mix and cue."""
+
     num_train: int = Field(default=512, description="training sequences")
     num_validation: int = Field(default=128, description="validation sequences (all evaluation is on these)")
     seq_length: int = Field(default=20, description="time steps per sequence")

@@ -52,6 +52,8 @@ REPLICATES_DIR, REPLICATES_FILE = "replicates", "replicates.json"
 
 
 class LeWorldModelConfig(dg.Config):
+    """leworld_model: the three training phases, the architecture's sizes and the replicates over seeds."""
+
     phase1_epochs: int = Field(
         default=3, description="phase 1 epochs (SLMs and BLM pre-trained apart), per replicate")
     phase2_epochs: int = Field(default=2, description="phase 2 epochs (end to end), per replicate (4 before "
@@ -89,6 +91,8 @@ class LeWorldModelConfig(dg.Config):
 
 
 class LeWorldEvaluationConfig(dg.Config):
+    """leworld_evaluation: the rollout horizon."""
+
     n_steps: int = Field(default=5, description="rollout horizon, as in the seed's evaluator")
 
 
@@ -126,6 +130,7 @@ def loss_plots(metrics: pd.DataFrame) -> dict[str, bytes]:
 
 
 def replicate_dir(variant: str, seed: int) -> str:
+    """Where a replicate is saved inside a leworld_model version, e.g. 'replicates/no_memory_seed1'."""
     return f"{REPLICATES_DIR}/{variant}_seed{seed}"
 
 
@@ -149,6 +154,7 @@ def _system_factory(config: LeWorldModelConfig, bits: torch.Tensor, state_dim: i
 
 
 def _training_config(config: LeWorldModelConfig, train: SequenceBatch) -> TrainingConfig:
+    """The library's training settings: the asset's phases plus the data's shapes."""
     return TrainingConfig(
         phase1_lr=config.phase1_lr, phase1_epochs=config.phase1_epochs, phase1_batch_size=config.batch_size,
         phase2_lr=config.phase2_lr, phase2_epochs=config.phase2_epochs, phase2_batch_size=config.batch_size,

@@ -25,6 +25,8 @@ from carl_assets.runtime import torch_threads
 
 
 class ScorerValidationConfig(dg.Config):
+    """scorer_validation: the policy measured, the prompts and the coherent / corrupted texts per prompt."""
+
     start_from: str = Field(
         default="auto",
         description="the policy measured: 'auto' (the newest grpo_checkpoint, "
