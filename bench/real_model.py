@@ -59,6 +59,8 @@ from _measure import Disagreement, agree, measure, memory_ratio, prepare_process
 prepare_process()
 
 import torch  # noqa: E402
+from _flops import forward_flops_per_token, matmul_gflops, mean_causal_context, model_shape  # noqa: E402
+from _sft_step import sft_baseline, sft_batch, sft_ours  # noqa: E402
 
 from carl_assets.dreams import DreamConfig, dream_scenarios, generate_responses, scenario_messages  # noqa: E402
 from carl_assets.dreams.forward import run_response_forward  # noqa: E402
@@ -90,50 +92,9 @@ def load_model(spec: str) -> tuple[torch.nn.Module, object, float]:
     return model, tokenizer, time.perf_counter() - started
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 3, per_timing: int = 4) -> tuple[float, float]:
-    """Best (GFLOP per wall second, GFLOP per CPU second of this process) of `size`^2 matmuls (2 size^3
-    FLOPs each) on torch's current threads."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
-    torch.matmul(a, b)  # warm-up (packing, thread pool)
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        for _ in range(per_timing):
-            torch.matmul(a, b)
-        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
-    flops = 2 * size**3 * per_timing / 1e9
-    return flops / best, flops / best_cpu
-
-
 def as_dtype(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """The fp32 model itself, or a copy in `name`'s dtype (the fp32 weights stay unrounded)."""
     return model if name == "fp32" else copy.deepcopy(model).to(DTYPES[name])
-
-
-def model_shape(model: torch.nn.Module) -> dict[str, int]:
-    config = model.config
-    unique = {id(p): p for p in model.parameters()}.values()
-    embed = model.get_input_embeddings().weight
-    total = sum(p.numel() for p in unique)
-    return {"parameters": total, "non_embedding": total - embed.numel(), "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size, "vocab": embed.shape[0]}
-
-
-def forward_flops_per_token(shape: dict[str, int], context: float, logits_share: float) -> float:
-    """Forward FLOPs per token: dense layers, attention over `context` positions, and the LM head on the
-    share of tokens whose logits are computed."""
-    dense = 2 * shape["non_embedding"]
-    attention = 4 * shape["layers"] * context * shape["hidden"]
-    head = 2 * shape["vocab"] * shape["hidden"] * logits_share
-    return dense + attention + head
-
-
-def mean_causal_context(lengths: list[int]) -> float:
-    """Average number of positions a token attends to, over every token of sequences of these lengths."""
-    total = sum(n * (n + 1) / 2 for n in lengths)
-    return total / sum(lengths)
 
 
 def scenario_prompts(n: int) -> list[list[dict[str, str]]]:
@@ -245,87 +206,6 @@ def greedy_agreement(model, tokenizer, prompts, new_tokens: int) -> dict[str, fl
     return {"identical_sequences": round(sum(same) / len(same), 4), "matching_prefix_tokens": round(matched / total, 4)}
 
 
-# ---------------------------------------------------------------------------------------------- SFT
-
-
-def sft_batch(tokenizer, prompts, length: int, completion_tokens: int) -> dict[str, list[list[int]]]:
-    """Fixed-length examples (no padding, so every token counted is computed): the last
-    `length - completion_tokens` prompt ids and `completion_tokens` ids of a memory text."""
-    rows, masks = [], []
-    for prompt, text in zip(prompts, completion_texts(len(prompts)), strict=True):
-        prompt_ids = encode_prompt(tokenizer, prompt)[-(length - completion_tokens):]
-        completion = tokenizer(text, add_special_tokens=False)["input_ids"][:completion_tokens]
-        while len(prompt_ids) + len(completion) < length:  # a short prompt: a longer completion
-            completion = completion + completion[: length - len(prompt_ids) - len(completion)]
-        rows.append(prompt_ids + completion)
-        masks.append([0] * len(prompt_ids) + [1] * len(completion))
-    return {"input_ids": rows, "completion_mask": masks}
-
-
-def _step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.cpu: list[float] = []
-            self._start = self._start_cpu = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start, self._start_cpu = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self._start)
-            self.cpu.append(time.process_time() - self._start_cpu)
-
-    return StepTimer()
-
-
-def first_loss(history: list[dict]) -> float:
-    return float(next(r["loss"] for r in history if r.get("loss") is not None))
-
-
-def sft_ours(model, tokenizer, batch, dtype_name: str, steps: int, lr: float, threads: int):
-    from datasets import Dataset
-
-    from carl_assets.carl.training import SFTRunConfig, train_sft
-
-    timer = _step_timer()
-    # every setting the baseline's Trainer gets, given explicitly (none left to a model default)
-    config = SFTRunConfig(max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_ratio=0.0,
-                          batch_size=len(batch["input_ids"]), gradient_accumulation_steps=1,
-                          gradient_checkpointing=False, max_length=len(batch["input_ids"][0]), dtype=dtype_name,
-                          device="cpu", threads=threads, gate_threshold=2.0,  # the gate never fires: every step runs
-                          completion_only_loss=True)  # TRL infers it only for prompt/completion columns
-    outcome = train_sft(model, tokenizer, Dataset.from_dict(batch), None, config, extra_callbacks=[timer])
-    return timer, first_loss(outcome.log_history)
-
-
-def sft_baseline(model, tokenizer, batch, dtype_name: str, steps: int, lr: float):
-    import tempfile
-
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
-    labels = [[t if m else -100 for t, m in zip(ids, mask, strict=True)]
-              for ids, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True)]
-    data = Dataset.from_dict({"input_ids": batch["input_ids"], "labels": labels})
-
-    def collate(rows):
-        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
-                "labels": torch.tensor([r["labels"] for r in rows])}
-
-    timer = _step_timer()
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(output_dir=scratch, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
-                                 per_device_train_batch_size=len(data), logging_steps=1, save_strategy="no",
-                                 report_to=[], use_cpu=True, bf16=dtype_name == "bf16", disable_tqdm=True,
-                                 seed=0, optim="adamw_torch", weight_decay=0.0, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[timer])
-        trainer.train()
-    return timer, first_loss(trainer.state.log_history)
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -399,7 +279,8 @@ def run_decoding(model, tokenizer, prompts, args, report) -> None:
 
 
 def run_sft(model, tokenizer, prompts, shape, args, limits, report) -> None:
-    batch = sft_batch(tokenizer, prompts[: args.sft_batch], args.sft_length, args.new_tokens)
+    batch = sft_batch(tokenizer, prompts[: args.sft_batch], completion_texts(args.sft_batch), args.sft_length,
+                      args.new_tokens)
     tokens = sum(len(r) for r in batch["input_ids"])
     logits_share = 1.0  # training computes logits at every position
     flops = 3 * forward_flops_per_token(shape, mean_causal_context([args.sft_length]), logits_share)
