@@ -42,7 +42,8 @@ LAYER_SELECTIONS = ("depth", "auto")
 
 
 class SteeringConfig(dg.Config):
-    """steering_vectors: which layers and emotions, how texts are reduced, the held-out and transfer checks."""
+    """steering_vectors: which layers and emotions, how texts are reduced, the held-out and transfer
+    checks."""
 
     layers: list[int] = Field(
         default=[],
