@@ -162,7 +162,8 @@ def test_bad_sft_data_blocks_training(tmp_path):
         "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint")}}, raise_on_error=False)
     assert not result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"sft_dataset_chat_formatted": False}
+    assert checks["sft_dataset_chat_formatted"] is False and [k for k, ok in checks.items() if not ok] == [
+        "sft_dataset_chat_formatted"]
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "sft_dataset" in done and "sft_checkpoint" not in done
 
