@@ -30,13 +30,12 @@ import yaml
 from carl_assets import storage
 
 DAGSTER_YAML = "dagster.yaml"
-TRAINING_POOL = "training"
-TRAINING_POOL_LIMIT = 1
+POOL_LIMIT = 1  # steps at once in each concurrency pool (the pools: carl_assets/defs/pools.py)
 
 # Order matters: telemetry first, so the file reads the same as the one earlier versions wrote.
 SETTINGS: dict[str, Any] = {
     "telemetry": {"enabled": False},
-    "concurrency": {"pools": {"granularity": "op", "default_limit": TRAINING_POOL_LIMIT}},
+    "concurrency": {"pools": {"granularity": "op", "default_limit": POOL_LIMIT}},
 }
 
 logger = logging.getLogger("carl_assets.dagster_instance")
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     if result.created:
-        print(f"{result.path}: written (telemetry off, pool '{TRAINING_POOL}' limit {TRAINING_POOL_LIMIT})")
+        print(f"{result.path}: written (telemetry off, each concurrency pool limited to {POOL_LIMIT})")
     elif result.added:
         print(f"{result.path}: added {', '.join(result.added)}")
     else:

@@ -20,9 +20,9 @@ import yaml
 
 from carl_assets import storage
 from carl_assets.artifacts import VERSION_FILE, ArtifactVersions
-from carl_assets.dagster_instance import TRAINING_POOL, TRAINING_POOL_LIMIT, write_dagster_yaml
+from carl_assets.dagster_instance import POOL_LIMIT, write_dagster_yaml
 from carl_assets.defs import build_definitions
-from carl_assets.defs.pools import LEDGER_POOL, POOLED
+from carl_assets.defs.pools import LEDGER_POOL, POOLED, TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_dagster_yaml_is_written_once_and_read_by_dagster(tmp_path: Path) -> Non
 
     with dg.DagsterInstance.from_config(str(home)) as instance:  # reads <home>/dagster.yaml, as DAGSTER_HOME does
         pools = instance.get_concurrency_config().pool_config
-        assert pools.default_pool_limit == TRAINING_POOL_LIMIT == 1
+        assert pools.default_pool_limit == POOL_LIMIT == 1
         assert pools.pool_granularity.value == "op"
         assert instance.global_op_concurrency_default_limit == 1
 
@@ -85,7 +85,8 @@ def step_pools(home: Path) -> dict[str, str | None]:
     """Step key -> pool of every step of the whole graph (each asset's and each separate check's op; an op's
     name is its step key), as the Definitions declare them through public APIs."""
     defs = build_definitions(home=home)
-    nodes = [d for d in [*(defs.assets or []), *(defs.asset_checks or [])] if isinstance(d, dg.AssetsDefinition)]
+    nodes = [d for d in [*(defs.assets or []), *(defs.asset_checks or [])]
+             if isinstance(d, dg.AssetsDefinition)]
     return {d.op.name: d.op.pool for d in nodes}
 
 
@@ -94,7 +95,8 @@ def test_pooled_assets_are_the_expected_ones_and_dagster_plans_them_so(tmp_path:
     pooled = {key: pool for key, pool in pools.items() if pool}
     assert pooled == {asset: pool for pool, assets in POOLED.items() for asset in assets}
     assert {k for k, p in pooled.items() if p == TRAINING_POOL} == {
-        "base_model", "scorer_validation", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint", "leworld_model"}
+        "base_model", "scorer_validation", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint",
+        "leworld_model"}
     assert {k for k, p in pooled.items() if p == LEDGER_POOL} == {"crystallization_events"}
     assert pools["steering_vectors"] is None and pools["memory_graph"] is None  # cheap steps run freely
     # The job Dagster runs holds the same ops, so its steps carry these pools.

@@ -148,10 +148,12 @@ def test_workspace_and_dg_load_the_same_code_location():
     repo = Path(__file__).resolve().parents[1]
     workspace = yaml.safe_load((repo / "workspace.yaml").read_text())
     pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
-    assert workspace["load_from"] == [{"python_module": {"module_name": "carl_assets.definitions",
-                                                         "working_directory": "."}}]
+    assert workspace["load_from"] == [{"python_module": {
+        "module_name": "carl_assets.definitions", "working_directory": ".", "location_name": "carl_assets"}}]
     assert pyproject["tool"]["dagster"]["module_name"] == "carl_assets.definitions"
-    assert pyproject["tool"]["dg"]["project"]["code_location_target_module"] == "carl_assets.definitions"
+    project = pyproject["tool"]["dg"]["project"]
+    assert (project["code_location_target_module"], project["code_location_name"]) == (
+        "carl_assets.definitions", "carl_assets")  # one name for the location in `dg` and in `dagster dev`
     assert isinstance(defs(), dg.Definitions)
 
 

@@ -25,7 +25,8 @@ def dg(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProce
     settings = isolated_env(CARL_HOME=str(tmp_path / "carl"), DAGSTER_HOME=str(tmp_path / "dagster"),
                             CARL_ENV_FILE=str(tmp_path / "none.env"), **env)
     (tmp_path / "dagster").mkdir(exist_ok=True)
-    return subprocess.run([str(DG), *args], cwd=REPO, env=settings, capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(DG), *args], cwd=REPO, env=settings, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def test_dg_list_defs_names_every_asset_with_its_group_and_upstreams(listed):
 
 
 def test_dg_list_defs_names_the_jobs_schedule_and_sensor(listed):
-    assert {j["name"] for j in listed["jobs"]} >= {"carl_all", "retraining", "steering_refresh", "carl_all_real",
-                                                 "retraining_real"}
+    assert {j["name"] for j in listed["jobs"]} >= {"carl_all", "retraining", "steering_refresh",
+                                                 "carl_all_real", "retraining_real"}
     assert [s["name"] for s in listed["schedules"]] == ["nightly_retraining"]
     assert [s["name"] for s in listed["sensors"]] == ["memory_graph_changed"]
     checks = {c["key"] for c in listed["asset_checks"]}

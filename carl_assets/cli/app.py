@@ -15,7 +15,8 @@ __all__ = ["UsageError", "build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """`carl` with every command; each command's arguments carry `run`, the function that executes it."""
-    parser = Parser(prog="carl", description="Coherence-Aware Reinforcement Learning (CARL) and its asset graph.")
+    parser = Parser(prog="carl",
+                    description="Coherence-Aware Reinforcement Learning (CARL) and its asset graph.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     coherence.add_parsers(sub)
     models.add_parsers(sub)

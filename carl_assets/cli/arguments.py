@@ -41,9 +41,10 @@ def positive_int(text: str) -> int:
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
     """`--device` and `--dtype`, resolved by models.defaults.resolve_placement."""
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CUDA device that has it, else fp32; fp32 "
-                        "for the offline model), bf16, fp16 or fp32")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CUDA device that has it, else fp32; "
+                        "fp32 for the offline model), bf16, fp16 or fp32")
 
 
 def add_allow_pickle(parser: argparse.ArgumentParser) -> None:

@@ -36,7 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     gate = sub.add_parser("gate-check", help="coherence gate: act or abstain at this Phi")
     gate.add_argument("--phi", required=True, type=finite_float)
-    gate.add_argument("--threshold", type=finite_float, default=SIGMA, help="abstain below this Phi (default sigma)")
+    gate.add_argument("--threshold", type=finite_float, default=SIGMA,
+                      help="abstain below this Phi (default sigma)")
     gate.set_defaults(run=cmd_gate_check)
 
     sub.add_parser("constants", help="kappa, sigma and T*(d)").set_defaults(run=cmd_constants)

@@ -59,21 +59,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--output", default="carl-output")
     train.add_argument("--max-steps", type=positive_int, default=300)
     train.add_argument("--gate-accuracy", type=finite_float, default=None,
-                       help="SFT: stop when 3 of the last 5 logged token accuracies reach this (default 0.99)")
+                       help="SFT: stop when 3 of the last 5 logged token accuracies reach this "
+                       "(default 0.99)")
     train.add_argument("--threads", type=positive_int, default=None,
-                       help="torch CPU threads while training (default: torch's; 1 is fastest for tiny models)")
+                       help="torch CPU threads while training (default: torch's; 1 is fastest for tiny "
+                       "models)")
     train.add_argument("--trust-remote-code", action="store_true")
     add_placement_flags(train)
     train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations (default: on for a real model, off for the offline one)")
-    train.add_argument("--lr", type=finite_float, default=None, help="peak learning rate (default: the model's: "
+    train.add_argument("--lr", type=finite_float, default=None, help="peak learning rate (default: the "
+                       "model's: "
                        "SFT 2e-5 / GRPO 1e-6 for a real model, 1.5e-3 / 1e-4 for the offline one)")
-    train.add_argument("--lr-scheduler", default=None, help="transformers schedule: constant, linear, cosine, ...")
-    train.add_argument("--warmup-ratio", type=finite_float, default=None, help="share of steps warming up, [0, 1)")
+    train.add_argument("--lr-scheduler", default=None,
+                       help="transformers schedule: constant, linear, cosine, ...")
+    train.add_argument("--warmup-ratio", type=finite_float, default=None,
+                       help="share of steps warming up, [0, 1)")
     train.add_argument("--batch-size", type=positive_int, default=None, help="examples (SFT) or completions "
                        "(GRPO) per device step")
     train.add_argument("--grad-accum", type=positive_int, default=None, help="batches per optimizer step")
-    train.add_argument("--num-generations", type=positive_int, default=None, help="GRPO: completions per prompt")
+    train.add_argument("--num-generations", type=positive_int, default=None,
+                       help="GRPO: completions per prompt")
     train.add_argument("--max-completion-length", type=positive_int, default=None,
                        help="GRPO: tokens per completion")
     add_allow_pickle(train)
@@ -81,20 +87,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_sft_rank(sub: argparse._SubParsersAction) -> None:
-    # What `torchrun` / `accelerate launch` start once per process (carl_assets.carl.distributed.launch_command).
+    # What `torchrun` / `accelerate launch` start once per process (carl.distributed.launch_command).
     rank = sub.add_parser("sft-rank", help="one process of a multi-process SFT run (started by torchrun or "
                           "accelerate launch; see carl_assets/carl/distributed.py)")
     rank.add_argument("--model", required=True, help="folder of the starting checkpoint (safetensors)")
-    rank.add_argument("--dataset", required=True, help="save_to_disk folder or .jsonl/.json/.parquet/.csv file")
+    rank.add_argument("--dataset", required=True,
+                      help="save_to_disk folder or .jsonl/.json/.parquet/.csv file")
     rank.add_argument("--output", required=True, help="folder rank 0 saves the checkpoint to")
-    rank.add_argument("--config", default="{}", help="JSON object of SFTRunConfig fields (batch_size is global)")
-    rank.add_argument("--log-every", type=positive_int, default=25, help="progress line every this many steps")
-    rank.add_argument("--launcher", default="inprocess", help="recorded in the log: how the processes were started")
+    rank.add_argument("--config", default="{}",
+                      help="JSON object of SFTRunConfig fields (batch_size is global)")
+    rank.add_argument("--log-every", type=positive_int, default=25,
+                      help="progress line every this many steps")
+    rank.add_argument("--launcher", default="inprocess",
+                      help="recorded in the log: how the processes were started")
     rank.set_defaults(run=cmd_sft_rank)
 
 
 def _placement(args: argparse.Namespace, purpose: str = "inference") -> tuple[bool, Any, Any]:
-    """(offline model?, device, dtype) for `--model`, `--device` and `--dtype` (models.defaults.resolve_placement)."""
+    """(offline model?, device, dtype) for `--model`, `--device` and `--dtype`
+    (models.defaults.resolve_placement)."""
     from carl_assets.models.defaults import is_offline_model, resolve_placement
 
     offline = Path(args.model).is_dir() and is_offline_model(args.model)
@@ -103,7 +114,8 @@ def _placement(args: argparse.Namespace, purpose: str = "inference") -> tuple[bo
 
 def _config(cls: Any, **values: Any) -> Any:
     """Build a run-config dataclass from the values it has fields for (None means: keep its default)."""
-    names = set(getattr(cls, "model_fields", ())) or (  # pydantic run configs (carl.run_config), or a dataclass
+    # pydantic run configs (carl.run_config), or a dataclass
+    names = set(getattr(cls, "model_fields", ())) or (
         {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set())
     return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
@@ -145,14 +157,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                 dtype=training_weights_dtype(dtype))
     shared = _shared_values(args, defaults, device, dtype)
     print(f" device={shared['device']} dtype={shared['dtype']} lr={shared['learning_rate']:.2e} "
-          f"({shared['lr_scheduler_type']}) batch={shared['batch_size']}x{shared['gradient_accumulation_steps']}")
+          f"({shared['lr_scheduler_type']}) "
+          f"batch={shared['batch_size']}x{shared['gradient_accumulation_steps']}")
     run = _run_sft if args.method == "sft" else _run_grpo
     run(training, args, defaults, shared, (model, tokenizer, dataset))
     print(f" Done. Model at: {args.output}")
     return 0
 
 
-def _run_sft(training: Any, args: argparse.Namespace, defaults: Any, shared: dict[str, Any], inputs: tuple) -> None:
+def _run_sft(training: Any, args: argparse.Namespace, defaults: Any, shared: dict[str, Any],
+             inputs: tuple) -> None:
     config = _config(training.SFTRunConfig, max_steps=args.max_steps, gate_threshold=args.gate_accuracy,
                      threads=args.threads, **shared)
     outcome = training.train_sft(*inputs, args.output, config)
@@ -166,7 +180,8 @@ def _run_sft(training: Any, args: argparse.Namespace, defaults: Any, shared: dic
         print(f" Peak entropy: {peak:.4f} at step {_get(outcome, 'peak_entropy_step')}")
 
 
-def _run_grpo(training: Any, args: argparse.Namespace, defaults: Any, shared: dict[str, Any], inputs: tuple) -> None:
+def _run_grpo(training: Any, args: argparse.Namespace, defaults: Any, shared: dict[str, Any],
+              inputs: tuple) -> None:
     generations = args.num_generations or defaults.num_generations
     if not args.batch_size:  # the default batch holds whole groups
         shared["batch_size"] = -(-max(defaults.batch_size, generations) // generations) * generations
@@ -176,7 +191,8 @@ def _run_grpo(training: Any, args: argparse.Namespace, defaults: Any, shared: di
     outcome = training.train_grpo(*inputs, args.output, config)
     rewards = list(_get(outcome, "rewards") or [])
     if rewards:
-        print(f" CARL reward: first step {rewards[0]:.4f}, last step {rewards[-1]:.4f} ({len(rewards)} steps)")
+        print(f" CARL reward: first step {rewards[0]:.4f}, last step {rewards[-1]:.4f} "
+              f"({len(rewards)} steps)")
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -204,7 +220,8 @@ def cmd_readout(args: argparse.Namespace) -> int:
     from carl_assets.steering import MANIFEST_FILE, load_readout
     from carl_assets.steering.readout import readout_projections
 
-    folder = Path(args.vectors) if args.vectors else storage.carl_home() / "artifacts" / "steering_vectors" / "current"
+    current = storage.carl_home() / "artifacts" / "steering_vectors" / "current"
+    folder = Path(args.vectors) if args.vectors else current
     if not (folder / MANIFEST_FILE).is_file():
         raise UsageError(f"no readout at {folder}: materialize steering_vectors or pass --vectors")
     vectors = load_readout(folder)

@@ -20,22 +20,23 @@ PRESETS = ("offline", "real")  # carl_assets/defs/presets.py; checked against it
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `materialize` and `lineage` on `carl`'s subparsers."""
     mat = sub.add_parser("materialize", help="materialize the asset graph headless (default: all of it)")
-    mat.add_argument("--select", default=ALL, help="asset selection, Dagster syntax (e.g. 'steering_vectors+', "
-                     "'+base_model', 'a,b'); default: everything")
-    mat.add_argument("--job", default=None, help="materialize what a job selects: 'retraining' (one dream cycle), "
-                     "'steering_refresh' or 'carl_all'")
+    mat.add_argument("--select", default=ALL, help="asset selection, Dagster syntax (e.g. "
+                     "'steering_vectors+', '+base_model', 'a,b'); default: everything")
+    mat.add_argument("--job", default=None, help="materialize what a job selects: 'retraining' (one dream "
+                     "cycle), 'steering_refresh' or 'carl_all'")
     mat.add_argument("--home", default=None, help="CARL_HOME for this run (default: $CARL_HOME or ./.carl)")
     mat.add_argument("--config", default=None, help="YAML/JSON run config: {ops: {<asset>: {config: {...}}}}")
     mat.add_argument("--preset", default=None, help=f"run-config preset ({' or '.join(PRESETS)}; "
-                     "carl_assets/defs/presets.py): 'offline' (the defaults) or 'real' (SmolLM2-135M-Instruct, "
-                     "budgets for ~15 min on 2 cores); --config is laid over it")
+                     "carl_assets/defs/presets.py): 'offline' (the defaults) or 'real' "
+                     "(SmolLM2-135M-Instruct, budgets for ~15 min on 2 cores); --config is laid over it")
     mat.set_defaults(run=cmd_materialize)
 
-    lin = sub.add_parser("lineage", help="print the asset graph with each asset's latest data version and staleness")
+    lin = sub.add_parser("lineage",
+                         help="print the asset graph with each asset's latest data version and staleness")
     lin.add_argument("asset", nargs="?", default=None, help="show only this asset's upstream and downstream")
     lin.add_argument("--nodes", metavar="ASSET", default=None,
-                     help="the memory nodes behind a checkpoint (sft_checkpoint or grpo_checkpoint), with counts, "
-                     "following the chain of dream cycles it started from")
+                     help="the memory nodes behind a checkpoint (sft_checkpoint or grpo_checkpoint), with "
+                     "counts, following the chain of dream cycles it started from")
     lin.add_argument("--version", default=None, help="with --nodes: that version (default: the current one)")
     lin.add_argument("--limit", type=int, default=20, help="with --nodes: rows to print")
     lin.add_argument("--home", default=None, help="CARL_HOME to read (default: $CARL_HOME or ./.carl)")

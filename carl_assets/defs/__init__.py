@@ -79,7 +79,8 @@ def build_definitions(home: str | os.PathLike[str] | None = None) -> dg.Definiti
     found, checks = _found_in_defs_folder()
     # A source asset is observed, not computed: its version is its data version; it has no code version.
     assets = [a if isinstance(a, dg.SourceAsset) else a.map_asset_specs(_with_code_version) for a in found]
-    names = [key.to_user_string() for a in assets for key in getattr(a, "keys", [getattr(a, "key", None)]) if key]
+    names = [key.to_user_string() for a in assets
+             for key in getattr(a, "keys", [getattr(a, "key", None)]) if key]
     jobs, schedules, sensors = build_jobs_schedules_sensors(names)
     return dg.Definitions(
         assets=assets,

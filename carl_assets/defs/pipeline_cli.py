@@ -14,6 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
+import yaml
+
+from carl_assets import storage
+from carl_assets.artifacts import ArtifactVersionError, ArtifactVersions
+from carl_assets.dagster_instance import write_dagster_yaml
+from carl_assets.defs import build_definitions
+from carl_assets.defs.jobs import ALL_JOB
+from carl_assets.defs.memory_source import memory_source_observation
+from carl_assets.defs.presets import merge_run_config, preset_run_config
+from carl_assets.memory.graph import MemorySourceError
+from carl_assets.project_env import env_path, memory_source_setting, normalise_memory_source
+from carl_assets.provenance import CHECKPOINT_ASSETS, PROVENANCE_TABLE, nodes_behind
+
 ALL = "*"
 
 
@@ -24,9 +38,6 @@ class PipelineUsageError(ValueError):
 def ensure_dagster_home() -> Path:
     """`$DAGSTER_HOME` (default `./.dagster_home`) with the project's dagster.yaml (telemetry off, the
     `training` pool limited to 1); an existing file only gets the sections it lacks."""
-    from carl_assets.dagster_instance import write_dagster_yaml
-    from carl_assets.project_env import env_path
-
     # Quoted, `~` or relative values are what a user's shell or .env may hold; Dagster wants an absolute path.
     home = env_path("DAGSTER_HOME") or Path(".dagster_home").resolve()
     try:
@@ -43,8 +54,6 @@ def with_preset(preset: str | None, run_config: dict) -> dict:
     """`run_config` laid over the named preset's run config (no preset: `run_config` as it is)."""
     if preset is None:
         return run_config
-    from carl_assets.defs.presets import merge_run_config, preset_run_config
-
     return merge_run_config(preset_run_config(preset), run_config)
 
 
@@ -52,25 +61,20 @@ def load_run_config(path: str | None) -> dict:
     """Read a run config file; a clear error if it is missing or not a mapping."""
     if path is None:
         return {}
-    import yaml
-
     file = Path(path)
     if not file.is_file():
         raise PipelineUsageError(f"carl materialize: run config {path!r} does not exist")
     loaded = yaml.safe_load(file.read_text()) or {}
     if not isinstance(loaded, dict):
-        raise PipelineUsageError(f"carl materialize: run config {path!r} must be a mapping like {{ops: {{asset: {{config: ...}}}}}}")
+        raise PipelineUsageError(f"carl materialize: run config {path!r} must be a mapping like "
+                                 "{ops: {asset: {config: ...}}}")
     return loaded
 
 
 def materialize(select: str = ALL, run_config: dict | None = None, job: str | None = None) -> int:
     """Materialize the selection (or what `job` selects) in-process through the job `carl_all`; print a
     per-asset summary."""
-    import dagster as dg
 
-    from carl_assets import storage
-    from carl_assets.defs import build_definitions
-    from carl_assets.defs.jobs import ALL_JOB
 
     defs = build_definitions()
     selection = None
@@ -118,10 +122,6 @@ def materialize(select: str = ALL, run_config: dict | None = None, job: str | No
 def _observe_memory_source(instance, run_config: dict) -> None:
     """Record the memory source's fingerprint as an observation of `memory_source` before the run, as the
     sensor does, so the lineage knows which version of the memories `memory_graph` read."""
-    from carl_assets.defs.memory_source import memory_source_observation
-    from carl_assets.memory.graph import MemorySourceError
-    from carl_assets.project_env import memory_source_setting, normalise_memory_source
-
     override = (((run_config.get("ops") or {}).get("memory_graph") or {}).get("config") or {}).get("source")
     source = normalise_memory_source(str(override or "")) or memory_source_setting()
     if source.startswith("mcp"):
@@ -134,8 +134,6 @@ def _observe_memory_source(instance, run_config: dict) -> None:
 
 
 def _print_summary(instance, result, elapsed: float) -> None:
-    import dagster as dg
-
     starts: dict[str, float] = {}
     rows: list[tuple[str, str, float]] = []
     for entry in instance.all_logs(result.run_id):
@@ -150,7 +148,8 @@ def _print_summary(instance, result, elapsed: float) -> None:
     checks = result.get_asset_check_evaluations()
     failed = [e.check_name for e in checks if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR]
     warned = [e.check_name for e in checks if not e.passed and e.severity != dg.AssetCheckSeverity.ERROR]
-    materialized = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
+    materialized = {e.step_key for e in result.all_events
+                    if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
     # Check steps are folded into the count below; the table lists the assets.
     rows = [r for r in rows if r[0] in materialized or r[1] == "FAILED"]
     width = max([len(r[0]) for r in rows] + [5]) + 2
@@ -160,7 +159,8 @@ def _print_summary(instance, result, elapsed: float) -> None:
         print(f"{step:<{width}}{ok:<8}{seconds:>10.1f}")
     print(f"{'total':<{width + 8}}{elapsed:>10.1f}")
     print(f"asset checks: {len(checks) - len(failed) - len(warned)}/{len(checks)} passed"
-          + (f"; failed: {', '.join(failed)}" if failed else "") + (f"; warnings: {', '.join(warned)}" if warned else ""))
+          + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; warnings: {', '.join(warned)}" if warned else ""))
     if not result.success:
         for event in result.get_step_failure_events():
             data = event.step_failure_data
@@ -199,15 +199,14 @@ def _metadata_text(value, limit: int = 300) -> str:
 def _print_checks(result, descriptions: dict) -> None:
     """Each check that did not pass: its name, what it checks, why it failed and its metadata (from the
     run's check evaluations), on stderr; a WARN-severity check says it did not block anything."""
-    import dagster as dg
-
     for evaluation in result.get_asset_check_evaluations():
         if evaluation.passed:
             continue
         error = evaluation.severity == dg.AssetCheckSeverity.ERROR
         key = evaluation.asset_check_key
         print(f"\ncheck {key.asset_key.to_user_string()}:{key.name} "
-              + ("FAILED (blocks what is downstream)" if error else "WARNING (nothing blocked)"), file=sys.stderr)
+              + ("FAILED (blocks what is downstream)" if error else "WARNING (nothing blocked)"),
+              file=sys.stderr)
         if descriptions.get(key):
             print(f"  checks: {descriptions[key]}", file=sys.stderr)
         print(f"  why:    {evaluation.description or '(the check gave no reason)'}", file=sys.stderr)
@@ -223,8 +222,6 @@ def _statuses(instance, graph, keys) -> dict:
     """Per asset: (materialized at, data version, status) from public instance APIs. An asset is stale
     when its code version changed since it was made, or an upstream's data version differs from the one
     it was made from; "upstream stale" when an upstream is stale or missing."""
-    import dagster as dg
-
     current: dict = {}
     made: dict = {}
     for key in graph.get_all_asset_keys():
@@ -277,9 +274,7 @@ def _statuses(instance, graph, keys) -> dict:
 def lineage(asset: str | None = None) -> int:
     """Print each asset with its upstreams, latest materialization time, data version and staleness
     (public Dagster APIs only: the instance's latest materializations and their data-version tags)."""
-    import dagster as dg
 
-    from carl_assets.defs import build_definitions
 
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
@@ -287,31 +282,32 @@ def lineage(asset: str | None = None) -> int:
     if asset is not None:
         key = dg.AssetKey.from_user_string(asset)
         if key not in keys:
-            print(f"carl lineage: unknown asset {asset!r}; known: {', '.join(k.to_user_string() for k in keys)}", file=sys.stderr)
+            known = ", ".join(k.to_user_string() for k in keys)
+            print(f"carl lineage: unknown asset {asset!r}; known: {known}", file=sys.stderr)
             return 2
         descendants = {k for k in keys if key in graph.get_ancestor_asset_keys(k)}
         related = {key} | set(graph.get_ancestor_asset_keys(key)) | descendants
         keys = [k for k in keys if k in related]
     with dg.DagsterInstance.get() as instance:
         statuses = _statuses(instance, graph, keys)
-        print(f"{'asset':<26}{'group':<11}{'upstream':<34}{'materialized (UTC)':<21}{'data version':<18}status")
+        print(f"{'asset':<26}{'group':<11}{'upstream':<34}{'materialized (UTC)':<21}{'data version':<18}"
+              "status")
         for key in keys:
             node = graph.get(key)
             ups = ", ".join(sorted(p.to_user_string() for p in node.parent_keys)) or "-"
             timestamp, version, status = statuses[key]
-            when = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "never"
-            print(f"{key.to_user_string():<26}{(node.group_name or '-'):<11}{ups[:33]:<34}{when:<21}{(version or '-')[:16]:<18}{status}")
+            when = (dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+                    if timestamp else "never")
+            print(f"{key.to_user_string():<26}{(node.group_name or '-'):<11}{ups[:33]:<34}{when:<21}"
+                  f"{(version or '-')[:16]:<18}{status}")
     return 0
 
 
 def lineage_nodes(asset: str, version: str | None = None, limit: int = 20) -> int:
     """Print the memory nodes behind a checkpoint version, following the chain of cycles."""
-    from carl_assets import storage
-    from carl_assets.artifacts import ArtifactVersionError, ArtifactVersions
-    from carl_assets.provenance import CHECKPOINT_ASSETS, PROVENANCE_TABLE, nodes_behind
-
     if asset not in CHECKPOINT_ASSETS:
-        raise PipelineUsageError(f"carl lineage --nodes: {asset!r} is not a checkpoint ({', '.join(CHECKPOINT_ASSETS)})")
+        raise PipelineUsageError(f"carl lineage --nodes: {asset!r} is not a checkpoint "
+                                 f"({', '.join(CHECKPOINT_ASSETS)})")
     home = storage.carl_home()
     try:
         version = version or ArtifactVersions(storage.artifact_dir(asset, home), asset).path().name
@@ -334,7 +330,8 @@ def lineage_nodes(asset: str, version: str | None = None, limit: int = 20) -> in
     print(f"{'node':<34}{'kind':<12}{'examples':>9}{'versions':>9}  text")
     for row in behind.head(limit).itertuples(index=False):
         text = " ".join(str(row.text).split())[:60]
-        print(f"{str(row.node_id)[:33]:<34}{str(row.kind)[:11]:<12}{int(row.examples):>9}{int(row.checkpoints):>9}  {text}")
+        print(f"{str(row.node_id)[:33]:<34}{str(row.kind)[:11]:<12}{int(row.examples):>9}"
+              f"{int(row.checkpoints):>9}  {text}")
     if len(behind) > limit:
         print(f"... {len(behind) - limit} more (--limit)")
     return 0
