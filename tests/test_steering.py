@@ -13,6 +13,7 @@ import torch
 
 from carl_assets.steering import (
     INDEX_CONVENTION,
+    ReadoutConfig,
     ResidualReader,
     SteeringVectors,
     ZeroNormError,
@@ -221,6 +222,27 @@ def test_input_validation(tiny_model_and_tokenizer, tiny_texts):
     with pytest.raises(ValueError, match="reduction"):
         train_steering_vectors(model, tok, _records({"x": (tiny_texts[:3], tiny_texts[3:6])}), reduction="max")
 
+
+
+def test_readout_config_is_the_keyword_settings(tiny_model_and_tokenizer, groups):
+    """A `ReadoutConfig` and the same settings as keywords give identical vectors and stats; a keyword
+    overrides the config's field; an unknown setting or a bad choice fails before any forward pass."""
+    model, tok = tiny_model_and_tokenizer
+    config = ReadoutConfig(layers=[1, 2], reduction="mean", heldout_fraction=0.25, seed=3)
+    by_config = train_steering_vectors(model, tok, _records(groups), config)
+    by_keywords = train_steering_vectors(model, tok, _records(groups), layers=[1, 2], reduction="mean",
+                                         heldout_fraction=0.25, seed=3)
+    for layer in (1, 2):
+        assert torch.equal(by_config.vectors[layer], by_keywords.vectors[layer])
+    pd.testing.assert_frame_equal(by_config.stats, by_keywords.stats)
+    overridden = train_steering_vectors(model, tok, _records(groups), config, layers=[2])
+    assert overridden.layers == [2] and torch.equal(overridden.vectors[2], by_config.vectors[2])
+    with pytest.raises(TypeError, match="unknown"):
+        train_steering_vectors(model, tok, _records(groups), config, unknown=1)
+    with pytest.raises(ValueError, match="on_zero_norm"):
+        ReadoutConfig(on_zero_norm="ignore")
+    with pytest.raises(ValueError, match="batch_size"):
+        ReadoutConfig(batch_size=0)
 
 def test_default_layers_spread_by_depth():
     assert default_layers(4) == [1, 2, 3, 4]

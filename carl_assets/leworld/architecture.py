@@ -1,8 +1,8 @@
 """LeWorld architecture: an addressable bit memory, small models that pick what to read, a big model
 that predicts the next state from what they read.
 
-The reference's training script imports these names from a `leworld_architecture` module that was never published;
-they are designed here from how the reference's trainers, dataset and evaluator use them:
+The reference's training script imports these names from a `leworld_architecture` module that was never
+published; they are designed here from how the reference's trainers, dataset and evaluator use them:
 
 - `ArtificialMemory`: `num_words` words (at most 65,536, addressed by a high and a low byte) of
   `word_size` bits in a buffer `memory`, plus a learnable encoder of what is read.
@@ -54,9 +54,25 @@ from carl_assets.leworld.models import (
 )
 
 __all__ = [
-    "BYTE", "CHECKPOINT_CONFIG", "CHECKPOINT_WEIGHTS", "INFO_GATE_BIAS", "INFO_POLICIES", "AddressHead",
-    "ArtificialMemory", "BLMConfig", "BigLeWorldModel", "LeWorldSystem", "LossWeights", "MemoryConfig", "Router",
-    "SLMConfig", "SmallLeWorldModel", "count_params", "load_system", "save_system", "slm_features",
+    "BYTE",
+    "CHECKPOINT_CONFIG",
+    "CHECKPOINT_WEIGHTS",
+    "INFO_GATE_BIAS",
+    "INFO_POLICIES",
+    "AddressHead",
+    "ArtificialMemory",
+    "BLMConfig",
+    "BigLeWorldModel",
+    "LeWorldSystem",
+    "LossWeights",
+    "MemoryConfig",
+    "Router",
+    "SLMConfig",
+    "SmallLeWorldModel",
+    "count_params",
+    "load_system",
+    "save_system",
+    "slm_features",
 ]
 
 INFO_POLICIES = ("always", "greedy", "sample")
@@ -121,7 +137,9 @@ class LeWorldSystem(nn.Module):
             SmallLeWorldModel(self.slm_config, self.memory_config) for _ in range(self.blm_config.n_slms)
         )
         self.blm = BigLeWorldModel(self.blm_config, self.slm_config, self.memory_config)
-        self.info_to_slm = nn.Linear(self.blm_config.info_dim, self.blm_config.n_slms * self.slm_config.d_model)
+        self.info_to_slm = nn.Linear(
+            self.blm_config.info_dim, self.blm_config.n_slms * self.slm_config.d_model
+        )
 
     def configs(self) -> dict[str, Any]:
         return {
@@ -156,8 +174,13 @@ class LeWorldSystem(nn.Module):
         n, batch = len(slm_outputs), slm_outputs[0]["start_addr"].shape[0]
         if oracle is not None:
             zeros = torch.zeros(batch, dtype=torch.long)
-            pick = [(oracle[0][:, i], oracle[1][:, i]) if i < oracle[0].shape[1] else (zeros, zeros) for i in range(n)]
-            encoded = self.memory.encode_range(torch.cat([a for a, _ in pick]), torch.cat([b for _, b in pick]))
+            pick = [
+                (oracle[0][:, i], oracle[1][:, i]) if i < oracle[0].shape[1] else (zeros, zeros)
+                for i in range(n)
+            ]
+            encoded = self.memory.encode_range(
+                torch.cat([a for a, _ in pick]), torch.cat([b for _, b in pick])
+            )
             if not self.memory_reads:
                 encoded = torch.zeros_like(encoded)
             return list(encoded.view(n, batch, -1).unbind(0))
@@ -193,7 +216,8 @@ class LeWorldSystem(nn.Module):
                 modulation = modulation * info_sent.to(modulation.dtype)[:, None, None]
         features = slm_features(past_state, current_state, characteristics)  # shared by every SLM
         slm_outputs = [
-            slm.from_features(features, None if modulation is None else modulation[:, i]) for i, slm in enumerate(self.slms)
+            slm.from_features(features, None if modulation is None else modulation[:, i])
+            for i, slm in enumerate(self.slms)
         ]
         reads = self.read_for(slm_outputs, ablate_memory, oracle)
         out = self.blm(past_state, current_state, slm_outputs, reads)
@@ -210,7 +234,11 @@ class LeWorldSystem(nn.Module):
         return self.loss_terms(out["next_state"][None], next_state[None], out["route_probs"][None], highs)
 
     def loss_terms(
-        self, predicted: torch.Tensor, target: torch.Tensor, route_probs: torch.Tensor, high_logits: list[torch.Tensor]
+        self,
+        predicted: torch.Tensor,
+        target: torch.Tensor,
+        route_probs: torch.Tensor,
+        high_logits: list[torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Losses averaged over steps, from tensors stacked as `[steps, B, ...]` (the mean of each
         step's losses, computed in one pass)."""
@@ -222,7 +250,9 @@ class LeWorldSystem(nn.Module):
         balance = (route_probs.shape[-1] * (share**2).sum(-1) - 1.0).mean()
         # Diversity: overlap of the SLMs' start distributions (high byte), pairwise.
         dists = [h.softmax(-1) for h in high_logits]
-        overlaps = [(dists[i] * dists[j]).sum(-1).mean() for i in range(len(dists)) for j in range(i + 1, len(dists))]
+        overlaps = [
+            (dists[i] * dists[j]).sum(-1).mean() for i in range(len(dists)) for j in range(i + 1, len(dists))
+        ]
         diversity = torch.stack(overlaps).mean() if overlaps else next_state_loss.new_zeros(())
         # Entropy of each gate: low means decisive routing.
         p = route_probs.clamp(1e-6, 1 - 1e-6)
@@ -270,7 +300,9 @@ class LeWorldSystem(nn.Module):
         for t in range(steps):
             if not rollout:
                 past, current = states[:, max(0, t - 1)], states[:, t]
-            out = self(past, current, characteristics, None, info if use_info else None, ablate_memory, oracle, sent)
+            out = self(
+                past, current, characteristics, None, info if use_info else None, ablate_memory, oracle, sent
+            )
             info = out["info_query"]
             if use_info and t < steps - 1:  # the last step's decision reaches no step: not taken
                 sent, log_prob = self._info_decision(out["info_logit"], info_policy, generator)
@@ -299,12 +331,18 @@ class LeWorldSystem(nn.Module):
             "total_loss": losses["total_loss"],
             "next_state_loss": losses["next_state_loss"],
             "sequence_mse": (predicted - target).pow(2).mean(dim=(0, 2)),
-            "info_sent": torch.stack(trace.decisions, dim=1) if trace.decisions else states.new_zeros(batch, 0),
-            "info_log_prob": torch.stack(trace.log_probs, dim=1).sum(1) if trace.log_probs else states.new_zeros(batch),
+            "info_sent": torch.stack(trace.decisions, dim=1)
+            if trace.decisions
+            else states.new_zeros(batch, 0),
+            "info_log_prob": torch.stack(trace.log_probs, dim=1).sum(1)
+            if trace.log_probs
+            else states.new_zeros(batch),
         }
 
     @staticmethod
-    def _info_decision(logit: torch.Tensor, policy: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _info_decision(
+        logit: torch.Tensor, policy: str, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sent 0/1 `[B]`, log π(sent) `[B]`) under the policy; "always" sends with log-probability 0."""
         if policy == "always":
             return torch.ones_like(logit), torch.zeros_like(logit)
@@ -326,7 +364,9 @@ def save_system(system: LeWorldSystem, directory: str | Path, extra: dict[str, A
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().clone() for name, t in system.state_dict().items()}
     save_file(tensors, str(directory / CHECKPOINT_WEIGHTS))
-    (directory / CHECKPOINT_CONFIG).write_text(json.dumps({"configs": system.configs(), **(extra or {})}, indent=2))
+    (directory / CHECKPOINT_CONFIG).write_text(
+        json.dumps({"configs": system.configs(), **(extra or {})}, indent=2)
+    )
     return directory
 
 

@@ -53,8 +53,13 @@ def evaluate(
         return _evaluate(system, data, n_steps, batch_size, trained_baselines or {})
 
 
-def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_size: int,
-              baselines: dict[str, LeWorldSystem]) -> EvaluationResult:
+def _evaluate(
+    system: LeWorldSystem,
+    data: SequenceBatch,
+    n_steps: int,
+    batch_size: int,
+    baselines: dict[str, LeWorldSystem],
+) -> EvaluationResult:
     """`evaluate` inside its thread limit and no-grad: errors, then the summary table, then the metrics."""
     horizon = min(n_steps, data.states.shape[1] - 1)
     rollouts, one_step, all_masks = _builtin_errors(system, data, horizon, batch_size)
@@ -67,9 +72,11 @@ def _evaluate(system: LeWorldSystem, data: SequenceBatch, n_steps: int, batch_si
     return EvaluationResult(summary=summary, steps=pd.DataFrame(step_rows), metrics=metrics)
 
 
-def _builtin_errors(system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int
-                    ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]], torch.Tensor]:
-    """Per-batch rollout and teacher-forced errors of the `SYSTEMS`, and the routing masks `[N, horizon, n_slms]`."""
+def _builtin_errors(
+    system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Per-batch rollout and teacher-forced errors of the `SYSTEMS`, and the routing masks
+    `[N, horizon, n_slms]`."""
     was_training = system.training
     system.eval()
     rollouts: dict[str, list[torch.Tensor]] = {name: [] for name in SYSTEMS}
@@ -85,17 +92,31 @@ def _builtin_errors(system: LeWorldSystem, data: SequenceBatch, horizon: int, ba
         rollouts["persistence"].append(states[:, :1].expand_as(truth) - truth)
         masks.append(out["masks"])
         oracle = (batch["relevant_starts"], batch["relevant_ends"])
-        rollouts["oracle_reads"].append(system.multi_step_forward(states, chars, horizon, rollout=True, oracle=oracle)["predictions"] - truth)
-        for name, kwargs in (("leworld", {}), ("memory_ablated", {"ablate_memory": True}), ("oracle_reads", {"oracle": oracle})):
-            one_step[name].append(system.multi_step_forward(states, chars, **kwargs)["predictions"] - states[:, 1:])
+        rollouts["oracle_reads"].append(
+            system.multi_step_forward(states, chars, horizon, rollout=True, oracle=oracle)["predictions"]
+            - truth
+        )
+        for name, kwargs in (
+            ("leworld", {}),
+            ("memory_ablated", {"ablate_memory": True}),
+            ("oracle_reads", {"oracle": oracle}),
+        ):
+            one_step[name].append(
+                system.multi_step_forward(states, chars, **kwargs)["predictions"] - states[:, 1:]
+            )
         one_step["persistence"].append(states[:, :-1] - states[:, 1:])
     system.train(was_training)
     return rollouts, one_step, torch.cat(masks)
 
 
-def _summary(rollouts: dict[str, list[torch.Tensor]], one_step: dict[str, list[torch.Tensor]], usage: torch.Tensor,
-             routing_entropy: float) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """One row per system (errors, routing for the trained one, whether it beats each) and per (system, step)."""
+def _summary(
+    rollouts: dict[str, list[torch.Tensor]],
+    one_step: dict[str, list[torch.Tensor]],
+    usage: torch.Tensor,
+    routing_entropy: float,
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """One row per system (errors, routing for the trained one, whether it beats each) and one per
+    (system, step)."""
     rows, step_rows = [], []
     for name in rollouts:
         err = torch.cat(rollouts[name])
@@ -111,16 +132,25 @@ def _summary(rollouts: dict[str, list[torch.Tensor]], one_step: dict[str, list[t
         step_rows += [{"system": name, "step": t + 1, "mse": float(v)} for t, v in enumerate(step_mse)]
     summary = pd.DataFrame(rows)
     model = summary.set_index("system").loc["leworld"]
-    summary["routing_entropy"] = [routing_entropy if s == "leworld" else float("nan") for s in summary["system"]]
-    summary["slm_usage"] = [",".join(f"{u:.4f}" for u in usage.tolist()) if s == "leworld" else "" for s in summary["system"]]
+    summary["routing_entropy"] = [
+        routing_entropy if s == "leworld" else float("nan") for s in summary["system"]
+    ]
+    summary["slm_usage"] = [
+        ",".join(f"{u:.4f}" for u in usage.tolist()) if s == "leworld" else "" for s in summary["system"]
+    ]
     # Whether the trained system beats each system (honest for both baselines; False for itself).
     summary["leworld_beats"] = [bool(model["mse"] < r) for r in summary["mse"]]
     summary["leworld_beats_one_step"] = [bool(model["one_step_mse"] < r) for r in summary["one_step_mse"]]
     return summary, step_rows
 
 
-def _metrics(summary: pd.DataFrame, step_rows: list[dict[str, Any]], usage: torch.Tensor, routing_entropy: float,
-             baselines: dict[str, LeWorldSystem]) -> dict[str, Any]:
+def _metrics(
+    summary: pd.DataFrame,
+    step_rows: list[dict[str, Any]],
+    usage: torch.Tensor,
+    routing_entropy: float,
+    baselines: dict[str, LeWorldSystem],
+) -> dict[str, Any]:
     """The trained system's reference-style metrics, and how it compares with each baseline."""
     by = summary.set_index("system")
     model = by.loc["leworld"]
@@ -144,28 +174,41 @@ def _metrics(summary: pd.DataFrame, step_rows: list[dict[str, Any]], usage: torc
     return metrics
 
 
-def _errors(system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _errors(
+    system: LeWorldSystem, data: SequenceBatch, horizon: int, batch_size: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-batch prediction errors of a system: rollout (horizons 1..horizon) and teacher-forced."""
     was_training = system.training
     system.eval()
     rollout, one_step = [], []
     for batch in iterate_batches(data, batch_size, shuffle=False):
         states, chars = batch["states"], batch["characteristics"]
-        rollout.append(system.multi_step_forward(states, chars, horizon, rollout=True)["predictions"] - states[:, 1 : horizon + 1])
+        rollout.append(
+            system.multi_step_forward(states, chars, horizon, rollout=True)["predictions"]
+            - states[:, 1 : horizon + 1]
+        )
         one_step.append(system.multi_step_forward(states, chars)["predictions"] - states[:, 1:])
     system.train(was_training)
     return rollout, one_step
 
 
 def model_errors(
-    system: LeWorldSystem, data: SequenceBatch, n_steps: int = 5, batch_size: int = 256, num_threads: int | None = 1
+    system: LeWorldSystem,
+    data: SequenceBatch,
+    n_steps: int = 5,
+    batch_size: int = 256,
+    num_threads: int | None = 1,
 ) -> dict[str, float]:
     """The trained system's own errors only (the `leworld` row of `evaluate`, without its baselines):
     rollout `mse`/`mae` over horizons 1..n_steps and teacher-forced `one_step_mse`."""
     with torch_threads(num_threads), torch.no_grad():
         rollout, one_step = _errors(system, data, min(n_steps, data.states.shape[1] - 1), batch_size)
     err = torch.cat(rollout)
-    return {"mse": float(err.pow(2).mean()), "mae": float(err.abs().mean()), "one_step_mse": float(torch.cat(one_step).pow(2).mean())}
+    return {
+        "mse": float(err.pow(2).mean()),
+        "mae": float(err.abs().mean()),
+        "one_step_mse": float(torch.cat(one_step).pow(2).mean()),
+    }
 
 
 class Evaluator:

@@ -29,7 +29,9 @@ class MemoryConfig:
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> LayerNorm -> GELU -> Linear."""
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out)
+    )
 
 
 class ArtificialMemory(nn.Module):
@@ -55,7 +57,9 @@ class ArtificialMemory(nn.Module):
 
     def _span(self, starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         starts = starts.long().clamp(0, self.config.num_words - 1)
-        ends = torch.minimum(ends.long(), starts + self.config.max_read_range).clamp(max=self.config.num_words)
+        ends = torch.minimum(ends.long(), starts + self.config.max_read_range).clamp(
+            max=self.config.num_words
+        )
         return starts, torch.maximum(ends, starts)
 
     def encode_range(self, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -72,7 +76,9 @@ class ArtificialMemory(nn.Module):
         features = torch.cat([(mean_bits * 2.0 - 1.0) * nonempty, count / self.config.max_read_range], dim=-1)
         return self.encoder(features) * nonempty
 
-    def read(self, starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(
+        self, starts: torch.Tensor, ends: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Read words [start, end) (at most `max_read_range`, clipped at the end of memory).
 
         Returns (bits `[B, R, W]` zero outside the mask, encoded `[B, E]`, mask `[B, R]` bool).

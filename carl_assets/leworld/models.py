@@ -69,7 +69,9 @@ class AddressHead(nn.Module):
         }
 
 
-def slm_features(past_state: torch.Tensor, current_state: torch.Tensor, characteristics: torch.Tensor) -> torch.Tensor:
+def slm_features(
+    past_state: torch.Tensor, current_state: torch.Tensor, characteristics: torch.Tensor
+) -> torch.Tensor:
     """What an SLM sees: past, current, their difference (the recent change) and the characteristics."""
     return torch.cat([past_state, current_state, current_state - past_state, characteristics], dim=-1)
 
@@ -82,7 +84,9 @@ class SmallLeWorldModel(nn.Module):
         self.config = config
         d_in = 3 * config.state_dim + config.char_dim
         self.input = nn.Linear(d_in, config.d_model)
-        self.body = nn.Sequential(nn.LayerNorm(config.d_model), nn.GELU(), nn.Linear(config.d_model, config.d_model), nn.GELU())
+        self.body = nn.Sequential(
+            nn.LayerNorm(config.d_model), nn.GELU(), nn.Linear(config.d_model, config.d_model), nn.GELU()
+        )
         self.address_head = AddressHead(config.d_model, memory_config)
         self.confidence_head = nn.Linear(config.d_model, 1)
 
@@ -95,7 +99,9 @@ class SmallLeWorldModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         return self.from_features(slm_features(past_state, current_state, characteristics), modulation)
 
-    def from_features(self, features: torch.Tensor, modulation: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def from_features(
+        self, features: torch.Tensor, modulation: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         h = self.input(features)
         if modulation is not None:  # the BLM's info request from the previous step
             h = h + modulation

@@ -49,9 +49,22 @@ from carl_assets.memory.tables import (
 from carl_assets.memory.tags import parse_tag_line, split_observations
 
 __all__ = [
-    "BASE_EDGE_COLUMNS", "BASE_NODE_COLUMNS", "EDGE_COLUMNS", "NODE_COLUMNS", "REJECT_COLUMNS", "STUB_KIND",
-    "MemoryGraph", "MemorySourceError", "document_records", "graph_from_mcp_graph", "graph_from_records",
-    "graph_from_tables", "is_graph_document", "node_header", "node_text", "normalise_kind",
+    "BASE_EDGE_COLUMNS",
+    "BASE_NODE_COLUMNS",
+    "EDGE_COLUMNS",
+    "NODE_COLUMNS",
+    "REJECT_COLUMNS",
+    "STUB_KIND",
+    "MemoryGraph",
+    "MemorySourceError",
+    "document_records",
+    "graph_from_mcp_graph",
+    "graph_from_records",
+    "graph_from_tables",
+    "is_graph_document",
+    "node_header",
+    "node_text",
+    "normalise_kind",
 ]
 
 _RAW_LIMIT = 2000  # characters of a rejected line kept as evidence
@@ -97,8 +110,12 @@ class _Builder:
                 if isinstance(item, dict):
                     self._record(line, item, json.dumps(item, ensure_ascii=False, default=str))
                 else:
-                    self.reject(line, f"element {index} of the JSON array is a JSON {type(item).__name__}, "
-                                      "not an object (a record)", json.dumps(item, default=str))
+                    self.reject(
+                        line,
+                        f"element {index} of the JSON array is a JSON {type(item).__name__}, "
+                        "not an object (a record)",
+                        json.dumps(item, default=str),
+                    )
             return None
         if not isinstance(record, dict):
             return self.reject(line, f"record is a JSON {type(record).__name__}, not an object", raw)
@@ -133,12 +150,20 @@ class _Builder:
         if entity.observation_fields:
             extra["observations"] = entity.observation_fields
         self.row_of[name] = self.nodes.rows
-        self.nodes.append({
-            "node_id": name, "kind": kind, "text": node_text(name, kind, split.lines),
-            "tags_json": json.dumps(split.tags, sort_keys=True), "n_tags": len(split.tags), "source_line": int(line),
-            "is_stub": False, "n_observations": len(observations), "updated_at": iso_utc(entity.updated_at),
-            "extra_json": table_json(extra) if extra else "{}",
-        })
+        self.nodes.append(
+            {
+                "node_id": name,
+                "kind": kind,
+                "text": node_text(name, kind, split.lines),
+                "tags_json": json.dumps(split.tags, sort_keys=True),
+                "n_tags": len(split.tags),
+                "source_line": int(line),
+                "is_stub": False,
+                "n_observations": len(observations),
+                "updated_at": iso_utc(entity.updated_at),
+                "extra_json": table_json(extra) if extra else "{}",
+            }
+        )
         return None
 
     def _unique(self, observations: list[str], seen: set[str]) -> list[str]:
@@ -156,8 +181,12 @@ class _Builder:
 
     def _tag_problems(self, line: int, name: str, problems: list[tuple[str, str]], raw: str) -> None:
         for token, why in problems:
-            self.reject(line, f"bad tag token {show(token)} in node {show(name)}: {why} (the line is not a tag "
-                              "line: it stays in the text as prose; fix it to make it one)", raw)
+            self.reject(
+                line,
+                f"bad tag token {show(token)} in node {show(name)}: {why} (the line is not a tag "
+                "line: it stays in the text as prose; fix it to make it one)",
+                raw,
+            )
 
     def _merge_duplicates(self, nodes: pd.DataFrame) -> None:
         """Fold later same-name records into their node (in place): observations appended in file order,
@@ -166,7 +195,7 @@ class _Builder:
             row = self.row_of[name]
             kind = str(nodes.at[row, "kind"])
             text, header = str(nodes.at[row, "text"]), node_header(name, kind)
-            lines = text[len(header) + 1:].split("\n") if len(text) > len(header) else []
+            lines = text[len(header) + 1 :].split("\n") if len(text) > len(header) else []
             tags = json.loads(nodes.at[row, "tags_json"])
             extra = json.loads(nodes.at[row, "extra_json"])
             stamps = [s for s in [nodes.at[row, "updated_at"]] if isinstance(s, str)]
@@ -176,8 +205,11 @@ class _Builder:
                 fresh = []
                 for observation in later.entity.observations:
                     tag_line = parse_tag_line(observation)
-                    repeat = (observation in seen or ("\n" in observation and f"\n{observation}\n" in body)
-                              or (tag_line is not None and all(tags.get(k) == v for k, v in tag_line.tags.items())))
+                    repeat = (
+                        observation in seen
+                        or ("\n" in observation and f"\n{observation}\n" in body)
+                        or (tag_line is not None and all(tags.get(k) == v for k, v in tag_line.tags.items()))
+                    )
                     if repeat:
                         self.duplicate_observations += 1
                     else:
@@ -215,21 +247,37 @@ class _Builder:
         edges, seen = [], set()
         for line, raw, src, dst, rel, extra in self.relations:
             if (src, dst, rel) in seen:
-                self.reject(line, f"duplicate relation {show(src)} -[{show(rel)}]-> {show(dst)} (the edge is "
-                                  "kept once)", raw)
+                self.reject(
+                    line,
+                    f"duplicate relation {show(src)} -[{show(rel)}]-> {show(dst)} (the edge is kept once)",
+                    raw,
+                )
                 continue
             seen.add((src, dst, rel))
             for end in (src, dst):
                 if end not in self.row_of:
                     self._stub(end, line)
-            edges.append({"src": src, "dst": dst, "relation": rel, "source_line": int(line), "extra_json": extra})
+            edges.append(
+                {"src": src, "dst": dst, "relation": rel, "source_line": int(line), "extra_json": extra}
+            )
         return edges
 
     def _stub(self, name: str, line: int) -> None:
         self.row_of[name] = self.nodes.rows
-        self.nodes.append({"node_id": name, "kind": STUB_KIND, "text": name, "tags_json": "{}", "n_tags": 0,
-                           "source_line": int(line), "is_stub": True, "n_observations": 0, "updated_at": None,
-                           "extra_json": "{}"})
+        self.nodes.append(
+            {
+                "node_id": name,
+                "kind": STUB_KIND,
+                "text": name,
+                "tags_json": "{}",
+                "n_tags": 0,
+                "source_line": int(line),
+                "is_stub": True,
+                "n_observations": 0,
+                "updated_at": None,
+                "extra_json": "{}",
+            }
+        )
 
     def build(self) -> MemoryGraph:
         entity_rows = self.nodes.rows
@@ -241,11 +289,20 @@ class _Builder:
         rejects = self.rejects.frame()
         if not rejects["line"].is_monotonic_increasing:  # relation rejects come last: put them in line order
             rejects = rejects.sort_values("line", kind="stable").reset_index(drop=True)
-        metadata = {**self.metadata, "markers": self.markers, "duplicate_observations": self.duplicate_observations,
-                    "merged_records": sum(len(v) for v in self.later.values()),
-                    "stub_nodes": len(nodes) - entity_rows}
-        return MemoryGraph(source=self.source, nodes=nodes, edges=typed_frame(edges, EDGE_COLUMNS), rejects=rejects,
-                           metadata=metadata)
+        metadata = {
+            **self.metadata,
+            "markers": self.markers,
+            "duplicate_observations": self.duplicate_observations,
+            "merged_records": sum(len(v) for v in self.later.values()),
+            "stub_nodes": len(nodes) - entity_rows,
+        }
+        return MemoryGraph(
+            source=self.source,
+            nodes=nodes,
+            edges=typed_frame(edges, EDGE_COLUMNS),
+            rejects=rejects,
+            metadata=metadata,
+        )
 
 
 def _merged_entry(later: _Later, kind: str) -> dict[str, Any]:
@@ -261,8 +318,9 @@ def _merged_entry(later: _Later, kind: str) -> dict[str, Any]:
     return entry
 
 
-def graph_from_records(records: Iterable[tuple[int, Any, str]], source: str,
-                       metadata: dict[str, Any] | None = None) -> MemoryGraph:
+def graph_from_records(
+    records: Iterable[tuple[int, Any, str]], source: str, metadata: dict[str, Any] | None = None
+) -> MemoryGraph:
     """Build a graph from `(line_number, parsed_value, raw_text)` triples. A value may be a record (a JSON
     object), an array of records (all numbered with that line), or an `Exception` for a line that could
     not be parsed, which becomes a reject with its message as the reason."""
@@ -278,20 +336,28 @@ def graph_from_records(records: Iterable[tuple[int, Any, str]], source: str,
 def document_records(document: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """(records, the document's other top-level keys) of a `read_graph`-shaped document
     `{"entities": [...], "relations": [...]}`: entities first, then relations, each typed by its list."""
+
     def typed(items: Any, kind: str) -> list[Any]:
         if not isinstance(items, list):
             return [items]  # rejected record by record, with its type named
-        return [dict(r, type=kind) if isinstance(r, dict) and not any(k in r for k in ("type", "_type")) else r
-                for r in items]
+        return [
+            dict(r, type=kind) if isinstance(r, dict) and not any(k in r for k in ("type", "_type")) else r
+            for r in items
+        ]
 
-    records = typed(document.get("entities") or [], "entity") + typed(document.get("relations") or [], "relation")
+    records = typed(document.get("entities") or [], "entity") + typed(
+        document.get("relations") or [], "relation"
+    )
     return records, {k: v for k, v in document.items() if k not in ("entities", "relations")}
 
 
 def is_graph_document(value: Any) -> bool:
     """True for `{"entities": [...], "relations": [...]}` (either key alone too) that is not a record."""
-    return isinstance(value, dict) and ("entities" in value or "relations" in value) and not any(
-        k in value for k in ("type", "_type", "name", "from"))
+    return (
+        isinstance(value, dict)
+        and ("entities" in value or "relations" in value)
+        and not any(k in value for k in ("type", "_type", "name", "from"))
+    )
 
 
 def graph_from_mcp_graph(graph: dict[str, Any], source: str) -> MemoryGraph:
@@ -302,5 +368,10 @@ def graph_from_mcp_graph(graph: dict[str, Any], source: str) -> MemoryGraph:
     records, others = document_records(graph)
     metadata = {"format": "read_graph", **({"document": others} if others else {})}
     return graph_from_records(
-        ((i, rec, json.dumps(rec, ensure_ascii=False, default=str)) for i, rec in enumerate(records, start=1)),
-        source, metadata)
+        (
+            (i, rec, json.dumps(rec, ensure_ascii=False, default=str))
+            for i, rec in enumerate(records, start=1)
+        ),
+        source,
+        metadata,
+    )

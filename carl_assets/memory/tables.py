@@ -22,9 +22,13 @@ REJECT_COLUMNS = ["source", "line", "reason", "raw"]
 STUB_KIND = "stub"
 _INT_COLUMNS = ("n_tags", "source_line", "line", "n_observations")
 _BOOL_COLUMNS = ("is_stub",)
-_NULLABLE_DEFAULTS: dict[str, Any] = {"is_stub": False, "n_observations": 0, "updated_at": None, "extra_json": "{}"}
+_NULLABLE_DEFAULTS: dict[str, Any] = {
+    "is_stub": False,
+    "n_observations": 0,
+    "updated_at": None,
+    "extra_json": "{}",
+}
 _CHUNK_ROWS = 2048
-
 
 
 class MemorySourceError(ValueError):
@@ -144,7 +148,9 @@ class ColumnChunks:
     def _flush(self) -> None:
         for col in self.columns:
             if self.pending[col]:
-                kind = pa.int32() if col in _INT_COLUMNS else pa.bool_() if col in _BOOL_COLUMNS else pa.string()
+                kind = (
+                    pa.int32() if col in _INT_COLUMNS else pa.bool_() if col in _BOOL_COLUMNS else pa.string()
+                )
                 self.chunks[col].append(pa.array(self.pending[col], type=kind))
                 self.pending[col] = []
 
@@ -154,10 +160,14 @@ class ColumnChunks:
         for col in self.columns:
             if col in _INT_COLUMNS or col in _BOOL_COLUMNS:
                 parts = [c.to_numpy(zero_copy_only=False) for c in self.chunks[col]]
-                data[col] = pd.Series(np.concatenate(parts) if parts else np.zeros(0),
-                                      dtype="int32" if col in _INT_COLUMNS else "bool")
+                data[col] = pd.Series(
+                    np.concatenate(parts) if parts else np.zeros(0),
+                    dtype="int32" if col in _INT_COLUMNS else "bool",
+                )
             else:
-                data[col] = pd.Series(pa.chunked_array(self.chunks[col], type=pa.string()), dtype=pd.StringDtype())
+                data[col] = pd.Series(
+                    pa.chunked_array(self.chunks[col], type=pa.string()), dtype=pd.StringDtype()
+                )
         return pd.DataFrame(data, columns=self.columns)
 
 
@@ -182,7 +192,8 @@ def graph_from_tables(
     Tables written before the columns `is_stub`, `n_observations`, `updated_at`, `extra_json` existed are
     read with their defaults (not a stub, 0, null, "{}")."""
     missing = [c for c in BASE_NODE_COLUMNS if c not in nodes.columns] + [
-        c for c in BASE_EDGE_COLUMNS if c not in edges.columns]
+        c for c in BASE_EDGE_COLUMNS if c not in edges.columns
+    ]
     if missing:
         raise ValueError(f"memory tables lack columns {missing}")
     nodes, edges = nodes.copy(), edges.copy()
@@ -195,4 +206,6 @@ def graph_from_tables(
         rejects = pd.DataFrame(columns=REJECT_COLUMNS)
     nodes = nodes[NODE_COLUMNS].sort_values("source_line", kind="stable").reset_index(drop=True)
     edges = edges[EDGE_COLUMNS].sort_values("source_line", kind="stable").reset_index(drop=True)
-    return MemoryGraph(source=source, nodes=nodes, edges=edges, rejects=rejects[REJECT_COLUMNS].reset_index(drop=True))
+    return MemoryGraph(
+        source=source, nodes=nodes, edges=edges, rejects=rejects[REJECT_COLUMNS].reset_index(drop=True)
+    )

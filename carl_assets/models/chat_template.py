@@ -31,8 +31,7 @@ GENERATION_PROMPT = "assistant:"  # what the transcript's generation prompt ends
 def transcript_template(add_bos: bool = False) -> str:
     """The transcript chat template (Jinja) described in the module docstring; `add_bos` prepends bos."""
     return (
-        ("{{ bos_token }}" if add_bos else "")
-        + "{% for message in messages %}"
+        ("{{ bos_token }}" if add_bos else "") + "{% for message in messages %}"
         "{% if message['role'] == 'assistant' %}"
         "{{ 'assistant: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
         "{% else %}"
@@ -73,12 +72,16 @@ def ensure_chat_template(tokenizer: Any, policy: str = "install", name: str = "t
     if getattr(tokenizer, "chat_template", None):
         return None
     if policy == "fail":
-        raise ValueError(f"{name} has no chat template: pass an instruct model (one with a chat template), set "
-                         "tokenizer.chat_template in its folder, or set missing_chat_template='install' to use "
-                         "the project's 'role: content' transcript template")
+        raise ValueError(
+            f"{name} has no chat template: pass an instruct model (one with a chat template), set "
+            "tokenizer.chat_template in its folder, or set missing_chat_template='install' to use "
+            "the project's 'role: content' transcript template"
+        )
     tokenizer.chat_template = chat_template_for(tokenizer)
-    reason = (f"{name} has no chat template (a base model): installed the transcript template "
-              f"('role: content' lines, assistant turns end with eos, generation prompt {GENERATION_PROMPT!r})")
+    reason = (
+        f"{name} has no chat template (a base model): installed the transcript template "
+        f"('role: content' lines, assistant turns end with eos, generation prompt {GENERATION_PROMPT!r})"
+    )
     logger.warning(reason)
     return reason
 

@@ -6,8 +6,9 @@ with bf16 support, else fp32 (what a model folder is stored in). `fast_dtype` is
 (`cpu_bf16_supported`: AVX512-BF16 or AMX-BF16) *where a quick measurement says bf16 matrix products are
 faster there* (`cpu_bf16_faster`): the flags alone are not enough. On this project's 2-core AVX512-BF16
 Xeon, one measurement gave bf16 2.2x fp32 (205 vs 92 GFLOP/s, 2048^2), another, with this torch build on
-the busy machine, 0.6x (20 vs 33 GFLOP/s), and a SmolLM2-135M forward was slower in bf16. MPS stays fp32 unless asked: its bf16/fp16 kernels are incomplete
-and the CARL statistics already run in float32 there. Asking for a device that is not there is an
+the busy machine, 0.6x (20 vs 33 GFLOP/s), and a SmolLM2-135M forward was slower in bf16. MPS stays
+fp32 unless asked: its bf16/fp16 kernels are incomplete and the CARL statistics already run in float32
+there. Asking for a device that is not there is an
 error that names it, never a silent fall back to the CPU.
 
 `available_cores` is the number of CPU cores this process may use (its affinity mask, capped by a
@@ -19,15 +20,21 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:<index>", "mps")
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
 }
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -47,7 +54,7 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (or None/"") → CUDA if available, then MPS, then CPU; "cpu", "cuda", "cuda:N", "mps" as asked.
+    """ "auto" (or None/"") → CUDA if available, then MPS, then CPU; "cpu", "cuda", "cuda:N", "mps" as asked.
 
     Raises ValueError naming the value when it is unknown, or when the device is not on this machine
     (with the devices that are)."""
@@ -66,16 +73,22 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} asked for, but CUDA is not available here "
-                             f"(available: {', '.join(available_devices())})")
+            raise ValueError(
+                f"device {spec!r} asked for, but CUDA is not available here "
+                f"(available: {', '.join(available_devices())})"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} asked for, but there are only {torch.cuda.device_count()} CUDA "
-                             f"devices (available: {', '.join(available_devices())})")
+            raise ValueError(
+                f"device {spec!r} asked for, but there are only {torch.cuda.device_count()} CUDA "
+                f"devices (available: {', '.join(available_devices())})"
+            )
         return device
     if device.type == "mps":
         if not _mps_available():
-            raise ValueError(f"device {spec!r} asked for, but MPS is not available here "
-                             f"(available: {', '.join(available_devices())})")
+            raise ValueError(
+                f"device {spec!r} asked for, but MPS is not available here "
+                f"(available: {', '.join(available_devices())})"
+            )
         return device
     raise ValueError(f"unsupported device {spec!r}: use one of {', '.join(DEVICE_CHOICES)}")
 
@@ -115,14 +128,13 @@ def cpu_bf16_supported() -> bool:
 BF16_SPEEDUP_NEEDED = 1.3  # bf16 must beat fp32 by this factor to be the default (its logits are coarser)
 
 
-# A small model's MLP layer over a batch of tokens, and a square product (where fp32 kernels are at their best).
+# A small model's MLP layer over a batch of tokens, and a square product (where fp32 kernels are at their
+# best).
 BF16_PROBE_SHAPES = ((256, 576, 1536), (1024, 1024, 1024))
 
 
 def _matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int], rounds: int = 2, reps: int = 2) -> float:
     """Best time of `reps` products of an [m, k] x [k, n] matrix pair in `dtype`, over `rounds` rounds."""
-    import time
-
     m, k, n = shape
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=generator).to(dtype)
@@ -205,7 +217,7 @@ def available_cores() -> int:
 
 
 def resolve_dtype(spec: str | torch.dtype | None, device: str | torch.device | None = "cpu") -> torch.dtype:
-    """"auto" (or None/"") → bf16 on a CUDA device that supports it, fp32 otherwise (CPU and MPS);
+    """ "auto" (or None/"") → bf16 on a CUDA device that supports it, fp32 otherwise (CPU and MPS);
     "bf16"/"fp16"/"fp32" (or the torch names) as asked. Raises ValueError naming an unknown value."""
     if isinstance(spec, torch.dtype):
         if spec not in DTYPE_NAMES:

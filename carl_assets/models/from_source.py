@@ -25,10 +25,14 @@ from carl_assets.models.sources import (
 MODEL_INFO_FILE = "carl_model.json"  # where the model came from and whether it needs remote code
 
 
-def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_code: bool | None = None,
-                             dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
-                             device: str | torch.device | None = None,
-                             missing_chat_template: str = "install") -> tuple[PreTrainedModel, Any]:
+def load_model_and_tokenizer(
+    path_or_id: str | os.PathLike[str],
+    trust_remote_code: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+    missing_chat_template: str = "install",
+) -> tuple[PreTrainedModel, Any]:
     """A causal LM and its tokenizer from a local folder, a hub id, a `.gguf` file or a packaged model
     name, in eval mode, with a pad token and a chat template.
 
@@ -49,16 +53,22 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike[str], trust_remote_co
         raise ValueError("load_model_and_tokenizer needs a path or hub id; build the offline model first")
     # Resolve the device before any file is read: a bad name fails fast and says what is available.
     target = resolve_device(device) if device is not None else torch.device("cpu")
-    model, tokenizer, _ = load_source(source, trust_remote_code, dtype, allow_pickle, target,
-                                       missing_chat_template)
+    model, tokenizer, _ = load_source(
+        source, trust_remote_code, dtype, allow_pickle, target, missing_chat_template
+    )
     if target.type != "cpu":
         model = model.to(target)
     return model, tokenizer
 
 
-def load_source(source: ModelSource, trust_remote_code: bool | None, dtype: torch.dtype | str | None,
-                 allow_pickle: bool, target: torch.device, missing_chat_template: str
-                 ) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
+def load_source(
+    source: ModelSource,
+    trust_remote_code: bool | None,
+    dtype: torch.dtype | str | None,
+    allow_pickle: bool,
+    target: torch.device,
+    missing_chat_template: str,
+) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
     """Model, tokenizer (policy applied, before the weights are read) and what the policy changed."""
     dtype = torch.float32 if dtype is None else resolve_dtype(dtype, target)
     if source.kind in ("gguf", "packaged"):
@@ -81,8 +91,12 @@ def load_source(source: ModelSource, trust_remote_code: bool | None, dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(source.value, trust_remote_code=trust_remote_code)
         notes = apply_tokenizer_policy(tokenizer, source.value, missing_chat_template)
         # use_safetensors=True: never fall back to a pickle (for a hub id, where no folder was checked)
-        model = AutoModelForCausalLM.from_pretrained(source.value, trust_remote_code=trust_remote_code, dtype=dtype,
-                                                     use_safetensors=None if allow_pickle else True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.value,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,
+        )
     except OSError as exc:
         where = "folder" if source.kind == "local" else "hub id (is it cached? the hub may be offline)"
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless allow_pickle=True)"
@@ -91,15 +105,21 @@ def load_source(source: ModelSource, trust_remote_code: bool | None, dtype: torc
     return model.eval(), tokenizer, notes
 
 
-def apply_tokenizer_policy(tokenizer: Any, name: str, missing_chat_template: str = "install") -> dict[str, Any]:
+def apply_tokenizer_policy(
+    tokenizer: Any, name: str, missing_chat_template: str = "install"
+) -> dict[str, Any]:
     """The project's one policy for a loaded tokenizer (`carl_assets.models.chat_template`): install the
     transcript template when there is no chat template (or raise, `"fail"`), pad with eos (else unk)
     when there is no pad token. Returns `chat_template_installed`, `chat_template_reason`, `pad_token`
     and `pad_token_set` (what was changed, "" if nothing)."""
     reason = ensure_chat_template(tokenizer, missing_chat_template, name=f"model {name!r}")
     pad_set = ensure_pad_token(tokenizer, name=f"model {name!r}")
-    return {"chat_template_installed": reason is not None, "chat_template_reason": reason or "",
-            "pad_token": str(tokenizer.pad_token), "pad_token_set": pad_set or ""}
+    return {
+        "chat_template_installed": reason is not None,
+        "chat_template_reason": reason or "",
+        "pad_token": str(tokenizer.pad_token),
+        "pad_token_set": pad_set or "",
+    }
 
 
 def _set_pad_ids(model: PreTrainedModel, tokenizer: Any) -> None:
@@ -109,12 +129,18 @@ def _set_pad_ids(model: PreTrainedModel, tokenizer: Any) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def sample_generation(model: PreTrainedModel, tokenizer: Any, prompt: str, max_new_tokens: int = 40,
-                      chat: bool = True) -> str:
-    """Greedy continuation of `prompt` (through the chat template when it has one): a quick look at the model."""
+def sample_generation(
+    model: PreTrainedModel, tokenizer: Any, prompt: str, max_new_tokens: int = 40, chat: bool = True
+) -> str:
+    """Greedy continuation of `prompt` (through the chat template when it has one): a quick look at the
+    model."""
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         input_ids, mask = ids["input_ids"], ids["attention_mask"]
     else:
         enc = tokenizer(prompt, return_tensors="pt")
@@ -122,6 +148,11 @@ def sample_generation(model: PreTrainedModel, tokenizer: Any, prompt: str, max_n
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)

@@ -63,7 +63,9 @@ def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
     return without_quantizer(loaded, dtype)
 
 
-def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+def load_gguf(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, Any]:
     """(`load_gguf_model`, `load_gguf_tokenizer`) of one file."""
     return load_gguf_model(path, dtype), load_gguf_tokenizer(path)
 

@@ -61,21 +61,48 @@ from carl_assets.models.sources import (
 )
 
 __all__ = [
-    "BOS_TOKEN", "CHAT_TEMPLATE", "EOS_TOKEN", "GGUF_CACHE_STATS", "MODEL_INFO_FILE", "OFFLINE_SPECS", "PAD_TOKEN",
-    "ROLE_TOKENS", "SPECIAL_TOKENS", "ModelSource", "OfflineModelConfig", "apply_tokenizer_policy",
-    "build_offline_model", "build_tiny_model", "check_weight_format", "count_parameters", "fit_prompt",
-    "gguf_source_file", "load_model_and_tokenizer", "model_max_positions", "new_offline_model",
-    "pickle_weight_files", "prepare_base_model", "pretrain", "resolve_model_source", "sample_generation",
+    "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "EOS_TOKEN",
+    "GGUF_CACHE_STATS",
+    "MODEL_INFO_FILE",
+    "OFFLINE_SPECS",
+    "PAD_TOKEN",
+    "ROLE_TOKENS",
+    "SPECIAL_TOKENS",
+    "ModelSource",
+    "OfflineModelConfig",
+    "apply_tokenizer_policy",
+    "build_offline_model",
+    "build_tiny_model",
+    "check_weight_format",
+    "count_parameters",
+    "fit_prompt",
+    "gguf_source_file",
+    "load_model_and_tokenizer",
+    "model_max_positions",
+    "new_offline_model",
+    "pickle_weight_files",
+    "prepare_base_model",
+    "pretrain",
+    "resolve_model_source",
+    "sample_generation",
     "train_tokenizer",
 ]
 
 
-def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.PathLike[str],
-                       config: OfflineModelConfig | None = None, trust_remote_code: bool = False,
-                       progress: Callable[[int, float], None] | None = None,
-                       allow_pickle: bool = False, dtype: torch.dtype | str | None = None,
-                       missing_chat_template: str = "install",
-                       cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def prepare_base_model(
+    spec: str,
+    texts: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    config: OfflineModelConfig | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+    allow_pickle: bool = False,
+    dtype: torch.dtype | str | None = None,
+    missing_chat_template: str = "install",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Write the base model named by `spec` into `output_dir`: build the offline one, or load a hub
     id / local folder / `.gguf` file / packaged model and save it there with `save_pretrained` (so
     downstream reads one place, in safetensors: a GGUF file is dequantized and converted here), in
@@ -99,12 +126,16 @@ def prepare_base_model(spec: str, texts: Sequence[str], output_dir: str | os.Pat
     elif source.kind in ("gguf", "packaged"):
         stats = _prepare_gguf(source, output_dir, dtype or torch.float32, missing_chat_template, cache_dir)
     else:
-        model, tokenizer, notes = load_source(source, trust_remote_code, dtype, allow_pickle, torch.device("cpu"),
-                                               missing_chat_template)
+        model, tokenizer, notes = load_source(
+            source, trust_remote_code, dtype, allow_pickle, torch.device("cpu"), missing_chat_template
+        )
         _save(model, tokenizer, output_dir)
         stats = {**_loaded_stats(source, model, tokenizer), **notes}
-    info = {"source": stats["source"], "trust_remote_code": bool(trust_remote_code),
-            "chat_template_installed": bool(stats["chat_template_installed"])}
+    info = {
+        "source": stats["source"],
+        "trust_remote_code": bool(trust_remote_code),
+        "chat_template_installed": bool(stats["chat_template_installed"]),
+    }
     if stats.get("source_sha256"):
         info["source_sha256"] = stats["source_sha256"]
     (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -120,22 +151,38 @@ def _save(model: PreTrainedModel, tokenizer: Any, output_dir: Path) -> None:
     tokenizer.save_pretrained(output_dir)
 
 
-def _prepare_gguf(source: ModelSource, output_dir: Path, dtype: torch.dtype, missing_chat_template: str,
-                  cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+def _prepare_gguf(
+    source: ModelSource,
+    output_dir: Path,
+    dtype: torch.dtype,
+    missing_chat_template: str,
+    cache_dir: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
     """Convert the GGUF file behind `source` into `output_dir`, or link a cached conversion of it."""
     gguf_file = gguf_source_file(source)
     digest = sha256_file(gguf_file)
     key = f"{digest[:32]}-{dtype_name(dtype)}-{missing_chat_template}"
     entry = Path(cache_dir) / key if cache_dir is not None else None
-    where = {"source": f"{source.kind}:{source.value}", "source_file": str(gguf_file), "source_sha256": digest}
+    where = {
+        "source": f"{source.kind}:{source.value}",
+        "source_file": str(gguf_file),
+        "source_sha256": digest,
+    }
     if entry is not None and (entry / GGUF_CACHE_STATS).is_file():
         _link_files(entry, output_dir, skip={GGUF_CACHE_STATS})
         return {**json.loads((entry / GGUF_CACHE_STATS).read_text()), **where, "reused_conversion": True}
     started = time.perf_counter()
-    model, tokenizer, notes = load_source(source, False, dtype, False, torch.device("cpu"), missing_chat_template)
+    model, tokenizer, notes = load_source(
+        source, False, dtype, False, torch.device("cpu"), missing_chat_template
+    )
     _save(model, tokenizer, output_dir)
-    stats = {**_loaded_stats(source, model, tokenizer), **notes, **where,
-             "conversion_seconds": time.perf_counter() - started, "reused_conversion": False}
+    stats = {
+        **_loaded_stats(source, model, tokenizer),
+        **notes,
+        **where,
+        "conversion_seconds": time.perf_counter() - started,
+        "reused_conversion": False,
+    }
     if entry is not None:
         _publish_cache_entry(output_dir, entry, stats)
     return stats
@@ -165,7 +212,12 @@ def _publish_cache_entry(output_dir: Path, entry: Path, stats: dict[str, Any]) -
 
 def _unchanged_notes() -> dict[str, Any]:
     """The policy's notes when nothing had to change (the offline tokenizer has a template and a pad)."""
-    return {"chat_template_installed": False, "chat_template_reason": "", "pad_token": PAD_TOKEN, "pad_token_set": ""}
+    return {
+        "chat_template_installed": False,
+        "chat_template_reason": "",
+        "pad_token": PAD_TOKEN,
+        "pad_token_set": "",
+    }
 
 
 def _loaded_stats(source: ModelSource, model: PreTrainedModel, tokenizer: Any) -> dict[str, Any]:

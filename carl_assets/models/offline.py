@@ -48,7 +48,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts`, with pad/bos/eos, role markers and a chat template.
 
@@ -86,8 +85,14 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> PreTrainedT
     return tokenizer
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, num_heads: int,
-                  intermediate_size: int, max_positions: int) -> LlamaConfig:
+def _llama_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_positions: int,
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -112,12 +117,19 @@ def _new_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return model.eval()
 
 
-def build_tiny_model(texts: Sequence[str], hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
-                     vocab_size: int = 512, seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+def build_tiny_model(
+    texts: Sequence[str],
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A randomly initialised tiny Llama and a tokenizer trained on `texts` (for tests; well under 2 s)."""
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    config = _llama_config(tokenizer, hidden_size, num_layers, num_heads, intermediate_size=2 * hidden_size,
-                           max_positions=512)
+    config = _llama_config(
+        tokenizer, hidden_size, num_layers, num_heads, intermediate_size=2 * hidden_size, max_positions=512
+    )
     return _new_model(config, seed), tokenizer
 
 
@@ -143,14 +155,24 @@ class OfflineModelConfig:
     threads: int = 1
 
 
-def new_offline_model(texts: Sequence[str], config: OfflineModelConfig | None = None
-                      ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+def new_offline_model(
+    texts: Sequence[str], config: OfflineModelConfig | None = None
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The offline model's tokenizer and architecture, randomly initialised (no pretraining): for
     benchmarks that need the default size but not its training."""
     config = config or OfflineModelConfig()
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
-    model = _new_model(_llama_config(tokenizer, config.hidden_size, config.num_layers, config.num_heads,
-                                     config.intermediate_size, config.max_positions), config.seed)
+    model = _new_model(
+        _llama_config(
+            tokenizer,
+            config.hidden_size,
+            config.num_layers,
+            config.num_heads,
+            config.intermediate_size,
+            config.max_positions,
+        ),
+        config.seed,
+    )
     return model, tokenizer
 
 
@@ -164,8 +186,12 @@ def _token_stream(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> t
     return torch.tensor(ids, dtype=torch.long)
 
 
-def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, config: OfflineModelConfig,
-             progress: Callable[[int, float], None] | None = None) -> list[float]:
+def pretrain(
+    model: LlamaForCausalLM,
+    stream: torch.Tensor,
+    config: OfflineModelConfig,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Causal-LM training on random windows of the token stream (seeded); returns the loss per step."""
     seq_len = min(config.seq_len, len(stream) - 1)
     if seq_len < 8:
@@ -173,9 +199,11 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, config: OfflineModel
     generator = torch.Generator().manual_seed(config.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.learning_rate, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+    )
 
     def lr_factor(step: int) -> float:  # linear warm-up, cosine decay to 10%
         if step < config.warmup_steps:
@@ -191,7 +219,9 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, config: OfflineModel
         starts = torch.randint(0, len(stream) - seq_len, (config.batch_size,), generator=generator)
         batch = stream[starts[:, None] + offsets[None, :]]
         logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,9 +234,12 @@ def pretrain(model: LlamaForCausalLM, stream: torch.Tensor, config: OfflineModel
     return losses
 
 
-def build_offline_model(texts: Sequence[str], output_dir: str | os.PathLike[str],
-                        config: OfflineModelConfig | None = None,
-                        progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def build_offline_model(
+    texts: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    config: OfflineModelConfig | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
     """Train the tokenizer, build and pretrain the small Llama, save both to `output_dir` (safetensors).
 
     Returns stats: parameter count, shape, the loss per step, the final loss and the time taken.

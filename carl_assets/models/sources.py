@@ -58,9 +58,13 @@ _NOT_WEIGHTS = {"training_args.bin"}  # a Trainer's pickle beside the weights, n
 
 
 def pickle_weight_files(folder: str | os.PathLike[str]) -> list[str]:
-    """Names of the pickle weight files (`pytorch_model*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.ckpt`) in `folder`."""
-    return sorted(p.name for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix in _PICKLE_SUFFIXES and p.name not in _NOT_WEIGHTS)
+    """Names of the pickle weight files (`pytorch_model*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.ckpt`) in
+    `folder`."""
+    return sorted(
+        p.name
+        for p in Path(folder).iterdir()
+        if p.is_file() and p.suffix in _PICKLE_SUFFIXES and p.name not in _NOT_WEIGHTS
+    )
 
 
 def check_weight_format(folder: str | os.PathLike[str], allow_pickle: bool = False) -> None:
@@ -73,7 +77,8 @@ def check_weight_format(folder: str | os.PathLike[str], allow_pickle: bool = Fal
     pickles = pickle_weight_files(folder)
     if pickles:
         raise ValueError(
-            f"model folder {str(folder)!r} holds only pickle weights ({', '.join(pickles)}): unpickling can run "
+            f"model folder {str(folder)!r} holds only pickle weights ({', '.join(pickles)}): "
+            "unpickling can run "
             "arbitrary code. Convert them to safetensors, or pass allow_pickle=True (carl --allow-pickle) "
             "if you trust where the folder came from"
         )

@@ -29,7 +29,9 @@ def cosine_matrix(vectors: SteeringVectors, layer: int) -> np.ndarray:
     return cos
 
 
-def tag_cooccurrence(tags: Sequence[Mapping[str, int]], emotions: Sequence[str], min_score: int = 8) -> np.ndarray:
+def tag_cooccurrence(
+    tags: Sequence[Mapping[str, int]], emotions: Sequence[str], min_score: int = 8
+) -> np.ndarray:
     """`[E, E]` phi coefficients between "scored >= min_score" indicators over the tagged nodes (untagged
     nodes say nothing about emotions and are left out). 1 on the diagonal; 0 where an emotion never or
     always occurs (no variance)."""
@@ -55,8 +57,9 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(rank_a, rank_b)[0, 1])
 
 
-def cross_talk(vectors: SteeringVectors, tags: Sequence[Mapping[str, int]], min_score: int = 8
-               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def cross_talk(
+    vectors: SteeringVectors, tags: Sequence[Mapping[str, int]], min_score: int = 8
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(pairs, relation). `pairs`: one row per layer and emotion pair a < b with `cosine` and
     `cooccurrence`. `relation`: per layer, the Spearman correlation of the two over the pairs, the mean
     and max |cosine|, and the most similar pair."""
@@ -67,16 +70,25 @@ def cross_talk(vectors: SteeringVectors, tags: Sequence[Mapping[str, int]], min_
     for layer in vectors.layers:
         cos = cosine_matrix(vectors, layer)
         for i, j in zip(*upper, strict=True):
-            rows.append({"layer": int(layer), "emotion_a": concepts[i], "emotion_b": concepts[j],
-                         "cosine": float(cos[i, j]), "cooccurrence": float(co[i, j])})
+            rows.append(
+                {
+                    "layer": int(layer),
+                    "emotion_a": concepts[i],
+                    "emotion_b": concepts[j],
+                    "cosine": float(cos[i, j]),
+                    "cooccurrence": float(co[i, j]),
+                }
+            )
         off = cos[upper]
         top = int(np.argmax(off)) if len(off) else -1
-        summary.append({
-            "layer": int(layer),
-            "spearman_cosine_vs_cooccurrence": _spearman(off, co[upper]),
-            "mean_abs_cosine": float(np.abs(off).mean()) if len(off) else float("nan"),
-            "max_cosine": float(off[top]) if len(off) else float("nan"),
-            "most_similar": f"{concepts[upper[0][top]]}+{concepts[upper[1][top]]}" if len(off) else "",
-        })
+        summary.append(
+            {
+                "layer": int(layer),
+                "spearman_cosine_vs_cooccurrence": _spearman(off, co[upper]),
+                "mean_abs_cosine": float(np.abs(off).mean()) if len(off) else float("nan"),
+                "max_cosine": float(off[top]) if len(off) else float("nan"),
+                "most_similar": f"{concepts[upper[0][top]]}+{concepts[upper[1][top]]}" if len(off) else "",
+            }
+        )
     columns = ["layer", "emotion_a", "emotion_b", "cosine", "cooccurrence"]
     return pd.DataFrame(rows, columns=columns), pd.DataFrame(summary)

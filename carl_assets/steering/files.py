@@ -28,13 +28,16 @@ UNIT_NORM_TOLERANCE = 1e-4
 CALIBRATION_COLUMNS = ["emotion", "layer", "mean_projection_positive", "mean_projection_negative"]
 
 
-def save_readout(vectors: SteeringVectors, directory: str | os.PathLike[str],
-                 extra: Mapping[str, Any] | None = None) -> Path:
+def save_readout(
+    vectors: SteeringVectors, directory: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
+) -> Path:
     """Write `vectors.safetensors` (keys `layer_<idx>.vectors`) and `manifest.json`, each atomically.
     `extra` adds fields to the manifest (e.g. the emotions skipped for too few pairs)."""
     directory = Path(directory)
-    tensors = {tensor_key(layer): vectors.vectors[layer].detach().to("cpu", torch.float32).contiguous()
-               for layer in vectors.layers}
+    tensors = {
+        tensor_key(layer): vectors.vectors[layer].detach().to("cpu", torch.float32).contiguous()
+        for layer in vectors.layers
+    }
     manifest = {**vectors.manifest(), **(extra or {})}
     calibration = _calibration_records(vectors.stats)
     if calibration:  # the training projections' class means: a reader can place new texts on that scale
@@ -48,15 +51,25 @@ def _calibration_records(stats: pd.DataFrame | None) -> list[dict[str, Any]]:
     if stats is None or not set(CALIBRATION_COLUMNS) <= set(stats.columns):
         return []
     rows = stats[CALIBRATION_COLUMNS].dropna()
-    return [{"emotion": str(r.emotion), "layer": int(r.layer), "mean_projection_positive": float(r.mean_projection_positive),
-             "mean_projection_negative": float(r.mean_projection_negative)} for r in rows.itertuples(index=False)]
+    return [
+        {
+            "emotion": str(r.emotion),
+            "layer": int(r.layer),
+            "mean_projection_positive": float(r.mean_projection_positive),
+            "mean_projection_negative": float(r.mean_projection_negative),
+        }
+        for r in rows.itertuples(index=False)
+    ]
 
 
 def readout_problems(directory: str | os.PathLike[str]) -> list[str]:
     """Everything wrong with a saved readout: files, keys, shapes, dtypes, finiteness, unit norms."""
     directory = Path(directory)
-    problems = [f"{name} is missing in {directory}" for name in (VECTORS_FILE, MANIFEST_FILE)
-                if not (directory / name).is_file()]
+    problems = [
+        f"{name} is missing in {directory}"
+        for name in (VECTORS_FILE, MANIFEST_FILE)
+        if not (directory / name).is_file()
+    ]
     if problems:
         return problems
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
@@ -91,18 +104,22 @@ def _tensor_problems(key: str, t: torch.Tensor, shape: tuple[int, Any]) -> list[
 
 
 @overload
-def load_readout(directory: str | os.PathLike[str], layout: Literal["per_layer"] = "per_layer") -> SteeringVectors: ...
+def load_readout(
+    directory: str | os.PathLike[str], layout: Literal["per_layer"] = "per_layer"
+) -> SteeringVectors: ...
 
 
 @overload
 def load_readout(directory: str | os.PathLike[str], layout: Literal["ELH"]) -> torch.Tensor: ...
 
 
-def load_readout(directory: str | os.PathLike[str], layout: str = "per_layer") -> SteeringVectors | torch.Tensor:
+def load_readout(
+    directory: str | os.PathLike[str], layout: str = "per_layer"
+) -> SteeringVectors | torch.Tensor:
     """Read a readout written by `save_readout`; ValueError if files and manifest disagree.
 
-    `layout="per_layer"`: a `SteeringVectors`; `layout="ELH"`: the reference's `[n_concepts, n_layers, hidden]`
-    tensor (concepts and layers in manifest order)."""
+    `layout="per_layer"`: a `SteeringVectors`; `layout="ELH"`: the reference's
+    `[n_concepts, n_layers, hidden]` tensor (concepts and layers in manifest order)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, not {layout!r}")
     directory = Path(directory)
@@ -116,7 +133,9 @@ def load_readout(directory: str | os.PathLike[str], layout: str = "per_layer") -
         concepts=list(manifest["concepts"]),
         layers=layers,
         vectors={layer: tensors[tensor_key(layer)] for layer in layers},
-        pair_counts={c: {k: int(v) for k, v in d.items()} for c, d in manifest.get("pair_counts", {}).items()},
+        pair_counts={
+            c: {k: int(v) for k, v in d.items()} for c, d in manifest.get("pair_counts", {}).items()
+        },
         model=manifest.get("model", ""),
         reduction=manifest.get("token_reduction", "last"),
         index_convention=manifest.get("index_convention", INDEX_CONVENTION),

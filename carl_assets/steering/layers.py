@@ -45,8 +45,9 @@ class LayerSweep:
         return {text: acts.index_select(0, columns) for text, acts in self.activations.items()}
 
 
-def subsample_pairs(pairs: pd.DataFrame, max_per_group: int, seed: int = 0, max_texts: int | None = None
-                    ) -> pd.DataFrame:
+def subsample_pairs(
+    pairs: pd.DataFrame, max_per_group: int, seed: int = 0, max_texts: int | None = None
+) -> pd.DataFrame:
     """At most `max_per_group` rows per (emotion, polarity), picked by one hash ranking of the texts
     shared by every emotion (so the picks overlap and few unique texts remain); halved until at most
     `max_texts` unique texts remain (never below 2 per group)."""
@@ -66,8 +67,9 @@ def subsample_pairs(pairs: pd.DataFrame, max_per_group: int, seed: int = 0, max_
 def rank_layers(stats: pd.DataFrame) -> pd.DataFrame:
     """Mean held-out AUC per layer over the emotions that have one; rank 1 = best (ties: the deeper
     layer first, the reference's prior that later layers hold more abstract features)."""
-    by_layer = stats.groupby("layer").agg(mean_auc=("heldout_auc", "mean"),
-                                          emotions=("heldout_auc", lambda x: int(x.notna().sum())))
+    by_layer = stats.groupby("layer").agg(
+        mean_auc=("heldout_auc", "mean"), emotions=("heldout_auc", lambda x: int(x.notna().sum()))
+    )
     by_layer = by_layer.reset_index()
     order = by_layer.sort_values(["mean_auc", "layer"], ascending=[False, False], na_position="last")
     by_layer["rank"] = 0
@@ -99,17 +101,32 @@ def sweep_layers(
     swept = sorted({int(x) for x in candidates}) if candidates else list(range(1, n_blocks + 1))
     frame = pairs_frame(pairs)
     sample = subsample_pairs(frame, max_per_group, seed=seed, max_texts=max_texts)
-    config = ReadoutConfig(layers=swept, batch_size=batch_size, reduction=reduction,  # type: ignore[arg-type]
-                           heldout_fraction=heldout_fraction, max_heldout_per_polarity=max_per_group, seed=seed,
-                           max_length=max_length, on_zero_norm="drop", exclude_bos=exclude_bos,
-                           keep_activations=True)
+    config = ReadoutConfig(
+        layers=swept,
+        batch_size=batch_size,
+        reduction=reduction,  # type: ignore[arg-type]
+        heldout_fraction=heldout_fraction,
+        max_heldout_per_polarity=max_per_group,
+        seed=seed,
+        max_length=max_length,
+        on_zero_norm="drop",
+        exclude_bos=exclude_bos,
+        keep_activations=True,
+    )
     result = train_steering_vectors(model, tokenizer, sample, config, progress=progress)
     assert result.stats is not None and result.activations is not None
     by_layer = rank_layers(result.stats)
     if by_layer["mean_auc"].isna().all():
-        raise ValueError("no layer has a held-out AUC on the subsample: raise max_per_group or heldout_fraction")
+        raise ValueError(
+            "no layer has a held-out AUC on the subsample: raise max_per_group or heldout_fraction"
+        )
     chosen = sorted(int(x) for x in by_layer.sort_values("rank")["layer"].head(min(k, len(swept))))
-    return LayerSweep(swept=swept, chosen=chosen, stats=result.stats, by_layer=by_layer,
-                      activations=result.activations, subsample_pairs=len(sample),
-                      subsample_texts=int(sample["text"].nunique()))
-
+    return LayerSweep(
+        swept=swept,
+        chosen=chosen,
+        stats=result.stats,
+        by_layer=by_layer,
+        activations=result.activations,
+        subsample_pairs=len(sample),
+        subsample_texts=int(sample["text"].nunique()),
+    )

@@ -16,7 +16,8 @@ VECTORS_FILE = "vectors.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "carl-amygdala-readout/1"
 INDEX_CONVENTION = (
-    "layer i = residual stream after decoder block i-1 (0 = embeddings, the input of block 0), before the final norm "
+    "layer i = residual stream after decoder block i-1 (0 = embeddings, the input of block 0), "
+    "before the final norm "
     "(what a vLLM readout sees as hidden_states + residual)"
 )
 REDUCTIONS = {
@@ -86,7 +87,8 @@ class SteeringVectors:
             "bos_excluded": bool(self.bos_excluded),
             "max_tokens": self.max_tokens,
             "truncated_texts": int(self.truncated_texts),
-            "elh_view": "stack layer_<idx>.vectors in `layers` order on dim 1: [n_concepts, n_layers, hidden]",
+            "elh_view": "stack layer_<idx>.vectors in `layers` order on dim 1: "
+            "[n_concepts, n_layers, hidden]",
             "vllm_env": dict(VLLM_ENV),
             "vllm_env_note": "paths relative to the folder holding this manifest",
             "pair_counts": {c: dict(self.pair_counts.get(c, {})) for c in self.concepts},

@@ -52,7 +52,9 @@ def heldout_mask(frame: pd.DataFrame, fraction: float, max_per_group: int, seed:
         n_held = min(int(len(rows) * fraction), max_per_group, len(rows) - 1)
         if n_held <= 0:
             continue
-        ranked = sorted(rows, key=lambda r: stable_rank(str(seed), emotion, polarity, frame.at[r, "text"], str(r)))
+        ranked = sorted(
+            rows, key=lambda r: stable_rank(str(seed), emotion, polarity, frame.at[r, "text"], str(r))
+        )
         held[ranked[:n_held]] = True
     return held
 

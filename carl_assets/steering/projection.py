@@ -38,16 +38,24 @@ def read_text_file(path: str | os.PathLike[str]) -> list[str]:
     return texts
 
 
-def project_texts(model: torch.nn.Module, tokenizer: Any, vectors: SteeringVectors, texts: Sequence[str],
-                  batch_size: int = 32, max_length: int | None = 512, exclude_bos: bool = True) -> pd.DataFrame:
+def project_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    vectors: SteeringVectors,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = 512,
+    exclude_bos: bool = True,
+) -> pd.DataFrame:
     """One row per (text, emotion, layer): the projection of the text's reduced residual stream on the
     emotion's unit vector, and its calibrated value (NaN without training stats)."""
     if not texts:
         return pd.DataFrame(columns=PROJECTION_COLUMNS)
     if any(not str(t) for t in texts):
         raise ValueError("empty text: nothing to project")
-    reader = ResidualReader(model, vectors.layers, vectors.reduction,
-                            skip_leading_token_id=bos_to_skip(tokenizer, exclude_bos))
+    reader = ResidualReader(
+        model, vectors.layers, vectors.reduction, skip_leading_token_id=bos_to_skip(tokenizer, exclude_bos)
+    )
     encoded, _ = encode_texts(tokenizer, [str(t) for t in texts], token_limit(model, max_length))
     stacked = vectors.as_tensor().double()  # [E, L, H]
     out = np.zeros((len(texts), len(vectors.concepts), len(vectors.layers)))
@@ -60,8 +68,9 @@ def project_texts(model: torch.nn.Module, tokenizer: Any, vectors: SteeringVecto
     span = positive - negative
     with np.errstate(divide="ignore", invalid="ignore"):
         calibrated = np.where(np.abs(span) > 0, (out - negative) / span, np.nan)
-    index = pd.MultiIndex.from_product([range(len(texts)), vectors.concepts, vectors.layers],
-                                       names=["text_index", "emotion", "layer"])
+    index = pd.MultiIndex.from_product(
+        [range(len(texts)), vectors.concepts, vectors.layers], names=["text_index", "emotion", "layer"]
+    )
     frame = pd.DataFrame({"projection": out.reshape(-1), "calibrated": calibrated.reshape(-1)}, index=index)
     frame = frame.reset_index()
     frame.insert(1, "text", frame["text_index"].map(lambda i: str(texts[i])))

@@ -20,8 +20,14 @@ from carl_assets.steering.projection import project_texts
 READOUT_COLUMNS = ["text_index", "emotion", "layer", "projection", "calibrated"]
 
 
-def readout_projections(model: Any, tokenizer: Any, texts: Sequence[str], vectors: SteeringVectors,
-                        batch_size: int = 16, max_length: int = 512) -> pd.DataFrame:
+def readout_projections(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    vectors: SteeringVectors,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> pd.DataFrame:
     """One row per (text, emotion, layer): the projection and its calibrated value (NaN when the readout
     carries no training statistics). Empty texts are read as one space."""
     texts = [str(t) if str(t) else " " for t in texts]
@@ -40,8 +46,9 @@ def empty_readout(reason: str, model: str = "", reduction: str = "mean") -> Stee
     saves when there are no usable pairs, so readers can skip with that reason instead of failing."""
     if not reason:
         raise ValueError("an empty readout needs the reason it is empty")
-    return SteeringVectors(concepts=[], layers=[], vectors={}, model=model, reduction=reduction,
-                           skipped_reason=reason)
+    return SteeringVectors(
+        concepts=[], layers=[], vectors={}, model=model, reduction=reduction, skipped_reason=reason
+    )
 
 
 def readout_skipped(vectors: SteeringVectors) -> str:
@@ -57,7 +64,9 @@ def require_concepts(vectors: SteeringVectors, needed_by: str) -> SteeringVector
     reason = readout_skipped(vectors)
     if reason:
         raise EmptyReadoutError(
-            f"{needed_by} needs steering vectors, but steering_vectors was skipped: {reason}. Give the memory "
+            f"{needed_by} needs steering vectors, but steering_vectors was skipped: {reason}. "
+            "Give the memory "
             "graph emotion tags (then rematerialize emotion_training_pairs and steering_vectors), or change "
-            f"{needed_by.split(' ')[0]} to not use a steering scorer")
+            f"{needed_by.split(' ')[0]} to not use a steering scorer"
+        )
     return vectors

@@ -23,8 +23,15 @@ import torch
 from carl_assets.steering.manifest import REDUCTIONS
 
 DEPTH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-_BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-                "model.decoder.layers", "transformer.blocks", "layers")
+_BLOCK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.blocks",
+    "layers",
+)
 
 
 def default_layers(num_blocks: int, fractions: Sequence[float] = DEPTH_FRACTIONS) -> list[int]:
@@ -70,8 +77,13 @@ class ResidualReader:
     the deepest layer stops the forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], reduction: str = "last",
-                 skip_leading_token_id: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[int],
+        reduction: str = "last",
+        skip_leading_token_id: int | None = None,
+    ):
         """`skip_leading_token_id`: with the `mean` reduction, a text whose first real token is this id
         (the BOS) is averaged without it. Raises ValueError for an unknown reduction or a layer outside
         0..L or repeated."""
@@ -124,7 +136,9 @@ class ResidualReader:
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         # where(), not a product: padded positions may hold NaN/inf in some attention kernels.
         keep = self._mean_mask if self._mean_mask is not None else mask.bool()
-        total = torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        total = torch.where(
+            keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        )
         return total.sum(dim=1) / keep.sum(dim=1, keepdim=True).to(hidden.dtype)
 
     def _mean_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -148,7 +162,11 @@ class ResidualReader:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         self._mask, self._out = attention_mask, {}
         self._mean_mask = self._mean_positions(input_ids, attention_mask)
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
         if self._takes_positions:
             # Positions count real tokens only, so a left-padded text reads as it would alone.
             kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)

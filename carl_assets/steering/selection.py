@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from carl_assets.memory.graph import normalise_emotion
 
 
-def select_emotions(counts: Mapping[str, int], top_n: int = 0, curated: Sequence[str] = ()
-                    ) -> tuple[list[str], dict[str, str], list[str]]:
+def select_emotions(
+    counts: Mapping[str, int], top_n: int = 0, curated: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str], list[str]]:
     """(selected, why, missing). `counts`: positive examples per emotion. `top_n` > 0 keeps the `top_n`
     most frequent (ties by name); `curated` names are kept whenever the data has them. With neither, all
     emotions are kept. `why` says for each selected emotion whether it is "top_n", "curated" or both;

@@ -54,16 +54,26 @@ class Directions:
     transfer_n: torch.Tensor | None = None
 
 
-def concept_records(concept: str, k: int, layers: list[int], d: Directions, kept: torch.Tensor,
-                    held_of: dict[str, list[int]], test_of: dict[str, list[int]]) -> list[dict[str, Any]]:
+def concept_records(
+    concept: str,
+    k: int,
+    layers: list[int],
+    d: Directions,
+    kept: torch.Tensor,
+    held_of: dict[str, list[int]],
+    test_of: dict[str, list[int]],
+) -> list[dict[str, Any]]:
     """One stats row per layer for concept `k`: counts, raw norm, held-out AUC, calibration means and,
     with a transfer check, the transfer AUC. `held_of`/`test_of`: polarity -> slots in `kept`."""
     records = []
     for j, layer in enumerate(layers):
         record = {
-            "emotion": concept, "layer": int(layer),
-            "n_positive": int(d.base_n[k, 0].sum()), "n_negative": int(d.base_n[k, 1].sum()),
-            "n_heldout_positive": int(d.base_n[k, 0, 1]), "n_heldout_negative": int(d.base_n[k, 1, 1]),
+            "emotion": concept,
+            "layer": int(layer),
+            "n_positive": int(d.base_n[k, 0].sum()),
+            "n_negative": int(d.base_n[k, 1].sum()),
+            "n_heldout_positive": int(d.base_n[k, 0, 1]),
+            "n_heldout_negative": int(d.base_n[k, 1, 1]),
             "raw_norm": float(d.raw_norm[k, j]),
             "heldout_auc": separation(kept, d.train_diff[k, j], held_of["positive"], held_of["negative"], j),
             "zero_norm": bool(d.zero[k, j]),
@@ -71,13 +81,18 @@ def concept_records(concept: str, k: int, layers: list[int], d: Directions, kept
             "mean_projection_negative": float(d.mean_projection[k, 1, j]),
         }
         if d.transfer_diff is not None and d.transfer_n is not None:
-            record.update({
-                "transfer_auc": separation(kept, d.transfer_diff[k, j], test_of["positive"], test_of["negative"], j)
-                if bool((d.transfer_n[k] > 0).all()) else float("nan"),
-                "n_transfer_train_positive": int(d.transfer_n[k, 0]),
-                "n_transfer_train_negative": int(d.transfer_n[k, 1]),
-                "n_transfer_test_positive": len(test_of["positive"]),
-                "n_transfer_test_negative": len(test_of["negative"]),
-            })
+            record.update(
+                {
+                    "transfer_auc": separation(
+                        kept, d.transfer_diff[k, j], test_of["positive"], test_of["negative"], j
+                    )
+                    if bool((d.transfer_n[k] > 0).all())
+                    else float("nan"),
+                    "n_transfer_train_positive": int(d.transfer_n[k, 0]),
+                    "n_transfer_train_negative": int(d.transfer_n[k, 1]),
+                    "n_transfer_test_positive": len(test_of["positive"]),
+                    "n_transfer_test_negative": len(test_of["negative"]),
+                }
+            )
         records.append(record)
     return records

@@ -35,7 +35,8 @@ def token_limit(model: torch.nn.Module, max_length: int | None) -> int | None:
 
 
 def padded_batch(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `input_ids` and `attention_mask`, both `[B, longest]` long (the reader handles either side)."""
+    """Right-padded `input_ids` and `attention_mask`, both `[B, longest]` long (the reader handles either
+    side)."""
     width = max(len(ids) for ids in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -46,7 +47,8 @@ def padded_batch(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
 
 
 def pad_token_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else 0: GPT-2-style tokenizers have none, and any id works under a zero mask."""
+    """The tokenizer's pad id, else 0: GPT-2-style tokenizers have none, and any id works under a zero
+    mask."""
     return tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
 
 

@@ -94,7 +94,9 @@ class TextGroups:
     slot_of: dict[int, int]
 
 
-def group_texts(frame: pd.DataFrame, concepts: list[str], held: np.ndarray, config: ReadoutConfig) -> TextGroups:
+def group_texts(
+    frame: pd.DataFrame, concepts: list[str], held: np.ndarray, config: ReadoutConfig
+) -> TextGroups:
     """Stage 1: unique texts and the groups each one's activation adds to (see `TextGroups`)."""
     texts, text_index = np.unique(frame["text"].to_numpy(dtype=object), return_inverse=True)
     n_concepts = len(concepts)
@@ -110,17 +112,23 @@ def group_texts(frame: pd.DataFrame, concepts: list[str], held: np.ndarray, conf
         train_rows = (frame["kind"] == train_kind).to_numpy()
         member_text.append(text_index[train_rows])
         member_group.append(4 * n_concepts + concept_of_row[train_rows] * 2 + negative_row[train_rows])
-        test_rows = capped_rows((frame["kind"] == test_kind).to_numpy(), text_index,
-                                config.max_transfer_texts, config.seed)
+        test_rows = capped_rows(
+            (frame["kind"] == test_kind).to_numpy(), text_index, config.max_transfer_texts, config.seed
+        )
     links_text, links_group = np.concatenate(member_text), np.concatenate(member_group)
     by_text = np.argsort(links_text, kind="stable")
-    kept = range(len(texts)) if config.keep_activations else sorted(set(text_index[held | test_rows].tolist()))
+    kept = (
+        range(len(texts)) if config.keep_activations else sorted(set(text_index[held | test_rows].tolist()))
+    )
     return TextGroups(
-        texts=texts, text_index=text_index, member_group=links_group,
+        texts=texts,
+        text_index=text_index,
+        member_group=links_group,
         row_start=np.searchsorted(links_text[by_text], np.arange(len(texts) + 1)),
         group_of_member=torch.as_tensor(links_group[by_text]),
         n_groups=n_concepts * (6 if config.transfer is not None else 4),
-        test_rows=test_rows, slot_of={t: k for k, t in enumerate(kept)},
+        test_rows=test_rows,
+        slot_of={t: k for k, t in enumerate(kept)},
     )
 
 
@@ -147,25 +155,35 @@ class GroupSums:
                 self.kept[slot] = acts[row].float()
 
 
-def stream_activations(reader: ResidualReader, encoded: list[list[int]], sums: GroupSums, batch_size: int,
-                       pad_id: int, precomputed: Mapping[str, torch.Tensor] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> None:
+def stream_activations(
+    reader: ResidualReader,
+    encoded: list[list[int]],
+    sums: GroupSums,
+    batch_size: int,
+    pad_id: int,
+    precomputed: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Stage 2: fold every unique text's activations into `sums`: cached ones from `precomputed` (text ->
     `[n_layers, H]`, read with the same settings), the rest through `reader` in length-sorted batches.
-    `progress(done, total)` after each batch run. Raises ValueError for cached activations of another shape."""
+    `progress(done, total)` after each batch run. Raises ValueError for cached activations of another
+    shape."""
     texts, cached = sums.groups.texts, precomputed or {}
     ready = [i for i in range(len(texts)) if texts[i] in cached]
-    to_run = sorted((i for i in range(len(texts)) if texts[i] not in cached),
-                    key=lambda i: len(encoded[i]))  # length-sorted: little padding per batch
+    to_run = sorted(
+        (i for i in range(len(texts)) if texts[i] not in cached), key=lambda i: len(encoded[i])
+    )  # length-sorted: little padding per batch
     for start in range(0, len(ready), PRECOMPUTED_BATCH):
-        batch = ready[start: start + PRECOMPUTED_BATCH]
+        batch = ready[start : start + PRECOMPUTED_BATCH]
         acts = torch.stack([cached[texts[i]] for i in batch])
         if acts.shape[1:] != (sums.n_layers, sums.hidden):
-            raise ValueError(f"precomputed activations are {tuple(acts.shape[1:])}, "
-                             f"expected ({sums.n_layers}, {sums.hidden})")
+            raise ValueError(
+                f"precomputed activations are {tuple(acts.shape[1:])}, "
+                f"expected ({sums.n_layers}, {sums.hidden})"
+            )
         sums.fold(batch, acts)
     for start in range(0, len(to_run), batch_size):
-        batch = to_run[start: start + batch_size]
+        batch = to_run[start : start + batch_size]
         sums.fold(batch, reader(*padded_batch([encoded[i] for i in batch], pad_id)))
         if progress is not None:
             progress(len(ready) + min(start + batch_size, len(to_run)), len(texts))
@@ -175,7 +193,9 @@ def aggregate(sums: GroupSums, n_concepts: int, with_transfer: bool) -> Directio
     """Stage 3: class means -> unit diff-of-means directions, raw norms, the zero-norm flags (raw norm
     at most 1e-6 of the larger class mean's), class-mean projections and the split directions."""
     n_layers, hidden = sums.n_layers, sums.hidden
-    n = torch.as_tensor(np.bincount(sums.groups.member_group, minlength=sums.groups.n_groups), dtype=torch.float64)
+    n = torch.as_tensor(
+        np.bincount(sums.groups.member_group, minlength=sums.groups.n_groups), dtype=torch.float64
+    )
     base_n = n[: 4 * n_concepts].view(n_concepts, 2, 2)  # [concept, polarity, split]
     base = sums.sums[: 4 * n_concepts].view(n_concepts, 2, 2, n_layers, hidden)
     mean_all = base.sum(dim=2) / base_n.sum(dim=2)[..., None, None]  # [concept, polarity, layer, hidden]
@@ -185,28 +205,40 @@ def aggregate(sums: GroupSums, n_concepts: int, with_transfer: bool) -> Directio
     unit = diff / raw_norm.clamp_min(1e-30)[..., None]
     train_n = base_n[:, :, 0].clamp_min(1)
     directions = Directions(
-        base_n=base_n, raw_norm=raw_norm, zero=raw_norm <= 1e-6 * scale, unit=unit,
+        base_n=base_n,
+        raw_norm=raw_norm,
+        zero=raw_norm <= 1e-6 * scale,
+        unit=unit,
         # Where the class means sit along the vector: calibrates projections of new text (0 = a typical
         # negative, 1 = a typical positive).
         mean_projection=torch.einsum("cplh,clh->cpl", mean_all, unit),
         train_diff=base[:, 0, 0] / train_n[:, 0, None, None] - base[:, 1, 0] / train_n[:, 1, None, None],
     )
     if with_transfer:
-        directions.transfer_n = n[4 * n_concepts:].view(n_concepts, 2)
-        t_sums = sums.sums[4 * n_concepts:].view(n_concepts, 2, n_layers, hidden)
+        directions.transfer_n = n[4 * n_concepts :].view(n_concepts, 2)
+        t_sums = sums.sums[4 * n_concepts :].view(n_concepts, 2, n_layers, hidden)
         t_means = t_sums / directions.transfer_n.clamp_min(1)[..., None, None]
         directions.transfer_diff = t_means[:, 0] - t_means[:, 1]
     return directions
 
 
-def score_concepts(frame: pd.DataFrame, concepts: list[str], layers: list[int], held: np.ndarray,
-                   sums: GroupSums, d: Directions, on_zero_norm: str) -> tuple[pd.DataFrame, dict[str, str]]:
+def score_concepts(
+    frame: pd.DataFrame,
+    concepts: list[str],
+    layers: list[int],
+    held: np.ndarray,
+    sums: GroupSums,
+    d: Directions,
+    on_zero_norm: str,
+) -> tuple[pd.DataFrame, dict[str, str]]:
     """Stage 4: the stats table (see `stats.concept_records`) and the concepts dropped for a zero norm.
     Raises ZeroNormError for one when `on_zero_norm == "raise"`."""
     g, records, dropped = sums.groups, [], {}
     for k, concept in enumerate(concepts):
-        rows_of = {p: np.flatnonzero((frame["emotion"] == concept).to_numpy() & (frame["polarity"] == p).to_numpy())
-                   for p in POLARITIES}
+        rows_of = {
+            p: np.flatnonzero((frame["emotion"] == concept).to_numpy() & (frame["polarity"] == p).to_numpy())
+            for p in POLARITIES
+        }
         held_of = {p: [g.slot_of[g.text_index[r]] for r in rows_of[p] if held[r]] for p in POLARITIES}
         test_of = {p: [g.slot_of[g.text_index[r]] for r in rows_of[p] if g.test_rows[r]] for p in POLARITIES}
         records += concept_records(concept, k, layers, d, sums.kept, held_of, test_of)
@@ -226,7 +258,9 @@ def _concepts(frame: pd.DataFrame) -> tuple[list[str], pd.Series]:
     for concept in concepts:
         for polarity in POLARITIES:
             if counts.get((concept, polarity), 0) == 0:
-                raise ValueError(f"emotion {concept!r} has no {polarity} pairs: a difference of means needs both")
+                raise ValueError(
+                    f"emotion {concept!r} has no {polarity} pairs: a difference of means needs both"
+                )
     return concepts, counts
 
 
@@ -239,10 +273,17 @@ def _hidden_size(model: torch.nn.Module) -> int:
     return int(getattr(model.config, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
 
 
-def train_steering_vectors(model: torch.nn.Module, tokenizer: Any, pairs: pd.DataFrame | Iterable[Mapping[str, Any]],
-                           config: ReadoutConfig | None = None, *, model_name: str | None = None,
-                           progress: Callable[[int, int], None] | None = None,
-                           precomputed: Mapping[str, torch.Tensor] | None = None, **settings: Any) -> SteeringVectors:
+def train_steering_vectors(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: pd.DataFrame | Iterable[Mapping[str, Any]],
+    config: ReadoutConfig | None = None,
+    *,
+    model_name: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    precomputed: Mapping[str, torch.Tensor] | None = None,
+    **settings: Any,
+) -> SteeringVectors:
     """Per-emotion, per-layer unit diff-of-means directions (CAA) from (emotion, polarity, text) pairs.
 
     `pairs`: a DataFrame or records with `emotion`, `polarity` ("positive"/"negative") and `text` (and
@@ -259,8 +300,11 @@ def train_steering_vectors(model: torch.nn.Module, tokenizer: Any, pairs: pd.Dat
     if frame.empty:
         raise ValueError("no training pairs")
     blocks = find_decoder_blocks(model)
-    layers = default_layers(len(blocks)) if config.layers is None or len(config.layers) == 0 else \
-        sorted(int(x) for x in config.layers)
+    layers = (
+        default_layers(len(blocks))
+        if config.layers is None or len(config.layers) == 0
+        else sorted(int(x) for x in config.layers)
+    )
     bos_id = bos_to_skip(tokenizer, config.exclude_bos)
     reader = ResidualReader(model, layers, config.reduction, skip_leading_token_id=bos_id)
     max_tokens = token_limit(model, config.max_length)
@@ -269,28 +313,40 @@ def train_steering_vectors(model: torch.nn.Module, tokenizer: Any, pairs: pd.Dat
     groups = group_texts(frame, concepts, held, config)
     encoded, truncated = encode_texts(tokenizer, list(groups.texts), max_tokens)
     sums = GroupSums(groups, len(layers), _hidden_size(model))
-    stream_activations(reader, encoded, sums, config.batch_size, pad_token_id(tokenizer), precomputed, progress)
+    stream_activations(
+        reader, encoded, sums, config.batch_size, pad_token_id(tokenizer), precomputed, progress
+    )
     directions = aggregate(sums, len(concepts), config.transfer is not None)
     stats, dropped = score_concepts(frame, concepts, layers, held, sums, directions, config.on_zero_norm)
-    vectors = assemble(concepts, layers, directions, counts, dropped, sums if config.keep_activations else None)
+    vectors = assemble(
+        concepts, layers, directions, counts, dropped, sums if config.keep_activations else None
+    )
     vectors.model = model_name if model_name is not None else _model_name(model)
     vectors.reduction, vectors.stats, vectors.truncated_texts = config.reduction, stats, truncated
     vectors.max_tokens, vectors.bos_excluded = max_tokens, bos_id is not None
     return vectors
 
 
-def assemble(concepts: list[str], layers: list[int], d: Directions, counts: pd.Series, dropped: dict[str, str],
-             kept_sums: GroupSums | None) -> SteeringVectors:
+def assemble(
+    concepts: list[str],
+    layers: list[int],
+    d: Directions,
+    counts: pd.Series,
+    dropped: dict[str, str],
+    kept_sums: GroupSums | None,
+) -> SteeringVectors:
     """Stage 5: the kept concepts' float32 unit vectors per layer, their pair counts, and (from
     `kept_sums`, when activations are kept) every text's activations."""
     keep = [k for k, c in enumerate(concepts) if c not in dropped]
     vectors = {layer: d.unit[keep][:, j].to(torch.float32).contiguous() for j, layer in enumerate(layers)}
     kept = [concepts[k] for k in keep]
-    pair_counts = {c: {"positive": int(counts[(c, "positive")]), "negative": int(counts[(c, "negative")])}
-                   for c in kept}
+    pair_counts = {
+        c: {"positive": int(counts[(c, "positive")]), "negative": int(counts[(c, "negative")])} for c in kept
+    }
     activations = None
     if kept_sums is not None:
         g = kept_sums.groups
         activations = {str(g.texts[t]): kept_sums.kept[slot] for t, slot in g.slot_of.items()}
-    return SteeringVectors(kept, list(layers), vectors, pair_counts=pair_counts, dropped=dropped,
-                           activations=activations)
+    return SteeringVectors(
+        kept, list(layers), vectors, pair_counts=pair_counts, dropped=dropped, activations=activations
+    )

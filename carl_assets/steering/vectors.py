@@ -7,7 +7,8 @@ split into its steps:
 - `tokens`: texts to token batches under the model's position limit;
 - `pairs`: the pairs frame and its deterministic held-out split;
 - `training`: `ReadoutConfig` and `train_steering_vectors`, composed of extraction, aggregation, scoring;
-- `stats`: AUC and the per (emotion, layer) stats; `files`: `save_readout`, `load_readout`, `readout_problems`.
+- `stats`: AUC and the per (emotion, layer) stats;
+- `files`: `save_readout`, `load_readout`, `readout_problems`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,28 @@ from carl_assets.steering.tokens import encode_texts, padded_batch, token_limit
 from carl_assets.steering.training import ReadoutConfig, ZeroNormError, train_steering_vectors
 
 __all__ = [
-    "DEPTH_FRACTIONS", "FORMAT", "INDEX_CONVENTION", "MANIFEST_FILE", "REDUCTIONS", "VECTORS_FILE", "VLLM_ENV",
-    "ReadoutConfig", "ResidualReader", "SteeringVectors", "ZeroNormError", "auc", "default_layers",
-    "encode_texts", "find_decoder_blocks", "heldout_mask", "load_readout", "model_max_positions", "padded_batch",
-    "readout_problems", "save_readout", "tensor_key", "token_limit", "train_steering_vectors",
+    "DEPTH_FRACTIONS",
+    "FORMAT",
+    "INDEX_CONVENTION",
+    "MANIFEST_FILE",
+    "REDUCTIONS",
+    "VECTORS_FILE",
+    "VLLM_ENV",
+    "ReadoutConfig",
+    "ResidualReader",
+    "SteeringVectors",
+    "ZeroNormError",
+    "auc",
+    "default_layers",
+    "encode_texts",
+    "find_decoder_blocks",
+    "heldout_mask",
+    "load_readout",
+    "model_max_positions",
+    "padded_batch",
+    "readout_problems",
+    "save_readout",
+    "tensor_key",
+    "token_limit",
+    "train_steering_vectors",
 ]
