@@ -46,11 +46,14 @@ TABLE_OWNERS: dict[str, tuple[str, ...]] = {
 
 # The dream loop's back edges: reads that go against the asset graph. The previous cycle's policy (the newest
 # grpo_checkpoint) is downstream of the assets that start the next cycle, and Dagster's graph is acyclic, so
-# it cannot be their input; they read `current` once and record the version they read (dream_scenarios in
-# the cycle's state and `dream_cycles`, scorer_validation in its `policy` column). Nothing else may.
+# it cannot be their input. dream_scenarios and scorer_validation read `current` once and record the version
+# they read (dream_scenarios in the cycle's state and `dream_cycles`, scorer_validation in its `policy`
+# column); sft_checkpoint starts from the policy version that cycle state names. A `start_from` set in the
+# config (a rollback) reads the version it names. Nothing else may read against the graph.
 CYCLE_BACK_EDGES: dict[str, tuple[str, ...]] = {
     "dream_scenarios": ("grpo_checkpoint",),
     "scorer_validation": ("grpo_checkpoint",),
+    "sft_checkpoint": ("grpo_checkpoint",),
 }
 
 DATASET_DIR = "dataset"  # the HF dataset (save_to_disk) inside an sft_dataset version
