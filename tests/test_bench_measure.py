@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +62,20 @@ def test_memory_ratio():
     assert measure.memory_ratio(100.0, 25.0) == 4.0
     assert measure.memory_ratio(None, 25.0) is None
     assert measure.memory_ratio(5.0, 0.0) == 50.0  # ours floored at 0.1 MB
+
+
+@pytest.mark.slow
+def test_carl_reward_bench_scores_real_completions_and_agrees(tmp_path):
+    """The CARL bench at its smallest: every completion is a real (non-blank) text that gets scored, and
+    the fast reward equals the reference way's before a ratio is printed."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "carl_reward.py"
+    env = {**os.environ, "CARL_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(bench), "--sequences", "4", "--max-completion", "16", "--vocab", "4096",
+                          "--hidden", "64", "--repeats", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    rewards = record["agreement"]["rewards_vs_reference_way"]
+    assert rewards["max_abs_diff"] <= rewards["tolerance"] == 1e-5
+    assert record["agreement"]["scored"] == {"skipped_completions": 0.0, "tolerance": 0, "completions": 4}
+    assert rewards["reward_std"] > 0 and 0.0 < rewards["reward_mean"] < 1.0  # real rewards, not the blank rule's 0
+    assert record["ratio"] > 0 and record["peak_mb"] >= 0 and record["memory_ratio"] is not None
