@@ -34,8 +34,14 @@ from carl_assets.carl.token_stats import (
     token_stats_from_logits,
 )
 
-__all__ = ["NonFinite", "TokenStats", "carl_reward_batch", "carl_reward_from_stats", "token_stats_from_hidden",
-           "token_stats_from_logits"]
+__all__ = [
+    "NonFinite",
+    "TokenStats",
+    "carl_reward_batch",
+    "carl_reward_from_stats",
+    "token_stats_from_hidden",
+    "token_stats_from_logits",
+]
 
 
 def _lengths_from_mask(attention_mask: Any) -> Any:
@@ -48,8 +54,9 @@ def _lengths_from_mask(attention_mask: Any) -> Any:
     return lengths
 
 
-def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: Any,
-                           vocab_size: int, nonfinite: NonFinite = "raise") -> tuple[Any, dict[str, Any]]:
+def carl_reward_from_stats(
+    entropy: Any, selected_logprob: Any, attention_mask: Any, vocab_size: int, nonfinite: NonFinite = "raise"
+) -> tuple[Any, dict[str, Any]]:
     """CARL rewards of a right-padded batch from per-token entropy and log P(selected), ``[B, T]`` each.
 
     Same numbers as `carl_reward` row by row. Sequence-level maths runs in float64 (float32 on MPS):
@@ -66,31 +73,58 @@ def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: 
         raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
     dtype = stat_dtype(entropy.device)
     lengths = _lengths_from_mask(attention_mask.to(entropy.device))
-    valid = torch.arange(entropy.shape[1], device=entropy.device).unsqueeze(0) < lengths.unsqueeze(-1)
-    broken = valid & (~torch.isfinite(entropy) | torch.isnan(selected_logprob) | torch.isposinf(selected_logprob))
-    if nonfinite == "raise" and bool(broken.any()):
-        b, t = (int(i) for i in torch.nonzero(broken)[0])
-        raise ValueError(f"position [{b}, {t}] has entropy {float(entropy[b, t])} and log P(selected) "
-                         f"{float(selected_logprob[b, t])}: CARL needs a finite entropy and a log P that is finite "
-                         "or -inf (NaN or +inf logits upstream?)")
-    validf = valid.to(dtype)
+    valid, broken = _broken_positions(entropy, selected_logprob, lengths, nonfinite)
     ent = entropy.to(dtype).masked_fill(~valid, 0.0)
     phi = (1.0 - ent / math.log(vocab_size)).masked_fill(~valid, 0.0)
     p_sel = selected_logprob.to(dtype).exp().masked_fill(~valid, 0.0)
-    count = lengths.to(dtype)
-    denom = count.clamp(min=1.0)
-    nonempty = lengths > 0
+    rewards, components = _rewards_and_components(ent, phi, p_sel, valid.to(dtype), lengths)
+    # a row with a broken position is NaN throughout: thresholds on NaN compare false and would
+    # otherwise turn it into a plausible-looking number (multiscale clamps NaN into [0, 1])
+    row_broken = broken.any(dim=-1)
+    nan = torch.full_like(rewards, float("nan"))
+    return torch.where(row_broken, nan, rewards), {
+        k: torch.where(row_broken, nan, v) for k, v in components.items()
+    }
 
+
+def _broken_positions(
+    entropy: Any, selected_logprob: Any, lengths: Any, nonfinite: NonFinite
+) -> tuple[Any, Any]:
+    """`[B, T]` masks of the real positions and of those whose statistics are not usable; with
+    `nonfinite="raise"`, ValueError naming the first broken one."""
+    valid = torch.arange(entropy.shape[1], device=entropy.device).unsqueeze(0) < lengths.unsqueeze(-1)
+    broken = valid & (
+        ~torch.isfinite(entropy) | torch.isnan(selected_logprob) | torch.isposinf(selected_logprob)
+    )
+    if nonfinite == "raise" and bool(broken.any()):
+        b, t = (int(i) for i in torch.nonzero(broken)[0])
+        raise ValueError(
+            f"position [{b}, {t}] has entropy {float(entropy[b, t])} and log P(selected) "
+            f"{float(selected_logprob[b, t])}: CARL needs a finite entropy and a log P that is finite "
+            "or -inf (NaN or +inf logits upstream?)"
+        )
+    return valid, broken
+
+
+def _rewards_and_components(
+    ent: Any, phi: Any, p_sel: Any, validf: Any, lengths: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The reward `[B]` and its components from masked per-token entropy, Phi and P(selected) `[B, T]`."""
+    denom = lengths.to(ent.dtype).clamp(min=1.0)
+    nonempty = lengths > 0
     phi_mean = phi.sum(-1) / denom
     phi_std = (((phi - phi_mean.unsqueeze(-1)) ** 2) * validf).sum(-1).div(denom).sqrt()
     entropy_mean = ent.sum(-1) / denom
     cloud = (p_sel * phi).sum(-1) / denom  # 0.0 when empty (the reference's default)
     multiscale = _multiscale_batch(phi, lengths)
     discontinuity = _discontinuity_batch(phi, lengths)
-    rewards = (WEIGHTS["multiscale"] * multiscale + WEIGHTS["cloud_quality"] * cloud
-               + WEIGHTS["discontinuity"] * discontinuity)
+    rewards = (
+        WEIGHTS["multiscale"] * multiscale
+        + WEIGHTS["cloud_quality"] * cloud
+        + WEIGHTS["discontinuity"] * discontinuity
+    )
     zero = torch.zeros_like(phi_mean)
-    components = {
+    return rewards, {
         "multiscale": multiscale,
         "cloud_quality": cloud,
         "discontinuity": discontinuity,
@@ -98,11 +132,6 @@ def carl_reward_from_stats(entropy: Any, selected_logprob: Any, attention_mask: 
         "phi_std": torch.where(nonempty, phi_std, zero),
         "entropy_mean": torch.where(nonempty, entropy_mean, zero),
     }
-    # a row with a broken position is NaN throughout: thresholds on NaN compare false and would
-    # otherwise turn it into a plausible-looking number (multiscale clamps NaN into [0, 1])
-    row_broken = broken.any(dim=-1)
-    nan = torch.full_like(rewards, float("nan"))
-    return torch.where(row_broken, nan, rewards), {k: torch.where(row_broken, nan, v) for k, v in components.items()}
 
 
 def _multiscale_batch(phi: Any, lengths: Any) -> Any:
@@ -138,15 +167,17 @@ def _discontinuity_batch(phi: Any, lengths: Any) -> Any:
     event = valid & (delta.abs() > DEFECT_THRESHOLD)
     commit = delta > DEFECT_THRESHOLD
     one = torch.ones_like(prev)
-    scores = torch.where(commit, torch.where(prev < 0.5, 0.8 * one, 0.3 * one),
-                         torch.where(prev > 0.7, 0.2 * one, 0.5 * one))
+    scores = torch.where(
+        commit, torch.where(prev < 0.5, 0.8 * one, 0.3 * one), torch.where(prev > 0.7, 0.2 * one, 0.5 * one)
+    )
     n_events = event.sum(-1)
     mean = (scores * event).sum(-1) / n_events.clamp(min=1).to(phi.dtype)
     return torch.where(n_events > 0, mean, torch.full_like(mean, 0.5))
 
 
-def carl_reward_batch(logits: Any, token_ids: Any, attention_mask: Any,
-                      nonfinite: NonFinite = "raise") -> tuple[Any, dict[str, Any]]:
+def carl_reward_batch(
+    logits: Any, token_ids: Any, attention_mask: Any, nonfinite: NonFinite = "raise"
+) -> tuple[Any, dict[str, Any]]:
     """CARL rewards of a right-padded batch: logits ``[B, T, V]``, token ids and mask ``[B, T]``.
 
     ``logits[b, t]`` is the distribution that produced ``token_ids[b, t]``. Same numbers as
@@ -165,5 +196,6 @@ def carl_reward_batch(logits: Any, token_ids: Any, attention_mask: Any,
     stats = token_stats_from_logits(logits, ids, nonfinite="nan")  # padding may hold anything
     if nonfinite == "raise" and (bad := first_bad_position(stats.entropy, stats.selected_logprob, valid)):
         raise_nonfinite(bad, logits[bad])
-    return carl_reward_from_stats(stats.entropy, stats.selected_logprob, attention_mask, stats.vocab_size,
-                                  nonfinite=nonfinite)
+    return carl_reward_from_stats(
+        stats.entropy, stats.selected_logprob, attention_mask, stats.vocab_size, nonfinite=nonfinite
+    )

@@ -47,8 +47,9 @@ class PredictionBatch(NamedTuple):
     picked: torch.Tensor
 
 
-def _scorable_rows(completion_ids: Sequence[Sequence[int]], vocab: int | None,
-                   reasons: list[str | None]) -> list[int]:
+def _scorable_rows(
+    completion_ids: Sequence[Sequence[int]], vocab: int | None, reasons: list[str | None]
+) -> list[int]:
     """The rows to score; the others get their reason (empty, or a token outside the vocabulary)."""
     rows = []
     for i, ids in enumerate(completion_ids):
@@ -61,8 +62,12 @@ def _scorable_rows(completion_ids: Sequence[Sequence[int]], vocab: int | None,
     return rows
 
 
-def prediction_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                     rows: Sequence[int], pad_token_id: int) -> PredictionBatch:
+def prediction_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    rows: Sequence[int],
+    pad_token_id: int,
+) -> PredictionBatch:
     """The batch of `rows`: the hidden state at `len(prompt) - 1 + t` predicts completion token t."""
     seqs = [list(prompt_ids[i]) + list(completion_ids[i])[:-1] for i in rows]
     starts = [len(prompt_ids[i]) - 1 for i in rows]  # position predicting the first completion token
@@ -84,8 +89,9 @@ def prediction_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
     return PredictionBatch(input_ids, attention, comp, comp_mask, flat_index, comp_mask.reshape(-1).bool())
 
 
-def predicting_stats(model: Any, batch: PredictionBatch, chunk_size: int | None,
-                     self_certainty: bool) -> tuple[TokenStats, torch.Tensor | None]:
+def predicting_stats(
+    model: Any, batch: PredictionBatch, chunk_size: int | None, self_certainty: bool
+) -> tuple[TokenStats, torch.Tensor | None]:
     """One no-grad forward: the token statistics at the picked predicting positions (flat, NaN for
     non-finite logits) and, with `self_certainty`, the mean log-prob over the vocabulary there. Uses the
     separable LM head in tiles, else full logits (memory B*T*V, same numbers). Restores train/eval mode."""
@@ -103,25 +109,38 @@ def predicting_stats(model: Any, batch: PredictionBatch, chunk_size: int | None,
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
                 selected_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
                 del hidden
-                stats = token_stats_from_hidden(selected_hidden, lm_head, ids, chunk_size=chunk_size,
-                                                softcap=softcap, logit_scale=scale, nonfinite="nan")
-                vocab_mean = (mean_vocab_logprob_from_hidden(selected_hidden, lm_head, softcap, scale)
-                              if self_certainty else None)
+                stats = token_stats_from_hidden(
+                    selected_hidden,
+                    lm_head,
+                    ids,
+                    chunk_size=chunk_size,
+                    softcap=softcap,
+                    logit_scale=scale,
+                    nonfinite="nan",
+                )
+                vocab_mean = (
+                    mean_vocab_logprob_from_hidden(selected_hidden, lm_head, softcap, scale)
+                    if self_certainty
+                    else None
+                )
             else:
                 logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
                 picked_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, idx)
                 stats = token_stats_from_logits(picked_logits, ids, nonfinite="nan")
-                vocab_mean = (torch.log_softmax(picked_logits.double(), dim=-1).mean(dim=-1)
-                              if self_certainty else None)
+                vocab_mean = (
+                    torch.log_softmax(picked_logits.double(), dim=-1).mean(dim=-1) if self_certainty else None
+                )
                 del logits, picked_logits
     finally:
         model.train(was_training)
     return stats, vocab_mean
 
 
-def _scatter(batch: PredictionBatch, stats: TokenStats, vocab_mean: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Flat statistics back to `[B, C]` (0 in padding): entropy, log-prob, vocab mean log-prob; and the mask."""
+def _scatter(
+    batch: PredictionBatch, stats: TokenStats, vocab_mean: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Flat statistics back to `[B, C]` (0 in padding): entropy, log-prob, vocab mean log-prob; and the
+    mask."""
     mask = batch.completion_mask.to(stats.entropy.device)
     picked = batch.picked.to(mask.device)
     entropy = torch.zeros(mask.shape, dtype=stats.entropy.dtype, device=mask.device)
@@ -135,14 +154,24 @@ def _scatter(batch: PredictionBatch, stats: TokenStats, vocab_mean: torch.Tensor
     return entropy, logprob, vocab_logprob, mask
 
 
-def _fill_scores(scores: CompletionScores, rows: Sequence[int], batch: PredictionBatch, stats: TokenStats,
-                 vocab_mean: torch.Tensor | None) -> None:
+def _fill_scores(
+    scores: CompletionScores,
+    rows: Sequence[int],
+    batch: PredictionBatch,
+    stats: TokenStats,
+    vocab_mean: torch.Tensor | None,
+) -> None:
     """CARL (its components) and the confidence scores of each row; a non-finite row gets the reason."""
     entropy, logprob, vocab_logprob, mask = _scatter(batch, stats, vocab_mean)
-    confidence = {k: v.tolist() for k, v in confidence_from_stats(entropy, logprob, vocab_logprob, mask,
-                                                                   stats.vocab_size).items() if k != "phi_mean"}
+    confidence = {
+        k: v.tolist()
+        for k, v in confidence_from_stats(entropy, logprob, vocab_logprob, mask, stats.vocab_size).items()
+        if k != "phi_mean"
+    }
     # NaN statistics (NaN / +inf logits: a diverged model) make that row NaN, turned into a reason below
-    batch_rewards, batch_components = carl_reward_from_stats(entropy, logprob, mask, stats.vocab_size, nonfinite="nan")
+    batch_rewards, batch_components = carl_reward_from_stats(
+        entropy, logprob, mask, stats.vocab_size, nonfinite="nan"
+    )
     finite = torch.isfinite(batch_rewards)
     for key in batch_components.values():
         finite &= torch.isfinite(key)
@@ -153,13 +182,20 @@ def _fill_scores(scores: CompletionScores, rows: Sequence[int], batch: Predictio
             scores.reasons[i] = NONFINITE_REASON
             continue
         scores.rewards[i] = float(values[r])
-        scores.components[i] = {**{k: float(comps[k][r]) for k in COMPONENT_KEYS},
-                                **{k: float(v[r]) for k, v in confidence.items()}}
+        scores.components[i] = {
+            **{k: float(comps[k][r]) for k in COMPONENT_KEYS},
+            **{k: float(v[r]) for k, v in confidence.items()},
+        }
 
 
-def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                      pad_token_id: int = 0, chunk_size: int | None = None,
-                      self_certainty: bool = False) -> CompletionScores:
+def score_completions(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_token_id: int = 0,
+    chunk_size: int | None = None,
+    self_certainty: bool = False,
+) -> CompletionScores:
     """CARL of each completion given its prompt, in ONE batched no-grad forward pass.
 
     Each scored completion's components are CARL's (`COMPONENT_KEYS`) plus the confidence scores
@@ -173,7 +209,9 @@ def score_completions(model: Any, prompt_ids: Sequence[Sequence[int]], completio
     """
     n = len(completion_ids)
     if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token (the one that predicts the first completion token)")
+        raise ValueError(
+            "every prompt needs at least one token (the one that predicts the first completion token)"
+        )
     scores = CompletionScores([0.0] * n, [None] * n, [None] * n)
     rows = _scorable_rows(completion_ids, vocab_size_of(model), scores.reasons)
     if not rows:

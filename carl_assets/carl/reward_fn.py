@@ -48,12 +48,20 @@ from carl_assets.carl.completion_scores import NONFINITE_REASON, CompletionScore
 from carl_assets.carl.confidence import CONFIDENCE_SCORES, empty_value
 from carl_assets.carl.lm_head import vocab_size_of
 
-__all__ = ["CARL_SCORES", "NONFINITE_REASON", "REWARD_NAMES", "CompletionScores", "make_carl_reward_fn",
-           "make_reward_fn", "score_completions"]
+__all__ = [
+    "CARL_SCORES",
+    "NONFINITE_REASON",
+    "REWARD_NAMES",
+    "CompletionScores",
+    "make_carl_reward_fn",
+    "make_reward_fn",
+    "score_completions",
+]
 
 logger = logging.getLogger("carl_assets.carl")  # the name these warnings have always been logged under
 CARL_SCORES = ("carl", "multiscale", "cloud_quality", "discontinuity")
-# Every name a reward (GRPO) or a dream scorer can be: the CARL composite, its components, the confidence scores.
+# Every name a reward (GRPO) or a dream scorer can be: the CARL composite, its components, the confidence
+# scores.
 REWARD_NAMES = CARL_SCORES + CONFIDENCE_SCORES
 MIN_CHARS = 5  # the reference: a completion with no text or fewer than 5 characters scores 0.0
 MAX_SCORED_TOKENS = 512  # the reference: at most 512 tokens of a completion are scored
@@ -63,8 +71,9 @@ SHORT_REASON = "shorter than the minimum characters"
 def _prompt_ids(tokenizer: Any, prompt: Any, chat_template_kwargs: dict[str, Any]) -> list[int]:
     """Token ids of a prompt, as TRL's GRPO builds them: chat template + generation prompt, or plain text."""
     if isinstance(prompt, list):  # conversational: a list of {"role", "content"} messages
-        encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, **chat_template_kwargs)
+        encoded = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **chat_template_kwargs
+        )
         ids = encoded["input_ids"]
     else:
         ids = tokenizer(text=str(prompt))["input_ids"]
@@ -82,8 +91,16 @@ def _completion_text(completion: Any) -> str:
 class _StepScorer:
     """One reward function's fixed settings, and how it scores one GRPO step (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, reward: str, chunk_size: int | None,
-                 chat_template_kwargs: dict[str, Any] | None, min_chars: int, max_completion_tokens: int | None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        reward: str,
+        chunk_size: int | None,
+        chat_template_kwargs: dict[str, Any] | None,
+        min_chars: int,
+        max_completion_tokens: int | None,
+    ):
         self.model, self.tokenizer, self.reward, self.chunk_size = model, tokenizer, reward, chunk_size
         self.min_chars, self.max_completion_tokens = min_chars, max_completion_tokens
         vocab = vocab_size_of(model) or len(tokenizer)
@@ -94,7 +111,9 @@ class _StepScorer:
         if pad_id is None:  # any id will do: padding is masked out and never scored
             pad_id = eos if eos is not None else 0
         self.pad_id = pad_id
-        self.fallback_start = [t for t in (bos, eos, pad_id) if t is not None][:1]  # context for an empty prompt
+        self.fallback_start = [t for t in (bos, eos, pad_id) if t is not None][
+            :1
+        ]  # context for an empty prompt
 
     def prompt_ids(self, prompts: Sequence[Any]) -> list[list[int]]:
         """Each prompt's ids (each distinct prompt tokenised once)."""
@@ -102,49 +121,79 @@ class _StepScorer:
         for prompt in prompts:
             key = repr(prompt)
             if key not in cache:
-                cache[key] = _prompt_ids(self.tokenizer, prompt, self.template_kwargs) or list(self.fallback_start)
+                cache[key] = _prompt_ids(self.tokenizer, prompt, self.template_kwargs) or list(
+                    self.fallback_start
+                )
         return [cache[repr(prompt)] for prompt in prompts]
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
-                 completion_ids: Sequence[Sequence[int]] | None) -> tuple[CompletionScores, list[bool]]:
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None,
+    ) -> tuple[CompletionScores, list[bool]]:
         """The step's scores (rewards already this reward's values) and which completions were too short."""
         if completion_ids is None:
-            completion_ids = [self.tokenizer(text=_completion_text(c), add_special_tokens=False)["input_ids"]
-                              for c in completions]
+            completion_ids = [
+                self.tokenizer(text=_completion_text(c), add_special_tokens=False)["input_ids"]
+                for c in completions
+            ]
         if len(prompts) != len(completion_ids):
             raise ValueError(f"{len(prompts)} prompts but {len(completion_ids)} completions")
-        comp_ids = [[int(t) for t in c][:self.max_completion_tokens] for c in completion_ids]
-        short = [bool(c) and self.min_chars > 0 and (not _completion_text(t).strip()
-                                                      or len(_completion_text(t)) < self.min_chars)
-                 for c, t in zip(comp_ids, completions, strict=True)]
-        scored = score_completions(self.model, self.prompt_ids(prompts),
-                                   [[] if s else c for c, s in zip(comp_ids, short, strict=True)],
-                                   pad_token_id=self.pad_id, chunk_size=self.chunk_size,
-                                   self_certainty=self.reward == "self_certainty")
+        comp_ids = [[int(t) for t in c][: self.max_completion_tokens] for c in completion_ids]
+        short = [
+            bool(c)
+            and self.min_chars > 0
+            and (not _completion_text(t).strip() or len(_completion_text(t)) < self.min_chars)
+            for c, t in zip(comp_ids, completions, strict=True)
+        ]
+        scored = score_completions(
+            self.model,
+            self.prompt_ids(prompts),
+            [[] if s else c for c, s in zip(comp_ids, short, strict=True)],
+            pad_token_id=self.pad_id,
+            chunk_size=self.chunk_size,
+            self_certainty=self.reward == "self_certainty",
+        )
         if self.reward != "carl":
-            scored.rewards = [self.skipped_value if c is None else float(c[self.reward]) for c in scored.components]
+            scored.rewards = [
+                self.skipped_value if c is None else float(c[self.reward]) for c in scored.components
+            ]
         self._explain(scored, short)
         return scored, short
 
     def _explain(self, scored: CompletionScores, short: list[bool]) -> None:
-        """Short completions get their reason; other skipped ones a warning; non-finite ones one line in all."""
+        """Short completions get their reason; other skipped ones a warning; non-finite ones one line in
+        all."""
         n = len(short)
         for i, reason in enumerate(scored.reasons):
             if short[i]:
                 scored.reasons[i] = SHORT_REASON
             elif reason is not None:
-                logger.warning("%s reward %s for completion %d of %d: %s", self.reward, self.skipped_value, i, n,
-                               reason)
+                logger.warning(
+                    "%s reward %s for completion %d of %d: %s", self.reward, self.skipped_value, i, n, reason
+                )
         n_nonfinite = sum(r == NONFINITE_REASON for r in scored.reasons)
         if n_nonfinite:  # a diverging model: say how much of the step it affects, in one line
-            logger.warning("%s reward %s for %d of %d completions with non-finite logits (NaN or +inf): "
-                           "the model may have diverged", self.reward, self.skipped_value, n_nonfinite, n)
+            logger.warning(
+                "%s reward %s for %d of %d completions with non-finite logits (NaN or +inf): "
+                "the model may have diverged",
+                self.reward,
+                self.skipped_value,
+                n_nonfinite,
+                n,
+            )
 
 
-def _log_step(scored: CompletionScores, short: list[bool], prefix: str,
-              log_metric: Callable[[str, float], None] | None,
-              log_extra: Callable[[str, list[Any]], None] | None) -> None:
-    """The step's component means, zeroed and short fractions (`log_metric`), per-completion phi (`log_extra`)."""
+def _log_step(
+    scored: CompletionScores,
+    short: list[bool],
+    prefix: str,
+    log_metric: Callable[[str, float], None] | None,
+    log_extra: Callable[[str, list[Any]], None] | None,
+) -> None:
+    """The step's component means, zeroed and short fractions (`log_metric`); per-completion phi
+    (`log_extra`)."""
     n = max(1, len(short))
     if log_metric is not None:
         kept = [c for c in scored.components if c is not None]
@@ -157,11 +206,17 @@ def _log_step(scored: CompletionScores, short: list[bool], prefix: str,
         log_extra(f"{prefix}_phi_mean", [None if c is None else c["phi_mean"] for c in scored.components])
 
 
-def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = None,
-                        chat_template_kwargs: dict[str, Any] | None = None,
-                        metric_prefix: str = "carl", min_chars: int = MIN_CHARS,
-                        max_completion_tokens: int | None = MAX_SCORED_TOKENS,
-                        reward: str = "carl") -> Callable[..., list[float]]:
+def make_carl_reward_fn(
+    model: Any,
+    tokenizer: Any,
+    *,
+    chunk_size: int | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    metric_prefix: str = "carl",
+    min_chars: int = MIN_CHARS,
+    max_completion_tokens: int | None = MAX_SCORED_TOKENS,
+    reward: str = "carl",
+) -> Callable[..., list[float]]:
     """A TRL GRPO reward function: the CARL composite of each completion under ``model`` (or, with
     ``reward``, another of `REWARD_NAMES`; see `make_reward_fn`). How it scores, its two rules, its
     warnings and logged metrics: the module docstring.
@@ -175,11 +230,18 @@ def make_carl_reward_fn(model: Any, tokenizer: Any, *, chunk_size: int | None = 
     """
     if reward not in REWARD_NAMES:
         raise ValueError(f"unknown reward {reward!r} (known: {', '.join(REWARD_NAMES)})")
-    step = _StepScorer(model, tokenizer, reward, chunk_size, chat_template_kwargs, min_chars, max_completion_tokens)
+    step = _StepScorer(
+        model, tokenizer, reward, chunk_size, chat_template_kwargs, min_chars, max_completion_tokens
+    )
 
-    def carl(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
-             log_metric: Callable[[str, float], None] | None = None,
-             log_extra: Callable[[str, list[Any]], None] | None = None, **kwargs: Any) -> list[float]:
+    def carl(
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        log_extra: Callable[[str, list[Any]], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
         scored, short = step(prompts, completions, completion_ids)
         carl.last_components = scored.components
         _log_step(scored, short, metric_prefix, log_metric, log_extra)

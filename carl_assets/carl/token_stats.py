@@ -53,8 +53,10 @@ def _describe_row(row_logits: Any) -> str:
 
 def raise_nonfinite(position: tuple[int, ...], row_logits: Any) -> None:
     where = ", ".join(str(i) for i in position)
-    raise ValueError(f"logits at position [{where}] are not a distribution: {_describe_row(row_logits)}; "
-                     "logits must be finite or -inf")
+    raise ValueError(
+        f"logits at position [{where}] are not a distribution: {_describe_row(row_logits)}; "
+        "logits must be finite or -inf"
+    )
 
 
 class TokenStats(NamedTuple):
@@ -70,7 +72,8 @@ def stat_dtype(device: Any) -> Any:
 
 
 def _logits_stats(logits: Any, ids: Any) -> tuple[Any, Any]:
-    """Entropy (the reference's epsilon) and log P(ids) for logits ``[n, V]``; reuses the logits buffer when allowed."""
+    """Entropy (the reference's epsilon) and log P(ids) for logits ``[n, V]``; reuses the logits buffer
+    when allowed."""
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -105,9 +108,16 @@ DEFAULT_TILE_ELEMENTS = 1 << 21  # logits per tile: 8 MB in float32 (two such bu
 DEFAULT_ROW_CHUNK = 4096  # positions per chunk when the LM head is a plain weight
 
 
-def token_stats_from_hidden(hidden: Any, lm_head: Any, token_ids: Any, chunk_size: int | None = None,
-                            softcap: float | None = None, logit_scale: float = 1.0,
-                            tile_elements: int = DEFAULT_TILE_ELEMENTS, nonfinite: NonFinite = "raise") -> TokenStats:
+def token_stats_from_hidden(
+    hidden: Any,
+    lm_head: Any,
+    token_ids: Any,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    nonfinite: NonFinite = "raise",
+) -> TokenStats:
     """Entropy and log P(selected) per position, never holding more than a tile of logits.
 
     ``hidden`` is ``[..., H]``: the final-normed hidden states of the positions that PREDICT
@@ -146,8 +156,15 @@ def token_stats_from_hidden(hidden: Any, lm_head: Any, token_ids: Any, chunk_siz
     return TokenStats(entropy.reshape(leading), selected.reshape(leading), vocab)
 
 
-def _chunked_stats(flat: Any, ids: Any, lm_head: Any, chunk_size: int | None, softcap: float | None,
-                   logit_scale: float, tile_elements: int) -> tuple[list[tuple[Any, Any]], int]:
+def _chunked_stats(
+    flat: Any,
+    ids: Any,
+    lm_head: Any,
+    chunk_size: int | None,
+    softcap: float | None,
+    logit_scale: float,
+    tile_elements: int,
+) -> tuple[list[tuple[Any, Any]], int]:
     """(entropy, log P) per chunk of positions, and the vocabulary size: a plain weight in vocabulary
     tiles (`_tiled_stats`), any other head over whole-vocabulary chunks."""
     weight, bias = _linear_parts(lm_head)
@@ -155,8 +172,12 @@ def _chunked_stats(flat: Any, ids: Any, lm_head: Any, chunk_size: int | None, so
         vocab = int(weight.shape[0])
         _check_ids(ids, vocab)
         rows = chunk_size or DEFAULT_ROW_CHUNK
-        return [_tiled_stats(flat[r0 : r0 + rows], ids[r0 : r0 + rows], weight, bias, softcap, logit_scale,
-                             tile_elements) for r0 in range(0, flat.shape[0], rows)], vocab
+        return [
+            _tiled_stats(
+                flat[r0 : r0 + rows], ids[r0 : r0 + rows], weight, bias, softcap, logit_scale, tile_elements
+            )
+            for r0 in range(0, flat.shape[0], rows)
+        ], vocab
     vocab = int(lm_head(flat[:1] if flat.shape[0] else flat.new_zeros(1, flat.shape[-1])).shape[-1])
     _check_ids(ids, vocab)
     rows = chunk_size or max(1, tile_elements // vocab)
@@ -253,8 +274,15 @@ def _finish(tiles: list[tuple[Any, Any, Any, Any, Any]]) -> tuple[Any, Any]:
     return entropy, selected
 
 
-def _tiled_stats(hidden: Any, ids: Any, weight: Any, bias: Any, softcap: float | None, logit_scale: float,
-                 tile_elements: int) -> tuple[Any, Any]:
+def _tiled_stats(
+    hidden: Any,
+    ids: Any,
+    weight: Any,
+    bias: Any,
+    softcap: float | None,
+    logit_scale: float,
+    tile_elements: int,
+) -> tuple[Any, Any]:
     n, vocab = hidden.shape[0], weight.shape[0]
     cols = tile_elements // max(1, n)
     if cols >= 512:  # keep the matmul's N a multiple of 256: odd widths run ~1.5x slower on CPU

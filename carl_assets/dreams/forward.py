@@ -55,8 +55,8 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for u, tokens in enumerate(prompts):
-        ids[u, width - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
-        mask[u, width - len(tokens):] = 1
+        ids[u, width - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.long)
+        mask[u, width - len(tokens) :] = 1
     return ids, mask
 
 
@@ -80,13 +80,20 @@ class _LayerReader:
         blocks = find_decoder_blocks(model) if layers else None
         for layer in sorted(set(layers)):
             if layer == 0:  # what enters block 0
-                self.handles.append(blocks[0].register_forward_pre_hook(
-                    lambda _m, args, kwargs: self._keep(0, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
+                self.handles.append(
+                    blocks[0].register_forward_pre_hook(
+                        lambda _m, args, kwargs: self._keep(0, args[0] if args else kwargs["hidden_states"]),
+                        with_kwargs=True,
+                    )
+                )
             else:
-                self.handles.append(blocks[layer - 1].register_forward_hook(
-                    lambda _m, _i, out, layer=layer: self._keep(layer, out[0] if isinstance(out, (tuple, list))
-                                                                 else out)))
+                self.handles.append(
+                    blocks[layer - 1].register_forward_hook(
+                        lambda _m, _i, out, layer=layer: self._keep(
+                            layer, out[0] if isinstance(out, (tuple, list)) else out
+                        )
+                    )
+                )
 
     def _keep(self, layer: int, hidden: torch.Tensor) -> None:
         if self.on:
@@ -97,9 +104,15 @@ class _LayerReader:
             handle.remove()
 
 
-def _prefill_then_complete(model: Any, decoder: Any, prompt: tuple[torch.Tensor, torch.Tensor],
-                           completion: tuple[torch.Tensor, torch.Tensor], group_index: torch.Tensor,
-                           reader: _LayerReader, want_predicting: bool) -> torch.Tensor | None:
+def _prefill_then_complete(
+    model: Any,
+    decoder: Any,
+    prompt: tuple[torch.Tensor, torch.Tensor],
+    completion: tuple[torch.Tensor, torch.Tensor],
+    group_index: torch.Tensor,
+    reader: _LayerReader,
+    want_predicting: bool,
+) -> torch.Tensor | None:
     """Run the prompts once into a cache, repeat its rows per response, run the completions on it.
     Returns the predicting hidden states `[R, Tc, H]` (None unless wanted)."""
     (prompt_ids, prompt_mask), (comp_ids, comp_mask) = prompt, completion
@@ -107,16 +120,26 @@ def _prefill_then_complete(model: Any, decoder: Any, prompt: tuple[torch.Tensor,
     keyword = _cache_keyword(decoder.forward)
     cache = DynamicCache(config=model.config)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    prompt_out = decoder(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                         position_ids=positions.to(device), use_cache=True, **{keyword: cache})
+    prompt_out = decoder(
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        **{keyword: cache},
+    )
     last_prompt_hidden = _last_hidden(prompt_out)[:, -1]  # predicts completion token 0
     cache.batch_select_indices(group_index.to(device))  # one cache row per response
     mask = torch.cat([prompt_mask[group_index], comp_mask], dim=1)
     prompt_len = prompt_mask.sum(dim=1)
     comp_positions = prompt_len[group_index].unsqueeze(1) + torch.arange(comp_ids.shape[1]).unsqueeze(0)
     reader.on = True
-    comp_out = decoder(input_ids=comp_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=comp_positions.to(device), use_cache=True, **{keyword: cache})
+    comp_out = decoder(
+        input_ids=comp_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=comp_positions.to(device),
+        use_cache=True,
+        **{keyword: cache},
+    )
     reader.on = False
     if not want_predicting:
         return None
@@ -124,9 +147,14 @@ def _prefill_then_complete(model: Any, decoder: Any, prompt: tuple[torch.Tensor,
     return torch.cat([last_prompt_hidden[group_index.to(device)].unsqueeze(1), comp_hidden[:, :-1]], dim=1)
 
 
-def run_response_forward(model: Any, responses: Sequence[GeneratedResponse], rows: Sequence[int],
-                         layers: Sequence[int] = (), want_predicting: bool = True,
-                         pad_id: int = 0) -> ResponseForward | None:
+def run_response_forward(
+    model: Any,
+    responses: Sequence[GeneratedResponse],
+    rows: Sequence[int],
+    layers: Sequence[int] = (),
+    want_predicting: bool = True,
+    pad_id: int = 0,
+) -> ResponseForward | None:
     """The shared-prompt forward of `responses[i]` for i in `rows` (each with a non-empty completion), or
     None when the model has no separable decoder or does not take a prefilled DynamicCache."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -141,19 +169,36 @@ def run_response_forward(model: Any, responses: Sequence[GeneratedResponse], row
     model.eval()
     try:
         with torch.no_grad():
-            predicting = _prefill_then_complete(model, decoder, prompt, completion,
-                                                torch.as_tensor(group, dtype=torch.long), reader, want_predicting)
+            predicting = _prefill_then_complete(
+                model,
+                decoder,
+                prompt,
+                completion,
+                torch.as_tensor(group, dtype=torch.long),
+                reader,
+                want_predicting,
+            )
     except (TypeError, ValueError, AttributeError, NotImplementedError):
         return None
     finally:
         reader.remove()
         model.train(was_training)
-    return ResponseForward(rows=list(rows), completion_mask=completion[1], completion_ids=completion[0],
-                           predicting_hidden=predicting, residual={k: v.cpu() for k, v in reader.captured.items()})
+    return ResponseForward(
+        rows=list(rows),
+        completion_mask=completion[1],
+        completion_ids=completion[0],
+        predicting_hidden=predicting,
+        residual={k: v.cpu() for k, v in reader.captured.items()},
+    )
 
 
-def score_with_shared_forward(scorers: Sequence[Any], model: Any, tokenizer: Any,
-                              responses: Sequence[GeneratedResponse], batch_size: int) -> dict[str, np.ndarray] | None:
+def score_with_shared_forward(
+    scorers: Sequence[Any],
+    model: Any,
+    tokenizer: Any,
+    responses: Sequence[GeneratedResponse],
+    batch_size: int,
+) -> dict[str, np.ndarray] | None:
     """Every scorer's components from ONE shared-prompt forward per batch of responses, or None when the
     model cannot run it (callers then score separately). A scorer here has `empty(n)`, `fill(out,
     forward, model, eos)`, `finish(out)`, `layers_needed`, `needs_predicting` and optionally
@@ -168,8 +213,14 @@ def score_with_shared_forward(scorers: Sequence[Any], model: Any, tokenizer: Any
     predicting = any(scorer.needs_predicting for scorer in scorers)
     non_empty = [i for i in range(n) if len(responses[i].completion_ids) > 0]
     for start in range(0, len(non_empty), batch_size):
-        forward = run_response_forward(model, responses, non_empty[start: start + batch_size], layers=layers,
-                                       want_predicting=predicting, pad_id=pad_id)
+        forward = run_response_forward(
+            model,
+            responses,
+            non_empty[start : start + batch_size],
+            layers=layers,
+            want_predicting=predicting,
+            pad_id=pad_id,
+        )
         if forward is None:
             return None
         for scorer, out in zip(scorers, outputs, strict=True):

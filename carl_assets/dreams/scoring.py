@@ -36,8 +36,16 @@ from carl_assets.dreams.steering_scorer import SteeringScorer
 from carl_assets.dreams.token_scorers import CarlScorer, TokenScorer
 from carl_assets.steering.manifest import SteeringVectors
 
-__all__ = ["CarlScorer", "CombinedScorer", "Scorer", "SteeringScorer", "TokenScorer", "parse_scorer_spec",
-           "score_responses", "score_with_shared_forward"]
+__all__ = [
+    "CarlScorer",
+    "CombinedScorer",
+    "Scorer",
+    "SteeringScorer",
+    "TokenScorer",
+    "parse_scorer_spec",
+    "score_responses",
+    "score_with_shared_forward",
+]
 
 
 class Scorer(Protocol):
@@ -46,8 +54,9 @@ class Scorer(Protocol):
 
     primary: str
 
-    def __call__(self, model: Any, tokenizer: Any,
-                 responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]: ...
+    def __call__(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -61,7 +70,9 @@ class CombinedScorer:
     def primary(self) -> str:
         return "score"
 
-    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         scorers = [scorer for scorer, _ in self.parts]
         out = None
         if all(hasattr(s, "fill") for s in scorers):  # one shared forward feeds every part
@@ -115,8 +126,10 @@ def parse_scorer_spec(spec: str, steering_vectors: SteeringVectors | None = None
                 raise ValueError(f"scorer spec part {part!r} needs steering vectors, and none were given")
             parts.append((SteeringScorer(steering_vectors, args[0]), weight))
         else:
-            raise ValueError(f"scorer spec part {part!r}: unknown scorer {pieces[0]!r} (known: "
-                             f"{', '.join(REWARD_NAMES)}, steering:<emotion>)")
+            raise ValueError(
+                f"scorer spec part {part!r}: unknown scorer {pieces[0]!r} (known: "
+                f"{', '.join(REWARD_NAMES)}, steering:<emotion>)"
+            )
     names = [scorer.primary for scorer, _ in parts]
     if len(set(names)) != len(names):
         raise ValueError(f"scorer spec {spec!r} names a scorer twice: {names}")
@@ -131,8 +144,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def score_responses(scorer: Any, model: Any, tokenizer: Any,
-                    responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+def score_responses(
+    scorer: Any, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+) -> dict[str, np.ndarray]:
     """Run any scorer and make sure the result has a `score` column (a bare scorer's primary component)
     and one value per response in every column."""
     components = {k: np.asarray(v, dtype=np.float64) for k, v in scorer(model, tokenizer, responses).items()}
@@ -142,6 +156,8 @@ def score_responses(scorer: Any, model: Any, tokenizer: Any,
     if "score" not in components:
         primary = getattr(scorer, "primary", None)
         if primary not in components:
-            raise ValueError(f"scorer returned {sorted(components)}: no 'score' column and no primary component")
+            raise ValueError(
+                f"scorer returned {sorted(components)}: no 'score' column and no primary component"
+            )
         components["score"] = components[primary].copy()
     return components

@@ -32,9 +32,13 @@ class SteeringScorer:
 
     needs_predicting = False
 
-    def __init__(self, vectors: SteeringVectors, emotion: str, layer: int | None = None, batch_size: int = 16):
+    def __init__(
+        self, vectors: SteeringVectors, emotion: str, layer: int | None = None, batch_size: int = 16
+    ):
         if emotion not in vectors.concepts:
-            raise ValueError(f"unknown emotion {emotion!r}: the steering vectors know {sorted(vectors.concepts)}")
+            raise ValueError(
+                f"unknown emotion {emotion!r}: the steering vectors know {sorted(vectors.concepts)}"
+            )
         self.layer = int(max(vectors.layers) if layer is None else layer)
         if self.layer not in vectors.vectors:
             raise ValueError(f"layer {self.layer} has no steering vectors (layers: {sorted(vectors.layers)})")
@@ -47,7 +51,9 @@ class SteeringScorer:
     def layers_needed(self) -> tuple[int, ...]:
         return (self.layer,)
 
-    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         shared = score_with_shared_forward([self], model, tokenizer, responses, self.batch_size)
         return shared if shared is not None else self._score_separately(model, tokenizer, responses)
 
@@ -69,15 +75,18 @@ class SteeringScorer:
     def _mean_projection(self, hidden: torch.Tensor, read: torch.Tensor) -> np.ndarray:
         weights = read.unsqueeze(-1).to(hidden.device)
         # where(), not a product: padded positions may hold NaN in some attention kernels
-        summed = torch.where(weights > 0, hidden.float(), torch.zeros((), device=hidden.device)).sum(dim=1).cpu()
+        summed = (
+            torch.where(weights > 0, hidden.float(), torch.zeros((), device=hidden.device)).sum(dim=1).cpu()
+        )
         counts = read.sum(dim=1).to(torch.float32)
         mean = summed / counts.clamp(min=1.0).unsqueeze(-1)
         projection = (mean.double() @ self.vector.double()).numpy()
         projection[counts.numpy() == 0] = 0.0
         return projection
 
-    def _score_separately(self, model: Any, tokenizer: Any,
-                          responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def _score_separately(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         pad_id, eos = pad_and_eos_ids(model, tokenizer)
         out = np.zeros(len(responses))
         for rows in batches(len(responses), self.batch_size):
@@ -91,8 +100,9 @@ class SteeringScorer:
             out[list(rows)] = self.project(model, sequences, spans, pad_id)
         return {self.primary: out}
 
-    def project(self, model: Any, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
-                pad_id: int) -> np.ndarray:
+    def project(
+        self, model: Any, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], pad_id: int
+    ) -> np.ndarray:
         """Mean residual-stream projection over positions `[start, start + length)` of each sequence."""
         width = max(len(s) for s in sequences)
         device = next(model.parameters()).device
@@ -102,7 +112,7 @@ class SteeringScorer:
         for r, (seq, (start, length)) in enumerate(zip(sequences, spans, strict=True)):
             ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
             attention[r, : len(seq)] = 1
-            read[r, start: start + length] = 1.0
+            read[r, start : start + length] = 1.0
         captured: dict[str, torch.Tensor] = {}
         blocks = find_decoder_blocks(model)
         if not 0 <= self.layer <= len(blocks):
@@ -114,10 +124,13 @@ class SteeringScorer:
 
         if self.layer == 0:  # what enters block 0
             handle = blocks[0].register_forward_pre_hook(
-                lambda _m, args, kwargs: capture(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+                lambda _m, args, kwargs: capture(args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True,
+            )
         else:
             handle = blocks[self.layer - 1].register_forward_hook(
-                lambda _m, _i, output: capture(output[0] if isinstance(output, (tuple, list)) else output))
+                lambda _m, _i, output: capture(output[0] if isinstance(output, (tuple, list)) else output)
+            )
         was_training = model.training
         model.eval()
         try:

@@ -33,8 +33,9 @@ class CompletionStats(NamedTuple):
     vocab_size: int
 
 
-def completion_token_stats(forward: ResponseForward, model: Any, chunk_size: int | None,
-                           with_vocab_logprob: bool = False) -> CompletionStats:
+def completion_token_stats(
+    forward: ResponseForward, model: Any, chunk_size: int | None, with_vocab_logprob: bool = False
+) -> CompletionStats:
     """The LM head over `forward.predicting_hidden` at the completion tokens -> `CompletionStats`.
     Raises ValueError when the model has no separable LM head."""
     assert forward.predicting_hidden is not None
@@ -43,8 +44,14 @@ def completion_token_stats(forward: ResponseForward, model: Any, chunk_size: int
         raise ValueError("the model has no separable LM head")
     mask = forward.completion_mask.bool()
     hidden = forward.predicting_hidden[mask.to(forward.predicting_hidden.device)]
-    stats = token_stats_from_hidden(hidden, lm_head, forward.completion_ids[mask].to(hidden.device),
-                                    chunk_size=chunk_size, softcap=softcap, logit_scale=scale)
+    stats = token_stats_from_hidden(
+        hidden,
+        lm_head,
+        forward.completion_ids[mask].to(hidden.device),
+        chunk_size=chunk_size,
+        softcap=softcap,
+        logit_scale=scale,
+    )
     entropy = torch.zeros(mask.shape, dtype=stats.entropy.dtype)
     logprob = torch.zeros_like(entropy)
     entropy[mask] = stats.entropy.cpu()
@@ -52,7 +59,9 @@ def completion_token_stats(forward: ResponseForward, model: Any, chunk_size: int
     vocab_logprob = None
     if with_vocab_logprob:
         vocab_logprob = torch.zeros_like(entropy)
-        vocab_logprob[mask] = mean_vocab_logprob_from_hidden(hidden, lm_head, softcap, scale).cpu().to(entropy.dtype)
+        vocab_logprob[mask] = (
+            mean_vocab_logprob_from_hidden(hidden, lm_head, softcap, scale).cpu().to(entropy.dtype)
+        )
     return CompletionStats(entropy, logprob, vocab_logprob, stats.vocab_size)
 
 
@@ -73,7 +82,9 @@ class CarlScorer:
     layers_needed: tuple[int, ...] = ()
     needs_predicting: bool = True
 
-    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         shared = score_with_shared_forward([self], model, tokenizer, responses, self.batch_size)
         return shared if shared is not None else self._score_separately(model, tokenizer, responses)
 
@@ -82,31 +93,39 @@ class CarlScorer:
 
     def fill(self, out: dict[str, np.ndarray], forward: ResponseForward, model: Any, eos: set[int]) -> None:
         stats = completion_token_stats(forward, model, self.chunk_size)
-        rewards, components = carl_reward_from_stats(stats.entropy, stats.logprob, forward.completion_mask,
-                                                     stats.vocab_size)
+        rewards, components = carl_reward_from_stats(
+            stats.entropy, stats.logprob, forward.completion_mask, stats.vocab_size
+        )
         finite = torch.isfinite(rewards) & torch.isfinite(components["phi_mean"])
         out["carl"][forward.rows] = torch.where(finite, rewards, torch.zeros_like(rewards)).numpy()
-        out["phi_mean"][forward.rows] = torch.where(finite, components["phi_mean"], torch.zeros_like(rewards)).numpy()
+        out["phi_mean"][forward.rows] = torch.where(
+            finite, components["phi_mean"], torch.zeros_like(rewards)
+        ).numpy()
 
     def finish(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out["gate_open"] = np.array([1.0 if coherence_gate(float(p), self.gate_threshold)[0] else 0.0
-                                     for p in out["phi_mean"]])
+        out["gate_open"] = np.array(
+            [1.0 if coherence_gate(float(p), self.gate_threshold)[0] else 0.0 for p in out["phi_mean"]]
+        )
         return out
 
-    def _score_separately(self, model: Any, tokenizer: Any,
-                          responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def _score_separately(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         out = self.empty(len(responses))
         pad_id, _ = pad_and_eos_ids(model, tokenizer)
         for rows in batches(len(responses), self.batch_size):
-            scored = score_completions(model, [responses[i].prompt_ids for i in rows],
-                                       [responses[i].completion_ids for i in rows], pad_token_id=pad_id,
-                                       chunk_size=self.chunk_size)
+            scored = score_completions(
+                model,
+                [responses[i].prompt_ids for i in rows],
+                [responses[i].completion_ids for i in rows],
+                pad_token_id=pad_id,
+                chunk_size=self.chunk_size,
+            )
             for local, i in enumerate(rows):
                 out["carl"][i] = scored.rewards[local]
                 components = scored.components[local]
                 out["phi_mean"][i] = components["phi_mean"] if components is not None else 0.0
         return self.finish(out)
-
 
 
 @dataclass
@@ -131,14 +150,18 @@ class TokenScorer:
         self.names = tuple(str(n).strip().lower() for n in self.names)
         unknown = [n for n in self.names if n not in REWARD_NAMES]
         if not self.names or unknown or len(set(self.names)) != len(self.names):
-            raise ValueError(f"TokenScorer names {list(self.names)}: give distinct names from {', '.join(REWARD_NAMES)}")
+            raise ValueError(
+                f"TokenScorer names {list(self.names)}: give distinct names from {', '.join(REWARD_NAMES)}"
+            )
         self._vocab: int | None = None
 
     @property
     def primary(self) -> str:
         return self.names[0]
 
-    def __call__(self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         shared = score_with_shared_forward([self], model, tokenizer, responses, self.batch_size)
         return shared if shared is not None else self._score_separately(model, tokenizer, responses)
 
@@ -150,11 +173,14 @@ class TokenScorer:
         return {name: np.full(n, np.nan) for name in self.names}
 
     def fill(self, out: dict[str, np.ndarray], forward: ResponseForward, model: Any, eos: set[int]) -> None:
-        stats = completion_token_stats(forward, model, self.chunk_size,
-                                       with_vocab_logprob="self_certainty" in self.names)
+        stats = completion_token_stats(
+            forward, model, self.chunk_size, with_vocab_logprob="self_certainty" in self.names
+        )
         self._vocab = stats.vocab_size
         mask = forward.completion_mask
-        values = confidence_from_stats(stats.entropy, stats.logprob, stats.vocab_logprob, mask, stats.vocab_size)
+        values = confidence_from_stats(
+            stats.entropy, stats.logprob, stats.vocab_logprob, mask, stats.vocab_size
+        )
         if set(self.names) & set(CARL_SCORES):
             rewards, components = carl_reward_from_stats(stats.entropy, stats.logprob, mask, stats.vocab_size)
             values.update(components)
@@ -162,7 +188,9 @@ class TokenScorer:
         for name in self.names:
             column = values[name].double()
             zero = 0.0 if name in CARL_SCORES else empty_value(name, stats.vocab_size)
-            out[name][forward.rows] = torch.where(torch.isfinite(column), column, torch.full_like(column, zero)).numpy()
+            out[name][forward.rows] = torch.where(
+                torch.isfinite(column), column, torch.full_like(column, zero)
+            ).numpy()
 
     def finish(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in self.names:
@@ -171,15 +199,21 @@ class TokenScorer:
                 out[name][blank] = 0.0 if name in CARL_SCORES else empty_value(name, self._vocab or 2)
         return out
 
-    def _score_separately(self, model: Any, tokenizer: Any,
-                          responses: Sequence[GeneratedResponse]) -> dict[str, np.ndarray]:
+    def _score_separately(
+        self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
+    ) -> dict[str, np.ndarray]:
         self.prepare(model)
         out = self.empty(len(responses))
         pad_id, _ = pad_and_eos_ids(model, tokenizer)
         for rows in batches(len(responses), self.batch_size):
-            scored = score_completions(model, [responses[i].prompt_ids for i in rows],
-                                       [responses[i].completion_ids for i in rows], pad_token_id=pad_id,
-                                       chunk_size=self.chunk_size, self_certainty="self_certainty" in self.names)
+            scored = score_completions(
+                model,
+                [responses[i].prompt_ids for i in rows],
+                [responses[i].completion_ids for i in rows],
+                pad_token_id=pad_id,
+                chunk_size=self.chunk_size,
+                self_certainty="self_certainty" in self.names,
+            )
             for local, i in enumerate(rows):
                 components = scored.components[local]
                 if components is not None:
