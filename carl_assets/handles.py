@@ -126,6 +126,7 @@ class DatasetVersion(AssetHandle):
 
     @property
     def dataset_dir(self) -> Path:
+        """The HF dataset folder (`datasets.load_from_disk`); FileNotFoundError naming sft_dataset if missing."""
         return self.file(DATASET_DIR)
 
     @property

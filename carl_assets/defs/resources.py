@@ -43,13 +43,16 @@ class ArtifactStore(dg.ConfigurableResource):
 
     @property
     def root(self) -> Path:
+        """CARL_HOME (made if missing)."""
         return storage.carl_home(self.home or None)
 
     @property
     def database(self) -> Path:
+        """The DuckDB file under CARL_HOME."""
         return self.root / storage.DATABASE_NAME
 
     def versions(self, asset: str) -> ArtifactVersions:
+        """All kept versions of `asset` (for writing and listing; a read of one goes through `resolve`)."""
         return ArtifactVersions(storage.artifact_dir(asset, self.root), asset, keep=self.keep_versions)
 
     @property
@@ -113,6 +116,7 @@ class ArtifactStore(dg.ConfigurableResource):
         return path
 
     def record(self, asset: str, version: str, **fields: object) -> None:
+        """Add fields to a version's `_version.json` (see `ArtifactVersions.record`) and refresh the table."""
         self.versions(asset).record(version, **fields)
         self.refresh_table()
 
