@@ -46,7 +46,7 @@ class PairsConfig(dg.Config):
         "untagged nodes made the steering vectors worse). User tags always win.")
     max_negative_score: int | None = Field(
         default=None, description="negatives are nodes without the emotion (None, the default) or also nodes "
-        "that scored it at most this (the seed's 'absent or low'); must be below min_positive_score"
+        "that scored it at most this (the reference's 'absent or low'); must be below min_positive_score"
     )
 
 
@@ -70,7 +70,7 @@ def bar_png(frame: pd.DataFrame, index: str, columns: list[str], title: str) -> 
         "kept has positives and negatives within the cap, plain-word names, long enough texts without tag lines. "
         "No pairs at all (an untagged graph) is a WARN with the reason, so the rest of the graph runs and "
         "steering_vectors skips; a malformed pair is an ERROR naming what to change.")],
-    description="The amygdala training examples (seed step 1): per emotion, positive nodes (scored >= "
+    description="The amygdala training examples (the reference's step 1): per emotion, positive nodes (scored >= "
     "min_positive_score) and negative nodes (tagged, without the emotion, naming it at most "
     "max_negative_mentions times), text >= min_content_chars with the tag line stripped, at most "
     "max_examples_per_emotion per polarity, sampled deterministically from seed. Tags: the user's tag lines, "

@@ -56,7 +56,7 @@ def _load_policy(base_model: Checkpoint, config: EmotionTagsConfig) -> tuple[Any
     kinds={"duckdb"},
     description="Emotion tags for every node (table emotion_tags: node_id, emotion, score 0..10, source "
     "user/model/lexicon, raw_score): the user's tag lines, and for nodes without one (not stubs, not empty) "
-    "the tags of the configured tagger, the seed's 'subconscious agents'. User tags always win. Table "
+    "the tags of the configured tagger, the reference's 'subconscious agents'. User tags always win. Table "
     "emotion_tag_nodes says per node whether it was user-tagged, tagged, read with nothing found, or skipped. "
     "base_model is an input for the 'model' tagger (which reads it); the other taggers never open it, and their "
     "tags, hence the data version, do not change with it.",
