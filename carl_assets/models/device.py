@@ -54,7 +54,8 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """ "auto" (or None/"") → CUDA if available, then MPS, then CPU; "cpu", "cuda", "cuda:N", "mps" as asked.
+    """The device `spec` names: "auto" (or None/"") → CUDA if available, then MPS, then CPU; "cpu",
+    "cuda", "cuda:N", "mps" as asked.
 
     Raises ValueError naming the value when it is unknown, or when the device is not on this machine
     (with the devices that are)."""
