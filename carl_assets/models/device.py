@@ -218,8 +218,9 @@ def available_cores() -> int:
 
 
 def resolve_dtype(spec: str | torch.dtype | None, device: str | torch.device | None = "cpu") -> torch.dtype:
-    """ "auto" (or None/"") → bf16 on a CUDA device that supports it, fp32 otherwise (CPU and MPS);
-    "bf16"/"fp16"/"fp32" (or the torch names) as asked. Raises ValueError naming an unknown value."""
+    """The dtype `spec` names: "auto" (or None/"") → bf16 on a CUDA device that supports it, fp32
+    otherwise (CPU and MPS); "bf16"/"fp16"/"fp32" (or the torch names) as asked. Raises ValueError
+    naming an unknown value."""
     if isinstance(spec, torch.dtype):
         if spec not in DTYPE_NAMES:
             raise ValueError(f"unsupported dtype {spec}: use one of {', '.join(DTYPE_CHOICES)}")
