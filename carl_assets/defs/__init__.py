@@ -1,11 +1,13 @@
 """The Dagster layer: assets per group, resources, checks, jobs, schedules and sensors.
 
 Each asset module mirrors a library package (`memory`, `models`, `steering`, `dreams`, `carl`, `leworld`):
-it reads inputs from storage, calls the library, writes storage and returns metadata. This package is the
-project's dg defs folder (`[tool.dg]` in pyproject.toml): `dg.load_from_defs_folder` finds every asset and
-asset check defined at the top of its modules, and `build_definitions()` adds what is project-wide (code
-versions, jobs, schedule, sensor, resources, executor) into the one `Definitions` object that
-carl_assets/definitions.py hands to `dg`, `dagster dev` and `carl`.
+it declares the inputs it reads, calls the library, writes storage and returns metadata. This package is
+the project's dg defs folder (`[tool.dg]` in pyproject.toml): `dg.load_from_defs_folder` finds every asset
+and asset check defined at the top of its modules (every module here counts: two objects with one asset
+key fail the load; a module re-exporting another's asset is fine), and `build_definitions(home)` adds what
+is project-wide (code versions, jobs, schedule, sensor, resources on `home`, executor). It is the one way
+the Definitions are made: carl_assets/definitions.py (`dg`, `dagster dev`), `carl materialize` / `carl
+lineage` and the tests (with their own homes) all call it.
 """
 
 from __future__ import annotations
