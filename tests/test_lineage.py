@@ -266,7 +266,7 @@ def test_the_io_manager_hands_the_downstream_step_its_runs_version(tmp_path):
         seen["store"] = (artifacts.path("base_model").name, artifacts.info("base_model").version)
         return dg.MaterializeResult()
 
-    result = dg.materialize([up, down], resources={"artifacts": store, "io_manager": ArtifactIOManager(artifacts=store)})
+    result = dg.materialize([up, down], resources={"artifacts": store, "io_manager": ArtifactIOManager(home=str(tmp_path))})
     assert result.success
     received = seen["received"]
     assert store.versions("base_model").current_name() == seen["other"]

@@ -11,15 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
+from pydantic import Field, PrivateAttr
 
+from carl_assets.artifacts import DEFAULT_KEEP
 from carl_assets.defs.resources import ArtifactStore
 from carl_assets.handles import AssetHandle
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Hands each declared upstream asset to its reader as a handle (`carl_assets.handles`); stores nothing."""
+    """Hands each declared upstream asset to its reader as a handle (`carl_assets.handles`); stores nothing.
+    Its store is the `artifacts` resource's (same home and kept versions), set up for the run."""
 
-    artifacts: ArtifactStore
+    home: str = Field(default="", description="CARL_HOME; empty means $CARL_HOME, else the project's .carl")
+    keep_versions: int = Field(default=DEFAULT_KEEP, description="versions of each artifact kept for rollback")
+    # Not a nested resource: Dagster's set-up of nested resources calls a deprecated API of its own.
+    _store: ArtifactStore | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._store = self.store.for_run(context.run.run_id if context.run else None)
+
+    @property
+    def store(self) -> ArtifactStore:
+        """The artifact store, set up for this run once the run has started."""
+        return self._store or ArtifactStore(home=self.home, keep_versions=self.keep_versions)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         # Assets write their own artifacts and return MaterializeResult: there is no value to keep.
@@ -35,4 +49,4 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"input {context.name!r} is not an asset: only assets are read through handles")
         asset = context.asset_key.path[-1]
         upstream_run = context.upstream_output.run_id if context.upstream_output is not None else None
-        return self.artifacts.handle(asset, run_ids=(upstream_run,))
+        return self.store.handle(asset, run_ids=(upstream_run,))

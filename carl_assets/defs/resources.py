@@ -60,6 +60,12 @@ class ArtifactStore(dg.ConfigurableResource):
         """The run this resource was set up for (None outside a run)."""
         return self._run_id
 
+    def for_run(self, run_id: str | None) -> ArtifactStore:
+        """The same store as set up for run `run_id` (its reads resolve that run's versions first)."""
+        store = ArtifactStore(home=self.home, keep_versions=self.keep_versions)
+        store._run_id = run_id
+        return store
+
     def resolve(self, asset: str, run_ids: tuple[str | None, ...] = ()) -> str | None:
         """The one place a version is chosen for reading: the newest version made by the first of `run_ids`
         (then this run) that made one, else `current`; None when the asset has no version. Every read of a
@@ -193,12 +199,11 @@ def build_resources(home: str | os.PathLike[str] | None = None) -> dict[str, dg.
     from carl_assets.defs.io_manager import ArtifactIOManager
 
     root = storage.carl_home(home)
-    artifacts = ArtifactStore(home=str(root))
     return {
         "duckdb": DuckDBResource(database=str(root / storage.DATABASE_NAME)),
-        "artifacts": artifacts,
+        "artifacts": ArtifactStore(home=str(root)),
         # Declared inputs arrive as handles of the version this run made (carl_assets.handles).
-        "io_manager": ArtifactIOManager(artifacts=artifacts),
+        "io_manager": ArtifactIOManager(home=str(root)),
         "memory_source": memory_source_from_env(),
         "pipes": dg.PipesSubprocessClient(),  # runs SFT under torchrun / accelerate launch (sft_checkpoint)
     }
