@@ -1,4 +1,5 @@
-"""The import path DESIGN.md promises: `carl_assets.memory_graph` is the module `carl_assets.memory.graph`."""
+"""The old import path (docs/architecture.md, "Library packages"): `carl_assets.memory_graph` is the module
+`carl_assets.memory.graph`."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """The memory graph: parsing tag lines, loading a source (sample, JSONL, live MCP server), training pairs.
 
 - `graph`: `MemoryGraph`, `load_graph`, `parse_tags`, `extract_training_pairs` (also importable as
-  `carl_assets.memory_graph`, the path DESIGN.md names); it re-exports the pieces below.
+  `carl_assets.memory_graph`, the old path: docs/architecture.md); it re-exports the pieces below.
 - `tags`: the one tag-line grammar; `records`: one record in any shape the server and its forks write;
   `jsonl`: reading a file (encodings, line endings, JSONL or one JSON document); `build`: records -> tables;
   `pairs`: the training pairs.
