@@ -89,7 +89,9 @@ def write_dagster_yaml(home: str | os.PathLike[str]) -> DagsterYaml:
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path} must be a YAML mapping of Dagster instance settings, found {type(loaded).__name__}")
+        raise ValueError(
+            f"{path} must be a YAML mapping of Dagster instance settings, found {type(loaded).__name__}"
+        )
 
     result = DagsterYaml(path=path)
     missing = [key for key in SETTINGS if key not in loaded]
@@ -108,7 +110,8 @@ def write_dagster_yaml(home: str | os.PathLike[str]) -> DagsterYaml:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m carl_assets.dagster_instance [DAGSTER_HOME]` (default `$DAGSTER_HOME`, else ./.dagster_home)."""
+    """`python -m carl_assets.dagster_instance [DAGSTER_HOME]` (default `$DAGSTER_HOME`, else
+    ./.dagster_home)."""
     args = sys.argv[1:] if argv is None else argv
     home = args[0] if args else os.environ.get("DAGSTER_HOME") or ".dagster_home"
     try:

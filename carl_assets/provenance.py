@@ -27,18 +27,36 @@ def _node_list(value: Any) -> list[str]:
     return [str(v) for v in (value or [])]
 
 
-def provenance_rows(asset: str, version: str, node_ids_per_example: Iterable[Any],
-                    parents: Mapping[str, str]) -> pd.DataFrame:
+def provenance_rows(
+    asset: str, version: str, node_ids_per_example: Iterable[Any], parents: Mapping[str, str]
+) -> pd.DataFrame:
     """One row per memory node used by the examples a checkpoint was trained on (with the number of
     examples it seeded), plus the checkpoint it started from. A checkpoint trained on no node still gets
     one row (node_id None) so its parent link is kept."""
     counts = Counter(node for ids in node_ids_per_example for node in _node_list(ids))
     parent = next(((a, v) for a, v in parents.items() if a in (*CHECKPOINT_ASSETS, "base_model")), ("", ""))
-    rows = [{"asset": asset, "version": version, "node_id": node, "examples": int(n),
-             "parent_asset": parent[0], "parent_version": parent[1]} for node, n in sorted(counts.items())]
+    rows = [
+        {
+            "asset": asset,
+            "version": version,
+            "node_id": node,
+            "examples": int(n),
+            "parent_asset": parent[0],
+            "parent_version": parent[1],
+        }
+        for node, n in sorted(counts.items())
+    ]
     if not rows:
-        rows = [{"asset": asset, "version": version, "node_id": None, "examples": 0,
-                 "parent_asset": parent[0], "parent_version": parent[1]}]
+        rows = [
+            {
+                "asset": asset,
+                "version": version,
+                "node_id": None,
+                "examples": 0,
+                "parent_asset": parent[0],
+                "parent_version": parent[1],
+            }
+        ]
     return pd.DataFrame(rows, columns=PROVENANCE_COLUMNS)
 
 
@@ -57,9 +75,16 @@ def nodes_behind(provenance: pd.DataFrame, asset: str, version: str) -> pd.DataF
             break
         chain.append(current)
         current = (str(rows["parent_asset"].iloc[0]), str(rows["parent_version"].iloc[0]))
-    used = provenance[[(a, v) in set(chain) for a, v in zip(provenance["asset"], provenance["version"], strict=True)]]
+    used = provenance[
+        [(a, v) in set(chain) for a, v in zip(provenance["asset"], provenance["version"], strict=True)]
+    ]
     used = used[used["node_id"].notna()]
-    result = (used.groupby("node_id").agg(examples=("examples", "sum"), checkpoints=("version", "nunique"))
-              .reset_index().sort_values(["examples", "node_id"], ascending=[False, True]).reset_index(drop=True))
+    result = (
+        used.groupby("node_id")
+        .agg(examples=("examples", "sum"), checkpoints=("version", "nunique"))
+        .reset_index()
+        .sort_values(["examples", "node_id"], ascending=[False, True])
+        .reset_index(drop=True)
+    )
     result.attrs["chain"] = chain
     return result

@@ -65,7 +65,8 @@ def start_carl(home: Path, args: list[str], log_file: Path) -> subprocess.Popen:
     if not (home / "dagster" / "dagster.yaml").exists():
         (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     out = open(log_file, "a")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([CARL, "materialize", *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen([CARL, "materialize", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            cwd=ROOT)
 
 
 def carl(runs: dict[Path, list[str]], log_name: str) -> dict[Path, int]:
@@ -148,8 +149,9 @@ class Measurer:
 
     def answers(self, model: Any, tokenizer: Any, collisions: list) -> pd.DataFrame:
         return B.answer_projections(model, tokenizer, self.base, self.tokenizer, self.vectors, self.emotion,
-                                    collisions, k=self.k, temperature=self.temperature, sampling=self.sampling,
-                                    max_new_tokens=self.args.max_new_tokens, seed=self.args.seed,
+                                    collisions, k=self.k, temperature=self.temperature,
+                                    sampling=self.sampling, max_new_tokens=self.args.max_new_tokens,
+                                    seed=self.args.seed,
                                     batch_size=self.args.batch_size)
 
 
@@ -171,7 +173,8 @@ def node_texts(nodes: pd.DataFrame, ids: list[str]) -> dict[str, str]:
 
 
 def measure(m: Measurer, home: Path, arm: str, cycle: int, collisions: list, records: dict) -> None:
-    """Score the arm's current GRPO checkpoint: NLL of candidates, dreamed nodes and generic texts; answers."""
+    """Score the arm's current GRPO checkpoint: NLL of candidates, dreamed nodes and generic texts;
+    answers."""
     arm_home = home / arm
     scenarios = table(arm_home, "dream_scenarios")
     kept = scenarios[scenarios["kept"].astype(bool)] if scenarios is not None else None
@@ -203,7 +206,8 @@ def absorption_rows(m: Measurer, records: dict, reached: set[str]) -> list[dict[
                                    for k in after["key"]])
             if after.empty:
                 continue
-            out = B.absorption_delta(before, after.reset_index(drop=True), n_boot=m.args.n_boot, seed=m.args.seed)
+            out = B.absorption_delta(before, after.reset_index(drop=True), n_boot=m.args.n_boot,
+                                     seed=m.args.seed)
             rows.append({"arm": arm, "cycle": int(cycle), "split": split, "texts": out["texts"],
                          "nll_base": out["nll_before"], "nll": out["nll_after"], "ppl": out["ppl_after"],
                          "delta": out["delta"].to_dict()})
@@ -233,16 +237,19 @@ def fmt(interval: dict[str, Any] | None, digits: int = 3) -> str:
 
 
 def report(m: Measurer, home: Path, records: dict) -> dict[str, Any]:
-    reached = B.node_ids_in([table(home / arm, name) for arm in ARMS for name in ("dream_scenarios", "dream_heldout")])
+    reached = B.node_ids_in([table(home / arm, name) for arm in ARMS
+                             for name in ("dream_scenarios", "dream_heldout")])
     absorption, readout = absorption_rows(m, records, reached), readout_rows(m, records)
-    print(f"\nMemory absorption: pooled NLL (nats/token) under each arm's GRPO checkpoint; delta vs base_model, "
-          f"paired over texts, 95 % bootstrap ({m.args.n_boot})")
-    print(f"{'arm':9} {'cycle':>5} {'split':8} {'texts':>5} {'NLL base':>9} {'NLL':>7} {'ppl':>8}  delta vs base")
+    print(f"\nMemory absorption: pooled NLL (nats/token) under each arm's GRPO checkpoint; "
+          f"delta vs base_model, paired over texts, 95 % bootstrap ({m.args.n_boot})")
+    print(f"{'arm':9} {'cycle':>5} {'split':8} {'texts':>5} {'NLL base':>9} {'NLL':>7} {'ppl':>8}  "
+          "delta vs base")
     for r in absorption:
-        print(f"{r['arm']:9} {r['cycle']:>5} {r['split']:8} {r['texts']:>5} {r['nll_base']:9.3f} {r['nll']:7.3f} "
-              f"{r['ppl']:8.1f}  {fmt(r['delta'])}")
-    print(f"\nReadout projection on {m.emotion!r} (layer {max(m.vectors.layers)}, read by base_model) of the policy's "
-          f"answers to {len(set(pd.DataFrame(records['answers'])['dream_id']))} held-out scenarios x {m.k}; "
+        print(f"{r['arm']:9} {r['cycle']:>5} {r['split']:8} {r['texts']:>5} {r['nll_base']:9.3f} "
+              f"{r['nll']:7.3f} {r['ppl']:8.1f}  {fmt(r['delta'])}")
+    print(f"\nReadout projection on {m.emotion!r} (layer {max(m.vectors.layers)}, read by base_model) "
+          f"of the policy's answers to {len(set(pd.DataFrame(records['answers'])['dream_id']))} "
+          f"held-out scenarios x {m.k}; "
           "mean over scenarios [95 % bootstrap]")
     print(f"{'arm':9} {'cycle':>5}  {'projection':28} {'vs base (paired)':28} steering - plain (paired)")
     for r in readout:
@@ -253,12 +260,15 @@ def report(m: Measurer, home: Path, records: dict) -> dict[str, Any]:
             "no_signal_fraction", "heldout_score_mean", "heldout_pass_rate", "scorer"]
     for arm, frame in cycles.items():
         if frame is not None:
-            print(f"\ndream_cycles ({arm}):\n" + frame[[c for c in cols if c in frame.columns]].to_string(index=False))
+            shown = frame[[c for c in cols if c in frame.columns]]
+            print(f"\ndream_cycles ({arm}):\n" + shown.to_string(index=False))
     records["base_nll"] = m.base_nll
     summary = {"preset": m.args.preset, "emotion": m.emotion, "steer_scorer": m.args.steer_scorer or
-               f"steering:{m.emotion}", "heldout_memories": len([i for i in m.candidates["node_id"] if i not in reached]),
+               f"steering:{m.emotion}",
+               "heldout_memories": len([i for i in m.candidates["node_id"] if i not in reached]),
                "absorption": absorption, "readout": readout, "records": records,
-               "dream_cycles": {a: (f.to_dict("records") if f is not None else []) for a, f in cycles.items()},
+               "dream_cycles": {a: (f.to_dict("records") if f is not None else [])
+                                for a, f in cycles.items()},
                "sampling": {"temperature": m.temperature, "k": m.k, **m.sampling.__dict__}}
     storage.atomic_write_json(home / "behaviour.json", summary)
     return summary
@@ -268,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="offline", choices=["offline", "real"])
     p.add_argument("--cycles", type=int, default=3)
-    p.add_argument("--home", default=None, help="working folder (default: a new temporary one); reruns reuse it")
+    p.add_argument("--home", default=None,
+                   help="working folder (default: a new temporary one); reruns reuse it")
     p.add_argument("--emotion", default=None, help="default: the readout's best-separating emotion")
-    p.add_argument("--steer-scorer", default=None, help="scorer spec of the steering arm (default steering:<emotion>)")
+    p.add_argument("--steer-scorer", default=None,
+                   help="scorer spec of the steering arm (default steering:<emotion>)")
     p.add_argument("--max-texts", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--heldout-scenarios", type=int, default=8)
@@ -297,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     select = ["--job", "retraining"] if args.with_evaluation else ["--select", CYCLE_ASSETS]
     for cycle in range(args.cycles):
         runs = {home / arm: [*select, "--preset", args.preset, "--config",
-                             str(arm_config(home, arm, spec, args.heldout_scenarios, args.overlay))] for arm in ARMS}
+                             str(arm_config(home, arm, spec, args.heldout_scenarios, args.overlay))]
+                for arm in ARMS}
         if any(rc != 0 for rc in carl(runs, f"cycle{cycle}.log").values()):
             log(f"cycle {cycle} failed in an arm (logs above); stopping")
             return 1

@@ -52,7 +52,8 @@ def held_out_scores(nodes: pd.DataFrame, tagger: str, k: int, seed: int, emotion
     tagged = nodes[[bool(json.loads(t)) for t in nodes["tags_json"]]].reset_index(drop=True)
     ids = tagged["node_id"].astype(str).tolist()
     if max_nodes:  # a seeded subset for slow taggers
-        ids = sorted(np.random.default_rng(seed + 1).choice(ids, size=min(max_nodes, len(ids)), replace=False))
+        rng = np.random.default_rng(seed + 1)
+        ids = sorted(rng.choice(ids, size=min(max_nodes, len(ids)), replace=False))
     rows = []
     for f, held in enumerate(folds(ids, k, seed)):
         frame = tagged.copy()
@@ -63,7 +64,8 @@ def held_out_scores(nodes: pd.DataFrame, tagger: str, k: int, seed: int, emotion
         tags = tag_nodes(frame, tagger, emotions, min_score=0, **kwargs)
         out = tags[(tags["source"] != "user") & tags["node_id"].isin(held)]
         rows.append(out.assign(fold=f)[["node_id", "emotion", "raw_score", "fold"]])
-        print(f"  {tagger}: fold {f + 1}/{k}, {len(held)} nodes, {time.time() - started:.0f} s", file=sys.stderr)
+        print(f"  {tagger}: fold {f + 1}/{k}, {len(held)} nodes, {time.time() - started:.0f} s",
+              file=sys.stderr)
     return pd.concat(rows, ignore_index=True)
 
 
@@ -125,19 +127,21 @@ def fmt(table: pd.DataFrame) -> str:
         spread = f" [{lo:.2f}, {hi:.2f}]" if lo == lo else ""
         return f"{v:.2f}{spread}" + (f" ±{sd:.2f}" if sd == sd else "")
 
-    lines = ["| emotion | n pos / neg | AUC presence [95% boot] ±fold sd | AUC high (>=8) [95% boot] ±fold sd |",
+    lines = ["| emotion | n pos / neg | AUC presence [95% boot] ±fold sd "
+             "| AUC high (>=8) [95% boot] ±fold sd |",
              "|---|---|---|---|"]
     for r in table.to_dict("records"):
         counts = f"{int(r['n_presence_pos'])} / {int(r['n_neg'])}" if r.get("n_presence_pos") == r.get(
             "n_presence_pos") and "n_presence_pos" in r else ""
-        lines.append(f"| {r['emotion']} | {counts} | "
-                     f"{cell(r['presence_auc'], r.get('presence_lo', np.nan), r.get('presence_hi', np.nan), r.get('presence_fold_sd', np.nan))} | "  # noqa: E501
-                     f"{cell(r['high_auc'], r.get('high_lo', np.nan), r.get('high_hi', np.nan), r.get('high_fold_sd', np.nan))} |")  # noqa: E501
+        presence, high = (cell(r[f"{name}_auc"], r.get(f"{name}_lo", np.nan), r.get(f"{name}_hi", np.nan),
+                               r.get(f"{name}_fold_sd", np.nan)) for name in ("presence", "high"))
+        lines.append(f"| {r['emotion']} | {counts} | {presence} | {high} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--taggers", default="lexicon,offline",
                         help="comma list of: lexicon, offline (the offline model), smollm2 (the packaged "
                         "SmolLM2-135M-Instruct), or a model folder / hub id")
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-nodes", type=int, default=0, help="score only this many tagged nodes (0: all)")
     parser.add_argument("--emotions", default="", help="comma list (default: every emotion of the graph)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small busy CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a small busy CPU)")
     parser.add_argument("--cache", default=".carl/tagger_agreement", help="where the offline model is built")
     parser.add_argument("--json", default="", help="write all numbers here")
     args = parser.parse_args(argv)
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [t for t in args.taggers.split(",") if t]:
         started = time.time()
         if name == "lexicon":
-            scores = held_out_scores(nodes, "lexicon", args.folds, args.seed, emotions, args.max_nodes or None)
+            scores = held_out_scores(nodes, "lexicon", args.folds, args.seed, emotions,
+                                     args.max_nodes or None)
         else:
             spec = {"smollm2": "smollm2-135m-instruct"}.get(name, name)
             model, tokenizer = load_model(spec, Path(args.cache), graph.texts())

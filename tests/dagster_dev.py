@@ -125,8 +125,14 @@ class DagsterDev:
         cmd = [str(BIN / "dagster"), "dev", "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(self.port)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_default_signals,
+                cmd,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_default_signals,
             )
 
     def wait_until_loaded(self) -> None:
@@ -154,7 +160,8 @@ class DagsterDev:
                 loaded = entry["locationOrLoadError"]
                 if loaded and loaded["__typename"] == "PythonError":
                     raise DagsterDevError(
-                        f"code location {entry['name']!r} failed to load: {loaded['message']}\n{loaded['stack']}"
+                        f"code location {entry['name']!r} failed to load: {loaded['message']}\n"
+                        f"{loaded['stack']}"
                     )
             ready = [e for e in entries if e["loadStatus"] == "LOADED" and e["locationOrLoadError"]]
             if ready:

@@ -16,13 +16,20 @@ INSTRUCTION = "Which feelings does this memory carry?"
 
 def _by_hand(model, tokenizer, max_new_tokens):
     """The seed's agent step written out: chat template, greedy generate, logits predicting the new tokens."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": user_message(OBSERVATION, INSTRUCTION)}]
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user_message(OBSERVATION, INSTRUCTION)},
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         logits = model(out).logits[0].double().numpy()
     start = input_ids.shape[1]
     new = out[0, start:].numpy()
@@ -62,8 +69,16 @@ def test_scored_positions_are_the_ones_that_predict_the_tokens(tiny_model_and_to
 
 def test_evaluate_agent_table_and_summary(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    tasks = [{"task_id": i, "node_id": f"n{i}", "observation": f"{OBSERVATION} Day {i}.",
-              "instruction": INSTRUCTION, "expected": "Mostly warmth, then joy."} for i in range(3)]
+    tasks = [
+        {
+            "task_id": i,
+            "node_id": f"n{i}",
+            "observation": f"{OBSERVATION} Day {i}.",
+            "instruction": INSTRUCTION,
+            "expected": "Mostly warmth, then joy.",
+        }
+        for i in range(3)
+    ]
     acting = evaluate_agent(model, tokenizer, tasks, gate_threshold=0.0, max_new_tokens=6)
     abstaining = evaluate_agent(model, tokenizer, tasks, gate_threshold=1.01, max_new_tokens=6)
     assert list(acting.columns) == EVALUATION_COLUMNS and len(acting) == 3
@@ -82,8 +97,12 @@ def test_agent_sampling_keywords_and_checks():
     from carl_assets.carl.agent import GREEDY, AgentSampling
 
     assert GREEDY.generate_kwargs() == {"do_sample": False}
-    assert AgentSampling(temperature=0.7, top_p=0.9).generate_kwargs() == \
-        {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9}
+    assert AgentSampling(temperature=0.7, top_p=0.9).generate_kwargs() == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 0,
+        "top_p": 0.9,
+    }
     assert AgentSampling(temperature=1.0, min_p=0.05).generate_kwargs()["min_p"] == 0.05
     for bad in ({"temperature": -0.1}, {"top_p": 0.0}, {"top_k": -1}, {"min_p": 1.0}):
         with pytest.raises(ValueError):
@@ -95,14 +114,33 @@ def test_sampled_agent_step_top_k_1_is_greedy_and_seeds_repeat(tiny_model_and_to
 
     model, tokenizer = tiny_model_and_tokenizer
     greedy = agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, gate_threshold=0.0, max_new_tokens=10)
-    top1 = agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, gate_threshold=0.0, max_new_tokens=10,
-                      sampling=AgentSampling(temperature=1.5, top_k=1, seed=3))
+    top1 = agent_step(
+        model,
+        tokenizer,
+        OBSERVATION,
+        INSTRUCTION,
+        gate_threshold=0.0,
+        max_new_tokens=10,
+        sampling=AgentSampling(temperature=1.5, top_k=1, seed=3),
+    )
     assert top1.raw_response == greedy.raw_response  # top-k 1 keeps only the argmax
     assert top1.phi_mean == pytest.approx(greedy.phi_mean, abs=1e-9)  # scored on the untempered logits
-    hot = [agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, gate_threshold=0.0, max_new_tokens=10,
-                      sampling=AgentSampling(temperature=2.0, seed=s)).raw_response for s in (0, 0, 1, 2)]
+    hot = [
+        agent_step(
+            model,
+            tokenizer,
+            OBSERVATION,
+            INSTRUCTION,
+            gate_threshold=0.0,
+            max_new_tokens=10,
+            sampling=AgentSampling(temperature=2.0, seed=s),
+        ).raw_response
+        for s in (0, 0, 1, 2)
+    ]
     assert hot[0] == hot[1]  # same seed, same answer
     assert len(set(hot)) > 1  # a random model sampled hot does not repeat itself across seeds
     state = torch.get_rng_state()
-    agent_step(model, tokenizer, OBSERVATION, INSTRUCTION, max_new_tokens=4, sampling=AgentSampling(temperature=1.0))
+    agent_step(
+        model, tokenizer, OBSERVATION, INSTRUCTION, max_new_tokens=4, sampling=AgentSampling(temperature=1.0)
+    )
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone

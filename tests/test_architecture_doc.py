@@ -73,8 +73,10 @@ def text() -> str:
 def test_the_diagram_is_the_asset_graph(defs, text):
     drawn, real = doc_edges(text), graph_edges(defs)
     assert len(real) > 30  # the graph really was read (35 edges when this was written)
-    assert drawn == real, (f"docs/architecture.md diagram differs from the graph: missing {sorted(real - drawn)}, "
-                           f"extra {sorted(drawn - real)}; print it with tests.test_architecture_doc.graph_mermaid()")
+    assert drawn == real, (
+        f"docs/architecture.md diagram differs from the graph: missing {sorted(real - drawn)}, "
+        f"extra {sorted(drawn - real)}; print it with tests.test_architecture_doc.graph_mermaid()"
+    )
 
 
 def test_the_table_names_every_asset_table_and_check(defs, text):
@@ -83,8 +85,12 @@ def test_the_table_names_every_asset_table_and_check(defs, text):
     assets = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert rows == assets
     tables = {t for owned in TABLE_OWNERS.values() for t in owned}
-    checks = {spec.name for key in graph.get_all_asset_keys() if graph.get(key).is_materializable
-              for spec in graph.get(key).assets_def.check_specs}
+    checks = {
+        spec.name
+        for key in graph.get_all_asset_keys()
+        if graph.get(key).is_materializable
+        for spec in graph.get(key).assets_def.check_specs
+    }
     assert len(checks) == 13
     missing = sorted(name for name in tables | checks if not re.search(rf"\b{name}\b", text))
     assert not missing, f"docs/architecture.md does not name {missing}"

@@ -29,7 +29,12 @@ def _direct_nll(model, tokenizer, text: str) -> tuple[float, int]:
 
 def test_text_nll_matches_a_direct_computation_for_any_batch(tiny_model_and_tokenizer, tiny_texts):
     model, tokenizer = tiny_model_and_tokenizer
-    texts = [tiny_texts[0], "a", tiny_texts[3], tiny_texts[10] + " " + tiny_texts[11]]  # lengths differ: padding
+    texts = [
+        tiny_texts[0],
+        "a",
+        tiny_texts[3],
+        tiny_texts[10] + " " + tiny_texts[11],
+    ]  # lengths differ: padding
     for batch_size in (1, 3, 8):
         frame = B.text_nll(model, tokenizer, texts, batch_size=batch_size)
         for i, text in enumerate(texts):
@@ -73,8 +78,8 @@ def test_bootstrap_interval_agrees_with_normal_theory():
 
 
 def test_bootstrap_of_two_units_matches_the_enumerated_distribution():
-    # resampling [0, 1] twice: mean 0 (p 1/4), 0.5 (p 1/2), 1 (p 1/4); the 2.5 % and 97.5 % points are 0 and 1,
-    # the 30 % and 70 % points 0.5
+    # resampling [0, 1] twice: mean 0 (p 1/4), 0.5 (p 1/2), 1 (p 1/4); the 2.5 % and 97.5 % points are
+    # 0 and 1, the 30 % and 70 % points 0.5
     wide = B.bootstrap_interval([0.0, 1.0], n_boot=4000, seed=0)
     assert (wide.low, wide.high) == (0.0, 1.0) and not wide.excludes_zero
     narrow = B.bootstrap_interval([0.0, 1.0], n_boot=4000, seed=0, level=0.4)
@@ -93,8 +98,14 @@ def test_bootstrap_edge_cases():
 
 
 def test_absorption_delta_pairs_texts_and_pools_tokens():
-    before = pd.DataFrame({"text_index": [0, 1, 2], "tokens": [2, 2, 0], "nll_sum": [8.0, 4.0, 0.0],
-                           "nll_mean": [4.0, 2.0, np.nan]})
+    before = pd.DataFrame(
+        {
+            "text_index": [0, 1, 2],
+            "tokens": [2, 2, 0],
+            "nll_sum": [8.0, 4.0, 0.0],
+            "nll_mean": [4.0, 2.0, np.nan],
+        }
+    )
     after = before.assign(nll_sum=[6.0, 4.0, 0.0], nll_mean=[3.0, 2.0, np.nan])
     out = B.absorption_delta(before, after, n_boot=500)
     assert out["nll_before"] == pytest.approx(12.0 / 4) and out["nll_after"] == pytest.approx(10.0 / 4)
@@ -109,9 +120,14 @@ def test_absorption_delta_pairs_texts_and_pools_tokens():
 
 
 def test_memory_candidates_skip_stubs_and_empty_texts_in_a_fixed_order():
-    nodes = pd.DataFrame({"node_id": [f"n{i}" for i in range(10)], "kind": ["note"] * 10,
-                          "text": ["t"] * 7 + ["", None, "stub name"],
-                          "is_stub": [False] * 9 + [True]})
+    nodes = pd.DataFrame(
+        {
+            "node_id": [f"n{i}" for i in range(10)],
+            "kind": ["note"] * 10,
+            "text": ["t"] * 7 + ["", None, "stub name"],
+            "is_stub": [False] * 9 + [True],
+        }
+    )
     picked = B.memory_candidates(nodes, max_texts=5)
     assert len(picked) == 5 and set(picked["node_id"]) <= {f"n{i}" for i in range(7)}
     shuffled = B.memory_candidates(nodes.sample(frac=1.0, random_state=0), max_texts=5)
@@ -128,20 +144,41 @@ def _readout(model, layer: int) -> SteeringVectors:
     hidden = model.config.hidden_size
     direction = torch.linspace(-1.0, 1.0, hidden)
     direction = direction / direction.norm()
-    return SteeringVectors(concepts=["warmth"], layers=[layer], vectors={layer: direction.unsqueeze(0)},
-                           reduction="mean", bos_excluded=True)
+    return SteeringVectors(
+        concepts=["warmth"],
+        layers=[layer],
+        vectors={layer: direction.unsqueeze(0)},
+        reduction="mean",
+        bos_excluded=True,
+    )
 
 
 def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_tokenizer, tiny_texts):
     model, tokenizer = tiny_model_and_tokenizer
     nodes = pd.DataFrame({"node_id": ["a", "b", "c"], "kind": ["note"] * 3, "text": tiny_texts[:3]})
-    rows = pd.DataFrame({"node_ids_json": [json.dumps(["a", "b"]), json.dumps(["b", "a"]), json.dumps(["c", "a"])]})
+    rows = pd.DataFrame(
+        {"node_ids_json": [json.dumps(["a", "b"]), json.dumps(["b", "a"]), json.dumps(["c", "a"])]}
+    )
     collisions = B.collisions_from_rows(rows, nodes)
     assert [c.node_ids for c in collisions] == [("a", "b"), ("c", "a")]  # the same scenario kept once
     vectors = _readout(model, layer=1)
-    frame = B.answer_projections(model, tokenizer, model, tokenizer, vectors, "warmth", collisions, k=2,
-                                 temperature=1.0, max_new_tokens=6, seed=0)
-    assert len(frame) == 4 and list(frame["dream_id"]) == [collisions[0].dream_id] * 2 + [collisions[1].dream_id] * 2
+    frame = B.answer_projections(
+        model,
+        tokenizer,
+        model,
+        tokenizer,
+        vectors,
+        "warmth",
+        collisions,
+        k=2,
+        temperature=1.0,
+        max_new_tokens=6,
+        seed=0,
+    )
+    assert (
+        len(frame) == 4
+        and list(frame["dream_id"]) == [collisions[0].dream_id] * 2 + [collisions[1].dream_id] * 2
+    )
     for text, projection in zip(frame["response"], frame["projection"], strict=True):
         ids = tokenizer(text if text.strip() else " ", add_special_tokens=True)["input_ids"]
         with torch.no_grad():
@@ -151,8 +188,19 @@ def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_t
         expected = float(hidden.double().mean(dim=0) @ vectors.vectors[1][0].double())
         assert projection == pytest.approx(expected, rel=1e-4, abs=1e-6)
     # same seed, same answers
-    again = B.answer_projections(model, tokenizer, model, tokenizer, vectors, "warmth", collisions, k=2,
-                                 temperature=1.0, max_new_tokens=6, seed=0)
+    again = B.answer_projections(
+        model,
+        tokenizer,
+        model,
+        tokenizer,
+        vectors,
+        "warmth",
+        collisions,
+        k=2,
+        temperature=1.0,
+        max_new_tokens=6,
+        seed=0,
+    )
     assert again["response"].tolist() == frame["response"].tolist()
     with pytest.raises(ValueError, match="unknown emotion"):
         B.answer_projections(model, tokenizer, model, tokenizer, vectors, "awe", collisions)
@@ -165,7 +213,9 @@ def test_collisions_from_rows_names_missing_nodes():
 
 
 def test_projection_summaries_average_per_scenario_then_pair():
-    treated = pd.DataFrame({"dream_id": ["s1", "s1", "s2", "s2", "s3"], "projection": [1.0, 3.0, 2.0, 2.0, 5.0]})
+    treated = pd.DataFrame(
+        {"dream_id": ["s1", "s1", "s2", "s2", "s3"], "projection": [1.0, 3.0, 2.0, 2.0, 5.0]}
+    )
     control = pd.DataFrame({"dream_id": ["s1", "s2", "s4"], "projection": [1.0, 1.0, 9.0]})
     summary = B.projection_summary(treated, n_boot=300)
     assert summary.mean == pytest.approx((2.0 + 2.0 + 5.0) / 3) and summary.n == 3

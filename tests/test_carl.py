@@ -249,7 +249,9 @@ def assert_rows_match(rewards, components, rows, tol):
 def test_carl_reward_batch_equals_carl_reward_row_by_row():
     rng = np.random.default_rng(3)
     logits, ids, mask, rows = padded_batch(rng, BATCH_LENGTHS)
-    rewards, components = carl_reward_batch(torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(mask))
+    rewards, components = carl_reward_batch(
+        torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(mask)
+    )
     assert_rows_match(rewards, components, rows, 1e-9)
     assert set(components) == set(carl.COMPONENT_KEYS)
 
@@ -257,7 +259,9 @@ def test_carl_reward_batch_equals_carl_reward_row_by_row():
 def test_carl_reward_batch_float32_matches_numpy_float32():
     rng = np.random.default_rng(11)
     logits, ids, mask, rows = padded_batch(rng, [5, 40, 17, 0, 2], vocab=300, dtype=np.float32)
-    rewards, components = carl_reward_batch(torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(mask))
+    rewards, components = carl_reward_batch(
+        torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(mask)
+    )
     assert_rows_match(rewards, components, rows, 1e-5)
 
 
@@ -307,7 +311,9 @@ def test_stats_path_soft_cap_and_scale():
     head = torch.nn.Linear(8, 200, bias=False).double()
     hidden = torch.randn(20, 8, dtype=torch.float64) * 30
     ids = torch.randint(0, 200, (20,))
-    stats = token_stats_from_hidden(hidden, head.weight, ids, softcap=5.0, logit_scale=0.5, tile_elements=20 * 64)
+    stats = token_stats_from_hidden(
+        hidden, head.weight, ids, softcap=5.0, logit_scale=0.5, tile_elements=20 * 64
+    )
     logits = torch.tanh(head(hidden) * 0.5 / 5.0) * 5.0
     logp = logits.log_softmax(-1)
     torch.testing.assert_close(stats.selected_logprob, logp.gather(1, ids[:, None]).squeeze(1))
@@ -373,14 +379,20 @@ def test_phase_transition_gate_fires_on_three_of_the_last_five():
     gate = PhaseTransitionGate()
     accs = [0.5, 0.995, 0.7, 0.99, 0.8, 0.6, 0.991, 1.0, 0.5, 0.99]
     ents = [1.0, 2.5, 3.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]
-    stops = run_logs(gate, [{"mean_token_accuracy": a, "entropy": e} for a, e in zip(accs, ents, strict=True)])
+    stops = run_logs(
+        gate, [{"mean_token_accuracy": a, "entropy": e} for a, e in zip(accs, ents, strict=True)]
+    )
     # window at step 5: [0.5, .995, .7, .99, .8] -> 2 above; step 6: [.995, .7, .99, .8, .6] -> 2;
     # step 7: [.7, .99, .8, .6, .991] -> 2; step 8: [.99, .8, .6, .991, 1.0] -> 3: fires
     assert stops == [8]
     assert gate.triggered and gate.trigger_step == 8
     assert gate.window_values == [0.99, 0.8, 0.6, 0.991, 1.0]
     assert gate.peak_entropy == 3.0 and gate.peak_entropy_step == 3
-    assert len(gate.history) == 10 and gate.history[7] == {"step": 8, "mean_token_accuracy": 1.0, "entropy": 0.3}
+    assert len(gate.history) == 10 and gate.history[7] == {
+        "step": 8,
+        "mean_token_accuracy": 1.0,
+        "entropy": 0.3,
+    }
     assert gate.summary()["trigger_step"] == 8
 
 

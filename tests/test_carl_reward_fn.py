@@ -23,7 +23,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = build_tiny_model(TEXTS, hidden_size=32, num_layers=2, num_heads=2, vocab_size=400, seed=0)
+    model, tokenizer = build_tiny_model(
+        TEXTS, hidden_size=32, num_layers=2, num_heads=2, vocab_size=400, seed=0
+    )
     with torch.no_grad():  # sharpen the random model so Phi spreads over [0, 1] and rewards vary
         model.get_output_embeddings().weight.mul_(6.0)
     return model, tokenizer
@@ -56,9 +58,14 @@ def test_reward_fn_matches_carl_reward_by_hand(tiny):
     metrics = {}
     model.train()
     extra = {}
-    rewards = reward_fn(prompts=prompts, completions=["a long text"] * 5, completion_ids=completion_ids,
-                        log_metric=lambda name, value: metrics.setdefault(name, value),
-                        log_extra=lambda column, values: extra.setdefault(column, values), trainer_state=None)
+    rewards = reward_fn(
+        prompts=prompts,
+        completions=["a long text"] * 5,
+        completion_ids=completion_ids,
+        log_metric=lambda name, value: metrics.setdefault(name, value),
+        log_extra=lambda column, values: extra.setdefault(column, values),
+        trainer_state=None,
+    )
     assert model.training  # train mode restored
     assert len(rewards) == 5 and all(isinstance(r, float) for r in rewards)
     expected = [by_hand(model, tokenizer, p, c) for p, c in zip(prompts, completion_ids, strict=True)]
@@ -80,8 +87,9 @@ def test_reward_fn_is_one_position_right_of_the_seed(tiny):
     model, tokenizer = tiny
     prompt = [{"role": "user", "content": "Type the name."}]
     completion = tokenizer("into the box", add_special_tokens=False)["input_ids"]
-    reward = make_carl_reward_fn(model, tokenizer)(prompts=[prompt], completions=["into the box"],
-                                                    completion_ids=[completion])[0]
+    reward = make_carl_reward_fn(model, tokenizer)(
+        prompts=[prompt], completions=["into the box"], completion_ids=[completion]
+    )[0]
     prompt_ids = _prompt_ids(tokenizer, prompt, {})
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt_ids + completion])).logits[0].double().numpy()
@@ -107,8 +115,12 @@ def test_reward_fn_zero_with_reason_for_empty_out_of_vocab_and_non_finite(tiny, 
     metrics = {}
     prompts = ["Click", "Click", "Click"]
     with caplog.at_level(logging.WARNING, logger="carl_assets.carl"):
-        rewards = fn(prompts=prompts, completions=["", "x", "ok"], completion_ids=[[], [len(tokenizer) + 5], [5, 6]],
-                     log_metric=lambda n, v: metrics.setdefault(n, v))
+        rewards = fn(
+            prompts=prompts,
+            completions=["", "x", "ok"],
+            completion_ids=[[], [len(tokenizer) + 5], [5, 6]],
+            log_metric=lambda n, v: metrics.setdefault(n, v),
+        )
     assert rewards[0] == 0.0 and rewards[1] == 0.0 and rewards[2] != 0.0
     assert "empty completion" in caplog.text and "outside the vocabulary" in caplog.text
     assert metrics["carl/zeroed"] == pytest.approx(2 / 3)
@@ -124,8 +136,9 @@ def test_reward_fn_zero_with_reason_for_empty_out_of_vocab_and_non_finite(tiny, 
     broken.train()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="carl_assets.carl"):
-        rewards = make_carl_reward_fn(broken, tok, min_chars=0)(prompts=["a", "b"], completions=["", ""],
-                                                   completion_ids=[[4, 5, 6], [7]])
+        rewards = make_carl_reward_fn(broken, tok, min_chars=0)(
+            prompts=["a", "b"], completions=["", ""], completion_ids=[[4, 5, 6], [7]]
+        )
     assert rewards == [0.0, 0.0] and "non-finite" in caplog.text
     assert broken.training
 
@@ -143,22 +156,42 @@ def test_reward_fn_inside_a_real_grpo_trainer_step(tiny, tmp_path):
         rewards = real(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
         # the reference, computed at the same moment (before the optimizer step changes the weights)
         expected = [by_hand(model, tokenizer, p, c)[0] for p, c in zip(prompts, completion_ids, strict=True)]
-        calls.append({"rewards": rewards, "expected": expected, "prompts": prompts,
-                      "completion_ids": completion_ids, "kwargs": sorted(kwargs)})
+        calls.append(
+            {
+                "rewards": rewards,
+                "expected": expected,
+                "prompts": prompts,
+                "completion_ids": completion_ids,
+                "kwargs": sorted(kwargs),
+            }
+        )
         return rewards
 
-    dataset = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": "Click the submit button."}]},
-        {"prompt": [{"role": "user", "content": "Type the name into the box."}]},
-    ])
+    dataset = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": "Click the submit button."}]},
+            {"prompt": [{"role": "user", "content": "Type the name into the box."}]},
+        ]
+    )
     args = GRPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
-        per_device_train_batch_size=4, max_completion_length=10, max_steps=1, logging_steps=1,
-        report_to=[], save_strategy="no", seed=0, temperature=1.0,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        beta=0.0,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=10,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        temperature=1.0,
     )
     torch.manual_seed(0)
-    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[carl], args=args,
-                          train_dataset=dataset)
+    trainer = GRPOTrainer(
+        model=model, processing_class=tokenizer, reward_funcs=[carl], args=args, train_dataset=dataset
+    )
     trainer.train()
 
     assert len(calls) == 1
@@ -185,16 +218,19 @@ def test_full_logits_fallback_and_bf16_model_give_the_same_rewards(tiny, monkeyp
     model, tokenizer = tiny
     prompts = ["Click", [{"role": "user", "content": "Type the name."}]]
     completion_ids = [[5, 9, 33, 2], [7, 7, 8, 100, 101, 3, 4]]
-    tiled = make_carl_reward_fn(model, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
-                                                               completion_ids=completion_ids)
+    tiled = make_carl_reward_fn(model, tokenizer, min_chars=0)(
+        prompts=prompts, completions=["", ""], completion_ids=completion_ids
+    )
     monkeypatch.setattr(completion_scores, "lm_head_parts", lambda m: (None, None, None, 1.0))
-    full = make_carl_reward_fn(model, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
-                                                              completion_ids=completion_ids)
+    full = make_carl_reward_fn(model, tokenizer, min_chars=0)(
+        prompts=prompts, completions=["", ""], completion_ids=completion_ids
+    )
     monkeypatch.undo()
     np.testing.assert_allclose(tiled, full, atol=1e-6)
     half = copy.deepcopy(model).to(torch.bfloat16)
-    low = make_carl_reward_fn(half, tokenizer, min_chars=0)(prompts=prompts, completions=["", ""],
-                                                            completion_ids=completion_ids)
+    low = make_carl_reward_fn(half, tokenizer, min_chars=0)(
+        prompts=prompts, completions=["", ""], completion_ids=completion_ids
+    )
     expected = [by_hand(half, tokenizer, p, c)[0] for p, c in zip(prompts, completion_ids, strict=True)]
     np.testing.assert_allclose(low, expected, atol=2e-3)  # bf16 activations: batched vs unbatched rounding
 
@@ -204,12 +240,17 @@ def test_the_seeds_short_completion_and_token_cap_rules(tiny):
     fn = make_carl_reward_fn(model, tokenizer)
     metrics = {}
     ids = [[5, 6, 7], [5, 6, 7], [5, 6, 7]]
-    rewards = fn(prompts=["Click"] * 3, completions=["   ", "abcd", "abcde"], completion_ids=ids,
-                 log_metric=lambda n, v: metrics.setdefault(n, v))
+    rewards = fn(
+        prompts=["Click"] * 3,
+        completions=["   ", "abcd", "abcde"],
+        completion_ids=ids,
+        log_metric=lambda n, v: metrics.setdefault(n, v),
+    )
     assert rewards[0] == rewards[1] == 0.0 and rewards[2] != 0.0  # blank and < 5 characters score 0
     assert metrics["carl/short"] == pytest.approx(2 / 3)
     # only the first max_completion_tokens tokens are scored
     long_ids = list(range(5, 25))
     capped = make_carl_reward_fn(model, tokenizer, max_completion_tokens=8)(
-        prompts=["Click"], completions=["long enough"], completion_ids=[long_ids])[0]
+        prompts=["Click"], completions=["long enough"], completion_ids=[long_ids]
+    )[0]
     assert capped == pytest.approx(by_hand(model, tokenizer, "Click", long_ids[:8])[0], abs=1e-5)

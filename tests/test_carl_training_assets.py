@@ -14,11 +14,24 @@ from carl_assets.defs.resources import build_resources
 from tests.upstreams import with_upstreams
 
 UPSTREAM = [memory.memory_graph, models.base_model, memory.emotion_training_pairs, steering.steering_vectors]
-ASSETS = [sft.sft_dataset, sft_training.sft_checkpoint, crystallization.crystallization_events,
-          grpo.grpo_checkpoint, agent.agent_evaluation]
+ASSETS = [
+    sft.sft_dataset,
+    sft_training.sft_checkpoint,
+    crystallization.crystallization_events,
+    grpo.grpo_checkpoint,
+    agent.agent_evaluation,
+]
 TINY = {
-    "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
-                   "steps": 3, "seq_len": 32, "batch_size": 2},
+    "base_model": {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 512,
+        "steps": 3,
+        "seq_len": 32,
+        "batch_size": 2,
+    },
     "steering_vectors": {"max_length": 64},
     "sft_dataset": {"source": "templates", "max_examples": 8, "holdout_tasks": 3},
     "sft_checkpoint": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4},
@@ -60,7 +73,11 @@ def test_training_assets_materialize(tmp_path):
     on_disk = load_from_disk(str(current["sft_dataset"] / "dataset"))
     grpo_prompts = load_from_disk(str(current["sft_dataset"] / "grpo_prompts"))
     grpo_nodes = {n for ids in grpo_prompts["node_ids"] for n in ids}
-    assert len(grpo_prompts) == 8 and grpo_nodes.isdisjoint(sft["node_id"]) and grpo_nodes.isdisjoint(tasks["node_id"])
+    assert (
+        len(grpo_prompts) == 8
+        and grpo_nodes.isdisjoint(sft["node_id"])
+        and grpo_nodes.isdisjoint(tasks["node_id"])
+    )
     assert len(on_disk) == 8 and on_disk[0]["completion"][0]["role"] == "assistant"
 
     for name in ("sft_checkpoint", "grpo_checkpoint"):
@@ -105,9 +122,16 @@ def test_training_assets_materialize(tmp_path):
     assert readout["projection"].notna().all() and "readout_heatmap" in metadata(result, "agent_evaluation")
 
     # a second SFT run appends a crystallization event (one row per run)
-    again = dg.materialize(with_upstreams(*ASSETS[1:3]), resources=resources, run_config={"ops": {
-        "sft_checkpoint": {"config": dict(TINY["sft_checkpoint"], max_steps=3)},
-        "crystallization_events": {"config": TINY["crystallization_events"]}}})
+    again = dg.materialize(
+        with_upstreams(*ASSETS[1:3]),
+        resources=resources,
+        run_config={
+            "ops": {
+                "sft_checkpoint": {"config": dict(TINY["sft_checkpoint"], max_steps=3)},
+                "crystallization_events": {"config": TINY["crystallization_events"]},
+            }
+        },
+    )
     assert again.success
     events = storage.read_table(db, "crystallization_events")
     assert sorted(events["run_id"]) == sorted([result.run_id, again.run_id])
@@ -123,8 +147,9 @@ def test_grpo_without_within_group_spread_holds_the_evaluation_back(tmp_path):
     """Near-greedy sampling makes every completion of a group the same: no advantage, no signal."""
     resources = build_resources(tmp_path)
     cfg = run_config(grpo_checkpoint={"temperature": 1e-4})
-    result = dg.materialize(with_upstreams(*UPSTREAM, *ASSETS), resources=resources, run_config=cfg,
-                            raise_on_error=False)
+    result = dg.materialize(
+        with_upstreams(*UPSTREAM, *ASSETS), resources=resources, run_config=cfg, raise_on_error=False
+    )
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     spread = checks["grpo_reward_spread"]
     assert spread.passed is False and spread.metadata["mean_frac_reward_zero_std"].value == pytest.approx(1.0)
@@ -136,9 +161,23 @@ def test_grpo_without_within_group_spread_holds_the_evaluation_back(tmp_path):
 def test_grpo_is_held_back_when_sft_did_not_crystallize(tmp_path):
     resources = build_resources(tmp_path)
     cfg = run_config(crystallization_events={"require_crystallization": True})
-    result = dg.materialize(with_upstreams(*UPSTREAM[:2], *ASSETS[:4]), resources=resources, run_config={
-        "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events",
-                                           "grpo_checkpoint")}}, raise_on_error=False)
+    result = dg.materialize(
+        with_upstreams(*UPSTREAM[:2], *ASSETS[:4]),
+        resources=resources,
+        run_config={
+            "ops": {
+                k: cfg["ops"][k]
+                for k in (
+                    "base_model",
+                    "sft_dataset",
+                    "sft_checkpoint",
+                    "crystallization_events",
+                    "grpo_checkpoint",
+                )
+            }
+        },
+        raise_on_error=False,
+    )
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["sft_crystallized"].passed is False
     assert checks["sft_crystallized"].severity == dg.AssetCheckSeverity.ERROR
@@ -148,22 +187,36 @@ def test_grpo_is_held_back_when_sft_did_not_crystallize(tmp_path):
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert {"sft_checkpoint", "crystallization_events"} <= done  # the failed run is still recorded
     assert "grpo_checkpoint" not in done
-    assert storage.read_table(tmp_path / storage.DATABASE_NAME, "crystallization_events")["crystallized"].tolist() == [False]
+    assert storage.read_table(tmp_path / storage.DATABASE_NAME, "crystallization_events")[
+        "crystallized"
+    ].tolist() == [False]
 
 
 @pytest.mark.slow
 def test_bad_sft_data_blocks_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
-                               "completion": [{"role": "assistant", "content": ""}]}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "completion": [{"role": "assistant", "content": ""}],
+            }
+        )
+        + "\n"
+    )
     resources = build_resources(tmp_path / "home")
     cfg = run_config(sft_dataset={"source": str(bad)})
-    result = dg.materialize(with_upstreams(*UPSTREAM[:2], *ASSETS[:2]), resources=resources, run_config={
-        "ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint")}}, raise_on_error=False)
+    result = dg.materialize(
+        with_upstreams(*UPSTREAM[:2], *ASSETS[:2]),
+        resources=resources,
+        run_config={"ops": {k: cfg["ops"][k] for k in ("base_model", "sft_dataset", "sft_checkpoint")}},
+        raise_on_error=False,
+    )
     assert not result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["sft_dataset_chat_formatted"] is False and [k for k, ok in checks.items() if not ok] == [
-        "sft_dataset_chat_formatted"]
+        "sft_dataset_chat_formatted"
+    ]
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "sft_dataset" in done and "sft_checkpoint" not in done
 
@@ -173,7 +226,9 @@ def test_weights_check_finds_non_finite_values(tmp_path):
     from safetensors.torch import save_file
 
     assert weights_problem(tmp_path) == "no safetensors weights"
-    save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "model.safetensors")
+    )
     assert "b has non-finite" in weights_problem(tmp_path)
     save_file({"a": torch.ones(3)}, str(tmp_path / "model.safetensors"))
     assert weights_problem(tmp_path) is None
@@ -185,12 +240,25 @@ def test_lora_and_a_small_per_device_batch_through_the_assets(tmp_path):
     with groups of 4 (TRL's rule, not batch % generations) and a reward chosen by name."""
     resources = build_resources(tmp_path)
     lora = {"lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]}
-    cfg = run_config(sft_checkpoint=dict(lora, max_steps=2),
-                     grpo_checkpoint=dict(lora, max_steps=1, batch_size=1, gradient_accumulation_steps=4,
-                                          num_generations=4, reward="mean_logprob", top_p=0.9, min_p=0.05))
+    cfg = run_config(
+        sft_checkpoint=dict(lora, max_steps=2),
+        grpo_checkpoint=dict(
+            lora,
+            max_steps=1,
+            batch_size=1,
+            gradient_accumulation_steps=4,
+            num_generations=4,
+            reward="mean_logprob",
+            top_p=0.9,
+            min_p=0.05,
+        ),
+    )
     ops = ("base_model", "sft_dataset", "sft_checkpoint", "crystallization_events", "grpo_checkpoint")
-    result = dg.materialize(with_upstreams(*UPSTREAM[:2], *ASSETS[:4]), resources=resources,
-                            run_config={"ops": {k: cfg["ops"][k] for k in ops}})
+    result = dg.materialize(
+        with_upstreams(*UPSTREAM[:2], *ASSETS[:4]),
+        resources=resources,
+        run_config={"ops": {k: cfg["ops"][k] for k in ops}},
+    )
     assert result.success
     art = tmp_path / storage.ARTIFACTS_DIR
     for name in ("sft_checkpoint", "grpo_checkpoint"):

@@ -44,16 +44,20 @@ def test_transcript_template_renders_the_dream_transcript_and_marks_the_answer(g
     tok = gpt2_tokenizer
     template = chat_template_for(tok)
     assert template == transcript_template(add_bos=False)  # GPT-2 adds no bos to plain text
-    prompt = tok.apply_chat_template(MESSAGES, chat_template=template, tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        MESSAGES, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
     assert prompt == OLD_TRANSCRIPT
     full = tok.apply_chat_template([*MESSAGES, ANSWER], chat_template=template, tokenize=False)
     assert full == OLD_TRANSCRIPT + " Quiet and good." + END + "\n"
     # Token level: the prompt is a prefix of prompt + answer (TRL's completion mask relies on it) ...
-    prompt_ids = tok.apply_chat_template(MESSAGES, chat_template=template, add_generation_prompt=True,
-                                         return_dict=True)["input_ids"]
-    out = tok.apply_chat_template([*MESSAGES, ANSWER], chat_template=template, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    assert out["input_ids"][:len(prompt_ids)] == prompt_ids
+    prompt_ids = tok.apply_chat_template(
+        MESSAGES, chat_template=template, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    out = tok.apply_chat_template(
+        [*MESSAGES, ANSWER], chat_template=template, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert out["input_ids"][: len(prompt_ids)] == prompt_ids
     # ... and the assistant mask covers exactly the answer and its eos (assistant_only_loss).
     marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     assert tok.decode(marked) == "Quiet and good." + END
@@ -67,8 +71,12 @@ def test_transcript_template_starts_with_bos_when_the_tokenizer_adds_one():
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     assert tok("a")["input_ids"] == [0, 3]  # Llama-style: bos in front of plain text
     assert chat_template_for(tok) == transcript_template(add_bos=True)
-    rendered = tok.apply_chat_template([{"role": "user", "content": "a"}], chat_template=chat_template_for(tok),
-                                       tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "a"}],
+        chat_template=chat_template_for(tok),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert rendered == "<s>user: a\nassistant:"
 
 
@@ -96,8 +104,12 @@ def base_model_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2_like")
     save_gpt2_like(root / "model")
     home = root / "home"
-    result = dg.materialize(with_upstreams(base_model), resources=build_resources(home), selection=["base_model"],
-                            run_config={"ops": {"base_model": {"config": {"model": str(root / "model")}}}})
+    result = dg.materialize(
+        with_upstreams(base_model),
+        resources=build_resources(home),
+        selection=["base_model"],
+        run_config={"ops": {"base_model": {"config": {"model": str(root / "model")}}}},
+    )
     return root, home, result
 
 
@@ -121,13 +133,17 @@ def test_dream_prompt_and_one_sft_step_on_the_base_model(base_model_run):
     _, home, _ = base_model_run
     model, tok = load_model_and_tokenizer(home / "artifacts" / "base_model" / "current")
     assert encode_prompt(tok, MESSAGES) == tok(OLD_TRANSCRIPT)["input_ids"]
-    prompts = [chat_prompt(f"Memory {i}: the garden after rain.", "Which feelings does this memory carry?")
-               for i in range(4)]
-    data = Dataset.from_dict({"prompt": prompts,
-                              "completion": [[{"role": "assistant", "content": "Mostly calm."}]] * 4})
+    prompts = [
+        chat_prompt(f"Memory {i}: the garden after rain.", "Which feelings does this memory carry?")
+        for i in range(4)
+    ]
+    data = Dataset.from_dict(
+        {"prompt": prompts, "completion": [[{"role": "assistant", "content": "Mostly calm."}]] * 4}
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    outcome = train_sft(model, tok, data, None, SFTRunConfig(max_steps=1, batch_size=2, learning_rate=1e-3,
-                                                             threads=1))
+    outcome = train_sft(
+        model, tok, data, None, SFTRunConfig(max_steps=1, batch_size=2, learning_rate=1e-3, threads=1)
+    )
     assert outcome.steps == 1
     losses = [r["loss"] for r in outcome.log_history if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
@@ -139,8 +155,16 @@ def test_fail_policy_stops_at_base_model(tmp_path):
     save_gpt2_like(tmp_path / "model")
     config = {"model": str(tmp_path / "model"), "missing_chat_template": "fail"}
     with pytest.raises(ValueError, match="has no chat template: pass an instruct model"):
-        dg.materialize(with_upstreams(base_model), resources=build_resources(tmp_path / "home"), selection=["base_model"],
-                       run_config={"ops": {"base_model": {"config": config}}})
+        dg.materialize(
+            with_upstreams(base_model),
+            resources=build_resources(tmp_path / "home"),
+            selection=["base_model"],
+            run_config={"ops": {"base_model": {"config": config}}},
+        )
     with pytest.raises(ValueError, match="missing_chat_template must be one of"):
-        dg.materialize(with_upstreams(base_model), resources=build_resources(tmp_path / "home"), selection=["base_model"],
-                       run_config={"ops": {"base_model": {"config": {**config, "missing_chat_template": "x"}}}})
+        dg.materialize(
+            with_upstreams(base_model),
+            resources=build_resources(tmp_path / "home"),
+            selection=["base_model"],
+            run_config={"ops": {"base_model": {"config": {**config, "missing_chat_template": "x"}}}},
+        )

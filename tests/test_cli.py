@@ -183,21 +183,33 @@ def test_pipeline_commands_parse_their_flags_and_call_the_dagster_layer(monkeypa
 
     seen = []
     monkeypatch.setattr(pipeline_cli, "ensure_dagster_home", lambda: seen.append("dagster_home"))
-    monkeypatch.setattr(pipeline_cli, "materialize", lambda select, config, job=None: seen.append(
-        ("materialize", select, config, job)) or 3)
+    monkeypatch.setattr(
+        pipeline_cli,
+        "materialize",
+        lambda select, config, job=None: seen.append(("materialize", select, config, job)) or 3,
+    )
     monkeypatch.setattr(pipeline_cli, "lineage", lambda asset: seen.append(("lineage", asset)) or 4)
-    monkeypatch.setattr(pipeline_cli, "lineage_nodes", lambda asset, version, limit: seen.append(
-        ("nodes", asset, version, limit)) or 5)
+    monkeypatch.setattr(
+        pipeline_cli,
+        "lineage_nodes",
+        lambda asset, version, limit: seen.append(("nodes", asset, version, limit)) or 5,
+    )
     monkeypatch.setenv("CARL_HOME", str(tmp_path / "before"))
     assert cli.main(["materialize", "--select", "base_model+", "--home", str(tmp_path / "h")]) == 3
     assert cli.main(["materialize", "--job", "retraining", "--preset", "real"]) == 3
     assert cli.main(["lineage", "sft_checkpoint"]) == 4
     assert cli.main(["lineage", "--nodes", "grpo_checkpoint", "--version", "v1", "--limit", "3"]) == 5
     preset_config = seen[3][2]
-    assert seen == ["dagster_home", ("materialize", "base_model+", {}, None),
-                    "dagster_home", ("materialize", "*", preset_config, "retraining"),
-                    "dagster_home", ("lineage", "sft_checkpoint"),
-                    "dagster_home", ("nodes", "grpo_checkpoint", "v1", 3)]
+    assert seen == [
+        "dagster_home",
+        ("materialize", "base_model+", {}, None),
+        "dagster_home",
+        ("materialize", "*", preset_config, "retraining"),
+        "dagster_home",
+        ("lineage", "sft_checkpoint"),
+        "dagster_home",
+        ("nodes", "grpo_checkpoint", "v1", 3),
+    ]
     assert preset_config["ops"]["base_model"]["config"]["model"] == "smollm2-135m-instruct"  # the real preset
     assert os.environ["CARL_HOME"] == str((tmp_path / "h").resolve())
     assert cli.main(["materialize", "--preset", "fast"]) == 2
@@ -231,8 +243,13 @@ def fake_training(calls):
 
     def train_sft(model, tokenizer, dataset, output_dir, config):
         calls.append(("sft", model, tokenizer, dataset, output_dir, config))
-        return types.SimpleNamespace(triggered=True, trigger_step=12, window_values=[0.99, 1.0, 0.995],
-                                     peak_entropy=2.5, peak_entropy_step=3)
+        return types.SimpleNamespace(
+            triggered=True,
+            trigger_step=12,
+            window_values=[0.99, 1.0, 0.995],
+            peak_entropy=2.5,
+            peak_entropy_step=3,
+        )
 
     def train_grpo(model, tokenizer, dataset, output_dir, config):
         calls.append(("grpo", model, tokenizer, dataset, output_dir, config))
@@ -241,7 +258,9 @@ def fake_training(calls):
     module.train_sft, module.train_grpo = train_sft, train_grpo
     loader = types.ModuleType("carl_assets.models.loading")
     loader.load_model_and_tokenizer = lambda path, trust_remote_code=False, allow_pickle=False, **placement: (
-        f"model:{path}", "tok")
+        f"model:{path}",
+        "tok",
+    )
     return module, loader
 
 
@@ -250,16 +269,53 @@ def test_train_command_wires_the_training_library(monkeypatch, capsys):
     training, loader = fake_training(calls)
     monkeypatch.setitem(sys.modules, "carl_assets.carl.training", training)
     monkeypatch.setitem(sys.modules, "carl_assets.models.loading", loader)
-    assert cli.main(["train", "--method", "sft", "--model", "m", "--dataset", "d.jsonl", "--output", "out",
-                     "--max-steps", "7", "--gate-accuracy", "0.95"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--method",
+                "sft",
+                "--model",
+                "m",
+                "--dataset",
+                "d.jsonl",
+                "--output",
+                "out",
+                "--max-steps",
+                "7",
+                "--gate-accuracy",
+                "0.95",
+            ]
+        )
+        == 0
+    )
     assert calls[0] == ("dataset", "d.jsonl")
-    assert calls[1] == ("sft", "model:m", "tok", ["rows"], "out",
-                        FakeSFTConfig(max_steps=7, gate_threshold=0.95, learning_rate=2e-5))  # a real model's lr
+    assert calls[1] == (
+        "sft",
+        "model:m",
+        "tok",
+        ["rows"],
+        "out",
+        FakeSFTConfig(max_steps=7, gate_threshold=0.95, learning_rate=2e-5),
+    )  # a real model's lr
     out = capsys.readouterr().out
-    assert "Crystallized at step 12 (window [0.99, 1.0, 0.995])" in out and "Peak entropy: 2.5000 at step 3" in out
+    assert (
+        "Crystallized at step 12 (window [0.99, 1.0, 0.995])" in out
+        and "Peak entropy: 2.5000 at step 3" in out
+    )
     calls.clear()
-    assert cli.main(["train", "--method", "grpo", "--model", "m", "--dataset", "name/ds", "--max-steps", "2"]) == 0
-    assert calls[1] == ("grpo", "model:m", "tok", ["rows"], "carl-output", FakeGRPOConfig(max_steps=2, num_generations=8))
+    assert (
+        cli.main(["train", "--method", "grpo", "--model", "m", "--dataset", "name/ds", "--max-steps", "2"])
+        == 0
+    )
+    assert calls[1] == (
+        "grpo",
+        "model:m",
+        "tok",
+        ["rows"],
+        "carl-output",
+        FakeGRPOConfig(max_steps=2, num_generations=8),
+    )
     assert "CARL reward: first step 0.5100, last step 0.5500 (3 steps)" in capsys.readouterr().out
 
 
@@ -271,8 +327,12 @@ def test_agent_command_prints_response_or_abstention(monkeypatch, capsys):
     def agent_step(model, tokenizer, observation, instruction, gate_threshold, max_new_tokens):
         seen.append((model, observation, instruction, gate_threshold, max_new_tokens))
         act = gate_threshold < 0.5
-        return types.SimpleNamespace(response="Clicked." if act else None, phi_mean=0.42,
-                                     confidence="low" if act else "abstain", components={"multiscale": 0.9})
+        return types.SimpleNamespace(
+            response="Clicked." if act else None,
+            phi_mean=0.42,
+            confidence="low" if act else "abstain",
+            components={"multiscale": 0.9},
+        )
 
     monkeypatch.setitem(sys.modules, "carl_assets.carl.agent", types.SimpleNamespace(agent_step=agent_step))
     assert cli.main(["agent", "--model", "ck", "--task", "Click submit", "--observation", "a form"]) == 0
@@ -292,8 +352,17 @@ def saved_tiny_model(tmp_path, tiny_model_and_tokenizer):
 
 @pytest.mark.slow
 def test_agent_command_end_to_end_on_a_saved_tiny_model(saved_tiny_model):
-    result = run_carl("agent", "--model", str(saved_tiny_model), "--task", "Click the button",
-                      "--observation", "A form with a button.", "--max-new-tokens", "8")
+    result = run_carl(
+        "agent",
+        "--model",
+        str(saved_tiny_model),
+        "--task",
+        "Click the button",
+        "--observation",
+        "A form with a button.",
+        "--max-new-tokens",
+        "8",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(("Response: ", "ABSTAIN (phi_mean="))
@@ -302,13 +371,31 @@ def test_agent_command_end_to_end_on_a_saved_tiny_model(saved_tiny_model):
 
 @pytest.mark.slow
 def test_train_sft_end_to_end_from_a_jsonl_file(tmp_path, saved_tiny_model):
-    rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "completion": [{"role": "assistant", "content": w}]}
-            for w in ("yes", "no", "maybe", "warm") * 4]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Say {w}."}],
+            "completion": [{"role": "assistant", "content": w}],
+        }
+        for w in ("yes", "no", "maybe", "warm") * 4
+    ]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    result = run_carl("train", "--method", "sft", "--model", str(saved_tiny_model), "--dataset", str(data),
-                      "--output", str(out), "--max-steps", "2", "--threads", "1")
+    result = run_carl(
+        "train",
+        "--method",
+        "sft",
+        "--model",
+        str(saved_tiny_model),
+        "--dataset",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--threads",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "Did not crystallize within 2 steps" in result.stdout or "Crystallized at step" in result.stdout
     assert (out / "config.json").exists()
@@ -321,7 +408,18 @@ def test_train_rejects_zero_threads_in_one_line(tmp_path, saved_tiny_model, caps
 
 
 def test_train_with_a_missing_dataset_file_is_one_line(tmp_path, saved_tiny_model, capsys):
-    status = cli.main(["train", "--method", "grpo", "--model", str(saved_tiny_model), "--dataset",
-                       str(tmp_path / "nope.jsonl"), "--max-steps", "1"])
+    status = cli.main(
+        [
+            "train",
+            "--method",
+            "grpo",
+            "--model",
+            str(saved_tiny_model),
+            "--dataset",
+            str(tmp_path / "nope.jsonl"),
+            "--max-steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1 and len(err.splitlines()) == 1 and "nope.jsonl" in err

@@ -36,13 +36,17 @@ def test_dagster_yaml_is_written_once_and_read_by_dagster(tmp_path: Path) -> Non
     assert first.created and first.added == ["telemetry", "concurrency"] and first.kept == {}
     text = first.path.read_text()
     assert text.startswith("telemetry:")  # as earlier versions wrote it
-    assert yaml.safe_load(text) == {"telemetry": {"enabled": False},
-                                    "concurrency": {"pools": {"granularity": "op", "default_limit": 1}}}
+    assert yaml.safe_load(text) == {
+        "telemetry": {"enabled": False},
+        "concurrency": {"pools": {"granularity": "op", "default_limit": 1}},
+    }
     again = write_dagster_yaml(home)
     assert not again.created and again.added == [] and again.kept == {}
     assert again.path.read_text() == text  # idempotent: nothing rewritten
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:  # reads <home>/dagster.yaml, as DAGSTER_HOME does
+    with dg.DagsterInstance.from_config(
+        str(home)
+    ) as instance:  # reads <home>/dagster.yaml, as DAGSTER_HOME does
         pools = instance.get_concurrency_config().pool_config
         assert pools.default_pool_limit == POOL_LIMIT == 1
         assert pools.pool_granularity.value == "op"
@@ -56,8 +60,10 @@ def test_existing_dagster_yaml_gets_only_missing_sections(tmp_path: Path) -> Non
     (home / "dagster.yaml").write_text(user)  # no trailing newline: the addition must still parse
     result = write_dagster_yaml(home)
     assert not result.created and result.added == ["telemetry"]
-    assert result.kept == {"concurrency.pools.granularity": (None, "op"),
-                           "concurrency.pools.default_limit": (3, 1)}
+    assert result.kept == {
+        "concurrency.pools.granularity": (None, "op"),
+        "concurrency.pools.default_limit": (3, 1),
+    }
     text = (home / "dagster.yaml").read_text()
     assert text.startswith(user + "\n")  # the user's text, comments included, untouched
     loaded = yaml.safe_load(text)
@@ -66,8 +72,10 @@ def test_existing_dagster_yaml_gets_only_missing_sections(tmp_path: Path) -> Non
     assert write_dagster_yaml(home).added == []
 
 
-@pytest.mark.parametrize("content, message", [("- a\n- b\n", "must be a YAML mapping"),
-                                              ("telemetry: [unclosed\n", "is not valid YAML")])
+@pytest.mark.parametrize(
+    "content, message",
+    [("- a\n- b\n", "must be a YAML mapping"), ("telemetry: [unclosed\n", "is not valid YAML")],
+)
 def test_unreadable_dagster_yaml_is_named(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "dagster.yaml").write_text(content)
     with pytest.raises(ValueError, match=message) as info:
@@ -85,8 +93,9 @@ def step_pools(home: Path) -> dict[str, str | None]:
     """Step key -> pool of every step of the whole graph (each asset's and each separate check's op; an op's
     name is its step key), as the Definitions declare them through public APIs."""
     defs = build_definitions(home=home)
-    nodes = [d for d in [*(defs.assets or []), *(defs.asset_checks or [])]
-             if isinstance(d, dg.AssetsDefinition)]
+    nodes = [
+        d for d in [*(defs.assets or []), *(defs.asset_checks or [])] if isinstance(d, dg.AssetsDefinition)
+    ]
     return {d.op.name: d.op.pool for d in nodes}
 
 
@@ -95,8 +104,13 @@ def test_pooled_assets_are_the_expected_ones_and_dagster_plans_them_so(tmp_path:
     pooled = {key: pool for key, pool in pools.items() if pool}
     assert pooled == {asset: pool for pool, assets in POOLED.items() for asset in assets}
     assert {k for k, p in pooled.items() if p == TRAINING_POOL} == {
-        "base_model", "scorer_validation", "dream_scenarios", "sft_checkpoint", "grpo_checkpoint",
-        "leworld_model"}
+        "base_model",
+        "scorer_validation",
+        "dream_scenarios",
+        "sft_checkpoint",
+        "grpo_checkpoint",
+        "leworld_model",
+    }
     assert {k for k, p in pooled.items() if p == LEDGER_POOL} == {"crystallization_events"}
     assert pools["steering_vectors"] is None and pools["memory_graph"] is None  # cheap steps run freely
     # The job Dagster runs holds the same ops, so its steps carry these pools.
@@ -158,8 +172,16 @@ query Run($runId: ID!) { runOrError(runId: $runId) { __typename ... on Run {
 """
 
 # Assets materialized by every whole-graph run that write a version folder, and their weights files.
-VERSIONED = ("base_model", "steering_vectors", "sft_dataset", "sft_checkpoint", "grpo_checkpoint",
-             "leworld_memory", "leworld_dataset", "leworld_model")
+VERSIONED = (
+    "base_model",
+    "steering_vectors",
+    "sft_dataset",
+    "sft_checkpoint",
+    "grpo_checkpoint",
+    "leworld_memory",
+    "leworld_dataset",
+    "leworld_model",
+)
 # The second run: everything but the LeWorld branch (the retraining chain, steering and the base model),
 # so that the two runs fit the test's time on a 2-core box while sharing every pooled training asset.
 SECOND_RUN_SKIPS = ("leworld_memory", "leworld_dataset", "leworld_model", "leworld_evaluation")
@@ -167,7 +189,8 @@ RUN_TIMEOUT_S = 420
 
 RUN_ERRORS_QUERY = """
 query RunErrors($runId: ID!) { runOrError(runId: $runId) { ... on Run { eventConnection(afterCursor: null) {
-  events { __typename ... on ExecutionStepFailureEvent { stepKey error { ...E cause { ...E cause { ...E } } } }
+  events { __typename
+    ... on ExecutionStepFailureEvent { stepKey error { ...E cause { ...E cause { ...E } } } }
     ... on RunFailureEvent { message } } } } } }
 fragment E on PythonError { message stack }
 """
@@ -180,7 +203,9 @@ def run_errors(server, run_id: str) -> str:
     for event in events:
         error = event.get("error")
         while error:
-            lines.append(f"{event.get('stepKey')}: {error['message']}\n{''.join(error.get('stack') or [])[-1500:]}")
+            lines.append(
+                f"{event.get('stepKey')}: {error['message']}\n{''.join(error.get('stack') or [])[-1500:]}"
+            )
             error = error.get("cause")
     return "\n".join(lines) or "(no step errors)"
 
@@ -209,7 +234,9 @@ def wait_until(predicate, what: str, server, timeout: float = RUN_TIMEOUT_S) -> 
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached after {timeout:.0f} s; dagster dev log tail:\n{server.log_tail()}")
+            pytest.fail(
+                f"{what} not reached after {timeout:.0f} s; dagster dev log tail:\n{server.log_tail()}"
+            )
         time.sleep(1.0)
 
 
@@ -220,7 +247,9 @@ def overlaps(intervals: list[tuple[float, float, str]]) -> list[tuple[str, str]]
 
 
 def max_parallel(intervals: list[tuple[float, float]]) -> int:
-    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    edges = sorted(
+        [(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1])
+    )
     running = best = 0
     for _, step in edges:
         running += step
@@ -241,8 +270,13 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
     write_dagster_yaml(dagster_home)
     env_file = tmp_path / "empty.env"
     env_file.write_text("# the test sets every variable itself\n")
-    env = isolated_env(CARL_HOME=str(carl_home), DAGSTER_HOME=str(dagster_home), CARL_ENV_FILE=str(env_file),
-                       CARL_MEMORY_SOURCE="sample", OMP_NUM_THREADS="1")
+    env = isolated_env(
+        CARL_HOME=str(carl_home),
+        DAGSTER_HOME=str(dagster_home),
+        CARL_ENV_FILE=str(env_file),
+        CARL_MEMORY_SOURCE="sample",
+        OMP_NUM_THREADS="1",
+    )
     started = time.monotonic()
     server = DagsterDev(env, cwd=tmp_path / "cwd", log_path=tmp_path / "dagster_dev.log")
     try:
@@ -257,11 +291,16 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
         first = launch(server, assets, check_keys, TINY)
         second_assets = [a for a in assets if a not in SECOND_RUN_SKIPS]
         second_config = {"ops": {k: v for k, v in TINY["ops"].items() if k in second_assets}}
-        second = launch(server, second_assets, [c for c in check_keys if c[0] in second_assets], second_config)
+        second = launch(
+            server, second_assets, [c for c in check_keys if c[0] in second_assets], second_config
+        )
         runs = {}
         for run_id in (first, second):
-            wait_until(lambda r=run_id: run_info(server, r)["status"] in ("SUCCESS", "FAILURE", "CANCELED"),
-                       f"the end of run {run_id}", server)
+            wait_until(
+                lambda r=run_id: run_info(server, r)["status"] in ("SUCCESS", "FAILURE", "CANCELED"),
+                f"the end of run {run_id}",
+                server,
+            )
             runs[run_id] = run_info(server, run_id)
             assert runs[run_id]["status"] == "SUCCESS", f"run {run_id}:\n{run_errors(server, run_id)}"
     finally:
@@ -275,7 +314,9 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
     launched = {k for k in pools if k != "memory_source"}  # the observable source is not materialized
     planned = {first: launched, second: {k for k in launched if not k.startswith(SECOND_RUN_SKIPS)}}
     for run_id, by_key in steps.items():
-        assert set(by_key) == planned[run_id], f"run {run_id}: steps {sorted(set(by_key) ^ planned[run_id])} differ"
+        assert set(by_key) == planned[run_id], (
+            f"run {run_id}: steps {sorted(set(by_key) ^ planned[run_id])} differ"
+        )
         assert all(s["status"] == "SUCCESS" for s in by_key.values())
     every = [(s["startTime"], s["endTime"]) for by_key in steps.values() for s in by_key.values()]
     parallel = max_parallel(every)
@@ -283,8 +324,12 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
 
     # A pool's steps never overlap, within a run or across the two.
     for pool in set(p for p in pools.values() if p):
-        intervals = [(s["startTime"], s["endTime"], f"{run_id[:8]}:{key}") for run_id, by_key in steps.items()
-                     for key, s in by_key.items() if pools[key] == pool]
+        intervals = [
+            (s["startTime"], s["endTime"], f"{run_id[:8]}:{key}")
+            for run_id, by_key in steps.items()
+            for key, s in by_key.items()
+            if pools[key] == pool
+        ]
         assert len(intervals) == sum(1 for keys in planned.values() for k in keys if pools[k] == pool)
         assert overlaps(intervals) == [], f"pool {pool!r} steps overlapped: {overlaps(intervals)}"
 
@@ -306,7 +351,9 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
     for asset in VERSIONED:
         listed = table[table["asset"] == asset]
         makers = [first] if asset.startswith(SECOND_RUN_SKIPS) else both
-        assert sorted(listed["run_id"]) == makers, f"{asset}: artifact_versions lists runs {sorted(listed['run_id'])}"
+        assert sorted(listed["run_id"]) == makers, (
+            f"{asset}: artifact_versions lists runs {sorted(listed['run_id'])}"
+        )
         versions = store.versions(asset)
         assert sorted(listed["version"]) == versions.names()
         for row in listed.itertuples():
@@ -331,7 +378,11 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
         assert log["run_id"] == run_id
         assert (training_log["run_id"] == run_id).sum() == len(log["log_history"]) > 0
 
-    print(f"[concurrency] runs overlapped: 2 (second started {b['startTime'] - a['startTime']:.1f} s after the "
-          f"first, {a['endTime'] - b['startTime']:.1f} s of overlap); steps: {len(every)} "
-          f"({len(planned[first])} + {len(planned[second])}), at most {parallel} at once; rows checked: {rows_checked}; "
-          f"tensors loaded: {tensors}; wall {elapsed:.0f} s", flush=True)
+    print(
+        f"[concurrency] runs overlapped: 2 (second started {b['startTime'] - a['startTime']:.1f} s after the "
+        f"first, {a['endTime'] - b['startTime']:.1f} s of overlap); steps: {len(every)} "
+        f"({len(planned[first])} + {len(planned[second])}), at most {parallel} at once; "
+        f"rows checked: {rows_checked}; "
+        f"tensors loaded: {tensors}; wall {elapsed:.0f} s",
+        flush=True,
+    )

@@ -81,8 +81,11 @@ def test_a_materialization_records_the_tables_code_version(tmp_path, monkeypatch
     recorded = dict(event.asset_materialization.tags or {})
     assert recorded["dagster/code_version"] == CODE_VERSIONS["memory_graph"]
     graph = defs.resolve_asset_graph()
-    reported = {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()
-                if graph.get(k).is_materializable}
+    reported = {
+        k.to_user_string(): graph.get(k).code_version
+        for k in graph.get_all_asset_keys()
+        if graph.get(k).is_materializable
+    }
     assert reported == CODE_VERSIONS
 
 
@@ -116,8 +119,16 @@ def test_jobs_schedule_and_sensor(graph):
         return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
 
     assert keys("carl_all") >= set(EXPECTED) - {"memory_source"}
-    assert keys("retraining") == {"memory_graph", "emotion_tags", "dream_scenarios", "sft_dataset", "sft_checkpoint",
-                                  "crystallization_events", "grpo_checkpoint", "agent_evaluation"}
+    assert keys("retraining") == {
+        "memory_graph",
+        "emotion_tags",
+        "dream_scenarios",
+        "sft_dataset",
+        "sft_checkpoint",
+        "crystallization_events",
+        "grpo_checkpoint",
+        "agent_evaluation",
+    }
     assert keys("steering_refresh") == {"emotion_tags", "emotion_training_pairs", "steering_vectors"}
     schedule = defs.resolve_schedule_def("nightly_retraining")
     assert schedule.job_name == "retraining"
@@ -148,16 +159,27 @@ def test_workspace_and_dg_load_the_same_code_location():
     repo = Path(__file__).resolve().parents[1]
     workspace = yaml.safe_load((repo / "workspace.yaml").read_text())
     pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
-    assert workspace["load_from"] == [{"python_module": {
-        "module_name": "carl_assets.definitions", "working_directory": ".", "location_name": "carl_assets"}}]
+    assert workspace["load_from"] == [
+        {
+            "python_module": {
+                "module_name": "carl_assets.definitions",
+                "working_directory": ".",
+                "location_name": "carl_assets",
+            }
+        }
+    ]
     assert pyproject["tool"]["dagster"]["module_name"] == "carl_assets.definitions"
     project = pyproject["tool"]["dg"]["project"]
     assert (project["code_location_target_module"], project["code_location_name"]) == (
-        "carl_assets.definitions", "carl_assets")  # one name for the location in `dg` and in `dagster dev`
+        "carl_assets.definitions",
+        "carl_assets",
+    )  # one name for the location in `dg` and in `dagster dev`
     assert isinstance(defs(), dg.Definitions)
 
 
-def _evaluate(sensor: dg.SensorDefinition, cursor: str | None) -> tuple[list[dg.RunRequest], str | None, list]:
+def _evaluate(
+    sensor: dg.SensorDefinition, cursor: str | None
+) -> tuple[list[dg.RunRequest], str | None, list]:
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, cursor=cursor)
         data = sensor.evaluate_tick(context)
@@ -175,7 +197,9 @@ def test_sensor_fires_once_per_change_of_a_memory_file(graph, tmp_path, monkeypa
     assert requests == [] and cursor  # the first look only records the fingerprint
     assert events and events[0].asset_key == dg.AssetKey("memory_source")
     assert _evaluate(sensor, cursor)[0] == []  # unchanged: nothing
-    memory.write_text(memory.read_text() + '{"type":"entity","name":"b","entityType":"journal","observations":["y"]}\n')
+    memory.write_text(
+        memory.read_text() + '{"type":"entity","name":"b","entityType":"journal","observations":["y"]}\n'
+    )
     requests, changed, _ = _evaluate(sensor, cursor)
     assert sorted(r.job_name for r in requests) == ["retraining", "steering_refresh"]
     assert changed != cursor and all(changed in r.run_key for r in requests)
@@ -187,7 +211,8 @@ def test_sensor_skips_with_a_reason_when_the_source_is_unreadable(graph, tmp_pat
     monkeypatch.setenv("CARL_MEMORY_SOURCE", f"jsonl:{tmp_path / 'missing.jsonl'}")
     with dg.instance_for_test() as instance:
         data = defs.resolve_sensor_def("memory_graph_changed").evaluate_tick(
-            dg.build_sensor_context(instance=instance, cursor="abc"))
+            dg.build_sensor_context(instance=instance, cursor="abc")
+        )
     assert not data.run_requests and "cannot read the memory source" in (data.skip_message or "")
 
 
@@ -196,7 +221,9 @@ def test_sensor_fires_once_per_change_of_a_live_mcp_server(graph, tmp_path, monk
 
     binary = _server_binary()
     memory = tmp_path / "served.jsonl"
-    memory.write_text(json.dumps({"type": "entity", "name": "a", "entityType": "journal", "observations": ["x"]}) + "\n")
+    memory.write_text(
+        json.dumps({"type": "entity", "name": "a", "entityType": "journal", "observations": ["x"]}) + "\n"
+    )
     source = f"mcp+stdio:MEMORY_FILE_PATH={shlex.quote(str(memory))} {shlex.quote(binary)}"
     monkeypatch.setenv("CARL_MEMORY_SOURCE", source)
     sensor = graph[0].resolve_sensor_def("memory_graph_changed")
@@ -204,7 +231,9 @@ def test_sensor_fires_once_per_change_of_a_live_mcp_server(graph, tmp_path, monk
     assert _evaluate(sensor, cursor)[0] == []
     # the server serves what is in its file: a new memory changes the graph it reads
     with memory.open("a") as handle:
-        handle.write(json.dumps({"type": "entity", "name": "b", "entityType": "lesson", "observations": ["y"]}) + "\n")
+        handle.write(
+            json.dumps({"type": "entity", "name": "b", "entityType": "lesson", "observations": ["y"]}) + "\n"
+        )
     requests, changed, _ = _evaluate(sensor, cursor)
     assert sorted(r.job_name for r in requests) == ["retraining", "steering_refresh"] and changed != cursor
     assert _evaluate(sensor, changed)[0] == []
@@ -216,12 +245,27 @@ def test_a_run_without_config_reads_the_memory_source_from_the_environment(tmp_p
     from carl_assets.defs.resources import build_resources
 
     memory = tmp_path / "mine.jsonl"
-    memory.write_text("\n".join(json.dumps(r) for r in [
-        {"type": "entity", "name": "only-mine", "entityType": "journal",
-         "observations": ["A memory that exists only in this file.", "warmth:9"]},
-        {"type": "entity", "name": "also-mine", "entityType": "lesson", "observations": ["Another one."]},
-        {"type": "relation", "from": "only-mine", "to": "also-mine", "relationType": "taught"},
-    ]) + "\n")
+    memory.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "type": "entity",
+                    "name": "only-mine",
+                    "entityType": "journal",
+                    "observations": ["A memory that exists only in this file.", "warmth:9"],
+                },
+                {
+                    "type": "entity",
+                    "name": "also-mine",
+                    "entityType": "lesson",
+                    "observations": ["Another one."],
+                },
+                {"type": "relation", "from": "only-mine", "to": "also-mine", "relationType": "taught"},
+            ]
+        )
+        + "\n"
+    )
     monkeypatch.setenv("CARL_MEMORY_SOURCE", f"jsonl:{memory}")
     result = dg.materialize([memory_graph], resources=build_resources(tmp_path / "home"))  # no run config
     assert result.success

@@ -61,14 +61,28 @@ def test_unknown_device_and_dtype_are_named():
 
 def test_offline_defaults_are_todays_tuned_values():
     sft = SFTCheckpointConfig().run_config(1.5e-3, offline=True)
-    assert (sft.max_steps, sft.learning_rate, sft.lr_scheduler_type, sft.batch_size) == (400, 1.5e-3, "constant", 8)
+    assert (sft.max_steps, sft.learning_rate, sft.lr_scheduler_type, sft.batch_size) == (
+        400,
+        1.5e-3,
+        "constant",
+        8,
+    )
     assert (sft.gradient_accumulation_steps, sft.warmup_ratio, sft.gradient_checkpointing) == (1, 0.0, False)
     assert (sft.device, sft.dtype) == ("cpu", "fp32")
     grpo = GRPOCheckpointConfig().run_config(offline=True)
-    assert (grpo.max_steps, grpo.learning_rate, grpo.batch_size, grpo.num_generations,
-            grpo.max_completion_length) == (16, 1e-4, 8, 4, 24)
-    assert (grpo.lr_scheduler_type, grpo.warmup_ratio, grpo.gradient_accumulation_steps,
-            grpo.gradient_checkpointing) == ("linear", 0.0, 1, False)
+    assert (
+        grpo.max_steps,
+        grpo.learning_rate,
+        grpo.batch_size,
+        grpo.num_generations,
+        grpo.max_completion_length,
+    ) == (16, 1e-4, 8, 4, 24)
+    assert (
+        grpo.lr_scheduler_type,
+        grpo.warmup_ratio,
+        grpo.gradient_accumulation_steps,
+        grpo.gradient_checkpointing,
+    ) == ("linear", 0.0, 1, False)
     assert OFFLINE_DEFAULTS.dtype == "fp32"
     # On this machine the offline model is placed in fp32 whatever "auto" would pick for a real one.
     assert resolve_placement("cpu", "auto", offline=True) == (torch.device("cpu"), torch.float32)
@@ -77,28 +91,49 @@ def test_offline_defaults_are_todays_tuned_values():
 def test_real_model_defaults_and_explicit_values_win():
     assert training_defaults(False) is REAL_MODEL_DEFAULTS
     sft = SFTCheckpointConfig().run_config(2e-5, offline=False)
-    assert (sft.max_steps, sft.lr_scheduler_type, sft.batch_size, sft.gradient_accumulation_steps) == \
-        (300, "cosine", 4, 4)
+    assert (sft.max_steps, sft.lr_scheduler_type, sft.batch_size, sft.gradient_accumulation_steps) == (
+        300,
+        "cosine",
+        4,
+        4,
+    )
     assert sft.warmup_ratio == pytest.approx(0.03) and sft.gradient_checkpointing is True
     grpo = GRPOCheckpointConfig().run_config(offline=False)
-    assert (grpo.learning_rate, grpo.num_generations, grpo.max_completion_length, grpo.batch_size) == \
-        (1e-6, 8, 256, 8)
-    mine = GRPOCheckpointConfig(num_generations=3, warmup_ratio=0.0, gradient_checkpointing=False,
-                                lr_scheduler_type="constant", gradient_accumulation_steps=2).run_config(offline=False)
+    assert (grpo.learning_rate, grpo.num_generations, grpo.max_completion_length, grpo.batch_size) == (
+        1e-6,
+        8,
+        256,
+        8,
+    )
+    mine = GRPOCheckpointConfig(
+        num_generations=3,
+        warmup_ratio=0.0,
+        gradient_checkpointing=False,
+        lr_scheduler_type="constant",
+        gradient_accumulation_steps=2,
+    ).run_config(offline=False)
     assert mine.batch_size == 9  # the default 8 rounded up to whole groups of 3
-    assert (mine.warmup_ratio, mine.gradient_checkpointing, mine.lr_scheduler_type,
-            mine.gradient_accumulation_steps) == (0.0, False, "constant", 2)
+    assert (
+        mine.warmup_ratio,
+        mine.gradient_checkpointing,
+        mine.lr_scheduler_type,
+        mine.gradient_accumulation_steps,
+    ) == (0.0, False, "constant", 2)
 
 
 def test_trainer_arguments_follow_device_dtype_and_checkpointing(tmp_path):
     fp32 = trl_config(SFTRunConfig(device="cpu").resolved(offline=True), tmp_path)
     assert fp32.use_cpu is True and fp32.bf16 is False and fp32.fp16 is False
     assert fp32.activation_checkpointing is False
-    bf16 = trl_config(GRPORunConfig(device="cpu", dtype="bf16", gradient_checkpointing=True).resolved(True), tmp_path)
+    bf16 = trl_config(
+        GRPORunConfig(device="cpu", dtype="bf16", gradient_checkpointing=True).resolved(True), tmp_path
+    )
     assert bf16.bf16 is True and bf16.fp16 is False and bf16.activation_checkpointing is True
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         trl_config(SFTRunConfig(device="cpu", dtype="fp16").resolved(offline=True), tmp_path)
-    assert trl_config(GRPORunConfig(warmup_ratio=0.1).resolved(True), tmp_path).warmup_steps == pytest.approx(0.1)
+    assert trl_config(GRPORunConfig(warmup_ratio=0.1).resolved(True), tmp_path).warmup_steps == pytest.approx(
+        0.1
+    )
     assert trl_config(GRPORunConfig().resolved(True), tmp_path).warmup_steps == 0
     with pytest.raises(ValueError, match="warmup_ratio"):
         GRPORunConfig(warmup_ratio=1.5)
@@ -111,12 +146,15 @@ def test_load_places_the_model_in_the_asked_dtype(tmp_path, tiny_model_and_token
     copy.deepcopy(model).save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
     default, _ = load_model_and_tokenizer(tmp_path)
-    assert next(default.parameters()).dtype == torch.float32 and next(default.parameters()).device.type == "cpu"
+    assert (
+        next(default.parameters()).dtype == torch.float32 and next(default.parameters()).device.type == "cpu"
+    )
     half, _ = load_model_and_tokenizer(tmp_path, device="cpu", dtype="bf16")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     ref = model.model.embed_tokens.weight
-    cos = torch.nn.functional.cosine_similarity(half.model.embed_tokens.weight.float().flatten(),
-                                                ref.flatten(), dim=0)
+    cos = torch.nn.functional.cosine_similarity(
+        half.model.embed_tokens.weight.float().flatten(), ref.flatten(), dim=0
+    )
     assert float(cos.detach()) > 0.999
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         load_model_and_tokenizer(tmp_path, dtype="fp8")
@@ -155,7 +193,10 @@ def test_auto_dtype_runs_a_real_model_in_bf16_where_the_cpu_has_it_and_it_is_fas
     cpu = torch.device("cpu")
     monkeypatch.setenv(device.CPU_BF16_ENV, "1")
     assert resolve_placement("cpu", "auto", offline=False) == (cpu, torch.bfloat16)  # inference
-    assert resolve_placement("cpu", "auto", offline=True) == (cpu, torch.float32)  # the offline model's tuned runs
+    assert resolve_placement("cpu", "auto", offline=True) == (
+        cpu,
+        torch.float32,
+    )  # the offline model's tuned runs
     assert resolve_placement("cpu", "fp32", offline=False) == (cpu, torch.float32)  # asked for
     assert resolve_placement("cpu", "bf16", offline=False, purpose="training") == (cpu, torch.bfloat16)
     # training on a CPU: fp32, measured (bf16 autocast no faster and its loss lagged)
@@ -197,20 +238,31 @@ def test_sampling_and_lora_defaults_per_model():
     from carl_assets.defs.training_config import AgentEvaluationConfig
 
     offline = GRPOCheckpointConfig().run_config(offline=True)
-    assert (offline.temperature, offline.top_p, offline.top_k, offline.min_p) == (1.0, 1.0, 0, 0.0)  # as tuned
+    assert (offline.temperature, offline.top_p, offline.top_k, offline.min_p) == (
+        1.0,
+        1.0,
+        0,
+        0.0,
+    )  # as tuned
     real = GRPOCheckpointConfig().run_config(offline=False)
     assert (real.temperature, real.top_p, real.top_k, real.min_p) == (0.8, 0.9, 0, 0.05)
-    mine = GRPOCheckpointConfig(temperature=1.2, top_p=1.0, min_p=0.0, reward="self_certainty").run_config(False)
+    mine = GRPOCheckpointConfig(temperature=1.2, top_p=1.0, min_p=0.0, reward="self_certainty").run_config(
+        False
+    )
     assert (mine.temperature, mine.top_p, mine.min_p, mine.reward) == (1.2, 1.0, 0.0, "self_certainty")
     assert (offline.reward, offline.lora_r, offline.lora_target_modules) == ("carl", 0, None)
     assert real.reward == "self_certainty"  # 'auto': scorer_validation's choice for a real model
     assert GRPOCheckpointConfig(reward="carl").run_config(offline=False).reward == "carl"  # asked for
-    lora = SFTCheckpointConfig(lora_r=8, lora_target_modules=["q_proj", "v_proj"]).run_config(1e-4, offline=False)
+    lora = SFTCheckpointConfig(lora_r=8, lora_target_modules=["q_proj", "v_proj"]).run_config(
+        1e-4, offline=False
+    )
     assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (8, None, ["q_proj", "v_proj"])
     assert AgentEvaluationConfig().sampling(offline=True).generate_kwargs() == {"do_sample": False}
     agent = AgentEvaluationConfig(seed=4).sampling(offline=False)
     assert (agent.temperature, agent.top_p, agent.seed) == (0.7, 0.9, 4)
-    assert AgentEvaluationConfig(temperature=0.0).sampling(offline=False).generate_kwargs() == {"do_sample": False}
+    assert AgentEvaluationConfig(temperature=0.0).sampling(offline=False).generate_kwargs() == {
+        "do_sample": False
+    }
 
 
 def test_the_bf16_speed_measurement_is_a_positive_ratio():

@@ -82,9 +82,19 @@ def test_config_json_round_trip_and_errors():
 
 
 def test_outcome_from_log_inverts_the_training_log():
-    outcome = SFTOutcome(triggered=True, trigger_step=12, window_values=[0.99, 1.0], peak_entropy=2.5,
-                         peak_entropy_step=3, threshold=0.99, max_steps=20, steps=12, seconds=1.234,
-                         log_history=[{"step": 1, "loss": 3.0}], final_accuracy=1.0)
+    outcome = SFTOutcome(
+        triggered=True,
+        trigger_step=12,
+        window_values=[0.99, 1.0],
+        peak_entropy=2.5,
+        peak_entropy_step=3,
+        threshold=0.99,
+        max_steps=20,
+        steps=12,
+        seconds=1.234,
+        log_history=[{"step": 1, "loss": 3.0}],
+        final_accuracy=1.0,
+    )
     log = {**json.loads(json.dumps(outcome.to_dict())), "config": {}, "run_id": "r"}
     again = outcome_from_log(log)
     assert again == outcome and again.crystallized
@@ -108,8 +118,12 @@ def _sft_data(tiny_texts):
     from datasets import Dataset
 
     texts = tiny_texts[:8]
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts],
-                              "completion": [[{"role": "assistant", "content": t.split()[-1]}] for t in texts]})
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": t}] for t in texts],
+            "completion": [[{"role": "assistant", "content": t.split()[-1]}] for t in texts],
+        }
+    )
 
 
 @pytest.mark.slow
@@ -120,15 +134,29 @@ def test_module_trains_under_torchrun_with_two_cpu_processes(tmp_path, tiny_mode
     tokenizer.save_pretrained(tmp_path / "model")
     _sft_data(tiny_texts).save_to_disk(str(tmp_path / "data"))
     config = SFTRunConfig(max_steps=4, batch_size=4, learning_rate=1e-2, threads=1)
-    command = launch_command("torchrun:2", sft_arguments(tmp_path / "model", tmp_path / "data", tmp_path / "out",
-                                                         config, log_every=1, launcher="torchrun:2"))
+    command = launch_command(
+        "torchrun:2",
+        sft_arguments(
+            tmp_path / "model",
+            tmp_path / "data",
+            tmp_path / "out",
+            config,
+            log_every=1,
+            launcher="torchrun:2",
+        ),
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "out"
     log = json.loads((out / TRAINING_LOG_FILE).read_text())
-    assert log["distributed"] == {"world_size": 2, "backend": "gloo", "launcher": "torchrun:2",
-                                  "per_rank_batch_size": 2, "global_batch_size": 4}
+    assert log["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "launcher": "torchrun:2",
+        "per_rank_batch_size": 2,
+        "global_batch_size": 4,
+    }
     assert log["config"]["batch_size"] == 4 and log["steps"] == 4
     losses = [r["loss"] for r in log["log_history"] if r.get("loss") is not None]
     assert len(losses) == 4 and losses[-1] < 0.95 * losses[0]  # it trained
@@ -137,7 +165,10 @@ def test_module_trains_under_torchrun_with_two_cpu_processes(tmp_path, tiny_mode
     assert _tensor_shapes(out) == start
     from safetensors.torch import load_file
 
-    before, after = load_file(str(tmp_path / "model" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = (
+        load_file(str(tmp_path / "model" / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
     assert all(after[k].isfinite().all() for k in after)
     assert any(not after[k].equal(before[k]) for k in after)
     # Only rank 0 reports (no Pipes here: its progress goes to stderr).
@@ -149,8 +180,16 @@ def test_module_trains_under_torchrun_with_two_cpu_processes(tmp_path, tiny_mode
 # --------------------------------------------------------------------------------------------
 
 TINY = {
-    "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
-                   "steps": 3, "seq_len": 32, "batch_size": 2},
+    "base_model": {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 512,
+        "steps": 3,
+        "seq_len": 32,
+        "batch_size": 2,
+    },
     "sft_dataset": {"source": "templates", "max_examples": 8, "holdout_tasks": 3},
     "sft_checkpoint": {"max_steps": 4, "learning_rate": 1e-2, "batch_size": 4, "log_every": 1},
 }
@@ -166,12 +205,24 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 def test_sft_checkpoint_under_torchrun_through_pipes_matches_in_process(tmp_path):
     resources = build_resources(tmp_path / "home")
     instance = dg.DagsterInstance.ephemeral()
-    upstream = with_upstreams(memory.memory_graph, models.base_model, sft.sft_dataset, sft_training.sft_checkpoint)
-    inproc = dg.materialize(upstream, resources=resources, instance=instance,
-                            run_config={"ops": {k: {"config": v} for k, v in TINY.items()}})
+    upstream = with_upstreams(
+        memory.memory_graph, models.base_model, sft.sft_dataset, sft_training.sft_checkpoint
+    )
+    inproc = dg.materialize(
+        upstream,
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {k: {"config": v} for k, v in TINY.items()}},
+    )
     assert inproc.success
-    launched = dg.materialize(with_upstreams(sft_training.sft_checkpoint), resources=resources, instance=instance, run_config={
-        "ops": {"sft_checkpoint": {"config": {**TINY["sft_checkpoint"], "launcher": "torchrun:2"}}}})
+    launched = dg.materialize(
+        with_upstreams(sft_training.sft_checkpoint),
+        resources=resources,
+        instance=instance,
+        run_config={
+            "ops": {"sft_checkpoint": {"config": {**TINY["sft_checkpoint"], "launcher": "torchrun:2"}}}
+        },
+    )
     assert launched.success
 
     one, two = _metadata(inproc, "sft_checkpoint"), _metadata(launched, "sft_checkpoint")
@@ -199,11 +250,21 @@ def test_sft_checkpoint_under_torchrun_through_pipes_matches_in_process(tmp_path
 
     # A batch that does not split over the processes is refused before anything is launched.
     with pytest.raises(ValueError, match="batch_size 3 does not split evenly over 2 processes"):
-        dg.materialize(with_upstreams(sft_training.sft_checkpoint), resources=resources, instance=instance, run_config={
-            "ops": {"sft_checkpoint": {"config": {**TINY["sft_checkpoint"], "batch_size": 3,
-                                                  "launcher": "torchrun:2"}}}})
+        dg.materialize(
+            with_upstreams(sft_training.sft_checkpoint),
+            resources=resources,
+            instance=instance,
+            run_config={
+                "ops": {
+                    "sft_checkpoint": {
+                        "config": {**TINY["sft_checkpoint"], "batch_size": 3, "launcher": "torchrun:2"}
+                    }
+                }
+            },
+        )
     assert sorted(p.name for p in versions.iterdir() if not p.name.startswith(".")) == sorted(
-        [one["version"], two["version"], "current"])
+        [one["version"], two["version"], "current"]
+    )
 
 
 def test_launcher_is_performance_only():

@@ -18,14 +18,32 @@ from carl_assets.provenance import PROVENANCE_TABLE, nodes_behind
 from tests.upstreams import with_upstreams
 
 UPSTREAM = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors]
-CYCLE = [dreams.dream_scenarios, sft.sft_dataset, sft_training.sft_checkpoint, crystallization.crystallization_events,
-         grpo.grpo_checkpoint]
+CYCLE = [
+    dreams.dream_scenarios,
+    sft.sft_dataset,
+    sft_training.sft_checkpoint,
+    crystallization.crystallization_events,
+    grpo.grpo_checkpoint,
+]
 TINY = {
-    "base_model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
-                   "steps": 3, "seq_len": 32, "batch_size": 2},
+    "base_model": {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 512,
+        "steps": 3,
+        "seq_len": 32,
+        "batch_size": 2,
+    },
     "steering_vectors": {"batch_size": 64, "max_length": 64},
-    "dream_scenarios": {"n_scenarios": 4, "responses_per_scenario": 2, "max_new_tokens": 6, "heldout_scenarios": 2,
-                        "excerpt_chars": 40},
+    "dream_scenarios": {
+        "n_scenarios": 4,
+        "responses_per_scenario": 2,
+        "max_new_tokens": 6,
+        "heldout_scenarios": 2,
+        "excerpt_chars": 40,
+    },
     "sft_dataset": {"holdout_tasks": 2},
     "sft_checkpoint": {"max_steps": 2, "batch_size": 2, "max_length": 768},
     "crystallization_events": {"require_crystallization": False},
@@ -58,12 +76,19 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     grpo_v0 = (art / "grpo_checkpoint" / "current").resolve()
 
     # cycle 1: dreams with cycle 0's GRPO policy, SFT starts from it (a tiny rate: the weights barely move)
-    second = dg.materialize(with_upstreams(*CYCLE), resources=resources, run_config=ops(
-        [a.key.to_user_string() for a in CYCLE], sft_checkpoint={"learning_rate": 1e-12, "max_steps": 1}))
+    second = dg.materialize(
+        with_upstreams(*CYCLE),
+        resources=resources,
+        run_config=ops(
+            [a.key.to_user_string() for a in CYCLE], sft_checkpoint={"learning_rate": 1e-12, "max_steps": 1}
+        ),
+    )
     assert second.success
     cycles = storage.read_table(db, "dream_cycles")
     assert cycles["cycle"].tolist() == [0, 1]
-    assert cycles.loc[1, "policy_asset"] == "grpo_checkpoint" and cycles.loc[1, "policy_version"] == grpo_v0.name
+    assert (
+        cycles.loc[1, "policy_asset"] == "grpo_checkpoint" and cycles.loc[1, "policy_version"] == grpo_v0.name
+    )
     assert cycles.loc[1, "temperature"] < cycles.loc[0, "temperature"]  # the noise schedule falls
     assert cycles.loc[1, "learning_rate"] < cycles.loc[0, "learning_rate"]
     sft_v1 = (art / "sft_checkpoint" / "current").resolve()
@@ -87,7 +112,9 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     kept_nodes = set(scenarios[scenarios["kept"]]["seed_node_ids"].map(json.loads).explode())
 
     def nodes_of(version: str, part: str) -> set:
-        return {n for ids in load_from_disk(str(art / "sft_dataset" / version / part))["node_ids"] for n in ids}
+        return {
+            n for ids in load_from_disk(str(art / "sft_dataset" / version / part))["node_ids"] for n in ids
+        }
 
     v0, v1 = sorted(p.name for p in (art / "sft_dataset").iterdir() if p.name[0].isdigit())
     expected = nodes_of(v0, "dataset") | nodes_of(v0, "grpo_prompts") | nodes_of(v1, "dataset")
@@ -100,9 +127,14 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
     assert set(view["node_id"]) <= kept_nodes and len(view) >= len(storage.read_table(db, "sft_dataset"))
 
     # roll back: the next cycle dreams with (and so trains from) the first GRPO version, not the newest
-    rollback = dg.materialize(with_upstreams(*CYCLE[:3]), resources=resources, run_config=ops(
-        [a.key.to_user_string() for a in CYCLE[:3]],
-        dream_scenarios={"start_from": f"grpo_checkpoint@{grpo_v0.name}"}))
+    rollback = dg.materialize(
+        with_upstreams(*CYCLE[:3]),
+        resources=resources,
+        run_config=ops(
+            [a.key.to_user_string() for a in CYCLE[:3]],
+            dream_scenarios={"start_from": f"grpo_checkpoint@{grpo_v0.name}"},
+        ),
+    )
     assert rollback.success
     cycles = storage.read_table(db, "dream_cycles")
     assert cycles.loc[cycles["cycle"] == 2, "policy_version"].item() == grpo_v0.name
@@ -111,19 +143,49 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
 
 
 def test_provenance_follows_the_chain_of_cycles():
-    rows = pd.DataFrame([
-        {"asset": "sft_checkpoint", "version": "s0", "node_id": "a", "examples": 2, "parent_asset": "base_model",
-         "parent_version": "b0"},
-        {"asset": "grpo_checkpoint", "version": "g0", "node_id": "a", "examples": 2,
-         "parent_asset": "sft_checkpoint", "parent_version": "s0"},
-        {"asset": "sft_checkpoint", "version": "s1", "node_id": "b", "examples": 3,
-         "parent_asset": "grpo_checkpoint", "parent_version": "g0"},
-        {"asset": "sft_checkpoint", "version": "other", "node_id": "z", "examples": 9,
-         "parent_asset": "base_model", "parent_version": "b0"},
-    ])
+    rows = pd.DataFrame(
+        [
+            {
+                "asset": "sft_checkpoint",
+                "version": "s0",
+                "node_id": "a",
+                "examples": 2,
+                "parent_asset": "base_model",
+                "parent_version": "b0",
+            },
+            {
+                "asset": "grpo_checkpoint",
+                "version": "g0",
+                "node_id": "a",
+                "examples": 2,
+                "parent_asset": "sft_checkpoint",
+                "parent_version": "s0",
+            },
+            {
+                "asset": "sft_checkpoint",
+                "version": "s1",
+                "node_id": "b",
+                "examples": 3,
+                "parent_asset": "grpo_checkpoint",
+                "parent_version": "g0",
+            },
+            {
+                "asset": "sft_checkpoint",
+                "version": "other",
+                "node_id": "z",
+                "examples": 9,
+                "parent_asset": "base_model",
+                "parent_version": "b0",
+            },
+        ]
+    )
     behind = nodes_behind(rows, "sft_checkpoint", "s1")
     assert dict(zip(behind["node_id"], behind["examples"], strict=True)) == {"a": 4, "b": 3}
-    assert behind.attrs["chain"] == [("sft_checkpoint", "s1"), ("grpo_checkpoint", "g0"), ("sft_checkpoint", "s0")]
+    assert behind.attrs["chain"] == [
+        ("sft_checkpoint", "s1"),
+        ("grpo_checkpoint", "g0"),
+        ("sft_checkpoint", "s0"),
+    ]
     with pytest.raises(LookupError, match="no provenance"):
         nodes_behind(rows, "grpo_checkpoint", "missing")
 

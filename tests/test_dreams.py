@@ -1,4 +1,5 @@
-"""The dream loop's library: walks, collisions, the filter, the noise schedule, generation, scoring, one cycle."""
+"""The dream loop's library: walks, collisions, the filter, the noise schedule, generation, scoring, one
+cycle."""
 
 from __future__ import annotations
 
@@ -48,8 +49,14 @@ from carl_assets.steering import SteeringVectors, find_decoder_blocks
 
 
 def _nodes(ids, kinds, lines=None) -> pd.DataFrame:
-    return pd.DataFrame({"node_id": ids, "kind": kinds, "text": [f"memory {i}" for i in ids],
-                         "source_line": lines if lines is not None else list(range(1, len(ids) + 1))})
+    return pd.DataFrame(
+        {
+            "node_id": ids,
+            "kind": kinds,
+            "text": [f"memory {i}" for i in ids],
+            "source_line": lines if lines is not None else list(range(1, len(ids) + 1)),
+        }
+    )
 
 
 def _edges(triples) -> pd.DataFrame:
@@ -74,8 +81,12 @@ def test_restart_lengths_are_geometric():
     nodes = _nodes(ids, ["reflection"] + ["journal"] * (n - 1))
     edges = _edges([(ids[i], ids[i + 1], "follows") for i in range(n - 1)])
     p = 0.15
-    sample = sample_walks(nodes, edges, 40, WalkConfig(restart_prob=p, walk_length=2500, directed=True, seed=3,
-                                                conditioning_kinds=REFLECTIVE))
+    sample = sample_walks(
+        nodes,
+        edges,
+        40,
+        WalkConfig(restart_prob=p, walk_length=2500, directed=True, seed=3, conditioning_kinds=REFLECTIVE),
+    )
     start = sample.nodes[:, 0]
     assert np.array_equal(sample.nodes[:, 1:] == start[:, None], sample.restarted[:, 1:])
     gaps = []
@@ -94,8 +105,14 @@ def test_restart_lengths_are_geometric():
 def test_neighbours_are_visited_in_proportion_to_edge_weights(directed):
     nodes = _nodes(["hub", "a", "b", "c"], ["reflection", "journal", "journal", "journal"])
     edges = _edges([("hub", "a", "r1"), ("hub", "b", "r2"), ("hub", "c", "r3")])
-    config = WalkConfig(restart_prob=0.0, walk_length=20, relation_weights={"r1": 1.0, "r2": 2.0, "r3": 3.0},
-                        directed=directed, seed=1, conditioning_kinds=REFLECTIVE)
+    config = WalkConfig(
+        restart_prob=0.0,
+        walk_length=20,
+        relation_weights={"r1": 1.0, "r2": 2.0, "r3": 3.0},
+        directed=directed,
+        seed=1,
+        conditioning_kinds=REFLECTIVE,
+    )
     walks = np.array(random_walks(nodes, edges, 1500, config))
     assert (walks[:, 0] == "hub").all()
     leaves = walks[walks != "hub"]
@@ -109,15 +126,23 @@ def test_neighbours_are_visited_in_proportion_to_edge_weights(directed):
 def test_zero_weight_relations_are_never_walked_and_unknown_relations_get_the_default():
     nodes = _nodes(["hub", "a", "b"], ["lesson", "journal", "journal"])
     edges = _edges([("hub", "a", "muted"), ("hub", "b", "other")])
-    walks = np.array(random_walks(nodes, edges, 200, WalkConfig(relation_weights={"muted": 0.0}, seed=0,
-                                                                      conditioning_kinds=REFLECTIVE)))
+    walks = np.array(
+        random_walks(
+            nodes,
+            edges,
+            200,
+            WalkConfig(relation_weights={"muted": 0.0}, seed=0, conditioning_kinds=REFLECTIVE),
+        )
+    )
     assert "a" not in walks and "b" in walks
 
 
 def test_restart_prob_one_never_leaves_the_start():
     nodes = _nodes(["r", "x", "y"], ["reflection", "journal", "journal"])
     edges = _edges([("r", "x", "e"), ("x", "y", "e")])
-    sample = sample_walks(nodes, edges, 50, WalkConfig(restart_prob=1.0, walk_length=12, conditioning_kinds=REFLECTIVE))
+    sample = sample_walks(
+        nodes, edges, 50, WalkConfig(restart_prob=1.0, walk_length=12, conditioning_kinds=REFLECTIVE)
+    )
     assert (sample.nodes == sample.nodes[:, :1]).all()
     assert sample.restarted[:, 1:].all()
 
@@ -132,7 +157,9 @@ def test_starts_are_recent_nodes_of_the_conditioning_kinds(sample_graph):
     assert set(starts) == recent  # each of the 10 seeds 4 walks (round-robin over a shuffle)
     assert all(len(w) == config.walk_length + 1 for w in walks)
     # A timestamp column wins over source_line: reverse the order and the oldest become the most recent.
-    stamped = nodes.assign(created_at=pd.Timestamp("2026-01-01") - pd.to_timedelta(nodes["source_line"], unit="h"))
+    stamped = nodes.assign(
+        created_at=pd.Timestamp("2026-01-01") - pd.to_timedelta(nodes["source_line"], unit="h")
+    )
     oldest = set(eligible.sort_values("source_line")["node_id"].head(10))
     assert {w[0] for w in random_walks(stamped, edges, 40, config)} == oldest
 
@@ -146,7 +173,9 @@ def test_walks_are_deterministic_given_the_seed(sample_graph):
 
 def test_walks_without_conditioning_nodes_name_the_kinds():
     nodes = _nodes(["a", "b"], ["journal", "digest"])
-    with pytest.raises(ValueError, match=r"conditioning kinds \['reflection', 'lesson'\].*'digest': 1, 'journal': 1"):
+    with pytest.raises(
+        ValueError, match=r"conditioning kinds \['reflection', 'lesson'\].*'digest': 1, 'journal': 1"
+    ):
         random_walks(nodes, _edges([("a", "b", "e")]), 3, WalkConfig(conditioning_kinds=REFLECTIVE))
     with pytest.raises(ValueError, match="restart_prob"):
         WalkConfig(restart_prob=1.5)
@@ -212,7 +241,9 @@ def test_heldout_collisions_are_fixed(sample_graph):
     nodes, edges = sample_graph.nodes, sample_graph.edges
     a = heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99)
     assert len(a) == 12 and len({c.node_set for c in a}) == 12
-    assert [c.dream_id for c in a] == [c.dream_id for c in heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99)]
+    assert [c.dream_id for c in a] == [
+        c.dream_id for c in heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,17 +252,28 @@ def test_heldout_collisions_are_fixed(sample_graph):
 
 
 def _scored_frame() -> pd.DataFrame:
-    return pd.DataFrame({
-        "dream_id": ["d1"] * 4 + ["d2"] * 4,
-        "response": ["alpha", "beta", "gamma", "", "Alpha ", "delta", "eps", "zeta"],
-        "score": [0.9, 0.5, 0.7, 5.0, 0.95, 0.2, 0.6, 0.4],
-    })
+    return pd.DataFrame(
+        {
+            "dream_id": ["d1"] * 4 + ["d2"] * 4,
+            "response": ["alpha", "beta", "gamma", "", "Alpha ", "delta", "eps", "zeta"],
+            "score": [0.9, 0.5, 0.7, 5.0, 0.95, 0.2, 0.6, 0.4],
+        }
+    )
 
 
 def test_filter_keeps_the_top_fraction_per_scenario():
     out = filter_responses(_scored_frame(), top_fraction=0.5, dedupe=False)
     # d1: the empty one (best score) is never kept; then 0.9, 0.7 kept. d2: 0.95, 0.6 kept.
-    assert out["reason"].tolist() == ["kept", "not_top", "kept", "empty", "kept", "not_top", "kept", "not_top"]
+    assert out["reason"].tolist() == [
+        "kept",
+        "not_top",
+        "kept",
+        "empty",
+        "kept",
+        "not_top",
+        "kept",
+        "not_top",
+    ]
     assert out["kept"].tolist() == [r == "kept" for r in out["reason"]]
     assert "kept" not in _scored_frame().columns  # a copy
     # ceil(0.3 * 4) = 2 per scenario as well; top_fraction 1.0 keeps every non-empty response
@@ -243,8 +285,16 @@ def test_filter_minimum_and_dedupe_across_scenarios():
     out = filter_responses(_scored_frame(), top_fraction=0.5, min_score=0.65)
     # "alpha" (d1, 0.9) duplicates "Alpha " (d2, 0.95): the better-scoring d2 row keeps it, and d1's
     # quota goes to the next best, gamma. d2's 0.6 and below fall under the minimum.
-    assert out["reason"].tolist() == ["duplicate", "below_min", "kept", "empty",
-                                      "kept", "below_min", "below_min", "below_min"]
+    assert out["reason"].tolist() == [
+        "duplicate",
+        "below_min",
+        "kept",
+        "empty",
+        "kept",
+        "below_min",
+        "below_min",
+        "below_min",
+    ]
 
 
 def test_filter_errors_name_the_problem():
@@ -267,11 +317,16 @@ def test_sft_examples_are_trl_prompt_completion_rows():
     examples = sft_examples_from_dreams(out, system_prompt="new")
     assert len(examples) == int(out["kept"].sum()) == 4
     row = examples.iloc[0]
-    assert json.loads(row["prompt_json"]) == [{"role": "system", "content": "new"}, {"role": "user", "content": "scene"}]
+    assert json.loads(row["prompt_json"]) == [
+        {"role": "system", "content": "new"},
+        {"role": "user", "content": "scene"},
+    ]
     assert json.loads(row["completion_json"]) == [{"role": "assistant", "content": row["response"]}]
     assert json.loads(row["node_ids_json"]) == ["a", "b"] and (examples["cycle"] == 2).all()
     assert examples["example_id"].is_unique
-    assert all(e.startswith(d + "-") for e, d in zip(examples["example_id"], examples["dream_id"], strict=True))
+    assert all(
+        e.startswith(d + "-") for e, d in zip(examples["example_id"], examples["dream_id"], strict=True)
+    )
     kept_as_is = sft_examples_from_dreams(out)
     assert json.loads(kept_as_is.iloc[0]["prompt_json"])[0]["content"] == "old"
 
@@ -283,7 +338,9 @@ def test_sft_examples_are_trl_prompt_completion_rows():
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "geometric"])
 def test_schedule_endpoints_monotone_and_hold(shape):
-    s = NoiseSchedule(cycles=6, lr_start=1e-4, lr_end=1e-5, temperature_start=1.3, temperature_end=0.7, shape=shape)
+    s = NoiseSchedule(
+        cycles=6, lr_start=1e-4, lr_end=1e-5, temperature_start=1.3, temperature_end=0.7, shape=shape
+    )
     first, last = s.at(0), s.at(5)
     assert (first.learning_rate, first.temperature, first.progress) == (1e-4, 1.3, 0.0)
     assert (last.learning_rate, last.temperature, last.progress) == (1e-5, 0.7, 1.0)
@@ -338,8 +395,10 @@ def lively_model(tiny_model_and_tokenizer):
 
 PROMPTS = [
     [{"role": "user", "content": "the quiet morning"}],
-    [{"role": "system", "content": "Be brief."},
-     {"role": "user", "content": "I remembered a long meeting and the broken build, and nothing changed."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "I remembered a long meeting and the broken build, and nothing changed."},
+    ],
     [{"role": "user", "content": "an old letter"}],
     [{"role": "user", "content": "We laughed at the garden after rain with real warmth, and it was good."}],
 ]
@@ -360,7 +419,9 @@ def test_left_padding_does_not_change_the_completion(lively_model):
     model, tok = lively_model
     short = [PROMPTS[0]]
     alone = generate_responses(model, tok, short, k=1, temperature=0.0, max_new_tokens=12)[0]
-    padded = generate_responses(model, tok, [PROMPTS[0], PROMPTS[3]], k=1, temperature=0.0, max_new_tokens=12)[0]
+    padded = generate_responses(
+        model, tok, [PROMPTS[0], PROMPTS[3]], k=1, temperature=0.0, max_new_tokens=12
+    )[0]
     assert len(encode_prompt(tok, PROMPTS[3])) > len(alone.prompt_ids) + 5  # really padded
     assert padded.completion_ids == alone.completion_ids
     assert tok.padding_side == "right"  # untouched
@@ -403,8 +464,16 @@ def test_gpt2_without_pad_token_generates_and_scores(tiny_texts):
     tok = train_tokenizer(tiny_texts, vocab_size=512)
     tok.pad_token = None
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=512,
-                        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.3)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        initializer_range=0.3,
+    )
     model = GPT2LMHeadModel(config).eval()
     batched = generate_responses(model, tok, PROMPTS, k=2, temperature=0.0, max_new_tokens=6)
     naive = generate_one_at_a_time(model, tok, PROMPTS, k=2, temperature=0.0, max_new_tokens=6)
@@ -419,8 +488,9 @@ def test_gpt2_without_pad_token_generates_and_scores(tiny_texts):
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(lively_model):
     model, tok = lively_model
     state = torch.random.get_rng_state()
-    a = generate_responses(model, tok, PROMPTS[:2], k=3, temperature=1.0, max_new_tokens=8, seed=5,
-                           min_new_tokens=8)
+    a = generate_responses(
+        model, tok, PROMPTS[:2], k=3, temperature=1.0, max_new_tokens=8, seed=5, min_new_tokens=8
+    )
     assert torch.equal(state, torch.random.get_rng_state())
     b = generate_responses(model, tok, PROMPTS[:2], k=3, temperature=1.0, max_new_tokens=8, seed=5)
     c = generate_responses(model, tok, PROMPTS[:2], k=3, temperature=1.0, max_new_tokens=8, seed=6)
@@ -446,8 +516,16 @@ def responses(lively_model):
     model, tok = lively_model
     out = generate_responses(model, tok, PROMPTS, k=2, temperature=1.0, max_new_tokens=9, seed=3)
     finished = out[1]
-    out.append(GeneratedResponse(0, 8, finished.text, finished.prompt_ids, finished.completion_ids + [tok.eos_token_id],
-                                 finished=True))  # a trailing EOS: read by CARL, not by the steering mean
+    out.append(
+        GeneratedResponse(
+            0,
+            8,
+            finished.text,
+            finished.prompt_ids,
+            finished.completion_ids + [tok.eos_token_id],
+            finished=True,
+        )
+    )  # a trailing EOS: read by CARL, not by the steering mean
     out.append(GeneratedResponse(0, 9, "", out[0].prompt_ids, []))  # an empty completion
     return out
 
@@ -461,7 +539,9 @@ def test_carl_scorer_equals_carl_reward_on_the_predicting_logits(lively_model, r
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0].double().numpy()
         start = len(r.prompt_ids) - 1  # the position that predicts the first completion token
-        expected, parts = carl_reward(logits[start: start + len(r.completion_ids)], np.array(r.completion_ids))
+        expected, parts = carl_reward(
+            logits[start : start + len(r.completion_ids)], np.array(r.completion_ids)
+        )
         assert scores["carl"][i] == pytest.approx(expected, abs=1e-5)
         assert scores["phi_mean"][i] == pytest.approx(parts["phi_mean"], abs=1e-5)
         assert scores["gate_open"][i] == float(coherence_gate(scores["phi_mean"][i])[0])
@@ -487,13 +567,15 @@ def _hand_projection(model, response: GeneratedResponse, vector: torch.Tensor, l
         completion = completion[:-1]
     captured = {}
     block = find_decoder_blocks(model)[layer - 1]
-    handle = block.register_forward_hook(lambda _m, _i, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
+    handle = block.register_forward_hook(
+        lambda _m, _i, out: captured.update(h=out[0] if isinstance(out, tuple) else out)
+    )
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([response.prompt_ids + completion]))
     finally:
         handle.remove()
-    hidden = captured["h"][0, len(response.prompt_ids): len(response.prompt_ids) + len(completion)]
+    hidden = captured["h"][0, len(response.prompt_ids) : len(response.prompt_ids) + len(completion)]
     return float(hidden.double().mean(dim=0) @ vector.double())
 
 
@@ -504,9 +586,13 @@ def test_steering_scorer_equals_a_hand_projection(lively_model, responses):
     assert deepest.layer == 2
     values = deepest(model, tok, responses)["steering:calm"]
     for layer in (1, 2):
-        values = SteeringScorer(vectors, "calm", layer=layer, batch_size=4)(model, tok, responses)["steering:calm"]
-        expected = [_hand_projection(model, r, vectors.vectors[layer][1], layer, tok.eos_token_id)
-                    for r in responses[:-1]]
+        values = SteeringScorer(vectors, "calm", layer=layer, batch_size=4)(model, tok, responses)[
+            "steering:calm"
+        ]
+        expected = [
+            _hand_projection(model, r, vectors.vectors[layer][1], layer, tok.eos_token_id)
+            for r in responses[:-1]
+        ]
         np.testing.assert_allclose(values[:-1], expected, rtol=1e-4, atol=1e-6)
         assert values[-1] == 0.0  # nothing to read
         assert np.std(values[:-1]) > 1e-3  # responses differ: the test is not comparing constants
@@ -529,10 +615,16 @@ def test_parse_scorer_spec_weights_and_errors(lively_model, responses):
     np.testing.assert_allclose(out["carl"], CarlScorer()(model, tok, responses)["carl"], rtol=1e-12)
     assert parse_scorer_spec("carl").weights == {"carl": 1.0}
     assert parse_scorer_spec("steering:calm", vectors).weights == {"steering:calm": 1.0}
-    for spec, message in [("", "empty scorer spec"), ("carl,,steering:calm", "bad scorer spec part ''"),
-                          ("bogus:1", "unknown scorer 'bogus'"), ("steering", "steering:<emotion>"),
-                          ("carl:extra", "carl takes no arguments"), ("steering:joy", "unknown emotion 'joy'"),
-                          ("carl:nan", "must be finite"), ("carl,carl:2", "names a scorer twice")]:
+    for spec, message in [
+        ("", "empty scorer spec"),
+        ("carl,,steering:calm", "bad scorer spec part ''"),
+        ("bogus:1", "unknown scorer 'bogus'"),
+        ("steering", "steering:<emotion>"),
+        ("carl:extra", "carl takes no arguments"),
+        ("steering:joy", "unknown emotion 'joy'"),
+        ("carl:nan", "must be finite"),
+        ("carl,carl:2", "names a scorer twice"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_scorer_spec(spec, steering_vectors=vectors)
     with pytest.raises(ValueError, match="needs steering vectors"):
@@ -545,12 +637,19 @@ def test_parse_scorer_spec_weights_and_errors(lively_model, responses):
 
 
 def test_cycle_statistics_by_hand():
-    frame = pd.DataFrame({"dream_id": ["a", "a", "b", "b", "c"], "score": [0.5, 0.5, 0.1, 0.9, 0.3],
-                          "kept": [True, False, True, False, False]})
+    frame = pd.DataFrame(
+        {
+            "dream_id": ["a", "a", "b", "b", "c"],
+            "score": [0.5, 0.5, 0.1, 0.9, 0.3],
+            "kept": [True, False, True, False, False],
+        }
+    )
     stats = cycle_statistics(frame)
     assert (stats["dreams"], stats["responses"], stats["kept"]) == (3, 5, 2)
     assert stats["reject_fraction"] == pytest.approx(0.6)
-    assert stats["score_mean"] == pytest.approx(0.46) and stats["score_std"] == pytest.approx(np.std(frame["score"]))
+    assert stats["score_mean"] == pytest.approx(0.46) and stats["score_std"] == pytest.approx(
+        np.std(frame["score"])
+    )
     assert stats["no_signal_fraction"] == pytest.approx(2 / 3)  # a (all alike) and c (one response)
     assert stats["score_spread_mean"] == pytest.approx(0.8 / 3)
     assert cycle_statistics(frame.iloc[:0])["responses"] == 0
@@ -568,30 +667,61 @@ class _LengthScorer:
 def test_inverse_diagnostic_passes_what_the_filter_minimum_keeps(lively_model, sample_graph):
     model, tok = lively_model
     held = heldout_collisions(sample_graph.nodes, sample_graph.edges, 3, seed=11)
-    rate, rows = inverse_diagnostic_pass_rate(model, tok, held, _LengthScorer(), min_score=6, max_new_tokens=6,
-                                              excerpt_chars=40)
+    rate, rows = inverse_diagnostic_pass_rate(
+        model, tok, held, _LengthScorer(), min_score=6, max_new_tokens=6, excerpt_chars=40
+    )
     assert rows["dream_id"].tolist() == [c.dream_id for c in held]
     expected = (rows["response"].str.len() > 0) & (rows["length"] >= 6)
     assert rows["passed"].tolist() == expected.tolist() and rate == pytest.approx(expected.mean())
-    rate_high, _ = inverse_diagnostic_pass_rate(model, tok, held, _LengthScorer(), min_score=7, max_new_tokens=6,
-                                                excerpt_chars=40)
+    rate_high, _ = inverse_diagnostic_pass_rate(
+        model, tok, held, _LengthScorer(), min_score=7, max_new_tokens=6, excerpt_chars=40
+    )
     assert rate_high == 0.0
 
 
 def test_dream_one_cycle(lively_model, sample_graph):
     model, tok = lively_model
     nodes, edges = sample_graph.nodes, sample_graph.edges
-    config = DreamConfig(n_scenarios=5, responses_per_scenario=3, max_new_tokens=8, batch_size=2, excerpt_chars=50,
-                         top_fraction=0.5, seed=4)
+    config = DreamConfig(
+        n_scenarios=5,
+        responses_per_scenario=3,
+        max_new_tokens=8,
+        batch_size=2,
+        excerpt_chars=50,
+        top_fraction=0.5,
+        seed=4,
+    )
     held = heldout_collisions(nodes, edges, 20, config.walk, seed=77)
     exclude = {c.node_set for c in held}
     calls = []
-    result = dream(model, tok, nodes, edges, config, parse_scorer_spec("carl"), cycle=1, temperature=1.2,
-                   exclude=exclude, progress=lambda done, total: calls.append((done, total)))
+    result = dream(
+        model,
+        tok,
+        nodes,
+        edges,
+        config,
+        parse_scorer_spec("carl"),
+        cycle=1,
+        temperature=1.2,
+        exclude=exclude,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     frame = result.frame
     assert len(frame) == 15 and frame["dream_id"].nunique() == 5
-    for column in ("dream_id", "cycle", "seed_node_ids", "prompt", "temperature", "response", "carl", "phi_mean",
-                   "gate_open", "score", "kept", "reason"):
+    for column in (
+        "dream_id",
+        "cycle",
+        "seed_node_ids",
+        "prompt",
+        "temperature",
+        "response",
+        "carl",
+        "phi_mean",
+        "gate_open",
+        "score",
+        "kept",
+        "reason",
+    ):
         assert column in frame.columns
     assert (frame["cycle"] == 1).all() and (frame["temperature"] == 1.2).all()
     assert not {frozenset(json.loads(x)) for x in frame["seed_node_ids"]} & exclude
@@ -602,8 +732,9 @@ def test_dream_one_cycle(lively_model, sample_graph):
     assert first == scenario_messages(result.collisions[0], 50)
     assert calls[-1] == (5, 5) and result.statistics["responses"] == 15
 
-    again = dream(model, tok, nodes, edges, config, parse_scorer_spec("carl"), cycle=1, temperature=1.2,
-                  exclude=exclude)
+    again = dream(
+        model, tok, nodes, edges, config, parse_scorer_spec("carl"), cycle=1, temperature=1.2, exclude=exclude
+    )
     pd.testing.assert_frame_equal(frame, again.frame)
     other = dream(model, tok, nodes, edges, config, parse_scorer_spec("carl"), cycle=2, temperature=1.2)
     assert set(other.frame["dream_id"]) != set(frame["dream_id"])
@@ -638,32 +769,51 @@ def test_steering_scorer_ranks_warm_text_above_neutral_on_the_default_model(tmp_
     texts = sample_graph.nodes["text"].astype(str).tolist()
     prepare_base_model("offline", texts, tmp_path / "model", OfflineModelConfig())
     model, tok = load_model_and_tokenizer(tmp_path / "model")
-    vectors = train_steering_vectors(model, tok, extract_training_pairs(sample_graph),
-                                     layers=default_layers(model.config.num_hidden_layers), reduction="mean")
+    vectors = train_steering_vectors(
+        model,
+        tok,
+        extract_training_pairs(sample_graph),
+        layers=default_layers(model.config.num_hidden_layers),
+        reduction="mean",
+    )
     stats = vectors.stats
-    auc = float(stats[(stats["emotion"] == "warmth") & (stats["layer"] == max(vectors.layers))]["heldout_auc"].iloc[0])
+    auc = float(
+        stats[(stats["emotion"] == "warmth") & (stats["layer"] == max(vectors.layers))]["heldout_auc"].iloc[0]
+    )
     assert auc > 0.8  # warmth is one of the emotions the readout separates well on this model
 
     prompt = encode_prompt(tok, [{"role": "user", "content": "Tell me about your day."}])
 
     def as_responses(items):
-        return [GeneratedResponse(i, 0, t, prompt, tok(t, add_special_tokens=False)["input_ids"])
-                for i, t in enumerate(items)]
+        return [
+            GeneratedResponse(i, 0, t, prompt, tok(t, add_special_tokens=False)["input_ids"])
+            for i, t in enumerate(items)
+        ]
 
     scorer = SteeringScorer(vectors, "warmth")
     warm = scorer(model, tok, as_responses(WARM_TEXTS))["steering:warmth"]
     neutral = scorer(model, tok, as_responses(NEUTRAL_TEXTS))["steering:warmth"]
     margin = float(warm.mean() - neutral.mean())
-    print(f"warmth projection: warm {warm.mean():.3f} vs neutral {neutral.mean():.3f}, margin {margin:.3f}, "
-          f"held-out AUC {auc:.3f}")
+    print(
+        f"warmth projection: warm {warm.mean():.3f} vs neutral {neutral.mean():.3f}, margin {margin:.3f}, "
+        f"held-out AUC {auc:.3f}"
+    )
     assert margin > 0, (warm, neutral)
 
 
 def test_dream_without_usable_walks_returns_an_empty_frame(lively_model):
     model, tok = lively_model
     nodes = _nodes(["r1", "r2"], ["reflection", "lesson"])  # no edges: every walk stays home
-    result = dream(model, tok, nodes, _edges([]), DreamConfig(n_scenarios=3), parse_scorer_spec("carl"), cycle=0,
-                   temperature=1.0)
+    result = dream(
+        model,
+        tok,
+        nodes,
+        _edges([]),
+        DreamConfig(n_scenarios=3),
+        parse_scorer_spec("carl"),
+        cycle=0,
+        temperature=1.0,
+    )
     assert result.frame.empty and result.collisions == []
     assert {"dream_id", "response", "score", "kept", "reason"} <= set(result.frame.columns)
     assert result.statistics["responses"] == 0
@@ -708,8 +858,9 @@ def test_one_lesson_graph_dreams_from_its_own_kinds_with_the_full_heldout_set():
     plan = plan_heldout(graph.nodes, graph.edges, 8, 32, WalkConfig(), max_memories=3)
     assert plan.pool == 40 and len(plan.collisions) == 8 and not plan.shrunk
     config = DreamConfig(n_scenarios=32, walk=WalkConfig())
-    collisions, _ = loop_dream_scenarios(graph.nodes, graph.edges, config, cycle=0,
-                                         exclude={c.node_set for c in plan.collisions})
+    collisions, _ = loop_dream_scenarios(
+        graph.nodes, graph.edges, config, cycle=0, exclude={c.node_set for c in plan.collisions}
+    )
     assert len(collisions) == 32
     kinds = {c.kinds[0] for c in collisions}
     assert kinds <= {"lesson", "person", "task", "topic"} and len(kinds) >= 3
@@ -786,9 +937,14 @@ def test_small_pool_shrinks_the_heldout_set():
     lesson = WalkConfig(conditioning_kinds=("lesson",))
     plan = plan_heldout(graph.nodes, graph.edges, 8, 32, lesson, max_memories=3)
     assert (plan.pool, len(plan.collisions), plan.shrunk) == (3, 0, True)
-    collisions, _ = loop_dream_scenarios(graph.nodes, graph.edges, DreamConfig(n_scenarios=32, walk=lesson), 0)
+    collisions, _ = loop_dream_scenarios(
+        graph.nodes, graph.edges, DreamConfig(n_scenarios=32, walk=lesson), 0
+    )
     assert sorted(sorted(c.node_ids) for c in collisions) == [
-        ["Item 00", "Item 01"], ["Item 00", "Item 01", "Item 02"], ["Item 00", "Item 02"]]
+        ["Item 00", "Item 01"],
+        ["Item 00", "Item 01", "Item 02"],
+        ["Item 00", "Item 02"],
+    ]
     # a larger pool keeps what it can: 12 found for 8 + 32 -> 3 held out
     ids = [f"n{i}" for i in range(5)]
     star = _nodes(ids, ["lesson"] + ["journal"] * 4)
@@ -808,7 +964,10 @@ def test_too_few_scenarios_fail_naming_the_config_field_and_the_kinds_present():
     with pytest.raises(dg.Failure) as failure:
         plan_scenarios(graph.nodes, graph.edges, config, config.dream_config().walk)
     text = failure.value.description
-    assert "dream_scenarios.conditioning_kinds" in text and "ops.dream_scenarios.config.conditioning_kinds" in text
+    assert (
+        "dream_scenarios.conditioning_kinds" in text
+        and "ops.dream_scenarios.config.conditioning_kinds" in text
+    )
     assert "{'person': 6, 'project': 6, 'task': 6, 'topic': 6}" in text and "['reflection', 'lesson']" in text
     assert failure.value.metadata["kinds_present"].value == {"person": 6, "project": 6, "task": 6, "topic": 6}
     # lessons without relations: starts exist, but no walk leaves them

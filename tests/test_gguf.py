@@ -39,22 +39,38 @@ TEXT = "We laughed at the warm kitchen. Ünïcode still encodes!"
 
 def _to_llama_cpp(weight: np.ndarray, heads: int) -> np.ndarray:
     """HF q/k rows (rotary halves) → llama.cpp's interleaved pairs, per head."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def _from_llama_cpp(weight: np.ndarray, heads: int) -> np.ndarray:
-    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape)
+    return (
+        weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 # llama.cpp tensor name -> (HF name, heads to permute for, or 0)
 def _names(layers: int) -> dict[str, tuple[str, int]]:
-    names = {"token_embd.weight": ("model.embed_tokens.weight", 0), "output_norm.weight": ("model.norm.weight", 0)}
-    parts = {"attn_norm": ("input_layernorm", 0), "ffn_norm": ("post_attention_layernorm", 0),
-             "attn_q": ("self_attn.q_proj", HEADS), "attn_k": ("self_attn.k_proj", KV_HEADS),
-             "attn_v": ("self_attn.v_proj", 0), "attn_output": ("self_attn.o_proj", 0),
-             "ffn_gate": ("mlp.gate_proj", 0), "ffn_up": ("mlp.up_proj", 0), "ffn_down": ("mlp.down_proj", 0)}
+    names = {
+        "token_embd.weight": ("model.embed_tokens.weight", 0),
+        "output_norm.weight": ("model.norm.weight", 0),
+    }
+    parts = {
+        "attn_norm": ("input_layernorm", 0),
+        "ffn_norm": ("post_attention_layernorm", 0),
+        "attn_q": ("self_attn.q_proj", HEADS),
+        "attn_k": ("self_attn.k_proj", KV_HEADS),
+        "attn_v": ("self_attn.v_proj", 0),
+        "attn_output": ("self_attn.o_proj", 0),
+        "ffn_gate": ("mlp.gate_proj", 0),
+        "ffn_up": ("mlp.up_proj", 0),
+        "ffn_down": ("mlp.down_proj", 0),
+    }
     for i in range(layers):
         for cpp, (hf, heads) in parts.items():
             names[f"blk.{i}.{cpp}.weight"] = (f"model.layers.{i}.{hf}.weight", heads)
@@ -66,8 +82,9 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, chat_template: bool) ->
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
     special = set(tokenizer.all_special_ids)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokenizer))])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokenizer))]
+    )
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_bos_token_id(tokenizer.bos_token_id)
@@ -77,8 +94,13 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, chat_template: bool) ->
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM, tokenizer, qtype: gguf.GGMLQuantizationType,
-               chat_template: bool = True) -> dict[str, np.ndarray]:
+def write_gguf(
+    path: Path,
+    model: LlamaForCausalLM,
+    tokenizer,
+    qtype: gguf.GGMLQuantizationType,
+    chat_template: bool = True,
+) -> dict[str, np.ndarray]:
     """Write `model` as a llama GGUF file (2-D weights in `qtype`, norms in F32); returns the tensors
     a reader should get back in HF layout (dequantized, un-permuted)."""
     cfg = model.config
@@ -115,11 +137,20 @@ def write_gguf(path: Path, model: LlamaForCausalLM, tokenizer, qtype: gguf.GGMLQ
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_texts):
     tokenizer = train_tokenizer(tiny_texts, vocab_size=400)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval(), tokenizer
 
@@ -152,18 +183,26 @@ def test_q4_1_conversion_equals_the_dequantized_gguf(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     expected = write_gguf(tmp_path / "tiny.gguf", model, tokenizer, gguf.GGMLQuantizationType.Q4_1)
     home = tmp_path / "home"
-    result = dg.materialize(with_upstreams(base_model), resources=build_resources(home), selection=["base_model"],
-                            run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}})
+    result = dg.materialize(
+        with_upstreams(base_model),
+        resources=build_resources(home),
+        selection=["base_model"],
+        run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}},
+    )
     folder = home / "artifacts" / "base_model" / "current"
     saved = load_file(str(folder / "model.safetensors"))
-    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    from_gguf = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="tiny.gguf", dtype=torch.float32
+    ).eval()
     reference = from_gguf.state_dict()
     assert set(saved) == set(reference) - {"lm_head.weight"}
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
         torch.testing.assert_close(tensor, torch.from_numpy(expected[name]), rtol=0, atol=0)
-    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"],
-                           model.state_dict()["model.layers.0.self_attn.q_proj.weight"])  # really quantized
+    assert not torch.equal(
+        saved["model.layers.0.self_attn.q_proj.weight"],
+        model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )  # really quantized
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert getattr(plain.config, "quantization_config", None) is None and plain.config.tie_word_embeddings
     with torch.no_grad():
@@ -174,8 +213,12 @@ def test_q4_1_conversion_equals_the_dequantized_gguf(tiny_llama, tmp_path):
     assert meta["source_file"].value == str(tmp_path / "tiny.gguf") and meta["conversion_seconds"].value >= 0
     assert meta["parameters"].value == count_parameters(model) and meta["dtype"].value == "fp32"
     assert meta["chat_template_installed"].value is False and meta["reused_conversion"].value is False
-    again = dg.materialize(with_upstreams(base_model), resources=build_resources(home), selection=["base_model"],
-                           run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}})
+    again = dg.materialize(
+        with_upstreams(base_model),
+        resources=build_resources(home),
+        selection=["base_model"],
+        run_config={"ops": {"base_model": {"config": {"model": str(tmp_path / "tiny.gguf")}}}},
+    )
     mat, first = (r.asset_materializations_for_node("base_model")[0] for r in (again, result))
     assert mat.metadata["reused_conversion"].value is True  # linked from CARL_HOME/cache/gguf
     assert mat.tags["dagster/data_version"] == first.tags["dagster/data_version"]
@@ -188,7 +231,10 @@ def test_conversion_is_cached_by_file_content(tiny_llama, tmp_path):
     first = prepare_base_model(str(path), [], tmp_path / "v1", cache_dir=cache)
     second = prepare_base_model(str(path), [], tmp_path / "v2", cache_dir=cache)
     assert (first["reused_conversion"], second["reused_conversion"]) == (False, True)
-    assert second["conversion_seconds"] == first["conversion_seconds"] and second["parameters"] == first["parameters"]
+    assert (
+        second["conversion_seconds"] == first["conversion_seconds"]
+        and second["parameters"] == first["parameters"]
+    )
     names = sorted(p.name for p in (tmp_path / "v1").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "v2").iterdir()) and "model.safetensors" in names
     for name in names:
@@ -223,7 +269,23 @@ def test_bad_gguf_and_packaged_specs_say_what_to_do(tmp_path, monkeypatch):
         resolve_model_source("smollm2-135m-instruct")
 
 
-COMMON_WORDS = {"the", "a", "is", "of", "and", "to", "in", "it", "i", "you", "are", "that", "be", "for", "can"}
+COMMON_WORDS = {
+    "the",
+    "a",
+    "is",
+    "of",
+    "and",
+    "to",
+    "in",
+    "it",
+    "i",
+    "you",
+    "are",
+    "that",
+    "be",
+    "for",
+    "can",
+}
 
 
 @pytest.mark.slow
@@ -231,17 +293,24 @@ def test_packaged_smollm2_converts_and_answers_in_english(tmp_path):
     """The real model through base_model's library function: its shape, and one greedy ChatML answer."""
     stats = prepare_base_model("smollm2-135m-instruct", [], tmp_path / "smol")
     assert (stats["num_layers"], stats["hidden_size"], stats["vocab_size"]) == (30, 576, 49152)
-    assert stats["source_sha256"] == packaged.sha256_file(packaged.packaged_model_file("smollm2-135m-instruct"))
+    assert stats["source_sha256"] == packaged.sha256_file(
+        packaged.packaged_model_file("smollm2-135m-instruct")
+    )
     model, tok = load_model_and_tokenizer(tmp_path / "smol")
-    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == \
-        model.model.embed_tokens.weight.data_ptr()
+    assert (
+        model.config.tie_word_embeddings
+        and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    )
     assert stats["parameters"] == count_parameters(model) == 134_515_008
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")  # ChatML
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     words = [w.strip(".,!?").lower() for w in answer.split()]
     assert "paris" in words and COMMON_WORDS & set(words), answer

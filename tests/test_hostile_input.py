@@ -35,34 +35,77 @@ from carl_assets.memory.graph import (
 # ============================================================================================
 
 HOSTILE_WORDS = [
-    "../../x", "..", "/etc/passwd", "x'; DROP TABLE memory_nodes;--", "'", '"', "Robert'); --", "a\nb", "\r\n",
-    "\x00", "\u2028", "\ufeff", "\u202e", "Joy", "joy", "self-doubt", "😀", "\\", "%s", "{}", "NaN", "",
-    " ", "warmth", "x" * 300,
+    "../../x",
+    "..",
+    "/etc/passwd",
+    "x'; DROP TABLE memory_nodes;--",
+    "'",
+    '"',
+    "Robert'); --",
+    "a\nb",
+    "\r\n",
+    "\x00",
+    "\u2028",
+    "\ufeff",
+    "\u202e",
+    "Joy",
+    "joy",
+    "self-doubt",
+    "😀",
+    "\\",
+    "%s",
+    "{}",
+    "NaN",
+    "",
+    " ",
+    "warmth",
+    "x" * 300,
 ]
 # any characters, lone surrogates included (a JSON escape like "\ud800" produces one)
 any_text = st.one_of(
     st.text(st.characters(codec=None, categories=None), max_size=30),
     st.sampled_from(HOSTILE_WORDS),
 )
-tag_name = st.one_of(st.sampled_from(["warmth", "joy", "clarity", "self_doubt", "Love", "../../x", "o'neil",
-                                      '"joy"', "joy;drop", "x\u0301", "", "9lives"]),
-                     st.text(st.characters(exclude_characters=":"), max_size=12)).filter(
-    lambda name: ":" not in name and not any(c.isspace() for c in name))
+tag_name = st.one_of(
+    st.sampled_from(
+        [
+            "warmth",
+            "joy",
+            "clarity",
+            "self_doubt",
+            "Love",
+            "../../x",
+            "o'neil",
+            '"joy"',
+            "joy;drop",
+            "x\u0301",
+            "",
+            "9lives",
+        ]
+    ),
+    st.text(st.characters(exclude_characters=":"), max_size=12),
+).filter(lambda name: ":" not in name and not any(c.isspace() for c in name))
 tag_value = st.one_of(st.integers(-3, 14).map(str), st.sampled_from(["high", "", "1e3", "07", "٣"]))
-tag_line = st.lists(st.tuples(tag_name, tag_value).map(lambda t: f"{t[0]}:{t[1]}"), min_size=1, max_size=5).map(
-    " ".join
-)
+tag_line = st.lists(
+    st.tuples(tag_name, tag_value).map(lambda t: f"{t[0]}:{t[1]}"), min_size=1, max_size=5
+).map(" ".join)
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), any_text)
 
 
 @st.composite
 def entity(draw, names: list[str]) -> dict:
     name = draw(st.one_of(any_text, json_scalar, *([st.sampled_from(names)] if names else [])))
-    observations = draw(st.one_of(st.lists(any_text, max_size=3), json_scalar, st.lists(json_scalar, max_size=2)))
+    observations = draw(
+        st.one_of(st.lists(any_text, max_size=3), json_scalar, st.lists(json_scalar, max_size=2))
+    )
     if isinstance(observations, list) and draw(st.booleans()):
         observations = [*observations, draw(tag_line)]
-    record = {"type": "entity", "name": name, "entityType": draw(st.one_of(any_text, json_scalar)),
-              "observations": observations}
+    record = {
+        "type": "entity",
+        "name": name,
+        "entityType": draw(st.one_of(any_text, json_scalar)),
+        "observations": observations,
+    }
     if isinstance(name, str):
         names.append(name)
     for key in draw(st.sets(st.sampled_from(["name", "entityType", "observations"]), max_size=1)):
@@ -73,8 +116,12 @@ def entity(draw, names: list[str]) -> dict:
 @st.composite
 def relation(draw, names: list[str]) -> dict:
     end = st.sampled_from(names) if names else any_text
-    return {"type": "relation", "from": draw(st.one_of(end, json_scalar)), "to": draw(st.one_of(end, json_scalar)),
-            "relationType": draw(st.one_of(st.sampled_from(["relates_to", "'; --"]), any_text, json_scalar))}
+    return {
+        "type": "relation",
+        "from": draw(st.one_of(end, json_scalar)),
+        "to": draw(st.one_of(end, json_scalar)),
+        "relationType": draw(st.one_of(st.sampled_from(["relates_to", "'; --"]), any_text, json_scalar)),
+    }
 
 
 def _encode(text: str) -> bytes:
@@ -89,19 +136,37 @@ def jsonl_lines(draw) -> tuple[list[bytes], list[dict]]:
     lines: list[bytes] = []
     records: list[dict] = []
     for _ in range(draw(st.integers(0, 14))):
-        kind = draw(st.sampled_from(["entity", "entity", "relation", "relation", "garbage", "blank", "other"]))
+        kind = draw(
+            st.sampled_from(["entity", "entity", "relation", "relation", "garbage", "blank", "other"])
+        )
         if kind in ("entity", "relation"):
             record = draw(entity(names) if kind == "entity" else relation(names))
             records.append(record)
             lines.append(_encode(json.dumps(record, ensure_ascii=draw(st.booleans()))))
         elif kind == "garbage":
-            lines.append(draw(st.one_of(
-                st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
-                any_text.map(lambda t: _encode(t.replace("\n", " "))),
-                st.sampled_from([b'{"type": "entity", "name": "cut', b"[" * 5000, b"1" * 5000, b"NaN", b"[]",
-                                 b'"entity"', b'{"type": null}', b"\xef\xbb\xbf{}", b"\xff\xfe", b"{}\r"]),
-                json_scalar.map(lambda v: _encode(json.dumps(v))),
-            )))
+            lines.append(
+                draw(
+                    st.one_of(
+                        st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
+                        any_text.map(lambda t: _encode(t.replace("\n", " "))),
+                        st.sampled_from(
+                            [
+                                b'{"type": "entity", "name": "cut',
+                                b"[" * 5000,
+                                b"1" * 5000,
+                                b"NaN",
+                                b"[]",
+                                b'"entity"',
+                                b'{"type": null}',
+                                b"\xef\xbb\xbf{}",
+                                b"\xff\xfe",
+                                b"{}\r",
+                            ]
+                        ),
+                        json_scalar.map(lambda v: _encode(json.dumps(v))),
+                    )
+                )
+            )
         elif kind == "blank":
             lines.append(draw(st.sampled_from([b"", b"   ", b"\t", b"\r"])))
         else:
@@ -118,11 +183,16 @@ def _is_blank(line: bytes) -> bool:
 
 def _check_accounting(graph, lines: list[bytes]) -> None:
     # a byte-order mark opening the file is not data (line 1 may be only that)
-    expected = {i for i, line in enumerate(lines, start=1)
-                if not _is_blank(line.removeprefix(b"\xef\xbb\xbf") if i == 1 else line)}
+    expected = {
+        i
+        for i, line in enumerate(lines, start=1)
+        if not _is_blank(line.removeprefix(b"\xef\xbb\xbf") if i == 1 else line)
+    }
     real = ~graph.nodes["is_stub"]
     node_lines = graph.nodes.loc[real, "source_line"].tolist()
-    merged_lines = [m["line"] for extra in graph.nodes["extra_json"] for m in json.loads(extra).get("merged", [])]
+    merged_lines = [
+        m["line"] for extra in graph.nodes["extra_json"] for m in json.loads(extra).get("merged", [])
+    ]
     edge_lines = graph.edges["source_line"].tolist()
     marker_lines = [m["line"] for m in graph.metadata["markers"]]
     reject_lines = set(graph.rejects["line"].tolist())
@@ -151,8 +221,11 @@ def memory_db():
 def _check_tables_hold(graph, con) -> None:
     """Every table writes to DuckDB (the asset's bulk write; in memory, so no fsync per example) and
     reads back unchanged; every emotion is a plain word."""
-    for name, df in {"memory_nodes": graph.nodes, "memory_edges": graph.edges,
-                     "memory_rejects": graph.rejects}.items():
+    for name, df in {
+        "memory_nodes": graph.nodes,
+        "memory_edges": graph.edges,
+        "memory_rejects": graph.rejects,
+    }.items():
         storage.write_table(con, name, df)
         back = con.execute(f'SELECT * FROM "{name}"').df()
         assert back.astype(str).values.tolist() == df.astype(str).values.tolist(), name
@@ -160,7 +233,9 @@ def _check_tables_hold(graph, con) -> None:
         assert all(EMOTION_NAME.fullmatch(name) and 0 <= score <= 10 for name, score in tags.items()), tags
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(generated=jsonl_lines(), crlf=st.booleans())
 def test_every_jsonl_line_is_ingested_or_rejected_with_a_reason(memory_db, generated, crlf):
     lines, records = generated
@@ -175,11 +250,19 @@ def test_every_jsonl_line_is_ingested_or_rejected_with_a_reason(memory_db, gener
                 load_graph(f"jsonl:{path}")
         _check_tables_hold(graph, memory_db)
         # the same records from a live server's read_graph: no crash, each one ingested or rejected
-        live = graph_from_mcp_graph({"entities": [r for r in records if r["type"] == "entity"],
-                                     "relations": [r for r in records if r["type"] == "relation"]}, "mcp+test")
-        merged = {m["line"] for extra in live.nodes["extra_json"] for m in json.loads(extra).get("merged", [])}
-        assert set(live.nodes.loc[~live.nodes["is_stub"], "source_line"]) | merged | set(live.edges["source_line"]) \
-            | set(live.rejects["line"]) == set(range(1, len(records) + 1))
+        live = graph_from_mcp_graph(
+            {
+                "entities": [r for r in records if r["type"] == "entity"],
+                "relations": [r for r in records if r["type"] == "relation"],
+            },
+            "mcp+test",
+        )
+        merged = {
+            m["line"] for extra in live.nodes["extra_json"] for m in json.loads(extra).get("merged", [])
+        }
+        assert set(live.nodes.loc[~live.nodes["is_stub"], "source_line"]) | merged | set(
+            live.edges["source_line"]
+        ) | set(live.rejects["line"]) == set(range(1, len(records) + 1))
         _check_tables_hold(live, memory_db)
 
 
@@ -187,13 +270,17 @@ def test_every_jsonl_line_is_ingested_or_rejected_with_a_reason(memory_db, gener
 # digits that str.isdigit() accepts ('²', '٣'), a space after the colon, URLs and clock times
 edge_token = st.one_of(
     st.tuples(tag_name, tag_value).map(lambda t: f"{t[0]}:{t[1]}"),
-    st.tuples(st.sampled_from(["joy", "warmth", "self_doubt", "a", "Joy", "x" * 64, "x" * 65]),
-              st.sampled_from(["0", "9", "10", " 9", "  9", "11", "²", "٣", "-0", "07", "9.0", "done"]))
-    .map(lambda t: f"{t[0]}:{t[1]}"),
+    st.tuples(
+        st.sampled_from(["joy", "warmth", "self_doubt", "a", "Joy", "x" * 64, "x" * 65]),
+        st.sampled_from(["0", "9", "10", " 9", "  9", "11", "²", "٣", "-0", "07", "9.0", "done"]),
+    ).map(lambda t: f"{t[0]}:{t[1]}"),
     st.sampled_from(["²:0", "https://example.org/x", "10:30", "status:done", "Year:", "2023", "URL:"]),
 )
-any_tag_line = st.tuples(st.lists(edge_token, min_size=1, max_size=5), st.sampled_from([" ", "\t", "  "]),
-                         st.sampled_from(["", " ", "\r", "\t"])).map(lambda t: t[1].join(t[0]) + t[2])
+any_tag_line = st.tuples(
+    st.lists(edge_token, min_size=1, max_size=5),
+    st.sampled_from([" ", "\t", "  "]),
+    st.sampled_from(["", " ", "\r", "\t"]),
+).map(lambda t: t[1].join(t[0]) + t[2])
 
 
 def _oracle(line: str) -> dict[str, int] | None:
@@ -253,11 +340,17 @@ def _entity(name: str, *observations: str) -> dict:
     return {"type": "entity", "name": name, "entityType": "journal", "observations": list(observations)}
 
 
-@pytest.mark.parametrize("bad_name", ["../../x", "../../../etc/passwd", "o'neil", '"joy"', "joy';DROP", "joy\\x",
-                                      "x'||'", "%2e%2e", "-"])
+@pytest.mark.parametrize(
+    "bad_name",
+    ["../../x", "../../../etc/passwd", "o'neil", '"joy"', "joy';DROP", "joy\\x", "x'||'", "%2e%2e", "-"],
+)
 def test_path_and_sql_emotion_names_never_become_tags(tmp_path, bad_name):
-    records = [_entity("n1", TEXT, f"{bad_name}:9 warmth:9"), _entity("n2", TEXT, f"{bad_name}:9"),
-               _entity("n3", TEXT + " plain", "clarity:9"), _entity("n4", TEXT + " more", "joy:9")]
+    records = [
+        _entity("n1", TEXT, f"{bad_name}:9 warmth:9"),
+        _entity("n2", TEXT, f"{bad_name}:9"),
+        _entity("n3", TEXT + " plain", "clarity:9"),
+        _entity("n4", TEXT + " more", "joy:9"),
+    ]
     graph = load_graph(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', records)}")
     tags = dict(zip(graph.nodes["node_id"], graph.tags(), strict=True))
     assert tags == {"n1": {}, "n2": {}, "n3": {"clarity": 9}, "n4": {"joy": 9}}
@@ -277,12 +370,20 @@ def test_emotion_name_pattern_has_no_trailing_newline_loophole():
     assert EMOTION_NAME.match("joy") and not EMOTION_NAME.match("joy\n") and not EMOTION_NAME.match("../x")
     assert parse_tag_line("joy:5 ../../x:9") is None  # not a tag line: one token is not name:score
     assert [t for t, _ in tag_line_problems("joy:5 ../../x:9")] == ["../../x:9"]
-    assert parse_tag_line("Time: 10:30") is None and tag_line_problems("Time: 10:30") == []  # prose stays prose
+    assert (
+        parse_tag_line("Time: 10:30") is None and tag_line_problems("Time: 10:30") == []
+    )  # prose stays prose
 
 
 def test_node_names_with_newlines_quotes_and_nul_round_trip_through_duckdb(tmp_path):
-    names = ["line one\nline two", "it's \"quoted\"; DROP TABLE memory_nodes;--", "nul\x00inside", "cr\r\nlf",
-             "\u202eevil", "tab\there"]
+    names = [
+        "line one\nline two",
+        'it\'s "quoted"; DROP TABLE memory_nodes;--',
+        "nul\x00inside",
+        "cr\r\nlf",
+        "\u202eevil",
+        "tab\there",
+    ]
     records = [_entity(n, TEXT, "warmth:9") for n in names]
     records += [{"type": "relation", "from": names[0], "to": names[1], "relationType": "a\nb'c"}]
     graph = load_graph(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', records)}")
@@ -320,7 +421,9 @@ def test_huge_names_are_cut_in_reasons(tmp_path):
 
 
 def test_a_folder_as_source_is_a_clear_error(tmp_path):
-    with pytest.raises(MemorySourceError, match=re.escape(f"{str(tmp_path)!r} is a folder, not a JSONL file")):
+    with pytest.raises(
+        MemorySourceError, match=re.escape(f"{str(tmp_path)!r} is a folder, not a JSONL file")
+    ):
         load_graph(f"jsonl:{tmp_path}")
     with pytest.raises(MemorySourceError, match="no such file"):
         load_graph(f"jsonl:{tmp_path / 'missing.jsonl'}")
@@ -330,8 +433,14 @@ def test_line_numbers_count_newlines_only(tmp_path):
     # a "\r" or U+2028 inside a line is not a line break (the memory server splits on "\n")
     path = tmp_path / "m.jsonl"
     first = json.dumps(_entity("a", "one\u2028two"), ensure_ascii=False)
-    path.write_bytes(b"\xef\xbb\xbf" + first.encode() + b"\r\n" + b"garbage\rmore\n\n"
-                     + json.dumps(_entity("b", TEXT)).encode() + b"\n")
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + first.encode()
+        + b"\r\n"
+        + b"garbage\rmore\n\n"
+        + json.dumps(_entity("b", TEXT)).encode()
+        + b"\n"
+    )
     graph = load_graph(f"jsonl:{path}")
     assert graph.nodes["source_line"].tolist() == [1, 4]
     assert graph.rejects["line"].tolist() == [2]
@@ -365,7 +474,8 @@ graph = load_graph("jsonl:" + sys.argv[1])
 seconds = time.perf_counter() - started
 python_peak = tracemalloc.get_traced_memory()[1] / 2**20
 peak_extra = peak_of() - before
-tables_mb = sum(int(df.memory_usage(deep=True).sum()) for df in (graph.nodes, graph.edges, graph.rejects)) / 2**20
+frames = (graph.nodes, graph.edges, graph.rejects)
+tables_mb = sum(int(df.memory_usage(deep=True).sum()) for df in frames) / 2**20
 rows = {"nodes": len(graph.nodes), "edges": len(graph.edges), "rejects": len(graph.rejects)}
 print(json.dumps({"peak_extra_mb": peak_extra, "tables_mb": tables_mb, "python_peak_mb": python_peak,
                   "seconds": seconds, **rows}))
@@ -392,8 +502,14 @@ def _write_big_jsonl(path: Path, target_bytes: int) -> int:
                 line = json.dumps(_entity(f"node-{entities}", *observations))
                 entities += 1
             else:
-                line = json.dumps({"type": "relation", "from": f"node-{rng.randrange(entities)}",
-                                   "to": f"node-{rng.randrange(entities)}", "relationType": "relates_to"})
+                line = json.dumps(
+                    {
+                        "type": "relation",
+                        "from": f"node-{rng.randrange(entities)}",
+                        "to": f"node-{rng.randrange(entities)}",
+                        "relationType": "relates_to",
+                    }
+                )
             handle.write(line + "\n")
             size += len(line) + 1
     return lines
@@ -413,8 +529,13 @@ def test_a_100_mb_file_is_ingested_in_bounded_memory(tmp_path):
     path = tmp_path / "memory.jsonl"
     n_lines = _write_big_jsonl(path, 100 * 2**20)
     file_mb = path.stat().st_size / 2**20
-    child = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(path)], capture_output=True, text=True,
-                           timeout=300, cwd=Path(__file__).resolve().parents[1])
+    child = subprocess.run(
+        [sys.executable, "-c", MEASURE_LOAD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     result = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"100 MB ingest: {file_mb:.1f} MB, {n_lines} lines, {result}")
@@ -436,7 +557,8 @@ def _raw_source(mode: str, marker: Path) -> str:
     import shlex
     import sys
 
-    return f"mcp+stdio:{shlex.quote(sys.executable)} {shlex.quote(str(RAW_SERVER))} {mode} {shlex.quote(str(marker))}"
+    python, server = shlex.quote(sys.executable), shlex.quote(str(RAW_SERVER))
+    return f"mcp+stdio:{python} {server} {mode} {shlex.quote(str(marker))}"
 
 
 def test_a_server_that_hangs_in_read_graph_times_out_naming_source_and_timeout(tmp_path, monkeypatch):
@@ -535,8 +657,11 @@ def test_phi_level_functions_refuse_nan_instead_of_scoring_it():
     phi = np.linspace(0.1, 0.9, 8)
     phi[4] = np.nan
     probs = np.full((8, 4), 0.25)
-    for call in (lambda: multiscale_coherence(phi), lambda: discontinuity_score(phi),
-                 lambda: cloud_quality(phi, probs, np.zeros(8, dtype=int))):
+    for call in (
+        lambda: multiscale_coherence(phi),
+        lambda: discontinuity_score(phi),
+        lambda: cloud_quality(phi, probs, np.zeros(8, dtype=int)),
+    ):
         with pytest.raises(ValueError, match=r"phi\[4\] is nan"):
             call()
     bad_probs = probs.copy()
@@ -601,8 +726,9 @@ def test_batched_carl_names_the_position_and_ignores_padding():
     stats = token_stats_from_hidden(hidden, weight, tok, nonfinite="nan")
     assert torch.isnan(stats.entropy[3]) and torch.isfinite(stats.entropy[[0, 1, 2, 4]]).all()
     with pytest.raises(ValueError, match=r"position \[0, 3\] has entropy nan"):
-        carl_reward_from_stats(stats.entropy.unsqueeze(0), stats.selected_logprob.unsqueeze(0),
-                               torch.ones(1, 5), 64)
+        carl_reward_from_stats(
+            stats.entropy.unsqueeze(0), stats.selected_logprob.unsqueeze(0), torch.ones(1, 5), 64
+        )
     with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'nan'"):
         carl_reward_batch(logits, ids, mask, nonfinite="zero")
 
@@ -620,30 +746,39 @@ def test_a_diverged_model_gives_zero_rewards_and_one_counted_warning(tiny_model_
     model = copy.deepcopy(model)
     reward_fn = make_carl_reward_fn(model, tokenizer, min_chars=0)  # placeholder texts: judged by the ids
     prompts = ["I felt the quiet morning", "We wrote about the deadline", "She noticed an old letter"]
-    completions = [tokenizer(text=t, add_special_tokens=False)["input_ids"] for t in
-                   (" and it was good.", " which made me angry.", " and everything felt clear.")]
+    completions = [
+        tokenizer(text=t, add_special_tokens=False)["input_ids"]
+        for t in (" and it was good.", " which made me angry.", " and everything felt clear.")
+    ]
     healthy = reward_fn(prompts=prompts, completions=[""] * 3, completion_ids=completions)
     assert all(math.isfinite(r) and r > 0 for r in healthy)
     with torch.no_grad():  # a diverged run: the final norm's weights went NaN
         model.model.norm.weight[0] = float("nan")
     logged: dict[str, float] = {}
     with caplog.at_level(logging.WARNING, logger="carl_assets.carl"):
-        rewards = reward_fn(prompts=prompts, completions=[""] * 3, completion_ids=completions,
-                            log_metric=lambda k, v: logged.__setitem__(k, v))
+        rewards = reward_fn(
+            prompts=prompts,
+            completions=[""] * 3,
+            completion_ids=completions,
+            log_metric=lambda k, v: logged.__setitem__(k, v),
+        )
     assert rewards == [0.0, 0.0, 0.0]  # a documented value, never NaN
     assert any("0.0 for 3 of 3 completions with non-finite logits" in r.getMessage() for r in caplog.records)
     assert logged["carl/zeroed"] == 1.0
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["phi", "--logits-file", "{nan}"], r"logits[2, 3] is nan"),
-    (["reward", "--logits-file", "{inf}", "--token-ids-file", "{ids}"], r"logits[0, 1] is inf"),
-    (["phi", "--logits-file", "{dead}"], "row 1 of the logits is entirely -inf"),
-    (["gate-check", "--phi", "nan"], "must be a finite number, got 'nan'"),
-    (["gate-check", "--phi", "0.5", "--threshold=-inf"], "must be a finite number, got '-inf'"),
-    (["train", "--model", "m", "--dataset", "d", "--gate-accuracy", "nan"], "must be a finite number"),
-    (["agent", "--model", "m", "--task", "t", "--gate-threshold", "inf"], "must be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["phi", "--logits-file", "{nan}"], r"logits[2, 3] is nan"),
+        (["reward", "--logits-file", "{inf}", "--token-ids-file", "{ids}"], r"logits[0, 1] is inf"),
+        (["phi", "--logits-file", "{dead}"], "row 1 of the logits is entirely -inf"),
+        (["gate-check", "--phi", "nan"], "must be a finite number, got 'nan'"),
+        (["gate-check", "--phi", "0.5", "--threshold=-inf"], "must be a finite number, got '-inf'"),
+        (["train", "--model", "m", "--dataset", "d", "--gate-accuracy", "nan"], "must be a finite number"),
+        (["agent", "--model", "m", "--task", "t", "--gate-threshold", "inf"], "must be a finite number"),
+    ],
+)
 def test_cli_refuses_non_finite_input_in_one_line(tmp_path, capsys, args, fragment):
     import numpy as np
 
@@ -652,7 +787,11 @@ def test_cli_refuses_non_finite_input_in_one_line(tmp_path, capsys, args, fragme
     logits, ids = _logits(4, 6)
     paths = {"ids": tmp_path / "ids.npy"}
     np.save(paths["ids"], ids)
-    for name, (t, v, value) in {"nan": (2, 3, np.nan), "inf": (0, 1, np.inf), "dead": (1, None, -np.inf)}.items():
+    for name, (t, v, value) in {
+        "nan": (2, 3, np.nan),
+        "inf": (0, 1, np.inf),
+        "dead": (1, None, -np.inf),
+    }.items():
         bad = logits.copy()
         if v is None:
             bad[t] = value
@@ -674,7 +813,12 @@ def test_cli_minus_inf_logits_are_scored(tmp_path, capsys):
     logits[:, 6:] = -np.inf
     np.save(tmp_path / "l.npy", logits)
     np.save(tmp_path / "i.npy", ids % 6)
-    assert cli.main(["reward", "--logits-file", str(tmp_path / "l.npy"), "--token-ids-file", str(tmp_path / "i.npy")]) == 0
+    assert (
+        cli.main(
+            ["reward", "--logits-file", str(tmp_path / "l.npy"), "--token-ids-file", str(tmp_path / "i.npy")]
+        )
+        == 0
+    )
     assert "CARL reward: " in capsys.readouterr().out
 
 
@@ -700,7 +844,9 @@ def test_a_folder_with_only_pickle_weights_is_refused(pickle_only_folder, tmp_pa
 
     from carl_assets.models.loading import load_model_and_tokenizer
 
-    with pytest.raises(ValueError, match=r"holds only pickle weights \(pytorch_model.bin\).*allow_pickle=True"):
+    with pytest.raises(
+        ValueError, match=r"holds only pickle weights \(pytorch_model.bin\).*allow_pickle=True"
+    ):
         load_model_and_tokenizer(pickle_only_folder)
     for name in ("weights.pt", "model.pkl"):
         other = tmp_path / name.split(".")[1]
@@ -740,7 +886,8 @@ def test_remote_code_does_not_run_by_default(tmp_path, tiny_model_and_tokenizer)
     marker = tmp_path / "remote-code-ran"
     (folder / "evil_model.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        "from transformers import LlamaForCausalLM\nclass EvilForCausalLM(LlamaForCausalLM):\n    pass\n")
+        "from transformers import LlamaForCausalLM\nclass EvilForCausalLM(LlamaForCausalLM):\n    pass\n"
+    )
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil_model.EvilForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))

@@ -67,10 +67,14 @@ class StopAt(TrainerCallback):
 
 
 def answer_dataset(n: int = 8) -> Dataset:
-    return Dataset.from_dict({
-        "prompt": [chat_prompt(f"Memory number {i} about the garden.", "Is this a memory?") for i in range(n)],
-        "completion": [[{"role": "assistant", "content": "Yes."}] for _ in range(n)],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                chat_prompt(f"Memory number {i} about the garden.", "Is this a memory?") for i in range(n)
+            ],
+            "completion": [[{"role": "assistant", "content": "Yes."}] for _ in range(n)],
+        }
+    )
 
 
 def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -117,14 +121,24 @@ def test_sft_resumes_where_it_was_interrupted(tiny, uninterrupted_sft, tmp_path)
     assert 0 < saved < stop
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
-        train_sft(copy.deepcopy(base), tokenizer, answer_dataset(), None, SFT, extra_callbacks=[StopAt(stop)],
-                  checkpoint_dir=ckpt, save_steps=3)
+        train_sft(
+            copy.deepcopy(base),
+            tokenizer,
+            answer_dataset(),
+            None,
+            SFT,
+            extra_callbacks=[StopAt(stop)],
+            checkpoint_dir=ckpt,
+            save_steps=3,
+        )
     found = latest_checkpoint(ckpt)
     assert found is not None and found.step == saved
     assert len([p for p in ckpt.iterdir() if p.name.startswith("checkpoint-")]) <= 2  # save_total_limit
 
     model = copy.deepcopy(base)
-    out = train_sft(model, tokenizer, answer_dataset(), tmp_path / "out", SFT, checkpoint_dir=ckpt, save_steps=3)
+    out = train_sft(
+        model, tokenizer, answer_dataset(), tmp_path / "out", SFT, checkpoint_dir=ckpt, save_steps=3
+    )
     assert out.resumed_from_step == saved
     # the gate fires at the same step, on the same window
     assert out.triggered and out.trigger_step == trigger and out.steps == ref.steps
@@ -154,8 +168,16 @@ def test_sft_resume_after_the_last_step_trains_no_more(tiny, uninterrupted_sft, 
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
-        train_sft(copy.deepcopy(base), tokenizer, answer_dataset(), None, SFT, extra_callbacks=[StopAtEnd()],
-                  checkpoint_dir=ckpt, save_steps=ref.trigger_step)
+        train_sft(
+            copy.deepcopy(base),
+            tokenizer,
+            answer_dataset(),
+            None,
+            SFT,
+            extra_callbacks=[StopAtEnd()],
+            checkpoint_dir=ckpt,
+            save_steps=ref.trigger_step,
+        )
     assert latest_checkpoint(ckpt).step == ref.trigger_step
     model = copy.deepcopy(base)
     out = train_sft(model, tokenizer, answer_dataset(), None, SFT, checkpoint_dir=ckpt)
@@ -168,7 +190,9 @@ def test_half_written_checkpoints_are_passed_over(tiny, tmp_path):
     base, tokenizer = tiny
     ckpt = tmp_path / "ckpt"
     config = SFTRunConfig(max_steps=4, learning_rate=1e-2, batch_size=4, gate_threshold=1.01)
-    train_sft(copy.deepcopy(base), tokenizer, answer_dataset(), None, config, checkpoint_dir=ckpt, save_steps=2)
+    train_sft(
+        copy.deepcopy(base), tokenizer, answer_dataset(), None, config, checkpoint_dir=ckpt, save_steps=2
+    )
     assert latest_checkpoint(ckpt).step == 4
     # a kill while checkpoint-6 was written: its state file is cut short; checkpoint-8 has no state at all
     partial = ckpt / "checkpoint-6"
@@ -184,8 +208,9 @@ def test_half_written_checkpoints_are_passed_over(tiny, tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(None) is None
 
     longer = SFTRunConfig(max_steps=6, learning_rate=1e-2, batch_size=4, gate_threshold=1.01)
-    out = train_sft(copy.deepcopy(base), tokenizer, answer_dataset(), None, longer, checkpoint_dir=ckpt,
-                    save_steps=2)
+    out = train_sft(
+        copy.deepcopy(base), tokenizer, answer_dataset(), None, longer, checkpoint_dir=ckpt, save_steps=2
+    )
     assert out.resumed_from_step == 2 and out.steps == 6
     assert [r["step"] for r in out.log_history] == [1, 2, 3, 4, 5, 6]
     assert not (ckpt / "checkpoint-8").exists()  # the partial ones after the resume point are removed
@@ -194,10 +219,12 @@ def test_half_written_checkpoints_are_passed_over(tiny, tmp_path):
 def test_gate_rebuilds_its_window_on_resume():
     """The gate resumes from the Trainer's restored log (on_train_begin with global_step > 0); a fresh run
     (step 0) keeps it as it is."""
-    logs = [{"step": 1, "mean_token_accuracy": 0.5, "entropy": 1.0},
-            {"step": 2, "mean_token_accuracy": 0.995, "entropy": 3.0},
-            {"step": 3, "loss": 0.2, "entropy": 4.0},  # no accuracy: only the entropy peak
-            {"step": 4, "mean_token_accuracy": 0.999, "entropy": 0.5}]
+    logs = [
+        {"step": 1, "mean_token_accuracy": 0.5, "entropy": 1.0},
+        {"step": 2, "mean_token_accuracy": 0.995, "entropy": 3.0},
+        {"step": 3, "loss": 0.2, "entropy": 4.0},  # no accuracy: only the entropy peak
+        {"step": 4, "mean_token_accuracy": 0.999, "entropy": 0.5},
+    ]
     gate = PhaseTransitionGate(threshold=0.99, window=5, min_above=3)
     control = types.SimpleNamespace(should_training_stop=False)
     gate.on_train_begin(None, types.SimpleNamespace(global_step=4, log_history=logs), control)
@@ -222,15 +249,24 @@ def test_gate_rebuilds_its_window_on_resume():
 @pytest.mark.slow
 def test_grpo_resumes_with_its_completions(tiny, tmp_path):
     base, tokenizer = tiny
-    prompts = Dataset.from_dict({"prompt": [chat_prompt(f"Memory {i} about rain.", "How did it feel?")
-                                            for i in range(8)]})
+    prompts = Dataset.from_dict(
+        {"prompt": [chat_prompt(f"Memory {i} about rain.", "How did it feel?") for i in range(8)]}
+    )
     config = GRPORunConfig(max_steps=4, batch_size=4, num_generations=2, max_completion_length=6)
     reference = copy.deepcopy(base)
     ref = train_grpo(reference, tokenizer, prompts, None, config)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
-        train_grpo(copy.deepcopy(base), tokenizer, prompts, None, config, extra_callbacks=[StopAt(3)],
-                   checkpoint_dir=ckpt, save_steps=2)
+        train_grpo(
+            copy.deepcopy(base),
+            tokenizer,
+            prompts,
+            None,
+            config,
+            extra_callbacks=[StopAt(3)],
+            checkpoint_dir=ckpt,
+            save_steps=2,
+        )
     assert (latest_checkpoint(ckpt).path / GRPO_COMPLETIONS_FILE).is_file()
     model = copy.deepcopy(base)
     out = train_grpo(model, tokenizer, prompts, None, config, checkpoint_dir=ckpt, save_steps=2)
@@ -238,8 +274,9 @@ def test_grpo_resumes_with_its_completions(tiny, tmp_path):
     assert [r["step"] for r in out.log_history] == [1, 2, 3, 4]
     assert out.rewards == pytest.approx(ref.rewards, rel=1e-5)
     # every completion of the run, the ones before the checkpoint read back from it
-    assert [(c["step"], c["completion"]) for c in out.completions] == \
-        [(c["step"], c["completion"]) for c in ref.completions]
+    assert [(c["step"], c["completion"]) for c in out.completions] == [
+        (c["step"], c["completion"]) for c in ref.completions
+    ]
     assert max_abs_diff(model, reference) <= 1e-6 * max_weight(reference)
 
 
@@ -247,11 +284,25 @@ def test_grpo_resumes_with_its_completions(tiny, tmp_path):
 # (b) a real SIGKILL of a materialization
 # --------------------------------------------------------------------------------------------
 
-TINY_BASE = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
-             "steps": 3, "seq_len": 32, "batch_size": 2}
+TINY_BASE = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 512,
+    "steps": 3,
+    "seq_len": 32,
+    "batch_size": 2,
+}
 # never crystallizes (threshold above 1): runs all its steps, a checkpoint every 4
-KILLED_SFT = {"max_steps": 48, "learning_rate": 1e-2, "batch_size": 4, "gate_threshold": 1.01,
-              "checkpoint_every": 4, "max_length": 128}
+KILLED_SFT = {
+    "max_steps": 48,
+    "learning_rate": 1e-2,
+    "batch_size": 4,
+    "gate_threshold": 1.01,
+    "checkpoint_every": 4,
+    "max_length": 128,
+}
 
 MATERIALIZE_SFT = """
 import json, sys
@@ -273,15 +324,33 @@ def _user_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 def test_sigkilled_sft_materialization_resumes(tmp_path):
     home = tmp_path / "home"
     resources = build_resources(home)
-    prepared = dg.materialize(with_upstreams(memory.memory_graph, models.base_model, sft.sft_dataset), resources=resources,
-                              run_config={"ops": {"base_model": {"config": TINY_BASE}, "sft_dataset": {"config": {
-                                  "source": "templates", "max_examples": 8, "holdout_tasks": 2}}}})
+    prepared = dg.materialize(
+        with_upstreams(memory.memory_graph, models.base_model, sft.sft_dataset),
+        resources=resources,
+        run_config={
+            "ops": {
+                "base_model": {"config": TINY_BASE},
+                "sft_dataset": {"config": {"source": "templates", "max_examples": 8, "holdout_tasks": 2}},
+            }
+        },
+    )
     assert prepared.success
     art = home / storage.ARTIFACTS_DIR / "sft_checkpoint"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CARL_TEST_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", MATERIALIZE_SFT, str(home), json.dumps(KILLED_SFT)], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CARL_TEST_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MATERIALIZE_SFT, str(home), json.dumps(KILLED_SFT)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         found = None
@@ -289,7 +358,9 @@ def test_sigkilled_sft_materialization_resumes(tmp_path):
             resume_dirs = list(art.glob(".resume-*")) if art.is_dir() else []
             found = next((c for d in resume_dirs if (c := latest_checkpoint(d)) is not None), None)
             time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before a checkpoint was seen: {proc.stderr.read()[-2000:]!r}"
+        assert proc.poll() is None, (
+            f"the run ended before a checkpoint was seen: {proc.stderr.read()[-2000:]!r}"
+        )
         assert found is not None, "no trainer checkpoint appeared within 240 s"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -312,8 +383,12 @@ def test_sigkilled_sft_materialization_resumes(tmp_path):
 
     # materialized again: resumes from the checkpoint, and the version is complete and loadable
     instance = dg.DagsterInstance.ephemeral()
-    again = dg.materialize(with_upstreams(sft_training.sft_checkpoint), resources=resources, instance=instance,
-                           run_config={"ops": {"sft_checkpoint": {"config": KILLED_SFT}}})
+    again = dg.materialize(
+        with_upstreams(sft_training.sft_checkpoint),
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"sft_checkpoint": {"config": KILLED_SFT}}},
+    )
     assert again.success
     event = again.get_asset_materialization_events()[-1].materialization
     meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
@@ -378,17 +453,29 @@ def test_batch_cache_reuses_only_matching_batches(tiny, tmp_path):
     assert (last.generated, last.reused) == (1, 2)
 
 
-DREAMS = {"n_scenarios": 6, "responses_per_scenario": 2, "max_new_tokens": 6, "heldout_scenarios": 2,
-          "excerpt_chars": 40, "batch_size": 2, "cycle": 0}
+DREAMS = {
+    "n_scenarios": 6,
+    "responses_per_scenario": 2,
+    "max_new_tokens": 6,
+    "heldout_scenarios": 2,
+    "excerpt_chars": 40,
+    "batch_size": 2,
+    "cycle": 0,
+}
 
 
 @pytest.mark.slow
 def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
     resources = build_resources(tmp_path)
     upstream = dg.materialize(
-        with_upstreams(memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors),
-        resources=resources, run_config={"ops": {"base_model": {"config": TINY_BASE},
-                                                 "steering_vectors": {"config": {"max_length": 64}}}})
+        with_upstreams(
+            memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors
+        ),
+        resources=resources,
+        run_config={
+            "ops": {"base_model": {"config": TINY_BASE}, "steering_vectors": {"config": {"max_length": 64}}}
+        },
+    )
     assert upstream.success
     run_config = {"ops": {"dream_scenarios": {"config": DREAMS}}}
     real = generation._run_generate
@@ -402,8 +489,12 @@ def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(generation, "_run_generate", counted)
     fail_after = 2  # the 3rd of 3 dream batches fails (the held-out diagnostic never starts)
-    broken = dg.materialize(with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config,
-                            raise_on_error=False)
+    broken = dg.materialize(
+        with_upstreams(dreams.dream_scenarios),
+        resources=resources,
+        run_config=run_config,
+        raise_on_error=False,
+    )
     assert not broken.success and len(calls) == 3
     db = tmp_path / storage.DATABASE_NAME
     with storage.connect(db, read_only=True) as con:
@@ -413,7 +504,9 @@ def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
 
     calls.clear()
     fail_after = None
-    resumed = dg.materialize(with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config)
+    resumed = dg.materialize(
+        with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config
+    )
     assert resumed.success
     meta = resumed.get_asset_materialization_events()[-1].materialization.metadata
     assert meta["reused_batches"].value == 2
@@ -422,9 +515,14 @@ def test_interrupted_dream_cycle_reuses_its_batches(tmp_path, monkeypatch):
     resumed_frame = storage.read_table(db, "dream_scenarios")
 
     calls.clear()
-    uninterrupted = dg.materialize(with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config)
+    uninterrupted = dg.materialize(
+        with_upstreams(dreams.dream_scenarios), resources=resources, run_config=run_config
+    )
     assert uninterrupted.success and len(calls) == 3 + 1
-    assert uninterrupted.get_asset_materialization_events()[-1].materialization.metadata["reused_batches"].value == 0
+    assert (
+        uninterrupted.get_asset_materialization_events()[-1].materialization.metadata["reused_batches"].value
+        == 0
+    )
     fresh_frame = storage.read_table(db, "dream_scenarios")
     assert len(fresh_frame) == 6 * 2
     pd.testing.assert_frame_equal(resumed_frame, fresh_frame)

@@ -99,7 +99,11 @@ def test_from_experience_matches_seed_loop(dim):
 
 
 def test_text_experiences_give_similar_sentences_similar_bits():
-    texts = ["The river was calm at dawn. I felt warm.", "The river was calm at dawn!", "Compilers hate me today."]
+    texts = [
+        "The river was calm at dawn. I felt warm.",
+        "The river was calm at dawn!",
+        "Compilers hate me today.",
+    ]
     features = text_experiences(texts, 32)
     assert features.shape == (4, 32)
     bits = experience_bits(features, 32)
@@ -144,7 +148,11 @@ def test_dataset_is_seeded(memory_bits):
 
 def test_closed_form_equals_recurrence():
     g = torch.Generator().manual_seed(0)
-    x0, drive, noise = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g), torch.randn(7, 30, 5, generator=g)
+    x0, drive, noise = (
+        torch.randn(7, 5, generator=g),
+        torch.randn(7, 5, generator=g),
+        torch.randn(7, 30, 5, generator=g),
+    )
     states = evolve(x0, drive, noise)
     x = x0.clone()
     assert torch.allclose(states[:, 0], x0)
@@ -199,18 +207,26 @@ def test_dynamics_depend_on_relevant_memory_only(memory_bits, mix):
 
     # Flip words that no sequence reads: nothing changes.
     used = torch.zeros(N_WORDS, dtype=torch.bool)
-    for s, e in zip(data.relevant_starts[:, :2].flatten().tolist(), data.relevant_ends[:, :2].flatten().tolist(), strict=True):
+    for s, e in zip(
+        data.relevant_starts[:, :2].flatten().tolist(),
+        data.relevant_ends[:, :2].flatten().tolist(),
+        strict=True,
+    ):
         used[s:e] = True
     elsewhere = memory_bits.clone()
     elsewhere[~used] = 1 - elsewhere[~used]
-    assert torch.equal(generate_sequences(elsewhere, 40, T, D, C, "medium", generator=3, mix=mix).states, data.states)
+    assert torch.equal(
+        generate_sequences(elsewhere, 40, T, D, C, "medium", generator=3, mix=mix).states, data.states
+    )
 
     # The first region drives the dynamics only with mix="mean" (the seed keeps the last region's run).
     s0, e0 = data.relevant_starts[0, 0].item(), data.relevant_ends[0, 0].item()
     first = memory_bits.clone()
     first[s0:e0] = 1 - first[s0:e0]
     overlaps = (s0 < end) and (start < e0)
-    moved = not torch.equal(generate_sequences(first, 40, T, D, C, "medium", generator=3, mix=mix).states[0], data.states[0])
+    moved = not torch.equal(
+        generate_sequences(first, 40, T, D, C, "medium", generator=3, mix=mix).states[0], data.states[0]
+    )
     assert moved == (mix == "mean" or overlaps)
 
 

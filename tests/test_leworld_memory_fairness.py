@@ -43,8 +43,10 @@ def tiny_system(seed: int = 0, memory_reads: bool = True) -> LeWorldSystem:
 @pytest.fixture(scope="module")
 def cued():
     bits = tiny_system().memory.memory
-    return (generate_sequences(bits, 48, T, D, C, "medium", generator=0, cue="characteristics"),
-            generate_sequences(bits, 24, T, D, C, "medium", generator=1, cue="characteristics"))
+    return (
+        generate_sequences(bits, 48, T, D, C, "medium", generator=0, cue="characteristics"),
+        generate_sequences(bits, 24, T, D, C, "medium", generator=1, cue="characteristics"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,9 +68,13 @@ def test_cue_spells_the_addresses_in_the_characteristics_signs():
     agree = (decode_cue(plain.characteristics, 2, 65536) == plain.relevant_starts[:, :2]).float().mean()
     assert agree < 0.01
     # Each characteristic stays standard normal.
-    assert cued.characteristics.mean().abs() < 0.05 and cued.characteristics.std().item() == pytest.approx(1.0, rel=0.05)
+    assert cued.characteristics.mean().abs() < 0.05 and cued.characteristics.std().item() == pytest.approx(
+        1.0, rel=0.05
+    )
     # The characteristics' term of the dynamics follows the cued characteristics.
-    assert not torch.equal(cued.states[:, 1:], plain.states[:, 1:]) and torch.equal(cued.states[:, 0], plain.states[:, 0])
+    assert not torch.equal(cued.states[:, 1:], plain.states[:, 1:]) and torch.equal(
+        cued.states[:, 0], plain.states[:, 0]
+    )
 
 
 def test_cue_with_too_few_dims_keeps_the_top_bits_or_says_why():
@@ -96,12 +102,16 @@ def test_no_memory_system_never_sees_memory_contents(cued, tmp_path):
     for s in (flipped_plain, flipped_blind):
         with torch.no_grad():
             s.memory.memory.copy_(1 - s.memory.memory)
-    predict = lambda s: s.multi_step_forward(batch["states"], batch["characteristics"])["predictions"]  # noqa: E731
+    def predict(s):
+        return s.multi_step_forward(batch["states"], batch["characteristics"])["predictions"]
     assert torch.equal(predict(blind), predict(flipped_blind))  # nothing of memory reaches the prediction
     assert not torch.allclose(predict(plain), predict(flipped_plain))  # while the memory system reads it
     # Oracle reads are withheld too, and phase 1's BLM step trains on zero reads: no encoder gradient.
     oracle = (batch["relevant_starts"], batch["relevant_ends"])
-    assert torch.equal(blind.multi_step_forward(batch["states"], batch["characteristics"], oracle=oracle)["predictions"], predict(blind))
+    assert torch.equal(
+        blind.multi_step_forward(batch["states"], batch["characteristics"], oracle=oracle)["predictions"],
+        predict(blind),
+    )
     Phase1Trainer(blind, TrainingConfig()).train_blm_step(batch)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in blind.memory.encoder.parameters())
     # The flag survives a checkpoint.
@@ -111,8 +121,15 @@ def test_no_memory_system_never_sees_memory_contents(cued, tmp_path):
 
 def test_trained_no_memory_baseline_over_seeds_and_verdict(cued):
     train, validation = cued
-    config = TrainingConfig(phase1_epochs=1, phase2_epochs=1, phase3_epochs=1, phase1_batch_size=24,
-                            phase2_batch_size=24, phase3_batch_size=24, seed=99)
+    config = TrainingConfig(
+        phase1_epochs=1,
+        phase2_epochs=1,
+        phase3_epochs=1,
+        phase1_batch_size=24,
+        phase2_batch_size=24,
+        phase3_batch_size=24,
+        seed=99,
+    )
     built = []
 
     def make(seed: int, memory_reads: bool) -> LeWorldSystem:
@@ -122,12 +139,18 @@ def test_trained_no_memory_baseline_over_seeds_and_verdict(cued):
     replicates = train_replicates(make, train, validation, config, seeds=[0, 1, 2])
     assert built == [(0, True), (1, True), (2, True), (0, False), (1, False), (2, False)]
     assert [(r.variant, r.seed, r.system.memory_reads) for r in replicates] == [
-        ("memory", 0, True), ("memory", 1, True), ("memory", 2, True),
-        ("no_memory", 0, False), ("no_memory", 1, False), ("no_memory", 2, False),
+        ("memory", 0, True),
+        ("memory", 1, True),
+        ("memory", 2, True),
+        ("no_memory", 0, False),
+        ("no_memory", 1, False),
+        ("no_memory", 2, False),
     ]
     # Every replicate went through all three phases; only the first logs validation per epoch.
     assert all(set(r.metrics["phase"]) == {1, 2, 3} for r in replicates)
-    assert "val_one_step_mse" in set(replicates[0].metrics["metric"]) and "val_one_step_mse" not in set(replicates[1].metrics["metric"])
+    assert "val_one_step_mse" in set(replicates[0].metrics["metric"]) and "val_one_step_mse" not in set(
+        replicates[1].metrics["metric"]
+    )
     # Different seeds train different models (initialisation, batch order).
     w = [r.system.blm.head.weight for r in replicates[:2]]
     assert not torch.allclose(w[0], w[1])
@@ -137,14 +160,20 @@ def test_trained_no_memory_baseline_over_seeds_and_verdict(cued):
     # The table's numbers are each system's own rollout errors.
     r0 = replicates[3]
     with torch.no_grad():
-        pred = r0.system.multi_step_forward(validation.states, validation.characteristics, 3, rollout=True)["predictions"]
-    assert per_seed.loc[3, "mse"] == pytest.approx((pred - validation.states[:, 1:4]).pow(2).mean().item(), rel=1e-5)
+        pred = r0.system.multi_step_forward(validation.states, validation.characteristics, 3, rollout=True)[
+            "predictions"
+        ]
+    assert per_seed.loc[3, "mse"] == pytest.approx(
+        (pred - validation.states[:, 1:4]).pow(2).mean().item(), rel=1e-5
+    )
 
     verdicts = memory_verdict(per_seed).set_index("metric")
     row = verdicts.loc["mse"]
     mem = per_seed.loc[per_seed.variant == "memory", "mse"]
     blind = per_seed.loc[per_seed.variant == "no_memory", "mse"]
-    assert row["memory_mean"] == pytest.approx(mem.mean()) and row["memory_std"] == pytest.approx(mem.std(ddof=1))
+    assert row["memory_mean"] == pytest.approx(mem.mean()) and row["memory_std"] == pytest.approx(
+        mem.std(ddof=1)
+    )
     assert row["gap"] == pytest.approx(blind.mean() - mem.mean())
     assert row["twice_spread"] == pytest.approx(2 * max(mem.std(ddof=1), blind.std(ddof=1)))
     assert row["verdict"] in {"memory helps", "memory hurts", "no difference shown"}
@@ -153,14 +182,18 @@ def test_trained_no_memory_baseline_over_seeds_and_verdict(cued):
 
 def test_verdict_needs_the_gap_to_exceed_twice_the_spread():
     def table(memory: list[float], no_memory: list[float]) -> pd.DataFrame:
-        rows = [("memory", i, v) for i, v in enumerate(memory)] + [("no_memory", i, v) for i, v in enumerate(no_memory)]
+        rows = [("memory", i, v) for i, v in enumerate(memory)] + [
+            ("no_memory", i, v) for i, v in enumerate(no_memory)
+        ]
         frame = pd.DataFrame(rows, columns=["variant", "seed", "mse"])
         return frame.assign(one_step_mse=frame["mse"])
 
     helps = memory_verdict(table([0.10, 0.11, 0.12], [0.20, 0.21, 0.22])).iloc[0]
     assert helps["verdict"] == "memory helps" and helps["gap"] == pytest.approx(0.10)
     assert helps["twice_spread"] == pytest.approx(0.02)
-    assert verdict_sentence(helps).startswith("memory helps: rollout MSE 0.1100 ± 0.0100 with memory vs 0.2100 ± 0.0100")
+    assert verdict_sentence(helps).startswith(
+        "memory helps: rollout MSE 0.1100 ± 0.0100 with memory vs 0.2100 ± 0.0100"
+    )
     # A gap of 0.03 with a spread of 0.02 (twice: 0.04) is not shown, whichever way it points.
     close = memory_verdict(table([0.10, 0.12, 0.14], [0.13, 0.15, 0.17])).iloc[0]
     assert close["gap"] == pytest.approx(0.03) and close["verdict"] == "no difference shown"
@@ -186,7 +219,9 @@ def gate_grads(system: LeWorldSystem, batch, utility: str, lam: float, seed: int
     total, metrics = trainer.objective(batch, torch.Generator().manual_seed(seed))
     total.backward()
     gate = system.blm.info_gate
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in (gate.weight, gate.bias)], metrics
+    return [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in (gate.weight, gate.bias)
+    ], metrics
 
 
 def test_reinforce_term_gives_the_info_request_decision_a_gradient(cued):
@@ -203,7 +238,8 @@ def test_reinforce_term_gives_the_info_request_decision_a_gradient(cued):
     assert b1.abs().sum() > 0 and w1.abs().sum() > 0
     assert 0 < metrics["info_sent_rate"] < 1
     (w2, b2), _ = gate_grads(system, batch, "reinforce", 0.2)
-    assert torch.allclose(b2, 2 * b1, rtol=1e-4) and torch.allclose(w2, 2 * w1, rtol=1e-4, atol=1e-9)  # ∝ λ
+    # ∝ λ
+    assert torch.allclose(b2, 2 * b1, rtol=1e-4) and torch.allclose(w2, 2 * w1, rtol=1e-4, atol=1e-9)
 
     # The bias gradient is REINFORCE's: −λ·mean_i(Â_i · Σ_t (a_it − p_it)), from the same draws.
     gen = torch.Generator().manual_seed(5)
@@ -234,9 +270,13 @@ def test_reinforce_step_makes_the_better_decisions_likelier(cued):
     states, chars = batch["states"], batch["characteristics"]
 
     def objective() -> torch.Tensor:
-        out = system.multi_step_forward(states, chars, info_policy="sample", generator=torch.Generator().manual_seed(2))
+        out = system.multi_step_forward(
+            states, chars, info_policy="sample", generator=torch.Generator().manual_seed(2)
+        )
         with torch.no_grad():
-            reward = system.multi_step_forward(states, chars, use_info=False)["sequence_mse"] - out["sequence_mse"]
+            reward = (
+                system.multi_step_forward(states, chars, use_info=False)["sequence_mse"] - out["sequence_mse"]
+            )
         advantage = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-8)
         return (advantage * out["info_log_prob"]).mean(), out["info_sent"]
 
@@ -246,7 +286,9 @@ def test_reinforce_step_makes_the_better_decisions_likelier(cued):
         system.blm.info_gate.weight -= 0.05 * w
         system.blm.info_gate.bias -= 0.05 * b
     after, sent_after = objective()
-    assert torch.equal(sent_before, sent_after)  # the same draws (the step is small), now likelier when better
+    assert torch.equal(
+        sent_before, sent_after
+    )  # the same draws (the step is small), now likelier when better
     assert after.item() > before.item()
 
 

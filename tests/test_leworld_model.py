@@ -34,7 +34,9 @@ def tiny_system(seed: int = 0) -> LeWorldSystem:
 @pytest.fixture(scope="module")
 def data():
     bits = tiny_system().memory.memory
-    return generate_sequences(bits, 64, T, D, C, "medium", generator=0), generate_sequences(bits, 32, T, D, C, "medium", generator=1)
+    return generate_sequences(bits, 64, T, D, C, "medium", generator=0), generate_sequences(
+        bits, 32, T, D, C, "medium", generator=1
+    )
 
 
 def test_memory_read_bits_mask_and_encoding():
@@ -70,8 +72,18 @@ def test_forward_losses_and_multi_step(data):
     system = tiny_system()
     states, chars = data[0].states[:4], data[0].characteristics[:4]
     out = system(states[:, 0], states[:, 1], chars, states[:, 2])
-    assert set(out["losses"]) == {"next_state_loss", "balance_loss", "diversity_loss", "entropy_loss", "total_loss"}
-    assert out["next_state"].shape == (4, D) and out["info_query"].shape == (4, 8) and out["mask"].shape == (4, 3)
+    assert set(out["losses"]) == {
+        "next_state_loss",
+        "balance_loss",
+        "diversity_loss",
+        "entropy_loss",
+        "total_loss",
+    }
+    assert (
+        out["next_state"].shape == (4, D)
+        and out["info_query"].shape == (4, 8)
+        and out["mask"].shape == (4, 3)
+    )
     assert torch.isclose(out["losses"]["next_state_loss"], F.mse_loss(out["next_state"], states[:, 2]))
     assert system(states[:, 0], states[:, 1], chars)["losses"] == {}
     multi = system.multi_step_forward(states, chars)
@@ -88,7 +100,9 @@ def test_forward_losses_and_multi_step(data):
         info = step["info_query"]
         per_step.append(step["losses"])
     for name, value in multi["losses"].items():
-        assert torch.isclose(value, torch.stack([s[name] for s in per_step]).mean(), rtol=1e-5, atol=1e-7), name
+        assert torch.isclose(value, torch.stack([s[name] for s in per_step]).mean(), rtol=1e-5, atol=1e-7), (
+            name
+        )
     ablated = system.multi_step_forward(states, chars, ablate_memory=True)
     assert not torch.allclose(ablated["predictions"], multi["predictions"])
 
@@ -107,7 +121,9 @@ def test_prediction_loss_reaches_address_logits_and_router(data):
 def test_router_temperature_anneals():
     router = tiny_system().blm.router
     assert router.anneal_temperature(0, 3e-5, 0.1) == pytest.approx(1.0)
-    assert router.anneal_temperature(10_000, 3e-5, 0.1) == pytest.approx(torch.exp(torch.tensor(-0.3)).item(), rel=1e-5)
+    assert router.anneal_temperature(10_000, 3e-5, 0.1) == pytest.approx(
+        torch.exp(torch.tensor(-0.3)).item(), rel=1e-5
+    )
     assert router.anneal_temperature(10**7, 3e-5, 0.1) == pytest.approx(0.1)
     assert router.temperature.item() == pytest.approx(0.1)
 
@@ -115,8 +131,13 @@ def test_router_temperature_anneals():
 def run_phase(phase: int, data, epochs: int, **overrides):
     system = tiny_system()
     config = TrainingConfig(
-        phase1_epochs=epochs, phase2_epochs=epochs, phase3_epochs=epochs,
-        phase1_batch_size=16, phase2_batch_size=16, phase3_batch_size=16, **overrides,
+        phase1_epochs=epochs,
+        phase2_epochs=epochs,
+        phase3_epochs=epochs,
+        phase1_batch_size=16,
+        phase2_batch_size=16,
+        phase3_batch_size=16,
+        **overrides,
     )
     metrics = train_system(system, data[0], data[1], config, phases=(phase,))
     return system, metrics.pivot_table(index="epoch", columns="metric", values="value")
@@ -140,7 +161,11 @@ def test_phase3_reduces_loss_with_info(data, utility):
     _, m = run_phase(3, data, 5, phase3_lr=1e-2, info_utility=utility)
     assert m["loss_with_info"].iloc[-1] < 0.9 * m["loss_with_info"].iloc[0]
     if utility == "reinforce":  # REINFORCE: the loss with info plus the policy-gradient term it logs
-        assert torch.allclose(torch.tensor(m["total_loss"].values), torch.tensor((m["loss_with_info"] + m["info_utility_loss"]).values), atol=1e-6)
+        assert torch.allclose(
+            torch.tensor(m["total_loss"].values),
+            torch.tensor((m["loss_with_info"] + m["info_utility_loss"]).values),
+            atol=1e-6,
+        )
         assert ((m["info_sent_rate"] > 0) & (m["info_sent_rate"] < 1)).all()
         return
     # The seed's objective: loss with info minus λ·(detached improvement over the branch without it).
@@ -188,7 +213,9 @@ def test_evaluation_reports_both_baselines(data):
     assert summary.loc["persistence", "one_step_mse"] == pytest.approx(one_step, rel=1e-5)
     assert len(result.steps) == 12 and result.steps["step"].max() == 3
     assert result.metrics["beats_persistence"] == (summary.loc["leworld", "mse"] < persistence)
-    assert result.metrics["beats_memory_ablated"] == (summary.loc["leworld", "mse"] < summary.loc["memory_ablated", "mse"])
+    assert result.metrics["beats_memory_ablated"] == (
+        summary.loc["leworld", "mse"] < summary.loc["memory_ablated", "mse"]
+    )
     usage = result.metrics["slm_usage"]
     assert len(usage) == 3 and all(0 <= u <= 1 for u in usage)
     assert result.metrics["routing_entropy"] >= 0
@@ -231,7 +258,11 @@ def test_seed_pipeline_runs_as_written():
         assert train[0]["states"].shape == (T, D) and train[0]["n_relevant"] == 2
         loader = DataLoader(train, batch_size=16, shuffle=True)
         config = TrainingConfig(state_dim=D, char_dim=C, sequence_length=T)
-        phase1, phase2, phase3 = Phase1Trainer(system, config), Phase2Trainer(system, config), Phase3Trainer(system, config)
+        phase1, phase2, phase3 = (
+            Phase1Trainer(system, config),
+            Phase2Trainer(system, config),
+            Phase3Trainer(system, config),
+        )
         for batch in loader:
             phase1.train_slms_step(batch)
             phase1.train_blm_step(batch)
@@ -239,7 +270,11 @@ def test_seed_pipeline_runs_as_written():
             step2 = phase2.train_step(batch)
         for batch in loader:
             step3 = phase3.train_step(batch)
-        assert step2["temperature"] < 1.0 and set(step3) >= {"loss_with_info", "loss_without_info", "improvement"}
+        assert step2["temperature"] < 1.0 and set(step3) >= {
+            "loss_with_info",
+            "loss_without_info",
+            "improvement",
+        }
         return Evaluator.prediction_accuracy(system, DataLoader(val, batch_size=16), n_steps=3)
 
     metrics = run()

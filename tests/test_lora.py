@@ -19,10 +19,14 @@ LLAMA_PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up
 
 
 def _dataset(n: int = 8) -> Dataset:
-    return Dataset.from_dict({
-        "prompt": [chat_prompt(f"Memory number {i} about the garden.", "Is this a memory?") for i in range(n)],
-        "completion": [[{"role": "assistant", "content": "Yes, it is."}] for _ in range(n)],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                chat_prompt(f"Memory number {i} about the garden.", "Is this a memory?") for i in range(n)
+            ],
+            "completion": [[{"role": "assistant", "content": "Yes, it is."}] for _ in range(n)],
+        }
+    )
 
 
 @pytest.fixture()
@@ -44,8 +48,10 @@ def test_lora_config_values_and_errors(fresh_tiny):
     config = lora_config(model, 4)
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8.0, 0.0)  # alpha defaults to 2r
     assert sorted(config.target_modules) == LLAMA_PROJECTIONS
-    assert sorted(lora_config(model, 2, 4, 0.1, ["q_proj", "self_attn.v_proj"]).target_modules) == \
-        ["q_proj", "self_attn.v_proj"]
+    assert sorted(lora_config(model, 2, 4, 0.1, ["q_proj", "self_attn.v_proj"]).target_modules) == [
+        "q_proj",
+        "self_attn.v_proj",
+    ]
     with pytest.raises(ValueError, match=r"lora_target_modules \['c_attn'\] are not modules.*q_proj"):
         lora_config(model, 4, target_modules=["c_attn"])
     with pytest.raises(ValueError, match="lora_r must be 0"):
@@ -88,7 +94,9 @@ def test_lora_sft_step_trains_only_adapters_and_merges_into_a_plain_checkpoint(f
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: the adapters did train
     # the returned model is merged (no peft layers) and differs from the start where adapters were
     assert not is_peft_model(model) and not any("lora_" in n for n, _ in model.named_parameters())
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"]
+    )
     # the saved folder is a plain HF checkpoint whose forward equals the adapted model's
     out = tmp_path / "sft"
     assert (out / "model.safetensors").exists()
@@ -105,11 +113,14 @@ def test_merge_adapters_leaves_a_plain_model_alone(fresh_tiny):
 
 def test_lora_grpo_step_saves_a_merged_checkpoint(fresh_tiny, tmp_path):
     model, tokenizer = fresh_tiny
-    config = GRPORunConfig(max_steps=1, batch_size=4, num_generations=2, max_completion_length=6, lora_r=2,
-                           learning_rate=1e-2)
+    config = GRPORunConfig(
+        max_steps=1, batch_size=4, num_generations=2, max_completion_length=6, lora_r=2, learning_rate=1e-2
+    )
     outcome = train_grpo(model, tokenizer, _dataset(4), tmp_path / "grpo", config)
     assert outcome.steps == 1 and len(outcome.completions) == 4
     assert not is_peft_model(model)
-    assert (tmp_path / "grpo" / "model.safetensors").exists() and not list((tmp_path / "grpo").glob("adapter_*"))
+    assert (tmp_path / "grpo" / "model.safetensors").exists() and not list(
+        (tmp_path / "grpo").glob("adapter_*")
+    )
     names = set(AutoModelForCausalLM.from_pretrained(tmp_path / "grpo").state_dict())
     assert not any("lora_" in n for n in names)

@@ -89,16 +89,35 @@ def test_copy_with_bad_lines_keeps_the_good_and_rejects_the_bad(written, tmp_pat
     n = len(good)
     extra = "A new entry that is long enough to be a training example on its own."
     bad = [
-        json.dumps({"type": "entity", "name": "journal-000", "entityType": "journal", "observations": ["again"]}),
+        json.dumps(
+            {"type": "entity", "name": "journal-000", "entityType": "journal", "observations": ["again"]}
+        ),
         "this is not json {",
         json.dumps({"type": "comment", "text": "hello"}),
-        json.dumps({"type": "entity", "name": "extra-1", "entityType": "journal", "observations": [extra, "warmth:high joy:7"]}),
+        json.dumps(
+            {
+                "type": "entity",
+                "name": "extra-1",
+                "entityType": "journal",
+                "observations": [extra, "warmth:high joy:7"],
+            }
+        ),
         json.dumps({"type": "relation", "from": "extra-1", "to": "ghost", "relationType": "relates_to"}),
-        json.dumps({"type": "relation", "from": "extra-1", "to": "journal-000", "relationType": "relates_to"}),
-        json.dumps({"type": "entity", "name": "extra-2", "entityType": "journal", "observations": [extra, "warmth:99"]}),
+        json.dumps(
+            {"type": "relation", "from": "extra-1", "to": "journal-000", "relationType": "relates_to"}
+        ),
+        json.dumps(
+            {
+                "type": "entity",
+                "name": "extra-2",
+                "entityType": "journal",
+                "observations": [extra, "warmth:99"],
+            }
+        ),
     ]
     copy = tmp_path / "memory-with-bad-lines.jsonl"
-    # one bad line in the middle (line numbers of the good lines after it shift by one) and the rest at the end
+    # one bad line in the middle (line numbers of the good lines after it shift by one) and the rest at
+    # the end
     middle = n // 2
     copy.write_text("\n".join(good[:middle] + ["{broken"] + good[middle:] + bad) + "\n")
 
@@ -112,9 +131,13 @@ def test_copy_with_bad_lines_keeps_the_good_and_rejects_the_bad(written, tmp_pat
     assert json.loads(kept.loc["extra-2", "tags_json"]) == {}
     assert kept.loc["extra-1", "text"] == f"extra-1 (journal)\n{extra}\nwarmth:high joy:7"
     # the second 'journal-000' record is merged into the first: its observation appended
-    assert kept.loc["journal-000", "text"] == original.nodes.set_index("node_id").loc["journal-000", "text"] + "\nagain"
+    assert (
+        kept.loc["journal-000", "text"]
+        == original.nodes.set_index("node_id").loc["journal-000", "text"] + "\nagain"
+    )
     pd.testing.assert_frame_equal(
-        graph.nodes.iloc[1:420].drop(columns="source_line"), original.nodes.iloc[1:].drop(columns="source_line")
+        graph.nodes.iloc[1:420].drop(columns="source_line"),
+        original.nodes.iloc[1:].drop(columns="source_line"),
     )
 
     rejects = graph.rejects
@@ -148,8 +171,11 @@ def test_live_http_read_gives_the_same_tables(written):
     memory_file, _, _ = written
     port = _free_port()
     script = Path(__file__).parent / "data" / "http_memory_server.py"
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(memory_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(memory_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -206,7 +232,9 @@ def test_a_silent_server_times_out():
 
 def test_parse_stdio_command():
     assert parse_stdio_command("mcp+stdio:MEMORY_FILE_PATH=/m/x.jsonl A_B=1 npx -y '@scope/pkg' --flag") == (
-        "npx", ["-y", "@scope/pkg", "--flag"], {"MEMORY_FILE_PATH": "/m/x.jsonl", "A_B": "1"}
+        "npx",
+        ["-y", "@scope/pkg", "--flag"],
+        {"MEMORY_FILE_PATH": "/m/x.jsonl", "A_B": "1"},
     )
     assert parse_stdio_command("mcp+stdio:/usr/bin/server") == ("/usr/bin/server", [], {})
     for bad in ["mcp+stdio:X=1", "mcp+stdio:  ", "mcp+stdio:'unclosed"]:

@@ -26,11 +26,22 @@ def _edges(graph) -> list[tuple[str, str, str]]:
 
 
 def test_every_case_folder_is_tested():
-    tested = {"hunt-01_concatenated_line", "hunt-02_single_json_document", "hunt-05_tagline_not_last",
-              "hunt-07_empty_file", "real-01_underscore_type_fork", "real-02_no_type_field",
-              "real-03_relation_key_variants", "real-04_url_last_observation_eaten", "real-05_entity_name_not_in_text",
-              "real-06_no_emotion_tags_unclear_stop", "real-07_aim_marker_line", "real-08_dangling_relations",
-              "real-09_duplicate_entity_observations", "real-10_dreams_default_kinds"}
+    tested = {
+        "hunt-01_concatenated_line",
+        "hunt-02_single_json_document",
+        "hunt-05_tagline_not_last",
+        "hunt-07_empty_file",
+        "real-01_underscore_type_fork",
+        "real-02_no_type_field",
+        "real-03_relation_key_variants",
+        "real-04_url_last_observation_eaten",
+        "real-05_entity_name_not_in_text",
+        "real-06_no_emotion_tags_unclear_stop",
+        "real-07_aim_marker_line",
+        "real-08_dangling_relations",
+        "real-09_duplicate_entity_observations",
+        "real-10_dreams_default_kinds",
+    }
     assert {p.name for p in CASES.iterdir() if p.is_dir()} == tested
 
 
@@ -96,9 +107,14 @@ def test_real01_underscore_type_and_observation_objects():
 def test_real02_no_type_key():
     graph = _load("real-02_no_type_field")
     nodes = _nodes(graph)
-    assert graph.rejects.empty and [nodes[n]["kind"] for n in ("Garden Project", "Alex")] == ["project", "person"]
+    assert graph.rejects.empty and [nodes[n]["kind"] for n in ("Garden Project", "Alex")] == [
+        "project",
+        "person",
+    ]
     assert _edges(graph) == [("Alex", "Garden Project", "works_on")]
-    assert json.loads(graph.edges["extra_json"].item()) == {"record": {"createdAt": 1768061136, "createdBy": "someone"}}
+    assert json.loads(graph.edges["extra_json"].item()) == {
+        "record": {"createdAt": 1768061136, "createdBy": "someone"}
+    }
 
 
 def test_real03_relation_key_aliases():
@@ -112,15 +128,22 @@ def test_real04_urls_and_status_lines_stay_in_the_text_with_no_rejects():
     graph = _load("real-04_url_last_observation_eaten")
     nodes = _nodes(graph)
     assert graph.rejects.empty and graph.summary()["tagged_nodes"] == 0
-    assert nodes["Sam Example"]["text"].endswith("Username: samexample\nGitHub: https://github.com/samexample")
-    assert nodes["Sam Example Scholar page"]["text"].endswith("URL: https://scholar.example.org/citations?user=abc123")
+    assert nodes["Sam Example"]["text"].endswith(
+        "Username: samexample\nGitHub: https://github.com/samexample"
+    )
+    assert nodes["Sam Example Scholar page"]["text"].endswith(
+        "URL: https://scholar.example.org/citations?user=abc123"
+    )
     assert nodes["Parser notes"]["text"].endswith("https://example.org/parser/design")
     assert nodes["Release task"]["text"].endswith("Cut the 2.0 release\nstatus:done")
 
 
 def test_real05_the_entity_name_and_type_lead_the_text():
     nodes = _nodes(_load("real-05_entity_name_not_in_text"))
-    assert nodes["Attention Is All You Need"]["text"] == "Attention Is All You Need (paper)\nYear: 2017\nHas note: true"
+    assert (
+        nodes["Attention Is All You Need"]["text"]
+        == "Attention Is All You Need (paper)\nYear: 2017\nHas note: true"
+    )
     assert nodes["Dr. Jane Placeholder"]["text"].startswith("Dr. Jane Placeholder (person)\n")
 
 
@@ -134,17 +157,24 @@ def test_real06_an_untagged_graph_loads_and_gives_no_pairs():
 def test_real07_a_marker_line_is_metadata_not_a_reject():
     graph = _load("real-07_aim_marker_line")
     assert graph.rejects.empty and len(graph.nodes) == 1
-    assert graph.metadata["markers"] == [{"line": 1, "record": {"type": "_aim", "source": "mcp-knowledge-graph"}}]
+    assert graph.metadata["markers"] == [
+        {"line": 1, "record": {"type": "_aim", "source": "mcp-knowledge-graph"}}
+    ]
 
 
 def test_real08_relations_to_missing_entities_are_kept_with_stub_nodes():
     graph = _load("real-08_dangling_relations")
     assert graph.rejects.empty
-    assert _edges(graph) == [("Alex", "Garden Project", "works_on"), ("Garden Project", "Task", "contains"),
-                             ("Agent", "Garden Project", "helps")]
+    assert _edges(graph) == [
+        ("Alex", "Garden Project", "works_on"),
+        ("Garden Project", "Task", "contains"),
+        ("Agent", "Garden Project", "helps"),
+    ]
     stubs = graph.nodes[graph.nodes["is_stub"]]
-    assert stubs[["node_id", "kind", "text", "n_tags"]].values.tolist() == [["Task", "stub", "Task", 0],
-                                                                          ["Agent", "stub", "Agent", 0]]
+    assert stubs[["node_id", "kind", "text", "n_tags"]].values.tolist() == [
+        ["Task", "stub", "Task", 0],
+        ["Agent", "stub", "Agent", 0],
+    ]
 
 
 def test_real09_same_name_entities_merge_their_observations():
@@ -152,13 +182,16 @@ def test_real09_same_name_entities_merge_their_observations():
     assert graph.rejects.empty and len(graph.nodes) == 1
     node = graph.nodes.iloc[0]
     assert node["kind"] == "topic"  # the first entity type wins
-    assert node["text"] == ("Compost (topic)\nKitchen scraps go into the bin\nTurn the pile every two weeks\n"
-                            "Finished compost goes on the raised beds")
+    assert node["text"] == (
+        "Compost (topic)\nKitchen scraps go into the bin\nTurn the pile every two weeks\n"
+        "Finished compost goes on the raised beds"
+    )
     assert json.loads(node["extra_json"])["merged"] == [{"line": 2, "entityType": "practice"}, {"line": 3}]
 
 
-@pytest.mark.parametrize(("name", "edges", "lessons"), [("memory_no_lesson.jsonl", 24, 0),
-                                                        ("memory_one_lesson.jsonl", 22, 1)])
+@pytest.mark.parametrize(
+    ("name", "edges", "lessons"), [("memory_no_lesson.jsonl", 24, 0), ("memory_one_lesson.jsonl", 22, 1)]
+)
 def test_real10_graphs_without_reflection_kinds_load_whole(name, edges, lessons):
     graph = _load("real-10_dreams_default_kinds", name)
     summary = graph.summary()

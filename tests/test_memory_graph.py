@@ -49,11 +49,24 @@ from carl_assets.memory.sample import sample_records, write_sample_jsonl
         ("warmth:9 :9", {}),
         ("warmth:99 calm:0", {}),
         ("self-doubt:3 joy2:4 drop;table:5 self_doubt:6", {}),
-        ("joy:-1", {}), ("joy:+3", {}), ("joy:7.5", {}), ("joy:07", {}), ("joy:010", {}), ("joy:  8", {}),
-        ("joy:\u00b2", {}), ("\u00b2:0", {}), ("joy:\u0663", {}), ("j\u00f6y:3", {}),  # ASCII only
+        ("joy:-1", {}),
+        ("joy:+3", {}),
+        ("joy:7.5", {}),
+        ("joy:07", {}),
+        ("joy:010", {}),
+        ("joy:  8", {}),
+        ("joy:\u00b2", {}),
+        ("\u00b2:0", {}),
+        ("joy:\u0663", {}),
+        ("j\u00f6y:3", {}),  # ASCII only
         ("joy:8warmth:9", {}),  # tokens are separated by white space
-        ("Note: meeting at 10:30", {}), ("Time: 10:30", {}), ("10:30", {}), ("Year: 2023", {}),
-        ("status:done", {}), ("URL: https://example.org/a?b=1", {}), ("https://example.org:8080/x", {}),
+        ("Note: meeting at 10:30", {}),
+        ("Time: 10:30", {}),
+        ("10:30", {}),
+        ("Year: 2023", {}),
+        ("status:done", {}),
+        ("URL: https://example.org/a?b=1", {}),
+        ("https://example.org:8080/x", {}),
         ("", {}),
     ],
 )
@@ -71,8 +84,17 @@ def test_near_miss_lines_name_each_bad_token_and_plain_prose_names_none():
     assert "not a lower-case ASCII word" in problems["Self-Doubt:3"]
     assert "must be written 7" in problems["calm:07"]
     assert tag_line_problems("warmth:11") == [("warmth:11", "score 11 is outside 0..10")]
-    for prose in ["status:done", "Year: 2023", "URL: https://x.org", "Time: 10:30", "localhost:8080", "10:30",
-                  "Warmth:9", "just prose here", "warmth:9 joy:8"]:  # the last one is a tag line
+    for prose in [
+        "status:done",
+        "Year: 2023",
+        "URL: https://x.org",
+        "Time: 10:30",
+        "localhost:8080",
+        "10:30",
+        "Warmth:9",
+        "just prose here",
+        "warmth:9 joy:8",
+    ]:  # the last one is a tag line
         assert tag_line_problems(prose) == [], prose
     assert parse_tag_line("just prose here") is None
     assert parse_tag_line("joy:5 warmth: 9").tags == {"joy": 5, "warmth": 9}
@@ -97,7 +119,9 @@ def test_count_mentions(text, emotion, expected):
 
 
 def _entity(name, kind, *observations):
-    return json.dumps({"type": "entity", "name": name, "entityType": kind, "observations": list(observations)})
+    return json.dumps(
+        {"type": "entity", "name": name, "entityType": kind, "observations": list(observations)}
+    )
 
 
 def _relation(src, dst, rel):
@@ -140,15 +164,27 @@ def test_jsonl_keeps_valid_data_and_rejects_the_rest_with_line_and_reason(bad_fi
     assert graph.nodes["kind"].tolist() == ["journal", "lesson", "pattern", "stub"]
     assert graph.nodes["is_stub"].tolist() == [False, False, False, True]
     assert graph.nodes["source_line"].tolist() == [1, 2, 8, 11]
-    assert [json.loads(t) for t in graph.nodes["tags_json"]] == [{"love": 8, "warmth": 9}, {"frustration": 3}, {}, {}]
+    assert [json.loads(t) for t in graph.nodes["tags_json"]] == [
+        {"love": 8, "warmth": 9},
+        {"frustration": 3},
+        {},
+        {},
+    ]
     assert graph.nodes["n_tags"].tolist() == [2, 1, 0, 0]
     assert graph.nodes["n_observations"].tolist() == [3, 2, 2, 0]
-    assert graph.nodes["text"].tolist() == [  # name (kind), observations; tag lines stripped, near misses kept
-        f"a (journal)\n{LONG}\na second a", "b (lesson)\nshort", f"c (pattern)\n{LONG}\nwarmth:high joy:7 :9 calm:99",
-        "ghost"]
+    assert graph.nodes[
+        "text"
+    ].tolist() == [  # name (kind), observations; tag lines stripped, near misses kept
+        f"a (journal)\n{LONG}\na second a",
+        "b (lesson)\nshort",
+        f"c (pattern)\n{LONG}\nwarmth:high joy:7 :9 calm:99",
+        "ghost",
+    ]
     assert json.loads(graph.nodes["extra_json"].iloc[0]) == {"merged": [{"line": 7}]}
     assert graph.edges[["src", "dst", "relation", "source_line"]].values.tolist() == [
-        ["a", "b", "teaches", 10], ["a", "ghost", "relates_to", 11], ["c", "a", "derived_from", 14]
+        ["a", "b", "teaches", 10],
+        ["a", "ghost", "relates_to", 11],
+        ["c", "a", "derived_from", 14],
     ]
 
     rejects = graph.rejects
@@ -166,11 +202,21 @@ def test_jsonl_keeps_valid_data_and_rejects_the_rest_with_line_and_reason(bad_fi
     assert "observations" in by_line[13][0]
     assert rejects.loc[rejects["line"] == 3, "raw"].item() == BAD_FILE_LINES[2]
     summary = graph.summary()
-    assert summary["stub_nodes"] == 1 and summary["merged_records"] == 1 and summary["duplicate_observations"] == 0
+    assert (
+        summary["stub_nodes"] == 1
+        and summary["merged_records"] == 1
+        and summary["duplicate_observations"] == 0
+    )
 
 
 def test_unreadable_sources_raise_one_error_naming_the_source(tmp_path):
-    for source in [f"jsonl:{tmp_path / 'missing.jsonl'}", f"jsonl:{tmp_path}", "jsonl:", "neo4j://x", "sample2"]:
+    for source in [
+        f"jsonl:{tmp_path / 'missing.jsonl'}",
+        f"jsonl:{tmp_path}",
+        "jsonl:",
+        "neo4j://x",
+        "sample2",
+    ]:
         with pytest.raises(MemorySourceError, match="cannot read memory source") as info:
             load_graph(source)
         assert source in str(info.value)
@@ -179,14 +225,18 @@ def test_unreadable_sources_raise_one_error_naming_the_source(tmp_path):
 
 def test_emotion_names_reaching_the_tables_are_plain_words(tmp_path):
     path = tmp_path / "m.jsonl"
-    lines = [_entity("x", "journal", LONG, "Warmth:9 x'y:9 a.b:3 ../etc:4 JOY:5"),  # prose: no name is a word
-             _entity("y", "journal", LONG, "joy:5 ../etc:4"),  # near miss: reported, kept as prose
-             _entity("z", "journal", LONG, "joy:5 calm:4")]
+    lines = [
+        _entity("x", "journal", LONG, "Warmth:9 x'y:9 a.b:3 ../etc:4 JOY:5"),  # prose: no name is a word
+        _entity("y", "journal", LONG, "joy:5 ../etc:4"),  # near miss: reported, kept as prose
+        _entity("z", "journal", LONG, "joy:5 calm:4"),
+    ]
     path.write_text("\n".join(lines) + "\n")
     graph = load_graph(f"jsonl:{path}")
     assert graph.tags() == [{}, {}, {"calm": 4, "joy": 5}]
-    assert graph.nodes["text"].tolist()[:2] == [f"x (journal)\n{LONG}\nWarmth:9 x'y:9 a.b:3 ../etc:4 JOY:5",
-                                                f"y (journal)\n{LONG}\njoy:5 ../etc:4"]
+    assert graph.nodes["text"].tolist()[:2] == [
+        f"x (journal)\n{LONG}\nWarmth:9 x'y:9 a.b:3 ../etc:4 JOY:5",
+        f"y (journal)\n{LONG}\njoy:5 ../etc:4",
+    ]
     assert graph.rejects["line"].tolist() == [2] and "'../etc:4'" in graph.rejects["reason"].item()
 
 
@@ -307,11 +357,15 @@ def test_pairs_caps_and_deterministic_sampling(sample):
 
 def test_pairs_options(tmp_path):
     lines = [
-        _entity("w1", "journal", "A cosy evening with tea and blankets, close to everyone.", "warmth:9 love:7"),
+        _entity(
+            "w1", "journal", "A cosy evening with tea and blankets, close to everyone.", "warmth:9 love:7"
+        ),
         _entity("w2", "journal", "Held a soft hand at the door, and it glowed all day long.", "warmth:8"),
         _entity("w3", "journal", "A gentle, kind conversation in the kitchen after dinner.", "warmth:7"),
         _entity("n1", "journal", "The build failed again and the tests kept timing out.", "frustration:9"),
-        _entity("n2", "journal", "I wrote about warmth but felt none of it, only the cold rain.", "sadness:8"),
+        _entity(
+            "n2", "journal", "I wrote about warmth but felt none of it, only the cold rain.", "sadness:8"
+        ),
         _entity("n3", "journal", "Short.", "frustration:4"),
         _entity("u1", "journal", "An untagged entry says nothing about how it felt that day."),
     ]
@@ -327,7 +381,11 @@ def test_pairs_options(tmp_path):
     assert ids(pairs, "warmth", "positive") == ["w1", "w2"]
     assert ids(pairs, "warmth", "negative") == ["n1"]  # n2 names warmth, n3 too short, u1 untagged
     assert set(pairs["emotion"]) == {"warmth", "frustration", "sadness"}  # love: no score >= 8
-    assert ids(extract_training_pairs(graph, min_positive_score=7), "warmth", "positive") == ["w1", "w2", "w3"]
+    assert ids(extract_training_pairs(graph, min_positive_score=7), "warmth", "positive") == [
+        "w1",
+        "w2",
+        "w3",
+    ]
     assert ids(extract_training_pairs(graph, max_negative_mentions=1), "warmth", "negative") == ["n1", "n2"]
     assert ids(extract_training_pairs(graph, min_content_chars=5), "warmth", "negative") == ["n1", "n3"]
     assert extract_training_pairs(graph, min_positive_score=11).empty
@@ -336,52 +394,108 @@ def test_pairs_options(tmp_path):
 
 def test_graph_round_trips_through_duckdb(sample, tmp_path):
     db = tmp_path / "carl.duckdb"
-    storage.write_tables(db, {"memory_nodes": sample.nodes, "memory_edges": sample.edges, "memory_rejects": sample.rejects})
-    storage.write_tables(db, {"emotion_training_pairs": extract_training_pairs(sample, min_positive_score=11)})
+    storage.write_tables(
+        db, {"memory_nodes": sample.nodes, "memory_edges": sample.edges, "memory_rejects": sample.rejects}
+    )
+    storage.write_tables(
+        db, {"emotion_training_pairs": extract_training_pairs(sample, min_positive_score=11)}
+    )
     with storage.connect(db, read_only=True) as con:
-        types = {table: dict(con.execute(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [table]
-        ).fetchall()) for table in ["memory_nodes", "memory_edges", "memory_rejects", "emotion_training_pairs"]}
-    assert types["memory_nodes"] == {"node_id": "VARCHAR", "kind": "VARCHAR", "text": "VARCHAR", "tags_json": "VARCHAR",
-                                     "n_tags": "INTEGER", "source_line": "INTEGER", "is_stub": "BOOLEAN",
-                                     "n_observations": "INTEGER", "updated_at": "VARCHAR", "extra_json": "VARCHAR"}
-    assert types["memory_edges"] == {"src": "VARCHAR", "dst": "VARCHAR", "relation": "VARCHAR", "source_line": "INTEGER",
-                                     "extra_json": "VARCHAR"}
+        types = {
+            table: dict(
+                con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
+                    [table],
+                ).fetchall()
+            )
+            for table in ["memory_nodes", "memory_edges", "memory_rejects", "emotion_training_pairs"]
+        }
+    assert types["memory_nodes"] == {
+        "node_id": "VARCHAR",
+        "kind": "VARCHAR",
+        "text": "VARCHAR",
+        "tags_json": "VARCHAR",
+        "n_tags": "INTEGER",
+        "source_line": "INTEGER",
+        "is_stub": "BOOLEAN",
+        "n_observations": "INTEGER",
+        "updated_at": "VARCHAR",
+        "extra_json": "VARCHAR",
+    }
+    assert types["memory_edges"] == {
+        "src": "VARCHAR",
+        "dst": "VARCHAR",
+        "relation": "VARCHAR",
+        "source_line": "INTEGER",
+        "extra_json": "VARCHAR",
+    }
     # empty tables keep their column types
-    assert types["memory_rejects"] == {"source": "VARCHAR", "line": "INTEGER", "reason": "VARCHAR", "raw": "VARCHAR"}
+    assert types["memory_rejects"] == {
+        "source": "VARCHAR",
+        "line": "INTEGER",
+        "reason": "VARCHAR",
+        "raw": "VARCHAR",
+    }
     assert set(types["emotion_training_pairs"].values()) == {"VARCHAR"}
     rebuilt = graph_from_tables(
-        storage.read_table(db, "memory_nodes"), storage.read_table(db, "memory_edges"), storage.read_table(db, "memory_rejects")
+        storage.read_table(db, "memory_nodes"),
+        storage.read_table(db, "memory_edges"),
+        storage.read_table(db, "memory_rejects"),
     )
     assert rebuilt.texts() == sample.texts()
-    pd.testing.assert_frame_equal(extract_training_pairs(rebuilt, seed=1), extract_training_pairs(sample, seed=1))
+    pd.testing.assert_frame_equal(
+        extract_training_pairs(rebuilt, seed=1), extract_training_pairs(sample, seed=1)
+    )
 
 
 def test_new_columns_round_trip_through_duckdb_and_old_tables_still_read(tmp_path):
     records = [
-        {"_type": "entity", "name": "n1", "entityType": "journal", "observations": [
-            {"text": LONG, "timestamp": "2025-05-11T15:54:05.242Z", "version": "1.0"}, "warmth:9"], "weight": 3},
-        {"type": "relation", "from": "n1", "to": "ghost", "relationType": "mentions", "createdAt": 1768061136},
+        {
+            "_type": "entity",
+            "name": "n1",
+            "entityType": "journal",
+            "observations": [
+                {"text": LONG, "timestamp": "2025-05-11T15:54:05.242Z", "version": "1.0"},
+                "warmth:9",
+            ],
+            "weight": 3,
+        },
+        {
+            "type": "relation",
+            "from": "n1",
+            "to": "ghost",
+            "relationType": "mentions",
+            "createdAt": 1768061136,
+        },
         {"type": "entity", "name": "n2", "entityType": "journal", "observations": [LONG + " Two.", "calm:8"]},
     ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     graph = load_graph(f"jsonl:{path}")
     assert graph.nodes["node_id"].tolist() == ["n1", "ghost", "n2"] and graph.nodes["is_stub"].tolist() == [
-        False, True, False]
+        False,
+        True,
+        False,
+    ]
     db = tmp_path / "carl.duckdb"
     storage.write_tables(db, {"memory_nodes": graph.nodes, "memory_edges": graph.edges})
     nodes, edges = storage.read_table(db, "memory_nodes"), storage.read_table(db, "memory_edges")
     rebuilt = graph_from_tables(nodes, edges)
-    assert rebuilt.nodes.astype(object).where(rebuilt.nodes.notna(), None).values.tolist() == \
-        graph.nodes.astype(object).where(graph.nodes.notna(), None).values.tolist()
+    assert (
+        rebuilt.nodes.astype(object).where(rebuilt.nodes.notna(), None).values.tolist()
+        == graph.nodes.astype(object).where(graph.nodes.notna(), None).values.tolist()
+    )
     assert rebuilt.edges.astype(str).values.tolist() == graph.edges.astype(str).values.tolist()
     assert rebuilt.nodes["updated_at"].tolist()[0] == "2025-05-11T15:54:05.242Z"
-    pd.testing.assert_frame_equal(extract_training_pairs(rebuilt, min_content_chars=10),
-                                  extract_training_pairs(graph, min_content_chars=10))
+    pd.testing.assert_frame_equal(
+        extract_training_pairs(rebuilt, min_content_chars=10),
+        extract_training_pairs(graph, min_content_chars=10),
+    )
     # tables written before the new columns existed read with their defaults
-    old = graph_from_tables(nodes[["node_id", "kind", "text", "tags_json", "n_tags", "source_line"]],
-                            edges[["src", "dst", "relation", "source_line"]])
+    old = graph_from_tables(
+        nodes[["node_id", "kind", "text", "tags_json", "n_tags", "source_line"]],
+        edges[["src", "dst", "relation", "source_line"]],
+    )
     assert list(old.nodes.columns) == NODE_COLUMNS and list(old.edges.columns) == EDGE_COLUMNS
     assert old.nodes["is_stub"].tolist() == [False] * 3 and old.nodes["extra_json"].tolist() == ["{}"] * 3
 
@@ -419,14 +533,18 @@ def test_assets_materialize_the_sample_with_passing_checks(tmp_path):
     assert list(pairs.columns) == PAIR_COLUMNS
     assert pair_counts(pairs)[["positive", "negative"]].to_numpy().max() == 20
     pd.testing.assert_frame_equal(
-        pairs, extract_training_pairs(load_graph("sample"), max_examples_per_emotion=20, seed=2), check_dtype=False
+        pairs,
+        extract_training_pairs(load_graph("sample"), max_examples_per_emotion=20, seed=2),
+        check_dtype=False,
     )
 
 
 def test_pairs_check_blocks_when_no_pairs(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(_entity("a", "journal", LONG) + "\n" + _entity("b", "journal", LONG, "warmth:9") + "\n")
-    result = _materialize(tmp_path / "home", {"ops": {"memory_graph": {"config": {"source": f"jsonl:{path}"}}}})
+    result = _materialize(
+        tmp_path / "home", {"ops": {"memory_graph": {"config": {"source": f"jsonl:{path}"}}}}
+    )
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["memory_graph_is_consistent"].passed
     assert not checks["pairs_nonempty_within_caps"].passed
@@ -458,9 +576,13 @@ def test_pair_config_changes_the_data_version(tmp_path):
             with_upstreams(memory.memory_graph, memory.emotion_training_pairs),
             selection=["emotion_training_pairs"],
             resources=resources,
-            run_config={"ops": {"emotion_training_pairs": {"config": {"seed": seed, "max_examples_per_emotion": 10}}}},
+            run_config={
+                "ops": {"emotion_training_pairs": {"config": {"seed": seed, "max_examples_per_emotion": 10}}}
+            },
         )
-        return result.asset_materializations_for_node("emotion_training_pairs")[0].metadata["data_version"].value
+        return (
+            result.asset_materializations_for_node("emotion_training_pairs")[0].metadata["data_version"].value
+        )
 
     first = version(1)
     assert version(1) == first

@@ -26,20 +26,52 @@ from carl_assets.memory.graph import (
 
 # (name, entityType, observations, the tags those observations carry: later tag lines win)
 ENTITIES = [
-    ("Ada Lovelace", "person", ["Wrote the first published program for the Analytical Engine.", "warmth:7 curiosity:9",
-                                "Reference: https://example.org/ada", "status:done"], {"warmth": 7, "curiosity": 9}),
-    ("Analytical Engine", "machine", ["joy: 8", "Designed by Babbage; never finished in his lifetime.", "Year: 1837",
-                                      "10:30 is when the museum opens"], {"joy": 8}),
-    ("Notes on the Engine", "paper", ["Published in 1843 with notes A to G.", "clarity:10",
-                                      "Note G holds the Bernoulli program.", "clarity:6 awe:9"], {"clarity": 6, "awe": 9}),
+    (
+        "Ada Lovelace",
+        "person",
+        [
+            "Wrote the first published program for the Analytical Engine.",
+            "warmth:7 curiosity:9",
+            "Reference: https://example.org/ada",
+            "status:done",
+        ],
+        {"warmth": 7, "curiosity": 9},
+    ),
+    (
+        "Analytical Engine",
+        "machine",
+        [
+            "joy: 8",
+            "Designed by Babbage; never finished in his lifetime.",
+            "Year: 1837",
+            "10:30 is when the museum opens",
+        ],
+        {"joy": 8},
+    ),
+    (
+        "Notes on the Engine",
+        "paper",
+        [
+            "Published in 1843 with notes A to G.",
+            "clarity:10",
+            "Note G holds the Bernoulli program.",
+            "clarity:6 awe:9",
+        ],
+        {"clarity": 6, "awe": 9},
+    ),
 ]
-RELATIONS = [("Ada Lovelace", "Notes on the Engine", "wrote"), ("Notes on the Engine", "Analytical Engine", "describes"),
-             ("Ada Lovelace", "Analytical Engine", "programmed")]
+RELATIONS = [
+    ("Ada Lovelace", "Notes on the Engine", "wrote"),
+    ("Notes on the Engine", "Analytical Engine", "describes"),
+    ("Ada Lovelace", "Analytical Engine", "programmed"),
+]
 STAMP = "2025-05-11T15:54:05.242Z"
 
 
 def _typed(type_key: str = "type") -> list[dict]:
-    entities = [{type_key: "entity", "name": n, "entityType": t, "observations": list(o)} for n, t, o, _ in ENTITIES]
+    entities = [
+        {type_key: "entity", "name": n, "entityType": t, "observations": list(o)} for n, t, o, _ in ENTITIES
+    ]
     relations = [{type_key: "relation", "from": a, "to": b, "relationType": r} for a, b, r in RELATIONS]
     return entities + relations
 
@@ -48,21 +80,28 @@ def _observation_objects() -> list[dict]:
     """mcp-think-tank: `_type`, observations as {"text", "timestamp", "version"}, a `_savedAt`."""
     records = _typed("_type")
     for record in records[:3]:
-        record["observations"] = [{"text": o, "timestamp": STAMP, "version": "1.0"} for o in record["observations"]]
+        record["observations"] = [
+            {"text": o, "timestamp": STAMP, "version": "1.0"} for o in record["observations"]
+        ]
         record["_savedAt"] = "2025-05-13T16:26:31.968Z"
     return records
 
 
 def _untyped() -> list[dict]:
     """A port that writes no type key at all."""
-    return [{k: v for k, v in r.items() if k != "type"} | ({"createdAt": 1768061136} if "from" in r else {})
-            for r in _typed()]
+    return [
+        {k: v for k, v in r.items() if k != "type"} | ({"createdAt": 1768061136} if "from" in r else {})
+        for r in _typed()
+    ]
 
 
 def _aliases() -> list[dict]:
     """Relation ends and types under the names Python ports and other forks use."""
-    schemes = [("from_entity", "to_entity", "relationType"), ("source", "target", "relation_type"),
-               ("fromEntity", "toEntity", "relation")]
+    schemes = [
+        ("from_entity", "to_entity", "relationType"),
+        ("source", "target", "relation_type"),
+        ("fromEntity", "toEntity", "relation"),
+    ]
     records = _typed()[:3]
     for (a, b, r), (kf, kt, kr) in zip(RELATIONS, schemes, strict=True):
         records.append({"type": "relation", kf: a, kt: b, kr: r, "weight": 6})
@@ -74,8 +113,10 @@ def _jsonl(records: list[dict]) -> bytes:
 
 
 def _document() -> dict:
-    return {"entities": [{"name": n, "entityType": t, "observations": o} for n, t, o, _ in ENTITIES],
-            "relations": [{"from": a, "to": b, "relationType": r} for a, b, r in RELATIONS]}
+    return {
+        "entities": [{"name": n, "entityType": t, "observations": o} for n, t, o, _ in ENTITIES],
+        "relations": [{"from": a, "to": b, "relationType": r} for a, b, r in RELATIONS],
+    }
 
 
 SHAPES = {
@@ -95,7 +136,9 @@ SHAPES = {
     ),  # and no final newline
     "utf8_bom_crlf": lambda: b"\xef\xbb\xbf" + _jsonl(_typed()).replace(b"\n", b"\r\n"),
     "lone_cr": lambda: _jsonl(_typed()).replace(b"\n", b"\r"),
-    "utf16_le_bom_crlf": lambda: b"\xff\xfe" + _jsonl(_typed()).decode().replace("\n", "\r\n").encode("utf-16-le"),
+    "utf16_le_bom_crlf": lambda: (
+        b"\xff\xfe" + _jsonl(_typed()).decode().replace("\n", "\r\n").encode("utf-16-le")
+    ),
     "utf16_be_bom": lambda: b"\xfe\xff" + _jsonl(_typed()).decode().encode("utf-16-be"),
     "utf16_le_no_bom": lambda: _jsonl(_typed()).decode().encode("utf-16-le"),
     "no_final_newline_blank_lines": lambda: b"\n\n" + _jsonl(_typed()).replace(b"\n", b"\n  \n").rstrip(),
@@ -131,8 +174,10 @@ def test_every_shape_reads_with_nothing_lost(tmp_path, shape):
     official.write_bytes(SHAPES["official"]())
     reference = load_graph(f"jsonl:{official}")
     key = ["node_id", "kind", "text", "tags_json"]
-    assert graph.nodes[key].sort_values("node_id").values.tolist() == \
-        reference.nodes[key].sort_values("node_id").values.tolist()
+    assert (
+        graph.nodes[key].sort_values("node_id").values.tolist()
+        == reference.nodes[key].sort_values("node_id").values.tolist()
+    )
 
 
 def test_the_reader_records_what_it_found(tmp_path):
@@ -142,12 +187,23 @@ def test_the_reader_records_what_it_found(tmp_path):
         return load_graph(f"jsonl:{path}").metadata
 
     assert {k: meta("official")[k] for k in ("format", "encoding", "line_endings")} == {
-        "format": "jsonl", "encoding": "utf-8", "line_endings": "lf"}
+        "format": "jsonl",
+        "encoding": "utf-8",
+        "line_endings": "lf",
+    }
     assert (meta("utf8_bom_crlf")["encoding"], meta("utf8_bom_crlf")["line_endings"]) == ("utf-8-sig", "crlf")
-    assert (meta("utf16_le_bom_crlf")["encoding"], meta("utf16_le_bom_crlf")["line_endings"]) == ("utf-16-le", "crlf")
+    assert (meta("utf16_le_bom_crlf")["encoding"], meta("utf16_le_bom_crlf")["line_endings"]) == (
+        "utf-16-le",
+        "crlf",
+    )
     assert meta("utf16_be_bom")["encoding"] == "utf-16-be" and meta("lone_cr")["line_endings"] == "cr"
-    assert meta("document_pretty")["format"] == "json_document" and meta("array_pretty")["format"] == "json_array"
-    assert meta("aim_marker_line")["markers"] == [{"line": 1, "record": {"type": "_aim", "source": "mcp-knowledge-graph"}}]
+    assert (
+        meta("document_pretty")["format"] == "json_document"
+        and meta("array_pretty")["format"] == "json_array"
+    )
+    assert meta("aim_marker_line")["markers"] == [
+        {"line": 1, "record": {"type": "_aim", "source": "mcp-knowledge-graph"}}
+    ]
 
 
 def test_line_numbers_of_each_shape(tmp_path):
@@ -159,7 +215,11 @@ def test_line_numbers_of_each_shape(tmp_path):
     assert load_graph(f"jsonl:{path}").edges["source_line"].tolist() == [4, 5, 6]
     path.write_bytes(SHAPES["document_pretty"]())  # one document: numbered in record order, entities first
     graph = load_graph(f"jsonl:{path}")
-    assert graph.nodes["source_line"].tolist() == [1, 2, 3] and graph.edges["source_line"].tolist() == [4, 5, 6]
+    assert graph.nodes["source_line"].tolist() == [1, 2, 3] and graph.edges["source_line"].tolist() == [
+        4,
+        5,
+        6,
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,11 +229,30 @@ def test_line_numbers_of_each_shape(tmp_path):
 
 def test_timestamps_latest_observation_else_the_record_own(tmp_path):
     records = [
-        {"_type": "entity", "name": "a", "entityType": "note", "_savedAt": "2030-01-01T00:00:00Z", "observations": [
-            {"text": "one", "timestamp": "2025-05-11T15:54:05.242Z"}, {"text": "two", "timestamp": "2025-06-01T08:00:00+02:00"},
-            "three"]},
-        {"name": "b", "entityType": "note", "observations": ["x"], "createdAt": 1768061136, "updatedAt": 1768061141},
-        {"name": "c", "entityType": "note", "observations": ["y"], "updated_at": 1768061141500},  # milliseconds
+        {
+            "_type": "entity",
+            "name": "a",
+            "entityType": "note",
+            "_savedAt": "2030-01-01T00:00:00Z",
+            "observations": [
+                {"text": "one", "timestamp": "2025-05-11T15:54:05.242Z"},
+                {"text": "two", "timestamp": "2025-06-01T08:00:00+02:00"},
+                "three",
+            ],
+        },
+        {
+            "name": "b",
+            "entityType": "note",
+            "observations": ["x"],
+            "createdAt": 1768061136,
+            "updatedAt": 1768061141,
+        },
+        {
+            "name": "c",
+            "entityType": "note",
+            "observations": ["y"],
+            "updated_at": 1768061141500,
+        },  # milliseconds
         {"name": "d", "entityType": "note", "observations": [{"text": "z", "timestamp": "not a time"}]},
     ]
     path = tmp_path / "m.jsonl"
@@ -189,8 +268,10 @@ def test_timestamps_latest_observation_else_the_record_own(tmp_path):
 
 def test_extra_fields_are_kept_on_nodes_and_edges(tmp_path):
     path = tmp_path / "m.jsonl"
-    path.write_bytes(SHAPES["relation_key_aliases"]() + _jsonl([{**_typed()[0], "name": "Extra", "weight": 4,
-                                                                  "tags": ["a", "b"], "meta": {"k": None}}]))
+    path.write_bytes(
+        SHAPES["relation_key_aliases"]()
+        + _jsonl([{**_typed()[0], "name": "Extra", "weight": 4, "tags": ["a", "b"], "meta": {"k": None}}])
+    )
     graph = load_graph(f"jsonl:{path}")
     extra = json.loads(graph.nodes.set_index("node_id").at["Extra", "extra_json"])
     assert extra == {"record": {"weight": 4, "tags": ["a", "b"], "meta": {"k": None}}}
@@ -203,8 +284,14 @@ def test_extra_fields_are_kept_on_nodes_and_edges(tmp_path):
     assert len(extra["observations"]) == 4 and nodes.at["Ada Lovelace", "updated_at"] == STAMP
 
 
-@pytest.mark.parametrize("marker", [{"type": "_aim", "source": "mcp-knowledge-graph"}, {"type": "metadata", "v": 2},
-                                    {"_type": "_header", "written_by": "x"}])
+@pytest.mark.parametrize(
+    "marker",
+    [
+        {"type": "_aim", "source": "mcp-knowledge-graph"},
+        {"type": "metadata", "v": 2},
+        {"_type": "_header", "written_by": "x"},
+    ],
+)
 def test_marker_records_are_metadata_not_rejects(tmp_path, marker):
     path = tmp_path / "m.jsonl"
     path.write_bytes(_jsonl([*_typed()[:2], marker, *_typed()[2:]]))
@@ -214,15 +301,20 @@ def test_marker_records_are_metadata_not_rejects(tmp_path, marker):
 
 
 def test_a_reject_names_what_it_found_and_what_was_expected(tmp_path):
-    lines = [json.dumps({"foo": 1, "bar": 2}), json.dumps({"type": "person", "name": "x"}),
-             json.dumps({"type": "relation", "from": "a", "relationType": "r"}),
-             json.dumps({"name": "n", "entityType": "t", "observations": ["ok", 5]}),
-             json.dumps({"type": "relation", "source": "a", "target": 7})]
+    lines = [
+        json.dumps({"foo": 1, "bar": 2}),
+        json.dumps({"type": "person", "name": "x"}),
+        json.dumps({"type": "relation", "from": "a", "relationType": "r"}),
+        json.dumps({"name": "n", "entityType": "t", "observations": ["ok", 5]}),
+        json.dumps({"type": "relation", "source": "a", "target": 7}),
+    ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join([json.dumps(_typed()[0]), *lines]))
     reasons = load_graph(f"jsonl:{path}").rejects.set_index("line")["reason"].to_dict()
-    assert reasons[2] == ("record has keys ['foo', 'bar']: expected an entity (name, entityType, observations) or "
-                          "a relation (from, to, relationType)")
+    assert reasons[2] == (
+        "record has keys ['foo', 'bar']: expected an entity (name, entityType, observations) or "
+        "a relation (from, to, relationType)"
+    )
     assert reasons[3].startswith("unknown record type 'person' (record has keys ['type', 'name'])")
     assert "to=None" in reasons[4] and "['type', 'from', 'relationType']" in reasons[4]
     assert "observation 2 is 5, expected a string or an object with a 'text' string" in reasons[5]
@@ -237,7 +329,9 @@ def test_a_truncated_tail_record_is_a_reject_naming_it(tmp_path):
     assert len(graph.edges) == 1 and graph.edges["source_line"].tolist() == [2]
     reject = graph.rejects.iloc[0]
     assert reject["line"] == 2 and reject["raw"] == '{"type":"entity","n'
-    assert reject["reason"].startswith("1 record(s) on this line, then text that is not a complete JSON record")
+    assert reject["reason"].startswith(
+        "1 record(s) on this line, then text that is not a complete JSON record"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,11 +341,26 @@ def test_a_truncated_tail_record_is_a_reject_naming_it(tmp_path):
 
 def test_same_name_entities_merge_first_type_wins_repeats_counted(tmp_path):
     records = [
-        {"type": "entity", "name": "Compost", "entityType": "topic", "observations": ["Scraps go in the bin", "calm:4"]},
+        {
+            "type": "entity",
+            "name": "Compost",
+            "entityType": "topic",
+            "observations": ["Scraps go in the bin", "calm:4"],
+        },
         {"type": "relation", "from": "Compost", "to": "Compost", "relationType": "feeds"},
-        {"type": "entity", "name": "Compost", "entityType": "practice", "observations": [
-            "Turn the pile every two weeks", "Scraps go in the bin", "calm:4"], "weight": 2},
-        {"type": "entity", "name": "Compost", "entityType": "topic", "observations": ["joy:9", "calm:7", "Scraps go in the bin"]},
+        {
+            "type": "entity",
+            "name": "Compost",
+            "entityType": "practice",
+            "observations": ["Turn the pile every two weeks", "Scraps go in the bin", "calm:4"],
+            "weight": 2,
+        },
+        {
+            "type": "entity",
+            "name": "Compost",
+            "entityType": "topic",
+            "observations": ["joy:9", "calm:7", "Scraps go in the bin"],
+        },
     ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
@@ -261,25 +370,35 @@ def test_same_name_entities_merge_first_type_wins_repeats_counted(tmp_path):
     assert node["kind"] == "topic" and node["source_line"] == 1
     assert node["text"] == "Compost (topic)\nScraps go in the bin\nTurn the pile every two weeks"
     assert json.loads(node["tags_json"]) == {"calm": 7, "joy": 9}  # later tag lines win
-    assert graph.summary()["duplicate_observations"] == 3  # the repeated note twice, the repeated tag line once
+    assert (
+        graph.summary()["duplicate_observations"] == 3
+    )  # the repeated note twice, the repeated tag line once
     assert node["n_observations"] == 5
-    assert json.loads(node["extra_json"])["merged"] == [{"line": 3, "entityType": "practice", "record": {"weight": 2}},
-                                                        {"line": 4}]
+    assert json.loads(node["extra_json"])["merged"] == [
+        {"line": 3, "entityType": "practice", "record": {"weight": 2}},
+        {"line": 4},
+    ]
 
 
 def test_relations_to_missing_entities_get_stub_nodes_that_are_never_pairs(tmp_path):
     long = "A long enough observation about the garden and the raised beds in spring."
-    records = [{"type": "entity", "name": f"n{i}", "entityType": "note", "observations": [long + f" ({i})", tag]}
-               for i, tag in enumerate(["warmth:9", "joy:9", "warmth:9", "joy:9"])]
-    records += [{"type": "relation", "from": "n0", "to": "Task", "relationType": "contains"},
-                {"type": "relation", "from": "Agent", "to": "n1", "relationType": "helps"},
-                {"type": "relation", "from": "Agent", "to": "Task", "relationType": "does"}]
+    records = [
+        {"type": "entity", "name": f"n{i}", "entityType": "note", "observations": [long + f" ({i})", tag]}
+        for i, tag in enumerate(["warmth:9", "joy:9", "warmth:9", "joy:9"])
+    ]
+    records += [
+        {"type": "relation", "from": "n0", "to": "Task", "relationType": "contains"},
+        {"type": "relation", "from": "Agent", "to": "n1", "relationType": "helps"},
+        {"type": "relation", "from": "Agent", "to": "Task", "relationType": "does"},
+    ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
     graph = load_graph(f"jsonl:{path}")
     stubs = graph.nodes[graph.nodes["is_stub"]]
     assert stubs[["node_id", "kind", "text", "tags_json", "n_tags", "source_line"]].values.tolist() == [
-        ["Task", "stub", "Task", "{}", 0, 5], ["Agent", "stub", "Agent", "{}", 0, 6]]
+        ["Task", "stub", "Task", "{}", 0, 5],
+        ["Agent", "stub", "Agent", "{}", 0, 6],
+    ]
     assert len(graph.edges) == 3 and graph.rejects.empty and graph.summary()["stub_nodes"] == 2
     pairs = extract_training_pairs(graph, min_content_chars=1)
     assert len(pairs) and not set(pairs["node_id"]) & {"Task", "Agent"}
@@ -291,8 +410,10 @@ def test_relations_to_missing_entities_get_stub_nodes_that_are_never_pairs(tmp_p
 
 
 def test_node_text_format():
-    assert node_text("Attention Is All You Need", "paper", ["Year: 2017", "Has note: true"]) == \
-        "Attention Is All You Need (paper)\nYear: 2017\nHas note: true"
+    assert (
+        node_text("Attention Is All You Need", "paper", ["Year: 2017", "Has note: true"])
+        == "Attention Is All You Need (paper)\nYear: 2017\nHas note: true"
+    )
     assert node_text("x", "unknown", []) == "x" and node_text("x", "note", ["", "  "]) == "x (note)"
 
 
@@ -301,17 +422,20 @@ def test_node_text_format():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("content", "says"), [
-    (b"", "is empty (0 bytes)"),
-    (b"  \n\n\t\r\n", "holds only whitespace"),
-    (b"{}", "record has keys []"),
-    (b"[]", "an empty JSON array"),
-    (b'{\n  "entities": [],\n  "relations": []\n}\n', "no entity and no relation"),
-    (b'{"entities": [], "relations": []}', "an empty graph document"),
-    (b'{"type":"_aim","source":"mcp-knowledge-graph"}\n', "only 1 marker record"),
-    (b"not json\nstill not\n", "2 record(s) rejected"),
-    (b'{\n  "entities": [\n', "starts like one JSON document but is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "is empty (0 bytes)"),
+        (b"  \n\n\t\r\n", "holds only whitespace"),
+        (b"{}", "record has keys []"),
+        (b"[]", "an empty JSON array"),
+        (b'{\n  "entities": [],\n  "relations": []\n}\n', "no entity and no relation"),
+        (b'{"entities": [], "relations": []}', "an empty graph document"),
+        (b'{"type":"_aim","source":"mcp-knowledge-graph"}\n', "only 1 marker record"),
+        (b"not json\nstill not\n", "2 record(s) rejected"),
+        (b'{\n  "entities": [\n', "starts like one JSON document but is not valid JSON"),
+    ],
+)
 def test_empty_sources_raise_naming_the_file_and_what_to_do(tmp_path, content, says):
     path = tmp_path / "memory.jsonl"
     path.write_bytes(content)
@@ -333,7 +457,9 @@ def test_an_unreadable_file_raises_naming_it(tmp_path):
 
 def test_a_file_that_says_utf16_but_is_not_is_one_clear_error(tmp_path):
     path = tmp_path / "memory.jsonl"
-    path.write_bytes(b"\xff\xfe" + '{"type": "entity"'.encode("utf-16-le") + b"\x00\xd8\x41")  # a lone surrogate
+    path.write_bytes(
+        b"\xff\xfe" + '{"type": "entity"'.encode("utf-16-le") + b"\x00\xd8\x41"
+    )  # a lone surrogate
     with pytest.raises(MemorySourceError, match="UTF-16-LE.*save it as UTF-8"):
         load_graph(f"jsonl:{path}")
 
@@ -347,9 +473,13 @@ def test_a_stray_byte_order_mark_line_is_not_taken_for_utf16(tmp_path):
 
 
 def test_large_pretty_document_is_read(tmp_path: Path):
-    document = {"entities": [{"name": f"e{i}", "entityType": "note", "observations": [f"note {i}", "calm:5"]}
-                             for i in range(2000)],
-                "relations": [{"from": f"e{i}", "to": f"e{i + 1}", "relationType": "next"} for i in range(1999)]}
+    document = {
+        "entities": [
+            {"name": f"e{i}", "entityType": "note", "observations": [f"note {i}", "calm:5"]}
+            for i in range(2000)
+        ],
+        "relations": [{"from": f"e{i}", "to": f"e{i + 1}", "relationType": "next"} for i in range(1999)],
+    }
     path = tmp_path / "memory.json"
     path.write_text(json.dumps(document, indent=2))
     graph = load_graph(f"jsonl:{path}")

@@ -31,11 +31,15 @@ def test_tokenizer_special_tokens_roundtrip_and_chat_template(tiny_texts):
     text = "Unseen wörds: ünïcode & 42 — still encodes."  # byte-level: nothing is unknown
     assert tok.decode(tok(text)["input_ids"]) == text
 
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How was the day?"},
-                {"role": "assistant", "content": "Quiet and good."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How was the day?"},
+        {"role": "assistant", "content": "Quiet and good."},
+    ]
     rendered = tok.apply_chat_template(messages, tokenize=False)
-    assert rendered == ("<|system|>\nBe brief.<|eos|><|user|>\nHow was the day?<|eos|>"
-                        "<|assistant|>\nQuiet and good.<|eos|>")
+    assert rendered == (
+        "<|system|>\nBe brief.<|eos|><|user|>\nHow was the day?<|eos|><|assistant|>\nQuiet and good.<|eos|>"
+    )
     prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n") and rendered.startswith(prompt)
     out = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
@@ -51,7 +55,9 @@ def test_tiny_model_is_small_seeded_and_runs(tiny_texts):
     m1, tok = build_tiny_model(tiny_texts, seed=3)
     m2, _ = build_tiny_model(tiny_texts, seed=3)
     assert count_parameters(m1) < 60_000
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
+    )
     enc = tok(tiny_texts[:3], return_tensors="pt", padding=True)
     logits = m1(**enc).logits
     assert logits.shape == (3, enc["input_ids"].shape[1], len(tok))
@@ -98,8 +104,18 @@ def test_load_sets_missing_pad_token(tiny_model_and_tokenizer, tmp_path):
 
 
 def test_offline_model_pretraining_lowers_the_loss(tiny_texts, tmp_path):
-    cfg = OfflineModelConfig(vocab_size=512, hidden_size=48, num_layers=2, num_heads=2, intermediate_size=96,
-                             steps=40, seq_len=64, batch_size=8, learning_rate=5e-3, warmup_steps=5)
+    cfg = OfflineModelConfig(
+        vocab_size=512,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=96,
+        steps=40,
+        seq_len=64,
+        batch_size=8,
+        learning_rate=5e-3,
+        warmup_steps=5,
+    )
     stats = build_offline_model(tiny_texts, tmp_path, cfg)
     losses = stats["losses"]
     assert len(losses) == 40
@@ -120,7 +136,9 @@ def test_base_model_asset_offline_default_shape(tmp_path):
     from carl_assets.defs.resources import build_resources
 
     run_config = {"ops": {"base_model": {"config": {"steps": 20}}}}
-    result = dg.materialize([memory_graph, base_model], resources=build_resources(tmp_path), run_config=run_config)
+    result = dg.materialize(
+        [memory_graph, base_model], resources=build_resources(tmp_path), run_config=run_config
+    )
     assert result.success
     meta = result.asset_materializations_for_node("base_model")[0].metadata
     assert 500_000 < meta["parameters"].value < 5_000_000
@@ -146,15 +164,28 @@ def test_base_model_asset_from_local_folder(tiny_model_and_tokenizer, tmp_path):
     tok.save_pretrained(src)
     home = tmp_path / "home"
     run_config = {"ops": {"base_model": {"config": {"model": str(src)}}}}
-    result = dg.materialize(with_upstreams(base_model), resources=build_resources(home), run_config=run_config,
-                            selection=["base_model"])
+    result = dg.materialize(
+        with_upstreams(base_model),
+        resources=build_resources(home),
+        run_config=run_config,
+        selection=["base_model"],
+    )
     meta = result.asset_materializations_for_node("base_model")[0].metadata
     assert meta["source"].value == f"local:{src.resolve()}"
     assert meta["num_layers"].value == 2 and meta["hidden_size"].value == 32
     copied, _ = load_model_and_tokenizer(home / "artifacts" / "base_model" / "current")
     info = json.loads((home / "artifacts" / "base_model" / "current" / "carl_model.json").read_text())
-    assert info == {"source": f"local:{src.resolve()}", "trust_remote_code": False, "chat_template_installed": False}
+    assert info == {
+        "source": f"local:{src.resolve()}",
+        "trust_remote_code": False,
+        "chat_template_installed": False,
+    }
     assert torch.equal(copied.model.embed_tokens.weight, model.model.embed_tokens.weight)
     bad = {"ops": {"base_model": {"config": {"model": str(tmp_path / "missing")}}}}
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        dg.materialize(with_upstreams(base_model), resources=build_resources(home), run_config=bad, selection=["base_model"])
+        dg.materialize(
+            with_upstreams(base_model),
+            resources=build_resources(home),
+            run_config=bad,
+            selection=["base_model"],
+        )

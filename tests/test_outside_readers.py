@@ -32,8 +32,13 @@ class Holder:
     """A process holding `db` open (read-only like a notebook, or read-write like another run)."""
 
     def __init__(self, db: Path, read_only: bool):
-        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(db), "ro" if read_only else "rw"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(db), "ro" if read_only else "rw"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline().strip()
         assert line == "holding", self.proc.stderr.read()
         self.pid = self.proc.pid
@@ -98,7 +103,10 @@ def test_the_default_wait_message_goes_to_the_storage_logger(db, notebook, caplo
 
 
 def test_waiting_too_long_fails_naming_the_holders_lock(db, notebook):
-    with pytest.raises(storage.DatabaseLockedError) as info, storage.connect(db, timeout_s=0.3, on_wait=lambda m: None):
+    with (
+        pytest.raises(storage.DatabaseLockedError) as info,
+        storage.connect(db, timeout_s=0.3, on_wait=lambda m: None),
+    ):
         pass
     error = info.value
     assert isinstance(error, duckdb.IOException)  # callers catching DuckDB's own error still catch it
@@ -120,8 +128,9 @@ def test_the_timeout_comes_from_the_environment(db, notebook, monkeypatch):
 
 def test_retries_still_cap_the_attempts(db, notebook):
     notes: list[str] = []
-    with pytest.raises(storage.DatabaseLockedError, match="2 attempts"), storage.connect(
-        db, retries=2, timeout_s=60, on_wait=notes.append
+    with (
+        pytest.raises(storage.DatabaseLockedError, match="2 attempts"),
+        storage.connect(db, retries=2, timeout_s=60, on_wait=notes.append),
     ):
         pass
     assert len(notes) == 1
@@ -153,17 +162,25 @@ def test_an_error_that_is_not_a_lock_is_raised_at_once(tmp_path):
 
 
 def test_bad_wait_settings_are_refused(db):
-    for kwargs, message in (({"timeout_s": -1}, "timeout_s"), ({"timeout_s": float("nan")}, "timeout_s"),
-                            ({"retries": 0}, "retries")):
+    for kwargs, message in (
+        ({"timeout_s": -1}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"retries": 0}, "retries"),
+    ):
         with pytest.raises(ValueError, match=message), storage.connect(db, **kwargs):
             pass
 
 
 def test_lock_holder_parses_duckdbs_message():
-    message = ('IO Error: Could not set lock on file "/x/carl.duckdb": Conflicting lock is held in '
-               '/usr/bin/python3.11 (PID 4242) by user ana. See also https://duckdb.org/docs/connect/concurrency')
+    message = (
+        'IO Error: Could not set lock on file "/x/carl.duckdb": Conflicting lock is held in '
+        "/usr/bin/python3.11 (PID 4242) by user ana. See also https://duckdb.org/docs/connect/concurrency"
+    )
     assert storage.lock_holder(message) == ("/usr/bin/python3.11 (user ana)", 4242)
-    assert storage.lock_holder("IO Error: Could not set lock on file: Resource temporarily unavailable") == (None, None)
+    assert storage.lock_holder("IO Error: Could not set lock on file: Resource temporarily unavailable") == (
+        None,
+        None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +192,9 @@ def test_short_read_only_connections_and_an_exported_copy(db, tmp_path):
     # 1. a short read-only connection: open, query, close — the run's next write is not blocked after it
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM memory_nodes").fetchone()[0] == 2
-    storage.write_tables(db, {"memory_nodes": pd.DataFrame({"node_id": ["a", "b", "c"], "n_tags": [1, 2, 3]})})
+    storage.write_tables(
+        db, {"memory_nodes": pd.DataFrame({"node_id": ["a", "b", "c"], "n_tags": [1, 2, 3]})}
+    )
     # 2. an exported copy (Parquet) read for as long as one likes while a run holds the write lock
     export = tmp_path / "snapshot"
     with duckdb.connect(str(db), read_only=True) as con:

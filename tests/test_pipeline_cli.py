@@ -16,29 +16,67 @@ from carl_assets.defs import CODE_VERSIONS
 
 TINY = {
     "ops": {
-        "base_model": {"config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                                   "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
+        "base_model": {
+            "config": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "vocab_size": 512,
+                "steps": 5,
+                "seq_len": 32,
+                "batch_size": 4,
+            }
+        },
         "steering_vectors": {"config": {"max_length": 64}},
-        "dream_scenarios": {"config": {"n_scenarios": 3, "responses_per_scenario": 2, "max_new_tokens": 6,
-                                       "heldout_scenarios": 2, "excerpt_chars": 40}},
+        "dream_scenarios": {
+            "config": {
+                "n_scenarios": 3,
+                "responses_per_scenario": 2,
+                "max_new_tokens": 6,
+                "heldout_scenarios": 2,
+                "excerpt_chars": 40,
+            }
+        },
         "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
         "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4, "max_length": 768}},
         "crystallization_events": {"config": {"require_crystallization": False}},
-        "grpo_checkpoint": {"config": {"max_steps": 1, "batch_size": 4, "num_generations": 2,
-                                       "max_completion_length": 6, "max_prompts": 4}},
+        "grpo_checkpoint": {
+            "config": {
+                "max_steps": 1,
+                "batch_size": 4,
+                "num_generations": 2,
+                "max_completion_length": 6,
+                "max_prompts": 4,
+            }
+        },
         "agent_evaluation": {"config": {"max_new_tokens": 6, "max_tasks": 2}},
         "leworld_memory": {"config": {"num_words": 4096}},
         "leworld_dataset": {"config": {"num_train": 32, "num_validation": 8, "seq_length": 4}},
-        "leworld_model": {"config": {"phase1_epochs": 1, "phase2_epochs": 1, "phase3_epochs": 1, "slm_d_model": 16,
-                                     "blm_d_model": 32, "max_read_range": 32}},
+        "leworld_model": {
+            "config": {
+                "phase1_epochs": 1,
+                "phase2_epochs": 1,
+                "phase3_epochs": 1,
+                "slm_d_model": 16,
+                "blm_d_model": 32,
+                "max_read_range": 32,
+            }
+        },
         "leworld_evaluation": {"config": {"n_steps": 2}},
     }
 }
 
 
 def carl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "carl_assets.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "carl_assets.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def statuses(lineage_stdout: str) -> dict[str, str]:
@@ -49,28 +87,43 @@ def statuses(lineage_stdout: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_path):
-    env = {**os.environ, "CARL_HOME": str(tmp_path / "carl"), "DAGSTER_HOME": str(tmp_path / "dagster"),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "CARL_HOME": str(tmp_path / "carl"),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
 
     run = carl(["materialize", "--config", str(config)], env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Outputs:" in run.stdout and "make dev" in run.stdout
-    summary = run.stdout[run.stdout.index("asset "):]
-    for asset in ("memory_graph", "steering_vectors", "grpo_checkpoint", "agent_evaluation", "leworld_evaluation"):
+    summary = run.stdout[run.stdout.index("asset ") :]
+    for asset in (
+        "memory_graph",
+        "steering_vectors",
+        "grpo_checkpoint",
+        "agent_evaluation",
+        "leworld_evaluation",
+    ):
         assert f"{asset} " in summary and "FAILED" not in summary
 
     db = tmp_path / "carl" / "carl.duckdb"
     assert len(storage.read_table(db, "memory_nodes")) >= 300
-    assert (tmp_path / "carl" / "artifacts" / "steering_vectors" / "current" / "vectors.safetensors").is_file()
+    assert (
+        tmp_path / "carl" / "artifacts" / "steering_vectors" / "current" / "vectors.safetensors"
+    ).is_file()
     assert (tmp_path / "dagster" / "dagster.yaml").read_text().startswith("telemetry")
 
     lineage = carl(["lineage"], env)
     assert lineage.returncode == 0, lineage.stderr
     before = statuses(lineage.stdout)
     assert before.pop("memory_source") == "observed"  # materialize observes the source first
-    assert len(before) == len(CODE_VERSIONS) and set(before.values()) == {"fresh"}, lineage.stdout  # every asset
+    assert len(before) == len(CODE_VERSIONS) and set(before.values()) == {"fresh"}, (
+        lineage.stdout
+    )  # every asset
 
     # A different pairs config is a new data version of emotion_training_pairs: steering goes stale,
     # assets that do not depend on it stay fresh.
@@ -82,13 +135,19 @@ def test_materialize_everything_then_config_change_makes_downstream_stale(tmp_pa
     assert after.pop("steering_vectors") == "stale (emotion_training_pairs changed)"
     upstream = ("memory_source", "memory_graph", "emotion_tags", "emotion_training_pairs", "base_model")
     assert {k: after.pop(k) for k in upstream} == {
-        "memory_source": "observed", "memory_graph": "fresh", "emotion_tags": "fresh", "emotion_training_pairs": "fresh",
-        "base_model": "fresh"}
+        "memory_source": "observed",
+        "memory_graph": "fresh",
+        "emotion_tags": "fresh",
+        "emotion_training_pairs": "fresh",
+        "base_model": "fresh",
+    }
     # everything downstream of the readout waits on it
     assert set(after) >= {"dream_scenarios", "agent_evaluation"} and set(after.values()) == {"upstream stale"}
 
     # a comma list selects several assets, as `dagster asset materialize --select a,b` does
-    both = carl(["materialize", "--select", "emotion_training_pairs,steering_vectors", "--config", str(config)], env)
+    both = carl(
+        ["materialize", "--select", "emotion_training_pairs,steering_vectors", "--config", str(config)], env
+    )
     assert both.returncode == 0, both.stderr[-2000:]
     assert statuses(carl(["lineage", "steering_vectors"], env).stdout)["steering_vectors"] == "fresh"
 
@@ -119,8 +178,11 @@ def test_a_failing_check_is_printed_with_its_description_and_metadata(capsys):
 
     @dg.asset_check(asset=notes, blocking=True, description="notes has at least five rows")
     def enough_notes():  # no annotations: `dg` is local, and this module defers annotations
-        return dg.AssetCheckResult(passed=False, description="3 rows: add two notes",
-                                   metadata={"rows": 3, "missing": dg.MetadataValue.json(["a", "b"])})
+        return dg.AssetCheckResult(
+            passed=False,
+            description="3 rows: add two notes",
+            metadata={"rows": 3, "missing": dg.MetadataValue.json(["a", "b"])},
+        )
 
     @dg.asset_check(asset=notes, description="a warning only")
     def tidy_notes():
@@ -150,17 +212,27 @@ def test_a_failing_check_is_printed_with_its_description_and_metadata(capsys):
         capsys.readouterr()
         _print_summary(instance, failed, 0.0)
     err = capsys.readouterr().err
-    assert "broken failed: ValueError: broken.config must name a file" in err  # the cause, not Dagster's wrapper
+    assert (
+        "broken failed: ValueError: broken.config must name a file" in err
+    )  # the cause, not Dagster's wrapper
 
 
 @pytest.mark.slow
 def test_materialize_on_untagged_and_empty_memory_files(tmp_path):
     """An untagged file runs green, printing the pairs check's reason; an empty file fails naming it."""
     memory = tmp_path / "memory.jsonl"
-    memory.write_text('{"type":"entity","name":"Pond","entityType":"place","observations":'
-                      '["Frogs came back to the pond once the reeds grew tall along the edge."]}\n')
-    env = {**os.environ, "CARL_HOME": str(tmp_path / "carl"), "DAGSTER_HOME": str(tmp_path / "dagster"),
-           "CARL_MEMORY_SOURCE": f"jsonl:{memory}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    memory.write_text(
+        '{"type":"entity","name":"Pond","entityType":"place","observations":'
+        '["Frogs came back to the pond once the reeds grew tall along the edge."]}\n'
+    )
+    env = {
+        **os.environ,
+        "CARL_HOME": str(tmp_path / "carl"),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "CARL_MEMORY_SOURCE": f"jsonl:{memory}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     run = carl(["materialize", "--select", "memory_graph,emotion_training_pairs"], env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "check emotion_training_pairs:pairs_nonempty_within_caps WARNING (nothing blocked)" in run.stderr

@@ -21,15 +21,20 @@ def test_defaults_are_the_project_folders_whatever_the_cwd(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     environ = {"CARL_ENV_FILE": str(tmp_path / "absent.env")}
     added = project_env.apply(environ)
-    assert added == {"CARL_HOME": str(REPO / ".carl"), "DAGSTER_HOME": str(REPO / ".dagster_home"),
-                     "CARL_MEMORY_SOURCE": "sample"}
+    assert added == {
+        "CARL_HOME": str(REPO / ".carl"),
+        "DAGSTER_HOME": str(REPO / ".dagster_home"),
+        "CARL_MEMORY_SOURCE": "sample",
+    }
 
 
 def test_env_file_values_resolve_against_its_folder_and_set_variables_win(tmp_path):
     env_file = tmp_path / "conf" / ".env"
     env_file.parent.mkdir()
-    env_file.write_text("# comment\nexport CARL_HOME=homes/carl\nDAGSTER_HOME='/abs/dh'\n"
-                        "CARL_MEMORY_SOURCE=\"jsonl:/data/memory.jsonl\"\nnot a line\n")
+    env_file.write_text(
+        "# comment\nexport CARL_HOME=homes/carl\nDAGSTER_HOME='/abs/dh'\n"
+        'CARL_MEMORY_SOURCE="jsonl:/data/memory.jsonl"\nnot a line\n'
+    )
     environ = {"CARL_ENV_FILE": str(env_file), "DAGSTER_HOME": "/already/set"}
     added = project_env.apply(environ)
     assert environ["CARL_HOME"] == str(tmp_path / "conf" / "homes" / "carl")
@@ -44,15 +49,25 @@ def test_a_broken_env_file_never_breaks_the_interpreter(tmp_path):
     assert project_env.apply(environ) == {} and "CARL_HOME" not in environ
 
 
-@pytest.mark.skipif(not list(Path(sys.prefix).glob("lib/python*/site-packages/carl_project_env.pth")),
-                    reason="the venv's start-up hook is made by `make install`")
+@pytest.mark.skipif(
+    not list(Path(sys.prefix).glob("lib/python*/site-packages/carl_project_env.pth")),
+    reason="the venv's start-up hook is made by `make install`",
+)
 def test_every_python_of_the_venv_gets_the_defaults(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("CARL_HOME", "DAGSTER_HOME", "CARL_MEMORY_SOURCE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("CARL_HOME", "DAGSTER_HOME", "CARL_MEMORY_SOURCE")
+    }
     env_file = tmp_path / "x.env"
     env_file.write_text(f"CARL_HOME={tmp_path / 'h'}\n")
     env["CARL_ENV_FILE"] = str(env_file)
-    out = subprocess.run([sys.executable, "-c", "import os; print(os.environ['CARL_HOME'], os.environ['DAGSTER_HOME'])"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ['CARL_HOME'], os.environ['DAGSTER_HOME'])"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == [str(tmp_path / "h"), str(REPO / ".dagster_home")]
 
 
@@ -90,8 +105,10 @@ def test_env_file_is_read_as_dagster_reads_it(tmp_path, monkeypatch):
     """python-dotenv's grammar: inline comments, quotes with spaces, `${VAR}` expansion, `~` paths."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     env_file = tmp_path / ".env"
-    env_file.write_text("export CARL_HOME=~/carl  # my home\nDAGSTER_HOME=\"dagster home\"\n"
-                        "CARL_RETRAIN_CRON='0 4 * * *'\nCARL_MEMORY_SOURCE=jsonl:${HOME}/m.jsonl\nNOVALUE\n")
+    env_file.write_text(
+        'export CARL_HOME=~/carl  # my home\nDAGSTER_HOME="dagster home"\n'
+        "CARL_RETRAIN_CRON='0 4 * * *'\nCARL_MEMORY_SOURCE=jsonl:${HOME}/m.jsonl\nNOVALUE\n"
+    )
     environ = {"CARL_ENV_FILE": str(env_file)}
     project_env.apply(environ)
     assert environ["CARL_HOME"] == str(tmp_path / "home" / "carl")
@@ -104,14 +121,20 @@ def test_env_file_is_read_as_dagster_reads_it(tmp_path, monkeypatch):
 def test_set_path_variables_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    environ = {"CARL_ENV_FILE": str(tmp_path / "absent.env"), "DAGSTER_HOME": ' "~/dh" ', "CARL_HOME": "rel/c"}
+    environ = {
+        "CARL_ENV_FILE": str(tmp_path / "absent.env"),
+        "DAGSTER_HOME": ' "~/dh" ',
+        "CARL_HOME": "rel/c",
+    }
     added = project_env.apply(environ)
     assert environ["DAGSTER_HOME"] == str(tmp_path / "dh") == added["DAGSTER_HOME"]
     assert environ["CARL_HOME"] == str(tmp_path / "rel" / "c")
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("30", 30.0), (" 2.5 ", 2.5), ('"45"', 45.0), ("'7'", 7.0), ("10s", 10.0), ("0", 0.0), ("", 120.0)])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("30", 30.0), (" 2.5 ", 2.5), ('"45"', 45.0), ("'7'", 7.0), ("10s", 10.0), ("0", 0.0), ("", 120.0)],
+)
 def test_seconds_in_every_form_a_shell_or_env_file_writes(raw, expected, recwarn):
     assert project_env.env_seconds("CARL_X", 120.0, environ={"CARL_X": raw}) == expected
     assert not [w for w in recwarn if issubclass(w.category, project_env.SettingWarning)]
@@ -139,7 +162,9 @@ def test_memory_source_forms(tmp_path):
     assert project_env.memory_source_setting({}) == "sample"
     assert project_env.memory_source_setting({"CARL_MEMORY_SOURCE": " 'sample' "}) == "sample"
     assert project_env.memory_source_setting({"CARL_MEMORY_SOURCE": f'"jsonl:{memory}"'}) == f"jsonl:{memory}"
-    assert project_env.memory_source_setting({"CARL_MEMORY_SOURCE": str(memory)}) == f"jsonl:{memory}"  # bare path
+    assert (
+        project_env.memory_source_setting({"CARL_MEMORY_SOURCE": str(memory)}) == f"jsonl:{memory}"
+    )  # bare path
     assert project_env.normalise_memory_source("ftp://x") == "ftp://x"  # the reader names the unknown scheme
 
 
@@ -151,8 +176,13 @@ def test_definitions_load_with_bad_settings_and_warn(monkeypatch, tmp_path):
     from carl_assets.defs import build_definitions
     from carl_assets.defs.jobs import DEFAULT_CRON
 
-    bad = {"CARL_DB_LOCK_TIMEOUT": "two minutes", "CARL_RETRAIN_CRON": "every night", "CARL_MCP_TIMEOUT": "-5",
-           "CARL_SENSOR_INTERVAL_S": "5min", "CARL_TIMEZONE": "Mars/Olympus"}
+    bad = {
+        "CARL_DB_LOCK_TIMEOUT": "two minutes",
+        "CARL_RETRAIN_CRON": "every night",
+        "CARL_MCP_TIMEOUT": "-5",
+        "CARL_SENSOR_INTERVAL_S": "5min",
+        "CARL_TIMEZONE": "Mars/Olympus",
+    }
     for key, value in bad.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("CARL_MEMORY_SOURCE", ' "sample" ')
@@ -172,10 +202,21 @@ def test_definitions_load_with_bad_settings_and_warn(monkeypatch, tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter imports torch, transformers and Dagster
 def test_loading_the_code_location_with_bad_settings(tmp_path):
-    env = {**os.environ, "CARL_DB_LOCK_TIMEOUT": "soon", "CARL_RETRAIN_CRON": "nightly",
-           "CARL_HOME": str(tmp_path / "c"), "DAGSTER_HOME": str(tmp_path / "d")}
-    out = subprocess.run([sys.executable, "-c", "from carl_assets.definitions import defs; print(type(defs()).__name__)"],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "CARL_DB_LOCK_TIMEOUT": "soon",
+        "CARL_RETRAIN_CRON": "nightly",
+        "CARL_HOME": str(tmp_path / "c"),
+        "DAGSTER_HOME": str(tmp_path / "d"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", "from carl_assets.definitions import defs; print(type(defs()).__name__)"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "Definitions"
     assert "CARL_RETRAIN_CRON='nightly' ignored" in out.stderr

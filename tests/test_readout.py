@@ -18,10 +18,26 @@ def random_readout(hidden: int, layer: int, concepts=("warmth", "anger")) -> Ste
     generator = torch.Generator().manual_seed(3)
     rows = torch.randn(len(concepts), hidden, generator=generator, dtype=torch.float32)
     rows = rows / rows.norm(dim=-1, keepdim=True)
-    stats = pd.DataFrame([{"emotion": c, "layer": layer, "mean_projection_positive": 0.5 + i,
-                           "mean_projection_negative": -0.25 * (i + 1)} for i, c in enumerate(concepts)])
-    return SteeringVectors(concepts=list(concepts), layers=[layer], vectors={layer: rows}, reduction="mean",
-                           stats=stats, model="tiny", bos_excluded=True)
+    stats = pd.DataFrame(
+        [
+            {
+                "emotion": c,
+                "layer": layer,
+                "mean_projection_positive": 0.5 + i,
+                "mean_projection_negative": -0.25 * (i + 1),
+            }
+            for i, c in enumerate(concepts)
+        ]
+    )
+    return SteeringVectors(
+        concepts=list(concepts),
+        layers=[layer],
+        vectors={layer: rows},
+        reduction="mean",
+        stats=stats,
+        model="tiny",
+        bos_excluded=True,
+    )
 
 
 def by_hand(model, tokenizer, text: str, vector: torch.Tensor, layer: int) -> float:
@@ -40,11 +56,19 @@ def test_projections_equal_a_hand_computation_and_calibrate(tiny_model_and_token
     frame = readout_projections(model, tokenizer, TEXTS, vectors)
     assert len(frame) == len(TEXTS) * 2
     for row in frame.itertuples(index=False):
-        expected = by_hand(model, tokenizer, TEXTS[row.text_index], vectors.vectors[layer][vectors.concepts.index(row.emotion)], layer)
+        expected = by_hand(
+            model,
+            tokenizer,
+            TEXTS[row.text_index],
+            vectors.vectors[layer][vectors.concepts.index(row.emotion)],
+            layer,
+        )
         assert row.projection == pytest.approx(expected, rel=1e-4, abs=1e-6)
         stats = vectors.stats.set_index("emotion").loc[row.emotion]
         span = stats.mean_projection_positive - stats.mean_projection_negative
-        assert row.calibrated == pytest.approx((row.projection - stats.mean_projection_negative) / span, rel=1e-9)
+        assert row.calibrated == pytest.approx(
+            (row.projection - stats.mean_projection_negative) / span, rel=1e-9
+        )
 
 
 def test_calibration_survives_save_and_load_and_the_cli_prints_it(tiny_model_and_tokenizer, tmp_path, capsys):
@@ -56,8 +80,11 @@ def test_calibration_survives_save_and_load_and_the_cli_prints_it(tiny_model_and
     vectors.model = str(model_dir)
     save_readout(vectors, tmp_path / "readout")
     loaded = load_readout(tmp_path / "readout")
-    pd.testing.assert_frame_equal(loaded.stats.reset_index(drop=True),
-                                  vectors.stats[loaded.stats.columns].reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        loaded.stats.reset_index(drop=True),
+        vectors.stats[loaded.stats.columns].reset_index(drop=True),
+        check_dtype=False,
+    )
     direct = readout_projections(model, tokenizer, TEXTS[:1], vectors)
     assert cli.main(["readout", "--vectors", str(tmp_path / "readout"), "--text", TEXTS[0]]) == 0
     out = capsys.readouterr().out

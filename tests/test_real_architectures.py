@@ -30,28 +30,64 @@ from carl_assets.models.loading import train_tokenizer
 from tests.data.gpt2_like import save_gpt2_like
 from tests.upstreams import with_upstreams
 
-CHAIN = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors,
-         dreams.dream_scenarios, sft.sft_dataset, sft_training.sft_checkpoint,
-         crystallization.crystallization_events, grpo.grpo_checkpoint, agent.agent_evaluation]
+CHAIN = [
+    memory.memory_graph,
+    memory.emotion_training_pairs,
+    models.base_model,
+    steering.steering_vectors,
+    dreams.dream_scenarios,
+    sft.sft_dataset,
+    sft_training.sft_checkpoint,
+    crystallization.crystallization_events,
+    grpo.grpo_checkpoint,
+    agent.agent_evaluation,
+]
 HIDDEN, LAYERS = 32, 2
 
 
 def _config(kind: str, tokenizer) -> object:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if kind == "llama":
-        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
-                           num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-                           max_position_embeddings=1024, tie_word_embeddings=True, **ids)
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            **ids,
+        )
     if kind == "qwen2":
-        return Qwen2Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
-                           num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-                           max_position_embeddings=1024, tie_word_embeddings=True, **ids)
-    return GPT2Config(vocab_size=len(tokenizer), n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=1024,
-                      tie_word_embeddings=True, **ids)
+        return Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            **ids,
+        )
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=2,
+        n_positions=1024,
+        tie_word_embeddings=True,
+        **ids,
+    )
 
 
-CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel,
-           "gpt2_base": GPT2LMHeadModel}
+CLASSES = {
+    "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+    "gpt2_base": GPT2LMHeadModel,
+}
 
 
 def _save_model(kind: str, folder) -> torch.nn.Module:
@@ -75,13 +111,29 @@ def _run_config(model_dir) -> dict:
     tiny = {
         "base_model": {"model": str(model_dir)},
         "steering_vectors": {"batch_size": 64, "max_length": 64, "min_pairs_per_polarity": 5},
-        "dream_scenarios": {"n_scenarios": 2, "responses_per_scenario": 2, "max_new_tokens": 4,
-                            "heldout_scenarios": 1, "excerpt_chars": 40},
+        "dream_scenarios": {
+            "n_scenarios": 2,
+            "responses_per_scenario": 2,
+            "max_new_tokens": 4,
+            "heldout_scenarios": 1,
+            "excerpt_chars": 40,
+        },
         "sft_dataset": {"holdout_tasks": 2},
-        "sft_checkpoint": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 256},
+        "sft_checkpoint": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "max_length": 256,
+        },
         "crystallization_events": {"require_crystallization": False},
-        "grpo_checkpoint": {"max_steps": 1, "batch_size": 2, "num_generations": 2, "max_completion_length": 4,
-                            "gradient_accumulation_steps": 1, "max_frac_reward_zero_std": 1.01},
+        "grpo_checkpoint": {
+            "max_steps": 1,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 4,
+            "gradient_accumulation_steps": 1,
+            "max_frac_reward_zero_std": 1.01,
+        },
         "agent_evaluation": {"max_new_tokens": 4, "max_tasks": 2},
     }
     return {"ops": {name: {"config": values} for name, values in tiny.items()}}
@@ -97,7 +149,9 @@ def test_the_chain_runs_on_a_real_architecture(tmp_path, kind):
         if key is not None:
             torch.testing.assert_close(reloaded[key], tensor)
     home = tmp_path / "home"
-    result = dg.materialize(with_upstreams(*CHAIN), resources=build_resources(home), run_config=_run_config(tmp_path / "model"))
+    result = dg.materialize(
+        with_upstreams(*CHAIN), resources=build_resources(home), run_config=_run_config(tmp_path / "model")
+    )
     assert result.success
 
     art = home / storage.ARTIFACTS_DIR
@@ -113,7 +167,9 @@ def test_the_chain_runs_on_a_real_architecture(tmp_path, kind):
     manifest = json.loads((art / "steering_vectors" / "current" / "manifest.json").read_text())
     assert readout, "no readout vectors"
     for vectors in readout.values():
-        assert vectors.ndim == 2 and vectors.shape[1] == HIDDEN and vectors.shape[0] == len(manifest["concepts"])
+        assert (
+            vectors.ndim == 2 and vectors.shape[1] == HIDDEN and vectors.shape[0] == len(manifest["concepts"])
+        )
         norms = vectors.norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-4, atol=1e-4)
 

@@ -55,15 +55,17 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_matches_steering_vectors_reference(tiny_model_and_tokenizer, groups, batch_size):
     model, tok = tiny_model_and_tokenizer
     train_steering_vector = import_train_steering_vector()
-    ours = train_steering_vectors(model, tok, _records(groups), layers=[1, 2], batch_size=batch_size,
-                                  reduction="last")
+    ours = train_steering_vectors(
+        model, tok, _records(groups), layers=[1, 2], batch_size=batch_size, reduction="last"
+    )
     assert ours.concepts == sorted(groups)
     for k, concept in enumerate(ours.concepts):
         pos, neg = groups[concept]
         # Reference decoder_block n = output of block n = our residual index n + 1; read_token_index=-1
         # is the last real token (it adjusts for padding), our "last" reduction.
-        ref = train_steering_vector(model, tok, list(zip(pos, neg, strict=True)), layers=[0, 1],
-                                    read_token_index=-1, batch_size=4)
+        ref = train_steering_vector(
+            model, tok, list(zip(pos, neg, strict=True)), layers=[0, 1], read_token_index=-1, batch_size=4
+        )
         for ref_layer, our_layer in [(0, 1), (1, 2)]:
             expected = ref.layer_activations[ref_layer]
             expected = expected / expected.norm()
@@ -82,10 +84,19 @@ def test_vectors_are_unit_rows_and_shapes(tiny_model_and_tokenizer, groups):
     for layer in sv.layers:
         assert sv.vectors[layer].shape == (3, 32) and sv.vectors[layer].dtype == torch.float32
         assert torch.allclose(sv.vectors[layer].norm(dim=-1), torch.ones(3), atol=1e-6)
-    assert sv.pair_counts == {"clarity": {"positive": 16, "negative": 16},
-                              "frustration": {"positive": 10, "negative": 10},
-                              "warmth": {"positive": 12, "negative": 12}}
-    assert set(sv.stats.columns) >= {"emotion", "layer", "n_positive", "n_negative", "raw_norm", "heldout_auc"}
+    assert sv.pair_counts == {
+        "clarity": {"positive": 16, "negative": 16},
+        "frustration": {"positive": 10, "negative": 10},
+        "warmth": {"positive": 12, "negative": 12},
+    }
+    assert set(sv.stats.columns) >= {
+        "emotion",
+        "layer",
+        "n_positive",
+        "n_negative",
+        "raw_norm",
+        "heldout_auc",
+    }
     assert len(sv.stats) == 6
 
 
@@ -131,8 +142,16 @@ def test_left_padding_with_absolute_positions(tiny_model_and_tokenizer, tiny_tex
 
     _, tok = tiny_model_and_tokenizer
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                      pad_token_id=tok.pad_token_id)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).eval()
     texts = [tiny_texts[0], "a quiet morning"]
     tok.padding_side = "left"
     try:
@@ -151,7 +170,8 @@ def test_left_padding_with_absolute_positions(tiny_model_and_tokenizer, tiny_tex
 def _block_output(model, enc, block: int) -> torch.Tensor:
     out = {}
     handle = model.transformer.h[block].register_forward_hook(
-        lambda m, i, o: out.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+        lambda m, i, o: out.__setitem__("x", o[0] if isinstance(o, tuple) else o)
+    )
     with torch.inference_mode():
         model(**enc)
     handle.remove()
@@ -164,7 +184,8 @@ def test_deepest_layer_is_before_the_final_norm(tiny_model_and_tokenizer, tiny_t
     enc = tok(tiny_texts[:2], return_tensors="pt", padding=True)
     captured = {}
     handle = model.model.layers[-1].register_forward_hook(
-        lambda m, i, o: captured.__setitem__("x", (o[0] if isinstance(o, tuple) else o).clone()))
+        lambda m, i, o: captured.__setitem__("x", (o[0] if isinstance(o, tuple) else o).clone())
+    )
     with torch.inference_mode():
         normed = model(**enc, output_hidden_states=True).hidden_states[n_blocks]
     handle.remove()
@@ -220,8 +241,9 @@ def test_input_validation(tiny_model_and_tokenizer, tiny_texts):
     with pytest.raises(ValueError, match="layers must be in"):
         train_steering_vectors(model, tok, _records({"x": (tiny_texts[:3], tiny_texts[3:6])}), layers=[3])
     with pytest.raises(ValueError, match="reduction"):
-        train_steering_vectors(model, tok, _records({"x": (tiny_texts[:3], tiny_texts[3:6])}), reduction="max")
-
+        train_steering_vectors(
+            model, tok, _records({"x": (tiny_texts[:3], tiny_texts[3:6])}), reduction="max"
+        )
 
 
 def test_readout_config_is_the_keyword_settings(tiny_model_and_tokenizer, groups):
@@ -230,8 +252,9 @@ def test_readout_config_is_the_keyword_settings(tiny_model_and_tokenizer, groups
     model, tok = tiny_model_and_tokenizer
     config = ReadoutConfig(layers=[1, 2], reduction="mean", heldout_fraction=0.25, seed=3)
     by_config = train_steering_vectors(model, tok, _records(groups), config)
-    by_keywords = train_steering_vectors(model, tok, _records(groups), layers=[1, 2], reduction="mean",
-                                         heldout_fraction=0.25, seed=3)
+    by_keywords = train_steering_vectors(
+        model, tok, _records(groups), layers=[1, 2], reduction="mean", heldout_fraction=0.25, seed=3
+    )
     for layer in (1, 2):
         assert torch.equal(by_config.vectors[layer], by_keywords.vectors[layer])
     pd.testing.assert_frame_equal(by_config.stats, by_keywords.stats)
@@ -243,6 +266,7 @@ def test_readout_config_is_the_keyword_settings(tiny_model_and_tokenizer, groups
         ReadoutConfig(on_zero_norm="ignore")
     with pytest.raises(ValueError, match="batch_size"):
         ReadoutConfig(batch_size=0)
+
 
 def test_default_layers_spread_by_depth():
     assert default_layers(4) == [1, 2, 3, 4]
@@ -268,8 +292,9 @@ def test_heldout_auc_detects_a_planted_direction(tiny_model_and_tokenizer, tiny_
     model, tok = tiny_model_and_tokenizer
     pos = [t + " kitchen kitchen warm warm" for t in tiny_texts[:40]]
     neg = tiny_texts[40:80]
-    sv = train_steering_vectors(model, tok, _records({"marker": (pos, neg)}), layers=[1, 2], reduction="mean",
-                                heldout_fraction=0.25)
+    sv = train_steering_vectors(
+        model, tok, _records({"marker": (pos, neg)}), layers=[1, 2], reduction="mean", heldout_fraction=0.25
+    )
     assert (sv.stats["n_heldout_positive"] == 10).all()
     assert (sv.stats["heldout_auc"] > 0.9).all()
 
@@ -313,14 +338,18 @@ def _nodes_for(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     texts = list(dict.fromkeys(pairs["text"]))
     ids = {t: f"node-{i:03d}" for i, t in enumerate(texts)}
     positives = pairs[pairs["polarity"] == "positive"].groupby("text")["emotion"].apply(set).to_dict()
-    nodes = pd.DataFrame({
-        "node_id": [ids[t] for t in texts],
-        "kind": ["journal" if i % 3 else "reflection" for i in range(len(texts))],
-        "text": texts,
-        "tags_json": [json.dumps({e: 9 for e in sorted(positives.get(t, set()))} or {"neutral": 5}) for t in texts],
-        "n_tags": [len(positives.get(t, ())) for t in texts],
-        "source_line": list(range(1, len(texts) + 1)),
-    })
+    nodes = pd.DataFrame(
+        {
+            "node_id": [ids[t] for t in texts],
+            "kind": ["journal" if i % 3 else "reflection" for i in range(len(texts))],
+            "text": texts,
+            "tags_json": [
+                json.dumps({e: 9 for e in sorted(positives.get(t, set()))} or {"neutral": 5}) for t in texts
+            ],
+            "n_tags": [len(positives.get(t, ())) for t in texts],
+            "source_line": list(range(1, len(texts) + 1)),
+        }
+    )
     return pairs.assign(node_id=pairs["text"].map(ids)), nodes
 
 
@@ -348,12 +377,16 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     rows = pd.DataFrame(_records({**groups, "rare": (groups["warmth"][0][:3], groups["warmth"][1][:3])}))
     _seed_home(tmp_path, model, tok, rows)
     run_config = {"ops": {"steering_vectors": {"config": {"min_pairs_per_polarity": 5, "layers": [1, 2]}}}}
-    result = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=run_config)
+    result = dg.materialize(
+        with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=run_config
+    )
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 2 and all(c.passed for c in checks)
     meta = result.asset_materializations_for_node("steering_vectors")[0].metadata
-    assert meta["concepts"].value == 3 and meta["skipped_emotions"].value == {"rare": {"positive": 3, "negative": 3}}
+    assert meta["concepts"].value == 3 and meta["skipped_emotions"].value == {
+        "rare": {"positive": 3, "negative": 3}
+    }
     assert "auc_by_layer" in meta and meta["token_reduction"].value == "mean"
     loaded = load_readout(build_resources(tmp_path)["artifacts"].require("steering_vectors"))
     assert loaded.concepts == ["clarity", "frustration", "warmth"] and loaded.layers == [1, 2]
@@ -363,12 +396,23 @@ def test_steering_asset_writes_readout_stats_and_passes_checks(tiny_model_and_to
     assert len(stats) == 6 and set(stats["emotion"]) == set(loaded.concepts)
 
     # A config change is a new data version (downstream goes stale); the same config is the same one.
-    again = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=run_config)
-    other = {"ops": {"steering_vectors": {"config": {"min_pairs_per_polarity": 5, "layers": [1, 2],
-                                                     "reduction": "last"}}}}
-    changed = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=other)
-    versions = [r.asset_materializations_for_node("steering_vectors")[0].metadata["data_version"].value
-                for r in (result, again, changed)]
+    again = dg.materialize(
+        with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=run_config
+    )
+    other = {
+        "ops": {
+            "steering_vectors": {
+                "config": {"min_pairs_per_polarity": 5, "layers": [1, 2], "reduction": "last"}
+            }
+        }
+    }
+    changed = dg.materialize(
+        with_upstreams(steering_vectors), resources=build_resources(tmp_path), run_config=other
+    )
+    versions = [
+        r.asset_materializations_for_node("steering_vectors")[0].metadata["data_version"].value
+        for r in (result, again, changed)
+    ]
     assert versions[0] == versions[1] != versions[2]
 
     # Corrupt the tensors: the unit-norm check fails.
@@ -391,8 +435,11 @@ def test_default_graph_end_to_end(tmp_path):
     from tests.upstreams import with_upstreams
 
     run_config = {"ops": {"base_model": {"config": {"steps": 30}}}}
-    result = dg.materialize(with_upstreams(memory_graph, emotion_training_pairs, base_model, steering_vectors),
-                            resources=build_resources(tmp_path), run_config=run_config)
+    result = dg.materialize(
+        with_upstreams(memory_graph, emotion_training_pairs, base_model, steering_vectors),
+        resources=build_resources(tmp_path),
+        run_config=run_config,
+    )
     assert result.success
     assert all(c.passed for c in result.get_asset_check_evaluations())
     loaded = load_readout(build_resources(tmp_path)["artifacts"].require("steering_vectors"))

@@ -49,9 +49,11 @@ class Block(torch.nn.Module):
     """x + 0.5 tanh(x W); the planted block adds `alpha * u` at marker tokens, the next one removes it
     before computing, so only the planted layer's residual differs between marker and twin texts."""
 
-    def __init__(self, hidden: int, generator: torch.Generator, add: torch.Tensor | None, remove: torch.Tensor | None):
+    def __init__(
+        self, hidden: int, generator: torch.Generator, add: torch.Tensor | None, remove: torch.Tensor | None
+    ):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(hidden, hidden, generator=generator) / hidden ** 0.5)
+        self.weight = torch.nn.Parameter(torch.randn(hidden, hidden, generator=generator) / hidden**0.5)
         self.add, self.remove = add, remove
 
     def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
@@ -73,8 +75,11 @@ class PlantedModel(torch.nn.Module):
         self.marker = vocab[MARKER]
         signal = 3.0 * torch.randn(hidden, generator=g)
         self.layers = torch.nn.ModuleList(
-            Block(hidden, g, signal if i == planted_layer - 1 else None, signal if i == planted_layer else None)
-            for i in range(n_blocks))
+            Block(
+                hidden, g, signal if i == planted_layer - 1 else None, signal if i == planted_layer else None
+            )
+            for i in range(n_blocks)
+        )
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embed
@@ -116,12 +121,15 @@ def test_layer_auto_picks_the_planted_layer(planted):
 
 def test_sweep_activations_are_reused_exactly(tiny_model_and_tokenizer, tiny_texts):
     model, tok = tiny_model_and_tokenizer
-    pairs = pd.DataFrame(_rows("warmth", [t + " warm kitchen" for t in tiny_texts[:30]], tiny_texts[30:60])
-                         + _rows("calm", tiny_texts[10:40], tiny_texts[50:80]))
+    pairs = pd.DataFrame(
+        _rows("warmth", [t + " warm kitchen" for t in tiny_texts[:30]], tiny_texts[30:60])
+        + _rows("calm", tiny_texts[10:40], tiny_texts[50:80])
+    )
     sweep = sweep_layers(model, tok, pairs, k=2, max_per_group=12, reduction="mean")
     plain = train_steering_vectors(model, tok, pairs, layers=[1, 2], reduction="mean")
-    reused = train_steering_vectors(model, tok, pairs, layers=[1, 2], reduction="mean",
-                                    precomputed=sweep.precomputed([1, 2]))
+    reused = train_steering_vectors(
+        model, tok, pairs, layers=[1, 2], reduction="mean", precomputed=sweep.precomputed([1, 2])
+    )
     for layer in (1, 2):
         assert torch.allclose(plain.vectors[layer], reused.vectors[layer], atol=1e-6)
     with pytest.raises(ValueError, match="not swept"):
@@ -130,7 +138,9 @@ def test_sweep_activations_are_reused_exactly(tiny_model_and_tokenizer, tiny_tex
 
 def test_subsample_shares_texts_across_emotions():
     texts = [f"text {i}" for i in range(100)]
-    pairs = pd.DataFrame(_rows("a", texts[:50], texts[50:]) + _rows("b", texts[25:75], texts[75:] + texts[:25]))
+    pairs = pd.DataFrame(
+        _rows("a", texts[:50], texts[50:]) + _rows("b", texts[25:75], texts[75:] + texts[:25])
+    )
     sample = subsample_pairs(pairs, 10, seed=0)
     assert sample.groupby(["emotion", "polarity"]).size().tolist() == [10, 10, 10, 10]
     # a shared ranking: the emotions' picks overlap, so fewer than 40 unique texts
@@ -181,13 +191,17 @@ def test_bos_is_left_out_of_the_mean(tiny_model_and_tokenizer, tiny_texts):
     last = ResidualReader(model, [1], "last", skip_leading_token_id=bos)(input_ids, mask)
     assert torch.allclose(last, ResidualReader(model, [1], "last")(input_ids, mask))
     with pytest.raises(ValueError, match="BOS token alone"):
-        ResidualReader(model, [1], "mean", skip_leading_token_id=bos)(torch.tensor([[bos]]), torch.tensor([[1]]))
+        ResidualReader(model, [1], "mean", skip_leading_token_id=bos)(
+            torch.tensor([[bos]]), torch.tensor([[1]])
+        )
 
     # Training with a BOS-adding tokenizer: the vectors match training on the same texts without BOS
     # ids only up to the context the BOS adds, and the manifest says what was done.
     rows = _rows("warmth", [t + " warm kitchen" for t in tiny_texts[:20]], tiny_texts[20:40])
     skip = train_steering_vectors(model, BosTokenizer(tok), rows, layers=[1], reduction="mean")
-    keep = train_steering_vectors(model, BosTokenizer(tok), rows, layers=[1], reduction="mean", exclude_bos=False)
+    keep = train_steering_vectors(
+        model, BosTokenizer(tok), rows, layers=[1], reduction="mean", exclude_bos=False
+    )
     assert skip.bos_excluded and not keep.bos_excluded
     assert "BOS" in skip.manifest()["token_reduction_detail"]
     assert float(torch.dot(skip.vectors[1][0], keep.vectors[1][0])) < 1 - 1e-4  # a different direction
@@ -201,8 +215,11 @@ def test_bos_is_left_out_of_the_mean(tiny_model_and_tokenizer, tiny_texts):
 def test_cross_talk_matrix_and_cooccurrence(tiny_model_and_tokenizer, tiny_texts):
     model, tok = tiny_model_and_tokenizer
     warm = [t + " warm kitchen warm" for t in tiny_texts[:30]]
-    rows = (_rows("warmth", warm, tiny_texts[40:70]) + _rows("love", warm[:25] + tiny_texts[30:35], tiny_texts[45:75])
-            + _rows("anger", [t + " broken build angry" for t in tiny_texts[60:90]], tiny_texts[:30]))
+    rows = (
+        _rows("warmth", warm, tiny_texts[40:70])
+        + _rows("love", warm[:25] + tiny_texts[30:35], tiny_texts[45:75])
+        + _rows("anger", [t + " broken build angry" for t in tiny_texts[60:90]], tiny_texts[:30])
+    )
     sv = train_steering_vectors(model, tok, rows, layers=[1, 2], reduction="mean")
     for layer in sv.layers:
         cos = cosine_matrix(sv, layer)
@@ -214,7 +231,13 @@ def test_cross_talk_matrix_and_cooccurrence(tiny_model_and_tokenizer, tiny_texts
     assert cos[concepts.index("love"), concepts.index("warmth")] > 0.9
     assert cos[concepts.index("anger"), concepts.index("warmth")] < 0.5
 
-    tags = [{"warmth": 9, "love": 9}] * 6 + [{"warmth": 9}] * 2 + [{"anger": 9}] * 4 + [{"love": 2}] * 4 + [{}] * 5
+    tags = (
+        [{"warmth": 9, "love": 9}] * 6
+        + [{"warmth": 9}] * 2
+        + [{"anger": 9}] * 4
+        + [{"love": 2}] * 4
+        + [{}] * 5
+    )
     co = tag_cooccurrence(tags, concepts)
     # phi by hand for love vs warmth over the 16 tagged nodes: love 6, warmth 8, both 6
     p_l, p_w, p_lw = 6 / 16, 8 / 16, 6 / 16
@@ -243,24 +266,40 @@ def test_transfer_auc_on_an_unseen_kind(tiny_model_and_tokenizer, tiny_texts):
     marked = [t + " warm kitchen warm" for t in tiny_texts]
     journal = _rows("warmth", marked[:30], tiny_texts[30:60], kind="journal")
     same = _rows("warmth", marked[60:80], tiny_texts[80:96], kind="reflection")
-    sv = train_steering_vectors(model, tok, journal + same, layers=[1, 2], reduction="mean",
-                                transfer=("journal", "reflection"))
+    sv = train_steering_vectors(
+        model, tok, journal + same, layers=[1, 2], reduction="mean", transfer=("journal", "reflection")
+    )
     stats = sv.stats.set_index("layer")
     assert (stats["transfer_auc"] > 0.9).all()
-    assert (stats["n_transfer_train_positive"] == 30).all() and (stats["n_transfer_test_positive"] == 20).all()
+    assert (stats["n_transfer_train_positive"] == 30).all() and (
+        stats["n_transfer_test_positive"] == 20
+    ).all()
     assert (stats["n_transfer_test_negative"] == 16).all()
     # reflections where the marker means the opposite: the journal direction ranks them backwards
     flipped = _rows("warmth", tiny_texts[60:80], marked[80:96], kind="reflection")
-    sv = train_steering_vectors(model, tok, journal + flipped, layers=[1, 2], reduction="mean",
-                                transfer=("journal", "reflection"))
+    sv = train_steering_vectors(
+        model, tok, journal + flipped, layers=[1, 2], reduction="mean", transfer=("journal", "reflection")
+    )
     assert (sv.stats["transfer_auc"] < 0.15).all()
     # the cap on test texts, and the kinds' validation
-    capped = train_steering_vectors(model, tok, journal + same, layers=[1], reduction="mean",
-                                    transfer=("journal", "reflection"), max_transfer_texts=10)
+    capped = train_steering_vectors(
+        model,
+        tok,
+        journal + same,
+        layers=[1],
+        reduction="mean",
+        transfer=("journal", "reflection"),
+        max_transfer_texts=10,
+    )
     assert int(capped.stats[["n_transfer_test_positive", "n_transfer_test_negative"]].sum(axis=1)[0]) == 10
     with pytest.raises(ValueError, match="kind"):
-        train_steering_vectors(model, tok, _rows("warmth", marked[:5], tiny_texts[5:10]), layers=[1],
-                               transfer=("journal", "reflection"))
+        train_steering_vectors(
+            model,
+            tok,
+            _rows("warmth", marked[:5], tiny_texts[5:10]),
+            layers=[1],
+            transfer=("journal", "reflection"),
+        )
     with pytest.raises(ValueError, match="two different kinds"):
         train_steering_vectors(model, tok, journal, layers=[1], transfer=("journal", "journal"))
 
@@ -268,7 +307,9 @@ def test_transfer_auc_on_an_unseen_kind(tiny_model_and_tokenizer, tiny_texts):
 def test_projections_of_a_text_file(tiny_model_and_tokenizer, tiny_texts, tmp_path):
     model, tok = tiny_model_and_tokenizer
     pos = [t + " warm kitchen warm" for t in tiny_texts[:30]]
-    sv = train_steering_vectors(model, tok, _rows("warmth", pos, tiny_texts[30:60]), layers=[1, 2], reduction="mean")
+    sv = train_steering_vectors(
+        model, tok, _rows("warmth", pos, tiny_texts[30:60]), layers=[1, 2], reduction="mean"
+    )
     path = tmp_path / "held_out.txt"
     path.write_text("\n".join(pos) + "\n\n   \n" + "\n".join(tiny_texts[30:60]) + "\n")
     texts = read_text_file(path)
@@ -320,9 +361,19 @@ def test_low_score_negatives():
     body = "a long enough entry about the day and what happened in it, "
     records = [
         {"type": "entity", "name": "n1", "entityType": "journal", "observations": [body + "one", "warmth:9"]},
-        {"type": "entity", "name": "n2", "entityType": "journal", "observations": [body + "two", "warmth:2 calm:5"]},
+        {
+            "type": "entity",
+            "name": "n2",
+            "entityType": "journal",
+            "observations": [body + "two", "warmth:2 calm:5"],
+        },
         {"type": "entity", "name": "n3", "entityType": "journal", "observations": [body + "three", "calm:8"]},
-        {"type": "entity", "name": "n4", "entityType": "journal", "observations": [body + "four", "warmth:5"]},
+        {
+            "type": "entity",
+            "name": "n4",
+            "entityType": "journal",
+            "observations": [body + "four", "warmth:5"],
+        },
     ]
     graph = graph_from_records(((i, r, json.dumps(r)) for i, r in enumerate(records, 1)), "test")
 
@@ -344,21 +395,27 @@ def test_low_score_negatives():
 
 def test_elh_view_and_vllm_env(tiny_model_and_tokenizer, tiny_texts, tmp_path):
     model, tok = tiny_model_and_tokenizer
-    rows = _rows("warmth", tiny_texts[:10], tiny_texts[10:20]) + _rows("calm", tiny_texts[20:30], tiny_texts[:10])
+    rows = _rows("warmth", tiny_texts[:10], tiny_texts[10:20]) + _rows(
+        "calm", tiny_texts[20:30], tiny_texts[:10]
+    )
     sv = train_steering_vectors(model, tok, rows, layers=[2, 1])
     save_readout(sv, tmp_path)
     elh = load_readout(tmp_path, layout="ELH")
     assert elh.shape == (2, 2, 32) and torch.equal(elh, sv.as_tensor())
     assert torch.equal(elh[sv.concepts.index("warmth"), 1], sv.vectors[2][sv.concepts.index("warmth")])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["vllm_env"] == {"VLLM_READOUT_VECTORS": "vectors.safetensors",
-                                    "VLLM_READOUT_MANIFEST": "manifest.json"}
+    assert manifest["vllm_env"] == {
+        "VLLM_READOUT_VECTORS": "vectors.safetensors",
+        "VLLM_READOUT_MANIFEST": "manifest.json",
+    }
     assert all((tmp_path / name).is_file() for name in manifest["vllm_env"].values())
     with pytest.raises(ValueError, match="layout"):
         load_readout(tmp_path, layout="LEH")
 
 
-def test_texts_longer_than_gpt2_positions_are_truncated_and_counted(tiny_model_and_tokenizer, tiny_texts, tmp_path):
+def test_texts_longer_than_gpt2_positions_are_truncated_and_counted(
+    tiny_model_and_tokenizer, tiny_texts, tmp_path
+):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     _, llama_tok = tiny_model_and_tokenizer
@@ -366,8 +423,9 @@ def test_texts_longer_than_gpt2_positions_are_truncated_and_counted(tiny_model_a
     tok = PreTrainedTokenizerFast(tokenizer_object=llama_tok.backend_tokenizer, eos_token="<|eos|>")
     assert tok.pad_token_id is None
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(llama_tok), n_embd=32, n_layer=2, n_head=2,
-                                      n_positions=12)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(llama_tok), n_embd=32, n_layer=2, n_head=2, n_positions=12)
+    ).eval()
     lengths = [len(tok(t)["input_ids"]) for t in dict.fromkeys(tiny_texts[:40])]  # unique texts
     long_texts = sum(n > 12 for n in lengths)
     assert 0 < long_texts < len(lengths)
@@ -405,17 +463,33 @@ def test_asset_answers_the_open_questions(tiny_model_and_tokenizer, tiny_texts, 
 
     model, tok = tiny_model_and_tokenizer
     marked = [t + " warm kitchen warm" for t in tiny_texts]
-    pairs = pd.DataFrame(_rows("warmth", marked[:40], tiny_texts[40:80]) + _rows("love", marked[:30], tiny_texts[50:80])
-                         + _rows("anger", tiny_texts[60:75], tiny_texts[:15]) + _rows("awe", tiny_texts[:11], tiny_texts[80:91]))
+    pairs = pd.DataFrame(
+        _rows("warmth", marked[:40], tiny_texts[40:80])
+        + _rows("love", marked[:30], tiny_texts[50:80])
+        + _rows("anger", tiny_texts[60:75], tiny_texts[:15])
+        + _rows("awe", tiny_texts[:11], tiny_texts[80:91])
+    )
     _seed_home(tmp_path, model, tok, pairs)
     held = tmp_path / "conversation.txt"
     held.write_text("the warm kitchen warm and a quiet morning\nthe broken build, again\n")
-    config = {"layer_selection": "auto", "auto_k": 1, "min_pairs_per_polarity": 10, "top_n_emotions": 2,
-              "emotions": ["awe", "wonder"], "heldout_text_file": str(held), "sweep_max_per_group": 16}
-    result = dg.materialize(with_upstreams(steering_vectors), resources=build_resources(tmp_path),
-                            run_config={"ops": {"steering_vectors": {"config": config}}})
+    config = {
+        "layer_selection": "auto",
+        "auto_k": 1,
+        "min_pairs_per_polarity": 10,
+        "top_n_emotions": 2,
+        "emotions": ["awe", "wonder"],
+        "heldout_text_file": str(held),
+        "sweep_max_per_group": 16,
+    }
+    result = dg.materialize(
+        with_upstreams(steering_vectors),
+        resources=build_resources(tmp_path),
+        run_config={"ops": {"steering_vectors": {"config": config}}},
+    )
     assert result.success
-    meta = {k: v.value for k, v in result.asset_materializations_for_node("steering_vectors")[0].metadata.items()}
+    meta = {
+        k: v.value for k, v in result.asset_materializations_for_node("steering_vectors")[0].metadata.items()
+    }
     # top 2 by positives (warmth 40, love 30) plus the curated awe; wonder is not in the data
     assert meta["concepts"] == 3 and meta["emotion_selection"]["missing_curated"] == ["wonder"]
     assert meta["emotion_selection"]["not_selected"] == ["anger"]

@@ -35,8 +35,10 @@ from carl_assets.memory.tagging import (
 from tests.upstreams import with_upstreams
 
 # 25 words; of them only "adore" is in Empath's `love` category, and no word is in `pride`.
-GARDEN = ("I adore the old garden. We walked along the path to the river and counted the boats, "
-          "then went back to the house for supper.")
+GARDEN = (
+    "I adore the old garden. We walked along the path to the river and counted the boats, "
+    "then went back to the house for supper."
+)
 LOVE_HEAVY = "I adore you, my love, with affection and devotion."
 
 
@@ -63,15 +65,20 @@ def test_lexicon_counts_agree_with_empath_itself():
     from empath import Empath
 
     text = "Frustrated and annoyed, then calm: I felt proud, grateful and a little lonely, tired, sleepy."
-    counts = Empath().analyze(text, categories=["exasperation", "irritability", "pride", "sleep"],
-                              tokenizer=lexicon.words)
+    counts = Empath().analyze(
+        text, categories=["exasperation", "irritability", "pride", "sleep"], tokenizer=lexicon.words
+    )
     rates, scored = lexicon.lexicon_rates([text], ["pride", "tiredness", "frustration"])
     n = len(lexicon.words(text))
     assert scored == ["pride", "tiredness", "frustration"]
     assert rates[0, 0] == pytest.approx(100 * counts["pride"] / n)
     assert rates[0, 1] == pytest.approx(100 * counts["sleep"] / n)
     # frustration maps to two categories; a word in both counts once
-    both = {w for w in lexicon.words(text) if w in Empath().cats["exasperation"] or w in Empath().cats["irritability"]}
+    both = {
+        w
+        for w in lexicon.words(text)
+        if w in Empath().cats["exasperation"] or w in Empath().cats["irritability"]
+    }
     assert rates[0, 2] == pytest.approx(100 * sum(w in both for w in lexicon.words(text)) / n)
     assert rates[0, 2] > 0
 
@@ -79,17 +86,22 @@ def test_lexicon_counts_agree_with_empath_itself():
 def test_lexicon_map_errors_name_the_bad_category():
     with pytest.raises(ValueError, match="not_a_category"):
         lexicon.lexicon_categories(["curiosity"], {"curiosity": ["not_a_category"]})
-    assert lexicon.lexicon_categories(["curiosity"], {"curiosity": ["anticipation"]}) == {"curiosity": ("anticipation",)}
+    assert lexicon.lexicon_categories(["curiosity"], {"curiosity": ["anticipation"]}) == {
+        "curiosity": ("anticipation",)
+    }
 
 
 def test_user_tags_win_and_stub_or_empty_nodes_are_never_tagged():
-    nodes = _nodes([
-        ("tagged", LOVE_HEAVY, json.dumps({"joy": 3})),  # the user's tag line: kept, nothing added
-        ("untagged", LOVE_HEAVY, "{}"),
-        ("stub", LOVE_HEAVY, "{}"),
-        ("empty", "   ", "{}"),
-        ("name only", "Mara (person)", "{}"),  # an entity without observations: its text is its name
-    ], stub=[False, False, True, False, False])
+    nodes = _nodes(
+        [
+            ("tagged", LOVE_HEAVY, json.dumps({"joy": 3})),  # the user's tag line: kept, nothing added
+            ("untagged", LOVE_HEAVY, "{}"),
+            ("stub", LOVE_HEAVY, "{}"),
+            ("empty", "   ", "{}"),
+            ("name only", "Mara (person)", "{}"),  # an entity without observations: its text is its name
+        ],
+        stub=[False, False, True, False, False],
+    )
     nodes["n_observations"] = [2, 1, 0, 0, 0]
     tags = tag_nodes(nodes, "lexicon", ["love", "joy"])
     by_node = tags_by_node(tags)
@@ -98,8 +110,13 @@ def test_user_tags_win_and_stub_or_empty_nodes_are_never_tagged():
     assert tags.loc[tags["node_id"] == "tagged", "source"].tolist() == ["user"]
     assert set(tags.loc[tags["node_id"] == "untagged", "source"]) == {"lexicon"}
     status = node_status(nodes, tags, "lexicon").set_index("node_id")["status"].to_dict()
-    assert status == {"tagged": "user", "untagged": "tagged", "stub": "stub", "empty": "empty_text",
-                      "name only": "empty_text"}
+    assert status == {
+        "tagged": "user",
+        "untagged": "tagged",
+        "stub": "stub",
+        "empty": "empty_text",
+        "name only": "empty_text",
+    }
     # off: user tags only; sources filter the per-node dicts
     assert tag_nodes(nodes, "off")[TAG_COLUMNS].values.tolist() == [["tagged", "joy", 3, "user", 3.0]]
     assert tags_by_node(tags, ["user"]) == {"tagged": {"joy": 3}}
@@ -154,9 +171,10 @@ def _hand_probabilities(model, tokenizer, text: str, emotion: str) -> np.ndarray
     second full forward on prompt + first token."""
     tokens = score_tokens(tokenizer)
     prompt = prompt_ids(tokenizer, text, emotion)
-    assert tokenizer.decode(prompt).endswith(f"express {emotion}? Answer with one number from 0 to 10."
-                                             + ("<|eos|><|assistant|>\n" if tokenizer.chat_template else
-                                                "\nRating (0-10): "))
+    assert tokenizer.decode(prompt).endswith(
+        f"express {emotion}? Answer with one number from 0 to 10."
+        + ("<|eos|><|assistant|>\n" if tokenizer.chat_template else "\nRating (0-10): ")
+    )
 
     def next_probs(ids):
         with torch.no_grad():
@@ -180,7 +198,10 @@ def test_model_tagger_matches_a_hand_computation(tiny_model_and_tokenizer, chat)
     if not chat:
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.chat_template = None
-    texts = ["I felt the quiet morning.", "We laughed at the warm kitchen and it was good. Later the deadline."]
+    texts = [
+        "I felt the quiet morning.",
+        "We laughed at the warm kitchen and it was good. Later the deadline.",
+    ]
     probs = model_probabilities(model, tokenizer, texts, ["joy", "warmth"], batch_size=3)
     assert probs.shape == (2, 2, len(SCORES))
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-9)
@@ -210,15 +231,20 @@ def test_asset_tags_an_untagged_graph_and_versions_follow_config(tmp_path):
     _write_nodes(tmp_path, _nodes([("g", GARDEN, "{}"), ("h", LOVE_HEAVY, "{}"), ("s", "", "{}")]))
 
     def run(config):
-        result = dg.materialize(with_upstreams(emotion_tags), resources=build_resources(tmp_path),
-                                run_config={"ops": {"emotion_tags": {"config": config}}})
+        result = dg.materialize(
+            with_upstreams(emotion_tags),
+            resources=build_resources(tmp_path),
+            run_config={"ops": {"emotion_tags": {"config": config}}},
+        )
         assert result.success
         return result.asset_materializations_for_node("emotion_tags")[0].metadata
 
     meta = run({"emotions": ["love", "clarity"]})
     table = storage.read_table(storage.database_path(tmp_path), "emotion_tags")
     assert table[["node_id", "emotion", "score", "source"]].values.tolist() == [
-        ["g", "love", 8, "lexicon"], ["h", "love", 10, "lexicon"]]
+        ["g", "love", 8, "lexicon"],
+        ["h", "love", 10, "lexicon"],
+    ]
     nodes = storage.read_table(storage.database_path(tmp_path), "emotion_tag_nodes")
     assert nodes["status"].tolist() == ["tagged", "tagged", "empty_text"]
     assert meta["dagster/row_count"].value == 2 and meta["rows_by_source"].value == {"lexicon": 2}
@@ -239,11 +265,26 @@ def test_asset_model_tagger_reads_base_model(tiny_model_and_tokenizer, tmp_path)
     with build_resources(tmp_path)["artifacts"].write_dir("base_model") as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    _write_nodes(tmp_path, _nodes([("a", "I felt the quiet morning.", json.dumps({"calm": 7})),
-                                   ("b", "The team argued over the deadline.", "{}")]))
-    result = dg.materialize(with_upstreams(emotion_tags), resources=build_resources(tmp_path), run_config={
-        "ops": {"emotion_tags": {"config": {"tagger": "model", "min_score": 0, "device": "cpu"}}}})
+    _write_nodes(
+        tmp_path,
+        _nodes(
+            [
+                ("a", "I felt the quiet morning.", json.dumps({"calm": 7})),
+                ("b", "The team argued over the deadline.", "{}"),
+            ]
+        ),
+    )
+    result = dg.materialize(
+        with_upstreams(emotion_tags),
+        resources=build_resources(tmp_path),
+        run_config={
+            "ops": {"emotion_tags": {"config": {"tagger": "model", "min_score": 0, "device": "cpu"}}}
+        },
+    )
     assert result.success
     table = storage.read_table(storage.database_path(tmp_path), "emotion_tags")
-    assert table[["node_id", "emotion", "source"]].values.tolist() == [["a", "calm", "user"], ["b", "calm", "model"]]
+    assert table[["node_id", "emotion", "source"]].values.tolist() == [
+        ["a", "calm", "user"],
+        ["b", "calm", "model"],
+    ]
     assert 0 <= int(table["score"].iloc[1]) <= 10

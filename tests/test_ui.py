@@ -107,7 +107,9 @@ def served_graph(server: DagsterDev) -> tuple[dict[str, set[str]], dict[str, str
         deps[name] = {"/".join(dep["path"]) for dep in node["dependencyKeys"]}
         groups[name] = node["groupName"]
         result = node["assetChecksOrError"]
-        checks[name] = {c["name"] for c in result["checks"]} if result["__typename"] == "AssetChecks" else set()
+        checks[name] = (
+            {c["name"] for c in result["checks"]} if result["__typename"] == "AssetChecks" else set()
+        )
     return deps, groups, checks
 
 
@@ -121,7 +123,9 @@ def launch_assets(server: DagsterDev, assets: list[str], checks: dict[str, set[s
             "jobName": "__ASSET_JOB",
             "assetSelection": [{"path": asset.split("/")} for asset in assets],
             "assetCheckSelection": [
-                {"assetKey": {"path": asset.split("/")}, "name": name} for asset in assets for name in sorted(checks[asset])
+                {"assetKey": {"path": asset.split("/")}, "name": name}
+                for asset in assets
+                for name in sorted(checks[asset])
             ],
         },
         "runConfigData": {},  # the project's executor and defaults, as the Materialize button runs them
@@ -139,7 +143,9 @@ def wait_for_run(server: DagsterDev, run_id: str, timeout: float = RUN_TIMEOUT_S
         if status in ("SUCCESS", "FAILURE", "CANCELED"):
             return status
         time.sleep(1.0)
-    pytest.fail(f"run {run_id} still {status} after {timeout:.0f} s; dagster dev log tail:\n{server.log_tail()}")
+    pytest.fail(
+        f"run {run_id} still {status} after {timeout:.0f} s; dagster dev log tail:\n{server.log_tail()}"
+    )
 
 
 def run_errors(server: DagsterDev, run_id: str) -> str:
@@ -148,7 +154,10 @@ def run_errors(server: DagsterDev, run_id: str) -> str:
     for event in events:
         error = event.get("error")
         if error:
-            lines.append(f"{event['__typename']} {event.get('stepKey') or ''}: {error['message']}\n{error.get('stack') or ''}")
+            lines.append(
+                f"{event['__typename']} {event.get('stepKey') or ''}: {error['message']}\n"
+                f"{error.get('stack') or ''}"
+            )
     return "\n".join(lines) or "(no error events)"
 
 
@@ -171,7 +180,14 @@ def shows(name: str, texts: list[str]) -> bool:
         if text == name:
             return True
         head, sep, tail = text.partition("…")
-        if sep and head and tail and len(head) + len(tail) < len(name) and name.startswith(head) and name.endswith(tail):
+        if (
+            sep
+            and head
+            and tail
+            and len(head) + len(tail) < len(name)
+            and name.startswith(head)
+            and name.endswith(tail)
+        ):
             return True
     return False
 
@@ -280,7 +296,9 @@ def test_ui_graph_and_materialization(tmp_path: Path, homes: dict[str, Path]) ->
                 assert status == "SUCCESS", f"run {run_id} ended {status}:\n{run_errors(server, run_id)}"
                 latest = server.query(LATEST_MATERIALIZATION_QUERY, {"key": {"path": [CHEAP_ASSET]}})
                 assert latest["assetOrError"]["assetMaterializations"][0]["runId"] == run_id
-                assert (homes["carl_home"] / "carl.duckdb").is_file(), "no carl.duckdb in the test's CARL_HOME"
+                assert (homes["carl_home"] / "carl.duckdb").is_file(), (
+                    "no carl.duckdb in the test's CARL_HOME"
+                )
                 phases.done(f"run of {CHEAP_ASSET} finished")
 
                 check_group_page(page, server, groups, tmp_path, expect)
@@ -299,7 +317,8 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
     env_file = tmp_path / "project" / "carl.env"
     env_file.parent.mkdir()
     env_file.write_text(
-        "# test project settings\nCARL_HOME=homes/carl\nDAGSTER_HOME=homes/dagster\nCARL_MEMORY_SOURCE=sample\n"
+        "# test project settings\nCARL_HOME=homes/carl\nDAGSTER_HOME=homes/dagster\n"
+        "CARL_MEMORY_SOURCE=sample\n"
     )
     carl_home = (env_file.parent / "homes" / "carl").resolve()
     dagster_home = (env_file.parent / "homes" / "dagster").resolve()
@@ -309,13 +328,19 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
     phases = Phases()
     cli = subprocess.run(
         [str(BIN / "carl"), "materialize", "--select", CHEAP_ASSET],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = cli.stdout + cli.stderr
     assert cli.returncode == 0, f"carl materialize failed ({cli.returncode}):\n{output[-4000:]}"
     match = re.search(r"Runs:\s+(\S+) \(run ([0-9a-f-]{36})\)", output)
     assert match, f"no 'Runs: <home> (run <id>)' line in:\n{output[-2000:]}"
-    assert Path(match.group(1)) == dagster_home, f"the CLI used DAGSTER_HOME {match.group(1)}, not {dagster_home}"
+    assert Path(match.group(1)) == dagster_home, (
+        f"the CLI used DAGSTER_HOME {match.group(1)}, not {dagster_home}"
+    )
     run_id = match.group(2)
     assert (carl_home / "carl.duckdb").is_file(), f"the CLI did not write {carl_home}/carl.duckdb"
 
@@ -324,7 +349,9 @@ def test_dagster_dev_from_another_folder_sees_cli_runs(tmp_path: Path) -> None:
     with DagsterDev(env, cwd=elsewhere, log_path=tmp_path / "dagster_dev.log") as server:
         phases.done("dagster dev start")
         info = server.query(INSTANCE_QUERY)["instance"]["info"] or ""
-        assert str(dagster_home) in info, f"dagster dev in {elsewhere} is not on {dagster_home}:\n{info[:2000]}"
+        assert str(dagster_home) in info, (
+            f"dagster dev in {elsewhere} is not on {dagster_home}:\n{info[:2000]}"
+        )
         runs = server.query(RUNS_QUERY, {"ids": [run_id]})["runsOrError"]
         assert runs["__typename"] == "Runs", runs
         assert [(r["runId"], r["status"]) for r in runs["results"]] == [(run_id, "SUCCESS")], (
@@ -349,7 +376,9 @@ def test_shortened_node_names_match_only_their_asset() -> None:
     assert not shows("steering_vectors", [])
 
 
-def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_chromium_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     ui = sys.modules[__name__]  # chromium_or_skip reads this module's CHROMIUM
     monkeypatch.setattr(ui, "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.setenv("CI", "true")

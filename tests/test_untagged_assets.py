@@ -32,26 +32,51 @@ from carl_assets.steering import load_readout
 from tests.upstreams import with_upstreams
 
 GARDEN = [
-    {"type": "entity", "name": "Herb Spiral", "entityType": "project",
-     "observations": ["Stones stacked in a spiral hold thyme at the top and mint near the damp bottom.",
-                      "The spiral drained well after the storm last week."]},
-    {"type": "entity", "name": "Rosa", "entityType": "person",
-     "observations": ["Rosa trades seedlings for jam every spring at the allotment gate."]},
-    {"type": "entity", "name": "Worm Bin", "entityType": "topic",
-     "observations": ["Coffee grounds and cardboard go in; the worms turn it into dark crumbly soil."]},
+    {
+        "type": "entity",
+        "name": "Herb Spiral",
+        "entityType": "project",
+        "observations": [
+            "Stones stacked in a spiral hold thyme at the top and mint near the damp bottom.",
+            "The spiral drained well after the storm last week.",
+        ],
+    },
+    {
+        "type": "entity",
+        "name": "Rosa",
+        "entityType": "person",
+        "observations": ["Rosa trades seedlings for jam every spring at the allotment gate."],
+    },
+    {
+        "type": "entity",
+        "name": "Worm Bin",
+        "entityType": "topic",
+        "observations": ["Coffee grounds and cardboard go in; the worms turn it into dark crumbly soil."],
+    },
     {"type": "relation", "from": "Rosa", "to": "Herb Spiral", "relationType": "helped_build"},
     {"type": "relation", "from": "Herb Spiral", "to": "Worm Bin", "relationType": "fed_by"},
 ]
 TAGGED = [
-    {"type": "entity", "name": f"day-{i}", "entityType": "journal",
-     "observations": [f"Day {i}: a long walk by the canal with the dog, then soup and an early night.",
-                      "warmth:9" if i % 2 else "calm:7"]}
+    {
+        "type": "entity",
+        "name": f"day-{i}",
+        "entityType": "journal",
+        "observations": [
+            f"Day {i}: a long walk by the canal with the dog, then soup and an early night.",
+            "warmth:9" if i % 2 else "calm:7",
+        ],
+    }
     for i in range(6)
 ]
-STEPS = [*with_upstreams(memory_graph, emotion_tags, emotion_training_pairs),
-         steering_vectors, dg.AssetSpec("base_model")]
-OFF_REASON = (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
-              "'lexicon' or 'model'")
+STEPS = [
+    *with_upstreams(memory_graph, emotion_tags, emotion_training_pairs),
+    steering_vectors,
+    dg.AssetSpec("base_model"),
+]
+OFF_REASON = (
+    f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
+    "'lexicon' or 'model'"
+)
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -59,13 +84,19 @@ def _write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _run(home: Path, source: str, steps: list = STEPS, instance: dg.DagsterInstance | None = None,
-         tagger: str = "off"):
+def _run(
+    home: Path,
+    source: str,
+    steps: list = STEPS,
+    instance: dg.DagsterInstance | None = None,
+    tagger: str = "off",
+):
     config = {"ops": {"memory_graph": {"config": {"source": source}}}}
     if emotion_tags in steps:
         config["ops"]["emotion_tags"] = {"config": {"tagger": tagger}}
-    return dg.materialize(steps, resources=build_resources(home), run_config=config, instance=instance,
-                          raise_on_error=False)
+    return dg.materialize(
+        steps, resources=build_resources(home), run_config=config, instance=instance, raise_on_error=False
+    )
 
 
 def _meta(result, asset: str) -> dict:
@@ -78,7 +109,9 @@ def test_untagged_graph_gives_empty_pairs_and_a_skipped_readout_with_the_reason(
         result = _run(tmp_path / "home", f"jsonl:{memory}", instance=instance)
         warnings = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
     assert result.success
-    assert any(m.startswith("0 of 3 nodes carry emotion tags: no node carries an emotion tag line") for m in warnings)
+    assert any(
+        m.startswith("0 of 3 nodes carry emotion tags: no node carries an emotion tag line") for m in warnings
+    )
 
     graph = _meta(result, "memory_graph")
     assert graph["tagged_nodes"] == 0 and graph["tags_note"].startswith(f"0 of {graph['nodes']} nodes")
@@ -95,13 +128,19 @@ def test_untagged_graph_gives_empty_pairs_and_a_skipped_readout_with_the_reason(
     warn = checks["pairs_nonempty_within_caps"]
     assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN and warn.description == OFF_REASON
     for name in ("vectors_finite_unit_norm", "manifest_matches_tensors"):
-        assert checks[name].passed and checks[name].description.startswith("skipped: emotion_training_pairs is empty")
+        assert checks[name].passed and checks[name].description.startswith(
+            "skipped: emotion_training_pairs is empty"
+        )
 
     steering = _meta(result, "steering_vectors")
     assert steering["concepts"] == 0
     assert steering["skipped_reason"] == f"emotion_training_pairs is empty: {OFF_REASON}"
     readout = load_readout(build_resources(tmp_path / "home")["artifacts"].require("steering_vectors"))
-    assert readout.concepts == [] and readout.layers == [] and readout.skipped_reason == steering["skipped_reason"]
+    assert (
+        readout.concepts == []
+        and readout.layers == []
+        and readout.skipped_reason == steering["skipped_reason"]
+    )
     db = tmp_path / "home" / storage.DATABASE_NAME
     assert storage.read_table(db, "emotion_training_pairs").empty
     assert storage.read_table(db, "steering_vector_stats").empty
@@ -128,7 +167,7 @@ def test_tagged_nodes_without_a_negative_say_which_settings_to_change(tmp_path):
     assert "emotion_training_pairs.min_positive_score = 8" in reason and "min_content_chars = 40" in reason
 
 
-@pytest.mark.parametrize("content", [b"", b"not json at all\n{\"half\": \n"])
+@pytest.mark.parametrize("content", [b"", b'not json at all\n{"half": \n'])
 def test_a_source_without_a_graph_fails_before_writing_and_keeps_the_last_good_tables(tmp_path, content):
     home = tmp_path / "home"
     good = _write(tmp_path / "good.jsonl", GARDEN)
@@ -143,7 +182,10 @@ def test_a_source_without_a_graph_fails_before_writing_and_keeps_the_last_good_t
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert str(bad) in failure.description and "Nothing was written" in failure.description
-    assert f"memory_nodes, {len(before)} nodes" in failure.description and "CARL_MEMORY_SOURCE" in failure.description
+    assert (
+        f"memory_nodes, {len(before)} nodes" in failure.description
+        and "CARL_MEMORY_SOURCE" in failure.description
+    )
     assert failure.metadata["previous_nodes"].value == len(before)
     after = storage.read_table(db, "memory_nodes")
     pd.testing.assert_frame_equal(after, before)
@@ -163,16 +205,30 @@ def test_agent_readout_and_steering_scorer_with_a_skipped_readout(tmp_path):
     artifacts = build_resources(tmp_path)["artifacts"]
     with artifacts.write_dir("steering_vectors") as folder:
         save_readout(empty_readout("no tags here"), folder)
-    results = pd.DataFrame({"checkpoint": ["sft_checkpoint"], "task_id": ["t0"], "instruction": ["i"],
-                            "raw_response": ["r"]})
-    readout, reason = readout_table(load_readout(artifacts.require("steering_vectors")), {}, results,
-                                    pd.DataFrame({"task_id": ["t0"], "observation": ["o"]}))
-    assert readout.empty and list(readout.columns) == ["checkpoint", "task_id", "emotion", "layer", "projection"]
+    results = pd.DataFrame(
+        {"checkpoint": ["sft_checkpoint"], "task_id": ["t0"], "instruction": ["i"], "raw_response": ["r"]}
+    )
+    readout, reason = readout_table(
+        load_readout(artifacts.require("steering_vectors")),
+        {},
+        results,
+        pd.DataFrame({"task_id": ["t0"], "observation": ["o"]}),
+    )
+    assert readout.empty and list(readout.columns) == [
+        "checkpoint",
+        "task_id",
+        "emotion",
+        "layer",
+        "projection",
+    ]
     assert reason == "steering_vectors was skipped: no tags here"
 
     vectors = load_readout(artifacts.require("steering_vectors"))
-    with pytest.raises(EmptyReadoutError, match=r"dream_scenarios.scorer = 'steering:warmth' needs steering "
-                       r"vectors, but steering_vectors was skipped: no tags here"):
+    with pytest.raises(
+        EmptyReadoutError,
+        match=r"dream_scenarios.scorer = 'steering:warmth' needs steering "
+        r"vectors, but steering_vectors was skipped: no tags here",
+    ):
         require_concepts(vectors, "dream_scenarios.scorer = 'steering:warmth'")
     with pytest.raises(ValueError, match="needs the reason"):
         empty_readout("")
@@ -182,8 +238,13 @@ def test_file_metadata_markers_are_kept_in_a_table(tmp_path):
     from carl_assets.defs.memory import _file_metadata
 
     class WithMarkers:
-        metadata = {"format": "jsonl", "markers": [{"line": 1, "record": {"type": "_aim", "name": "garden"}},
-                                                  {"line": 7, "record": {"type": "_aim", "name": "shed"}}]}
+        metadata = {
+            "format": "jsonl",
+            "markers": [
+                {"line": 1, "record": {"type": "_aim", "name": "garden"}},
+                {"line": 7, "record": {"type": "_aim", "name": "shed"}},
+            ],
+        }
 
     table = _file_metadata(WithMarkers())
     assert table["key"].tolist() == ["format", "markers", "markers"]
@@ -195,27 +256,53 @@ def test_file_metadata_markers_are_kept_in_a_table(tmp_path):
 
 
 def test_pairs_take_a_taggers_tags_for_untagged_nodes_unless_restricted_to_user_tags(tmp_path):
-    untagged = [{"type": "entity", "name": f"u-{i}", "entityType": "note",
-                 "observations": [f"Note {i}: the kettle, the radio and a pile of letters on a slow grey morning."]}
-                for i in range(4)]
+    untagged = [
+        {
+            "type": "entity",
+            "name": f"u-{i}",
+            "entityType": "note",
+            "observations": [
+                f"Note {i}: the kettle, the radio and a pile of letters on a slow grey morning."
+            ],
+        }
+        for i in range(4)
+    ]
     memory = _write(tmp_path / "mixed.jsonl", TAGGED + untagged)
     home = tmp_path / "home"
     assert _run(home, f"jsonl:{memory}", [memory_graph]).success
     # A tagger's rows as the emotion_tags asset writes them; its row for a user-tagged node must lose.
-    storage.write_tables(home / storage.DATABASE_NAME, {"emotion_tags": pd.DataFrame({
-        "node_id": ["u-0", "u-1", "u-2", "day-1"], "emotion": ["warmth", "warmth", "calm", "warmth"],
-        "score": [9, 9, 8, 0], "source": ["model"] * 4, "raw_score": [9.1, 8.8, 7.9, 0.2]})})
+    storage.write_tables(
+        home / storage.DATABASE_NAME,
+        {
+            "emotion_tags": pd.DataFrame(
+                {
+                    "node_id": ["u-0", "u-1", "u-2", "day-1"],
+                    "emotion": ["warmth", "warmth", "calm", "warmth"],
+                    "score": [9, 9, 8, 0],
+                    "source": ["model"] * 4,
+                    "raw_score": [9.1, 8.8, 7.9, 0.2],
+                }
+            )
+        },
+    )
 
     def pairs(tag_sources: str) -> pd.DataFrame:
         config = {"ops": {"emotion_training_pairs": {"config": {"tag_sources": tag_sources}}}}
-        result = dg.materialize(with_upstreams(emotion_training_pairs), resources=build_resources(home),
-                                run_config=config)
+        result = dg.materialize(
+            with_upstreams(emotion_training_pairs), resources=build_resources(home), run_config=config
+        )
         assert result.success
         return storage.read_table(home / storage.DATABASE_NAME, "emotion_training_pairs")
 
     everything = pairs("all")
     warmth = everything[everything["emotion"] == "warmth"]
-    assert sorted(warmth[warmth["polarity"] == "positive"]["node_id"]) == ["day-1", "day-3", "day-5", "u-0", "u-1"]
+    assert sorted(warmth[warmth["polarity"] == "positive"]["node_id"]) == [
+        "day-1",
+        "day-3",
+        "day-5",
+        "u-0",
+        "u-1",
+    ]
     assert sorted(warmth[warmth["polarity"] == "negative"]["node_id"]) == ["day-0", "day-2", "day-4", "u-2"]
     users = pairs("user")
     assert sorted(users["node_id"]) == ["day-0", "day-1", "day-2", "day-3", "day-4", "day-5"]

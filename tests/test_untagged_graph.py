@@ -25,23 +25,57 @@ MEMORY = ROOT / "tests" / "data" / "untagged_memory.jsonl"
 # Small budgets (as tests/test_pipeline_cli.py's): this test is about the graph running, not the numbers.
 TINY = {
     "ops": {
-        "base_model": {"config": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                                   "vocab_size": 512, "steps": 5, "seq_len": 32, "batch_size": 4}},
+        "base_model": {
+            "config": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "vocab_size": 512,
+                "steps": 5,
+                "seq_len": 32,
+                "batch_size": 4,
+            }
+        },
         "emotion_tags": {"config": {"tagger": "off"}},  # untagged stays untagged: steering must skip
         "steering_vectors": {"config": {"max_length": 64}},
-        "scorer_validation": {"config": {"n_prompts": 2, "max_tokens": 4, "hot_samples": 1, "n_bootstrap": 50}},
-        "dream_scenarios": {"config": {"n_scenarios": 3, "responses_per_scenario": 2, "max_new_tokens": 6,
-                                       "heldout_scenarios": 2, "excerpt_chars": 40}},
+        "scorer_validation": {
+            "config": {"n_prompts": 2, "max_tokens": 4, "hot_samples": 1, "n_bootstrap": 50}
+        },
+        "dream_scenarios": {
+            "config": {
+                "n_scenarios": 3,
+                "responses_per_scenario": 2,
+                "max_new_tokens": 6,
+                "heldout_scenarios": 2,
+                "excerpt_chars": 40,
+            }
+        },
         "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
         "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4, "max_length": 768}},
         "crystallization_events": {"config": {"require_crystallization": False}},
-        "grpo_checkpoint": {"config": {"max_steps": 1, "batch_size": 4, "num_generations": 2,
-                                       "max_completion_length": 6, "max_prompts": 4}},
+        "grpo_checkpoint": {
+            "config": {
+                "max_steps": 1,
+                "batch_size": 4,
+                "num_generations": 2,
+                "max_completion_length": 6,
+                "max_prompts": 4,
+            }
+        },
         "agent_evaluation": {"config": {"max_new_tokens": 6, "max_tasks": 2}},
         "leworld_memory": {"config": {"num_words": 4096}},
         "leworld_dataset": {"config": {"num_train": 32, "num_validation": 8, "seq_length": 4}},
-        "leworld_model": {"config": {"phase1_epochs": 1, "phase2_epochs": 1, "phase3_epochs": 1, "slm_d_model": 16,
-                                     "blm_d_model": 32, "max_read_range": 32}},
+        "leworld_model": {
+            "config": {
+                "phase1_epochs": 1,
+                "phase2_epochs": 1,
+                "phase3_epochs": 1,
+                "slm_d_model": 16,
+                "blm_d_model": 32,
+                "max_read_range": 32,
+            }
+        },
         "leworld_evaluation": {"config": {"n_steps": 2}},
     }
 }
@@ -69,6 +103,7 @@ def test_the_fixture_is_what_the_slow_test_claims():
     assert 1 <= len(dangling) <= 10
     # no tag line anywhere: nothing of the form `word:score`
     from re import fullmatch
+
     texts = [o["text"] if isinstance(o, dict) else o for o in observations]
     assert not [t for t in texts if fullmatch(r"(\s*[a-z]+\s*:\s*\d{1,2}\s*,?)+", t)]
 
@@ -82,13 +117,25 @@ def _metadata(instance: dg.DagsterInstance, asset: str) -> dict:
 @pytest.mark.slow
 def test_whole_graph_is_green_on_an_untagged_file(tmp_path):
     home, dagster_home = tmp_path / "carl", tmp_path / "dagster"
-    env = {**os.environ, "CARL_HOME": str(home), "DAGSTER_HOME": str(dagster_home),
-           "CARL_MEMORY_SOURCE": f"jsonl:{MEMORY}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "CARL_HOME": str(home),
+        "DAGSTER_HOME": str(dagster_home),
+        "CARL_MEMORY_SOURCE": f"jsonl:{MEMORY}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    run = subprocess.run([sys.executable, "-m", "carl_assets.cli", "materialize", "--config", str(config)],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    summary = run.stdout[run.stdout.find("asset "):]
+    run = subprocess.run(
+        [sys.executable, "-m", "carl_assets.cli", "materialize", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    summary = run.stdout[run.stdout.find("asset ") :]
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "FAILED" not in summary and "asset checks:" in summary, summary
 
@@ -116,8 +163,16 @@ def test_whole_graph_is_green_on_an_untagged_file(tmp_path):
 
 
 CASES = ROOT / "tests" / "data" / "dreams_default_kinds"  # ../shared/cases/memory-files/real-10
-BASE = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 512,
-        "steps": 3, "seq_len": 32, "batch_size": 2}
+BASE = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 512,
+    "steps": 3,
+    "seq_len": 32,
+    "batch_size": 2,
+}
 DREAMS = {"n_scenarios": 4, "responses_per_scenario": 2, "max_new_tokens": 6, "excerpt_chars": 40}
 
 
@@ -130,12 +185,19 @@ def test_dream_asset_on_the_real_10_graphs(tmp_path):
     from tests.upstreams import with_upstreams
 
     def run(case: str, home: Path, **dream_config):
-        config = {"ops": {"memory_graph": {"config": {"source": f"jsonl:{CASES / case}"}},
-                          "base_model": {"config": BASE},
-                          "dream_scenarios": {"config": {**DREAMS, **dream_config}}}}
-        return dg.materialize(with_upstreams(memory.memory_graph, models.base_model, dreams.dream_scenarios),
-                              resources=build_resources(home), run_config=config,
-                              raise_on_error=False)
+        config = {
+            "ops": {
+                "memory_graph": {"config": {"source": f"jsonl:{CASES / case}"}},
+                "base_model": {"config": BASE},
+                "dream_scenarios": {"config": {**DREAMS, **dream_config}},
+            }
+        }
+        return dg.materialize(
+            with_upstreams(memory.memory_graph, models.base_model, dreams.dream_scenarios),
+            resources=build_resources(home),
+            run_config=config,
+            raise_on_error=False,
+        )
 
     # one lesson: auto kinds are the lesson plus the populous kinds; all 8 held-out scenarios fit
     result = run("memory_one_lesson.jsonl", tmp_path / "one")

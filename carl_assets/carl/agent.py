@@ -1,13 +1,15 @@
-"""The coherence-gated agent: observe → generate → measure Phi → act or abstain (the seed's agent step).
+"""The coherence-gated agent: observe → generate → measure Phi → act or abstain (the reference's agent
+step).
 
-`agent_step` builds the seed's two messages (a system instruction, then the observation and the
-instruction), generates (greedily, as the seed; or sampled with temperature and top-p / top-k / min-p
-truncation: `carl_assets.carl.run_config.AgentSampling`, resolved for the model), and scores the new tokens with the CARL maths. Alignment: the
-logits at position ``prompt_len - 1 + t`` are the distribution that *predicted* new token t, so the
-scored slice is ``logits[prompt_len - 1 : -1]`` of one forward pass over prompt + response (the
-seed's agent step does exactly this; its GRPO reward function was one position off). The
-end-of-sequence token, when generated, is scored too, like in the seed. If ``phi_mean`` is below the
-gate threshold (sigma = 3/16 by default) the agent abstains: ``response`` is None.
+`agent_step` builds the reference's two messages (a system instruction, then the observation and the
+instruction), generates (greedily, as the reference; or sampled with temperature and top-p / top-k /
+min-p truncation: `carl_assets.carl.run_config.AgentSampling`, resolved for the model), and scores the
+new tokens with the CARL maths. Alignment: the logits at position ``prompt_len - 1 + t`` are the
+distribution that *predicted* new token t, so the scored slice is ``logits[prompt_len - 1 : -1]`` of one
+forward pass over prompt + response (the reference's agent step does exactly this; its GRPO reward
+function was one position off). The end-of-sequence token, when generated, is scored too, like in the
+reference. If ``phi_mean`` is below the gate threshold (sigma = 3/16 by default) the agent abstains:
+``response`` is None.
 """
 
 from __future__ import annotations
@@ -26,9 +28,23 @@ from carl_assets.carl.sft_data import SYSTEM_PROMPT, user_message
 from carl_assets.models.chat_template import chat_template_for  # the one policy for template-less models
 from carl_assets.models.loading import fit_prompt, model_max_positions
 
-EVALUATION_COLUMNS = ["task_id", "node_id", "instruction", "expected", "response", "raw_response", "acted",
-                      "confidence", "phi_mean", "reward", "multiscale", "cloud_quality", "discontinuity",
-                      "n_tokens", "exact_match"]
+EVALUATION_COLUMNS = [
+    "task_id",
+    "node_id",
+    "instruction",
+    "expected",
+    "response",
+    "raw_response",
+    "acted",
+    "confidence",
+    "phi_mean",
+    "reward",
+    "multiscale",
+    "cloud_quality",
+    "discontinuity",
+    "n_tokens",
+    "exact_match",
+]
 
 
 @dataclass
@@ -36,7 +52,9 @@ class AgentStep:
     response: str | None  # None when the agent abstained
     phi_mean: float
     confidence: str  # "high", "medium", "low" or "abstain"
-    components: dict[str, float] = field(default_factory=dict)  # carl_reward's components ({} if nothing generated)
+    components: dict[str, float] = field(
+        default_factory=dict
+    )  # carl_reward's components ({} if nothing generated)
     reward: float = 0.0  # the CARL composite of the generated tokens
     raw_response: str = ""  # what was generated, even when the agent abstained
     n_tokens: int = 0
@@ -47,33 +65,50 @@ class AgentStep:
 
 
 def _prompt_ids(tokenizer: Any, observation: str, instruction: str) -> list[int]:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": user_message(observation, instruction)}]
-    text = tokenizer.apply_chat_template(messages, chat_template=chat_template_for(tokenizer), tokenize=False,
-                                         add_generation_prompt=True)
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user_message(observation, instruction)},
+    ]
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template_for(tokenizer), tokenize=False, add_generation_prompt=True
+    )
     # The template already holds any special tokens it wants; don't add a second bos.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def completion_logits(model: Any, full_ids: Any, prompt_len: int) -> np.ndarray:
-    """Logits ``[n_new, V]`` (float64) at the positions that predict tokens ``prompt_len..`` of ``full_ids [1, T]``."""
+    """Logits ``[n_new, V]`` (float64) at the positions that predict tokens ``prompt_len..`` of
+    ``full_ids [1, T]``."""
     with torch.no_grad():
         logits = model(input_ids=full_ids, use_cache=False).logits[0, prompt_len - 1 : -1]
     return logits.detach().cpu().double().numpy()
 
 
-def _generate(model: Any, input_ids: Any, max_new_tokens: int, pad_token_id: Any, sampling: AgentSampling) -> Any:
+def _generate(
+    model: Any, input_ids: Any, max_new_tokens: int, pad_token_id: Any, sampling: AgentSampling
+) -> Any:
     """`model.generate` as `sampling` says; a sampled answer draws from a seeded RNG that leaves the
     caller's torch RNG state as it was."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(int(sampling.seed))
-        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                              **sampling.generate_kwargs())
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            **sampling.generate_kwargs(),
+        )
 
 
-def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, gate_threshold: float = SIGMA,
-               max_new_tokens: int = 128, sampling: AgentSampling = GREEDY) -> AgentStep:
+def agent_step(
+    model: Any,
+    tokenizer: Any,
+    observation: str,
+    instruction: str,
+    gate_threshold: float = SIGMA,
+    max_new_tokens: int = 128,
+    sampling: AgentSampling = GREEDY,
+) -> AgentStep:
     """One agent step: generate a response (greedy by default; `sampling` for temperature and top-p / top-k
     / min-p), measure its Phi on the model's own (untempered) logits, and act only when coherent."""
     device = next(model.parameters()).device
@@ -89,7 +124,7 @@ def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, g
     model.eval()
     try:
         output_ids = _generate(model, input_ids, max_new_tokens, tokenizer.pad_token_id, sampling)
-        new_tokens = output_ids[0, len(prompt):]
+        new_tokens = output_ids[0, len(prompt) :]
         raw = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         if len(new_tokens) > 0:
             logits = completion_logits(model, output_ids, len(prompt))
@@ -101,14 +136,25 @@ def agent_step(model: Any, tokenizer: Any, observation: str, instruction: str, g
     finally:
         model.train(was_training)
     should_act, confidence = coherence_gate(phi_mean, gate_threshold)
-    return AgentStep(response=raw if should_act else None, phi_mean=phi_mean, confidence=confidence,
-                     components={k: float(v) for k, v in components.items()}, reward=float(reward),
-                     raw_response=raw, n_tokens=int(len(new_tokens)))
+    return AgentStep(
+        response=raw if should_act else None,
+        phi_mean=phi_mean,
+        confidence=confidence,
+        components={k: float(v) for k, v in components.items()},
+        reward=float(reward),
+        raw_response=raw,
+        n_tokens=int(len(new_tokens)),
+    )
 
 
-def evaluate_agent(model: Any, tokenizer: Any, tasks: pd.DataFrame | Iterable[Mapping[str, Any]],
-                   gate_threshold: float = SIGMA, max_new_tokens: int = 128,
-                   sampling: AgentSampling = GREEDY) -> pd.DataFrame:
+def evaluate_agent(
+    model: Any,
+    tokenizer: Any,
+    tasks: pd.DataFrame | Iterable[Mapping[str, Any]],
+    gate_threshold: float = SIGMA,
+    max_new_tokens: int = 128,
+    sampling: AgentSampling = GREEDY,
+) -> pd.DataFrame:
     """`agent_step` on each task (`observation`, `instruction`, optional `task_id`, `node_id`, `expected`),
     task i sampled with seed ``sampling.seed + i`` when `sampling` samples.
 
@@ -119,27 +165,35 @@ def evaluate_agent(model: Any, tokenizer: Any, tasks: pd.DataFrame | Iterable[Ma
     records = tasks.to_dict("records") if isinstance(tasks, pd.DataFrame) else [dict(t) for t in tasks]
     rows = []
     for i, task in enumerate(records):
-        step = agent_step(model, tokenizer, str(task["observation"]), str(task["instruction"]),
-                          gate_threshold=gate_threshold, max_new_tokens=max_new_tokens,
-                          sampling=sampling.model_copy(update={"seed": sampling.seed + i}))
+        step = agent_step(
+            model,
+            tokenizer,
+            str(task["observation"]),
+            str(task["instruction"]),
+            gate_threshold=gate_threshold,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling.model_copy(update={"seed": sampling.seed + i}),
+        )
         expected = task.get("expected")
-        rows.append({
-            "task_id": task.get("task_id", i),
-            "node_id": task.get("node_id", ""),
-            "instruction": task["instruction"],
-            "expected": expected,
-            "response": step.response,
-            "raw_response": step.raw_response,
-            "acted": step.acted,
-            "confidence": step.confidence,
-            "phi_mean": step.phi_mean,
-            "reward": step.reward,
-            "multiscale": step.components.get("multiscale"),
-            "cloud_quality": step.components.get("cloud_quality"),
-            "discontinuity": step.components.get("discontinuity"),
-            "n_tokens": step.n_tokens,
-            "exact_match": bool(expected is not None and step.raw_response == str(expected).strip()),
-        })
+        rows.append(
+            {
+                "task_id": task.get("task_id", i),
+                "node_id": task.get("node_id", ""),
+                "instruction": task["instruction"],
+                "expected": expected,
+                "response": step.response,
+                "raw_response": step.raw_response,
+                "acted": step.acted,
+                "confidence": step.confidence,
+                "phi_mean": step.phi_mean,
+                "reward": step.reward,
+                "multiscale": step.components.get("multiscale"),
+                "cloud_quality": step.components.get("cloud_quality"),
+                "discontinuity": step.components.get("discontinuity"),
+                "n_tokens": step.n_tokens,
+                "exact_match": bool(expected is not None and step.raw_response == str(expected).strip()),
+            }
+        )
     return pd.DataFrame(rows, columns=EVALUATION_COLUMNS)
 
 

@@ -90,12 +90,16 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
     bad = np.isnan(logits) | np.isposinf(logits)
     if bad.any():
         t, v = divmod(int(np.flatnonzero(bad)[0]), logits.shape[1])
-        raise ValueError(f"logits[{t}, {v}] is {logits[t, v]}: logits must be finite or -inf "
-                         f"({int(bad.sum())} NaN/+inf values in all)")
+        raise ValueError(
+            f"logits[{t}, {v}] is {logits[t, v]}: logits must be finite or -inf "
+            f"({int(bad.sum())} NaN/+inf values in all)"
+        )
     if logits.shape[0]:
         dead = ~np.isfinite(logits.max(axis=-1))
         if dead.any():
-            raise ValueError(f"row {int(np.flatnonzero(dead)[0])} of the logits is entirely -inf: no token is possible")
+            raise ValueError(
+                f"row {int(np.flatnonzero(dead)[0])} of the logits is entirely -inf: no token is possible"
+            )
     return logits
 
 
@@ -213,7 +217,8 @@ def discontinuity_score(phi: np.ndarray) -> float:
 
 
 def carl_reward(logits: np.ndarray, token_ids: np.ndarray) -> tuple[float, dict[str, float]]:
-    """CARL composite reward of one sequence: ``logits[t]`` is the distribution that produced ``token_ids[t]``.
+    """CARL composite reward of one sequence: ``logits[t]`` is the distribution that produced
+    ``token_ids[t]``.
 
     ``R = 0.5 * multiscale + 0.3 * cloud_quality + 0.2 * discontinuity``; returns ``(R, components)``
     with components multiscale, cloud_quality, discontinuity, phi_mean, phi_std (population),
@@ -311,8 +316,13 @@ class _PhaseTransitionGate:
             self.track_entropy(entropy, step)
             return False
         accuracy = float(logs["mean_token_accuracy"])
-        self.history.append({"step": step, "mean_token_accuracy": accuracy,
-                             "entropy": None if entropy is None else float(entropy)})
+        self.history.append(
+            {
+                "step": step,
+                "mean_token_accuracy": accuracy,
+                "entropy": None if entropy is None else float(entropy),
+            }
+        )
         return self.check(accuracy, entropy, step)
 
     def restore(self, log_history: list[dict[str, Any]]) -> None:
@@ -336,8 +346,9 @@ class _PhaseTransitionGate:
                 control.should_training_stop = True
         return control
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> Any:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
         if not logs:
             return control
         if self._observe(logs, int(getattr(state, "global_step", 0))):
@@ -365,8 +376,11 @@ def _phase_transition_gate_class() -> type:
         from transformers import TrainerCallback
     except ImportError:  # pragma: no cover - transformers is a dependency
         TrainerCallback = object
-    cls = type("PhaseTransitionGate", (_PhaseTransitionGate, TrainerCallback),
-               {"__doc__": _PhaseTransitionGate.__doc__, "__module__": __name__})
+    cls = type(
+        "PhaseTransitionGate",
+        (_PhaseTransitionGate, TrainerCallback),
+        {"__doc__": _PhaseTransitionGate.__doc__, "__module__": __name__},
+    )
     cls.__qualname__ = "PhaseTransitionGate"
     return cls
 

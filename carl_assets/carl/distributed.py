@@ -62,14 +62,15 @@ class World:
 
 
 def parse_launcher(launcher: str) -> tuple[str, int]:
-    """("inprocess", 1), ("torchrun", N) or ("accelerate", N) from "inprocess" | "torchrun:N" | "accelerate:N"."""
+    """("inprocess", 1), ("torchrun", N) or ("accelerate", N) from "inprocess" | "torchrun:N" |
+    "accelerate:N"."""
     text = launcher.strip().lower()
     if text == INPROCESS:
         return INPROCESS, 1
     name, _, count = text.partition(":")
     if name not in LAUNCHERS or not count.strip().isdigit() or int(count) < 1:
-        raise ValueError(f"launcher {launcher!r}: expected 'inprocess', 'torchrun:N' or 'accelerate:N' with N >= 1 "
-                         "processes")
+        raise ValueError(f"launcher {launcher!r}: expected 'inprocess', 'torchrun:N' or 'accelerate:N' "
+                         "with N >= 1 processes")
     return name, int(count)
 
 
@@ -95,8 +96,9 @@ def launch_command(launcher: str, module_args: Sequence[str], python: str | None
             "--main_process_port", "0", "-m", MODULE, *module_args]
 
 
-def sft_arguments(model: str | os.PathLike[str], dataset: str | os.PathLike[str], output: str | os.PathLike[str],
-                  config: SFTRunConfig, log_every: int = 25, launcher: str = INPROCESS) -> list[str]:
+def sft_arguments(model: str | os.PathLike[str], dataset: str | os.PathLike[str],
+                  output: str | os.PathLike[str], config: SFTRunConfig, log_every: int = 25,
+                  launcher: str = INPROCESS) -> list[str]:
     """Arguments of `carl sft-rank` for these inputs (what `launch_command` appends)."""
     return [COMMAND, "--model", str(model), "--dataset", str(dataset), "--output", str(output),
             "--config", config.model_dump_json(), "--log-every", str(int(log_every)), "--launcher", launcher]
@@ -105,8 +107,8 @@ def sft_arguments(model: str | os.PathLike[str], dataset: str | os.PathLike[str]
 def per_rank_batch(global_batch: int, world_size: int) -> int:
     """Each rank's share of the global batch; it must split evenly (or the step would change size)."""
     if global_batch % world_size:
-        raise ValueError(f"batch_size {global_batch} does not split evenly over {world_size} processes: use a "
-                         f"multiple of {world_size}")
+        raise ValueError(f"batch_size {global_batch} does not split evenly over {world_size} processes: "
+                         f"use a multiple of {world_size}")
     return global_batch // world_size
 
 
@@ -186,7 +188,8 @@ def run_sft(model_dir: str, dataset_dir: str, output_dir: str, config: SFTRunCon
         model, tokenizer = load_model_and_tokenizer(model_dir)
         dataset = load_training_dataset(dataset_dir)
         run_config = config.model_copy(update={"batch_size": local})
-        callbacks = [StepLogger(log, every=log_every, max_steps=config.max_steps, label="SFT")] if world.is_main else []
+        logger = StepLogger(log, every=log_every, max_steps=config.max_steps, label="SFT")
+        callbacks = [logger] if world.is_main else []
         outcome = train_sft(model, tokenizer, dataset, output_dir if world.is_main else None, run_config,
                             extra_callbacks=callbacks)
         if world.is_main:
@@ -242,7 +245,8 @@ def config_from_json(text: str) -> SFTRunConfig:
     except json.JSONDecodeError as exc:
         raise ValueError(f"--config is not JSON: {exc}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"--config must be a JSON object of SFTRunConfig fields, got {type(values).__name__}")
+        raise ValueError(f"--config must be a JSON object of SFTRunConfig fields, "
+                         f"got {type(values).__name__}")
     unknown = sorted(set(values) - set(SFTRunConfig.model_fields))
     if unknown:
         raise ValueError(f"--config has unknown SFTRunConfig field(s): {', '.join(unknown)}")

@@ -75,7 +75,11 @@ class GRPOOutcome:
         return float(np.mean(stds)) if stds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "reward_std": self.reward_std, "mean_step_reward_std": self.mean_step_reward_std}
+        return {
+            **asdict(self),
+            "reward_std": self.reward_std,
+            "mean_step_reward_std": self.mean_step_reward_std,
+        }
 
 
 def _prompt_only(dataset: Any, max_prompts: int | None, seed: int) -> Any:
@@ -110,10 +114,19 @@ def _recording_reward(model: Any, tokenizer: Any, config: GRPORunConfig, scored:
         step = int(getattr(state, "global_step", 0)) + 1  # the optimizer step these completions feed
         for i, (completion, value) in enumerate(zip(completions, rewards, strict=True)):
             comps = score.last_components[i] if i < len(score.last_components) else None
-            text = completion[-1]["content"] if isinstance(completion, list) and completion else str(completion)
-            scored.append({"step": step, "index": i, "group": i // config.num_generations,
-                           "completion": text, "reward": float(value),
-                           **{k: (None if comps is None else float(comps[k])) for k in CARL_COMPONENTS}})
+            text = (
+                completion[-1]["content"] if isinstance(completion, list) and completion else str(completion)
+            )
+            scored.append(
+                {
+                    "step": step,
+                    "index": i,
+                    "group": i // config.num_generations,
+                    "completion": text,
+                    "reward": float(value),
+                    **{k: (None if comps is None else float(comps[k])) for k in CARL_COMPONENTS},
+                }
+            )
         return rewards
 
     reward.__name__ = score.__name__  # TRL's columns: rewards/<name>/mean
@@ -123,6 +136,7 @@ def _recording_reward(model: Any, tokenizer: Any, config: GRPORunConfig, scored:
 def _completions_saver(scored: list[dict[str, Any]]) -> Any:
     """A callback that writes the completions scored so far into each checkpoint as it is saved (they
     are not part of the Trainer's state)."""
+
     class _CompletionsSaver(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -130,15 +144,23 @@ def _completions_saver(scored: list[dict[str, Any]]) -> Any:
                 rows = [c for c in scored if int(c["step"]) <= int(state.global_step)]
                 tmp = folder / f".{GRPO_COMPLETIONS_FILE}.tmp"
                 tmp.write_text(json.dumps(rows, default=str))
-                os.replace(tmp, folder / GRPO_COMPLETIONS_FILE)  # the checkpoint counts only once this is whole
+                os.replace(
+                    tmp, folder / GRPO_COMPLETIONS_FILE
+                )  # the checkpoint counts only once this is whole
 
     return _CompletionsSaver()
 
 
-def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
-               config: GRPORunConfig | None = None, extra_callbacks: list[Any] | None = None,
-               checkpoint_dir: str | os.PathLike[str] | None = None,
-               save_steps: int = DEFAULT_SAVE_STEPS) -> GRPOOutcome:
+def train_grpo(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    output_dir: str | os.PathLike[str] | None,
+    config: GRPORunConfig | None = None,
+    extra_callbacks: list[Any] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    save_steps: int = DEFAULT_SAVE_STEPS,
+) -> GRPOOutcome:
     """TRL GRPO with a reward of the policy itself (``config.reward``: the CARL composite for the offline
     model, or any name in `carl_assets.carl.reward_fn.REWARD_NAMES`).
 
@@ -166,14 +188,26 @@ def train_grpo(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str |
         done = json.loads((resume.path / GRPO_COMPLETIONS_FILE).read_text())
         scored.extend(c for c in done if int(c["step"]) <= resume.step)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch, torch_threads(config.threads), quiet_trl():
-        args = trl_config(config, checkpoint_dir if checkpoint_dir is not None else scratch,
-                          checkpointing=checkpoint_args(checkpoint_dir, save_steps))
+    with (
+        tempfile.TemporaryDirectory(prefix="carl-grpo-") as scratch,
+        torch_threads(config.threads),
+        quiet_trl(),
+    ):
+        args = trl_config(
+            config,
+            checkpoint_dir if checkpoint_dir is not None else scratch,
+            checkpointing=checkpoint_args(checkpoint_dir, save_steps),
+        )
         callbacks = [*([_completions_saver(scored)] if saving else []), *(extra_callbacks or [])]
         steps, history, model = _run(model, tokenizer, dataset, config, args, reward_fn, callbacks, resume)
     model.eval()
-    outcome = GRPOOutcome(steps=steps, seconds=time.perf_counter() - started, log_history=history,
-                          completions=scored, resumed_from_step=0 if resume is None else resume.step)
+    outcome = GRPOOutcome(
+        steps=steps,
+        seconds=time.perf_counter() - started,
+        log_history=history,
+        completions=scored,
+        resumed_from_step=0 if resume is None else resume.step,
+    )
     outcome.output_dir = save_model(model, tokenizer, output_dir)
     write_run_log(output_dir, GRPO_LOG_FILE, outcome.to_dict(), config)
     return outcome
@@ -192,13 +226,28 @@ def _prompts(train_dataset: Any, config: GRPORunConfig) -> Any:
     return dataset
 
 
-def _run(model: Any, tokenizer: Any, dataset: Any, config: GRPORunConfig, args: Any, reward_fn: Any,
-         callbacks: list[Any], resume: TrainerCheckpoint | None) -> tuple[int, list[dict[str, Any]], Any]:
+def _run(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: GRPORunConfig,
+    args: Any,
+    reward_fn: Any,
+    callbacks: list[Any],
+    resume: TrainerCheckpoint | None,
+) -> tuple[int, list[dict[str, Any]], Any]:
     """Train (or finish from `resume`): (steps run, the per-step log, the trained model, adapters merged)."""
     from trl import GRPOTrainer  # ~15 s to import: see carl_assets.carl.trainer_common
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config(model, config))
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config(model, config),
+    )
     no_printing(trainer)
     finished = resume is not None and resume.step >= config.max_steps
     steps, history = train_or_load(trainer, resume, finished=finished)

@@ -57,7 +57,9 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "apo
 class RunSettings(BaseModel):
     """Base of every run config: unknown fields are errors, values are fixed once made."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)  # plain strings: JSON, metadata
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_enum_values=True
+    )  # plain strings: JSON, metadata
     # Which part of `models.defaults.model_defaults` fills this config's None fields.
     DEFAULTS_FOR: ClassVar[str] = ""
 
@@ -66,7 +68,9 @@ class RunSettings(BaseModel):
         offline model (`offline=True`) or a real one. Fields already set are kept."""
         table = model_defaults(self.DEFAULTS_FOR, offline)
         values = dict(self)
-        values.update({name: table[name] for name, value in values.items() if value is None and name in table})
+        values.update(
+            {name: table[name] for name, value in values.items() if value is None and name in table}
+        )
         return type(self).model_validate({**values, **self._derived(offline, values)})
 
     def _derived(self, offline: bool, values: dict[str, Any]) -> dict[str, Any]:
@@ -77,14 +81,22 @@ class RunSettings(BaseModel):
 class Placement(RunSettings):
     """Where and how precisely a model runs, and the CPU threads torch uses."""
 
-    device: Device = Field(default="auto", description="where the model runs: 'auto' (CUDA, then MPS, then "
-                           "CPU), 'cpu', 'cuda' or 'mps'")
-    dtype: Precision | None = Field(default=None, description="precision: 'fp32', 'bf16' or 'fp16' (training: "
-                                    "mixed precision on fp32 weights; fp16 needs CUDA). None: the model's "
-                                    "default (models.defaults.resolve_placement: fp32 for the offline model; "
-                                    "for a real one bf16 where the device runs it natively and fast)")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; " + MODEL_DEFAULT
-                                + " (models.defaults.default_threads)")
+    device: Device = Field(
+        default="auto",
+        description="where the model runs: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'",
+    )
+    dtype: Precision | None = Field(
+        default=None,
+        description="precision: 'fp32', 'bf16' or 'fp16' (training: "
+        "mixed precision on fp32 weights; fp16 needs CUDA). None: the model's "
+        "default (models.defaults.resolve_placement: fp32 for the offline model; "
+        "for a real one bf16 where the device runs it natively and fast)",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads; " + MODEL_DEFAULT + " (models.defaults.default_threads)",
+    )
 
 
 class TrainerRunConfig(Placement):
@@ -93,31 +105,52 @@ class TrainerRunConfig(Placement):
     PURPOSE: ClassVar[str] = "training"
 
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps at most; " + MODEL_DEFAULT)
-    learning_rate: float | None = Field(default=None, gt=0, description="peak learning rate; " + MODEL_DEFAULT)
-    lr_scheduler_type: Schedule | None = Field(default=None, description="learning-rate schedule; "
-                                               + MODEL_DEFAULT)
-    warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="share of the steps warming the "
-                                       "learning rate up; " + MODEL_DEFAULT)
-    batch_size: int | None = Field(default=None, ge=1, description="examples (GRPO: completions) per device "
-                                   "step; " + MODEL_DEFAULT)
-    gradient_accumulation_steps: int | None = Field(default=None, ge=1, description="batches per optimizer "
-                                                    "step; " + MODEL_DEFAULT)
-    gradient_checkpointing: bool | None = Field(default=None, description="recompute activations in the "
-                                                "backward pass (memory for time); " + MODEL_DEFAULT)
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="peak learning rate; " + MODEL_DEFAULT
+    )
+    lr_scheduler_type: Schedule | None = Field(
+        default=None, description="learning-rate schedule; " + MODEL_DEFAULT
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="share of the steps warming the learning rate up; " + MODEL_DEFAULT,
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, description="examples (GRPO: completions) per device step; " + MODEL_DEFAULT
+    )
+    gradient_accumulation_steps: int | None = Field(
+        default=None, ge=1, description="batches per optimizer step; " + MODEL_DEFAULT
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="recompute activations in the backward pass (memory for time); " + MODEL_DEFAULT,
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(default=0, description="data order, dropout and sampling seed")
-    lora_r: int = Field(default=0, ge=0, description="LoRA rank through peft (0: full fine-tune); the adapters "
-                        "are merged into the saved checkpoint, a plain safetensors folder")
-    lora_alpha: float | None = Field(default=None, gt=0, description="LoRA scale numerator, the update is "
-                                     "scaled by alpha/r (None: 2 x lora_r)")
+    lora_r: int = Field(
+        default=0,
+        ge=0,
+        description="LoRA rank through peft (0: full fine-tune); the adapters "
+        "are merged into the saved checkpoint, a plain safetensors folder",
+    )
+    lora_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="LoRA scale numerator, the update is scaled by alpha/r (None: 2 x lora_r)",
+    )
     lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    lora_target_modules: list[str] | None = Field(default=None, description="module names LoRA adapts (None: "
-                                                  "the attention and MLP projections the model has)")
+    lora_target_modules: list[str] | None = Field(
+        default=None,
+        description="module names LoRA adapts (None: the attention and MLP projections the model has)",
+    )
 
     def _derived(self, offline: bool, values: dict[str, Any]) -> dict[str, Any]:
         """The device resolved ('auto': CUDA, MPS, CPU) and the precision it trains in there."""
-        device, dtype = resolve_placement(values["device"], values["dtype"] or "auto", offline,
-                                          purpose=self.PURPOSE)
+        device, dtype = resolve_placement(
+            values["device"], values["dtype"] or "auto", offline, purpose=self.PURPOSE
+        )
         return {"device": device.type, "dtype": Precision(dtype_name(dtype))}
 
 
@@ -126,18 +159,29 @@ class SFTRunConfig(TrainerRunConfig):
 
     DEFAULTS_FOR: ClassVar[str] = "sft"
 
-    optim: Optimizer = Field(default="adamw_torch", description="transformers optimizer; 'apollo_adamw' is the "
-                             "reference's APOLLO (needs the apollo-torch package)")
-    optim_target_modules: list[str] | None = Field(default=None, description="APOLLO: the layers it projects "
-                                                   "(None: attention and MLP)")
+    optim: Optimizer = Field(
+        default="adamw_torch",
+        description="transformers optimizer; 'apollo_adamw' is the "
+        "reference's APOLLO (needs the apollo-torch package)",
+    )
+    optim_target_modules: list[str] | None = Field(
+        default=None, description="APOLLO: the layers it projects (None: attention and MLP)"
+    )
     max_length: int = Field(default=256, ge=1, description="tokens per example (longer ones are truncated)")
-    gate_threshold: float = Field(default=0.99, description="token accuracy the crystallization gate waits for")
+    gate_threshold: float = Field(
+        default=0.99, description="token accuracy the crystallization gate waits for"
+    )
     gate_window: int = Field(default=5, ge=1, description="gate window (logged steps)")
     gate_min_above: int = Field(default=3, ge=1, description="steps in the window at or above the threshold")
-    completion_only_loss: bool | None = Field(default=None, description="loss on the completion tokens only "
-                                              "(None: TRL decides, True for prompt-completion data)")
-    assistant_only_loss: bool = Field(default=False, description="loss on the assistant turns only ('messages' "
-                                      "data with a {% generation %} chat template)")
+    completion_only_loss: bool | None = Field(
+        default=None,
+        description="loss on the completion tokens only (None: TRL decides, True for prompt-completion data)",
+    )
+    assistant_only_loss: bool = Field(
+        default=False,
+        description="loss on the assistant turns only ('messages' "
+        "data with a {% generation %} chat template)",
+    )
 
 
 class GRPORunConfig(TrainerRunConfig):
@@ -145,23 +189,41 @@ class GRPORunConfig(TrainerRunConfig):
 
     DEFAULTS_FOR: ClassVar[str] = "grpo"
 
-    num_generations: int | None = Field(default=None, ge=2, description="completions per prompt, the GRPO "
-                                        "group; " + MODEL_DEFAULT)
-    max_completion_length: int | None = Field(default=None, ge=1, description="tokens per completion; "
-                                              + MODEL_DEFAULT)
-    temperature: float | None = Field(default=None, gt=0, description="sampling temperature; " + MODEL_DEFAULT)
-    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus truncation (1.0: off); "
-                                + MODEL_DEFAULT)
-    top_k: int | None = Field(default=None, ge=0, description="keep the k likeliest tokens (0: off); "
-                              + MODEL_DEFAULT)
-    min_p: float | None = Field(default=None, ge=0, lt=1, description="drop tokens below min_p x the likeliest "
-                                "one's probability (0.0: off); " + MODEL_DEFAULT)
-    reward: Reward | None = Field(default=None, description="the GRPO reward: 'carl' (the reference's "
-                                  "composite), a CARL component or a confidence score; None: the model's, "
-                                  "chosen by scorer_validation (models.defaults.scorer_defaults)")
-    beta: float = Field(default=0.0, ge=0, description="KL penalty to the starting policy (0: none, no "
-                        "reference model, as in the reference)")
-    max_prompts: int | None = Field(default=None, ge=1, description="use at most this many prompts (None: all)")
+    num_generations: int | None = Field(
+        default=None, ge=2, description="completions per prompt, the GRPO group; " + MODEL_DEFAULT
+    )
+    max_completion_length: int | None = Field(
+        default=None, ge=1, description="tokens per completion; " + MODEL_DEFAULT
+    )
+    temperature: float | None = Field(
+        default=None, gt=0, description="sampling temperature; " + MODEL_DEFAULT
+    )
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + MODEL_DEFAULT
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + MODEL_DEFAULT
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="drop tokens below min_p x the likeliest one's probability (0.0: off); " + MODEL_DEFAULT,
+    )
+    reward: Reward | None = Field(
+        default=None,
+        description="the GRPO reward: 'carl' (the reference's "
+        "composite), a CARL component or a confidence score; None: the model's, "
+        "chosen by scorer_validation (models.defaults.scorer_defaults)",
+    )
+    beta: float = Field(
+        default=0.0,
+        ge=0,
+        description="KL penalty to the starting policy (0: none, no reference model, as in the reference)",
+    )
+    max_prompts: int | None = Field(
+        default=None, ge=1, description="use at most this many prompts (None: all)"
+    )
 
     def _derived(self, offline: bool, values: dict[str, Any]) -> dict[str, Any]:
         """As the base, and a default batch that holds whole groups: the table's batch size rounded up to
@@ -180,14 +242,21 @@ class AgentSampling(RunSettings):
 
     DEFAULTS_FOR: ClassVar[str] = "agent"
 
-    temperature: float | None = Field(default=None, ge=0, description="answer sampling temperature, 0: greedy; "
-                                      + MODEL_DEFAULT)
-    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus truncation (1.0: off); "
-                                + MODEL_DEFAULT)
-    top_k: int | None = Field(default=None, ge=0, description="keep the k likeliest tokens (0: off); "
-                              + MODEL_DEFAULT)
-    min_p: float | None = Field(default=None, ge=0, lt=1, description="drop tokens below min_p x the likeliest "
-                                "one's probability (0.0: off); " + MODEL_DEFAULT)
+    temperature: float | None = Field(
+        default=None, ge=0, description="answer sampling temperature, 0: greedy; " + MODEL_DEFAULT
+    )
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + MODEL_DEFAULT
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + MODEL_DEFAULT
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="drop tokens below min_p x the likeliest one's probability (0.0: off); " + MODEL_DEFAULT,
+    )
     seed: int = Field(default=0, description="sampling seed (task i samples with seed + i)")
 
     def generate_kwargs(self) -> dict[str, Any]:

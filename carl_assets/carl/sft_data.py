@@ -38,8 +38,17 @@ KIND_ANSWERS = {
     "digest": "A digest of entries.",
 }
 
-SFT_COLUMNS = ["example_id", "node_id", "task", "system", "user", "assistant", "prompt_json",
-               "completion_json", "split"]
+SFT_COLUMNS = [
+    "example_id",
+    "node_id",
+    "task",
+    "system",
+    "user",
+    "assistant",
+    "prompt_json",
+    "completion_json",
+    "split",
+]
 TASK_COLUMNS = ["task_id", "node_id", "task", "observation", "instruction", "expected"]
 
 
@@ -65,7 +74,7 @@ def excerpt(text: str, max_chars: int) -> str:
 
 
 def feelings_answer(tags: Mapping[str, int]) -> str | None:
-    """"Mostly warmth, then love." from the two strongest tags (ties broken by name); None without tags."""
+    """ "Mostly warmth, then love." from the two strongest tags (ties broken by name); None without tags."""
     ranked = sorted(tags.items(), key=lambda kv: (-int(kv[1]), kv[0]))
     if not ranked:
         return None
@@ -101,8 +110,10 @@ def user_message(observation: str, instruction: str) -> str:
 
 def chat_prompt(observation: str, instruction: str) -> list[dict[str, str]]:
     """System + user messages, exactly as the agent step builds them (so SFT trains what the agent sees)."""
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user_message(observation, instruction)}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user_message(observation, instruction)},
+    ]
 
 
 def _candidates(nodes: pd.DataFrame, tasks: Sequence[str], excerpt_chars: int) -> list[dict[str, Any]]:
@@ -114,8 +125,15 @@ def _candidates(nodes: pd.DataFrame, tasks: Sequence[str], excerpt_chars: int) -
         for task in tasks:
             answer = _answer(task, node)
             if answer:
-                rows.append({"node_id": str(node["node_id"]), "task": task, "observation": observation,
-                             "instruction": _question(task), "expected": answer})
+                rows.append(
+                    {
+                        "node_id": str(node["node_id"]),
+                        "task": task,
+                        "observation": observation,
+                        "instruction": _question(task),
+                        "expected": answer,
+                    }
+                )
     return rows
 
 
@@ -144,21 +162,25 @@ def _records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for i, row in enumerate(rows):
         prompt = chat_prompt(row["observation"], row["instruction"])
         completion = [{"role": "assistant", "content": row["expected"]}]
-        out.append({
-            "example_id": i,
-            "node_id": row.get("node_id", ""),
-            "task": row.get("task", "custom"),
-            "system": prompt[0]["content"],
-            "user": prompt[1]["content"],
-            "assistant": row["expected"],
-            "prompt_json": json.dumps(prompt),
-            "completion_json": json.dumps(completion),
-            "split": "train",
-        })
+        out.append(
+            {
+                "example_id": i,
+                "node_id": row.get("node_id", ""),
+                "task": row.get("task", "custom"),
+                "system": prompt[0]["content"],
+                "user": prompt[1]["content"],
+                "assistant": row["expected"],
+                "prompt_json": json.dumps(prompt),
+                "completion_json": json.dumps(completion),
+                "split": "train",
+            }
+        )
     return pd.DataFrame(out, columns=SFT_COLUMNS)
 
 
-def build_sft_examples(nodes: pd.DataFrame, config: SFTDataConfig | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def build_sft_examples(
+    nodes: pd.DataFrame, config: SFTDataConfig | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(SFT examples, held-out agent tasks) from memory nodes (`memory_nodes` columns). Stub nodes are
     left out; when the configured tasks give nothing (an untagged graph asked only about feelings), the
     `kind` task is used instead.
@@ -186,7 +208,8 @@ def build_sft_examples(nodes: pd.DataFrame, config: SFTDataConfig | None = None)
 
 
 def sft_examples_from_records(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """SFT rows from any records with `observation`, `instruction` and `expected` (e.g. a later dream loop)."""
+    """SFT rows from any records with `observation`, `instruction` and `expected` (e.g. a later dream
+    loop)."""
     rows = [dict(r) for r in records]
     for row in rows:
         missing = {"observation", "instruction", "expected"} - set(row)
@@ -199,12 +222,14 @@ def to_hf_dataset(examples: pd.DataFrame):
     """A `datasets.Dataset` in TRL's conversational prompt-completion format (plus ids for reference)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({
-        "prompt": [json.loads(p) for p in examples["prompt_json"]],
-        "completion": [json.loads(c) for c in examples["completion_json"]],
-        "example_id": [int(i) for i in examples["example_id"]],
-        "node_id": [str(n) for n in examples["node_id"]],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [json.loads(p) for p in examples["prompt_json"]],
+            "completion": [json.loads(c) for c in examples["completion_json"]],
+            "example_id": [int(i) for i in examples["example_id"]],
+            "node_id": [str(n) for n in examples["node_id"]],
+        }
+    )
 
 
 def is_chat_formatted(examples: pd.DataFrame) -> tuple[bool, str]:
@@ -216,6 +241,10 @@ def is_chat_formatted(examples: pd.DataFrame) -> tuple[bool, str]:
         completion = json.loads(row.completion_json)
         if [m.get("role") for m in prompt][-1:] != ["user"]:
             return False, f"example {row.example_id}: the prompt does not end with a user message"
-        if len(completion) != 1 or completion[0].get("role") != "assistant" or not completion[0].get("content"):
+        if (
+            len(completion) != 1
+            or completion[0].get("role") != "assistant"
+            or not completion[0].get("content")
+        ):
             return False, f"example {row.example_id}: the completion is not one non-empty assistant message"
     return True, f"{len(examples)} chat-formatted examples"

@@ -52,7 +52,9 @@ class SFTOutcome:
     max_steps: int
     steps: int  # optimizer steps actually run
     seconds: float
-    log_history: list[dict[str, Any]]  # one record per logged step (step, loss, mean_token_accuracy, entropy, ...)
+    log_history: list[
+        dict[str, Any]
+    ]  # one record per logged step (step, loss, mean_token_accuracy, entropy, ...)
     final_accuracy: float | None = None
     output_dir: str | None = None
     resumed_from_step: int = 0  # the trainer checkpoint this run continued from (0: from the start)
@@ -70,7 +72,6 @@ class SFTOutcome:
         return {**asdict(self), "crystallized": self.crystallized}
 
 
-
 def prompt_lengths(tokenizer: Any, dataset: Any, limit: int = 512) -> list[int]:
     """Token counts of the first `limit` prompts of a prompt-completion dataset (chat template applied
     for conversational prompts); [] for other formats."""
@@ -79,7 +80,9 @@ def prompt_lengths(tokenizer: Any, dataset: Any, limit: int = 512) -> list[int]:
     lengths = []
     for prompt in dataset.select(range(min(len(dataset), limit)))["prompt"]:
         if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
             ids = ids["input_ids"]
         else:
             ids = tokenizer(str(prompt))["input_ids"]
@@ -93,19 +96,30 @@ def _check_prompts_fit(tokenizer: Any, dataset: Any, max_length: int) -> None:
     lengths = prompt_lengths(tokenizer, dataset)
     too_long = [n for n in lengths if n >= max_length]
     if lengths and len(too_long) == len(lengths):
-        raise ValueError(f"every SFT prompt is at least max_length={max_length} tokens (shortest "
-                         f"{min(lengths)}): no completion token would be trained; raise max_length or shorten "
-                         "the prompts")
+        raise ValueError(
+            f"every SFT prompt is at least max_length={max_length} tokens (shortest "
+            f"{min(lengths)}): no completion token would be trained; raise max_length or shorten "
+            "the prompts"
+        )
     if too_long:
         logging.getLogger("carl_assets.carl").warning(
             "%d of %d SFT prompts are at least max_length=%d tokens: their completions are cut away",
-            len(too_long), len(lengths), max_length)
+            len(too_long),
+            len(lengths),
+            max_length,
+        )
 
 
-def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | os.PathLike[str] | None,
-              config: SFTRunConfig | None = None, extra_callbacks: list[Any] | None = None,
-              checkpoint_dir: str | os.PathLike[str] | None = None,
-              save_steps: int = DEFAULT_SAVE_STEPS) -> SFTOutcome:
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    output_dir: str | os.PathLike[str] | None,
+    config: SFTRunConfig | None = None,
+    extra_callbacks: list[Any] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    save_steps: int = DEFAULT_SAVE_STEPS,
+) -> SFTOutcome:
     """TRL SFT with the crystallization gate: stops when the gate fires or at ``config.max_steps``.
 
     ``config`` fields left None take the offline model's defaults (`SFTRunConfig.resolved(offline=True)`);
@@ -129,15 +143,25 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
         raise ValueError("the SFT dataset is empty")
     max_length = fit_length(model, config.max_length)
     _check_prompts_fit(tokenizer, train_dataset, max_length)
-    gate = PhaseTransitionGate(threshold=config.gate_threshold, window=config.gate_window,
-                               min_above=config.gate_min_above)
+    gate = PhaseTransitionGate(
+        threshold=config.gate_threshold, window=config.gate_window, min_above=config.gate_min_above
+    )
     resume = prepare_resume(checkpoint_dir)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch, torch_threads(config.threads), quiet_trl():
-        args = trl_config(config, checkpoint_dir if checkpoint_dir is not None else scratch, max_length,
-                          checkpoint_args(checkpoint_dir, save_steps))
-        steps, history, model = _run(model, tokenizer, train_dataset, config, args, gate, resume,
-                                     extra_callbacks)
+    with (
+        tempfile.TemporaryDirectory(prefix="carl-sft-") as scratch,
+        torch_threads(config.threads),
+        quiet_trl(),
+    ):
+        args = trl_config(
+            config,
+            checkpoint_dir if checkpoint_dir is not None else scratch,
+            max_length,
+            checkpoint_args(checkpoint_dir, save_steps),
+        )
+        steps, history, model = _run(
+            model, tokenizer, train_dataset, config, args, gate, resume, extra_callbacks
+        )
     model.eval()
     outcome = _outcome(gate, config, steps, history, time.perf_counter() - started, resume)
     outcome.output_dir = save_model(model, tokenizer, output_dir)
@@ -145,13 +169,27 @@ def train_sft(model: Any, tokenizer: Any, train_dataset: Any, output_dir: str | 
     return outcome
 
 
-def _run(model: Any, tokenizer: Any, dataset: Any, config: SFTRunConfig, args: Any, gate: Any,
-         resume: TrainerCheckpoint | None, extra_callbacks: list[Any] | None) -> tuple[int, list[dict[str, Any]], Any]:
+def _run(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: SFTRunConfig,
+    args: Any,
+    gate: Any,
+    resume: TrainerCheckpoint | None,
+    extra_callbacks: list[Any] | None,
+) -> tuple[int, list[dict[str, Any]], Any]:
     """Train (or finish from `resume`): (steps run, the per-step log, the trained model, adapters merged)."""
     from trl import SFTTrainer  # ~15 s to import: see carl_assets.carl.trainer_common
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[gate, *(extra_callbacks or [])], peft_config=peft_config(model, config))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[gate, *(extra_callbacks or [])],
+        peft_config=peft_config(model, config),
+    )
     no_printing(trainer)
     if resume is not None:
         gate.restore(resume.log_history)
@@ -160,8 +198,14 @@ def _run(model: Any, tokenizer: Any, dataset: Any, config: SFTRunConfig, args: A
     return steps, history, merged(trainer, model)
 
 
-def _outcome(gate: Any, config: SFTRunConfig, steps: int, history: list[dict[str, Any]], seconds: float,
-             resume: TrainerCheckpoint | None) -> SFTOutcome:
+def _outcome(
+    gate: Any,
+    config: SFTRunConfig,
+    steps: int,
+    history: list[dict[str, Any]],
+    seconds: float,
+    resume: TrainerCheckpoint | None,
+) -> SFTOutcome:
     """The run's `SFTOutcome` from the gate's summary and the per-step log."""
     accuracies = [r["mean_token_accuracy"] for r in history if r.get("mean_token_accuracy") is not None]
     summary = gate.summary()

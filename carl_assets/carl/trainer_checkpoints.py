@@ -36,9 +36,13 @@ class TrainerCheckpoint:
 
 def _checkpoint_step(folder: Path) -> int | None:
     name = folder.name
-    if not folder.is_dir() or not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
+    if (
+        not folder.is_dir()
+        or not name.startswith(CHECKPOINT_PREFIX)
+        or not name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ):
         return None
-    return int(name[len(CHECKPOINT_PREFIX):])
+    return int(name[len(CHECKPOINT_PREFIX) :])
 
 
 def _complete(folder: Path, require: tuple[str, ...]) -> TrainerCheckpoint | None:
@@ -57,8 +61,9 @@ def _complete(folder: Path, require: tuple[str, ...]) -> TrainerCheckpoint | Non
     return TrainerCheckpoint(path=folder, step=step, log_history=list(state.get("log_history") or []))
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike[str] | None,
-                      require: tuple[str, ...] = ()) -> TrainerCheckpoint | None:
+def latest_checkpoint(
+    checkpoint_dir: str | os.PathLike[str] | None, require: tuple[str, ...] = ()
+) -> TrainerCheckpoint | None:
     """The newest complete trainer checkpoint (`checkpoint-<step>/`) under `checkpoint_dir`, or None.
     Half-written ones (see `_complete`) are passed over; `require` names extra files it must hold."""
     if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
@@ -71,8 +76,9 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike[str] | None,
     return None
 
 
-def prepare_resume(checkpoint_dir: str | os.PathLike[str] | None,
-                    require: tuple[str, ...] = ()) -> TrainerCheckpoint | None:
+def prepare_resume(
+    checkpoint_dir: str | os.PathLike[str] | None, require: tuple[str, ...] = ()
+) -> TrainerCheckpoint | None:
     """The checkpoint to resume from; half-written checkpoints after it are removed, so the Trainer's
     rotation (`save_total_limit`) and a later save of the same step never meet them."""
     found = latest_checkpoint(checkpoint_dir, require)
@@ -89,9 +95,12 @@ def checkpoint_args(checkpoint_dir: str | os.PathLike[str] | None, save_steps: i
     `save_steps` steps; two are kept, so a kill while the newest is written leaves the one before."""
     if checkpoint_dir is None or save_steps < 1:
         return {}
-    return {"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 2,
-            "save_only_model": False}
-
+    return {
+        "save_strategy": "steps",
+        "save_steps": int(save_steps),
+        "save_total_limit": 2,
+        "save_only_model": False,
+    }
 
 
 def _load_finished(trainer: Any, checkpoint: TrainerCheckpoint) -> None:
@@ -99,7 +108,6 @@ def _load_finished(trainer: Any, checkpoint: TrainerCheckpoint) -> None:
     and state instead of training on (`train(resume_from_checkpoint=...)` would run one more step)."""
     trainer._load_from_checkpoint(str(checkpoint.path))
     trainer.state = TrainerState.load_from_json(str(checkpoint.path / TRAINER_STATE_FILE))
-
 
 
 def train_or_load(trainer: Any, resume: Any, finished: bool) -> tuple[int, list[dict[str, Any]]]:

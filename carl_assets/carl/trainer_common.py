@@ -65,7 +65,6 @@ def no_printing(trainer: Any) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-
 def fit_length(model: Any, max_length: int) -> int:
     """`max_length`, or the model's position table if that is shorter (GPT-2's absolute positions would
     raise an IndexError past it)."""
@@ -75,7 +74,9 @@ def fit_length(model: Any, max_length: int) -> int:
 
 def peft_config(model: Any, config: TrainerRunConfig) -> Any:
     """TRL's `peft_config` for the run (None: full fine-tune)."""
-    return lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    return lora_config(
+        model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+    )
 
 
 def merged(trainer: Any, model: Any) -> Any:
@@ -96,8 +97,9 @@ class StepLogger(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.perf_counter()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         step, total = int(state.global_step), int(self.max_steps or state.max_steps or 0)
         if not logs or (step % self.every and step != total):
             return
@@ -132,9 +134,11 @@ def quiet_trl() -> Iterator[None]:
             datasets_logging.enable_progress_bar()
 
 
-def write_run_log(output_dir: str | os.PathLike[str] | None, name: str, outcome: dict[str, Any],
-                  config: TrainerRunConfig) -> None:
+def write_run_log(
+    output_dir: str | os.PathLike[str] | None, name: str, outcome: dict[str, Any], config: TrainerRunConfig
+) -> None:
     """`<output_dir>/<name>`: the outcome and the run config it ran with (nothing when output_dir is None)."""
     if output_dir is not None:
         (Path(output_dir) / name).write_text(
-            json.dumps({**outcome, "config": config.model_dump(mode="json")}, indent=2, default=str) + "\n")
+            json.dumps({**outcome, "config": config.model_dump(mode="json")}, indent=2, default=str) + "\n"
+        )

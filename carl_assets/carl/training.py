@@ -31,9 +31,22 @@ from carl_assets.carl.trainer_checkpoints import (
 from carl_assets.carl.trainer_common import StepLogger
 
 __all__ = [
-    "CARL_COMPONENTS", "CHECKPOINT_PREFIX", "DEFAULT_SAVE_STEPS", "GRPO_COMPLETIONS_FILE", "GRPO_LOG_FILE",
-    "TRAINING_LOG_FILE", "GRPOOutcome", "GRPORunConfig", "SFTOutcome", "SFTRunConfig", "StepLogger",
-    "TrainerCheckpoint", "latest_checkpoint", "load_training_dataset", "prompt_lengths", "train_grpo",
+    "CARL_COMPONENTS",
+    "CHECKPOINT_PREFIX",
+    "DEFAULT_SAVE_STEPS",
+    "GRPO_COMPLETIONS_FILE",
+    "GRPO_LOG_FILE",
+    "TRAINING_LOG_FILE",
+    "GRPOOutcome",
+    "GRPORunConfig",
+    "SFTOutcome",
+    "SFTRunConfig",
+    "StepLogger",
+    "TrainerCheckpoint",
+    "latest_checkpoint",
+    "load_training_dataset",
+    "prompt_lengths",
+    "train_grpo",
     "train_sft",
 ]
 
@@ -56,10 +69,14 @@ def load_training_dataset(spec: str, split: str = "train") -> Any:
         loaded = load_from_disk(str(path))
         if hasattr(loaded, "keys"):  # a DatasetDict
             if split not in loaded:
-                raise ValueError(f"dataset folder {path} has no split {split!r} (has {sorted(loaded.keys())})")
+                raise ValueError(
+                    f"dataset folder {path} has no split {split!r} (has {sorted(loaded.keys())})"
+                )
             loaded = loaded[split]
         return loaded
-    looks_like_path = spec.startswith(("/", ".", "~")) or path.suffix.lower() in _FILE_BUILDERS or spec.count("/") > 1
+    looks_like_path = (
+        spec.startswith(("/", ".", "~")) or path.suffix.lower() in _FILE_BUILDERS or spec.count("/") > 1
+    )
     if looks_like_path:
         raise FileNotFoundError(f"dataset file {spec!r} does not exist")
     return load_dataset(spec, split=split)

@@ -36,8 +36,16 @@ from carl_assets.project_env import (
 ALL_JOB = "carl_all"
 RETRAINING_JOB = "retraining"
 STEERING_JOB = "steering_refresh"
-RETRAINING_ASSETS = ("memory_graph", "emotion_tags", "dream_scenarios", "sft_dataset", "sft_checkpoint",
-                     "crystallization_events", "grpo_checkpoint", "agent_evaluation")
+RETRAINING_ASSETS = (
+    "memory_graph",
+    "emotion_tags",
+    "dream_scenarios",
+    "sft_dataset",
+    "sft_checkpoint",
+    "crystallization_events",
+    "grpo_checkpoint",
+    "agent_evaluation",
+)
 STEERING_ASSETS = ("emotion_tags", "emotion_training_pairs", "steering_vectors")
 CRON_VAR = "CARL_RETRAIN_CRON"
 TIMEZONE_VAR = "CARL_TIMEZONE"
@@ -51,8 +59,12 @@ def local_timezone() -> str:
         candidate = clean_value(os.environ.get(var)).lstrip(":")
         if candidate and _known_timezone(candidate):
             return candidate
-        if candidate and var == TIMEZONE_VAR:  # TZ may hold a POSIX rule ('CET-1CEST'): no IANA name, no warning
-            warn_setting(var, os.environ[var], "an IANA timezone such as 'Europe/Berlin'", "TZ or the system's")
+        if (
+            candidate and var == TIMEZONE_VAR
+        ):  # TZ may hold a POSIX rule ('CET-1CEST'): no IANA name, no warning
+            warn_setting(
+                var, os.environ[var], "an IANA timezone such as 'Europe/Berlin'", "TZ or the system's"
+            )
     try:
         target = os.path.realpath("/etc/localtime")
         if "zoneinfo/" in target:
@@ -119,9 +131,12 @@ def memory_graph_changed_sensor(jobs: Iterable[dg.UnresolvedAssetJobDefinition])
         if not previous:
             # First look: remember the source as it is; retrain only when it changes from here on.
             return dg.SensorResult(cursor=version, asset_events=[observation])
-        requests = [dg.RunRequest(run_key=f"{job.name}:{version}", job_name=job.name,
-                                  tags={"carl/memory_fingerprint": version})
-                    for job in jobs]
+        requests = [
+            dg.RunRequest(
+                run_key=f"{job.name}:{version}", job_name=job.name, tags={"carl/memory_fingerprint": version}
+            )
+            for job in jobs
+        ]
         context.log.info(f"{source} changed: {previous} -> {version}")
         return dg.SensorResult(run_requests=requests, cursor=version, asset_events=[observation])
 
@@ -154,8 +169,11 @@ def build_jobs_schedules_sensors(asset_names: Iterable[str]) -> tuple[list, list
         f"${TIMEZONE_VAR} or the system timezone). Off by default: turn it on in the UI.",
     )
     presets = preset_jobs(known)
-    return ([everything, retraining, steering, *presets], [nightly],
-            [memory_graph_changed_sensor([steering, retraining])])
+    return (
+        [everything, retraining, steering, *presets],
+        [nightly],
+        [memory_graph_changed_sensor([steering, retraining])],
+    )
 
 
 def preset_jobs(known: set[str]) -> list[dg.UnresolvedAssetJobDefinition]:
@@ -166,11 +184,16 @@ def preset_jobs(known: set[str]) -> list[dg.UnresolvedAssetJobDefinition]:
     retraining_assets = [a for a in RETRAINING_ASSETS if a in known]
     return [
         dg.define_asset_job(
-            f"{ALL_JOB}_real", selection=dg.AssetSelection.all(), config=preset_run_config("real", known),
+            f"{ALL_JOB}_real",
+            selection=dg.AssetSelection.all(),
+            config=preset_run_config("real", known),
             description=f"The whole graph on the packaged real model ({REAL_MODEL}) with the `real` preset's "
-            "budgets (about 15 minutes on 2 CPU cores); edit any value in the launchpad."),
+            "budgets (about 15 minutes on 2 CPU cores); edit any value in the launchpad.",
+        ),
         dg.define_asset_job(
-            f"{RETRAINING_JOB}_real", selection=dg.AssetSelection.assets(*retraining_assets),
+            f"{RETRAINING_JOB}_real",
+            selection=dg.AssetSelection.assets(*retraining_assets),
             config=preset_run_config("real", retraining_assets),
-            description="One dream cycle (as `retraining`) with the `real` preset's budgets."),
+            description="One dream cycle (as `retraining`) with the `real` preset's budgets.",
+        ),
     ]

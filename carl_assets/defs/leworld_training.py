@@ -71,7 +71,8 @@ class LeWorldModelConfig(dg.Config):
         "send its info request, reward = the improvement over the branch without it) or 'seed' (the seed's "
         "detached form, which has no gradient: documented, inert)",
     )
-    lambda_info_util: float = Field(default=0.1, description="weight λ of phase 3's information-utility term")
+    lambda_info_util: float = Field(default=0.1,
+                                    description="weight λ of phase 3's information-utility term")
     slm_d_model: int = Field(default=64, description="SLM width (the seed used 128; 64 halves the SLMs' cost "
                              "at the same validation MSE here)")
     blm_d_model: int = Field(default=128, description="BLM width (hidden size of the big model)")

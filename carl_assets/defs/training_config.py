@@ -25,7 +25,8 @@ DREAMS_SOURCE = "dreams"
 
 
 def _library(config: dg.Config, cls: type[Any]) -> Any:
-    """The library run config `cls` holding `config`'s values of its fields (the asset's own fields left out)."""
+    """The library run config `cls` holding `config`'s values of its fields (the asset's own fields left
+    out)."""
     return cls.model_validate({name: getattr(config, name) for name in cls.model_fields})
 
 
@@ -42,41 +43,65 @@ class SFTDatasetConfig(dg.Config):
         "'templates' (short templated answers about memory nodes), or a dataset for SFT: a local "
         ".jsonl/.json/.parquet/.csv file, a save_to_disk folder or a Hugging Face dataset name.",
     )
-    max_examples: int = Field(default=48, description="templates source: SFT examples (small: a tiny model must "
-                              "memorise them to crystallize)")
+    max_examples: int = Field(
+        default=48,
+        description="templates source: SFT examples (small: a tiny model must memorise them to crystallize)",
+    )
     holdout_tasks: int = Field(default=12, description="agent tasks from memory nodes kept out of SFT")
-    tasks: list[str] = Field(default=["feelings"], description="templated question kinds: 'feelings' and/or 'kind'")
+    tasks: list[str] = Field(
+        default=["feelings"], description="templated question kinds: 'feelings' and/or 'kind'"
+    )
     excerpt_chars: int = Field(default=120, description="memory excerpt length in each templated prompt")
     seed: int = Field(default=0, description="which nodes go to templated SFT and which are held out")
-    grpo_prompts: int = Field(default=8, description="prompts held out of SFT for GRPO, so GRPO explores where "
-                              "the model did not memorise an answer (dreams: whole scenarios; templates: "
-                              "questions about other nodes)")
+    grpo_prompts: int = Field(
+        default=8,
+        description="prompts held out of SFT for GRPO, so GRPO explores where "
+        "the model did not memorise an answer (dreams: whole scenarios; templates: "
+        "questions about other nodes)",
+    )
 
 
 class SFTCheckpointConfig(dg.Config, SFTRunConfig):
     """sft_checkpoint: the `SFTRunConfig` fields, where learning_rate None means the dream cycle's scheduled
     rate for dream data (else the model's default), and where and how this asset runs it."""
 
-    start_from: str = Field(default="auto", description="weights SFT starts from: 'auto' (the checkpoint that "
-                            "dreamed this cycle's data, else base_model), 'base_model', or '<asset>@<version>' "
-                            "from artifact_versions (roll back to an earlier cycle)")
-    log_every: int = Field(default=25, description="log step, loss, accuracy and time left every this many steps",
-                           json_schema_extra=PERFORMANCE_ONLY)
-    checkpoint_every: int = Field(default=25, description="save a trainer checkpoint every this many steps, so "
-                                  "a killed run resumes from it when materialized again (0: never)",
-                                  json_schema_extra=PERFORMANCE_ONLY)
-    launcher: str = Field(default="inprocess", description="where SFT runs: 'inprocess' (this process), or "
-                          "'torchrun:N' / 'accelerate:N' (N processes on this machine, through Dagster Pipes; "
-                          "batch_size is the global batch, split over them)", json_schema_extra=PERFORMANCE_ONLY)
+    start_from: str = Field(
+        default="auto",
+        description="weights SFT starts from: 'auto' (the checkpoint that "
+        "dreamed this cycle's data, else base_model), 'base_model', or '<asset>@<version>' "
+        "from artifact_versions (roll back to an earlier cycle)",
+    )
+    log_every: int = Field(
+        default=25,
+        description="log step, loss, accuracy and time left every this many steps",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+    checkpoint_every: int = Field(
+        default=25,
+        description="save a trainer checkpoint every this many steps, so "
+        "a killed run resumes from it when materialized again (0: never)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+    launcher: str = Field(
+        default="inprocess",
+        description="where SFT runs: 'inprocess' (this process), or "
+        "'torchrun:N' / 'accelerate:N' (N processes on this machine, through Dagster Pipes; "
+        "batch_size is the global batch, split over them)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
 
-    def run_config(self, learning_rate: float | None = None, offline: bool = True, device: Any = None,
-                   dtype: Any = None) -> SFTRunConfig:
+    def run_config(
+        self, learning_rate: float | None = None, offline: bool = True, device: Any = None, dtype: Any = None
+    ) -> SFTRunConfig:
         """The library's SFT run config with every None field resolved for this model; `learning_rate`,
         `device` and `dtype`, when given, replace the configured ones (the dream cycle's rate; a placement
         already resolved)."""
         run = _library(self, SFTRunConfig)
-        given = {"learning_rate": learning_rate, "device": None if device is None else torch.device(device).type,
-                 "dtype": None if dtype is None else _dtype_name(dtype)}
+        given = {
+            "learning_rate": learning_rate,
+            "device": None if device is None else torch.device(device).type,
+            "dtype": None if dtype is None else _dtype_name(dtype),
+        }
         return run.model_copy(update={k: v for k, v in given.items() if v is not None}).resolved(offline)
 
     def placement(self, offline: bool) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -85,29 +110,43 @@ class SFTCheckpointConfig(dg.Config, SFTRunConfig):
 
 
 class CrystallizationConfig(dg.Config):
-    require_crystallization: bool = Field(default=True, description="hold GRPO back (the sft_crystallized check "
-                                          "fails as an error) when SFT did not crystallize; False lets GRPO run "
-                                          "anyway, the check then only warns")
+    require_crystallization: bool = Field(
+        default=True,
+        description="hold GRPO back (the sft_crystallized check "
+        "fails as an error) when SFT did not crystallize; False lets GRPO run "
+        "anyway, the check then only warns",
+    )
 
 
 class GRPOCheckpointConfig(dg.Config, GRPORunConfig):
     """grpo_checkpoint: the `GRPORunConfig` fields, and what this asset's check requires and how it logs."""
 
-    max_frac_reward_zero_std: float = Field(default=0.5, description="the grpo_reward_spread check fails (and "
-                                            "holds the evaluation back) when on average this share of groups "
-                                            "or more had no reward spread")
-    log_every: int = Field(default=4, description="log step, reward and time left every this many steps",
-                           json_schema_extra=PERFORMANCE_ONLY)
-    checkpoint_every: int = Field(default=25, description="save a trainer checkpoint every this many steps, so "
-                                  "a killed run resumes from it when materialized again (0: never)",
-                                  json_schema_extra=PERFORMANCE_ONLY)
+    max_frac_reward_zero_std: float = Field(
+        default=0.5,
+        description="the grpo_reward_spread check fails (and "
+        "holds the evaluation back) when on average this share of groups "
+        "or more had no reward spread",
+    )
+    log_every: int = Field(
+        default=4,
+        description="log step, reward and time left every this many steps",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+    checkpoint_every: int = Field(
+        default=25,
+        description="save a trainer checkpoint every this many steps, so "
+        "a killed run resumes from it when materialized again (0: never)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
 
     def run_config(self, offline: bool = True, device: Any = None, dtype: Any = None) -> GRPORunConfig:
         """The library's GRPO run config with every None field resolved for this model (`device` and
         `dtype`, when given, replace the configured ones)."""
         run = _library(self, GRPORunConfig)
-        given = {"device": None if device is None else torch.device(device).type,
-                 "dtype": None if dtype is None else _dtype_name(dtype)}
+        given = {
+            "device": None if device is None else torch.device(device).type,
+            "dtype": None if dtype is None else _dtype_name(dtype),
+        }
         return run.model_copy(update={k: v for k, v in given.items() if v is not None}).resolved(offline)
 
     def placement(self, offline: bool) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -118,10 +157,13 @@ class GRPOCheckpointConfig(dg.Config, GRPORunConfig):
 class AgentEvaluationConfig(dg.Config, AgentSampling, Placement):
     """agent_evaluation: the agent's `AgentSampling` and `Placement` fields, and its gate and budget."""
 
-    gate_threshold: float = Field(default=SIGMA, description="abstain when phi mean is below this (sigma = 3/16)")
+    gate_threshold: float = Field(
+        default=SIGMA, description="abstain when phi mean is below this (sigma = 3/16)"
+    )
     max_new_tokens: int = Field(default=32, ge=1, description="tokens generated per task")
-    max_tasks: int | None = Field(default=None, ge=1, description="evaluate at most this many held-out tasks "
-                                  "(None: all)")
+    max_tasks: int | None = Field(
+        default=None, ge=1, description="evaluate at most this many held-out tasks (None: all)"
+    )
 
     def sampling(self, offline: bool) -> AgentSampling:
         """The agent's sampling: each field as set, else the model's default."""

@@ -77,8 +77,13 @@ class Interval:
         return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
 
 
-def bootstrap_interval(values: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray | None = None,
-                       n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray,
+    weights: Sequence[float] | np.ndarray | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
     """The weighted mean sum(w v) / sum(w) of `values` (weights all 1 when None) and its percentile-bootstrap
     interval: `n_boot` resamples of the units with replacement (numpy `default_rng(seed)`), the statistic
     recomputed on each. With per-text mean NLLs as values and token counts as weights the statistic is the
@@ -140,8 +145,9 @@ def encode_for_nll(tokenizer: Any, texts: Sequence[str], max_length: int = 256) 
     return out
 
 
-def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8,
-             max_length: int = 256) -> pd.DataFrame:
+def text_nll(
+    model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 256
+) -> pd.DataFrame:
     """Negative log-likelihood of each text under `model`, in nats: one row per text with `tokens` (the
     predicted tokens: every token after the prefix, see `encode_for_nll`), `nll_sum` and `nll_mean`
     (= nll_sum / tokens; exp of it is the text's perplexity). Batched, right-padded with an attention
@@ -159,15 +165,17 @@ def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int =
     try:
         with torch.no_grad():
             for start in range(0, len(encoded), batch_size):
-                rows = encoded[start: start + batch_size]
+                rows = encoded[start : start + batch_size]
                 s, c = _batch_nll(model, rows, device)
-                sums[start: start + len(rows)] = s
-                counts[start: start + len(rows)] = c
+                sums[start : start + len(rows)] = s
+                counts[start : start + len(rows)] = c
     finally:
         model.train(was_training)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return pd.DataFrame({"text_index": range(len(encoded)), "tokens": counts, "nll_sum": sums, "nll_mean": means})
+    return pd.DataFrame(
+        {"text_index": range(len(encoded)), "tokens": counts, "nll_sum": sums, "nll_mean": means}
+    )
 
 
 def _batch_nll(model: Any, rows: Sequence[Sequence[int]], device: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -181,8 +189,9 @@ def _batch_nll(model: Any, rows: Sequence[Sequence[int]], device: Any) -> tuple[
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     logits = logits[:, :-1].float().cpu()
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                          reduction="none").view(targets.shape)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
     return nll.sum(dim=1).double().numpy(), (targets != -100).sum(dim=1).numpy()
 
 
@@ -203,12 +212,14 @@ def memory_candidates(nodes: pd.DataFrame, max_texts: int = 96) -> pd.DataFrame:
     frame["_order"] = frame["node_id"].map(lambda x: hashlib.sha256(x.encode()).hexdigest())
     frame = frame.sort_values("_order").head(max_texts)
     kind = frame["kind"].astype(str) if "kind" in frame.columns else ""
-    return pd.DataFrame({"node_id": frame["node_id"].to_numpy(), "kind": np.asarray(kind),
-                         "text": frame["text"].to_numpy()}).reset_index(drop=True)
+    return pd.DataFrame(
+        {"node_id": frame["node_id"].to_numpy(), "kind": np.asarray(kind), "text": frame["text"].to_numpy()}
+    ).reset_index(drop=True)
 
 
-def node_ids_in(frames: Iterable[pd.DataFrame | None],
-                columns: Sequence[str] = ("seed_node_ids", "node_ids_json")) -> set[str]:
+def node_ids_in(
+    frames: Iterable[pd.DataFrame | None], columns: Sequence[str] = ("seed_node_ids", "node_ids_json")
+) -> set[str]:
     """Every node id named in any of `columns` (JSON lists) of the given tables (None and tables without
     them skipped): `dream_scenarios` (seed_node_ids) and `dream_heldout` (node_ids_json) give the nodes
     that reached a dream prompt."""
@@ -222,8 +233,9 @@ def node_ids_in(frames: Iterable[pd.DataFrame | None],
     return found
 
 
-def absorption_delta(before: pd.DataFrame, after: pd.DataFrame, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, Any]:
+def absorption_delta(
+    before: pd.DataFrame, after: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
     """Paired change of the pooled per-token NLL between two checkpoints on the same texts (frames of
     `text_nll`, rows aligned by position; the tokens must match, the tokenizer being the same).
 
@@ -231,7 +243,9 @@ def absorption_delta(before: pd.DataFrame, after: pd.DataFrame, n_boot: int = 20
     `Interval` (bootstrap over texts, token-weighted). Negative delta: the texts became more likely.
     Raises ValueError when the frames differ in length or in token counts.
     """
-    if len(before) != len(after) or not np.array_equal(before["tokens"].to_numpy(), after["tokens"].to_numpy()):
+    if len(before) != len(after) or not np.array_equal(
+        before["tokens"].to_numpy(), after["tokens"].to_numpy()
+    ):
         raise ValueError("before and after must score the same texts (same length and token counts)")
     tokens = before["tokens"].to_numpy(dtype=float)
     ok = tokens > 0
@@ -239,9 +253,15 @@ def absorption_delta(before: pd.DataFrame, after: pd.DataFrame, n_boot: int = 20
     pooled_before = float(before["nll_sum"][ok].sum() / tokens[ok].sum()) if ok.any() else float("nan")
     pooled_after = float(after["nll_sum"][ok].sum() / tokens[ok].sum()) if ok.any() else float("nan")
     delta = bootstrap_interval(diff, tokens[ok], n_boot=n_boot, seed=seed, level=level)
-    return {"nll_before": pooled_before, "nll_after": pooled_after, "ppl_before": float(np.exp(pooled_before)),
-            "ppl_after": float(np.exp(pooled_after)), "delta": delta, "texts": int(ok.sum()),
-            "tokens": int(tokens[ok].sum())}
+    return {
+        "nll_before": pooled_before,
+        "nll_after": pooled_after,
+        "ppl_before": float(np.exp(pooled_before)),
+        "ppl_after": float(np.exp(pooled_after)),
+        "delta": delta,
+        "texts": int(ok.sum()),
+        "tokens": int(tokens[ok].sum()),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,8 +273,10 @@ def collisions_from_rows(rows: pd.DataFrame, nodes: pd.DataFrame) -> list[Collis
     """Rebuild dream scenarios from stored rows (a `node_ids_json` column, e.g. table `dream_heldout`)
     and the memory nodes (node_id, kind, text). Duplicate scenarios are kept once, in first-seen order.
     Raises KeyError naming node ids missing from `nodes`."""
-    lookup = {str(n): (str(k), str(t)) for n, k, t in
-              zip(nodes["node_id"], nodes["kind"], nodes["text"].fillna(""), strict=True)}
+    lookup = {
+        str(n): (str(k), str(t))
+        for n, k, t in zip(nodes["node_id"], nodes["kind"], nodes["text"].fillna(""), strict=True)
+    }
     out, seen = [], set()
     for value in rows["node_ids_json"]:
         ids = tuple(str(x) for x in json.loads(value))
@@ -264,15 +286,33 @@ def collisions_from_rows(rows: pd.DataFrame, nodes: pd.DataFrame) -> list[Collis
         if frozenset(ids) in seen:
             continue
         seen.add(frozenset(ids))
-        out.append(Collision(dream_id=dream_id_of(ids), node_ids=ids, kinds=tuple(lookup[x][0] for x in ids),
-                             texts=tuple(lookup[x][1] for x in ids)))
+        out.append(
+            Collision(
+                dream_id=dream_id_of(ids),
+                node_ids=ids,
+                kinds=tuple(lookup[x][0] for x in ids),
+                texts=tuple(lookup[x][1] for x in ids),
+            )
+        )
     return out
 
 
-def answer_projections(policy: Any, policy_tokenizer: Any, reader: Any, reader_tokenizer: Any,
-                       vectors: SteeringVectors, emotion: str, collisions: Sequence[Collision], k: int = 2,
-                       temperature: float = 0.7, sampling: Sampling | None = None, max_new_tokens: int = 40,
-                       layer: int | None = None, seed: int = 0, batch_size: int = 8) -> pd.DataFrame:
+def answer_projections(
+    policy: Any,
+    policy_tokenizer: Any,
+    reader: Any,
+    reader_tokenizer: Any,
+    vectors: SteeringVectors,
+    emotion: str,
+    collisions: Sequence[Collision],
+    k: int = 2,
+    temperature: float = 0.7,
+    sampling: Sampling | None = None,
+    max_new_tokens: int = 40,
+    layer: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> pd.DataFrame:
     """The policy's `k` answers to each scenario (seeded sampling, `generate_responses`), each read by the
     fixed `reader` model and projected on `emotion`'s unit vector at `layer` (default the readout's deepest,
     as the `steering:<emotion>` scorer reads). One row per answer: dream_id, sample_index, response,
@@ -286,20 +326,30 @@ def answer_projections(policy: Any, policy_tokenizer: Any, reader: Any, reader_t
     if layer not in vectors.layers:
         raise ValueError(f"layer {layer} is not a readout layer ({sorted(vectors.layers)})")
     prompts = [scenario_messages(c) for c in collisions]
-    responses = generate_responses(policy, policy_tokenizer, prompts, k=k, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                                   sampling=sampling or Sampling())
+    responses = generate_responses(
+        policy,
+        policy_tokenizer,
+        prompts,
+        k=k,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        sampling=sampling or Sampling(),
+    )
     texts = [r.text if r.text.strip() else " " for r in responses]
     projected = project_texts(reader, reader_tokenizer, vectors, texts, batch_size=batch_size)
     projected = projected[(projected["emotion"] == emotion) & (projected["layer"] == layer)]
     projected = projected.sort_values("text_index")
-    return pd.DataFrame({
-        "dream_id": [collisions[r.prompt_index].dream_id for r in responses],
-        "sample_index": [r.sample_index for r in responses],
-        "response": [r.text for r in responses],
-        "projection": projected["projection"].to_numpy(),
-        "calibrated": projected["calibrated"].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "dream_id": [collisions[r.prompt_index].dream_id for r in responses],
+            "sample_index": [r.sample_index for r in responses],
+            "response": [r.text for r in responses],
+            "projection": projected["projection"].to_numpy(),
+            "calibrated": projected["calibrated"].to_numpy(),
+        }
+    )
 
 
 def per_scenario(frame: pd.DataFrame, value: str = "projection") -> pd.Series:
@@ -313,8 +363,9 @@ def projection_summary(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -
     return bootstrap_interval(per_scenario(frame).to_numpy(), n_boot=n_boot, seed=seed)
 
 
-def paired_projection_delta(treated: pd.DataFrame, control: pd.DataFrame, n_boot: int = 2000,
-                            seed: int = 0) -> Interval:
+def paired_projection_delta(
+    treated: pd.DataFrame, control: pd.DataFrame, n_boot: int = 2000, seed: int = 0
+) -> Interval:
     """Mean over the scenarios both frames answered of (treated - control) per-scenario projection,
     bootstrap over those scenarios. Raises ValueError when they share no scenario."""
     a, b = per_scenario(treated), per_scenario(control)

@@ -49,19 +49,35 @@ def _node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
     if missing:
         raise ValueError(f"nodes table lacks columns {sorted(missing)}")
     ids = nodes["node_id"].astype(str).tolist()
-    return dict(zip(ids, zip(nodes["kind"].astype(str).tolist(), nodes["text"].fillna("").astype(str).tolist(),
-                             stub_mask(nodes).tolist(), strict=True), strict=True))
+    return dict(
+        zip(
+            ids,
+            zip(
+                nodes["kind"].astype(str).tolist(),
+                nodes["text"].fillna("").astype(str).tolist(),
+                stub_mask(nodes).tolist(),
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
 
 
-def collide(walks: Sequence[Sequence[str]], nodes: pd.DataFrame, min_memories: int = 2, max_memories: int = 3,
-            seed: int = 0, exclude: set[frozenset[str]] | None = None) -> list[Collision]:
+def collide(
+    walks: Sequence[Sequence[str]],
+    nodes: pd.DataFrame,
+    min_memories: int = 2,
+    max_memories: int = 3,
+    seed: int = 0,
+    exclude: set[frozenset[str]] | None = None,
+) -> list[Collision]:
     """One collision per usable walk: the start node plus `size - 1` other distinct nodes of the walk,
     drawn uniformly, where `size` is drawn uniformly from `min_memories..max_memories` (capped at the
     walk's distinct nodes). Stub nodes (`is_stub`) are never members: a walk that starts at one is
     skipped, and the others it passed are left out before drawing.
 
-    Walks with fewer than `min_memories` distinct non-stub nodes are skipped, as are collisions whose node set is
-    in `exclude` (e.g. the held-out set) or was already produced by an earlier walk of this call (so
+    Walks with fewer than `min_memories` distinct non-stub nodes are skipped, as are collisions whose node
+    set is in `exclude` (e.g. the held-out set) or was already produced by an earlier walk of this call (so
     `dream_id` identifies one scenario). Deterministic given `seed`.
     """
     if min_memories < 1 or max_memories < min_memories:
@@ -91,9 +107,14 @@ def collide(walks: Sequence[Sequence[str]], nodes: pd.DataFrame, min_memories: i
         if key in seen:
             continue
         seen.add(key)
-        out.append(Collision(dream_id=dream_id_of(chosen), node_ids=chosen,
-                             kinds=tuple(lookup[x][0] for x in chosen),
-                             texts=tuple(lookup[x][1] for x in chosen)))
+        out.append(
+            Collision(
+                dream_id=dream_id_of(chosen),
+                node_ids=chosen,
+                kinds=tuple(lookup[x][0] for x in chosen),
+                texts=tuple(lookup[x][1] for x in chosen),
+            )
+        )
     return out
 
 
@@ -109,22 +130,32 @@ def excerpt(text: str, max_chars: int) -> str:
     return cut.rstrip(" ,;:") + "…"
 
 
-def scenario_messages(collision: Collision, excerpt_chars: int = 160,
-                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
+def scenario_messages(
+    collision: Collision, excerpt_chars: int = 160, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> list[dict[str, str]]:
     """The chat prompt of a dream: a system message (unless `system_prompt` is None or empty) and one user
     message that sets the collided memories as one scene and asks for a response in the model's words."""
     lines = [f"{len(collision.node_ids)} memories surface together in a dream:"]
     # A node's text opens with its name and kind (memory.build.node_text): no second kind label here.
     for i, text in enumerate(collision.texts, start=1):
         lines.append(f"{i}. {excerpt(text, excerpt_chars)}")
-    lines.append("They are one scene, happening now. What do you do, think or feel? Answer in your own words.")
+    lines.append(
+        "They are one scene, happening now. What do you do, think or feel? Answer in your own words."
+    )
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": "\n".join(lines)})
     return messages
 
 
-def heldout_collisions(nodes: pd.DataFrame, edges: pd.DataFrame, n: int, config: WalkConfig | None = None,
-                       seed: int = 1_000_003, min_memories: int = 2, max_memories: int = 3) -> list[Collision]:
+def heldout_collisions(
+    nodes: pd.DataFrame,
+    edges: pd.DataFrame,
+    n: int,
+    config: WalkConfig | None = None,
+    seed: int = 1_000_003,
+    min_memories: int = 2,
+    max_memories: int = 3,
+) -> list[Collision]:
     """A fixed set of up to `n` novel collisions from walks with their own `seed` (the walk config's
     seed is replaced), meant never to be trained on: pass their node sets as `exclude` to the dream
     loop. Fewer than `n` come back only when the graph cannot produce more distinct ones."""
@@ -161,9 +192,16 @@ class HeldoutPlan:
         return len(self.collisions) < self.requested
 
 
-def plan_heldout(nodes: pd.DataFrame, edges: pd.DataFrame, requested: int, n_scenarios: int,
-                 config: WalkConfig | None = None, seed: int = 1_000_003, min_memories: int = 2,
-                 max_memories: int = 3) -> HeldoutPlan:
+def plan_heldout(
+    nodes: pd.DataFrame,
+    edges: pd.DataFrame,
+    requested: int,
+    n_scenarios: int,
+    config: WalkConfig | None = None,
+    seed: int = 1_000_003,
+    min_memories: int = 2,
+    max_memories: int = 3,
+) -> HeldoutPlan:
     """Held-out collisions sized to the graph. When the walks find at least `requested + n_scenarios`
     distinct collisions, the held-out set is `heldout_collisions(..., requested, ...)` unchanged; when
     they find fewer (a small graph, few start nodes), it shrinks to at most `pool //
@@ -172,7 +210,12 @@ def plan_heldout(nodes: pd.DataFrame, edges: pd.DataFrame, requested: int, n_sce
     (`NoWalkStartError` when no node can start one)."""
     if requested < 0 or n_scenarios < 0:
         raise ValueError(f"requested and n_scenarios must be >= 0, got {requested}, {n_scenarios}")
-    pool = len(heldout_collisions(nodes, edges, requested + n_scenarios, config, seed, min_memories, max_memories))
+    pool = len(
+        heldout_collisions(nodes, edges, requested + n_scenarios, config, seed, min_memories, max_memories)
+    )
     n = requested if pool >= requested + n_scenarios else min(requested, pool // HELDOUT_POOL_DIVISOR)
-    return HeldoutPlan(collisions=heldout_collisions(nodes, edges, n, config, seed, min_memories, max_memories),
-                       requested=requested, pool=pool)
+    return HeldoutPlan(
+        collisions=heldout_collisions(nodes, edges, n, config, seed, min_memories, max_memories),
+        requested=requested,
+        pool=pool,
+    )

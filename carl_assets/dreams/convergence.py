@@ -21,8 +21,9 @@ from carl_assets.dreams.generation import generate_responses
 from carl_assets.dreams.scoring import score_responses
 
 
-def cycle_statistics(frame: pd.DataFrame, score_column: str = "score",
-                     no_signal_tolerance: float = 1e-6) -> dict[str, float | int]:
+def cycle_statistics(
+    frame: pd.DataFrame, score_column: str = "score", no_signal_tolerance: float = 1e-6
+) -> dict[str, float | int]:
     """dreams (scenarios), responses, kept, reject_fraction, score_mean, score_std (population),
     no_signal_fraction (scenarios whose scores span at most `no_signal_tolerance`), and
     score_spread_mean (the mean max-min score within a scenario). An empty frame gives zero counts and
@@ -33,8 +34,16 @@ def cycle_statistics(frame: pd.DataFrame, score_column: str = "score",
     n = len(frame)
     if n == 0:
         nan = float("nan")
-        return {"dreams": 0, "responses": 0, "kept": 0, "reject_fraction": nan, "score_mean": nan,
-                "score_std": nan, "no_signal_fraction": nan, "score_spread_mean": nan}
+        return {
+            "dreams": 0,
+            "responses": 0,
+            "kept": 0,
+            "reject_fraction": nan,
+            "score_mean": nan,
+            "score_std": nan,
+            "no_signal_fraction": nan,
+            "score_spread_mean": nan,
+        }
     scores = frame[score_column].astype(float)
     spread = scores.groupby(frame["dream_id"].astype(str)).agg(lambda s: float(s.max() - s.min()))
     kept = int(frame["kept"].astype(bool).sum())
@@ -50,10 +59,17 @@ def cycle_statistics(frame: pd.DataFrame, score_column: str = "score",
     }
 
 
-def inverse_diagnostic_pass_rate(model: Any, tokenizer: Any, collisions: Sequence[Collision], scorer: Any,
-                                 min_score: float | None = None, max_new_tokens: int = 48, batch_size: int = 8,
-                                 excerpt_chars: int = 160, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                                 ) -> tuple[float, pd.DataFrame]:
+def inverse_diagnostic_pass_rate(
+    model: Any,
+    tokenizer: Any,
+    collisions: Sequence[Collision],
+    scorer: Any,
+    min_score: float | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    excerpt_chars: int = 160,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+) -> tuple[float, pd.DataFrame]:
     """The policy's greedy response to each held-out collision, scored; it passes when the filter's
     minimum would keep it (non-empty and, when `min_score` is set, score >= min_score).
 
@@ -64,15 +80,18 @@ def inverse_diagnostic_pass_rate(model: Any, tokenizer: Any, collisions: Sequenc
     if not collisions:
         return float("nan"), pd.DataFrame(columns=columns)
     prompts = [scenario_messages(c, excerpt_chars, system_prompt) for c in collisions]
-    responses = generate_responses(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size)
+    responses = generate_responses(
+        model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     components = score_responses(scorer, model, tokenizer, responses)
-    frame = pd.DataFrame({
-        "dream_id": [c.dream_id for c in collisions],
-        "node_ids_json": [json.dumps(list(c.node_ids)) for c in collisions],
-        "response": [r.text for r in responses],
-        **components,
-    })
+    frame = pd.DataFrame(
+        {
+            "dream_id": [c.dream_id for c in collisions],
+            "node_ids_json": [json.dumps(list(c.node_ids)) for c in collisions],
+            "response": [r.text for r in responses],
+            **components,
+        }
+    )
     non_empty = frame["response"].str.strip().str.len() > 0
     passed = non_empty if min_score is None else non_empty & (frame["score"] >= min_score)
     frame["passed"] = passed.to_numpy(dtype=bool)

@@ -22,9 +22,15 @@ def normalise_text(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 
 
-def filter_responses(frame: pd.DataFrame, top_fraction: float = 0.5, min_score: float | None = None,
-                     dedupe: bool = True, score_column: str = "score", group_column: str = "dream_id",
-                     text_column: str = "response") -> pd.DataFrame:
+def filter_responses(
+    frame: pd.DataFrame,
+    top_fraction: float = 0.5,
+    min_score: float | None = None,
+    dedupe: bool = True,
+    score_column: str = "score",
+    group_column: str = "dream_id",
+    text_column: str = "response",
+) -> pd.DataFrame:
     """A copy of `frame` with `kept` (bool) and `reason` (one of "kept", "empty", "below_min",
     "duplicate", "not_top").
 
@@ -96,7 +102,9 @@ def sft_examples_from_dreams(frame: pd.DataFrame, system_prompt: str | None = No
             if system_prompt:
                 prompt.insert(0, {"role": "system", "content": system_prompt})
         response = str(row.response)
-        node_ids = row.seed_node_ids if isinstance(row.seed_node_ids, str) else json.dumps(list(row.seed_node_ids))
+        node_ids = (
+            row.seed_node_ids if isinstance(row.seed_node_ids, str) else json.dumps(list(row.seed_node_ids))
+        )
         digest = hashlib.sha256(f"{row.dream_id}\x1f{response}".encode()).hexdigest()[:10]
         record = {
             "example_id": f"{row.dream_id}-{digest}",

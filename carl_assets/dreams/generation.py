@@ -133,8 +133,8 @@ def _sampling_kwargs(temperature: float, k: int, sampling: Sampling = NO_TRUNCAT
     return {"do_sample": True, "temperature": float(temperature), **sampling.generate_kwargs()}
 
 
-def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int]], k: int, temperature: float,
-                  max_new_tokens: int, min_new_tokens: int | None, seed: int,
+def _run_generate(model: Any, tokenizer: Any, prompt_rows: Sequence[Sequence[int]], k: int,
+                  temperature: float, max_new_tokens: int, min_new_tokens: int | None, seed: int,
                   sampling: Sampling = NO_TRUNCATION) -> list[list[list[int]]]:
     """Completions (cut at EOS) of each prompt row, `k` each, from one `generate` call."""
     pad_id, eos = pad_and_eos_ids(model, tokenizer)
@@ -179,8 +179,8 @@ def _shared_prompt_cache(model: Any, input_ids: torch.Tensor, mask: torch.Tensor
         cache = DynamicCache(config=model.config)
         head, head_mask = input_ids[:, :-1], mask[:, :-1]
         positions = (head_mask.long().cumsum(dim=-1) - 1).masked_fill(head_mask == 0, 1)
-        model(input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-              **{_cache_keyword(model): cache})
+        model(input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True,
+              logits_to_keep=1, **{_cache_keyword(model): cache})
         cache.batch_repeat_interleave(k)
     except (TypeError, ValueError, AttributeError, NotImplementedError):
         return None
@@ -283,8 +283,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[di
                 key["sampling"] = asdict(sampling)
             batch = cache.load(b, key) if cache is not None else None
             if batch is None:
-                completions = _run_generate(model, tokenizer, rows, k, temperature, max_new_tokens, min_new_tokens,
-                                            seed=_stream_seed(seed, b), sampling=sampling)
+                completions = _run_generate(model, tokenizer, rows, k, temperature, max_new_tokens,
+                                            min_new_tokens, seed=_stream_seed(seed, b), sampling=sampling)
                 batch = []
                 for offset, (ids, comps) in enumerate(zip(rows, completions, strict=True)):
                     batch.extend(_responses(tokenizer, start + offset, ids, comps, eos))
@@ -315,7 +315,8 @@ def generate_one_at_a_time(model: Any, tokenizer: Any, prompts: Sequence[Sequenc
             ids = fit_prompt(encode_prompt(tokenizer, prompt), model, max_new_tokens)
             for j in range(k):
                 [[completion]] = _run_generate(model, tokenizer, [ids], 1, temperature, max_new_tokens,
-                                               min_new_tokens, seed=_stream_seed(seed, i * k + j), sampling=sampling)
+                                               min_new_tokens, seed=_stream_seed(seed, i * k + j),
+                                               sampling=sampling)
                 response = _responses(tokenizer, i, ids, [completion], eos)[0]
                 response.sample_index = j
                 out.append(response)
@@ -330,4 +331,5 @@ def _stream_seed(seed: int, index: int) -> int:
     """A distinct 63-bit seed per (seed, batch) pair."""
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint64)
+    return int(state[0] >> 1)

@@ -90,8 +90,8 @@ def dream_scenarios(nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfi
     return found[: config.n_scenarios], walks_drawn
 
 
-def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfig, scorer: Any,
-          cycle: int, temperature: float, exclude: set[frozenset[str]] | None = None,
+def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfig,
+          scorer: Any, cycle: int, temperature: float, exclude: set[frozenset[str]] | None = None,
           progress: Callable[[int, int], None] | None = None,
           cache_dir: str | os.PathLike[str] | None = None) -> DreamResult:
     """Dream one cycle and score it.
@@ -139,5 +139,5 @@ def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, 
             frame[name] = values
     frame["score"] = components["score"]
     frame = filter_responses(frame, top_fraction=config.top_fraction, min_score=config.min_score)
-    return DreamResult(frame=frame, collisions=collisions, statistics=cycle_statistics(frame), walks=walks_drawn,
-                       reused_batches=0 if cache is None else cache.reused)
+    return DreamResult(frame=frame, collisions=collisions, statistics=cycle_statistics(frame),
+                       walks=walks_drawn, reused_batches=0 if cache is None else cache.reused)

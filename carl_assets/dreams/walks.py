@@ -71,7 +71,9 @@ class WalkConfig:
         if bad:
             raise ValueError(f"edge weights must be finite and >= 0, got {bad}")
         if isinstance(self.conditioning_kinds, str):  # "auto", or one kind written without a list
-            self.conditioning_kinds = () if self.conditioning_kinds in ("", "auto") else (self.conditioning_kinds,)
+            self.conditioning_kinds = (
+                () if self.conditioning_kinds in ("", "auto") else (self.conditioning_kinds,)
+            )
         self.conditioning_kinds = tuple(str(k) for k in self.conditioning_kinds)
 
 
@@ -81,8 +83,10 @@ class NoWalkStartError(ValueError):
 
     def __init__(self, kinds: tuple[str, ...], present: dict[str, int]) -> None:
         self.kinds, self.present = kinds, present
-        super().__init__(f"no node of the conditioning kinds {list(kinds)} can start a walk "
-                         f"(non-stub nodes per kind: {present})")
+        super().__init__(
+            f"no node of the conditioning kinds {list(kinds)} can start a walk "
+            f"(non-stub nodes per kind: {present})"
+        )
 
 
 @dataclass
@@ -211,8 +215,9 @@ def start_weights(nodes: pd.DataFrame, candidates: np.ndarray, config: WalkConfi
     return weights / weights.sum()
 
 
-def deal_starts(candidates: np.ndarray, weights: np.ndarray | None, n_walks: int,
-                rng: np.random.Generator) -> np.ndarray:
+def deal_starts(
+    candidates: np.ndarray, weights: np.ndarray | None, n_walks: int, rng: np.random.Generator
+) -> np.ndarray:
     """[n_walks] start rows. Equal shares: round-robin over a seeded shuffle of the candidates. Weighted:
     each candidate gets floor(n_walks * weight) walks, the rest go to the largest remainders, then the
     walks are shuffled."""
@@ -231,11 +236,17 @@ def _adjacency(node_ids: np.ndarray, edges: pd.DataFrame, config: WalkConfig) ->
     src = index.get_indexer(edges["src"].astype(str))
     dst = index.get_indexer(edges["dst"].astype(str))
     relation = edges["relation"].astype(str).to_numpy() if len(edges) else np.array([], dtype=str)
-    weight = np.array([config.relation_weights.get(r, config.default_weight) for r in relation], dtype=np.float64)
+    weight = np.array(
+        [config.relation_weights.get(r, config.default_weight) for r in relation], dtype=np.float64
+    )
     keep = (src >= 0) & (dst >= 0) & (weight > 0)  # edges to nodes outside the table cannot be walked
     src, dst, weight = src[keep], dst[keep], weight[keep]
     if not config.directed:
-        src, dst, weight = np.concatenate([src, dst]), np.concatenate([dst, src]), np.concatenate([weight, weight])
+        src, dst, weight = (
+            np.concatenate([src, dst]),
+            np.concatenate([dst, src]),
+            np.concatenate([weight, weight]),
+        )
     order = np.argsort(src, kind="stable")
     src, dst, weight = src[order], dst[order], weight[order]
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -289,7 +300,9 @@ def sample_walks(nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config:
     return WalkSample(node_ids=node_ids, nodes=walk, restarted=restarted)
 
 
-def random_walks(nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config: WalkConfig) -> list[list[str]]:
+def random_walks(
+    nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config: WalkConfig
+) -> list[list[str]]:
     """`n_walks` random walks with restart over the memory graph, each a list of `walk_length + 1` node
     ids (the start, then one node per step).
 
@@ -301,4 +314,3 @@ def random_walks(nodes: pd.DataFrame, edges: pd.DataFrame, n_walks: int, config:
     `directed=False` an edge is walked both ways. Deterministic given `config.seed`.
     """
     return sample_walks(nodes, edges, n_walks, config).as_lists()
-

@@ -35,7 +35,9 @@ class Replicate:
     variant: str  # one of VARIANTS
     seed: int
     system: LeWorldSystem
-    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # train_system's long-format log (when trained here)
+    metrics: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # train_system's long-format log (when trained here)
 
 
 def train_replicates(
@@ -61,19 +63,28 @@ def train_replicates(
         for seed in seeds:
             system = make_system(int(seed), variant == "memory")
             if system.memory_reads != (variant == "memory"):
-                raise ValueError(f"make_system built memory_reads={system.memory_reads} for variant {variant!r}")
+                raise ValueError(
+                    f"make_system built memory_reads={system.memory_reads} for variant {variant!r}"
+                )
             first = not replicates
             say = (lambda m, v=variant, s=seed: log(f"[{v} seed {s}] {m}")) if log else None
             cfg = TrainingConfig(**{**config.__dict__, "seed": int(seed)})
-            metrics = train_system(system, train, validation if first else None, cfg, log=say, num_threads=num_threads)
+            metrics = train_system(
+                system, train, validation if first else None, cfg, log=say, num_threads=num_threads
+            )
             replicates.append(Replicate(variant, int(seed), system, metrics))
     return replicates
 
 
-def evaluate_replicates(replicates: Sequence[Replicate], data: SequenceBatch, n_steps: int = 5) -> pd.DataFrame:
+def evaluate_replicates(
+    replicates: Sequence[Replicate], data: SequenceBatch, n_steps: int = 5
+) -> pd.DataFrame:
     """One row per replicate: variant, seed and the trained system's own errors (`model_errors`, the
     `leworld` row of `evaluate`: rollout mse/mae and one_step_mse) on the same sequences."""
-    rows = [{"variant": rep.variant, "seed": rep.seed, **model_errors(rep.system, data, n_steps)} for rep in replicates]
+    rows = [
+        {"variant": rep.variant, "seed": rep.seed, **model_errors(rep.system, data, n_steps)}
+        for rep in replicates
+    ]
     return pd.DataFrame(rows, columns=["variant", "seed", "mse", "mae", "one_step_mse"])
 
 
@@ -101,17 +112,19 @@ def memory_verdict(per_seed: pd.DataFrame, metrics: Sequence[str] = VERDICT_METR
         mean = {v: float(x.mean()) for v, x in values.items()}
         gap = mean["no_memory"] - mean["memory"]
         twice_spread = 2 * max(std.values())
-        rows.append({
-            "metric": metric,
-            "seeds": n,
-            "memory_mean": mean["memory"],
-            "memory_std": std["memory"],
-            "no_memory_mean": mean["no_memory"],
-            "no_memory_std": std["no_memory"],
-            "gap": gap,
-            "twice_spread": twice_spread,
-            "verdict": verdict_for(gap, twice_spread, n),
-        })
+        rows.append(
+            {
+                "metric": metric,
+                "seeds": n,
+                "memory_mean": mean["memory"],
+                "memory_std": std["memory"],
+                "no_memory_mean": mean["no_memory"],
+                "no_memory_std": std["no_memory"],
+                "gap": gap,
+                "twice_spread": twice_spread,
+                "verdict": verdict_for(gap, twice_spread, n),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -76,9 +76,13 @@ def region_means(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Te
     return means.view(*starts.shape, memory_bits.shape[1])
 
 
-def transition_drive(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, state_dim: int, mix: str = "last") -> torch.Tensor:
+def transition_drive(
+    memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, state_dim: int, mix: str = "last"
+) -> torch.Tensor:
     """s: `[N, state_dim]`, the memory term of the dynamics."""
-    seeds = (region_means(memory_bits, starts, ends) * 2 - 1)[..., tile_index(state_dim, memory_bits.shape[1])]
+    seeds = (region_means(memory_bits, starts, ends) * 2 - 1)[
+        ..., tile_index(state_dim, memory_bits.shape[1])
+    ]
     if mix == "last":
         return seeds[:, -1]
     if mix == "mean":
@@ -96,7 +100,8 @@ def cue_bits(num_words: int, char_dim: int, n_relevant: int) -> int:
     bits = min(address_bits(num_words), char_dim // n_relevant)
     if bits < 1:
         raise ValueError(
-            f"cue='characteristics' needs char_dim >= n_relevant ({n_relevant}) to spell any address bit, got char_dim={char_dim}"
+            f"cue='characteristics' needs char_dim >= n_relevant ({n_relevant}) to spell any address bit, "
+            f"got char_dim={char_dim}"
         )
     return bits
 
@@ -185,10 +190,14 @@ def generate_sequences(
     if cue not in CUES:
         raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
     with torch_threads(num_threads):
-        return _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix, cue)
+        return _generate(
+            memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix, cue
+        )
 
 
-def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix, cue) -> SequenceBatch:
+def _generate(
+    memory_bits, num_sequences, seq_length, state_dim, char_dim, difficulty, generator, mix, cue
+) -> SequenceBatch:
     if isinstance(generator, torch.Generator):
         gen = generator
     else:
@@ -201,7 +210,9 @@ def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, diffi
     starts = torch.randint(0, num_words - START_MARGIN + 1, (num_sequences, n_rel), generator=gen)
     lengths = torch.randint(MIN_LENGTH, MAX_LENGTH + 1, (num_sequences, n_rel), generator=gen)
     x0 = torch.randn(num_sequences, state_dim, generator=gen)
-    noise = torch.empty(num_sequences, max(seq_length - 1, 0), state_dim).normal_(0.0, NOISE_STD, generator=gen)
+    noise = torch.empty(num_sequences, max(seq_length - 1, 0), state_dim).normal_(
+        0.0, NOISE_STD, generator=gen
+    )
     if cue == "characteristics":
         chars = cue_addresses(chars, starts, num_words)
     drive = MEMORY_GAIN * transition_drive(memory_bits, starts, starts + lengths, state_dim, mix)
@@ -217,7 +228,9 @@ def _generate(memory_bits, num_sequences, seq_length, state_dim, char_dim, diffi
     )
 
 
-def iterate_batches(data: SequenceBatch, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True):
+def iterate_batches(
+    data: SequenceBatch, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
+):
     """Yield the seed's batch dicts (a shuffled DataLoader without the per-item Python overhead)."""
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -244,11 +257,18 @@ class StateTransitionDataset(torch.utils.data.Dataset):
         mix: str = "last",
         cue: str = "none",
     ):
-        self.num_sequences, self.seq_length, self.state_dim, self.char_dim = num_sequences, seq_length, state_dim, char_dim
+        self.num_sequences, self.seq_length, self.state_dim, self.char_dim = (
+            num_sequences,
+            seq_length,
+            state_dim,
+            char_dim,
+        )
         self.memory = memory
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        self.data = generate_sequences(memory.memory, num_sequences, seq_length, state_dim, char_dim, difficulty, seed, mix, cue=cue)
+        self.data = generate_sequences(
+            memory.memory, num_sequences, seq_length, state_dim, char_dim, difficulty, seed, mix, cue=cue
+        )
 
     def __len__(self) -> int:
         return self.num_sequences

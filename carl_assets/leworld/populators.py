@@ -54,7 +54,9 @@ def structured_bits(
         bits[quarter : 2 * quarter].random_(0, 2, generator=_generator(seed))
         # History: binary counter in the low min(W, 16) bits.
         nbits = min(w, 16)
-        bits[2 * quarter : 3 * quarter, :nbits] = (idx[:, None] >> torch.arange(nbits, dtype=torch.int32)[None, :]) & 1
+        bits[2 * quarter : 3 * quarter, :nbits] = (
+            idx[:, None] >> torch.arange(nbits, dtype=torch.int32)[None, :]
+        ) & 1
         # Associations: XOR of the dynamics and context words at i mod quarter (the seed's indexing,
         # which wraps to the start for the n mod 4 words after the fourth quarter).
         torch.bitwise_xor(bits[:quarter], bits[quarter : 2 * quarter], out=bits[3 * quarter : 4 * quarter])

@@ -84,9 +84,13 @@ class TrainingConfig:
 class Phase1Trainer:
     def __init__(self, system: LeWorldSystem, config: TrainingConfig):
         self.system, self.config = system, config
-        self.slm_optimizer = optim.AdamW(system.slms.parameters(), lr=config.phase1_lr, weight_decay=config.weight_decay)
+        self.slm_optimizer = optim.AdamW(
+            system.slms.parameters(), lr=config.phase1_lr, weight_decay=config.weight_decay
+        )
         self.blm_params = list(system.blm.parameters()) + list(system.memory.parameters())
-        self.blm_optimizer = optim.AdamW(self.blm_params, lr=config.phase1_lr, weight_decay=config.weight_decay)
+        self.blm_optimizer = optim.AdamW(
+            self.blm_params, lr=config.phase1_lr, weight_decay=config.weight_decay
+        )
 
     def train_slms_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Cross-entropy of SLM i's address logits against relevant region i (padding slots: address 0,
@@ -102,7 +106,9 @@ class Phase1Trainer:
             addr_loss = F.cross_entropy(out["start_logits_high"], target // half) + F.cross_entropy(
                 out["start_logits_low"], target % half
             )
-            tgt_range = (batch["relevant_ends"][:, i] - batch["relevant_starts"][:, i]).clamp(1, max_range) - 1
+            tgt_range = (batch["relevant_ends"][:, i] - batch["relevant_starts"][:, i]).clamp(
+                1, max_range
+            ) - 1
             loss = addr_loss + 0.5 * F.cross_entropy(out["range_logits"], tgt_range.long())
             total = loss if total is None else total + loss
         total = total / len(self.system.slms)
@@ -146,7 +152,9 @@ class Phase1Trainer:
 class Phase2Trainer:
     def __init__(self, system: LeWorldSystem, config: TrainingConfig):
         self.system, self.config = system, config
-        self.optimizer = optim.AdamW(system.parameters(), lr=config.phase2_lr, weight_decay=config.weight_decay)
+        self.optimizer = optim.AdamW(
+            system.parameters(), lr=config.phase2_lr, weight_decay=config.weight_decay
+        )
         self.scheduler = optim.lr_scheduler.CosineAnnealingWarmRestarts(
             self.optimizer, T_0=max(1, config.phase2_epochs // 3), T_mult=2
         )
@@ -173,7 +181,11 @@ class Phase2Trainer:
 class Phase3Trainer:
     def __init__(self, system: LeWorldSystem, config: TrainingConfig):
         self.system, self.config = system, config
-        info = [*system.blm.info_request.parameters(), *system.blm.info_gate.parameters(), *system.info_to_slm.parameters()]
+        info = [
+            *system.blm.info_request.parameters(),
+            *system.blm.info_gate.parameters(),
+            *system.info_to_slm.parameters(),
+        ]
         info_ids = {id(p) for p in info}
         other_blm = [p for p in system.blm.parameters() if id(p) not in info_ids]
         lr = config.phase3_lr
@@ -187,7 +199,9 @@ class Phase3Trainer:
             weight_decay=config.weight_decay,
         )
 
-    def objective(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def objective(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Phase 3's loss for a batch (not yet backpropagated) and its step metrics."""
         states, chars = batch["states"], batch["characteristics"]
         reinforce = self.config.info_utility == "reinforce"
@@ -206,9 +220,12 @@ class Phase3Trainer:
             utility = -self.config.lambda_info_util * (advantage * with_info["info_log_prob"]).mean()
             total = loss_with + utility
             metrics["info_utility_loss"] = utility.item()
-            metrics["info_sent_rate"] = with_info["info_sent"].mean().item() if with_info["info_sent"].numel() else 0.0
+            metrics["info_sent_rate"] = (
+                with_info["info_sent"].mean().item() if with_info["info_sent"].numel() else 0.0
+            )
         else:
-            # The seed's form: a detached improvement, so this term changes the loss's value, not its gradient.
+            # The reference's form: a detached improvement, so this term changes the loss's value, not its
+            # gradient.
             improvement = (loss_without - loss_with).detach()
             total = loss_with - self.config.lambda_info_util * improvement
         return total, metrics | {
@@ -221,7 +238,9 @@ class Phase3Trainer:
             "next_state_loss_with_info": with_info["next_state_loss"].item(),
         }
 
-    def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, float]:
+    def train_step(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, float]:
         self.optimizer.zero_grad()
         total, metrics = self.objective(batch, generator)
         total.backward()
@@ -244,10 +263,20 @@ def one_step_mse(system: LeWorldSystem, data: SequenceBatch, batch_size: int = 2
     return total / max(1, count)
 
 
-def _epoch(rows: list[dict[str, Any]], phase: int, epoch: int, sums: dict[str, float], n: int, started: float, extra: dict[str, float]) -> None:
+def _epoch(
+    rows: list[dict[str, Any]],
+    phase: int,
+    epoch: int,
+    sums: dict[str, float],
+    n: int,
+    started: float,
+    extra: dict[str, float],
+) -> None:
     values = {name: value / max(1, n) for name, value in sums.items()} | extra
     values["seconds"] = time.perf_counter() - started
-    rows.extend({"phase": phase, "epoch": epoch, "metric": name, "value": float(v)} for name, v in values.items())
+    rows.extend(
+        {"phase": phase, "epoch": epoch, "metric": name, "value": float(v)} for name, v in values.items()
+    )
 
 
 def train_system(
@@ -277,9 +306,19 @@ def _train(system, train, validation, config, log, phases) -> pd.DataFrame:
     def finish(phase: int, epoch: int, sums: dict[str, float], n: int, started: float) -> None:
         extra = {"val_one_step_mse": one_step_mse(system, validation)} if validation is not None else {}
         _epoch(rows, phase, epoch, sums, n, started, extra)
-        log(f"phase {phase} epoch {epoch}: " + ", ".join(f"{k}={v / max(1, n):.4f}" for k, v in sums.items()) + "".join(f", {k}={v:.4f}" for k, v in extra.items()))
+        log(
+            f"phase {phase} epoch {epoch}: "
+            + ", ".join(f"{k}={v / max(1, n):.4f}" for k, v in sums.items())
+            + "".join(f", {k}={v:.4f}" for k, v in extra.items())
+        )
 
-    def run(phase: int, epochs: int, batch_size: int, step: Callable[[dict[str, torch.Tensor]], dict[str, float]], scheduler: Any = None) -> None:
+    def run(
+        phase: int,
+        epochs: int,
+        batch_size: int,
+        step: Callable[[dict[str, torch.Tensor]], dict[str, float]],
+        scheduler: Any = None,
+    ) -> None:
         for epoch in range(epochs):
             started, sums, n = time.perf_counter(), {}, 0
             batches = list(iterate_batches(train, batch_size, gen))
@@ -293,7 +332,12 @@ def _train(system, train, validation, config, log, phases) -> pd.DataFrame:
 
     if 1 in phases:
         p1 = Phase1Trainer(system, config)
-        run(1, config.phase1_epochs, config.phase1_batch_size, lambda b: p1.train_slms_step(b) | p1.train_blm_step(b))
+        run(
+            1,
+            config.phase1_epochs,
+            config.phase1_batch_size,
+            lambda b: p1.train_slms_step(b) | p1.train_blm_step(b),
+        )
     if 2 in phases:
         p2 = Phase2Trainer(system, config)
         run(2, config.phase2_epochs, config.phase2_batch_size, p2.train_step, p2.scheduler)

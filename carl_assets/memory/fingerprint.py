@@ -45,9 +45,17 @@ def file_fingerprint(path: str | Path, source: str | None = None) -> SourceFinge
     hasher = hashlib.sha256()
     hasher.update(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
     hasher.update(tail)
-    return SourceFingerprint(source, "file", _short(hasher), {
-        "path": str(path.resolve()), "size_bytes": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns),
-        "tail_sha256": hashlib.sha256(tail).hexdigest()[:16]})
+    return SourceFingerprint(
+        source,
+        "file",
+        _short(hasher),
+        {
+            "path": str(path.resolve()),
+            "size_bytes": int(stat.st_size),
+            "mtime_ns": int(stat.st_mtime_ns),
+            "tail_sha256": hashlib.sha256(tail).hexdigest()[:16],
+        },
+    )
 
 
 def graph_fingerprint(graph: dict[str, Any], source: str) -> SourceFingerprint:
@@ -55,7 +63,9 @@ def graph_fingerprint(graph: dict[str, Any], source: str) -> SourceFingerprint:
     entities = graph.get("entities", []) or []
     relations = graph.get("relations", []) or []
     hasher = hashlib.sha256(json.dumps(graph, sort_keys=True, ensure_ascii=False, default=str).encode())
-    return SourceFingerprint(source, "mcp", _short(hasher), {"entities": len(entities), "relations": len(relations)})
+    return SourceFingerprint(
+        source, "mcp", _short(hasher), {"entities": len(entities), "relations": len(relations)}
+    )
 
 
 def source_fingerprint(source: str) -> SourceFingerprint:
@@ -68,7 +78,7 @@ def source_fingerprint(source: str) -> SourceFingerprint:
         hasher = hashlib.sha256(json.dumps(sample_records(), sort_keys=True, ensure_ascii=False).encode())
         return SourceFingerprint(source, "sample", _short(hasher), {})
     if source.startswith("jsonl:"):
-        path = source[len("jsonl:"):].strip()
+        path = source[len("jsonl:") :].strip()
         if not path:
             raise MemorySourceError(source, "no path after 'jsonl:'")
         return file_fingerprint(path, source)
@@ -77,5 +87,6 @@ def source_fingerprint(source: str) -> SourceFingerprint:
 
         return graph_fingerprint(read_mcp_graph(source), source)
     raise MemorySourceError(
-        source, "unknown scheme: use 'sample', 'jsonl:PATH', 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH'"
+        source,
+        "unknown scheme: use 'sample', 'jsonl:PATH', 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH'",
     )

@@ -111,21 +111,55 @@ from carl_assets.memory.tags import (
 _BadLine = BadLine  # the earlier private name
 
 __all__ = [
-    "BASE_EDGE_COLUMNS", "BASE_NODE_COLUMNS", "EDGE_COLUMNS", "EMOTION_NAME", "MAX_SCORE", "MIN_SCORE",
-    "NODE_COLUMNS", "PAIR_COLUMNS", "REJECT_COLUMNS", "STUB_KIND", "TAG_LINE", "TAG_NAME", "TAG_SCORE",
-    "TAG_TOKEN", "MemoryGraph", "MemorySourceError", "TagLine", "_is_tag_line", "count_mentions",
-    "extract_training_pairs", "graph_from_mcp_graph", "graph_from_records", "graph_from_tables",
-    "is_tag_line", "jsonl_file", "load_graph", "node_header", "node_text", "normalise_emotion", "pair_counts",
-    "parse_tag_line", "parse_tags", "read_jsonl", "require_records", "split_observations", "split_tag_line",
-    "tag_line_problems", "_show",
+    "BASE_EDGE_COLUMNS",
+    "BASE_NODE_COLUMNS",
+    "EDGE_COLUMNS",
+    "EMOTION_NAME",
+    "MAX_SCORE",
+    "MIN_SCORE",
+    "NODE_COLUMNS",
+    "PAIR_COLUMNS",
+    "REJECT_COLUMNS",
+    "STUB_KIND",
+    "TAG_LINE",
+    "TAG_NAME",
+    "TAG_SCORE",
+    "TAG_TOKEN",
+    "MemoryGraph",
+    "MemorySourceError",
+    "TagLine",
+    "_is_tag_line",
+    "count_mentions",
+    "extract_training_pairs",
+    "graph_from_mcp_graph",
+    "graph_from_records",
+    "graph_from_tables",
+    "is_tag_line",
+    "jsonl_file",
+    "load_graph",
+    "node_header",
+    "node_text",
+    "normalise_emotion",
+    "pair_counts",
+    "parse_tag_line",
+    "parse_tags",
+    "read_jsonl",
+    "require_records",
+    "split_observations",
+    "split_tag_line",
+    "tag_line_problems",
+    "_show",
 ]
 
-WHAT_TO_DO = ("point $CARL_MEMORY_SOURCE (or the memory_graph config 'source') at the memory server's file "
-              "(its MEMORY_FILE_PATH, e.g. 'jsonl:~/memory.jsonl'), or use 'sample' for the built-in graph")
+WHAT_TO_DO = (
+    "point $CARL_MEMORY_SOURCE (or the memory_graph config 'source') at the memory server's file "
+    "(its MEMORY_FILE_PATH, e.g. 'jsonl:~/memory.jsonl'), or use 'sample' for the built-in graph"
+)
 
 
 def jsonl_file(path: str | Path, source: str | None = None) -> tuple[Path, str]:
-    """(the file, the source string) of a `jsonl:` source; `MemorySourceError` if it is a folder or missing."""
+    """(the file, the source string) of a `jsonl:` source; `MemorySourceError` if it is a folder or
+    missing."""
     path = Path(path).expanduser()
     source = source or f"jsonl:{path}"
     if path.is_dir():
@@ -143,8 +177,9 @@ def read_jsonl(path: str | Path, source: str | None = None) -> MemoryGraph:
     try:
         return graph_from_records(file_records(path, source, metadata), source, metadata)
     except OSError as exc:
-        raise MemorySourceError(source, f"cannot read {str(path)!r}: {exc}; make the file readable by this user, "
-                                        f"or {WHAT_TO_DO}") from exc
+        raise MemorySourceError(
+            source, f"cannot read {str(path)!r}: {exc}; make the file readable by this user, or {WHAT_TO_DO}"
+        ) from exc
 
 
 def require_records(graph: MemoryGraph, source: str) -> MemoryGraph:
@@ -161,8 +196,10 @@ def require_records(graph: MemoryGraph, source: str) -> MemoryGraph:
         held = "holds only whitespace"
     elif len(graph.rejects):
         first = graph.rejects.iloc[0]
-        held = (f"holds no entity and no relation: {len(graph.rejects)} record(s) rejected (see memory_rejects), "
-                f"the first at line {int(first['line'])}: {first['reason']}")
+        held = (
+            f"holds no entity and no relation: {len(graph.rejects)} record(s) rejected (see memory_rejects), "
+            f"the first at line {int(first['line'])}: {first['reason']}"
+        )
     elif meta.get("markers"):
         held = f"holds only {len(meta['markers'])} marker record(s) and no entity or relation"
     else:
@@ -175,7 +212,9 @@ def require_records(graph: MemoryGraph, source: str) -> MemoryGraph:
 def _sample_graph() -> MemoryGraph:
     from carl_assets.memory.sample import sample_records
 
-    records = ((i, rec, json.dumps(rec, ensure_ascii=False)) for i, rec in enumerate(sample_records(), start=1))
+    records = (
+        (i, rec, json.dumps(rec, ensure_ascii=False)) for i, rec in enumerate(sample_records(), start=1)
+    )
     return graph_from_records(records, "sample", {"format": "sample"})
 
 
@@ -188,7 +227,7 @@ def load_graph(source: str = "sample", timeout_s: float | None = None) -> Memory
     if source == "sample":
         return _sample_graph()
     if source.startswith("jsonl:"):
-        path = source[len("jsonl:"):].strip()
+        path = source[len("jsonl:") :].strip()
         if not path:
             raise MemorySourceError(source, "no path after 'jsonl:'")
         return require_records(read_jsonl(path, source), source)
@@ -197,5 +236,6 @@ def load_graph(source: str = "sample", timeout_s: float | None = None) -> Memory
 
         return require_records(graph_from_mcp_graph(read_mcp_graph(source, timeout_s), source), source)
     raise MemorySourceError(
-        source, "unknown scheme: use 'sample', 'jsonl:PATH', 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH'"
+        source,
+        "unknown scheme: use 'sample', 'jsonl:PATH', 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH'",
     )

@@ -96,8 +96,11 @@ def _lines(path: Path, shape: FileShape, source: str) -> Iterator[tuple[int, str
                     text = line.removesuffix("\n").removesuffix("\r")
                     yield number, text, text
             except UnicodeDecodeError as exc:
-                raise MemorySourceError(source, f"the file starts as {shape.encoding.upper()} but is not valid "
-                                                f"{shape.encoding.upper()} ({exc.reason}): save it as UTF-8") from exc
+                raise MemorySourceError(
+                    source,
+                    f"the file starts as {shape.encoding.upper()} but is not valid "
+                    f"{shape.encoding.upper()} ({exc.reason}): save it as UTF-8",
+                ) from exc
             return
         chunks = handle if shape.newline == "\n" else _split(handle, b"\r")
         for number, data in enumerate(chunks, start=1):
@@ -128,9 +131,15 @@ def decode_line(text: str) -> list[tuple[Any, str]]:
         try:
             value, end = _DECODER.raw_decode(text, index)
         except (ValueError, RecursionError) as exc:
-            pieces.append((BadLine(
-                f"{len(pieces)} record(s) on this line, then text that is not a complete JSON record (cut off "
-                f"while being written?): {exc}"), text[index:]))
+            pieces.append(
+                (
+                    BadLine(
+                        f"{len(pieces)} record(s) on this line, then text that is not a complete JSON "
+                        f"record (cut off while being written?): {exc}"
+                    ),
+                    text[index:],
+                )
+            )
             break
         pieces.append((value, text[index:end]))
         index = _JSON_SPACE.match(text, end).end()
@@ -154,7 +163,7 @@ def _line_values(number: int, text: str, metadata: dict[str, Any]) -> Iterator[t
 def _whole_document(path: Path, shape: FileShape) -> tuple[Any, str | None]:
     """(the file parsed as one JSON document, None) or (None, why it is not one)."""
     try:
-        text = path.read_bytes()[shape.bom:].decode(shape.encoding)
+        text = path.read_bytes()[shape.bom :].decode(shape.encoding)
         return json.loads(text), None
     except (ValueError, RecursionError) as exc:
         return None, str(exc)
@@ -179,9 +188,12 @@ def _document_values(document: Any, metadata: dict[str, Any]) -> Iterator[tuple[
 def file_records(path: Path, source: str, metadata: dict[str, Any]) -> Iterator[tuple[int, Any, str]]:
     """`(line, value, raw)` for every record of a memory file (see the module docstring); fills `metadata`."""
     shape = sniff(path)
-    metadata.update(format="jsonl", encoding=shape.encoding + ("-sig" if shape.bom and shape.encoding == "utf-8"
-                                                                else ""),
-                    line_endings=shape.line_endings, nonblank_lines=0)
+    metadata.update(
+        format="jsonl",
+        encoding=shape.encoding + ("-sig" if shape.bom and shape.encoding == "utf-8" else ""),
+        line_endings=shape.line_endings,
+        nonblank_lines=0,
+    )
     first = True
     lines = _lines(path, shape, source)
     for number, text, raw in lines:

@@ -49,7 +49,7 @@ def mcp_timeout_s(timeout_s: float | None = None) -> float:
 
 def parse_stdio_command(source: str) -> tuple[str, list[str], dict[str, str]]:
     """(`command`, `args`, extra `env`) from ``mcp+stdio:[NAME=VALUE ...] COMMAND [ARGS ...]``."""
-    spec = source[len("mcp+stdio:"):]
+    spec = source[len("mcp+stdio:") :]
     try:
         words = shlex.split(spec)
     except ValueError as exc:
@@ -73,7 +73,7 @@ async def _transport(source: str, errlog: Any):
         async with stdio_client(params, errlog=errlog) as streams:
             yield streams[0], streams[1]
     elif source.startswith(("mcp+http://", "mcp+https://")):
-        url = source[len("mcp+"):]
+        url = source[len("mcp+") :]
         try:  # mcp >= 2
             from mcp.client.streamable_http import streamable_http_client as http_client
         except ImportError:  # mcp 1.x
@@ -81,12 +81,12 @@ async def _transport(source: str, errlog: Any):
         async with http_client(url) as streams:
             yield streams[0], streams[1]
     else:
-        raise MemorySourceError(source, "not an MCP source (use 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH')")
+        raise MemorySourceError(
+            source, "not an MCP source (use 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH')"
+        )
 
 
-def run_with_session(
-    source: str, work: Callable[[Any], Awaitable[T]], timeout_s: float | None = None
-) -> T:
+def run_with_session(source: str, work: Callable[[Any], Awaitable[T]], timeout_s: float | None = None) -> T:
     """Connect to the MCP server named by `source`, initialise a session and return `await work(session)`,
     all within `timeout_s` (see `mcp_timeout_s`)."""
     from mcp import ClientSession
@@ -105,8 +105,11 @@ def run_with_session(
         except MemorySourceError:
             raise
         except TimeoutError as exc:
-            raise MemorySourceError(source, f"no answer within {timeout_s:g} s (the server hangs or is too slow; "
-                                            f"set {TIMEOUT_ENV}=SECONDS to wait longer){_stderr_tail(errlog)}") from exc
+            raise MemorySourceError(
+                source,
+                f"no answer within {timeout_s:g} s (the server hangs or is too slow; "
+                f"set {TIMEOUT_ENV}=SECONDS to wait longer){_stderr_tail(errlog)}",
+            ) from exc
         except Exception as exc:  # noqa: BLE001 -- any failure of the server is one clear error
             raise MemorySourceError(source, f"{_describe(exc)}{_stderr_tail(errlog)}") from exc
 
@@ -144,7 +147,9 @@ def tool_result_json(result: Any, tool: str, keys: tuple[str, ...] = ()) -> Any:
             try:
                 return json.loads(part.text)
             except ValueError as exc:
-                raise RuntimeError(f"tool {tool!r} returned text that is not JSON ({exc}): {part.text[:200]!r}") from None
+                raise RuntimeError(
+                    f"tool {tool!r} returned text that is not JSON ({exc}): {part.text[:200]!r}"
+                ) from None
     raise RuntimeError(f"tool {tool!r} returned no JSON content")
 
 
@@ -163,8 +168,10 @@ def read_mcp_graph(source: str, timeout_s: float | None = None) -> dict[str, Any
         return await call_tool(session, "read_graph", keys=("entities", "relations"))
 
     graph = run_with_session(source, work, timeout_s)
-    if not isinstance(graph, dict) or not isinstance(graph.get("entities", []), list) or not isinstance(
-        graph.get("relations", []), list
+    if (
+        not isinstance(graph, dict)
+        or not isinstance(graph.get("entities", []), list)
+        or not isinstance(graph.get("relations", []), list)
     ):
         raise MemorySourceError(source, "read_graph did not return {'entities': [...], 'relations': [...]}")
     return graph

@@ -23,7 +23,8 @@ def count_mentions(text: str, emotion: str) -> int:
     return len(re.findall(pattern, text, flags=re.IGNORECASE))
 
 
-def _sample(rows: list[dict[str, Any]], cap: int, seed: int, emotion: str, polarity: str) -> list[dict[str, Any]]:
+def _sample(rows: list[dict[str, Any]], cap: int, seed: int, emotion: str,
+            polarity: str) -> list[dict[str, Any]]:
     rows = sorted(rows, key=lambda r: r["node_id"])
     if len(rows) > cap:
         # A string seed is hashed with SHA-512 by `random`: the same on every machine and run, and
@@ -65,7 +66,8 @@ def extract_training_pairs(
     ids = graph.nodes["node_id"].tolist()
     all_tags = graph.tags()
     if "is_stub" in graph.nodes.columns:  # a stub is only a name some relation points at: never an example
-        all_tags = [{} if stub else tags for stub, tags in zip(graph.nodes["is_stub"].tolist(), all_tags, strict=True)]
+        stubs = graph.nodes["is_stub"].tolist()
+        all_tags = [{} if stub else tags for stub, tags in zip(stubs, all_tags, strict=True)]
     # tags may come back from the tables (graph_from_tables): check the names again before they
     # become pair labels, and from there file names and SQL
     emotions = sorted({e for tags in all_tags for e in tags if EMOTION_NAME.match(e)})
@@ -76,10 +78,12 @@ def extract_training_pairs(
             if len(text) < min_content_chars:
                 continue
             if tags.get(emotion, -1) >= min_positive_score:
-                positives.append({"emotion": emotion, "polarity": "positive", "text": text, "node_id": node_id})
+                positives.append({"emotion": emotion, "polarity": "positive", "text": text,
+                                  "node_id": node_id})
             elif tags and _absent_or_low(tags, emotion, max_negative_score) \
                     and count_mentions(text, emotion) <= max_negative_mentions:
-                negatives.append({"emotion": emotion, "polarity": "negative", "text": text, "node_id": node_id})
+                negatives.append({"emotion": emotion, "polarity": "negative", "text": text,
+                                  "node_id": node_id})
         if not positives or not negatives:
             continue
         rows += _sample(positives, max_examples_per_emotion, seed, emotion, "positive")

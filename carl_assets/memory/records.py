@@ -42,7 +42,7 @@ _SHOW_LIMIT = 120
 def show(value: Any) -> str:
     """`repr(value)` cut to a readable length: reasons quote names, and a hostile name can be 1 MB."""
     text = repr(value)
-    return text if len(text) <= _SHOW_LIMIT else f"{text[:_SHOW_LIMIT - 3]}..."
+    return text if len(text) <= _SHOW_LIMIT else f"{text[: _SHOW_LIMIT - 3]}..."
 
 
 def _keys(record: dict[str, Any]) -> str:
@@ -73,17 +73,23 @@ class Relation:
 
 
 def classify(record: dict[str, Any]) -> str:
-    """"entity", "relation" or "marker" for a record (a JSON object); `RecordProblem` naming the keys found
+    """ "entity", "relation" or "marker" for a record (a JSON object); `RecordProblem` naming the keys found
     and what was expected otherwise."""
     declared = record.get("type")
     if declared is None or declared == "":
         declared = record.get("_type")
     if declared in ("entity", "relation"):
         return declared
-    if isinstance(declared, str) and declared and (declared.startswith("_") or declared.lower() in MARKER_TYPES):
+    if (
+        isinstance(declared, str)
+        and declared
+        and (declared.startswith("_") or declared.lower() in MARKER_TYPES)
+    ):
         return "marker"
     if declared is not None and declared != "":
-        raise RecordProblem(f"unknown record type {show(declared)} (record has keys {_keys(record)}): {EXPECTED}")
+        raise RecordProblem(
+            f"unknown record type {show(declared)} (record has keys {_keys(record)}): {EXPECTED}"
+        )
     if "name" in record and any(k in record for k in (*ENTITY_TYPE_KEYS, "observations")):
         return "entity"
     if any(k in record for k in FROM_KEYS) and any(k in record for k in TO_KEYS):
@@ -99,8 +105,10 @@ def parse_entity(record: dict[str, Any]) -> Entity:
     """The entity of a record `classify` called "entity"; `RecordProblem` if a field has the wrong type."""
     name = record.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise RecordProblem(f"entity without a name: 'name' is {show(name)}, expected a non-empty string "
-                            f"(record has keys {_keys(record)})")
+        raise RecordProblem(
+            f"entity without a name: 'name' is {show(name)}, expected a non-empty string "
+            f"(record has keys {_keys(record)})"
+        )
     type_key = _first_key(record, ENTITY_TYPE_KEYS)
     entity_type = record.get(type_key, "") if type_key else ""
     if entity_type is None:
@@ -111,8 +119,10 @@ def parse_entity(record: dict[str, Any]) -> Entity:
     if raw_observations is None:
         raw_observations = []
     if not isinstance(raw_observations, list):
-        raise RecordProblem(f"entity {show(name)}: observations is a {type(raw_observations).__name__}, "
-                            "expected a list of strings (or of objects with a 'text' string)")
+        raise RecordProblem(
+            f"entity {show(name)}: observations is a {type(raw_observations).__name__}, "
+            "expected a list of strings (or of objects with a 'text' string)"
+        )
     entity = Entity(name, entity_type, [])
     times: list[datetime] = []
     if all(type(item) is str for item in raw_observations):  # the common case, fast
@@ -128,11 +138,17 @@ def parse_entity(record: dict[str, Any]) -> Entity:
                 entity.observation_fields.append({"index": index, **others})
             times += [t for k in TIMESTAMP_KEYS if k in item and (t := parse_timestamp(item[k])) is not None]
         else:
-            raise RecordProblem(f"entity {show(name)}: observation {index} is {show(item)}, expected a string "
-                                "or an object with a 'text' string (observations is not a list of strings)")
+            raise RecordProblem(
+                f"entity {show(name)}: observation {index} is {show(item)}, expected a string "
+                "or an object with a 'text' string (observations is not a list of strings)"
+            )
     entity.extra = {k: v for k, v in record.items() if k not in _ENTITY_KEYS and k != type_key}
     if not times and entity.extra:  # no observation time: the record's own
-        times = [t for k in TIMESTAMP_KEYS if k in entity.extra and (t := parse_timestamp(entity.extra[k])) is not None]
+        times = [
+            t
+            for k in TIMESTAMP_KEYS
+            if k in entity.extra and (t := parse_timestamp(entity.extra[k])) is not None
+        ]
     entity.updated_at = max(times) if times else None
     return entity
 
@@ -155,8 +171,10 @@ def relation_problem(relation: Relation, record: dict[str, Any]) -> str | None:
     ends_ok = all(isinstance(v, str) and v.strip() for v in (relation.src, relation.dst))
     if ends_ok and isinstance(relation.relation, str):
         return None
-    return (f"relation needs string 'from', 'to' and 'relationType': found from={show(relation.src)}, "
-            f"to={show(relation.dst)}, relationType={show(relation.relation)} (record has keys {_keys(record)})")
+    return (
+        f"relation needs string 'from', 'to' and 'relationType': found from={show(relation.src)}, "
+        f"to={show(relation.dst)}, relationType={show(relation.relation)} (record has keys {_keys(record)})"
+    )
 
 
 def parse_timestamp(value: Any) -> datetime | None:

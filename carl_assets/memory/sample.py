@@ -44,7 +44,8 @@ MOODS: dict[str, tuple[tuple[str, ...], float]] = {
 }
 EMOTIONS = sorted({e for members, _ in MOODS.values() for e in members})
 
-PEOPLE = ["Mara", "Jonah", "Priya", "Tomas", "Elena", "Sam", "Ines", "Kofi", "Ruth", "Leo", "my sister", "my father"]
+PEOPLE = ["Mara", "Jonah", "Priya", "Tomas", "Elena", "Sam", "Ines", "Kofi", "Ruth", "Leo", "my sister",
+          "my father"]
 TOPICS = [
     "the tokenizer refactor", "the evaluation harness", "the gradient spikes", "the memory server",
     "the attention probe", "the training loop", "the dream scheduler", "the reward model",
@@ -212,7 +213,8 @@ OPENERS = {
         "Reflecting on {topic} a few days later.", "Looking back at {date}.",
         "A reflection on the week around {topic}.", "Thinking again about what happened with {person}.",
     ],
-    "digest": ["Digest of the week of {date}.", "Weekly digest: {topic} and the rest.", "Summary of entries around {date}."],
+    "digest": ["Digest of the week of {date}.", "Weekly digest: {topic} and the rest.",
+               "Summary of entries around {date}."],
     "pattern": [
         "Pattern: when {topic} stalls, the same feeling comes back.", "A recurring pattern around {topic}.",
         "Pattern noticed across several entries.", "Pattern: days with {person} tend to feel the same way.",
@@ -320,7 +322,8 @@ def sample_records(seed: int = SAMPLE_SEED) -> list[dict[str, Any]]:
     entries = journals + by_kind["reflection"]
     for pattern in by_kind["pattern"]:  # patterns gather entries that share their mood
         same = [e for e in entries if mood_of[e] == mood_of[pattern]] or entries
-        relations += [(pattern, e, "derived_from") for e in rng.sample(same, min(len(same), rng.randint(2, 4)))]
+        picked = rng.sample(same, min(len(same), rng.randint(2, 4)))
+        relations += [(pattern, e, "derived_from") for e in picked]
     sources = by_kind["pattern"] + by_kind["reflection"]
     for lesson in by_kind["lesson"]:
         relations += [(lesson, s, "learned_from") for s in rng.sample(sources, rng.randint(1, 2))]

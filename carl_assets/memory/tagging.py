@@ -51,8 +51,24 @@ STATUSES = ("user", "tagged", "none_found", "stub", "empty_text", "untagged")
 
 # When neither the caller nor the graph's user tags name any emotion: the built-in sample graph's 16
 # emotions, which include every emotion the seed names (warmth, clarity, frustration, love, tiredness).
-DEFAULT_EMOTIONS = ["anxiety", "awe", "calm", "clarity", "confusion", "curiosity", "frustration", "gratitude",
-                    "hope", "joy", "loneliness", "love", "pride", "sadness", "tiredness", "warmth"]
+DEFAULT_EMOTIONS = [
+    "anxiety",
+    "awe",
+    "calm",
+    "clarity",
+    "confusion",
+    "curiosity",
+    "frustration",
+    "gratitude",
+    "hope",
+    "joy",
+    "loneliness",
+    "love",
+    "pride",
+    "sadness",
+    "tiredness",
+    "warmth",
+]
 
 
 def _tags_of(node_id: str, tags_json: Any) -> dict[str, int]:
@@ -61,10 +77,14 @@ def _tags_of(node_id: str, tags_json: Any) -> dict[str, int]:
     try:
         tags = json.loads(tags_json)
     except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"node {node_id!r}: tags_json is not JSON ({exc}); rebuild memory_nodes "
-                         "by materializing memory_graph") from None
+        raise ValueError(
+            f"node {node_id!r}: tags_json is not JSON ({exc}); rebuild memory_nodes "
+            "by materializing memory_graph"
+        ) from None
     if not isinstance(tags, dict):
-        raise ValueError(f"node {node_id!r}: tags_json must be an object of emotion -> score, not {tags_json!r}")
+        raise ValueError(
+            f"node {node_id!r}: tags_json must be an object of emotion -> score, not {tags_json!r}"
+        )
     return tags
 
 
@@ -81,8 +101,15 @@ def user_tags(nodes: pd.DataFrame) -> pd.DataFrame:
 
 def _frame(rows: Iterable[tuple]) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows), columns=TAG_COLUMNS)
-    return frame.astype({"node_id": "string", "emotion": "string", "score": "int64", "source": "string",
-                         "raw_score": "float64"})
+    return frame.astype(
+        {
+            "node_id": "string",
+            "emotion": "string",
+            "score": "int64",
+            "source": "string",
+            "raw_score": "float64",
+        }
+    )
 
 
 def _is_stub(nodes: pd.DataFrame) -> np.ndarray:
@@ -94,7 +121,9 @@ def _is_stub(nodes: pd.DataFrame) -> np.ndarray:
 def _is_empty(nodes: pd.DataFrame) -> np.ndarray:
     """No text, or (where the reader counts them) no observations: a node text that is only the
     entity's name and type gives a tagger nothing to read."""
-    empty = np.array([not str(t).strip() if t is not None and t == t else True for t in nodes["text"].tolist()])
+    empty = np.array(
+        [not str(t).strip() if t is not None and t == t else True for t in nodes["text"].tolist()]
+    )
     if "n_observations" in nodes.columns:
         empty |= nodes["n_observations"].fillna(0).astype(int).to_numpy() == 0
     return empty
@@ -124,17 +153,31 @@ def emotion_vocabulary(nodes: pd.DataFrame, emotions: Sequence[str] | None = Non
     return list(DEFAULT_EMOTIONS)
 
 
-def _score_rows(node_ids: Sequence[str], emotions: Sequence[str], scores: np.ndarray, raw: np.ndarray,
-                source: str, min_score: int) -> list[tuple]:
+def _score_rows(
+    node_ids: Sequence[str],
+    emotions: Sequence[str],
+    scores: np.ndarray,
+    raw: np.ndarray,
+    source: str,
+    min_score: int,
+) -> list[tuple]:
     keep = np.argwhere(scores >= min_score)
     return [(node_ids[i], emotions[j], int(scores[i, j]), source, float(raw[i, j])) for i, j in keep]
 
 
-def _lexicon_rows(node_ids: list[str], texts: list[str], emotions: Sequence[str], min_score: int,
-                  lexicon_map: Mapping[str, Sequence[str]] | None) -> list[tuple]:
+def _lexicon_rows(
+    node_ids: list[str],
+    texts: list[str],
+    emotions: Sequence[str],
+    min_score: int,
+    lexicon_map: Mapping[str, Sequence[str]] | None,
+) -> list[tuple]:
     rates, scored = lexicon_tagger.lexicon_rates(texts, emotions, lexicon_map)
-    scores = np.vectorize(lexicon_tagger.rate_to_score, otypes=[int])(rates) if rates.size else \
-        np.zeros(rates.shape, dtype=int)
+    scores = (
+        np.vectorize(lexicon_tagger.rate_to_score, otypes=[int])(rates)
+        if rates.size
+        else np.zeros(rates.shape, dtype=int)
+    )
     return _score_rows(node_ids, scored, scores, rates, "lexicon", min_score)
 
 
@@ -179,9 +222,16 @@ def tag_nodes(
     if tagger == "lexicon":
         rows = _lexicon_rows(node_ids, texts, emotions, min_score, lexicon_map)
     else:
-        probs = model_tagger.model_probabilities(model, tokenizer, texts, emotions, batch_size=batch_size,
-                                                 max_text_tokens=max_text_tokens, threads=threads,
-                                                 progress=progress)
+        probs = model_tagger.model_probabilities(
+            model,
+            tokenizer,
+            texts,
+            emotions,
+            batch_size=batch_size,
+            max_text_tokens=max_text_tokens,
+            threads=threads,
+            progress=progress,
+        )
         flat = probs.reshape(-1, probs.shape[-1])
         scores, raw = model_tagger.reduce_scores(flat, reduction)
         shape = (len(texts), len(emotions))
@@ -214,8 +264,9 @@ def node_status(nodes: pd.DataFrame, tags: pd.DataFrame, tagger: Tagger) -> pd.D
         else:
             status = "tagged" if n else "none_found"
         rows.append((node_id, status, str(sources.get(node_id, "")) if n else "", n))
-    return pd.DataFrame(rows, columns=STATUS_COLUMNS).astype({"node_id": "string", "status": "string",
-                                                               "source": "string", "n_tags": "int64"})
+    return pd.DataFrame(rows, columns=STATUS_COLUMNS).astype(
+        {"node_id": "string", "status": "string", "source": "string", "n_tags": "int64"}
+    )
 
 
 def tags_by_node(tags: pd.DataFrame, sources: Iterable[str] = SOURCES) -> dict[str, dict[str, int]]:
@@ -231,7 +282,9 @@ def tags_by_node(tags: pd.DataFrame, sources: Iterable[str] = SOURCES) -> dict[s
     return out
 
 
-def nodes_with_tags(nodes: pd.DataFrame, tags: pd.DataFrame, sources: Iterable[str] = SOURCES) -> pd.DataFrame:
+def nodes_with_tags(
+    nodes: pd.DataFrame, tags: pd.DataFrame, sources: Iterable[str] = SOURCES
+) -> pd.DataFrame:
     """A copy of `nodes` whose ``tags_json`` and ``n_tags`` hold the `tags` rows of the given sources
     (so `extract_training_pairs` and anything else that reads ``tags_json`` sees the tagger's tags);
     nodes without such rows get ``{}``. Raises ValueError for an unknown source."""

@@ -61,22 +61,52 @@ class TrainingDefaults:
 OFFLINE_DEFAULTS = TrainingDefaults(
     offline=True,
     dtype="fp32",  # the tuned runs are fp32; bf16 on a 1M-parameter model costs accuracy for no speed
-    sft=SFTDefaults(learning_rate=1.5e-3, lr_scheduler_type="constant", warmup_ratio=0.0, batch_size=8,
-                    gradient_accumulation_steps=1, max_steps=400, gradient_checkpointing=False),
+    sft=SFTDefaults(
+        learning_rate=1.5e-3,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=400,
+        gradient_checkpointing=False,
+    ),
     # "linear" with no warm-up: what TRL used when these values were tuned (its default schedule)
-    grpo=GRPODefaults(learning_rate=1e-4, lr_scheduler_type="linear", warmup_ratio=0.0, batch_size=8,
-                      gradient_accumulation_steps=1, max_steps=16, num_generations=4, max_completion_length=24,
-                      gradient_checkpointing=False),
+    grpo=GRPODefaults(
+        learning_rate=1e-4,
+        lr_scheduler_type="linear",
+        warmup_ratio=0.0,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=16,
+        num_generations=4,
+        max_completion_length=24,
+        gradient_checkpointing=False,
+    ),
 )
 
 REAL_MODEL_DEFAULTS = TrainingDefaults(
     offline=False,
     dtype="auto",  # bf16 mixed precision on a CUDA GPU that has it; on a CPU: CPU_TRAINING_DTYPE
-    sft=SFTDefaults(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_ratio=0.03, batch_size=4,
-                    gradient_accumulation_steps=4, max_steps=300, gradient_checkpointing=True),
-    grpo=GRPODefaults(learning_rate=1e-6, lr_scheduler_type="linear", warmup_ratio=0.0, batch_size=8,
-                      gradient_accumulation_steps=4, max_steps=300, num_generations=8, max_completion_length=256,
-                      gradient_checkpointing=True),
+    sft=SFTDefaults(
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        batch_size=4,
+        gradient_accumulation_steps=4,
+        max_steps=300,
+        gradient_checkpointing=True,
+    ),
+    grpo=GRPODefaults(
+        learning_rate=1e-6,
+        lr_scheduler_type="linear",
+        warmup_ratio=0.0,
+        batch_size=8,
+        gradient_accumulation_steps=4,
+        max_steps=300,
+        num_generations=8,
+        max_completion_length=256,
+        gradient_checkpointing=True,
+    ),
 )
 
 
@@ -105,8 +135,9 @@ PURPOSES = ("inference", "training")
 CPU_TRAINING_DTYPE = "fp32"
 
 
-def resolve_placement(device: str, dtype: str, offline: bool,
-                      purpose: str = "inference") -> tuple[torch.device, torch.dtype]:
+def resolve_placement(
+    device: str, dtype: str, offline: bool, purpose: str = "inference"
+) -> tuple[torch.device, torch.dtype]:
     """The device and dtype an asset runs a model in: `device` resolved ("auto": CUDA, MPS, CPU), and
     `dtype` as asked, where "auto" (or "") is this model's default: fp32 for the offline model (its tuned
     runs); for a real model, bf16 where the device computes it natively and fast (a CUDA GPU with bf16, a
@@ -125,7 +156,9 @@ def resolve_placement(device: str, dtype: str, offline: bool,
         return where, resolve_dtype(OFFLINE_DEFAULTS.dtype, where)
     if purpose == "training":
         if where.type == "cpu":
-            return where, torch.bfloat16 if CPU_TRAINING_DTYPE == "bf16" and native_bf16(where) else torch.float32
+            return where, torch.bfloat16 if CPU_TRAINING_DTYPE == "bf16" and native_bf16(
+                where
+            ) else torch.float32
         return where, resolve_dtype(REAL_MODEL_DEFAULTS.dtype, where)
     return where, fast_dtype(where)
 
@@ -144,13 +177,15 @@ class DreamSamplingDefaults:
 
 # The offline model's tuned values: untruncated sampling from 1.3 down to 0.7 (its ~2k vocabulary has no
 # long tail to fall into).
-OFFLINE_DREAM_SAMPLING = DreamSamplingDefaults(temperature_start=1.3, temperature_end=0.7, top_k=0, top_p=1.0,
-                                               min_p=0.0)
+OFFLINE_DREAM_SAMPLING = DreamSamplingDefaults(
+    temperature_start=1.3, temperature_end=0.7, top_k=0, top_p=1.0, min_p=0.0
+)
 # A real model (SmolLM2-135M-Instruct, 49k vocabulary, checked by reading samples of a dream prompt): at 1.3
 # untruncated it writes word salad; at 1.0 with top-p 0.9 and min-p 0.05 it writes varied, plain English,
 # and 0.6 at the end of the schedule is close to its greedy answers without repeating them.
-REAL_DREAM_SAMPLING = DreamSamplingDefaults(temperature_start=1.0, temperature_end=0.6, top_k=0, top_p=0.9,
-                                            min_p=0.05)
+REAL_DREAM_SAMPLING = DreamSamplingDefaults(
+    temperature_start=1.0, temperature_end=0.6, top_k=0, top_p=0.9, min_p=0.05
+)
 
 
 def dream_sampling_defaults(offline: bool) -> DreamSamplingDefaults:
@@ -240,8 +275,12 @@ def model_defaults(kind: str, offline: bool) -> dict[str, Any]:
     threads = {"threads": default_threads(offline)}
     tables: dict[str, Callable[[], dict[str, Any]]] = {
         "sft": lambda: {**asdict(training.sft), **threads},
-        "grpo": lambda: {**asdict(training.grpo), **asdict(grpo_sampling_defaults(offline)),
-                         "reward": scorer_defaults(offline).grpo_reward, **threads},
+        "grpo": lambda: {
+            **asdict(training.grpo),
+            **asdict(grpo_sampling_defaults(offline)),
+            "reward": scorer_defaults(offline).grpo_reward,
+            **threads,
+        },
         "agent": lambda: asdict(agent_sampling_defaults(offline)),
     }
     if kind not in tables:

@@ -20,15 +20,65 @@ SEED = 13
 N_PER_KIND = {"project": 30, "person": 35, "paper": 30, "concept": 25}
 MISSING = ["Old Orchard Survey", "Grandma's Recipe Book", "Community Seed Swap", "Soil Lab (closed)"]
 
-PLANTS = ["tomato", "runner bean", "kale", "garlic", "rhubarb", "sweet pea", "courgette", "apple", "sorrel",
-          "chard", "leek", "strawberry"]
-PLACES = ["the allotment", "the north bed", "the greenhouse", "the school garden", "the roof terrace",
-          "the orchard strip", "the shed corner"]
-FIRST = ["Ada", "Bram", "Cleo", "Dev", "Esme", "Femi", "Gus", "Hana", "Ivo", "Juno", "Kai", "Lior", "Mina",
-         "Nico", "Oona", "Pavel", "Quinn", "Rosa", "Sami", "Tove"]
+PLANTS = [
+    "tomato",
+    "runner bean",
+    "kale",
+    "garlic",
+    "rhubarb",
+    "sweet pea",
+    "courgette",
+    "apple",
+    "sorrel",
+    "chard",
+    "leek",
+    "strawberry",
+]
+PLACES = [
+    "the allotment",
+    "the north bed",
+    "the greenhouse",
+    "the school garden",
+    "the roof terrace",
+    "the orchard strip",
+    "the shed corner",
+]
+FIRST = [
+    "Ada",
+    "Bram",
+    "Cleo",
+    "Dev",
+    "Esme",
+    "Femi",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Juno",
+    "Kai",
+    "Lior",
+    "Mina",
+    "Nico",
+    "Oona",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tove",
+]
 LAST = ["Marsh", "Holloway", "Reyes", "Okafor", "Lind", "Varga", "Brook", "Tanaka", "Moss", "Quill"]
-TOPICS = ["mulching", "companion planting", "drip irrigation", "crop rotation", "seed saving", "no-dig beds",
-          "pollinator strips", "cold frames", "leaf mould", "green manure", "rainwater harvesting"]
+TOPICS = [
+    "mulching",
+    "companion planting",
+    "drip irrigation",
+    "crop rotation",
+    "seed saving",
+    "no-dig beds",
+    "pollinator strips",
+    "cold frames",
+    "leaf mould",
+    "green manure",
+    "rainwater harvesting",
+]
 
 PROJECT_NOTES = [
     "Started clearing {place} for {plant} in early spring",
@@ -70,20 +120,40 @@ def _slug(name: str) -> str:
 
 def _names(rng: random.Random) -> dict[str, list[str]]:
     people = sorted({f"{rng.choice(FIRST)} {rng.choice(LAST)}" for _ in range(200)})[: N_PER_KIND["person"]]
-    projects = [f"{p.title()} Project {i + 1}" for i, p in enumerate(rng.choices(PLANTS, k=N_PER_KIND["project"]))]
-    papers = [f"On {t.title()} and {p.title()} ({2001 + i})" for i, (t, p) in
-              enumerate(zip(rng.choices(TOPICS, k=N_PER_KIND["paper"]), rng.choices(PLANTS, k=N_PER_KIND["paper"]),
-                            strict=True))]
+    projects = [
+        f"{p.title()} Project {i + 1}" for i, p in enumerate(rng.choices(PLANTS, k=N_PER_KIND["project"]))
+    ]
+    papers = [
+        f"On {t.title()} and {p.title()} ({2001 + i})"
+        for i, (t, p) in enumerate(
+            zip(
+                rng.choices(TOPICS, k=N_PER_KIND["paper"]),
+                rng.choices(PLANTS, k=N_PER_KIND["paper"]),
+                strict=True,
+            )
+        )
+    ]
     rounds = ("Basics", "In Practice", "Advanced")
-    concepts = [f"{t.title()} {rounds[i // len(TOPICS)]}" for i, t in enumerate((TOPICS * 3)[: N_PER_KIND["concept"]])]
+    concepts = [
+        f"{t.title()} {rounds[i // len(TOPICS)]}" for i, t in enumerate((TOPICS * 3)[: N_PER_KIND["concept"]])
+    ]
     return {"project": projects, "person": people, "paper": papers, "concept": concepts}
 
 
 def _observations(rng: random.Random, kind: str, name: str, index: int, start: datetime) -> list:
-    templates = {"project": PROJECT_NOTES, "person": PERSON_NOTES, "paper": PAPER_NOTES,
-                 "concept": CONCEPT_NOTES}[kind]
-    fill = {"place": rng.choice(PLACES), "plant": rng.choice(PLANTS), "topic": rng.choice(TOPICS),
-            "year": 2001 + index % 24, "slug": _slug(name)}
+    templates = {
+        "project": PROJECT_NOTES,
+        "person": PERSON_NOTES,
+        "paper": PAPER_NOTES,
+        "concept": CONCEPT_NOTES,
+    }[kind]
+    fill = {
+        "place": rng.choice(PLACES),
+        "plant": rng.choice(PLANTS),
+        "topic": rng.choice(TOPICS),
+        "year": 2001 + index % 24,
+        "slug": _slug(name),
+    }
     texts = [t.format(**fill) for t in rng.sample(templates, k=rng.randint(2, min(4, len(templates))))]
     if index % 3 != 0:
         return texts
@@ -103,8 +173,14 @@ def build() -> list[dict]:
     records: list[dict] = []
     for kind, kind_names in names.items():
         for i, name in enumerate(kind_names):
-            records.append({"type": "entity", "name": name, "entityType": kind,
-                            "observations": _observations(rng, kind, name, i + len(records), start)})
+            records.append(
+                {
+                    "type": "entity",
+                    "name": name,
+                    "entityType": kind,
+                    "observations": _observations(rng, kind, name, i + len(records), start),
+                }
+            )
     relations = set()
     for person in names["person"]:
         relations.add((person, rng.choice(names["project"]), "works_on"))

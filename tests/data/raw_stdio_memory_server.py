@@ -16,8 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-TOOL = {"name": "read_graph", "description": "Read the entire knowledge graph",
-        "inputSchema": {"type": "object", "properties": {}}}
+TOOL = {
+    "name": "read_graph",
+    "description": "Read the entire knowledge graph",
+    "inputSchema": {"type": "object", "properties": {}},
+}
 
 
 def reply(request_id: object, result: dict) -> None:
@@ -32,16 +35,27 @@ def main() -> None:
         message = json.loads(line)
         method, request_id = message.get("method"), message.get("id")
         if method == "initialize":
-            reply(request_id, {"protocolVersion": message["params"]["protocolVersion"],
-                               "capabilities": {"tools": {}}, "serverInfo": {"name": "raw-memory", "version": "0"}})
+            reply(
+                request_id,
+                {
+                    "protocolVersion": message["params"]["protocolVersion"],
+                    "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "raw-memory", "version": "0"},
+                },
+            )
         elif method == "tools/list":
             reply(request_id, {"tools": [TOOL]})
         elif method == "tools/call":
             if marker is not None:
                 marker.write_text(mode)
             if mode == "die":
-                whole = json.dumps({"jsonrpc": "2.0", "id": request_id,
-                                    "result": {"content": [{"type": "text", "text": '{"entities": []}'}]}})
+                whole = json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": request_id,
+                        "result": {"content": [{"type": "text", "text": '{"entities": []}'}]},
+                    }
+                )
                 sys.stdout.write(whole[: len(whole) // 2])  # half a reply, no newline
                 sys.stdout.flush()
                 print("raw-memory: killed while writing the graph", file=sys.stderr, flush=True)

@@ -40,8 +40,10 @@ REDUCTIONS = ("expected", "argmax")
 # The memory first, the question last: the question is fresh when the model answers, and a node's
 # prompts share their head (one KV cache for all its emotions).
 MEMORY_PART = "Memory: {text}\n\n"
-QUESTION = ("On a scale from 0 (not at all) to 10 (very strongly), how strongly does this memory express "
-            "{emotion}? Answer with one number from 0 to 10.")
+QUESTION = (
+    "On a scale from 0 (not at all) to 10 (very strongly), how strongly does this memory express "
+    "{emotion}? Answer with one number from 0 to 10."
+)
 PLAIN_SUFFIX = "\nRating (0-10):"  # plain-text prompts end here; answers then start with a space
 _SPLIT = "\u241eCARL-SPLIT\u241e"  # marks where the head ends in a rendered chat template
 
@@ -66,8 +68,9 @@ def uses_chat_template(tokenizer: Any) -> bool:
 
 def _render(tokenizer: Any, message: str) -> str:
     if uses_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
     return message + PLAIN_SUFFIX
 
 
@@ -77,7 +80,9 @@ def prompt_pieces(tokenizer: Any, text: str, emotion: str) -> tuple[str, str]:
     `PLAIN_SUFFIX`) on the emotion alone."""
     rendered = _render(tokenizer, MEMORY_PART.format(text=text) + _SPLIT + QUESTION.format(emotion=emotion))
     if rendered.count(_SPLIT) != 1:
-        raise ValueError(f"the chat template of {type(tokenizer).__name__} does not keep the message as written")
+        raise ValueError(
+            f"the chat template of {type(tokenizer).__name__} does not keep the message as written"
+        )
     head, question = rendered.split(_SPLIT)
     return head, question
 
@@ -116,23 +121,32 @@ def score_tokens(tokenizer: Any) -> ScoreTokens:
     tails = []
     for score in SCORES:
         full = list(tokenizer(probe + space + str(score), add_special_tokens=False)["input_ids"])
-        tails.append(tuple(full[len(base):] if full[:len(base)] == base else
-                           tokenizer(space + str(score), add_special_tokens=False)["input_ids"]))
+        tails.append(
+            tuple(
+                full[len(base) :]
+                if full[: len(base)] == base
+                else tokenizer(space + str(score), add_special_tokens=False)["input_ids"]
+            )
+        )
     shared = 0  # tokens every answer starts with: they belong to the prompt
     while all(len(t) > shared + 1 and t[shared] == tails[0][shared] for t in tails):
         shared += 1
     ids = [t[shared:] for t in tails]
     for score, tail in zip(SCORES, ids, strict=True):
         if not 1 <= len(tail) <= 2:
-            raise ValueError(f"the tokenizer {type(tokenizer).__name__} writes the answer {score!r} as "
-                             f"{len(tail)} tokens {list(tail)} (after {shared} shared); the model tagger reads "
-                             "answers of one or two tokens")
+            raise ValueError(
+                f"the tokenizer {type(tokenizer).__name__} writes the answer {score!r} as "
+                f"{len(tail)} tokens {list(tail)} (after {shared} shared); the model tagger reads "
+                "answers of one or two tokens"
+            )
     if len(set(ids)) != len(ids):
         raise ValueError(f"the tokenizer gives two answers the same tokens: {ids}")
     return ScoreTokens(ids, tuple(tails[0][:shared]))
 
 
-def answer_probabilities(first: torch.Tensor, second: dict[int, torch.Tensor], tokens: ScoreTokens) -> np.ndarray:
+def answer_probabilities(
+    first: torch.Tensor, second: dict[int, torch.Tensor], tokens: ScoreTokens
+) -> np.ndarray:
     """P(answer) for 0..10, `[B, 11]` float64, each row summing to 1.
 
     `first`: `[B, V]` log-probabilities at the answer position; `second[t]`: `[B, V]` log-probabilities
@@ -171,8 +185,8 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -196,24 +210,36 @@ def _new_cache(model: Any) -> Any:
         return DynamicCache()
 
 
-def _answer_step(model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+def _answer_step(
+    model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """Log-probabilities `[B, V]` (float32, CPU) at the last of `input_ids`, run on `cache` (which grows)."""
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **_forward_keywords(model, cache))
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **_forward_keywords(model, cache),
+    )
     return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
 
 
 @torch.no_grad()
-def _text_batch(model: Any, heads: list[list[int]], questions: list[list[int]], tokens: ScoreTokens,
-                pad_id: int) -> np.ndarray:
+def _text_batch(
+    model: Any, heads: list[list[int]], questions: list[list[int]], tokens: ScoreTokens, pad_id: int
+) -> np.ndarray:
     """`[len(heads), len(questions), 11]` answer probabilities: the heads run once into a KV cache; each
     question runs on a copy of it, then one more step per first token of a two-token answer."""
     device = next(model.parameters()).device
     ids, mask, positions = _left_pad(heads, pad_id, device)
     cache = _new_cache(model)
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-          **_forward_keywords(model, cache))
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **_forward_keywords(model, cache),
+    )
     b, out = len(heads), np.zeros((len(heads), len(questions), len(SCORES)))
     for j, question in enumerate(questions):
         q = torch.tensor(question, dtype=torch.long, device=device).expand(b, -1)
@@ -224,9 +250,13 @@ def _text_batch(model: Any, heads: list[list[int]], questions: list[list[int]], 
         second, firsts = {}, tokens.firsts_of_pairs
         for k, t in enumerate(firsts):
             step_cache = copy.deepcopy(q_cache) if k < len(firsts) - 1 else q_cache
-            second[t] = _answer_step(model, step_cache, torch.full((b, 1), t, dtype=torch.long, device=device),
-                                     torch.cat([q_mask, torch.ones_like(q_mask[:, :1])], dim=1),
-                                     q_positions[:, -1:] + 1)
+            second[t] = _answer_step(
+                model,
+                step_cache,
+                torch.full((b, 1), t, dtype=torch.long, device=device),
+                torch.cat([q_mask, torch.ones_like(q_mask[:, :1])], dim=1),
+                q_positions[:, -1:] + 1,
+            )
         out[:, j] = answer_probabilities(first, second, tokens)
     return out
 
@@ -243,13 +273,22 @@ def _text_budget(model: Any, tokenizer: Any, questions: list[list[int]], max_tex
         return max_text_tokens
     overhead = len(head_ids(tokenizer, "")) + max(len(q) for q in questions) + 4
     if limit - overhead < 1:
-        raise ValueError(f"the rating prompt alone takes {overhead} tokens; the model holds {limit} positions")
+        raise ValueError(
+            f"the rating prompt alone takes {overhead} tokens; the model holds {limit} positions"
+        )
     return min(max_text_tokens, limit - overhead)
 
 
-def model_probabilities(model: Any, tokenizer: Any, texts: Sequence[str], emotions: Sequence[str],
-                        batch_size: int = 16, max_text_tokens: int = 256, threads: int | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def model_probabilities(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    emotions: Sequence[str],
+    batch_size: int = 16,
+    max_text_tokens: int = 256,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """P(answer = s) for every text, emotion and score s in 0..10: `[len(texts), len(emotions), 11]`
     float64, each `[i, j, :]` summing to 1. `batch_size` texts share a forward pass (each with all its
     emotions); texts longer than `max_text_tokens` tokens (or than the model's positions allow) are cut.
@@ -272,7 +311,7 @@ def model_probabilities(model: Any, tokenizer: Any, texts: Sequence[str], emotio
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch_threads(threads):
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             probs[chunk] = _text_batch(model, [heads[i] for i in chunk], questions, tokens, pad_id)
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
