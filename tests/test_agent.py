@@ -15,7 +15,8 @@ INSTRUCTION = "Which feelings does this memory carry?"
 
 
 def _by_hand(model, tokenizer, max_new_tokens):
-    """The seed's agent step written out: chat template, greedy generate, logits predicting the new tokens."""
+    """The reference's agent step written out: chat template, greedy generate, logits predicting the new
+    tokens."""
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": user_message(OBSERVATION, INSTRUCTION)},
@@ -58,7 +59,7 @@ def test_agent_step_gate_and_phi(tiny_model_and_tokenizer, threshold, acts):
 
 def test_scored_positions_are_the_ones_that_predict_the_tokens(tiny_model_and_tokenizer):
     """Greedy decoding picks the argmax of the distribution that predicts each token: the scored slice must
-    be that distribution (the seed's reward function was one position off)."""
+    be that distribution (the reference's reward function was one position off)."""
     model, tokenizer = tiny_model_and_tokenizer
     scored_logits, new_tokens, all_logits = _by_hand(model, tokenizer, 10)
     assert (scored_logits.argmax(-1) == new_tokens).all()

@@ -1,4 +1,4 @@
-"""CARL maths: the numpy functions against a literal transcription of the seed, the batched and the
+"""CARL maths: the numpy functions against a literal transcription of the reference, the batched and the
 no-[B, T, V] torch paths against the numpy one, and the two gates."""
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from carl_assets.carl import (
 )
 
 # --------------------------------------------------------------------------------------------
-# The seed's loop-form formulas, transcribed literally (reference only; float64 inputs)
+# The reference's loop-form formulas, transcribed literally (reference only; float64 inputs)
 # --------------------------------------------------------------------------------------------
 
 
-def seed_compute_phi(logits):
+def reference_compute_phi(logits):
     T, V = logits.shape
     log_vocab = math.log(V)
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -45,7 +45,7 @@ def seed_compute_phi(logits):
     return phi, probs, entropy
 
 
-def seed_multiscale_coherence(phi):
+def reference_multiscale_coherence(phi):
     T = len(phi)
     if T < 2:
         return 0.5
@@ -64,7 +64,7 @@ def seed_multiscale_coherence(phi):
     return weighted_sum / total_weight if total_weight > 0 else 0.5
 
 
-def seed_cloud_quality(phi, probs, token_ids):
+def reference_cloud_quality(phi, probs, token_ids):
     T = len(phi)
     if T == 0:
         return 0.0
@@ -72,7 +72,7 @@ def seed_cloud_quality(phi, probs, token_ids):
     return float(np.mean(selected_probs * phi))
 
 
-def seed_discontinuity_score(phi):
+def reference_discontinuity_score(phi):
     if len(phi) < 2:
         return 0.5
     delta = np.diff(phi)
@@ -89,13 +89,13 @@ def seed_discontinuity_score(phi):
     return sum(scores) / len(scores) if scores else 0.5
 
 
-def seed_carl_reward(logits, token_ids):
-    phi, probs, entropy = seed_compute_phi(logits)
-    ms = seed_multiscale_coherence(phi)
-    cq = seed_cloud_quality(phi, probs, token_ids)
-    ds = seed_discontinuity_score(phi)
+def reference_carl_reward(logits, token_ids):
+    phi, probs, entropy = reference_compute_phi(logits)
+    ms = reference_multiscale_coherence(phi)
+    cq = reference_cloud_quality(phi, probs, token_ids)
+    ds = reference_discontinuity_score(phi)
     composite = 0.5 * ms + 0.3 * cq + 0.2 * ds
-    with warnings.catch_warnings():  # the seed's mean of an empty phi warns and gives NaN
+    with warnings.catch_warnings():  # the reference's mean of an empty phi warns and gives NaN
         warnings.simplefilter("ignore")
         return composite, {
             "multiscale": ms,
@@ -135,18 +135,18 @@ def test_carl_reward_equals_the_seed_formulas(length):
     ids = rng.integers(0, logits.shape[1], size=length)
     ids[: length // 3] = logits[: length // 3].argmax(-1)  # some selected tokens are the likely ones
     score, comps = carl_reward(logits, ids)
-    ref_score, ref = seed_carl_reward(logits, ids)
+    ref_score, ref = reference_carl_reward(logits, ids)
     assert abs(score - ref_score) <= 1e-9
     for key in ("multiscale", "cloud_quality", "discontinuity"):
         assert abs(comps[key] - ref[key]) <= 1e-9, key
-    if length == 0:  # documented: the seed's defaults, and 0.0 (not NaN) for the phi statistics
+    if length == 0:  # documented: the reference's defaults, and 0.0 (not NaN) for the phi statistics
         assert score == pytest.approx(0.5 * 0.5 + 0.3 * 0.0 + 0.2 * 0.5)
         assert comps["phi_mean"] == comps["phi_std"] == comps["entropy_mean"] == 0.0
     else:
         for key in ("phi_mean", "phi_std", "entropy_mean"):
             assert abs(comps[key] - ref[key]) <= 1e-9, key
     phi, probs, entropy = compute_phi(logits)
-    ref_phi, ref_probs, ref_entropy = seed_compute_phi(logits)
+    ref_phi, ref_probs, ref_entropy = reference_compute_phi(logits)
     np.testing.assert_allclose(phi, ref_phi, atol=1e-12)
     np.testing.assert_allclose(entropy, ref_entropy, atol=1e-12)
 
@@ -161,10 +161,10 @@ def test_random_sequences_exercise_every_discontinuity_branch():
 @pytest.mark.parametrize("length", [2**16 - 1, 2**16, 2**16 + 1, 2**17 + 3])
 def test_multiscale_caps_at_sixteen_scales(length):
     phi = np.random.default_rng(length).uniform(0, 1, size=length)
-    assert abs(multiscale_coherence(phi) - seed_multiscale_coherence(phi)) <= 1e-9
+    assert abs(multiscale_coherence(phi) - reference_multiscale_coherence(phi)) <= 1e-9
     rows = torch.from_numpy(phi).unsqueeze(0)
     batch = carl._multiscale_batch(rows, torch.tensor([length]))
-    assert abs(float(batch[0]) - seed_multiscale_coherence(phi)) <= 1e-9
+    assert abs(float(batch[0]) - reference_multiscale_coherence(phi)) <= 1e-9
 
 
 def test_hand_computed_example():
@@ -213,7 +213,7 @@ def test_masked_minus_inf_logits_are_allowed():
     logits[:, 6:] = -np.inf  # e.g. tokens banned by a logits processor
     score, comps = carl_reward(logits, np.array([0, 1, 2, 3, 4]))
     assert math.isfinite(score)
-    assert abs(score - seed_carl_reward(logits, np.array([0, 1, 2, 3, 4]))[0]) <= 1e-9
+    assert abs(score - reference_carl_reward(logits, np.array([0, 1, 2, 3, 4]))[0]) <= 1e-9
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_carl_reward_batch_float32_matches_numpy_float32():
     assert_rows_match(rewards, components, rows, 1e-5)
 
 
-# The stats path uses the exact entropy -sum p log p; the seed's log(p + 1e-10) differs by at most
+# The stats path uses the exact entropy -sum p log p; the reference's log(p + 1e-10) differs by at most
 # V * 1e-10 nats, i.e. Phi by V * 1e-10 / log V (5e-9 here): float64 agreement is 1e-7, not 1e-9.
 STATS_TOL = 1e-7
 
@@ -400,7 +400,7 @@ def test_phase_transition_gate_skips_logs_without_accuracy():
     gate = PhaseTransitionGate()
     logs = [
         {"mean_token_accuracy": 0.995, "entropy": 0.4},
-        {"eval_loss": 1.2},  # the seed would count this as accuracy 0
+        {"eval_loss": 1.2},  # the reference would count this as accuracy 0
         {"mean_token_accuracy": 0.999},
         {"loss": 0.1, "entropy": 0.9},  # no accuracy: entropy still tracked, window untouched
         {"train_runtime": 3.0},

@@ -33,7 +33,7 @@ def tiny():
 
 def by_hand(model, tokenizer, prompt, completion_ids):
     """The reference: one unpadded forward over prompt + completion, full logits, numpy carl_reward on
-    the positions that predict the completion tokens (the seed's agent-step alignment)."""
+    the positions that predict the completion tokens (the reference's agent-step alignment)."""
     prompt_ids = _prompt_ids(tokenizer, prompt, {})
     ids = torch.tensor([prompt_ids + list(completion_ids)])
     was_training = model.training
@@ -82,7 +82,7 @@ def test_reward_fn_matches_carl_reward_by_hand(tiny):
 
 
 def test_reward_fn_is_one_position_right_of_the_seed(tiny):
-    """The position that predicts token t is len(prompt)-1+t; pairing logits[t] with token t (the seed's
+    """The position that predicts token t is len(prompt)-1+t; pairing logits[t] with token t (the reference's
     reward function) gives a different number."""
     model, tokenizer = tiny
     prompt = [{"role": "user", "content": "Type the name."}]

@@ -105,7 +105,7 @@ def test_two_cycles_chain_their_weights_and_roll_back(tmp_path):
         for path in kept["path"]:  # every kept version loads
             assert (Path(path) / ("dataset" if asset == "sft_dataset" else "model.safetensors")).exists()
 
-    # provenance: the nodes behind cycle 1's SFT checkpoint are its dreams' seeds plus cycle 0's
+    # provenance: the nodes behind cycle 1's SFT checkpoint are its dreams' source nodes plus cycle 0's
     provenance = storage.read_table(db, PROVENANCE_TABLE)
     behind = nodes_behind(provenance, "sft_checkpoint", sft_v1.name)
     scenarios = storage.read_table(db, "dream_scenarios")

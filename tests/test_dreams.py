@@ -154,7 +154,7 @@ def test_starts_are_recent_nodes_of_the_conditioning_kinds(sample_graph):
     eligible = nodes[nodes["kind"].isin(REFLECTIVE)]  # the sample graph's own kinds (auto)
     recent = set(eligible.sort_values("source_line", ascending=False)["node_id"].head(10))
     starts = [w[0] for w in walks]
-    assert set(starts) == recent  # each of the 10 seeds 4 walks (round-robin over a shuffle)
+    assert set(starts) == recent  # each of the 10 starts 4 walks (round-robin over a shuffle)
     assert all(len(w) == config.walk_length + 1 for w in walks)
     # A timestamp column wins over source_line: reverse the order and the oldest become the most recent.
     stamped = nodes.assign(

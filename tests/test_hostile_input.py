@@ -717,7 +717,7 @@ def test_batched_carl_names_the_position_and_ignores_padding():
         full = token_stats_from_logits(head(hidden), tok)
     tiled = token_stats_from_hidden(hidden, head, tok, tile_elements=5 * 16)
     assert torch.isfinite(full.entropy).all() and torch.isneginf(full.selected_logprob[4])
-    # exact entropy vs the seed's log(p + 1e-10): at most V * 1e-10 nats apart (see the docstring)
+    # exact entropy vs the reference's log(p + 1e-10): at most V * 1e-10 nats apart (see the docstring)
     torch.testing.assert_close(tiled.entropy, full.entropy, rtol=0, atol=64e-10)
     torch.testing.assert_close(tiled.selected_logprob, full.selected_logprob, rtol=1e-9, atol=0)
     hidden[3, 0] = float("nan")

@@ -1,4 +1,4 @@
-"""LeWorld populators and synthetic dataset: layouts, semantics and equivalence with the seed's loops."""
+"""LeWorld populators and synthetic dataset: layouts, semantics and equivalence with the reference's loops."""
 
 import math
 
@@ -18,8 +18,8 @@ from carl_assets.leworld.populators import (
 )
 
 
-def seed_structured_loop(n: int, w: int, context: torch.Tensor) -> torch.Tensor:
-    """The seed's per-word loops (region 2 taken from `context`, since its per-word manual_seed stream
+def reference_structured_loop(n: int, w: int, context: torch.Tensor) -> torch.Tensor:
+    """The reference's per-word loops (region 2 taken from `context`, since its per-word manual_seed stream
     is replaced by one generator: same distribution, different bits)."""
     memory = torch.zeros(n, w)
     quarter = n // 4
@@ -43,7 +43,7 @@ def seed_structured_loop(n: int, w: int, context: torch.Tensor) -> torch.Tensor:
 def test_structured_patterns_match_seed_layout(n, w):
     bits = structured_bits(n, w, seed=3)
     quarter = n // 4
-    reference = seed_structured_loop(n, w, bits[quarter : 2 * quarter])
+    reference = reference_structured_loop(n, w, bits[quarter : 2 * quarter])
     assert torch.equal(bits, reference)
     # Region layout, stated directly.
     assert torch.equal(bits[:quarter].argmax(1), torch.arange(quarter) % w)
@@ -85,7 +85,7 @@ def test_from_experience_matches_seed_loop(dim):
     experiences = torch.randn(50, dim, generator=torch.Generator().manual_seed(0))
     written = from_experience(memory, experiences)
     assert written == 50
-    for i in range(50):  # the seed's per-row loop
+    for i in range(50):  # the reference's per-row loop
         feat = experiences[i]
         if len(feat) >= w:
             bits = (feat[:w] > feat[:w].median()).float()
@@ -93,7 +93,7 @@ def test_from_experience_matches_seed_loop(dim):
             bits = torch.zeros(w)
             bits[: len(feat)] = (feat > feat.median()).float()
         assert torch.equal(memory.memory[i], bits)
-    assert memory.memory[50:].sum() == 0  # the rest untouched, as in the seed
+    assert memory.memory[50:].sum() == 0  # the rest untouched, as in the reference
     from_experience(memory, experiences, tile=True)
     assert torch.equal(memory.memory[50:100], memory.memory[:50])
 
@@ -163,7 +163,7 @@ def test_closed_form_equals_recurrence():
 
 @pytest.mark.parametrize("difficulty", ["easy", "hard"])
 def test_dataset_equals_seed_loop_on_the_same_draws(memory_bits, difficulty):
-    """Replay the generator's draws and run the seed's per-sequence, per-region, per-step loops."""
+    """Replay the generator's draws and run the reference's per-sequence, per-region, per-step loops."""
     n, seed = 6, 11
     data = generate_sequences(memory_bits, n, T, D, C, difficulty, generator=seed)
     g = torch.Generator().manual_seed(seed)
@@ -219,7 +219,7 @@ def test_dynamics_depend_on_relevant_memory_only(memory_bits, mix):
         generate_sequences(elsewhere, 40, T, D, C, "medium", generator=3, mix=mix).states, data.states
     )
 
-    # The first region drives the dynamics only with mix="mean" (the seed keeps the last region's run).
+    # The first region drives the dynamics only with mix="mean" (the reference keeps the last region's run).
     s0, e0 = data.relevant_starts[0, 0].item(), data.relevant_ends[0, 0].item()
     first = memory_bits.clone()
     first[s0:e0] = 1 - first[s0:e0]

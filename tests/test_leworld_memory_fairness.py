@@ -58,13 +58,13 @@ def test_cue_spells_the_addresses_in_the_characteristics_signs():
     bits = structured_bits(65536, 32)
     plain = generate_sequences(bits, 400, 5, 64, 32, "medium", generator=3)
     cued = generate_sequences(bits, 400, 5, 64, 32, "medium", generator=3, cue="characteristics")
-    # Same draws: the regions and the magnitudes of the characteristics are those of the seed's mode.
+    # Same draws: the regions and the magnitudes of the characteristics are those of the reference's mode.
     assert torch.equal(cued.relevant_starts, plain.relevant_starts)
     assert torch.equal(cued.characteristics.abs(), plain.characteristics.abs())
     # Two regions of a 16-bit address space in 32 dims: every address bit is spelled out.
     assert cue_bits(65536, 32, 2) == 16 and address_bits(65536) == 16
     assert torch.equal(decode_cue(cued.characteristics, 2, 65536), cued.relevant_starts[:, :2])
-    # The seed's mode carries no such information (about half the bits agree by chance).
+    # The reference's mode carries no such information (about half the bits agree by chance).
     agree = (decode_cue(plain.characteristics, 2, 65536) == plain.relevant_starts[:, :2]).float().mean()
     assert agree < 0.01
     # Each characteristic stays standard normal.
@@ -230,9 +230,9 @@ def test_reinforce_term_gives_the_info_request_decision_a_gradient(cued):
     with torch.no_grad():  # an undecided gate, so that both decisions are drawn
         system.blm.info_gate.bias.zero_()
 
-    # The seed's form is inert: the decision head gets no gradient from it.
-    (seed_w, seed_b), _ = gate_grads(system, batch, "seed", 0.1)
-    assert seed_w.abs().sum() == 0 and seed_b.abs().sum() == 0
+    # The reference's form is inert: the decision head gets no gradient from it.
+    (ref_w, ref_b), _ = gate_grads(system, batch, "reference", 0.1)
+    assert ref_w.abs().sum() == 0 and ref_b.abs().sum() == 0
 
     (w1, b1), metrics = gate_grads(system, batch, "reinforce", 0.1)
     assert b1.abs().sum() > 0 and w1.abs().sum() > 0

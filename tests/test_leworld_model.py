@@ -156,7 +156,7 @@ def test_phase2_reduces_total_loss_and_anneals(data):
     assert m["temperature"].iloc[-1] < m["temperature"].iloc[0] < 1.0
 
 
-@pytest.mark.parametrize("utility", ["reinforce", "seed"])
+@pytest.mark.parametrize("utility", ["reinforce", "reference"])
 def test_phase3_reduces_loss_with_info(data, utility):
     _, m = run_phase(3, data, 5, phase3_lr=1e-2, info_utility=utility)
     assert m["loss_with_info"].iloc[-1] < 0.9 * m["loss_with_info"].iloc[0]
@@ -168,7 +168,7 @@ def test_phase3_reduces_loss_with_info(data, utility):
         )
         assert ((m["info_sent_rate"] > 0) & (m["info_sent_rate"] < 1)).all()
         return
-    # The seed's objective: loss with info minus λ·(detached improvement over the branch without it).
+    # The reference's objective: loss with info minus λ·(detached improvement over the branch without it).
     expected = m["loss_with_info"] - 0.1 * (m["loss_without_info"] - m["loss_with_info"])
     assert torch.allclose(torch.tensor(m["total_loss"].values), torch.tensor(expected.values), atol=1e-6)
 
@@ -236,7 +236,7 @@ def test_oracle_reads_read_the_given_regions(data):
 
 
 def test_seed_pipeline_runs_as_written():
-    """The seed's `run_training` flow with its class names: populate, dataset + DataLoader, the three
+    """The reference's `run_training` flow with its class names: populate, dataset + DataLoader, the three
     trainers' steps, the evaluator."""
     from torch.utils.data import DataLoader
 
@@ -281,4 +281,4 @@ def test_seed_pipeline_runs_as_written():
     assert set(metrics) == {"mse", "mae", "step_mses", "routing_entropy", "slm_usage"}
     assert len(metrics["step_mses"]) == 3 and len(metrics["slm_usage"]) == 3
     assert metrics["mse"] == pytest.approx(sum(metrics["step_mses"]) / 3, rel=1e-5)
-    assert run()["mse"] == metrics["mse"]  # torch.manual_seed governs it, as in the seed
+    assert run()["mse"] == metrics["mse"]  # torch.manual_seed governs it, as in the reference

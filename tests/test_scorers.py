@@ -196,7 +196,7 @@ def test_reward_functions_are_named_and_score_what_the_scorer_scores(lively, sam
     assert empty == [pytest.approx(-math.log(vocab))]  # never above a real answer, unlike 0.0
     assert make_carl_reward_fn(model, tok)([PROMPTS[0]], [""], completion_ids=[[]]) == [
         0.0
-    ]  # the seed's rule
+    ]  # the reference's rule
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward_fn("rouge", model, tok)
 
@@ -233,7 +233,7 @@ def test_dream_config_takes_the_models_defaults_unless_set():
     from carl_assets.models.defaults import dream_sampling_defaults, scorer_defaults
 
     config = DreamScenariosConfig()
-    # the offline model keeps its tuned, untruncated schedule and the seed's CARL
+    # the offline model keeps its tuned, untruncated schedule and the reference's CARL
     assert config.sampling(offline=True) == Sampling()
     assert (config.schedule(True).temperature_start, config.schedule(True).temperature_end) == (1.3, 0.7)
     assert config.scorer_spec(offline=True) == "carl"

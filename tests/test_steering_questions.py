@@ -1,4 +1,4 @@
-"""The amygdala seed's open questions, measured: layer selection (`auto`), BOS left out of the mean,
+"""The amygdala reference's open questions, measured: layer selection (`auto`), BOS left out of the mean,
 cross-talk, generalisation to an unseen node kind and to a user's text file, emotion selection, low-score
 negatives, the [E, L, H] view, and texts longer than the model's positions."""
 

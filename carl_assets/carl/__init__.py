@@ -1,6 +1,6 @@
 """CARL: the order parameter, the coherence rewards and gates, and the training built on them.
 
-- `coherence`: constants, the numpy maths with the seed's semantics, the gates (no torch import).
+- `coherence`: constants, the numpy maths with the reference's semantics, the gates (no torch import).
 - `batch`: the same rewards over a right-padded torch batch, and from per-token statistics.
 - `reward_fn`: the TRL GRPO reward function that re-scores completions under the policy.
 - `sft_data`, `training`, `agent`: templated SFT data, TRL SFT/GRPO runs, the gated agent step.

@@ -14,7 +14,7 @@ and three reward signals are read from the Phi sequence of a completion:
 
 Three implementations compute the same numbers:
 
-- `carl_reward(logits, token_ids)`: numpy, one sequence, the seed's semantics exactly (population
+- `carl_reward(logits, token_ids)`: numpy, one sequence, the reference's semantics exactly (population
   std, trimmed blocks, ``min(floor(log2 T) + 1, 16)`` scales, the thresholds, the 0.5 defaults).
 - `carl_reward_batch(logits, token_ids, attention_mask)`: torch, a right-padded ``[B, T, V]`` batch,
   vectorised over tokens (a loop over at most 16 scales only).
@@ -22,15 +22,15 @@ Three implementations compute the same numbers:
   entropy and log P(selected token) only, which `token_stats_from_hidden` computes by running the LM
   head over tiles of positions x vocabulary with an online log-sum-exp, so memory grows with B*T and
   no ``[B, T, V]`` tensor is ever held. This is the path `make_carl_reward_fn` uses inside TRL's GRPO.
-  It uses the exact entropy ``-sum p log p``; the seed's ``log(p + 1e-10)`` moves Phi by at most
+  It uses the exact entropy ``-sum p log p``; the reference's ``log(p + 1e-10)`` moves Phi by at most
   ``V * 1e-10 / log V`` (3e-7 at V = 32k).
 
 Sequence-level maths in torch runs in float64, so threshold comparisons (|dPhi| > 0.03, Phi < 0.5,
 Phi > 0.7) agree with numpy; with float32 logits the per-token Phi carries float32 rounding (~1e-7).
 
-Empty sequences (T = 0): the seed's per-component defaults apply (multiscale 0.5, cloud quality 0.0,
+Empty sequences (T = 0): the reference's per-component defaults apply (multiscale 0.5, cloud quality 0.0,
 discontinuity 0.5, so R = 0.35), and phi_mean / phi_std / entropy_mean are reported as 0.0 rather
-than the NaN of a mean over nothing — the seed's agent step also treats an empty completion as
+than the NaN of a mean over nothing — the reference's agent step also treats an empty completion as
 phi_mean = 0.0, which the coherence gate turns into an abstention.
 
 The gates: `coherence_gate` (act only when Phi >= sigma) and `PhaseTransitionGate` (a transformers
@@ -60,7 +60,7 @@ DEFECT_THRESHOLD = 0.03  # minimum |delta Phi| for a discontinuity event
 
 WEIGHTS = {"multiscale": 0.5, "cloud_quality": 0.3, "discontinuity": 0.2}
 MAX_SCALES = 16
-_ENTROPY_EPS = 1e-10  # the seed's log(p + 1e-10); kept everywhere so all paths agree
+_ENTROPY_EPS = 1e-10  # the reference's log(p + 1e-10); kept everywhere so all paths agree
 COMPONENT_KEYS = ("multiscale", "cloud_quality", "discontinuity", "phi_mean", "phi_std", "entropy_mean")
 
 
@@ -74,7 +74,7 @@ def t_star(d: int) -> int:
 
 
 # ============================================================================================
-# numpy, one sequence — the seed's semantics
+# numpy, one sequence — the reference's semantics
 # ============================================================================================
 
 
@@ -135,7 +135,7 @@ def _check_token_ids(token_ids: np.ndarray, length: int, vocab_size: int) -> np.
 def compute_phi(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Order parameter from logits ``[T, V]``: returns ``(phi, probs, entropy)``, shapes [T], [T, V], [T].
 
-    ``Phi_t = 1 - H(P_t) / log V`` with ``H = -sum p log(p + 1e-10)`` (the seed's epsilon), computed in
+    ``Phi_t = 1 - H(P_t) / log V`` with ``H = -sum p log(p + 1e-10)`` (the reference's epsilon), computed in
     the logits' dtype. A -inf logit is an impossible token (probability 0, as in masked decoding); NaN
     or +inf anywhere, or a row entirely -inf, raises ``ValueError`` naming the first such position.
     """
@@ -150,7 +150,7 @@ def compute_phi(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _num_scales(length: int) -> int:
-    """The seed's ``min(int(log2 T) + 1, 16)``; with exact integer log2 (bit length)."""
+    """The reference's ``min(int(log2 T) + 1, 16)``; with exact integer log2 (bit length)."""
     return min(int(length).bit_length(), MAX_SCALES) if length >= 1 else 0
 
 
@@ -266,7 +266,7 @@ class _PhaseTransitionGate:
     Fires once, when ``min_above`` of the last ``window`` logged ``mean_token_accuracy`` values reach
     ``threshold`` (default: 3 of the last 5 at >= 0.99), which is robust to single-batch noise. It then
     sets ``control.should_training_stop``. Logs without ``mean_token_accuracy`` (evaluation logs, the
-    final summary) are skipped — the seed counted them as accuracy 0. The peak of the logged
+    final summary) are skipped — the reference counted them as accuracy 0. The peak of the logged
     ``entropy`` (whenever present) and its step are tracked too. TRL's SFT averages the accuracy over
     ``logging_steps``, so use ``logging_steps=1``.
 

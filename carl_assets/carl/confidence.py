@@ -5,7 +5,7 @@ the first token).
 For completion tokens ``y_1 .. y_T``, the predicting distributions ``p_t`` over a vocabulary of size
 ``V`` and entropies ``H(p_t) = -sum_v p_t(v) log p_t(v)`` (nats):
 
-- ``phi_mean = mean_t (1 - H(p_t) / log V)``: CARL's order parameter (the seed's `compute_phi`).
+- ``phi_mean = mean_t (1 - H(p_t) / log V)``: CARL's order parameter (the reference's `compute_phi`).
 - ``neg_entropy = -mean_t H(p_t)``: the RENT reward (Prabhudesai et al. 2025, "Maximizing Confidence
   Alone Improves Reasoning").
 - ``self_certainty = mean_t KL(U || p_t) = mean_t (-log V - (1/V) sum_v log p_t(v))``: the reward of

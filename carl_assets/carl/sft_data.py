@@ -104,7 +104,7 @@ def _question(task: str) -> str:
 
 
 def user_message(observation: str, instruction: str) -> str:
-    """The seed agent's user turn: the observation, a blank line, then the instruction."""
+    """The reference agent's user turn: the observation, a blank line, then the instruction."""
     return f"{observation}\n\nInstruction: {instruction}"
 
 

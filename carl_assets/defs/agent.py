@@ -145,7 +145,7 @@ def _metadata(
         "base_model": dg.AssetIn(),
     },
     kinds={"duckdb"},
-    description="The seed's coherence-gated agent step on held-out memory tasks, for the SFT and GRPO "
+    description="The reference's coherence-gated agent step on held-out memory tasks, for the SFT and GRPO "
     "checkpoints: response or abstain, phi mean, confidence, CARL reward; and the amygdala readout of each "
     "turn (residual stream projected on the steering vectors, as a vLLM readout does when serving). DuckDB "
     "`agent_evaluation` (one row per task and checkpoint), `agent_evaluation_summary` (act rate, mean "

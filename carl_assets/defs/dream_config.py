@@ -11,9 +11,9 @@ from carl_assets.dreams import DreamConfig, NoiseSchedule, WalkConfig
 from carl_assets.dreams.generation import Sampling
 from carl_assets.models.defaults import OFFLINE_DEFAULTS, dream_sampling_defaults, scorer_defaults
 
-# The seed's noise schedule is lr 1e-4 -> 1e-5 for a real model; the 1M-parameter offline model needs
+# The reference's noise schedule is lr 1e-4 -> 1e-5 for a real model; the 1M-parameter offline model needs
 # the larger rate SFT is tuned to (it does not crystallize on its dreams at 1e-4 within a CPU budget).
-SEED_LR = (1e-4, 1e-5)
+REFERENCE_LR = (1e-4, 1e-5)
 OFFLINE_LR = (OFFLINE_DEFAULTS.sft.learning_rate, OFFLINE_DEFAULTS.sft.learning_rate / 10)
 
 
@@ -108,12 +108,12 @@ class DreamScenariosConfig(dg.Config):
     lr_start: float = Field(
         default=0.0,
         description="noise schedule: SFT learning rate of cycle 0 (0: the "
-        "seed's 1e-4 for a real model, 1.5e-3 for the offline model)",
+        "reference's 1e-4 for a real model, 1.5e-3 for the offline model)",
     )
     lr_end: float = Field(
         default=0.0,
         description="noise schedule: learning rate of the last cycle (0: a "
-        "tenth of lr_start, as the seed's 1e-4 -> 1e-5)",
+        "tenth of lr_start, as the reference's 1e-4 -> 1e-5)",
     )
     seed: int = Field(default=0, description="seed of walks, collisions and sampling (mixed with the cycle)")
     # Not performance-only: each generate batch samples from its own seeded stream, so the batching
@@ -143,7 +143,7 @@ class DreamScenariosConfig(dg.Config):
     def schedule(self, offline: bool) -> NoiseSchedule:
         """The noise schedule: each 0/None field as the model's default."""
         defaults = dream_sampling_defaults(offline)
-        lr_start = self.lr_start or (OFFLINE_LR if offline else SEED_LR)[0]
+        lr_start = self.lr_start or (OFFLINE_LR if offline else REFERENCE_LR)[0]
         lr_end = self.lr_end or lr_start / 10
         return NoiseSchedule(
             cycles=self.schedule_cycles,

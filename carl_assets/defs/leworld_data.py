@@ -43,8 +43,8 @@ class LeWorldMemoryConfig(dg.Config):
 
     populator: str = Field(
         default="structured",
-        description="how the memory is filled: 'structured' (the seed's four pattern quarters), 'random' "
-        "(fair coin bits) or 'experience' (the sentences of the memory graph's node texts, DuckDB "
+        description="how the memory is filled: 'structured' (the reference's four pattern quarters), "
+        "'random' (fair coin bits) or 'experience' (the sentences of the memory graph's node texts, DuckDB "
         "memory_nodes)",
     )
     num_words: int = Field(default=65536, description="words of memory, 1,024..65,536 (two address bytes)")
@@ -65,12 +65,12 @@ class LeWorldDatasetConfig(dg.Config):
         default="medium", description="'easy', 'medium' or 'hard': 1, 2 or 3 relevant memory regions")
     mix: str = Field(
         default="last",
-        description="'last': the seed (the last relevant region drives the dynamics); 'mean': every region "
-        "does",
+        description="'last': the reference (the last relevant region drives the dynamics); 'mean': every "
+        "region does",
     )
     cue: str = Field(
         default="none",
-        description="'none': the seed (regions drawn independently of anything a model sees, so memory "
+        description="'none': the reference (regions drawn independently of anything a model sees, so memory "
         "cannot matter); 'characteristics': the characteristics' signs spell each region's start address in "
         "binary (magnitudes unchanged), so an SLM can find the region and memory can matter",
     )
@@ -107,7 +107,7 @@ def _populate(config: LeWorldMemoryConfig, memory_graph: AssetHandle
     features = text_experiences(nodes["text"].astype(str).tolist(), config.word_size, config.seed)
     if not len(features):
         raise ValueError("memory_nodes has no text to populate the LeWorld memory from")
-    # One word per sentence, repeated to fill the memory (the seed left the rest untouched).
+    # One word per sentence, repeated to fill the memory (the reference left the rest untouched).
     return memory, {"experience_rows": from_experience(memory, features, tile=True), "nodes": len(nodes)}
 
 

@@ -64,17 +64,17 @@ class LeWorldModelConfig(dg.Config):
     phase1_lr: float = Field(default=1e-3, description="phase 1 learning rate")
     phase2_lr: float = Field(default=3e-4, description="phase 2 learning rate (cosine warm restarts)")
     phase3_lr: float = Field(default=1e-4, description="phase 3 learning rate of the info-request group (the "
-                             "seed's groups: SLMs and the rest of the BLM ×0.1, memory encoder ×0.01)")
+                             "reference's groups: SLMs and the rest of the BLM ×0.1, memory encoder ×0.01)")
     info_utility: str = Field(
         default="reinforce",
         description="phase 3's information-utility term: 'reinforce' (REINFORCE on the BLM's decision to "
-        "send its info request, reward = the improvement over the branch without it) or 'seed' (the seed's "
-        "detached form, which has no gradient: documented, inert)",
+        "send its info request, reward = the improvement over the branch without it) or 'reference' (the "
+        "reference's detached form, which has no gradient: documented, inert; 'seed' is its earlier name)",
     )
     lambda_info_util: float = Field(default=0.1,
                                     description="weight λ of phase 3's information-utility term")
-    slm_d_model: int = Field(default=64, description="SLM width (the seed used 128; 64 halves the SLMs' cost "
-                             "at the same validation MSE here)")
+    slm_d_model: int = Field(default=64, description="SLM width (the reference used 128; 64 halves the "
+                             "SLMs' cost at the same validation MSE here)")
     blm_d_model: int = Field(default=128, description="BLM width (hidden size of the big model)")
     n_slms: int = Field(default=3, description="number of small models (address pickers)")
     info_dim: int = Field(default=16, description="size of the BLM's info request")
@@ -94,7 +94,7 @@ class LeWorldModelConfig(dg.Config):
 class LeWorldEvaluationConfig(dg.Config):
     """leworld_evaluation: the rollout horizon."""
 
-    n_steps: int = Field(default=5, description="rollout horizon, as in the seed's evaluator")
+    n_steps: int = Field(default=5, description="rollout horizon, as in the reference's evaluator")
 
 
 def _loss_series(metrics: pd.DataFrame, names: list[tuple[int | None, str]], offsets: dict[int, int]
@@ -217,7 +217,7 @@ def model_sound(metrics: pd.DataFrame, folder: Path) -> dg.AssetCheckResult:
     group_name=GROUP,
     kinds={"pytorch", "safetensors", "duckdb"},
     check_specs=[MODEL_SOUND],
-    description="The LeWorld system trained in the seed's three phases (pre-training apart, end to end, "
+    description="The LeWorld system trained in the reference's three phases (pre-training apart, end to end, "
     "info-request refinement), and for the memory verdict the same architecture trained with and without "
     "memory reads over several seeds; the primary checkpoint (with memory, the first seed) as safetensors + "
     "config.json at the top, every replicate under replicates/, per-epoch metrics in `leworld_metrics`.",

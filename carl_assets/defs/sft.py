@@ -23,7 +23,7 @@ from carl_assets.dreams.cycle_state import CYCLE_FILE, DreamCycleState
 from carl_assets.handles import DATASET_DIR, GRPO_PROMPTS_DIR, AssetHandle
 
 TEMPLATE_SOURCES = ("templates", "memory_graph")  # "memory_graph" is the older name of the templated source
-# Provenance: which memory nodes each SFT example came from (one row per example and seed node).
+# Provenance: which memory nodes each SFT example came from (one row per example and source node).
 PROVENANCE_VIEW_SQL = """
 CREATE OR REPLACE VIEW sft_example_nodes AS
 SELECT example_id, dream_id, unnest(CAST(json_extract_string(node_ids_json, '$[*]') AS VARCHAR[])) AS node_id
@@ -95,7 +95,7 @@ def _grpo_prompt_dataset(rows: pd.DataFrame) -> Dataset:
 
 
 def _hf_from_examples(examples: pd.DataFrame) -> Dataset:
-    """TRL's conversational prompt-completion dataset, each example with its ids and seed node ids."""
+    """TRL's conversational prompt-completion dataset, each example with its ids and source node ids."""
     return Dataset.from_dict(
         {
             "prompt": [json.loads(p) for p in examples["prompt_json"]],
@@ -109,7 +109,7 @@ def _hf_from_examples(examples: pd.DataFrame) -> Dataset:
 
 def _dream_examples(dreams: AssetHandle) -> tuple[pd.DataFrame, DreamCycleState]:
     """The kept responses of the dream cycle in the declared dream_scenarios version (the one this run
-    dreamed, else the current one) as SFT rows, each with its dream id and seed node ids; and that cycle."""
+    dreamed, else the current one) as SFT rows, each with its dream id and source node ids; and that cycle."""
     state = DreamCycleState.load(dreams.file(CYCLE_FILE))
     frame = dreams.read("dream_scenarios")
     examples = sft_examples_from_dreams(frame[frame["cycle"] == state.cycle])
@@ -204,7 +204,7 @@ def _metadata(
     check_specs=[CHAT_CHECK],
     description="Chat-format SFT examples (system + user prompt, one assistant answer). Default: the kept "
     "responses of the dream cycle this run dreamed, else the current one (filtered behavioural cloning), "
-    "each with its dream id and seed node ids, and that cycle's state (cycle.json) beside them; or short "
+    "each with its dream id and source node ids, and that cycle's state (cycle.json) beside them; or short "
     "templated answers about memory nodes. DuckDB `sft_dataset` + held-out `agent_tasks` + the provenance "
     "view `sft_example_nodes`, and an HF dataset on disk (TRL's conversational prompt-completion).",
 )

@@ -1,4 +1,4 @@
-"""Convergence of the dream loop, as the seed defines it.
+"""Convergence of the dream loop, as the reference defines it.
 
 Per cycle: how many responses the filter rejects, the spread of scores, and the fraction of
 scenarios with no signal (every response scored alike: the scenario is too easy or too hard to teach

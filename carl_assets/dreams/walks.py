@@ -16,7 +16,7 @@ but the file never created; its text is only its name).
 Walk starts. Stub nodes never start a walk (walks may pass through them). Starts are the `recent_nodes`
 most recent candidates: by `updated_at` (the latest observation timestamp) when the table has one with
 any value, else `timestamp`/`created_at`, else file order (`source_line`); undated nodes count as older
-than dated ones, ties go to the later line. With file order only, every candidate seeds an equal share
+than dated ones, ties go to the later line. With file order only, every candidate starts an equal share
 of the walks. With dates, the share of a candidate dated `age` days before the newest one is
 proportional to 0.5 ** (age / `recency_half_life_days`) (undated ones weigh as the oldest dated one),
 and walks are dealt out by largest remainders, so the counts follow the weights to within one walk.
@@ -200,7 +200,7 @@ def start_candidates(nodes: pd.DataFrame, config: WalkConfig) -> np.ndarray:
 
 
 def start_weights(nodes: pd.DataFrame, candidates: np.ndarray, config: WalkConfig) -> np.ndarray | None:
-    """[len(candidates)] shares of the walks each candidate seeds (summing to 1), or None for equal
+    """[len(candidates)] shares of the walks each candidate starts (summing to 1), or None for equal
     shares (file order only, no dated candidate, or `recency_half_life_days` <= 0): a candidate dated
     `age` days before the newest weighs 0.5 ** (age / half-life); undated ones weigh as the oldest."""
     dated = _dated_recency(nodes)

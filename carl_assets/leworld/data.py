@@ -1,14 +1,14 @@
 """Synthetic state-transition sequences whose dynamics depend on memory, generated all at once.
 
-Seed semantics (`StateTransitionDataset`): per sequence, characteristics c ~ N(0, I_char), n_relevant
+Reference semantics (`StateTransitionDataset`): per sequence, characteristics c ~ N(0, I_char), n_relevant
 regions (easy 1, medium 2, hard 3) with start ~ U{0..num_words-256} and length ~ U{16..128}, x_0 ~ N(0, I),
 and for t >= 1
 
     x_t = 0.8 x_{t-1} + 0.15 s + 0.05 c̃ + ε_t,   ε_t ~ N(0, 0.1² I)
 
 where s is the region's mean bits mapped to [-1, 1] and tiled to state_dim, c̃ the tiled characteristics.
-In the seed the time loop is re-run for every region, each run overwriting x_1.. with fresh noise, so
-only the *last* region drives the dynamics (`mix="last"`, the default, same distribution as the seed);
+In the reference the time loop is re-run for every region, each run overwriting x_1.. with fresh noise, so
+only the *last* region drives the dynamics (`mix="last"`, the default, same distribution as the reference);
 `mix="mean"` uses the mean of all regions' s instead, so every relevant region matters.
 
 No loop per sequence or per step: region means come from one `embedding_bag` over the regions' words,
@@ -19,7 +19,7 @@ recurrence has the closed form
 
 i.e. one batched matrix product of a fixed [T, T+1] kernel with (x_0, b, ε_1, …, ε_{T-1}).
 
-Cues (`cue`). In the seed (`cue="none"`) the relevant regions are drawn independently of everything a
+Cues (`cue`). In the reference (`cue="none"`) the relevant regions are drawn independently of everything a
 model sees, so no SLM can know where to read and memory cannot help beyond chance. `cue="characteristics"`
 writes each region's start address into the *signs* of the characteristics (region r owns dims
 [r·B, (r+1)·B), bit j of the address's top B bits is the sign of dim r·B + j, low bit first), keeping
@@ -57,7 +57,8 @@ def n_relevant_for(difficulty: str | int) -> int:
 
 
 def tile_index(dim: int, width: int) -> torch.Tensor:
-    """Indices that tile a `width` vector to `dim` entries (the seed's `.repeat(ceil(dim/width))[:dim]`)."""
+    """Indices that tile a `width` vector to `dim` entries (the reference's
+    `.repeat(ceil(dim/width))[:dim]`)."""
     return torch.arange(dim) % width
 
 
@@ -66,7 +67,7 @@ def region_means(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Te
 
     One `embedding_bag(mode="mean")` over the concatenated word indices of all regions: it reads only
     the words in the regions (no prefix sum over the whole memory), and a sum of 0/1 bits divided by the
-    length rounds exactly as the seed's `.mean(dim=0)` does."""
+    length rounds exactly as the reference's `.mean(dim=0)` does."""
     flat_starts, lengths = starts.reshape(-1).long(), (ends - starts).reshape(-1).long().clamp(min=0)
     offsets = torch.cumsum(lengths, 0) - lengths
     total = int(lengths.sum())
@@ -147,7 +148,7 @@ def evolve(x0: torch.Tensor, drive: torch.Tensor, noise: torch.Tensor, decay: fl
 
 @dataclass
 class SequenceBatch:
-    """All sequences of a split as tensors (`relevant_*` padded to 3 with zeros, as the seed's items)."""
+    """All sequences of a split as tensors (`relevant_*` padded to 3 with zeros, as the reference's items)."""
 
     states: torch.Tensor  # [N, T, state_dim]
     characteristics: torch.Tensor  # [N, char_dim]
@@ -166,7 +167,7 @@ class SequenceBatch:
         return cls(**{key: tensors[key] for key in TENSOR_KEYS})
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The seed's batch dict for these rows."""
+        """The reference's batch dict for these rows."""
         return {key: getattr(self, key)[index] for key in TENSOR_KEYS}
 
 
@@ -231,7 +232,7 @@ def _generate(
 def iterate_batches(
     data: SequenceBatch, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
 ):
-    """Yield the seed's batch dicts (a shuffled DataLoader without the per-item Python overhead)."""
+    """Yield the reference's batch dicts (a shuffled DataLoader without the per-item Python overhead)."""
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
@@ -239,11 +240,11 @@ def iterate_batches(
 
 
 class StateTransitionDataset(torch.utils.data.Dataset):
-    """The seed's dataset class, generated vectorised: `DataLoader(StateTransitionDataset(...))` yields
-    the seed's batches (states, characteristics, relevant_starts/ends padded to 3, n_relevant).
+    """The reference's dataset class, generated vectorised: `DataLoader(StateTransitionDataset(...))` yields
+    the reference's batches (states, characteristics, relevant_starts/ends padded to 3, n_relevant).
 
     `seed=None` draws the generator's seed from torch's global RNG, so `torch.manual_seed` governs it as
-    it governed the seed's loops."""
+    it governed the reference's loops."""
 
     def __init__(
         self,

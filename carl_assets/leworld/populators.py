@@ -1,13 +1,13 @@
 """Ways to fill the LeWorld memory with bits, vectorised over all words (no loop per word).
 
-Same layouts as the seed's `MemoryPopulator`:
+Same layouts as the reference's `MemoryPopulator`:
 - `random_bits`: every bit a fair coin.
 - `structured_patterns`: four quarters — dynamics (a cyclic one-hot: word i has bit i mod W set),
   context (fixed pseudo-random bits per word), history (the word's index within the quarter in binary,
   low 16 bits), associations (XOR of the dynamics and context words at the same offset).
 - `from_experience`: feature vectors thresholded at their own median, one per word.
 
-The seed seeded the context quarter with `torch.manual_seed(i)` once per word (i.i.d. fair bits that do
+The reference seeded the context quarter with `torch.manual_seed(i)` once per word (i.i.d. fair bits that do
 not depend on the global RNG); here one dedicated `torch.Generator` draws the whole quarter at once:
 the same distribution, deterministic, the global RNG untouched, but not the same bits.
 `text_experiences` turns texts (e.g. memory-graph nodes) into feature vectors for `from_experience`.
@@ -57,7 +57,7 @@ def structured_bits(
         bits[2 * quarter : 3 * quarter, :nbits] = (
             idx[:, None] >> torch.arange(nbits, dtype=torch.int32)[None, :]
         ) & 1
-        # Associations: XOR of the dynamics and context words at i mod quarter (the seed's indexing,
+        # Associations: XOR of the dynamics and context words at i mod quarter (the reference's indexing,
         # which wraps to the start for the n mod 4 words after the fourth quarter).
         torch.bitwise_xor(bits[:quarter], bits[quarter : 2 * quarter], out=bits[3 * quarter : 4 * quarter])
         rest = n - 4 * quarter
@@ -79,7 +79,7 @@ def region_of(addresses: torch.Tensor, num_words: int) -> torch.Tensor:
 
 def experience_bits(experiences: torch.Tensor, word_size: int) -> torch.Tensor:
     """Each feature row → bits: feature > that row's median (over the first `word_size` features);
-    rows shorter than a word are zero-padded after thresholding, as in the seed."""
+    rows shorter than a word are zero-padded after thresholding, as in the reference."""
     feats = experiences[:, :word_size].float()
     bits = torch.zeros(experiences.shape[0], word_size)
     if feats.shape[0]:
@@ -90,7 +90,7 @@ def experience_bits(experiences: torch.Tensor, word_size: int) -> torch.Tensor:
 
 def from_experience(memory: ArtificialMemory, experiences: torch.Tensor, tile: bool = False) -> int:
     """Write one word per experience row (the first `num_words`). With `tile`, repeat the rows until the
-    whole memory is filled (otherwise the rest stays as it was, as in the seed). Returns the number of
+    whole memory is filled (otherwise the rest stays as it was, as in the reference). Returns the number of
     experience rows used."""
     cfg = memory.config
     with torch.no_grad():
@@ -126,7 +126,7 @@ def text_experiences(texts: Sequence[str], feature_dim: int, seed: int = 0) -> t
 
 
 class MemoryPopulator:
-    """The seed's populator class, vectorised (see the functions above)."""
+    """The reference's populator class, vectorised (see the functions above)."""
 
     random_bits = staticmethod(random_bits)
     structured_patterns = staticmethod(structured_patterns)

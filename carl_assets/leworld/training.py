@@ -1,14 +1,14 @@
-"""The seed's three training phases, with its losses and optimiser groups.
+"""The reference's three training phases, with its losses and optimiser groups.
 
 Phase 1 pre-trains the parts apart: the SLMs by cross-entropy on the high byte, low byte and range of
 the known relevant regions (SLM i → region i); the BLM (with the memory encoder) by next-state MSE from
 oracle reads of those regions. Phase 2 trains everything end to end on `multi_step_forward`'s total loss
 (AdamW over all parameters, cosine warm restarts, router temperature annealed every step). Phase 3 is the
-paired-branch refinement with the seed's four learning-rate groups: branch A runs with the info-request
+paired-branch refinement with the reference's four learning-rate groups: branch A runs with the info-request
 loop, branch B without it, and the improvement of A over B is the information utility.
 
-The seed's utility term, loss_A − λ·(loss_B − loss_A).detach(), has no gradient: it shifts the loss by a
-constant and trains nothing (`info_utility="seed"`, kept as a documented option). The default
+The reference's utility term, loss_A − λ·(loss_B − loss_A).detach(), has no gradient: it shifts the loss
+by a constant and trains nothing (`info_utility="reference"`, kept as a documented option). The default
 (`info_utility="reinforce"`) gives it one: branch A *samples* each step's decision to send the info query
 (the BLM's `info_gate`, a Bernoulli policy), each sequence's improvement (its MSE without the loop minus
 its MSE with the sampled decisions) is the reward, and the term is REINFORCE with a batch-mean baseline,
@@ -22,10 +22,10 @@ small MSE differences are.
 A system built with `memory_reads=False` trains with the same steps (phase 1's BLM sees zero oracle
 reads): the trained no-memory baseline.
 
-Differences from the seed, all about speed or bookkeeping: batches are index slices of tensors instead of
+Differences from the reference, all about speed or bookkeeping: batches are index slices of tensors instead of
 a per-item DataLoader; phase 1's BLM step runs all time steps as one batch (the same mean of per-step
 MSEs); branch B of phase 3 runs without a graph (its loss is only used detached); the phase-2 scheduler
-is stepped (fractional epochs), which the seed set up but never called.
+is stepped (fractional epochs), which the reference set up but never called.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from carl_assets.leworld.architecture import LeWorldSystem, LossWeights
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
 from carl_assets.runtime import torch_threads
 
-INFO_UTILITIES = ("reinforce", "seed")
+# "seed": the earlier name of "reference", still accepted so saved configs load
+INFO_UTILITIES = ("reinforce", "reference", "seed")
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainingConfig:
     phase2_lr: float = 3e-4
     phase2_epochs: int = 100
     phase2_batch_size: int = 16
-    phase2_warmup_steps: int = 500  # kept from the seed, which never used it
+    phase2_warmup_steps: int = 500  # kept from the reference, which never used it
     phase3_lr: float = 1e-4
     phase3_epochs: int = 50
     phase3_batch_size: int = 16
@@ -71,7 +72,8 @@ class TrainingConfig:
     temp_anneal_rate: float = 3e-5
     temp_min: float = 0.1
     seed: int = 0
-    info_utility: str = "reinforce"  # "reinforce": a gradient for the info-request decision | "seed": inert
+    # "reinforce": a gradient for the info-request decision | "reference": inert
+    info_utility: str = "reinforce"
 
     def __post_init__(self) -> None:
         if self.info_utility not in INFO_UTILITIES:
@@ -94,7 +96,7 @@ class Phase1Trainer:
 
     def train_slms_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Cross-entropy of SLM i's address logits against relevant region i (padding slots: address 0,
-        length 1, as in the seed)."""
+        length 1, as in the reference)."""
         self.slm_optimizer.zero_grad()
         states, chars = batch["states"], batch["characteristics"]
         max_range = self.system.memory.config.max_read_range
@@ -233,7 +235,7 @@ class Phase3Trainer:
             "loss_with_info": loss_with.item(),
             "loss_without_info": loss_without.item(),
             "improvement": improvement.item(),
-            # Like for like: the seed compares A's total loss (with the auxiliary terms) to B's
+            # Like for like: the reference compares A's total loss (with the auxiliary terms) to B's
             # next-state loss; this is A's next-state loss alone.
             "next_state_loss_with_info": with_info["next_state_loss"].item(),
         }

@@ -1,4 +1,5 @@
-"""Training pairs (the seed's step 1): (emotion, polarity, text, node_id) examples from a tagged graph."""
+"""Training pairs (the reference's step 1): (emotion, polarity, text, node_id) examples from a tagged
+graph."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def extract_training_pairs(
     - positive: the node scored the emotion >= `min_positive_score`;
     - negative: the node has a tag line without the emotion (an untagged node says nothing about
       its emotions, so it is never a negative) or, when `max_negative_score` is set, with the
-      emotion scored at most that ("absent or low", the seed's words); and its text names the
+      emotion scored at most that ("absent or low", the reference's words); and its text names the
       emotion at most `max_negative_mentions` times (`count_mentions`);
     - never a stub node (`is_stub`: a name a relation points at, with no entity of its own);
     - both: the text (tag lines stripped) has at least `min_content_chars` characters after trimming;

@@ -1,6 +1,6 @@
 """Emotion tags for every node: the user's own tag lines, and a tagger's for the nodes without one.
 
-The seed's "subconscious agents" write the trailing tag lines (`warmth:9 clarity:10`) the steering
+The reference's "subconscious agents" write the trailing tag lines (`warmth:9 clarity:10`) the steering
 vectors learn from; a memory file kept by hand or by another MCP memory server has none. A tagger
 fills them in:
 
@@ -14,7 +14,7 @@ Rules:
 - User tags (a node's ``tags_json``, parsed from its tag lines by the reader) are always kept, with
   ``source = "user"``, whatever the emotion list.
 - A tagger tags only nodes *without* user tags. A user's tag line is a whole statement: the pairs
-  read an emotion it leaves out as absent (a negative example, the seed's "absent or low"), so a
+  read an emotion it leaves out as absent (a negative example, the reference's "absent or low"), so a
   tagger adding emotions to it would overrule the user. User tags therefore always win.
 - Stub nodes (``is_stub`` true: an entity a relation names but the file never created) and nodes
   with empty text or no observations (``n_observations`` 0: the text is only the entity's name) are
@@ -50,7 +50,7 @@ STATUS_COLUMNS = ["node_id", "status", "source", "n_tags"]
 STATUSES = ("user", "tagged", "none_found", "stub", "empty_text", "untagged")
 
 # When neither the caller nor the graph's user tags name any emotion: the built-in sample graph's 16
-# emotions, which include every emotion the seed names (warmth, clarity, frustration, love, tiredness).
+# emotions, which include every emotion the reference names (warmth, clarity, frustration, love, tiredness).
 DEFAULT_EMOTIONS = [
     "anxiety",
     "awe",

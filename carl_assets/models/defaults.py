@@ -2,7 +2,7 @@
 
 The offline values are the ones the default pipeline is tuned to (they must not drift: its results
 depend on them). The real-model values follow common practice for SFT/GRPO of small instruct models
-(and the seed's `carl train`: 300 steps, 8 generations, bf16, gradient checkpointing): a learning
+(and the reference's `carl train`: 300 steps, 8 generations, bf16, gradient checkpointing): a learning
 rate two orders smaller, cosine decay with warm-up, an effective batch of 16 through accumulation.
 
 Every model-dependent default lives here, keyed by whether the model is the offline one: training
@@ -209,7 +209,7 @@ OFFLINE_GRPO_SAMPLING = SamplingDefaults(temperature=1.0, top_p=1.0, top_k=0, mi
 # A real model's completions get the dream schedule's truncation (top-p 0.9, min-p 0.05, readable English
 # on SmolLM2-135M) at a temperature inside that schedule's range, so a group still varies.
 REAL_GRPO_SAMPLING = SamplingDefaults(temperature=0.8, top_p=0.9, top_k=0, min_p=0.05)
-# The seed's agent step decodes greedily; the offline model keeps that (its answers are memorised).
+# The reference's agent step decodes greedily; the offline model keeps that (its answers are memorised).
 OFFLINE_AGENT_SAMPLING = SamplingDefaults(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
 # Greedy decoding makes a small real model repeat itself; common practice samples at 0.7 with top-p 0.9.
 REAL_AGENT_SAMPLING = SamplingDefaults(temperature=0.7, top_p=0.9, top_k=0, min_p=0.0)
@@ -253,9 +253,9 @@ class ScorerDefaults:
 
 
 # Measured by scorer_validation (24 dream prompts, 48 tokens; pooled AUC, coherent vs corrupted answers):
-# the offline model keeps the seed's CARL, which its tuned results depend on and which separates there (0.85
-# [0.80, 0.90]); on SmolLM2-135M-Instruct CARL is at chance (0.49 [0.39, 0.57]) and self-certainty is the best
-# (0.80 [0.74, 0.86]; mean log-probability 0.74, negative entropy 0.69).
+# the offline model keeps the reference's CARL, which its tuned results depend on and which separates
+# there (0.85 [0.80, 0.90]); on SmolLM2-135M-Instruct CARL is at chance (0.49 [0.39, 0.57]) and
+# self-certainty is the best (0.80 [0.74, 0.86]; mean log-probability 0.74, negative entropy 0.69).
 OFFLINE_SCORERS = ScorerDefaults(dream_scorer="carl", grpo_reward="carl")
 REAL_SCORERS = ScorerDefaults(dream_scorer="self_certainty", grpo_reward="self_certainty")
 
