@@ -90,9 +90,3 @@ def merge_adapters(model: Any) -> Any:
     if not is_peft_model(model):
         return model
     return model.merge_and_unload()
-
-
-def trainable_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -47,9 +47,6 @@ GENERIC_TEXTS: tuple[str, ...] = (
     "Our neighbours painted their fence blue last summer.",
 )
 
-NLL_COLUMNS = ["text_index", "tokens", "nll_sum", "nll_mean"]
-
-
 # --------------------------------------------------------------------------------------------
 # Spread
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import math
 import numpy as np
 import pandas as pd
 
-REASONS = ("kept", "empty", "below_min", "duplicate", "not_top")
-
 
 def normalise_text(text: str) -> str:
     """Case- and whitespace-insensitive form used to spot duplicate responses."""

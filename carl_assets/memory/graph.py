@@ -81,7 +81,7 @@ from carl_assets.memory.build import (
     node_header,
     node_text,
 )
-from carl_assets.memory.jsonl import BadLine, file_records
+from carl_assets.memory.jsonl import file_records
 from carl_assets.memory.pairs import (
     PAIR_COLUMNS,
     count_mentions,
@@ -107,8 +107,6 @@ from carl_assets.memory.tags import (
     split_tag_line,
     tag_line_problems,
 )
-
-_BadLine = BadLine  # the earlier private name
 
 __all__ = [
     "BASE_EDGE_COLUMNS",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,12 +84,6 @@ def prompt_pieces(tokenizer: Any, text: str, emotion: str) -> tuple[str, str]:
         )
     head, question = rendered.split(_SPLIT)
     return head, question
-
-
-def rating_prompt(tokenizer: Any, text: str, emotion: str) -> str:
-    """The whole prompt string for one (text, emotion): chat template with a generation prompt if the
-    tokenizer has one, else the instruction followed by `PLAIN_SUFFIX`."""
-    return "".join(prompt_pieces(tokenizer, text, emotion))
 
 
 def head_ids(tokenizer: Any, text: str) -> list[int]:
@@ -316,8 +309,3 @@ def model_probabilities(
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     return probs
-
-
-def expected_score(probs: np.ndarray) -> float:
-    """Σ s · P(s) over s = 0..10 for one distribution (a convenience for tests and reports)."""
-    return float(math.fsum(s * p for s, p in zip(SCORES, probs, strict=True)))
