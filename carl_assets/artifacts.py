@@ -34,8 +34,18 @@ VERSION_FILE = "_version.json"
 DEFAULT_KEEP = 5
 LEGACY_VERSION = "00000000T000000Z-legacy"
 _VERSION_NAME = re.compile(r"^\d{8}T\d{6}(\d{6})?Z-[0-9a-z]{4,32}$")
-VERSION_COLUMNS = ["asset", "version", "path", "current", "created_at", "run_id", "data_version", "parents_json",
-                   "files", "bytes"]
+VERSION_COLUMNS = [
+    "asset",
+    "version",
+    "path",
+    "current",
+    "created_at",
+    "run_id",
+    "data_version",
+    "parents_json",
+    "files",
+    "bytes",
+]
 
 
 class ArtifactVersionError(LookupError):
@@ -78,8 +88,11 @@ class ArtifactVersions:
         """Version folder names, oldest first."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()
-                      and _VERSION_NAME.match(p.name))
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.is_symlink() and _VERSION_NAME.match(p.name)
+        )
 
     def current_name(self) -> str | None:
         link = self.root / CURRENT
@@ -106,7 +119,9 @@ class ArtifactVersions:
         """The folder of `version` (default: the current one); ArtifactVersionError if it is not there."""
         name = version or self.current_name()
         if name is None:
-            raise ArtifactVersionError(f"{self.root} has no version yet: materialize the asset {self.asset!r} first")
+            raise ArtifactVersionError(
+                f"{self.root} has no version yet: materialize the asset {self.asset!r} first"
+            )
         if name == CURRENT:
             return self.path(None)
         folder = self.root / name
@@ -119,10 +134,16 @@ class ArtifactVersions:
         folder = self.path(version)
         meta_file = folder / VERSION_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return ArtifactVersion(asset=self.asset, version=folder.name, path=str(folder),
-                               created_at=str(meta.get("created_at", "")), run_id=str(meta.get("run_id", "")),
-                               data_version=str(meta.get("data_version", "")), parents=dict(meta.get("parents", {})),
-                               extra=dict(meta.get("extra", {})))
+        return ArtifactVersion(
+            asset=self.asset,
+            version=folder.name,
+            path=str(folder),
+            created_at=str(meta.get("created_at", "")),
+            run_id=str(meta.get("run_id", "")),
+            data_version=str(meta.get("data_version", "")),
+            parents=dict(meta.get("parents", {})),
+            extra=dict(meta.get("extra", {})),
+        )
 
     def listing(self) -> list[dict[str, Any]]:
         """One row per kept version (the rows of the `artifact_versions` table)."""
@@ -131,16 +152,28 @@ class ArtifactVersions:
         for name in self.names():
             info = self.info(name)
             files = [p for p in (self.root / name).rglob("*") if p.is_file()]
-            rows.append({"asset": self.asset, "version": name, "path": info.path, "current": name == current,
-                         "created_at": info.created_at, "run_id": info.run_id, "data_version": info.data_version,
-                         "parents_json": json.dumps(info.parents, sort_keys=True), "files": len(files),
-                         "bytes": int(sum(p.stat().st_size for p in files))})
+            rows.append(
+                {
+                    "asset": self.asset,
+                    "version": name,
+                    "path": info.path,
+                    "current": name == current,
+                    "created_at": info.created_at,
+                    "run_id": info.run_id,
+                    "data_version": info.data_version,
+                    "parents_json": json.dumps(info.parents, sort_keys=True),
+                    "files": len(files),
+                    "bytes": int(sum(p.stat().st_size for p in files)),
+                }
+            )
         return rows
 
     # ---- writing ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def write(self, run_id: str | None = None, parents: dict[str, str] | None = None) -> Iterator[tuple[Path, str]]:
+    def write(
+        self, run_id: str | None = None, parents: dict[str, str] | None = None
+    ) -> Iterator[tuple[Path, str]]:
         """Yield (a temporary folder, the version name); on success the folder becomes the new version
         in one rename, `current` points at it, and versions beyond `keep` are removed (oldest first,
         never the current one). On failure nothing visible changes."""
@@ -149,8 +182,13 @@ class ArtifactVersions:
         self.adopt_legacy_layout()
         with storage.atomic_directory(self.root / name) as tmp:
             yield tmp, name
-            meta = {"asset": self.asset, "version": name, "run_id": run_id or "",
-                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "parents": parents or {}}
+            meta = {
+                "asset": self.asset,
+                "version": name,
+                "run_id": run_id or "",
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "parents": parents or {},
+            }
             storage.atomic_write_json(tmp / VERSION_FILE, meta)
         self.promote(name)
         self.prune()
@@ -159,8 +197,17 @@ class ArtifactVersions:
         """A home written before versions existed holds the files directly in `artifacts/<asset>/`:
         move them into a version of their own (`00000000T000000Z-legacy`) so they can still be rolled
         back to."""
-        loose = [p for p in self.root.iterdir() if p.name != CURRENT and not p.name.startswith(".")
-                 and not (p.is_dir() and _VERSION_NAME.match(p.name))] if self.root.is_dir() else []
+        loose = (
+            [
+                p
+                for p in self.root.iterdir()
+                if p.name != CURRENT
+                and not p.name.startswith(".")
+                and not (p.is_dir() and _VERSION_NAME.match(p.name))
+            ]
+            if self.root.is_dir()
+            else []
+        )
         if not loose:
             return None
         legacy = self.root / LEGACY_VERSION
@@ -197,7 +244,7 @@ class ArtifactVersions:
         removable = [n for n in names if n != current]
         excess = len(names) - self.keep
         removed = []
-        for name in removable[:max(0, excess)]:
+        for name in removable[: max(0, excess)]:
             shutil.rmtree(self.root / name, ignore_errors=True)
             removed.append(name)
         return removed

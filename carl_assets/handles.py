@@ -28,8 +28,12 @@ TABLE_OWNERS: dict[str, tuple[str, ...]] = {
     "emotion_tags": ("emotion_tags", "emotion_tag_nodes"),
     "emotion_training_pairs": ("emotion_training_pairs",),
     "base_model": (),
-    "steering_vectors": ("steering_vector_stats", "steering_layer_sweep", "steering_cross_talk",
-                         "steering_heldout_projections"),
+    "steering_vectors": (
+        "steering_vector_stats",
+        "steering_layer_sweep",
+        "steering_cross_talk",
+        "steering_heldout_projections",
+    ),
     "scorer_validation": ("scorer_validation", "scorer_validation_items"),
     "dream_scenarios": ("dream_scenarios", "dream_cycles", "dream_heldout"),
     "sft_dataset": ("sft_dataset", "agent_tasks"),
@@ -40,8 +44,12 @@ TABLE_OWNERS: dict[str, tuple[str, ...]] = {
     "leworld_memory": (),
     "leworld_dataset": ("leworld_dataset_index",),
     "leworld_model": ("leworld_metrics",),
-    "leworld_evaluation": ("leworld_evaluation", "leworld_evaluation_steps", "leworld_evaluation_seeds",
-                           "leworld_memory_verdict"),
+    "leworld_evaluation": (
+        "leworld_evaluation",
+        "leworld_evaluation_steps",
+        "leworld_evaluation_seeds",
+        "leworld_memory_verdict",
+    ),
 }
 
 # The dream loop's back edges: reads that go against the asset graph. The previous cycle's policy (the newest
@@ -86,8 +94,9 @@ class AssetHandle:
             raise FileNotFoundError(f"{self.asset!r} has no artifact version: materialize it first")
         target = self.path / name if name else self.path
         if not target.exists():
-            raise FileNotFoundError(f"{target} is missing from {self.asset}@{self.version}: materialize it "
-                                    f"again ({self.asset!r})")
+            raise FileNotFoundError(
+                f"{target} is missing from {self.asset}@{self.version}: materialize it again ({self.asset!r})"
+            )
         return target
 
     def read(self, table: str) -> pd.DataFrame:
@@ -97,13 +106,16 @@ class AssetHandle:
         if table not in self.tables:
             owners = table_owners(table)
             whose = f"it is written by {', '.join(owners)}" if owners else "no asset writes it"
-            raise KeyError(f"{self.asset!r} does not write table {table!r}: {whose}; declare that asset as an "
-                           "input and read it from its handle")
+            raise KeyError(
+                f"{self.asset!r} does not write table {table!r}: {whose}; declare that asset as an "
+                "input and read it from its handle"
+            )
         return storage.read_table(self.database, table)
 
     @property
     def version_info(self) -> dict[str, Any]:
-        """This version's `_version.json` (asset, version, run_id, created_at, parents, extra); {} without one."""
+        """This version's `_version.json` (asset, version, run_id, created_at, parents, extra); {} without
+        one."""
         if self.path is None or not (self.path / VERSION_FILE).is_file():
             return {}
         return json.loads((self.path / VERSION_FILE).read_text())
@@ -126,7 +138,8 @@ class DatasetVersion(AssetHandle):
 
     @property
     def dataset_dir(self) -> Path:
-        """The HF dataset folder (`datasets.load_from_disk`); FileNotFoundError naming sft_dataset if missing."""
+        """The HF dataset folder (`datasets.load_from_disk`); FileNotFoundError naming sft_dataset if it is
+        missing."""
         return self.file(DATASET_DIR)
 
     @property
@@ -157,4 +170,6 @@ HANDLE_TYPES: dict[str, type[AssetHandle]] = {
 def make_handle(asset: str, version: str | None, path: Path | None, database: Path) -> AssetHandle:
     """The handle of `asset`'s class (`HANDLE_TYPES`, default `AssetHandle`) with its tables."""
     cls = HANDLE_TYPES.get(asset, AssetHandle)
-    return cls(asset=asset, version=version, path=path, database=Path(database), tables=TABLE_OWNERS.get(asset, ()))
+    return cls(
+        asset=asset, version=version, path=path, database=Path(database), tables=TABLE_OWNERS.get(asset, ())
+    )

@@ -129,7 +129,9 @@ DEFAULT_LOCK_TIMEOUT_S = 120.0
 _MAX_BACKOFF_S = 2.0
 _WAIT_LOG_EVERY_S = 10.0
 # DuckDB names the holder: 'Conflicting lock is held in /usr/bin/python3 (PID 4242) by user ana.'
-_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)(?: by user (?P<user>[^.]+))?")
+_HOLDER = re.compile(
+    r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)(?: by user (?P<user>[^.]+))?"
+)
 
 logger = logging.getLogger("carl_assets.storage")
 
@@ -166,9 +168,13 @@ def lock_timeout_s() -> float:
 
 
 @contextlib.contextmanager
-def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: int | None = None,
-            timeout_s: float | None = None, on_wait: Callable[[str], None] | None = None
-            ) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    db_path: str | os.PathLike[str],
+    read_only: bool = False,
+    retries: int | None = None,
+    timeout_s: float | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open a short-lived connection, waiting for another process's lock instead of failing at once.
 
     DuckDB lets one process write, or several read, a file at a time: a notebook or the DuckDB CLI
@@ -192,8 +198,13 @@ def connect(db_path: str | os.PathLike[str], read_only: bool = False, retries: i
         yield from _connect_locked(db_path, read_only, retries, timeout, on_wait)
 
 
-def _connect_locked(db_path: Path, read_only: bool, retries: int | None, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
-                    on_wait: Callable[[str], None] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def _connect_locked(
+    db_path: Path,
+    read_only: bool,
+    retries: int | None,
+    timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
     say = on_wait or logger.warning
     started = time.monotonic()
     delay, attempt, next_note = 0.05, 0, 0.0
@@ -215,12 +226,17 @@ def _connect_locked(db_path: Path, read_only: bool, retries: int | None, timeout
                     f"{attempt} attempts (wait longer with {LOCK_TIMEOUT_ENV}=SECONDS). Close that "
                     f"connection — a notebook or the DuckDB CLI holding the file open — or read with short "
                     f"read-only connections. DuckDB said: {message}",
-                    db_path, holder, pid, waited,
+                    db_path,
+                    holder,
+                    pid,
+                    waited,
                 ) from exc
             if waited >= next_note:
                 mode = "read" if read_only else "write"
-                say(f"waiting for the lock on {db_path} to {mode}: held by {who}; "
-                    f"{waited:.1f} s waited of {timeout_s:g} s")
+                say(
+                    f"waiting for the lock on {db_path} to {mode}: held by {who}; "
+                    f"{waited:.1f} s waited of {timeout_s:g} s"
+                )
                 next_note = waited + _WAIT_LOG_EVERY_S
             # jitter: several waiting runs should not retry in lockstep
             time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, timeout_s - waited)))

@@ -34,9 +34,13 @@ from tests.test_pipeline_cli import TINY
 _local = threading.local()
 # The whole graph at its smallest (test_pipeline_cli's TINY, with fewer pairs and a short scorer validation):
 # what is read matters here, not how well anything trains.
-SMALL = {"ops": {**TINY["ops"],
-                 "emotion_training_pairs": {"config": {"max_examples_per_emotion": 24}},
-                 "scorer_validation": {"config": {"n_prompts": 3, "max_tokens": 8, "n_bootstrap": 20}}}}
+SMALL = {
+    "ops": {
+        **TINY["ops"],
+        "emotion_training_pairs": {"config": {"max_examples_per_emotion": 24}},
+        "scorer_validation": {"config": {"n_prompts": 3, "max_tokens": 8, "n_bootstrap": 20}},
+    }
+}
 
 
 def _reader() -> tuple[str, str]:
@@ -118,7 +122,9 @@ def _instrument(monkeypatch: pytest.MonkeyPatch, log: ReadLog) -> None:
     monkeypatch.setattr(dg.DagsterInstance, "get_latest_materialization_event", latest_event)
 
 
-def _declared(defs: dg.Definitions) -> tuple[dict[tuple[str, str], set[str]], dict[tuple[str, str], set[str]]]:
+def _declared(
+    defs: dg.Definitions,
+) -> tuple[dict[tuple[str, str], set[str]], dict[tuple[str, str], set[str]]]:
     """Per (reader kind, reader): (the assets it may read, the assets it has an edge to). It may read itself
     and the upstream assets it takes as inputs (`ins`, a check's `additional_ins`: values, i.e. handles); an
     edge from `deps` orders it after an asset and shows in the UI, but a read through it bypasses the
@@ -144,8 +150,13 @@ def _declared(defs: dg.Definitions) -> tuple[dict[tuple[str, str], set[str]], di
 def _materialize_all(defs: dg.Definitions, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
     """Every asset and check of `defs` in this process (so the instruments see every read)."""
     assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition | dg.SourceAsset)]
-    return dg.materialize([*assets, *(defs.asset_checks or [])], resources=defs.resources, run_config=run_config,
-                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    return dg.materialize(
+        [*assets, *(defs.asset_checks or [])],
+        resources=defs.resources,
+        run_config=run_config,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
 
 
 def undeclared_reads(log: ReadLog, declared: tuple[dict, dict]) -> list[str]:
@@ -159,8 +170,11 @@ def undeclared_reads(log: ReadLog, declared: tuple[dict, dict]) -> list[str]:
             continue
         if target in inputs.get((kind, reader), {reader}):
             continue
-        how = ("through a dep, not an input" if target in edges.get((kind, reader), set())
-               else "without declaring it")
+        how = (
+            "through a dep, not an input"
+            if target in edges.get((kind, reader), set())
+            else "without declaring it"
+        )
         lines.append(f"{kind} {reader} reads {target} ({', '.join(sorted(what))}) {how}")
     return lines
 
@@ -171,12 +185,18 @@ def test_every_read_is_of_the_asset_itself_or_a_declared_upstream(tmp_path, monk
     log = ReadLog()
     _instrument(monkeypatch, log)
     result = _materialize_all(defs, SMALL)
-    against = {f"asset {reader} reads {upstream} " for reader, ups in CYCLE_BACK_EDGES.items() for upstream in ups}
-    offenders = [line for line in undeclared_reads(log, _declared(defs)) if not line.startswith(tuple(against))]
+    against = {
+        f"asset {reader} reads {upstream} " for reader, ups in CYCLE_BACK_EDGES.items() for upstream in ups
+    }
+    offenders = [
+        line for line in undeclared_reads(log, _declared(defs)) if not line.startswith(tuple(against))
+    ]
     assert not offenders, f"{len(offenders)} undeclared reads:\n" + "\n".join(offenders)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     # TABLE_OWNERS is what the assets really write (the handles refuse any other table)
-    written = {(reader, table) for kind, reader, table in log.writes if kind == "asset" and table != VERSIONS_TABLE}
+    written = {
+        (reader, table) for kind, reader, table in log.writes if kind == "asset" and table != VERSIONS_TABLE
+    }
     assert written == {(asset, table) for asset, tables in TABLE_OWNERS.items() for table in tables}
     readers = {reader for kind, reader, _ in log.reads if kind == "asset"}
     # the instrument sees reads at all: these readers read an upstream table or artifact
@@ -209,8 +229,9 @@ def test_the_instrument_catches_a_read_of_an_undeclared_table(tmp_path, monkeypa
             resources_module.read_table(duckdb, "memory_nodes")
         return dg.MaterializeResult()
 
-    defs = dg.Definitions(assets=[memory_graph, by_input, by_dep, hidden],
-                          resources=resources_module.build_resources(tmp_path))
+    defs = dg.Definitions(
+        assets=[memory_graph, by_input, by_dep, hidden], resources=resources_module.build_resources(tmp_path)
+    )
     log = ReadLog()
     _instrument(monkeypatch, log)
     result = _materialize_all(defs)
@@ -224,7 +245,8 @@ def test_the_instrument_catches_a_read_of_an_undeclared_table(tmp_path, monkeypa
 
 def test_a_handle_names_this_runs_version_when_an_overlapping_run_promoted_another(tmp_path):
     """Run A makes a base_model version; run B (overlapping) makes another and promotes it to `current`;
-    A's downstream step still receives A's version, B's receives B's, and a run that made none gets current."""
+    A's downstream step still receives A's version, B's receives B's, and a run that made none gets
+    current."""
     store = ArtifactStore(home=str(tmp_path))
     with store.write_version("base_model", run_id="aaaaaaaa-run-a") as (tmp, version_a):
         (tmp / "weights").write_text("A")
@@ -237,7 +259,9 @@ def test_a_handle_names_this_runs_version_when_an_overlapping_run_promoted_anoth
     assert handle_a.version_info["run_id"] == "aaaaaaaa-run-a"  # the path and its record agree
     assert store.handle("base_model", run_ids=("bbbbbbbb-run-b",)).file("weights").read_text() == "B"
     assert store.handle("base_model", run_ids=("cccccccc-run-c",)).version == version_b
-    assert store.handle("sft_dataset").path is None and isinstance(store.handle("sft_dataset"), DatasetVersion)
+    assert store.handle("sft_dataset").path is None and isinstance(
+        store.handle("sft_dataset"), DatasetVersion
+    )
     with pytest.raises(FileNotFoundError, match="sft_dataset"):
         store.handle("sft_dataset").file("dataset")
 
@@ -254,7 +278,10 @@ def test_the_io_manager_hands_the_downstream_step_its_runs_version(tmp_path):
         with artifacts.write_version("base_model") as (tmp, version):
             (tmp / "weights").write_text("this run")
         seen["made"] = version
-        with ArtifactStore(home=str(tmp_path)).write_version("base_model", run_id="zzzzzzzz-other") as (tmp, other):
+        with ArtifactStore(home=str(tmp_path)).write_version("base_model", run_id="zzzzzzzz-other") as (
+            tmp,
+            other,
+        ):
             (tmp / "weights").write_text("other run")
         seen["other"] = other
         return dg.MaterializeResult()
@@ -266,7 +293,9 @@ def test_the_io_manager_hands_the_downstream_step_its_runs_version(tmp_path):
         seen["store"] = (artifacts.path("base_model").name, artifacts.info("base_model").version)
         return dg.MaterializeResult()
 
-    result = dg.materialize([up, down], resources={"artifacts": store, "io_manager": ArtifactIOManager(home=str(tmp_path))})
+    result = dg.materialize(
+        [up, down], resources={"artifacts": store, "io_manager": ArtifactIOManager(home=str(tmp_path))}
+    )
     assert result.success
     received = seen["received"]
     assert store.versions("base_model").current_name() == seen["other"]

@@ -23,7 +23,9 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     Its store is the `artifacts` resource's (same home and kept versions), set up for the run."""
 
     home: str = Field(default="", description="CARL_HOME; empty means $CARL_HOME, else the project's .carl")
-    keep_versions: int = Field(default=DEFAULT_KEEP, description="versions of each artifact kept for rollback")
+    keep_versions: int = Field(
+        default=DEFAULT_KEEP, description="versions of each artifact kept for rollback"
+    )
     # Not a nested resource: Dagster's set-up of nested resources calls a deprecated API of its own.
     _store: ArtifactStore | None = PrivateAttr(default=None)
 
@@ -38,9 +40,11 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         # Assets write their own artifacts and return MaterializeResult: there is no value to keep.
         if obj is not None:
-            raise TypeError(f"{context.asset_key.to_user_string() if context.has_asset_key else context.name} "
-                            f"returned a {type(obj).__name__}: assets here write their artifacts themselves and "
-                            "return dg.MaterializeResult")
+            raise TypeError(
+                f"{context.asset_key.to_user_string() if context.has_asset_key else context.name} "
+                f"returned a {type(obj).__name__}: assets here write their artifacts themselves and "
+                "return dg.MaterializeResult"
+            )
 
     def load_input(self, context: dg.InputContext) -> AssetHandle:
         """The upstream asset's handle: the version the run that made this output wrote (a re-executed run

@@ -16,8 +16,12 @@ MEMORY_SOURCE_KEY = dg.AssetKey("memory_source")
 
 def fingerprint_metadata(fingerprint: SourceFingerprint) -> dict[str, Any]:
     """The observation's metadata: the source, its kind, the fingerprint and what it was computed from."""
-    return {"source": fingerprint.source, "source_kind": fingerprint.kind, "fingerprint": fingerprint.version,
-            **{f"source_{k}": v for k, v in fingerprint.details.items()}}
+    return {
+        "source": fingerprint.source,
+        "source_kind": fingerprint.kind,
+        "fingerprint": fingerprint.version,
+        **{f"source_{k}": v for k, v in fingerprint.details.items()},
+    }
 
 
 def memory_source_observation(source: str) -> tuple[str, dg.AssetObservation]:
@@ -25,9 +29,11 @@ def memory_source_observation(source: str) -> tuple[str, dg.AssetObservation]:
     memory source string `source` ('sample', 'jsonl:PATH', 'mcp+...'). Raises
     `carl_assets.memory.graph.MemorySourceError` when the source cannot be read."""
     fingerprint = source_fingerprint(source)
-    observation = dg.AssetObservation(asset_key=MEMORY_SOURCE_KEY,
-                                      tags={"dagster/data_version": fingerprint.version},
-                                      metadata=fingerprint_metadata(fingerprint))
+    observation = dg.AssetObservation(
+        asset_key=MEMORY_SOURCE_KEY,
+        tags={"dagster/data_version": fingerprint.version},
+        metadata=fingerprint_metadata(fingerprint),
+    )
     return fingerprint.version, observation
 
 
@@ -35,8 +41,8 @@ def memory_source_observation(source: str) -> tuple[str, dg.AssetObservation]:
     name="memory_source",
     group_name="memory",
     description="The memory source the project reads ($CARL_MEMORY_SOURCE): its data version is the "
-    "source's fingerprint (a file: size, mtime and a hash of its tail; a live MCP server: counts and a hash of "
-    "the graph). Observed by the memory_graph_changed sensor, or by 'Observe sources' in the UI.",
+    "source's fingerprint (a file: size, mtime and a hash of its tail; a live MCP server: counts and a hash "
+    "of the graph). Observed by the memory_graph_changed sensor, or by 'Observe sources' in the UI.",
 )
 def memory_source(memory_source: MemorySource) -> dg.ObserveResult:
     version, observation = memory_source_observation(memory_source.resolved)

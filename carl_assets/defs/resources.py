@@ -33,7 +33,9 @@ class ArtifactStore(dg.ConfigurableResource):
     newest; each write is a new version folder made atomically, and the last `keep_versions` are kept."""
 
     home: str = Field(default="", description="CARL_HOME; empty means $CARL_HOME, else the project's .carl")
-    keep_versions: int = Field(default=DEFAULT_KEEP, description="versions of each artifact kept for rollback")
+    keep_versions: int = Field(
+        default=DEFAULT_KEEP, description="versions of each artifact kept for rollback"
+    )
     _run_id: str | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -95,8 +97,9 @@ class ArtifactStore(dg.ConfigurableResource):
         return make_handle(asset, version, path, self.database)
 
     @contextlib.contextmanager
-    def write_version(self, asset: str, run_id: str | None = None,
-                      parents: dict[str, str] | None = None) -> Iterator[tuple[Path, str]]:
+    def write_version(
+        self, asset: str, run_id: str | None = None, parents: dict[str, str] | None = None
+    ) -> Iterator[tuple[Path, str]]:
         """(temporary folder, version name); the folder becomes the asset's new current version when the
         block succeeds, and the `artifact_versions` table is refreshed."""
         # The run that writes is known from the resource's set-up: every version names its run.
@@ -111,7 +114,8 @@ class ArtifactStore(dg.ConfigurableResource):
             yield tmp
 
     def require(self, asset: str, filename: str | None = None, version: str | None = None) -> Path:
-        """A version's folder (or a file in it); a clear error if the upstream asset was never materialized."""
+        """A version's folder (or a file in it); a clear error if the upstream asset was never
+        materialized."""
         try:
             folder = self.path(asset, version)
         except ArtifactVersionError as exc:
@@ -153,7 +157,11 @@ class MemorySource(dg.ConfigurableResource):
 
 def memory_source_from_env() -> MemorySource:
     # Resolved when a run starts (an EnvVar), so a changed variable needs no reload; read through `resolved`.
-    return MemorySource(source=dg.EnvVar(MEMORY_SOURCE_VAR)) if os.environ.get(MEMORY_SOURCE_VAR) else MemorySource()
+    return (
+        MemorySource(source=dg.EnvVar(MEMORY_SOURCE_VAR))
+        if os.environ.get(MEMORY_SOURCE_VAR)
+        else MemorySource()
+    )
 
 
 def _say_waiting(message: str) -> None:
@@ -168,8 +176,9 @@ def write_tables(duckdb: DuckDBResource, tables: dict[str, pd.DataFrame]) -> dic
         return {name: storage.write_table(con, name, df) for name, df in tables.items()}
 
 
-def append_rows(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str,
-                sort_by: str | None = None) -> pd.DataFrame:
+def append_rows(
+    duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str, sort_by: str | None = None
+) -> pd.DataFrame:
     """Add rows to a table kept across runs, replacing earlier rows with the same `key` value (a rerun
     replaces its own rows); optionally ordered by `sort_by`. The read and the write share one connection,
     so a concurrent run's rows are never lost in between. Returns the whole table."""
@@ -189,7 +198,9 @@ def append_rows(duckdb: DuckDBResource, name: str, new: pd.DataFrame, key: str,
 
 
 def read_table(duckdb: DuckDBResource, name: str) -> pd.DataFrame:
-    with storage.connect(duckdb.database, read_only=Path(duckdb.database).exists(), on_wait=_say_waiting) as con:
+    with storage.connect(
+        duckdb.database, read_only=Path(duckdb.database).exists(), on_wait=_say_waiting
+    ) as con:
         return storage.select_table(con, name, duckdb.database)
 
 
