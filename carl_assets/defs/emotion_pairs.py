@@ -26,13 +26,14 @@ STATUS_TABLE = "emotion_tag_nodes"  # ... with the tagger that made them
 PAIRS_CHECK = "pairs_nonempty_within_caps"
 NO_TAG_LINE = "no node carries an emotion tag line (an observation such as 'warmth:9 clarity:10')"
 NO_TAGS_REASON = (
-    f"{NO_TAG_LINE}; the emotion_tags asset's tagger (emotion_tags.tagger: 'lexicon', the default, or 'model') "
-    "scores untagged nodes for the pairs, or add tag lines to your memories"
+    f"{NO_TAG_LINE}; the emotion_tags asset's tagger (emotion_tags.tagger: 'lexicon', the default, or "
+    "'model') scores untagged nodes for the pairs, or add tag lines to your memories"
 )
 
 
 class PairsConfig(dg.Config):
-    min_positive_score: int = Field(default=8, description="a positive example scored the emotion at least this")
+    min_positive_score: int = Field(default=8,
+                                    description="a positive example scored the emotion at least this")
     max_negative_mentions: int = Field(
         default=0, description="a negative example names the emotion at most this many times in its text"
     )
@@ -40,10 +41,10 @@ class PairsConfig(dg.Config):
     max_examples_per_emotion: int = Field(default=500, description="cap per polarity per emotion")
     seed: int = Field(default=0, description="seed of the deterministic sampling under the cap")
     tag_sources: Literal["auto", "all", "user"] = Field(
-        default="auto", description="the tags that label the pairs: 'all' (the user's tag lines, and for nodes "
-        "without one the emotion_tags tagger's tags), 'user' (tag lines only) or 'auto' (the default: 'user' "
-        "when any node carries a tag line, else 'all': on the tagged sample graph, a lexicon's tags on its few "
-        "untagged nodes made the steering vectors worse). User tags always win.")
+        default="auto", description="the tags that label the pairs: 'all' (the user's tag lines, and for "
+        "nodes without one the emotion_tags tagger's tags), 'user' (tag lines only) or 'auto' (the default: "
+        "'user' when any node carries a tag line, else 'all': on the tagged sample graph, a lexicon's tags "
+        "on its few untagged nodes made the steering vectors worse). User tags always win.")
     max_negative_score: int | None = Field(
         default=None, description="negatives are nodes without the emotion (None, the default) or also nodes "
         "that scored it at most this (the reference's 'absent or low'); must be below min_positive_score"
@@ -66,16 +67,16 @@ def bar_png(frame: pd.DataFrame, index: str, columns: list[str], title: str) -> 
     ins={"memory_graph": dg.AssetIn(), "emotion_tags": dg.AssetIn()},
     kinds={"duckdb"},
     check_specs=[dg.AssetCheckSpec(
-        PAIRS_CHECK, asset="emotion_training_pairs", blocking=True, description="Pairs non-empty; every emotion "
-        "kept has positives and negatives within the cap, plain-word names, long enough texts without tag lines. "
-        "No pairs at all (an untagged graph) is a WARN with the reason, so the rest of the graph runs and "
-        "steering_vectors skips; a malformed pair is an ERROR naming what to change.")],
-    description="The amygdala training examples (the reference's step 1): per emotion, positive nodes (scored >= "
-    "min_positive_score) and negative nodes (tagged, without the emotion, naming it at most "
+        PAIRS_CHECK, asset="emotion_training_pairs", blocking=True, description="Pairs non-empty; every "
+        "emotion kept has positives and negatives within the cap, plain-word names, long enough texts "
+        "without tag lines. No pairs at all (an untagged graph) is a WARN with the reason, so the rest of "
+        "the graph runs and steering_vectors skips; a malformed pair is an ERROR naming what to change.")],
+    description="The amygdala training examples (the reference's step 1): per emotion, positive nodes "
+    "(scored >= min_positive_score) and negative nodes (tagged, without the emotion, naming it at most "
     "max_negative_mentions times), text >= min_content_chars with the tag line stripped, at most "
     "max_examples_per_emotion per polarity, sampled deterministically from seed. Tags: the user's tag lines, "
-    "and for nodes without one the emotion_tags tagger's (tag_sources 'all', or 'auto' on a graph without tag "
-    "lines), or tag lines only ('user'). "
+    "and for nodes without one the emotion_tags tagger's (tag_sources 'all', or 'auto' on a graph without "
+    "tag lines), or tag lines only ('user'). "
     "No tags at all: empty, with the reason in metadata (empty_reason).",
 )
 def emotion_training_pairs(
@@ -96,14 +97,16 @@ def emotion_training_pairs(
     write_tables(duckdb, {"emotion_training_pairs": pairs})
     counts = pair_counts(pairs)
     dropped = sorted(set(graph.emotion_counts()) - set(counts["emotion"]))
-    context.log.info(f"{len(pairs)} examples over {len(counts)} emotions; dropped (no positive or negative): {dropped}")
+    context.log.info(f"{len(pairs)} examples over {len(counts)} emotions; "
+                     f"dropped (no positive or negative): {dropped}")
     reason = _empty_reason(graph, config, tagger, used) if pairs.empty else ""
     if reason:
         context.log.warning(f"no emotion training pairs: {reason}")
-    per_emotion = {row.emotion: {"positive": int(row.positive), "negative": int(row.negative)} for row in counts.itertuples()}
-    plots = {"pair_counts": bar_png(counts, "emotion", ["positive", "negative"], "examples per emotion")} if len(
-        counts
-    ) else {}
+    per_emotion = {row.emotion: {"positive": int(row.positive), "negative": int(row.negative)}
+                   for row in counts.itertuples()}
+    title = "examples per emotion"
+    plots = {"pair_counts": bar_png(counts, "emotion", ["positive", "negative"], title)} if len(
+        counts) else {}
     return materialized(
         pairs,
         config=config,
@@ -152,7 +155,8 @@ def _nodes_with_tags(context: dg.AssetExecutionContext, memory_graph: AssetHandl
     try:
         table = emotion_tags.read(TAGS_TABLE)
     except LookupError:
-        context.log.warning("emotion_tags has not been materialized: the pairs use the graph's tag lines only")
+        context.log.warning("emotion_tags has not been materialized: the pairs use the graph's tag lines "
+                            "only")
         return nodes, None, "user"
     tagger = _tagger(emotion_tags)
     if used == "user":
@@ -166,18 +170,18 @@ def _nodes_with_tags(context: dg.AssetExecutionContext, memory_graph: AssetHandl
 def no_tags_reason(tag_sources: str, tagger: str | None) -> str:
     """Why no node has a tag the pairs can use, and what to change (config fields that exist)."""
     if tag_sources == "user":
-        return (f"{NO_TAG_LINE}, and emotion_training_pairs.tag_sources = 'user' leaves out a tagger's tags; add "
-                "tag lines, or set tag_sources to 'all' with emotion_tags.tagger 'lexicon' or 'model'")
+        return (f"{NO_TAG_LINE}, and emotion_training_pairs.tag_sources = 'user' leaves out a tagger's tags; "
+                "add tag lines, or set tag_sources to 'all' with emotion_tags.tagger 'lexicon' or 'model'")
     if tagger is None:
         return (f"{NO_TAG_LINE}, and emotion_tags has not been materialized; add tag lines, or materialize "
                 "emotion_tags (emotion_tags.tagger 'lexicon' or 'model') before the pairs")
     if tagger == "off":
-        return (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger to "
-                "'lexicon' or 'model'")
+        return (f"{NO_TAG_LINE}, and emotion_tags.tagger is 'off'; add tag lines, or set emotion_tags.tagger "
+                "to 'lexicon' or 'model'")
     other = "model" if tagger == "lexicon" else "lexicon"
     return (f"{NO_TAG_LINE}, and the {tagger!r} tagger (emotion_tags.tagger) scored no node at or above "
-            f"emotion_tags.min_score; add tag lines, lower emotion_tags.min_score, or set emotion_tags.tagger "
-            f"to {other!r}")
+            f"emotion_tags.min_score; add tag lines, lower emotion_tags.min_score, or set "
+            f"emotion_tags.tagger to {other!r}")
 
 
 def _empty_reason(graph: Any, config: PairsConfig, tagger: str | None, used: str) -> str:
@@ -189,8 +193,8 @@ def _empty_reason(graph: Any, config: PairsConfig, tagger: str | None, used: str
     more = "" if used == "all" or tagger in (None, "off") else (
         "; the tagger's tags were left out (emotion_training_pairs.tag_sources = "
         f"{config.tag_sources!r}): set it to 'all' to add them")
-    return (f"{tagged} of {len(graph.nodes)} nodes carry tags over {len(emotions)} emotions, but no emotion has "
-            f"both a positive node (scored >= emotion_training_pairs.min_positive_score = "
+    return (f"{tagged} of {len(graph.nodes)} nodes carry tags over {len(emotions)} emotions, but no "
+            f"emotion has both a positive node (scored >= emotion_training_pairs.min_positive_score = "
             f"{config.min_positive_score}) and a negative one, each with >= min_content_chars = "
             f"{config.min_content_chars} characters of text; lower those settings or tag more nodes "
             f"(every emotion needs nodes that score it high and tagged nodes without it){more}")
@@ -221,14 +225,15 @@ def judge_pairs(pairs: pd.DataFrame, config: PairsConfig, empty_reason: str) -> 
     problems = _pair_problems(found, cap, min_chars)
     return dg.AssetCheckResult(check_name=PAIRS_CHECK, passed=not problems,
                                metadata={**metadata, "problems": dg.MetadataValue.json(problems)},
-                               description="; ".join(problems) or f"{len(pairs)} pairs over {len(counts)} emotions")
+                               description="; ".join(problems)
+                               or f"{len(pairs)} pairs over {len(counts)} emotions")
 
 
 def _pair_problems(found: dict[str, Any], cap: int, min_chars: int) -> list[str]:
     """One sentence per problem the check found, saying what is wrong and what to change."""
     messages = {
-        "over_cap": f"emotions {found['over_cap']} have more than max_examples_per_emotion = {cap} pairs of a "
-                    "polarity: a sampling bug, report it",
+        "over_cap": f"emotions {found['over_cap']} have more than max_examples_per_emotion = {cap} pairs of "
+                    "a polarity: a sampling bug, report it",
         "one_sided": f"emotions {found['one_sided']} have pairs of one polarity only: a pairs bug, report it",
         "bad_names": f"emotion names {found['bad_names']} are not lower-case words: fix those tag lines",
         "bad_polarity": f"{found['bad_polarity']} pairs have a polarity other than positive/negative",

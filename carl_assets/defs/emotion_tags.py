@@ -22,8 +22,8 @@ class EmotionTagsConfig(dg.Config):
     tagger: Literal["off", "lexicon", "model"] = Field(
         default="lexicon",
         description="who tags nodes without a user tag line: 'lexicon' (default: Empath word counts, fast, "
-        "no model), 'model' (the base model rates each emotion 0..10 from its answer log-probabilities: use a "
-        "real instruct model; the offline 1M-parameter model cannot rate), or 'off' (user tags only). "
+        "no model), 'model' (the base model rates each emotion 0..10 from its answer log-probabilities: use "
+        "a real instruct model; the offline 1M-parameter model cannot rate), or 'off' (user tags only). "
         "User tags always win: a tagger never touches a node that has a tag line.")
     emotions: list[str] = Field(
         default=[], description="emotions a tagger scores; empty = those the graph's user tags use, else the "
@@ -35,10 +35,12 @@ class EmotionTagsConfig(dg.Config):
     reduction: Literal["expected", "argmax"] = Field(
         default="expected", description="model tagger: the score is the expected value of the answer "
         "distribution over 0..10 (rounded) or its most likely answer")
-    max_text_tokens: int = Field(default=256, description="model tagger: node texts are cut to this many tokens")
+    max_text_tokens: int = Field(default=256,
+                                 description="model tagger: node texts are cut to this many tokens")
     batch_size: int = Field(default=16, description="model tagger: prompts per forward pass",
                             json_schema_extra=PERFORMANCE_ONLY)
-    threads: int = Field(default=0, description="torch threads for the model tagger (0: leave torch's setting)")
+    threads: int = Field(default=0,
+                         description="torch threads for the model tagger (0: leave torch's setting)")
     device: str = Field(default="auto", description="model tagger: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     dtype: str = Field(default="auto", description="model tagger: 'auto', 'bf16', 'fp16' or 'fp32'")
 
@@ -57,9 +59,9 @@ def _load_policy(base_model: Checkpoint, config: EmotionTagsConfig) -> tuple[Any
     description="Emotion tags for every node (table emotion_tags: node_id, emotion, score 0..10, source "
     "user/model/lexicon, raw_score): the user's tag lines, and for nodes without one (not stubs, not empty) "
     "the tags of the configured tagger, the reference's 'subconscious agents'. User tags always win. Table "
-    "emotion_tag_nodes says per node whether it was user-tagged, tagged, read with nothing found, or skipped. "
-    "base_model is an input for the 'model' tagger (which reads it); the other taggers never open it, and their "
-    "tags, hence the data version, do not change with it.",
+    "emotion_tag_nodes says per node whether it was user-tagged, tagged, read with nothing found, or "
+    "skipped. base_model is an input for the 'model' tagger (which reads it); the other taggers never open "
+    "it, and their tags, hence the data version, do not change with it.",
 )
 def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, duckdb: DuckDBResource,
                  memory_graph: AssetHandle, base_model: Checkpoint) -> dg.MaterializeResult:
@@ -83,7 +85,8 @@ def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, d
     tags = tag_nodes(nodes, config.tagger, emotions, min_score=config.min_score,
                      lexicon_map=config.lexicon_categories, model=model, tokenizer=tokenizer,
                      reduction=config.reduction, batch_size=config.batch_size,
-                     max_text_tokens=config.max_text_tokens, threads=config.threads or None, progress=progress)
+                     max_text_tokens=config.max_text_tokens, threads=config.threads or None,
+                     progress=progress)
     # The tagger beside each node's status: emotion_training_pairs reads it from here (this run's tables),
     # not from the latest materialization's metadata (which may be another run's).
     status = node_status(nodes, tags, config.tagger).assign(tagger=config.tagger)
@@ -102,7 +105,7 @@ def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, d
             "rows_by_source": dg.MetadataValue.json(by_source),
             "nodes_by_status": dg.MetadataValue.json(by_status),
             "rows_by_emotion": table_preview(counts, rows=len(counts) or 1),
-            "preview": table_preview(tags[tags["source"] != "user"] if (tags["source"] != "user").any() else tags),
+            "preview": table_preview(tagged if len(tagged := tags[tags["source"] != "user"]) else tags),
             **extra,
         },
     )

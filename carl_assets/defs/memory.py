@@ -93,8 +93,8 @@ def _load(source: str, duckdb: DuckDBResource) -> tuple[Any, SourceFingerprint |
         raise _source_failure(source, str(exc), duckdb) from None
     if graph.nodes.empty:
         summary = graph.summary()
-        why = (f"cannot read memory source {source!r}: it holds no entity ({summary['rejects']} records rejected"
-               + (f", e.g. line {graph.rejects['line'].iloc[0]}: {graph.rejects['reason'].iloc[0]}"
+        why = (f"cannot read memory source {source!r}: it holds no entity ({summary['rejects']} records "
+               "rejected" + (f", e.g. line {graph.rejects['line'].iloc[0]}: {graph.rejects['reason'].iloc[0]}"
                   if len(graph.rejects) else "") + ")")
         raise _source_failure(source, why, duckdb, graph.rejects)
     return graph, fingerprint
@@ -125,17 +125,17 @@ def memory_graph(
         f"{source}: {summary['nodes']} nodes, {summary['edges']} edges, {summary['rejects']} rejects"
     )
     if summary["tagged_nodes"] == 0:
-        context.log.warning(f"0 of {summary['nodes']} nodes carry emotion tags: {NO_TAGS_REASON}. If no tagger "
-                            "tags them either, the pairs are empty and steering_vectors is skipped (with that "
-                            "reason); dreams, SFT, GRPO and the evaluation run all the same.")
+        context.log.warning(f"0 of {summary['nodes']} nodes carry emotion tags: {NO_TAGS_REASON}. If no "
+                            "tagger tags them either, the pairs are empty and steering_vectors is skipped "
+                            "(with that reason); dreams, SFT, GRPO and the evaluation run all the same.")
     file_metadata = _file_metadata(graph)
     tables = {"memory_nodes": graph.nodes, "memory_edges": graph.edges, "memory_rejects": graph.rejects,
               "memory_file_metadata": file_metadata}
     write_tables(duckdb, tables)
-    emotions = pd.DataFrame({"emotion": list(summary["emotions"]), "nodes": list(summary["emotions"].values())})
-    plots = {"emotion_histogram": bar_png(emotions, "emotion", ["nodes"], "nodes tagged with each emotion")} if len(
-        emotions
-    ) else {}
+    emotions = pd.DataFrame({"emotion": list(summary["emotions"]),
+                             "nodes": list(summary["emotions"].values())})
+    title = "nodes tagged with each emotion"
+    plots = {"emotion_histogram": bar_png(emotions, "emotion", ["nodes"], title)} if len(emotions) else {}
     # The file's metadata describes the file, not the graph: it stays out of the data version.
     return materialized(
         graph.nodes, graph.edges, graph.rejects,
@@ -169,7 +169,8 @@ def _graph_problems(nodes: pd.DataFrame, edges: pd.DataFrame) -> tuple[dict[str,
     bad_tags = 0
     for tags_json in nodes["tags_json"]:
         tags = json.loads(tags_json)
-        bad_tags += sum(1 for k, v in tags.items() if not EMOTION_NAME.match(k) or not MIN_SCORE <= v <= MAX_SCORE)
+        bad_tags += sum(1 for k, v in tags.items()
+                        if not EMOTION_NAME.match(k) or not MIN_SCORE <= v <= MAX_SCORE)
     counts = {"nodes": len(nodes), "dangling_edges": dangling, "bad_tags": bad_tags,
               "duplicate_names": int(nodes["node_id"].duplicated().sum())}
     problems = []

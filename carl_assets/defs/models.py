@@ -38,9 +38,11 @@ class BaseModelConfig(dg.Config):
         default="install", description="a tokenizer without a chat template (a base model): 'install' the "
         "project's 'role: content' transcript template into the saved tokenizer (with a warning; dreams, "
         "SFT, GRPO and the agent then all use it) or 'fail' at once")
-    trust_remote_code: bool = Field(default=False, description="allow custom modelling code from the model source")
-    allow_pickle: bool = Field(default=False, description="accept a local folder whose only weights are pickle "
-                               "files (.bin/.pt/.pkl: loading them can run code); the copy is saved as safetensors")
+    trust_remote_code: bool = Field(default=False,
+                                    description="allow custom modelling code from the model source")
+    allow_pickle: bool = Field(default=False, description="accept a local folder whose only weights are "
+                               "pickle files (.bin/.pt/.pkl: loading them can run code); the copy is saved "
+                               "as safetensors")
     vocab_size: int = Field(default=2048, description="offline model: BPE vocabulary size (upper bound)")
     hidden_size: int = Field(default=128, description="offline model: residual width")
     num_layers: int = Field(default=4, description="offline model: decoder blocks")
@@ -52,10 +54,11 @@ class BaseModelConfig(dg.Config):
     learning_rate: float = Field(default=3e-3, description="offline model: peak AdamW learning rate")
     seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
     threads: int = Field(default=0, description="torch CPU threads for loading/converting and the sample "
-                         "generation: 0 is the model's default (the usable cores for a real model; the offline "
-                         "model trains on 1). On an oversubscribed machine 1 can be many times faster")
-    device: str = Field(default="auto", description="where the sample generation runs: 'auto' (CUDA, then MPS, "
-                        "then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+                         "generation: 0 is the model's default (the usable cores for a real model; the "
+                         "offline model trains on 1). On an oversubscribed machine 1 can be many times "
+                         "faster")
+    device: str = Field(default="auto", description="where the sample generation runs: 'auto' (CUDA, then "
+                        "MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     dtype: str = Field(default="auto", description="precision a hub model / folder is saved in: 'auto' (bf16 "
                        "on a CUDA device that supports it, else fp32), 'bf16', 'fp16' or 'fp32'; the offline "
                        "model is always fp32")
@@ -64,7 +67,8 @@ class BaseModelConfig(dg.Config):
         return OfflineModelConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
             num_heads=self.num_heads, intermediate_size=self.intermediate_size, steps=self.steps,
-            seq_len=self.seq_len, batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed,
+            seq_len=self.seq_len, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            seed=self.seed,
         )
 
 
@@ -94,16 +98,17 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             context.log.info(f"pretraining step {step + 1}/{config.steps}: loss {loss:.3f}")
 
     threads = resolve_threads(config.threads, source.kind == "offline")
-    with artifacts.write_version("base_model", run_id=context.run.run_id) as (tmp, version), torch_threads(threads):
-        stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code, progress,
-                                   allow_pickle=config.allow_pickle, dtype=dtype,
+    writing = artifacts.write_version("base_model", run_id=context.run.run_id)
+    with writing as (tmp, version), torch_threads(threads):
+        stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code,
+                                   progress, allow_pickle=config.allow_pickle, dtype=dtype,
                                    missing_chat_template=config.missing_chat_template,
                                    cache_dir=artifacts.root / GGUF_CACHE)
         # The data version is the weights, tokenizer and config (not the timing stats).
         version_files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != "pretraining.json")
     path = artifacts.path("base_model", version)
-    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code, device=device,
-                                                dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=config.trust_remote_code,
+                                                device=device, dtype=dtype)
     with torch_threads(threads):
         sample = sample_generation(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=40)
     metadata = {
@@ -134,8 +139,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                                               title="offline model pretraining", xlabel="step",
                                               ylabel="causal-LM loss")
     names = [p.name for p in version_files]
-    return materialized(names, *[path / name for name in names], config=config, metadata=metadata, plots=plots,
-                        uri=path)
+    return materialized(names, *[path / name for name in names], config=config, metadata=metadata,
+                        plots=plots, uri=path)
 
 
 def _offline_texts(context: dg.AssetExecutionContext, memory_graph: AssetHandle) -> list[str]:
