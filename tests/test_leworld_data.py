@@ -79,7 +79,7 @@ def test_random_bits_are_fair_and_seeded():
 
 
 @pytest.mark.parametrize("dim", [40, 10])
-def test_from_experience_matches_seed_loop(dim):
+def test_from_experience_matches_reference_loop(dim):
     w = 16
     memory = ArtificialMemory(MemoryConfig(num_words=1024, word_size=w))
     experiences = torch.randn(50, dim, generator=torch.Generator().manual_seed(0))
@@ -162,7 +162,7 @@ def test_closed_form_equals_recurrence():
 
 
 @pytest.mark.parametrize("difficulty", ["easy", "hard"])
-def test_dataset_equals_seed_loop_on_the_same_draws(memory_bits, difficulty):
+def test_dataset_equals_reference_loop_on_the_same_draws(memory_bits, difficulty):
     """Replay the generator's draws and run the reference's per-sequence, per-region, per-step loops."""
     n, seed = 6, 11
     data = generate_sequences(memory_bits, n, T, D, C, difficulty, generator=seed)
