@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 ENV_FILE_VAR = "CARL_ENV_FILE"
 PATH_VARS = ("CARL_HOME", "DAGSTER_HOME")
 MEMORY_SOURCE_VAR = "CARL_MEMORY_SOURCE"
@@ -134,8 +136,6 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """The `KEY=VALUE` settings of an env file, parsed by python-dotenv as `dagster dev` parses `.env`
     (`export ` prefixes, quotes, `#` comments, `${VAR}` expansion); keys without a value are left out.
     Raises `UnicodeDecodeError`/`OSError` for a file that cannot be read as UTF-8."""
-    from dotenv import dotenv_values
-
     text = Path(path).read_text(encoding="utf-8")  # dotenv would replace undecodable bytes silently
     return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 

@@ -34,6 +34,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 CONFIDENCE_SCORES = ("phi_mean", "self_certainty", "neg_entropy", "mean_logprob")
 DEFAULT_ROWS_PER_CHUNK = 256  # positions whose full logits are held at once (256 x 49k floats = 50 MB)
@@ -87,8 +88,6 @@ def confidence_from_stats(
     and ``(1/V) sum_v log p(v)`` (None: self_certainty is left out). ``mask`` ``[B, T]`` marks the
     completion's positions, in any layout (right or left padding); values elsewhere are ignored, NaN
     included. Returns ``{name: [B] float64 tensor}``; rows with no position get `empty_value`."""
-    import torch
-
     if entropy.ndim != 2 or selected_logprob.shape != entropy.shape or mask.shape != entropy.shape:
         raise ValueError("entropy, selected_logprob and mask must all be [B, T]")
     if mean_vocab_logprob is not None and mean_vocab_logprob.shape != entropy.shape:
@@ -124,8 +123,6 @@ def confidence_scores_batch(logits: Any, token_ids: Any, mask: Any) -> dict[str,
     """The four scores of a batch from full logits ``[B, T, V]`` (``logits[b, t]`` predicted
     ``token_ids[b, t]``) and a mask ``[B, T]`` in any padding layout. Same numbers as
     `confidence_scores` row by row (float64)."""
-    import torch
-
     if logits.ndim != 3 or token_ids.shape != logits.shape[:2] or mask.shape != logits.shape[:2]:
         raise ValueError("logits must be [B, T, V] and token_ids / mask [B, T]")
     logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
@@ -146,8 +143,6 @@ def mean_vocab_logprob_from_hidden(
     the logits being ``lm_head(hidden) * logit_scale``, soft-capped as ``softcap * tanh(l / softcap)``
     when `softcap` is set (Gemma 2). Full logits are held for `rows_per_chunk` positions at a time
     (default 256). Returns ``[N]`` float64, under no_grad."""
-    import torch
-
     rows = rows_per_chunk or DEFAULT_ROWS_PER_CHUNK
     parts = []
     with torch.no_grad():

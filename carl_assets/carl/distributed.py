@@ -27,7 +27,20 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from carl_assets.carl.training import TRAINING_LOG_FILE, SFTOutcome, SFTRunConfig
+import torch
+import torch.distributed as dist
+from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+from carl_assets import storage
+from carl_assets.carl.training import (
+    TRAINING_LOG_FILE,
+    SFTOutcome,
+    SFTRunConfig,
+    StepLogger,
+    load_training_dataset,
+    train_sft,
+)
+from carl_assets.models.loading import load_model_and_tokenizer
 
 MODULE = "carl_assets.cli"  # `python -m carl_assets.cli sft-rank ...`: one rank
 COMMAND = "sft-rank"
@@ -117,9 +130,6 @@ def init_process_group(world: World) -> str | None:
     the choice (nccl) to accelerate. Returns the backend in use, None for a single process."""
     if world.world_size == 1:
         return None
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(world.local_rank)
@@ -156,8 +166,6 @@ def _open_pipes(world: World) -> Any | None:
     """Rank 0's Pipes context when Dagster launched this process; None otherwise (and on other ranks)."""
     if not world.is_main:
         return None
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
     if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
         return None
     return open_dagster_pipes()
@@ -173,9 +181,6 @@ def _stderr_log(world: World) -> Callable[[str], None]:
 def run_sft(model_dir: str, dataset_dir: str, output_dir: str, config: SFTRunConfig, log_every: int = 25,
             launcher: str = INPROCESS, world: World | None = None) -> SFTOutcome:
     """Load, train (`train_sft` with this rank's share of each batch), and on rank 0 save + report."""
-    from carl_assets.carl.training import StepLogger, load_training_dataset, train_sft
-    from carl_assets.models.loading import load_model_and_tokenizer
-
     world = world or World.from_env()
     local = per_rank_batch(config.batch_size, world.world_size)
     backend = init_process_group(world)
@@ -211,8 +216,6 @@ def run_sft(model_dir: str, dataset_dir: str, output_dir: str, config: SFTRunCon
 
 
 def _report(pipes: Any, outcome: SFTOutcome, distributed: dict[str, Any], output_dir: Path) -> None:
-    from carl_assets import storage
-
     weights = sorted(p for p in output_dir.iterdir() if p.suffix == ".safetensors")
     summary = {**sft_summary(outcome), **{k: v for k, v in distributed.items() if v is not None}}
     # The data version Pipes reports is the weights' hash; the asset adds its config to its own.
@@ -224,16 +227,12 @@ def _report(pipes: Any, outcome: SFTOutcome, distributed: dict[str, Any], output
 def _barrier(world: World) -> None:
     # Other ranks wait until rank 0 has saved, so the launcher sees every process end after the checkpoint.
     if world.world_size > 1:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier()
 
 
 def _leave_group(world: World) -> None:
     if world.world_size > 1:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

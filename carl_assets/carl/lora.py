@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from transformers.pytorch_utils import Conv1D
+
 LORA_TASK_TYPE = "CAUSAL_LM"
 
 
 def _linear_leaf_types() -> tuple[type, ...]:
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     return (torch.nn.Linear, Conv1D)
 
 
@@ -69,7 +69,7 @@ def lora_config(model: Any, r: int, alpha: float | None = None, dropout: float =
     if missing:
         raise ValueError(f"lora_target_modules {missing} are not modules of {type(model).__name__} "
                          f"(its linear layers: {default_target_modules(model)})")
-    from peft import LoraConfig
+    from peft import LoraConfig  # 2.7 s to import (after torch/transformers): only LoRA runs pay it
 
     return LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
                       bias="none", task_type=LORA_TASK_TYPE)

@@ -220,7 +220,7 @@ def sft_examples_from_records(records: Iterable[Mapping[str, Any]]) -> pd.DataFr
 
 def to_hf_dataset(examples: pd.DataFrame):
     """A `datasets.Dataset` in TRL's conversational prompt-completion format (plus ids for reference)."""
-    from datasets import Dataset
+    from datasets import Dataset  # 0.4 s to import; only the SFT step needs it
 
     return Dataset.from_dict(
         {

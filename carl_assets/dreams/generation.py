@@ -8,6 +8,7 @@ token ids of prompt and completion, which the scorers re-use (no re-tokenisation
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -15,7 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from transformers import DynamicCache
 
 from carl_assets.models.chat_template import chat_template_for
 from carl_assets.models.loading import fit_prompt
@@ -174,8 +177,6 @@ def _shared_prompt_cache(model: Any, input_ids: torch.Tensor, mask: torch.Tensor
     if input_ids.shape[1] < 2 or not getattr(model, "_supports_cache_class", True):
         return None
     try:
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=model.config)
         head, head_mask = input_ids[:, :-1], mask[:, :-1]
         positions = (head_mask.long().cumsum(dim=-1) - 1).masked_fill(head_mask == 0, 1)
@@ -189,8 +190,6 @@ def _shared_prompt_cache(model: Any, input_ids: torch.Tensor, mask: torch.Tensor
 
 def _cache_keyword(model: Any) -> str:
     """transformers renamed `past_key_values` to `cache` (5.x); use whichever this version's model takes."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -329,7 +328,5 @@ def generate_one_at_a_time(model: Any, tokenizer: Any, prompts: Sequence[Sequenc
 
 def _stream_seed(seed: int, index: int) -> int:
     """A distinct 63-bit seed per (seed, batch) pair."""
-    import numpy as np
-
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint64)
     return int(state[0] >> 1)

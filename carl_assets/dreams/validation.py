@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from carl_assets.carl.reward_fn import REWARD_NAMES
+from carl_assets.dreams.collisions import heldout_collisions, scenario_messages
 from carl_assets.dreams.generation import (
     GeneratedResponse,
     Sampling,
@@ -188,8 +189,6 @@ def validation_prompts(
     seed) and for each a memory text from a node outside its collision (at least 8 words), drawn
     without replacement while the graph has enough. Raises ``ValueError`` when the graph gives no
     collision or has no memory text of 8 words."""
-    from carl_assets.dreams.collisions import heldout_collisions, scenario_messages
-
     collisions = heldout_collisions(nodes, edges, n, seed=7_000_003 + int(seed))
     if not collisions:
         raise ValueError("the memory graph gives no dream collision (no walk meets 2 distinct memories)")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from carl_assets.memory.graph import MemorySourceError, jsonl_file
+from carl_assets.memory.sample import sample_records
 
 TAIL_BYTES = 64 * 1024
 
@@ -73,8 +74,6 @@ def source_fingerprint(source: str) -> SourceFingerprint:
     cannot be read."""
     source = source.strip()
     if source == "sample":
-        from carl_assets.memory.sample import sample_records
-
         hasher = hashlib.sha256(json.dumps(sample_records(), sort_keys=True, ensure_ascii=False).encode())
         return SourceFingerprint(source, "sample", _short(hasher), {})
     if source.startswith("jsonl:"):
@@ -83,7 +82,7 @@ def source_fingerprint(source: str) -> SourceFingerprint:
             raise MemorySourceError(source, "no path after 'jsonl:'")
         return file_fingerprint(path, source)
     if source.startswith(("mcp+stdio:", "mcp+http://", "mcp+https://")):
-        from carl_assets.memory.mcp_source import read_mcp_graph
+        from carl_assets.memory.mcp_source import read_mcp_graph  # loads mcp (0.5 s): MCP sources only
 
         return graph_fingerprint(read_mcp_graph(source), source)
     raise MemorySourceError(

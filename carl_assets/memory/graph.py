@@ -89,6 +89,7 @@ from carl_assets.memory.pairs import (
     pair_counts,
 )
 from carl_assets.memory.records import show as _show
+from carl_assets.memory.sample import sample_records
 from carl_assets.memory.tags import (
     EMOTION_NAME,
     MAX_SCORE,
@@ -208,8 +209,6 @@ def require_records(graph: MemoryGraph, source: str) -> MemoryGraph:
 
 
 def _sample_graph() -> MemoryGraph:
-    from carl_assets.memory.sample import sample_records
-
     records = (
         (i, rec, json.dumps(rec, ensure_ascii=False)) for i, rec in enumerate(sample_records(), start=1)
     )
@@ -230,7 +229,7 @@ def load_graph(source: str = "sample", timeout_s: float | None = None) -> Memory
             raise MemorySourceError(source, "no path after 'jsonl:'")
         return require_records(read_jsonl(path, source), source)
     if source.startswith(("mcp+stdio:", "mcp+http://", "mcp+https://")):
-        from carl_assets.memory.mcp_source import read_mcp_graph
+        from carl_assets.memory.mcp_source import read_mcp_graph  # here: mcp_source imports this module
 
         return require_records(graph_from_mcp_graph(read_mcp_graph(source, timeout_s), source), source)
     raise MemorySourceError(

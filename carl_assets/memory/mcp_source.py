@@ -28,8 +28,10 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
+from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from carl_assets.memory.graph import MemorySourceError
+from carl_assets.project_env import env_seconds
 
 TIMEOUT_ENV = "CARL_MCP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
@@ -39,8 +41,6 @@ T = TypeVar("T")
 def mcp_timeout_s(timeout_s: float | None = None) -> float:
     """`timeout_s` if given (must be > 0), else `$CARL_MCP_TIMEOUT` (read at call time), else 60 s."""
     if timeout_s is None:  # a bad environment value warns, naming it, and gives the default
-        from carl_assets.project_env import env_seconds
-
         return env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, positive=True)
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
@@ -65,8 +65,6 @@ def parse_stdio_command(source: str) -> tuple[str, list[str], dict[str, str]]:
 
 @asynccontextmanager
 async def _transport(source: str, errlog: Any):
-    from mcp import StdioServerParameters, stdio_client
-
     if source.startswith("mcp+stdio:"):
         command, args, env = parse_stdio_command(source)
         params = StdioServerParameters(command=command, args=args, env={**os.environ, **env})
@@ -89,8 +87,6 @@ async def _transport(source: str, errlog: Any):
 def run_with_session(source: str, work: Callable[[Any], Awaitable[T]], timeout_s: float | None = None) -> T:
     """Connect to the MCP server named by `source`, initialise a session and return `await work(session)`,
     all within `timeout_s` (see `mcp_timeout_s`)."""
-    from mcp import ClientSession
-
     timeout_s = mcp_timeout_s(timeout_s)
 
     async def main() -> T:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -347,8 +348,6 @@ def write_sample_jsonl(path: str | Path, seed: int = SAMPLE_SEED) -> Path:
 
 
 if __name__ == "__main__":  # python -m carl_assets.memory.sample memory.jsonl
-    import sys
-
     if len(sys.argv) != 2:
         sys.exit("usage: python -m carl_assets.memory.sample OUTPUT.jsonl")
     print(write_sample_jsonl(sys.argv[1]))

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from carl_assets.memory.graph import MAX_SCORE, MIN_SCORE
 from carl_assets.models.loading import model_max_positions
@@ -195,8 +196,6 @@ def _forward_keywords(model: Any, cache: Any) -> dict[str, Any]:
 
 
 def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # transformers before 4.56 builds it without the config
