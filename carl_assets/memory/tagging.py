@@ -47,7 +47,6 @@ TAGGERS: tuple[str, ...] = ("off", "lexicon", "model")
 SOURCES: tuple[str, ...] = ("user", "model", "lexicon")
 TAG_COLUMNS = ["node_id", "emotion", "score", "source", "raw_score"]
 STATUS_COLUMNS = ["node_id", "status", "source", "n_tags"]
-STATUSES = ("user", "tagged", "none_found", "stub", "empty_text", "untagged")
 
 # When neither the caller nor the graph's user tags name any emotion: the built-in sample graph's 16
 # emotions, which include every emotion the reference names (warmth, clarity, frustration, love, tiredness).
