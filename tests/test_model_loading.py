@@ -80,6 +80,17 @@ def test_resolve_model_source(tmp_path):
         load_model_and_tokenizer(tmp_path / "nowhere")
 
 
+def test_resolve_model_source_follows_an_asset_folders_current_version(tmp_path):
+    # `carl agent --model .carl/artifacts/grpo_checkpoint` (README): the asset folder holds versions and
+    # a `current` link, not the model itself.
+    version = tmp_path / "grpo_checkpoint" / "20260101T000000Z-abc"
+    version.mkdir(parents=True)
+    (version / "config.json").write_text("{}")
+    (tmp_path / "grpo_checkpoint" / "current").symlink_to(version.name)
+    assert resolve_model_source(str(tmp_path / "grpo_checkpoint")) == ModelSource("local", str(version.resolve()))
+    assert resolve_model_source(str(version)) == ModelSource("local", str(version.resolve()))
+
+
 def test_saved_tiny_model_loads_back_identically(tiny_model_and_tokenizer, tmp_path):
     model, tok = tiny_model_and_tokenizer
     model.save_pretrained(tmp_path, safe_serialization=True)

@@ -26,7 +26,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 def resolve_model_source(spec: str | None) -> ModelSource:
     """`""`/`"offline"` → the offline default; a packaged model's name (`smollm2-135m-instruct`) →
-    packaged; an existing `.gguf` file → gguf; an existing folder → local; `org/name` → a hub id.
+    packaged; an existing `.gguf` file → gguf; an existing folder → local (an asset's artifact folder,
+    `artifacts/<asset>`, → its `current` version); `org/name` → a hub id.
 
     Something that looks like a path but does not exist is a clear error, not a hub lookup; so is a
     packaged model whose package is not installed (the error gives the pip command).
@@ -43,6 +44,8 @@ def resolve_model_source(spec: str | None) -> ModelSource:
             raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
         return ModelSource("gguf", str(path.resolve()))
     if path.exists():
+        if (path / "current" / "config.json").exists() and not (path / "config.json").exists():
+            path = path / "current"  # an asset's artifact folder (the README's `.carl/artifacts/grpo_checkpoint`)
         if not path.is_dir() or not (path / "config.json").exists():
             raise FileNotFoundError(f"model path {path} is not a Hugging Face model folder (no config.json)")
         return ModelSource("local", str(path.resolve()))
