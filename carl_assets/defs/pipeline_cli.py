@@ -325,7 +325,8 @@ def lineage_nodes(asset: str, version: str | None = None, limit: int = 20) -> in
         raise PipelineUsageError(f"carl lineage --nodes: {exc}") from None
     chain = " <- ".join(f"{a}@{v}" for a, v in behind.attrs.get("chain", []))
     behind = behind.join(nodes.set_index("node_id")[["kind", "text"]], on="node_id")
-    print(f"{asset}@{version}: {len(behind)} memory nodes, {int(behind['examples'].sum())} (node, example) links")
+    links = int(behind["examples"].sum())
+    print(f"{asset}@{version}: {len(behind)} memory nodes, {links} (node, example) links")
     print(f"chain: {chain}")
     print(f"{'node':<34}{'kind':<12}{'examples':>9}{'versions':>9}  text")
     for row in behind.head(limit).itertuples(index=False):
