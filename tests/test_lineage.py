@@ -148,8 +148,9 @@ def _declared(
 
 
 def _materialize_all(defs: dg.Definitions, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
-    """Every asset and check of `defs` in this process (so the instruments see every read)."""
-    assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition | dg.SourceAsset)]
+    """Every asset and check of `defs` in this process (so the instruments see every read). The observable
+    memory source is left out: it is observed, not materialized, and memory_graph only orders after it."""
+    assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
     return dg.materialize(
         [*assets, *(defs.asset_checks or [])],
         resources=defs.resources,
