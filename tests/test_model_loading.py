@@ -91,6 +91,23 @@ def test_resolve_model_source_follows_an_asset_folders_current_version(tmp_path)
     assert resolve_model_source(str(version)) == ModelSource("local", str(version.resolve()))
 
 
+def test_is_offline_model_asks_an_asset_folders_current_version(tmp_path):
+    # `carl train --model .carl/artifacts/base_model` must take the offline model's defaults, as the version
+    # folder does (it loads that version).
+    from carl_assets.models.defaults import is_offline_model
+    from carl_assets.models.loading import MODEL_INFO_FILE
+
+    version = tmp_path / "base_model" / "v1"
+    version.mkdir(parents=True)
+    (version / "config.json").write_text("{}")
+    (tmp_path / "base_model" / "current").symlink_to("v1")
+    assert not is_offline_model(tmp_path / "base_model")
+    (version / MODEL_INFO_FILE).write_text('{"source": "offline"}')
+    assert is_offline_model(version) and is_offline_model(tmp_path / "base_model")
+    (version / MODEL_INFO_FILE).write_text('{"source": "local"}')
+    assert not is_offline_model(tmp_path / "base_model")
+
+
 def test_saved_tiny_model_loads_back_identically(tiny_model_and_tokenizer, tmp_path):
     model, tok = tiny_model_and_tokenizer
     model.save_pretrained(tmp_path, safe_serialization=True)

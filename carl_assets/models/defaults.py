@@ -117,10 +117,13 @@ def training_defaults(offline: bool) -> TrainingDefaults:
 
 def is_offline_model(folder: str | os.PathLike[str]) -> bool:
     """Whether the model folder records (in `carl_model.json`) that it is the offline default model.
-    Checkpoints trained from it carry no record: ask the base model's folder."""
+    Checkpoints trained from it carry no record: ask the base model's folder. An asset's artifact folder
+    (`artifacts/base_model`) is asked about its `current` version, as `resolve_model_source` loads it."""
     from carl_assets.models.loading import MODEL_INFO_FILE  # here: loading imports transformers
 
     info = Path(folder) / MODEL_INFO_FILE
+    if not info.is_file() and not (Path(folder) / "config.json").exists():
+        info = Path(folder) / "current" / MODEL_INFO_FILE
     if not info.is_file():
         return False
     return str(json.loads(info.read_text()).get("source", "")).lower() in ("offline", "")
