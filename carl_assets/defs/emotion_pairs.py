@@ -188,7 +188,9 @@ def _empty_reason(graph: Any, config: PairsConfig, tagger: str | None, used: str
     """Why `extract_training_pairs` gave nothing, and what to change (names real config fields)."""
     tagged = int((graph.nodes["n_tags"] > 0).sum())
     if tagged == 0:
-        return no_tags_reason(used if config.tag_sources == "auto" else config.tag_sources, tagger)
+        # 'auto' with emotion_tags never made falls back to 'user': say that emotion_tags is missing instead.
+        auto_used = used if tagger is not None else "auto"
+        return no_tags_reason(auto_used if config.tag_sources == "auto" else config.tag_sources, tagger)
     emotions = graph.emotion_counts()
     more = "" if used == "all" or tagger in (None, "off") else (
         "; the tagger's tags were left out (emotion_training_pairs.tag_sources = "
