@@ -8,7 +8,9 @@ import time
 import torch
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 3, per_timing: int = 4) -> tuple[float, float]:
+def matmul_gflops(
+    dtype: torch.dtype, size: int = 2048, repeats: int = 3, per_timing: int = 4
+) -> tuple[float, float]:
     """Best (GFLOP per wall second, GFLOP per CPU second of this process) of `size`^2 matmuls (2 size^3
     FLOPs each) on torch's current threads."""
     generator = torch.Generator().manual_seed(0)
@@ -20,7 +22,10 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 3, per_ti
         start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(per_timing):
             torch.matmul(a, b)
-        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
+        best, best_cpu = (
+            min(best, time.perf_counter() - start),
+            min(best_cpu, time.process_time() - start_cpu),
+        )
     flops = 2 * size**3 * per_timing / 1e9
     return flops / best, flops / best_cpu
 
@@ -30,8 +35,13 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     unique = {id(p): p for p in model.parameters()}.values()
     embed = model.get_input_embeddings().weight
     total = sum(p.numel() for p in unique)
-    return {"parameters": total, "non_embedding": total - embed.numel(), "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size, "vocab": embed.shape[0]}
+    return {
+        "parameters": total,
+        "non_embedding": total - embed.numel(),
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "vocab": embed.shape[0],
+    }
 
 
 def forward_flops_per_token(shape: dict[str, int], context: float, logits_share: float) -> float:

@@ -22,7 +22,11 @@ def prepare_process() -> None:
     it adapts upwards and freed tensors stay in the heap, so peak-RSS readings depend on history; set
     NOREEXEC to skip), keeps the benchmark offline and single-tokenizer-threaded, and puts the project
     root on sys.path."""
-    if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux") and not os.environ.get("NOREEXEC"):
+    if (
+        os.environ.get(MMAP_ENV) is None
+        and sys.platform.startswith("linux")
+        and not os.environ.get("NOREEXEC")
+    ):
         os.environ[MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable, *sys.argv])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,14 +88,18 @@ def max_abs_diff(fast: Any, baseline: Any) -> float:
     return float(np.nan_to_num(diff, nan=np.inf).max())
 
 
-def agree(check: str, value: float, tolerance: float, metric: str = "max_abs_diff", **details: Any) -> dict[str, Any]:
+def agree(
+    check: str, value: float, tolerance: float, metric: str = "max_abs_diff", **details: Any
+) -> dict[str, Any]:
     """The record of one agreement check, `{metric: value, "tolerance": tolerance, **details}`.
 
     Raises Disagreement naming `check` when `value` exceeds `tolerance` or is NaN (a check is passed only
     by a number at or below its tolerance)."""
     value = float(value)
     if not value <= tolerance:
-        raise Disagreement(f"{check}: {metric} {value:.3g} exceeds the tolerance {tolerance:g} ({details or ''})")
+        raise Disagreement(
+            f"{check}: {metric} {value:.3g} exceeds the tolerance {tolerance:g} ({details or ''})"
+        )
     return {metric: value, "tolerance": tolerance, **details}
 
 
@@ -114,7 +122,10 @@ def run_bench(main: Callable[[], dict[str, Any]]) -> None:
     try:
         record = main()
     except Disagreement as exc:
-        print(f"{Path(sys.argv[0]).stem}: the fast path disagrees with its baseline, no ratio: {exc}", file=sys.stderr)
+        print(
+            f"{Path(sys.argv[0]).stem}: the fast path disagrees with its baseline, no ratio: {exc}",
+            file=sys.stderr,
+        )
         sys.exit(1)
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing or not record["agreement"]:
@@ -133,6 +144,13 @@ def time_interleaved(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[s
     for _ in range(repeats):
         for name, fn in ways.items():
             runs[name].append(measure(fn))
-    return {name: {"seconds": [r[0] for r in rs], "median": statistics.median(r[0] for r in rs),
-                   "best": min(r[0] for r in rs), "peak_mb": max(r[1] for r in rs), "result": rs[-1][2]}
-            for name, rs in runs.items()}
+    return {
+        name: {
+            "seconds": [r[0] for r in rs],
+            "median": statistics.median(r[0] for r in rs),
+            "best": min(r[0] for r in rs),
+            "peak_mb": max(r[1] for r in rs),
+            "result": rs[-1][2],
+        }
+        for name, rs in runs.items()
+    }

@@ -67,11 +67,16 @@ from carl_assets.memory_graph import load_graph  # noqa: E402
 from carl_assets.models.loading import train_tokenizer  # noqa: E402
 
 SYSTEM = "You are a precise agent. Follow the instruction exactly."
-INSTRUCTIONS = ["Which feelings does this memory carry?", "What kind of memory is this?",
-                "Click the submit button.", "Summarise the note in one line."]
+INSTRUCTIONS = [
+    "Which feelings does this memory carry?",
+    "What kind of memory is this?",
+    "Click the submit button.",
+    "Summarise the note in one line.",
+]
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 REWARD_TOLERANCE = 1e-5  # max |ours - reference way|, as in tests/test_carl_reward_fn.py
-REFERENCE_MIN_CHARS, REFERENCE_MAX_TOKENS = 5, 512  # the reference's rules: a shorter text scores 0; longer ones are cut
+# The reference's rules: a shorter text scores 0; longer ones are cut.
+REFERENCE_MIN_CHARS, REFERENCE_MAX_TOKENS = 5, 512
 
 
 def _status_mb(key: str) -> float:
@@ -110,8 +115,15 @@ def time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
     for _ in range(repeats):
         for name, fn in fns.items():
             rounds[name].append(measure_once(fn, device))
-    return {name: {"best": min(r[0] for r in runs), "median": statistics.median(r[0] for r in runs),
-                   "peak_mb": max(r[1] for r in runs), "result": runs[-1][2]} for name, runs in rounds.items()}
+    return {
+        name: {
+            "best": min(r[0] for r in runs),
+            "median": statistics.median(r[0] for r in runs),
+            "peak_mb": max(r[1] for r in runs),
+            "result": runs[-1][2],
+        }
+        for name, runs in rounds.items()
+    }
 
 
 def real_completions(tokenizer, texts: list[str], lengths: list[int]) -> tuple[list[str], list[list[int]]]:
@@ -131,9 +143,17 @@ def real_completions(tokenizer, texts: list[str], lengths: list[int]) -> tuple[l
 def build(args: argparse.Namespace):
     """(model, tokenizer, chat prompts, completion texts, completion ids), deterministic for `args.seed`."""
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # a sharper head than N(0, 0.02): Phi spread more like a trained model's
         model.lm_head.weight.mul_(25.0)
@@ -142,13 +162,19 @@ def build(args: argparse.Namespace):
     rng = np.random.default_rng(args.seed)
     n = args.sequences
     observations = [memories[int(i)] for i in rng.choice(len(memories) // 2, size=n, replace=False)]
-    prompts = [[{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"{observations[i]}\n\nInstruction: {INSTRUCTIONS[i % 4]}"}]
-               for i in range(n)]
+    prompts = [
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"{observations[i]}\n\nInstruction: {INSTRUCTIONS[i % 4]}"},
+        ]
+        for i in range(n)
+    ]
     lengths = np.linspace(8, args.max_completion, n).astype(int)
     rng.shuffle(lengths)
     # completions from the other half of the graph: an answer is not its own prompt
-    texts, completion_ids = real_completions(tokenizer, memories[len(memories) // 2:], [int(k) for k in lengths])
+    texts, completion_ids = real_completions(
+        tokenizer, memories[len(memories) // 2 :], [int(k) for k in lengths]
+    )
     return model.to(torch.device(args.device)), tokenizer, prompts, texts, completion_ids
 
 
@@ -157,8 +183,14 @@ def methods(model, tokenizer, prompts, texts, completion_ids, device):
     n = len(prompts)
     # prompt ids as TRL's GRPO makes them (the chat template with the generation prompt), written here
     # independently of the reward function's own tokenisation
-    prompt_ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
-                       ["input_ids"]) for p in prompts]
+    prompt_ids = [
+        list(
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for p in prompts
+    ]
     sequences = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
 
     def reference_way() -> list[float]:
@@ -194,9 +226,12 @@ def methods(model, tokenizer, prompts, texts, completion_ids, device):
             logits = model(input_ids=batch_ids, attention_mask=batch_mask).logits
         return tuple(logits.shape)
 
-    info = {"prompt_tokens_mean": float(np.mean([len(p) for p in prompt_ids])),
-            "completion_tokens": int(sum(len(c) for c in completion_ids)),
-            "completion_chars_min": min(len(t) for t in texts), "padded_width": width}
+    info = {
+        "prompt_tokens_mean": float(np.mean([len(p) for p in prompt_ids])),
+        "completion_tokens": int(sum(len(c) for c in completion_ids)),
+        "completion_chars_min": min(len(t) for t in texts),
+        "padded_width": width,
+    }
     return {"reference": reference_way, "bare": bare, "ours": ours}, info, reward_fn
 
 
@@ -231,10 +266,17 @@ def check_agreement(r_ref: list[float], r_ours: list[float], reward_fn) -> dict:
     skipped completions would time a rule, not the reward). Raises Disagreement otherwise."""
     skipped = sum(c is None for c in reward_fn.last_components)
     return {
-        "rewards_vs_reference_way": agree_close("rewards vs the reference way", r_ours, r_ref, REWARD_TOLERANCE,
-                                           reward_std=round(float(np.std(r_ref)), 4),
-                                           reward_mean=round(float(np.mean(r_ref)), 4)),
-        "scored": agree("completions scored", skipped, 0, metric="skipped_completions", completions=len(r_ours)),
+        "rewards_vs_reference_way": agree_close(
+            "rewards vs the reference way",
+            r_ours,
+            r_ref,
+            REWARD_TOLERANCE,
+            reward_std=round(float(np.std(r_ref)), 4),
+            reward_mean=round(float(np.mean(r_ref)), 4),
+        ),
+        "scored": agree(
+            "completions scored", skipped, 0, metric="skipped_completions", completions=len(r_ours)
+        ),
     }
 
 
@@ -253,23 +295,37 @@ def main() -> dict | None:
     if device.type == "cuda":  # CUDA's allocator statistics need no help
         memory = {name: s["peak_mb"] for name, s in stats.items()}
     else:
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child"], capture_output=True,
-                               text=True, env={**os.environ, MMAP_ENV: "65536"}, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--memory-child"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, MMAP_ENV: "65536"},
+            check=True,
+        )
         memory = json.loads(child.stdout.strip().splitlines()[-1])
     t_ref, t_bare, t_ours = (stats[k]["median"] for k in ("reference", "bare", "ours"))
     m_ref, m_bare, m_ours = (memory[k] for k in ("reference", "bare", "ours"))
-    print(f"sequences={args.sequences}: prompts {info['prompt_tokens_mean']:.0f} tokens on average, "
-          f"{info['completion_tokens']} completion tokens (8-{args.max_completion}, real memory texts, "
-          f">= {info['completion_chars_min']} characters), padded width {info['padded_width']}; V={args.vocab}; "
-          f"full logits {shape}; threads={args.threads}", file=sys.stderr)
+    print(
+        f"sequences={args.sequences}: prompts {info['prompt_tokens_mean']:.0f} tokens on average, "
+        f"{info['completion_tokens']} completion tokens (8-{args.max_completion}, real memory texts, "
+        f">= {info['completion_chars_min']} characters), padded width {info['padded_width']}; "
+        f"V={args.vocab}; "
+        f"full logits {shape}; threads={args.threads}",
+        file=sys.stderr,
+    )
     for label, key in (("ref way ", "reference"), ("bare fwd", "bare"), ("ours    ", "ours")):
-        print(f"{label}: best {stats[key]['best'] * 1000:8.1f} ms  median {stats[key]['median'] * 1000:8.1f} ms  "
-              f"peak extra {memory[key]:7.1f} MB", file=sys.stderr)
+        print(
+            f"{label}: best {stats[key]['best'] * 1000:8.1f} ms  median {stats[key]['median'] * 1000:8.1f} "
+            f"ms  "
+            f"peak extra {memory[key]:7.1f} MB",
+            file=sys.stderr,
+        )
     return {
         "name": "carl_reward",
         "ratio": round(t_ref / t_ours, 3),
         "target": 2.0,
-        "ratio_is": f"reference way median time / ours (the same {args.sequences} real completions, rewards agreeing)",
+        "ratio_is": f"reference way median time / ours (the same {args.sequences} real completions, rewards "
+        "agreeing)",
         "agreement": agreement,
         "ratio_vs_bare_forward": round(t_ours / t_bare, 3),
         "target_vs_bare_forward": 1.15,
@@ -282,7 +338,8 @@ def main() -> dict | None:
         "seconds_ours": round(t_ours, 4),
         "seconds_bare_forward": round(t_bare, 4),
         "seconds_reference": round(t_ref, 4),
-        "timing": f"median of {max(MIN_REPEATS, args.repeats)} interleaved rounds after 1 warm-up, each method",
+        "timing": f"median of {max(MIN_REPEATS, args.repeats)} interleaved rounds after 1 warm-up, each "
+        "method",
         "best_ratio": round(stats["reference"]["best"] / stats["ours"]["best"], 3),
         "best_ratio_vs_bare_forward": round(stats["ours"]["best"] / stats["bare"]["best"], 3),
         "completion_tokens": info["completion_tokens"],

@@ -79,10 +79,21 @@ def check_agreement(model, tok, prompts, scorer, responses, scores, new_tokens: 
     single = generate_one_at_a_time(model, tok, prompts, **greedy)
     differing = sum(a.completion_ids != b.completion_ids for a, b in zip(batched, single, strict=True))
     return {
-        "scores_vs_one_at_a_time": agree_close("scores, batched vs one response at a time", fast, slow,
-                                               SCORE_TOLERANCE, components=keys, responses=len(responses)),
-        "greedy_tokens_vs_one_at_a_time": agree("greedy decoding, batched vs one at a time", differing, 0,
-                                                metric="differing_sequences", sequences=len(batched)),
+        "scores_vs_one_at_a_time": agree_close(
+            "scores, batched vs one response at a time",
+            fast,
+            slow,
+            SCORE_TOLERANCE,
+            components=keys,
+            responses=len(responses),
+        ),
+        "greedy_tokens_vs_one_at_a_time": agree(
+            "greedy decoding, batched vs one at a time",
+            differing,
+            0,
+            metric="differing_sequences",
+            sequences=len(batched),
+        ),
     }
 
 
@@ -102,11 +113,17 @@ def set_up(args: argparse.Namespace):
     graph = load_graph("sample")
     model, tok = new_offline_model(graph.nodes["text"].astype(str).tolist())
     model.eval()
-    collisions, _ = dream_scenarios(graph.nodes, graph.edges, DreamConfig(n_scenarios=args.scenarios), cycle=0)
+    collisions, _ = dream_scenarios(
+        graph.nodes, graph.edges, DreamConfig(n_scenarios=args.scenarios), cycle=0
+    )
     prompts = [scenario_messages(c) for c in collisions]
     layers = default_layers(model.config.num_hidden_layers)
-    scorer = CombinedScorer([(CarlScorer(), 1.0), (SteeringScorer(random_readout(model.config.hidden_size, layers),
-                                                                  "warmth"), 1.0)])
+    scorer = CombinedScorer(
+        [
+            (CarlScorer(), 1.0),
+            (SteeringScorer(random_readout(model.config.hidden_size, layers), "warmth"), 1.0),
+        ]
+    )
     return model, tok, prompts, scorer
 
 
@@ -114,8 +131,13 @@ def main() -> dict:
     args = parse_args()
     torch.set_num_threads(1)
     model, tok, prompts, scorer = set_up(args)
-    common = dict(k=args.k, temperature=args.temperature, max_new_tokens=args.new_tokens,
-                  min_new_tokens=args.new_tokens, seed=0)
+    common = dict(
+        k=args.k,
+        temperature=args.temperature,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        seed=0,
+    )
 
     def ours():
         responses = generate_responses(model, tok, prompts, batch_size=args.batch_size, **common)
@@ -130,21 +152,34 @@ def main() -> dict:
     n_tokens = sum(len(r.completion_ids) for r in responses)
     baseline_tokens = sum(len(r.completion_ids) for r in stats["baseline"]["result"][0])
     agreement = {  # before any ratio is printed
-        "generated_tokens": agree("generated tokens, ours vs baseline", abs(n_tokens - baseline_tokens), 0,
-                                  metric="abs_diff", tokens=n_tokens),
+        "generated_tokens": agree(
+            "generated tokens, ours vs baseline",
+            abs(n_tokens - baseline_tokens),
+            0,
+            metric="abs_diff",
+            tokens=n_tokens,
+        ),
         **check_agreement(model, tok, prompts, scorer, *stats["ours"]["result"], args.new_tokens),
     }
     prompt_tokens = sum(len(r.prompt_ids) for r in responses)
     # Where our time goes: generation alone (one more run) against the whole.
-    gen_seconds, _, _ = measure(lambda: generate_responses(model, tok, prompts, batch_size=args.batch_size, **common))
+    gen_seconds, _, _ = measure(
+        lambda: generate_responses(model, tok, prompts, batch_size=args.batch_size, **common)
+    )
     median = {k: s["median"] for k, s in stats.items()}
     peaks = {k: s["peak_mb"] for k, s in stats.items()}
     for name, s in stats.items():
-        print(f"{name:>9}: median {s['median']:.3f} s, best {s['best']:.3f} s, "
-              f"{n_tokens / s['median']:.0f} generated tokens/s, peak +{s['peak_mb']:.1f} MB", file=sys.stderr)
-    print(f"{len(prompts)} scenarios x {args.k} responses x {args.new_tokens} tokens = {n_tokens} tokens; "
-          f"mean prompt {prompt_tokens / len(responses):.0f} tokens; ours: generation {gen_seconds:.3f} s "
-          f"of {median['ours']:.3f} s", file=sys.stderr)
+        print(
+            f"{name:>9}: median {s['median']:.3f} s, best {s['best']:.3f} s, "
+            f"{n_tokens / s['median']:.0f} generated tokens/s, peak +{s['peak_mb']:.1f} MB",
+            file=sys.stderr,
+        )
+    print(
+        f"{len(prompts)} scenarios x {args.k} responses x {args.new_tokens} tokens = {n_tokens} tokens; "
+        f"mean prompt {prompt_tokens / len(responses):.0f} tokens; ours: generation {gen_seconds:.3f} s "
+        f"of {median['ours']:.3f} s",
+        file=sys.stderr,
+    )
     return {
         "name": "dreams",
         "ratio": round(median["baseline"] / median["ours"], 3),

@@ -62,14 +62,27 @@ import torch  # noqa: E402
 from _flops import forward_flops_per_token, matmul_gflops, mean_causal_context, model_shape  # noqa: E402
 from _sft_step import sft_baseline, sft_batch, sft_ours  # noqa: E402
 
-from carl_assets.dreams import DreamConfig, dream_scenarios, generate_responses, scenario_messages  # noqa: E402
+from carl_assets.dreams import (  # noqa: E402
+    DreamConfig,
+    dream_scenarios,
+    generate_responses,
+    scenario_messages,
+)
 from carl_assets.dreams.forward import run_response_forward  # noqa: E402
-from carl_assets.dreams.generation import GeneratedResponse, Sampling, encode_prompt, pad_and_eos_ids  # noqa: E402
+from carl_assets.dreams.generation import (  # noqa: E402
+    GeneratedResponse,
+    Sampling,
+    encode_prompt,
+    pad_and_eos_ids,
+)
 from carl_assets.memory_graph import load_graph  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DREAM_SAMPLING = Sampling(top_p=0.9, min_p=0.05)  # the real-model dream default (models.defaults)
-PREFILL_TOL = {"fp32": {"atol": 2e-3, "rtol": 1e-4}, "bf16": {"error_ratio": 2.0, "slack": 0.05, "argmax_slack": 0.02}}
+PREFILL_TOL = {
+    "fp32": {"atol": 2e-3, "rtol": 1e-4},
+    "bf16": {"error_ratio": 2.0, "slack": 0.05, "argmax_slack": 0.02},
+}
 SFT_LOSS_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 
 
@@ -136,12 +149,13 @@ def prefill_baseline(model, responses) -> torch.Tensor:
             ids = torch.tensor([r.prompt_ids + r.completion_ids])
             logits = model(input_ids=ids).logits[0]
             start = len(r.prompt_ids) - 1
-            rows.append(logits[start: start + len(r.completion_ids)].float())
+            rows.append(logits[start : start + len(r.completion_ids)].float())
     return torch.cat(rows)
 
 
-def check_prefill(name: str, ours: torch.Tensor, base: torch.Tensor,
-                  reference: torch.Tensor | None = None) -> dict[str, object]:
+def check_prefill(
+    name: str, ours: torch.Tensor, base: torch.Tensor, reference: torch.Tensor | None = None
+) -> dict[str, object]:
     """fp32: ours equals the plain forward (assert_close's rule: |ours - base| <= atol + rtol x |base|
     everywhere). bf16: both round differently (near-ties flip either way), so ours must be as close to the
     fp32 plain forward (`reference`) as the bf16 plain forward is: max |error| within `error_ratio` times
@@ -152,8 +166,15 @@ def check_prefill(name: str, ours: torch.Tensor, base: torch.Tensor,
     tol = PREFILL_TOL[name]
     if name == "fp32":
         beyond = ((ours - base).abs() - tol["rtol"] * base.abs()).max().item()
-        return agree(f"prefill {name} logits vs the plain forward", beyond, tol["atol"],
-                     metric="max_abs_diff_beyond_rtol", rtol=tol["rtol"], max_abs_diff=diff, argmax_agreement=argmax)
+        return agree(
+            f"prefill {name} logits vs the plain forward",
+            beyond,
+            tol["atol"],
+            metric="max_abs_diff_beyond_rtol",
+            rtol=tol["rtol"],
+            max_abs_diff=diff,
+            argmax_agreement=argmax,
+        )
     if reference is None:
         raise Disagreement(f"prefill {name}: needs the fp32 run first (--dtypes fp32,{name})")
     ours_error = (ours - reference).abs().max().item()
@@ -161,39 +182,79 @@ def check_prefill(name: str, ours: torch.Tensor, base: torch.Tensor,
     greedy = reference.argmax(-1)
     ours_kept = (ours.argmax(-1) == greedy).float().mean().item()
     base_kept = (base.argmax(-1) == greedy).float().mean().item()
-    error = agree(f"prefill {name} error vs fp32", ours_error, tol["error_ratio"] * base_error + tol["slack"],
-                  metric="max_abs_error_vs_fp32", baseline_max_abs_error_vs_fp32=base_error,
-                  rule=f"<= {tol['error_ratio']} x the plain bf16 forward's + {tol['slack']}")
-    kept = agree(f"prefill {name} fp32 greedy token kept", base_kept - ours_kept, tol["argmax_slack"],
-                 metric="argmax_kept_shortfall", fp32_argmax_kept=round(ours_kept, 5),
-                 baseline_fp32_argmax_kept=round(base_kept, 5))
-    return {"error_vs_fp32": error, "fp32_argmax_kept": kept, "max_abs_logit_diff": diff, "argmax_agreement": argmax}
+    error = agree(
+        f"prefill {name} error vs fp32",
+        ours_error,
+        tol["error_ratio"] * base_error + tol["slack"],
+        metric="max_abs_error_vs_fp32",
+        baseline_max_abs_error_vs_fp32=base_error,
+        rule=f"<= {tol['error_ratio']} x the plain bf16 forward's + {tol['slack']}",
+    )
+    kept = agree(
+        f"prefill {name} fp32 greedy token kept",
+        base_kept - ours_kept,
+        tol["argmax_slack"],
+        metric="argmax_kept_shortfall",
+        fp32_argmax_kept=round(ours_kept, 5),
+        baseline_fp32_argmax_kept=round(base_kept, 5),
+    )
+    return {
+        "error_vs_fp32": error,
+        "fp32_argmax_kept": kept,
+        "max_abs_logit_diff": diff,
+        "argmax_agreement": argmax,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def decode_baseline(model, tokenizer, prompts, k: int, new_tokens: int, temperature: float,
-                    sampling: Sampling | None, seed: int = 0) -> list[list[int]]:
+def decode_baseline(
+    model,
+    tokenizer,
+    prompts,
+    k: int,
+    new_tokens: int,
+    temperature: float,
+    sampling: Sampling | None,
+    seed: int = 0,
+) -> list[list[int]]:
     """Plain `generate`, one prompt and one sample per call; greedy when `sampling` is None."""
     pad_id, eos = pad_and_eos_ids(model, tokenizer)
     out = []
-    kwargs = {"do_sample": False} if sampling is None else {
-        "do_sample": True, "temperature": temperature, **sampling.generate_kwargs()}
+    kwargs = (
+        {"do_sample": False}
+        if sampling is None
+        else {"do_sample": True, "temperature": temperature, **sampling.generate_kwargs()}
+    )
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([encode_prompt(tokenizer, prompt)])
             for j in range(k):
                 torch.manual_seed(seed + i * k + j)
-                generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad_id,
-                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-                out.append(generated[0, ids.shape[1]:].tolist())
+                generated = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pad_token_id=pad_id,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    **kwargs,
+                )
+                out.append(generated[0, ids.shape[1] :].tolist())
     return out
 
 
 def greedy_agreement(model, tokenizer, prompts, new_tokens: int) -> dict[str, float]:
-    ours = generate_responses(model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, batch_size=len(prompts))
+    ours = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        k=1,
+        temperature=0.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        batch_size=len(prompts),
+    )
     base = decode_baseline(model, tokenizer, prompts, 1, new_tokens, 0.0, None)
     same = [r.completion_ids == b for r, b in zip(ours, base, strict=True)]
     matched = 0
@@ -203,7 +264,10 @@ def greedy_agreement(model, tokenizer, prompts, new_tokens: int) -> dict[str, fl
                 break
             matched += 1
     total = sum(len(b) for b in base)
-    return {"identical_sequences": round(sum(same) / len(same), 4), "matching_prefix_tokens": round(matched / total, 4)}
+    return {
+        "identical_sequences": round(sum(same) / len(same), 4),
+        "matching_prefix_tokens": round(matched / total, 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -235,18 +299,26 @@ def run_prefill(model, tokenizer, prompts, shape, args, limits, report) -> None:
     for name in args.dtypes:
         typed = as_dtype(model, name)
         ours_s, peak, ours, ours_cpu = timed(lambda m=typed: prefill_ours(m, responses, pad_id), args.repeats)
-        base_s, base_peak, base, base_cpu = timed(lambda m=typed: prefill_baseline(m, responses), args.repeats)
+        base_s, base_peak, base, base_cpu = timed(
+            lambda m=typed: prefill_baseline(m, responses), args.repeats
+        )
         agreement = check_prefill(name, ours, base, reference)
         if name == "fp32":
             reference = base
         report["prefill"][name] = {
-            "tokens_per_s": round(tokens / ours_s, 1), "tokens_per_s_baseline": round(tokens / base_s, 1),
+            "tokens_per_s": round(tokens / ours_s, 1),
+            "tokens_per_s_baseline": round(tokens / base_s, 1),
             "fraction_of_limit": round(flops * tokens / ours_s / 1e9 / limits[name], 3),
             "fraction_of_limit_baseline": round(flops * tokens / base_s / 1e9 / limits[name], 3),
             "fraction_of_limit_cpu_time": round(flops * tokens / ours_cpu / 1e9 / limits["cpu_" + name], 3),
-            "fraction_of_limit_cpu_time_baseline": round(flops * tokens / base_cpu / 1e9 / limits["cpu_" + name], 3),
-            "peak_mb": round(peak, 1), "peak_mb_baseline": round(base_peak, 1),
-            "memory_ratio": memory_ratio(base_peak, peak), "agreement": agreement}
+            "fraction_of_limit_cpu_time_baseline": round(
+                flops * tokens / base_cpu / 1e9 / limits["cpu_" + name], 3
+            ),
+            "peak_mb": round(peak, 1),
+            "peak_mb_baseline": round(base_peak, 1),
+            "memory_ratio": memory_ratio(base_peak, peak),
+            "agreement": agreement,
+        }
         print(f"prefill {name}: {report['prefill'][name]}", file=sys.stderr, flush=True)
     report["prefill"]["tokens"] = tokens
     report["prefill"]["gflop_per_token"] = round(flops / 1e9, 4)
@@ -257,63 +329,114 @@ def run_decoding(model, tokenizer, prompts, args, report) -> None:
         typed = as_dtype(model, name)
         greedy = greedy_agreement(typed, tokenizer, prompts, args.new_tokens)
         if name == "fp32":  # bf16: reported, not required (left padding changes bf16 rounding)
-            agreement = agree(f"decoding {name}: batched greedy tokens vs one at a time",
-                              1.0 - greedy["identical_sequences"], 0.0, metric="differing_sequences_fraction",
-                              **greedy)
+            agreement = agree(
+                f"decoding {name}: batched greedy tokens vs one at a time",
+                1.0 - greedy["identical_sequences"],
+                0.0,
+                metric="differing_sequences_fraction",
+                **greedy,
+            )
         else:
-            agreement = {"differing_sequences_fraction": round(1.0 - greedy["identical_sequences"], 4),
-                         "tolerance": None, **greedy}
-        ours_s, peak, _, _ = timed(lambda m=typed: generate_responses(
-            m, tokenizer, prompts, k=args.k, temperature=1.0, max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens, batch_size=len(prompts), sampling=DREAM_SAMPLING), 1, warm_up=False)
-        base_s, base_peak, _, _ = timed(lambda m=typed: decode_baseline(
-            m, tokenizer, prompts, args.k, args.new_tokens, 1.0, DREAM_SAMPLING), 1, warm_up=False)
+            agreement = {
+                "differing_sequences_fraction": round(1.0 - greedy["identical_sequences"], 4),
+                "tolerance": None,
+                **greedy,
+            }
+        ours_s, peak, _, _ = timed(
+            lambda m=typed: generate_responses(
+                m,
+                tokenizer,
+                prompts,
+                k=args.k,
+                temperature=1.0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                batch_size=len(prompts),
+                sampling=DREAM_SAMPLING,
+            ),
+            1,
+            warm_up=False,
+        )
+        base_s, base_peak, _, _ = timed(
+            lambda m=typed: decode_baseline(
+                m, tokenizer, prompts, args.k, args.new_tokens, 1.0, DREAM_SAMPLING
+            ),
+            1,
+            warm_up=False,
+        )
         generated = len(prompts) * args.k * args.new_tokens
         report["decoding"][name] = {
-            "speedup": round(base_s / ours_s, 3), "tokens_per_s": round(generated / ours_s, 1),
-            "tokens_per_s_baseline": round(generated / base_s, 1), "peak_mb": round(peak, 1),
-            "peak_mb_baseline": round(base_peak, 1), "memory_ratio": memory_ratio(base_peak, peak),
-            "agreement": agreement}
+            "speedup": round(base_s / ours_s, 3),
+            "tokens_per_s": round(generated / ours_s, 1),
+            "tokens_per_s_baseline": round(generated / base_s, 1),
+            "peak_mb": round(peak, 1),
+            "peak_mb_baseline": round(base_peak, 1),
+            "memory_ratio": memory_ratio(base_peak, peak),
+            "agreement": agreement,
+        }
         print(f"decoding {name}: {report['decoding'][name]}", file=sys.stderr, flush=True)
     report["decoding"]["generated_tokens"] = len(prompts) * args.k * args.new_tokens
 
 
 def run_sft(model, tokenizer, prompts, shape, args, limits, report) -> None:
-    batch = sft_batch(tokenizer, prompts[: args.sft_batch], completion_texts(args.sft_batch), args.sft_length,
-                      args.new_tokens)
+    batch = sft_batch(
+        tokenizer,
+        prompts[: args.sft_batch],
+        completion_texts(args.sft_batch),
+        args.sft_length,
+        args.new_tokens,
+    )
     tokens = sum(len(r) for r in batch["input_ids"])
     logits_share = 1.0  # training computes logits at every position
     flops = 3 * forward_flops_per_token(shape, mean_causal_context([args.sft_length]), logits_share)
     for name in args.dtypes:
         # peak: the whole training call (trainer set-up, optimizer state, steps), above the RSS before it
         ours_model, base_model = copy.deepcopy(model), copy.deepcopy(model)
-        _, peak, (ours_steps, ours_loss) = measure(lambda m=ours_model, n=name: sft_ours(
-            m, tokenizer, batch, n, args.sft_steps, 1e-5, torch.get_num_threads()))
-        _, base_peak, (base_steps, base_loss) = measure(lambda m=base_model, n=name: sft_baseline(
-            m, tokenizer, batch, n, args.sft_steps, 1e-5))
+        _, peak, (ours_steps, ours_loss) = measure(
+            lambda m=ours_model, n=name: sft_ours(
+                m, tokenizer, batch, n, args.sft_steps, 1e-5, torch.get_num_threads()
+            )
+        )
+        _, base_peak, (base_steps, base_loss) = measure(
+            lambda m=base_model, n=name: sft_baseline(m, tokenizer, batch, n, args.sft_steps, 1e-5)
+        )
         del ours_model, base_model
         rel = abs(ours_loss - base_loss) / abs(base_loss)
-        agreement = agree(f"SFT {name}: first-step loss vs the plain Trainer", rel, SFT_LOSS_TOL[name],
-                          metric="loss_rel_diff", first_loss=round(ours_loss, 6),
-                          first_loss_baseline=round(base_loss, 6))
+        agreement = agree(
+            f"SFT {name}: first-step loss vs the plain Trainer",
+            rel,
+            SFT_LOSS_TOL[name],
+            metric="loss_rel_diff",
+            first_loss=round(ours_loss, 6),
+            first_loss_baseline=round(base_loss, 6),
+        )
         ours_s, base_s = statistics.median(ours_steps.seconds[1:]), statistics.median(base_steps.seconds[1:])
         ours_cpu, base_cpu = statistics.median(ours_steps.cpu[1:]), statistics.median(base_steps.cpu[1:])
         report["sft"][name] = {
-            "tokens_per_s": round(tokens / ours_s, 1), "tokens_per_s_baseline": round(tokens / base_s, 1),
-            "step_seconds": round(ours_s, 3), "step_seconds_baseline": round(base_s, 3),
+            "tokens_per_s": round(tokens / ours_s, 1),
+            "tokens_per_s_baseline": round(tokens / base_s, 1),
+            "step_seconds": round(ours_s, 3),
+            "step_seconds_baseline": round(base_s, 3),
             "fraction_of_limit": round(flops * tokens / ours_s / 1e9 / limits[name], 3),
             "fraction_of_limit_baseline": round(flops * tokens / base_s / 1e9 / limits[name], 3),
             "fraction_of_limit_cpu_time": round(flops * tokens / ours_cpu / 1e9 / limits["cpu_" + name], 3),
-            "fraction_of_limit_cpu_time_baseline": round(flops * tokens / base_cpu / 1e9 / limits["cpu_" + name], 3),
-            "peak_mb": round(peak, 1), "peak_mb_baseline": round(base_peak, 1),
-            "memory_ratio": memory_ratio(base_peak, peak), "agreement": agreement}
+            "fraction_of_limit_cpu_time_baseline": round(
+                flops * tokens / base_cpu / 1e9 / limits["cpu_" + name], 3
+            ),
+            "peak_mb": round(peak, 1),
+            "peak_mb_baseline": round(base_peak, 1),
+            "memory_ratio": memory_ratio(base_peak, peak),
+            "agreement": agreement,
+        }
         print(f"sft {name}: {report['sft'][name]}", file=sys.stderr, flush=True)
     report["sft"].update({"tokens_per_step": tokens, "gflop_per_token": round(flops / 1e9, 4)})
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="packaged model name or a model folder")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="packaged model name or a model folder"
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--prompts", type=int, default=4, help="dream scenario prompts")
@@ -321,14 +444,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=24, help="completion tokens (all three)")
     parser.add_argument("--sft-batch", type=int, default=2)
     parser.add_argument("--sft-length", type=int, default=128, help="tokens per SFT example")
-    parser.add_argument("--sft-steps", type=int, default=2, help="optimizer steps per side (the first is warm-up)")
+    parser.add_argument(
+        "--sft-steps", type=int, default=2, help="optimizer steps per side (the first is warm-up)"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     return args
 
 
-def summary(report: dict, args: argparse.Namespace, limits_start: dict, limits_end: dict, cpu_limits: dict) -> dict:
+def summary(
+    report: dict, args: argparse.Namespace, limits_start: dict, limits_end: dict, cpu_limits: dict
+) -> dict:
     """The JSON record: the decoding ratio, fractions of the limit, peaks, every agreement check."""
     decode_dtype = "bf16" if "bf16" in report["decoding"] else args.dtypes[0]
     decoding = report["decoding"][decode_dtype]
@@ -337,17 +464,25 @@ def summary(report: dict, args: argparse.Namespace, limits_start: dict, limits_e
         "ratio": decoding["speedup"],
         "target": 3,
         "ratio_is": f"dream decoding speedup over one-at-a-time plain generate ({decode_dtype})",
-        "agreement": {f"{part}_{d}": report[part][d]["agreement"] for part in ("prefill", "decoding", "sft")
-                      for d in args.dtypes},
+        "agreement": {
+            f"{part}_{d}": report[part][d]["agreement"]
+            for part in ("prefill", "decoding", "sft")
+            for d in args.dtypes
+        },
         "prefill_fraction_of_limit": {d: report["prefill"][d]["fraction_of_limit"] for d in args.dtypes},
         "sft_fraction_of_limit": {d: report["sft"][d]["fraction_of_limit"] for d in args.dtypes},
-        "prefill_fraction_of_limit_cpu_time": {d: report["prefill"][d]["fraction_of_limit_cpu_time"] for d in args.dtypes},
-        "sft_fraction_of_limit_cpu_time": {d: report["sft"][d]["fraction_of_limit_cpu_time"] for d in args.dtypes},
+        "prefill_fraction_of_limit_cpu_time": {
+            d: report["prefill"][d]["fraction_of_limit_cpu_time"] for d in args.dtypes
+        },
+        "sft_fraction_of_limit_cpu_time": {
+            d: report["sft"][d]["fraction_of_limit_cpu_time"] for d in args.dtypes
+        },
         "limit_gflop_per_cpu_second": {k[4:]: round(v, 1) for k, v in cpu_limits.items()},
         "fraction_target": 0.5,
         "peak_mb": decoding["peak_mb"],
         "memory_ratio": decoding["memory_ratio"],
-        "memory_is": f"dream decoding ({decode_dtype}): peak extra RSS of one-at-a-time / ours; per path in each part",
+        "memory_is": f"dream decoding ({decode_dtype}): peak extra RSS of one-at-a-time / ours; per path in "
+        "each part",
         "limit_gflops": {d: round(max(limits_start[d], limits_end[d]), 1) for d in DTYPES},
         "limit_gflops_start_end": {d: [round(limits_start[d], 1), round(limits_end[d], 1)] for d in DTYPES},
         **report,
@@ -382,9 +517,14 @@ def main() -> dict:
                     report[part][name][key] = round(report[part][name][key] * scale, 3)
     return {
         **summary(report, args, limits_start, limits_end, cpu_limits),
-        "model": args.model, "model_shape": shape, "load_seconds": round(load_s, 1),
-        "prompts": args.prompts, "k": args.k, "new_tokens": args.new_tokens,
-        "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - started, 1),
+        "model": args.model,
+        "model_shape": shape,
+        "load_seconds": round(load_s, 1),
+        "prompts": args.prompts,
+        "k": args.k,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - started, 1),
         "device": f"cpu, {torch.get_num_threads()} threads",
     }
 

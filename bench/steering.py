@@ -22,20 +22,19 @@ Ways over the same pairs, in one run, one torch thread each, each timed the same
                 the same unique texts in the same batches, nothing read: the floor.
 - reference_bs1 (only with --with-bs1): the reference at its default batch size of 1.
 
-Timing protocol, the same for every way: one warm-up call each, then `--repeats` (>= 3) interleaved
-rounds; every ratio is baseline median / our median. Peak memory: resident memory (RSS) sampled by the kernel, not
-tracemalloc (torch's CPU tensors are invisible to it): /proc/self/clear_refs resets VmHWM before each
-call and the peak is VmHWM minus the RSS just before the call. The script re-executes itself with
-MALLOC_MMAP_THRESHOLD_=65536 so glibc returns large freed buffers to the OS and a later call cannot
-look cheaper by reusing an earlier call's pages.
+Timing protocol, the same for every way: one warm-up call each, then `--repeats` (>= 3) interleaved rounds;
+every ratio is baseline median / our median. Peak memory: resident memory (RSS) sampled by the kernel, not
+tracemalloc (torch's CPU tensors are invisible to it): /proc/self/clear_refs resets VmHWM before each call and
+the peak is VmHWM minus the RSS just before the call. The script re-executes itself with
+MALLOC_MMAP_THRESHOLD_=65536 so glibc returns large freed buffers to the OS and a later call cannot look
+cheaper by reusing an earlier call's pages.
 
-Agreement, checked in the same run on the timed calls' outputs before any ratio is printed (else exit 1,
-no JSON line): our vectors equal the normalised reference vectors (max relative error <= 1e-5) and the
-shared-pass vectors (max |difference| <= 1e-5, unit vectors; the layers before the last). The bare
-forward computes no vectors: it is a floor, not a baseline. Prints one JSON line: ratio = reference median / our median (target >= 3),
-ratio_vs_shared_pass, ratio_vs_bare_forward = bare / ours (target >= 1/1.2, i.e. ours within 1.2x of
-a bare forward), peak_mb (ours), memory_ratio = the reference's peak / ours, agreement.
-"""
+Agreement, checked in the same run on the timed calls' outputs before any ratio is printed (else exit 1, no
+JSON line): our vectors equal the normalised reference vectors (max relative error <= 1e-5) and the
+shared-pass vectors (max |difference| <= 1e-5, unit vectors; the layers before the last). The bare forward
+computes no vectors: it is a floor, not a baseline. Prints one JSON line: ratio = reference median / our
+median (target >= 3), ratio_vs_shared_pass, ratio_vs_bare_forward = bare / ours (target >= 1/1.2, i.e. ours
+within 1.2x of a bare forward), peak_mb (ours), memory_ratio = the reference's peak / ours, agreement. """
 
 from __future__ import annotations
 
@@ -66,7 +65,9 @@ def balanced_pairs(n_graphs: int) -> pd.DataFrame:
     frames = []
     for k in range(n_graphs):
         records = sample_records(SAMPLE_SEED + k)
-        graph = graph_from_records(((i, r, json.dumps(r)) for i, r in enumerate(records, start=1)), f"sample{k}")
+        graph = graph_from_records(
+            ((i, r, json.dumps(r)) for i, r in enumerate(records, start=1)), f"sample{k}"
+        )
         frames.append(extract_training_pairs(graph, max_examples_per_emotion=10_000, seed=k))
     pairs = pd.concat(frames, ignore_index=True)
     rows = []
@@ -83,7 +84,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--graphs", type=int, default=2, help="sample graphs (seeds) to draw pairs from")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--with-bs1", action="store_true", help="also time the reference at batch size 1 (slow)")
+    parser.add_argument(
+        "--with-bs1", action="store_true", help="also time the reference at batch size 1 (slow)"
+    )
     args = parser.parse_args()
     if args.repeats < 3:
         parser.error("--repeats must be at least 3 (ratios compare medians)")
@@ -92,11 +95,12 @@ def parse_args() -> argparse.Namespace:
 
 def shared_pass_way(model, tok, sorted_texts: list[str], members: dict, layers: list[int], batch_size: int):
     """Each unique text once, full forward with output_hidden_states, diff of means by indexing."""
+
     def run():
         per_batch = []
         with torch.inference_mode():
             for start in range(0, len(sorted_texts), batch_size):
-                batch = tok(sorted_texts[start: start + batch_size], return_tensors="pt", padding=True)
+                batch = tok(sorted_texts[start : start + batch_size], return_tensors="pt", padding=True)
                 hidden = model(**batch, output_hidden_states=True).hidden_states
                 last = batch["attention_mask"].sum(dim=1) - 1  # right padding
                 rows = torch.arange(len(last))
@@ -109,6 +113,7 @@ def shared_pass_way(model, tok, sorted_texts: list[str], members: dict, layers: 
             diff = acts[pos].mean(dim=0) - acts[neg].mean(dim=0)
             out[e] = diff / diff.norm(dim=-1, keepdim=True)
         return out
+
     return run
 
 
@@ -116,38 +121,55 @@ def build_ways(args: argparse.Namespace, pairs: pd.DataFrame, model, tok, layers
     """ours, reference, shared_pass, bare (and reference_bs1 with --with-bs1) over the same pairs."""
     unique_texts = list(dict.fromkeys(pairs["text"]))
     by_emotion = {
-        e: (pairs[(pairs.emotion == e) & (pairs.polarity == "positive")]["text"].tolist(),
-            pairs[(pairs.emotion == e) & (pairs.polarity == "negative")]["text"].tolist())
+        e: (
+            pairs[(pairs.emotion == e) & (pairs.polarity == "positive")]["text"].tolist(),
+            pairs[(pairs.emotion == e) & (pairs.polarity == "negative")]["text"].tolist(),
+        )
         for e in sorted(pairs["emotion"].unique())
     }
     train_steering_vector = import_train_steering_vector()
 
     def ours():
-        return train_steering_vectors(model, tok, pairs, layers=layers, batch_size=args.batch_size,
-                                      reduction="last")
+        return train_steering_vectors(
+            model, tok, pairs, layers=layers, batch_size=args.batch_size, reduction="last"
+        )
 
     def reference(batch_size: int):
         def run():
-            return {e: train_steering_vector(model, tok, list(zip(pos, neg, strict=True)),
-                                             layers=[x - 1 for x in layers], read_token_index=-1,
-                                             batch_size=batch_size)
-                    for e, (pos, neg) in by_emotion.items()}
+            return {
+                e: train_steering_vector(
+                    model,
+                    tok,
+                    list(zip(pos, neg, strict=True)),
+                    layers=[x - 1 for x in layers],
+                    read_token_index=-1,
+                    batch_size=batch_size,
+                )
+                for e, (pos, neg) in by_emotion.items()
+            }
+
         return run
 
     encoded = tok(unique_texts)["input_ids"]
     sorted_texts = [unique_texts[i] for i in sorted(range(len(unique_texts)), key=lambda i: len(encoded[i]))]
     text_row = {t: i for i, t in enumerate(sorted_texts)}
-    members = {e: (torch.as_tensor([text_row[t] for t in pos]), torch.as_tensor([text_row[t] for t in neg]))
-               for e, (pos, neg) in by_emotion.items()}
+    members = {
+        e: (torch.as_tensor([text_row[t] for t in pos]), torch.as_tensor([text_row[t] for t in neg]))
+        for e, (pos, neg) in by_emotion.items()
+    }
 
     def bare():
         with torch.inference_mode():
             for start in range(0, len(sorted_texts), args.batch_size):
-                batch = tok(sorted_texts[start: start + args.batch_size], return_tensors="pt", padding=True)
+                batch = tok(sorted_texts[start : start + args.batch_size], return_tensors="pt", padding=True)
                 model(**batch)
 
-    ways = {"ours": ours, "reference": reference(args.batch_size),
-            "shared_pass": shared_pass_way(model, tok, sorted_texts, members, layers, args.batch_size), "bare": bare}
+    ways = {
+        "ours": ours,
+        "reference": reference(args.batch_size),
+        "shared_pass": shared_pass_way(model, tok, sorted_texts, members, layers, args.batch_size),
+        "bare": bare,
+    }
     if args.with_bs1:
         ways["reference_bs1"] = reference(1)
     return ways
@@ -170,16 +192,26 @@ def check_agreement(results: dict, layers: list[int]) -> dict:
             expected = results["shared_pass"][emotion][j]
             shared_worst = max(shared_worst, float((sv.vectors[layer][k].double() - expected).norm()))
     return {
-        "vectors_vs_reference": agree("vectors vs steering-vectors", worst, VECTOR_TOLERANCE,
-                                      metric="max_relative_error", vectors=len(sv.concepts) * len(layers)),
-        "vectors_vs_shared_pass": agree("vectors vs the shared pass", shared_worst, VECTOR_TOLERANCE,
-                                        metric="max_abs_diff", vectors=len(sv.concepts) * (len(layers) - 1)),
+        "vectors_vs_reference": agree(
+            "vectors vs steering-vectors",
+            worst,
+            VECTOR_TOLERANCE,
+            metric="max_relative_error",
+            vectors=len(sv.concepts) * len(layers),
+        ),
+        "vectors_vs_shared_pass": agree(
+            "vectors vs the shared pass",
+            shared_worst,
+            VECTOR_TOLERANCE,
+            metric="max_abs_diff",
+            vectors=len(sv.concepts) * (len(layers) - 1),
+        ),
     }
 
 
 BASELINES = {
     "reference": "steering-vectors train_steering_vector, one call per emotion (one concept per call: "
-                 "each text runs once per emotion it belongs to)",
+    "each text runs once per emotion it belongs to)",
     "shared_pass": "each unique text once, full forward with output_hidden_states, diff of means by indexing",
     "bare": "full forward of each unique text once, nothing read",
 }
@@ -194,15 +226,21 @@ def main() -> dict:
     model, tok = new_offline_model(unique_texts)
     layers = [1, 2, 3, 4]
     emotions = sorted(pairs["emotion"].unique())
-    print(f"{len(pairs)} pair texts, {len(unique_texts)} unique, {len(emotions)} emotions, "
-          f"model {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
+    print(
+        f"{len(pairs)} pair texts, {len(unique_texts)} unique, {len(emotions)} emotions, "
+        f"model {sum(p.numel() for p in model.parameters()):,} parameters",
+        file=sys.stderr,
+    )
     stats = time_interleaved(build_ways(args, pairs, model, tok, layers), args.repeats)
     agreement = check_agreement({name: s["result"] for name, s in stats.items()}, layers)  # before any ratio
     median = {name: s["median"] for name, s in stats.items()}
     peaks = {name: s["peak_mb"] for name, s in stats.items()}
     for name, s in stats.items():
-        print(f"{name:>14}: median {s['median']:.3f} s of {len(s['seconds'])} "
-              f"({', '.join(f'{x:.3f}' for x in s['seconds'])}), peak +{s['peak_mb']:.1f} MB", file=sys.stderr)
+        print(
+            f"{name:>14}: median {s['median']:.3f} s of {len(s['seconds'])} "
+            f"({', '.join(f'{x:.3f}' for x in s['seconds'])}), peak +{s['peak_mb']:.1f} MB",
+            file=sys.stderr,
+        )
     return {
         "name": "steering_vectors_extraction",
         "ratio": round(median["reference"] / median["ours"], 3),
@@ -211,7 +249,9 @@ def main() -> dict:
         "ratio_vs_shared_pass": round(median["shared_pass"] / median["ours"], 3),
         "ratio_vs_bare_forward": round(median["bare"] / median["ours"], 3),
         "target_vs_bare_forward": round(1 / 1.2, 3),
-        "ratio_vs_reference_batch1": round(median["reference_bs1"] / median["ours"], 3) if args.with_bs1 else None,
+        "ratio_vs_reference_batch1": round(median["reference_bs1"] / median["ours"], 3)
+        if args.with_bs1
+        else None,
         "peak_mb": round(peaks["ours"], 1),
         "memory_ratio": memory_ratio(peaks["reference"], peaks["ours"]),
         "peak_mb_reference": round(peaks["reference"], 1),

@@ -52,13 +52,21 @@ def homes(root: Path) -> dict[str, str]:
     write_dagster_yaml(dagster)
     env_file = root / "bench.env"
     env_file.write_text(f"CARL_HOME={carl}\nDAGSTER_HOME={dagster}\nCARL_MEMORY_SOURCE=sample\n")
-    return isolated_env(CARL_HOME=str(carl), DAGSTER_HOME=str(dagster), CARL_MEMORY_SOURCE="sample",
-                        CARL_ENV_FILE=str(env_file))
+    return isolated_env(
+        CARL_HOME=str(carl),
+        DAGSTER_HOME=str(dagster),
+        CARL_MEMORY_SOURCE="sample",
+        CARL_ENV_FILE=str(env_file),
+    )
 
 
 def time_make_run(root: Path, select: list[str]) -> float:
     env = homes(root)
-    command = [str(REPO / ".venv" / "bin" / "carl"), "materialize", *(["--select", ",".join(select)] if select else [])]
+    command = [
+        str(REPO / ".venv" / "bin" / "carl"),
+        "materialize",
+        *(["--select", ",".join(select)] if select else []),
+    ]
     started = time.perf_counter()
     out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -92,7 +100,9 @@ def data_versions(dagster_home: Path) -> dict[str, str | None]:
     for key in instance.get_asset_keys():
         event = instance.get_latest_materialization_event(key)
         if event is not None and event.asset_materialization is not None:
-            out[key.to_user_string()] = dict(event.asset_materialization.tags or {}).get("dagster/data_version")
+            out[key.to_user_string()] = dict(event.asset_materialization.tags or {}).get(
+                "dagster/data_version"
+            )
     return out
 
 
@@ -140,7 +150,9 @@ def run_side(side: str, root: Path, select: list[str]) -> None:
     finally:
         done.set()
         sampler.join()
-    print(json.dumps({"seconds": seconds, "peak_mb": peak[0], "data_versions": data_versions(root / "dagster")}))
+    print(
+        json.dumps({"seconds": seconds, "peak_mb": peak[0], "data_versions": data_versions(root / "dagster")})
+    )
 
 
 def side(name: str, select: list[str]) -> dict:
@@ -172,16 +184,30 @@ def check_agreement(runs: list[dict[str, dict]]) -> dict:
     worst, differing, missing = 0, [], 0
     for cli, ui in ((r["make_run"]["data_versions"], r["ui"]["data_versions"]) for r in runs):
         missing = max(missing, len(set(cli) ^ set(ui)))
-        diff = sorted(k for k in set(cli) & set(ui) - set(RUN_SPECIFIC)
-                      if cli.get(k) != ui.get(k) or cli.get(k) is None)
+        diff = sorted(
+            k for k in set(cli) & set(ui) - set(RUN_SPECIFIC) if cli.get(k) != ui.get(k) or cli.get(k) is None
+        )
         worst, differing = max(worst, len(diff)), differing or diff
     assets = len(runs[0]["make_run"]["data_versions"])
     compared = len(set(runs[0]["make_run"]["data_versions"]) - set(RUN_SPECIFIC))
-    return {"assets": agree("assets materialized, make run vs the UI path", missing, 0,
-                            metric="assets_on_one_side_only", assets=assets),
-            "data_versions": agree("data versions, make run vs the UI path", worst, 0,
-                                   metric="assets_differing", compared=compared, differing=differing,
-                                   run_specific=sorted(RUN_SPECIFIC))}
+    return {
+        "assets": agree(
+            "assets materialized, make run vs the UI path",
+            missing,
+            0,
+            metric="assets_on_one_side_only",
+            assets=assets,
+        ),
+        "data_versions": agree(
+            "data versions, make run vs the UI path",
+            worst,
+            0,
+            metric="assets_differing",
+            compared=compared,
+            differing=differing,
+            run_specific=sorted(RUN_SPECIFIC),
+        ),
+    }
 
 
 def main() -> dict:
@@ -203,8 +229,10 @@ def main() -> dict:
     ui = [r["ui"]["seconds"] for r in runs]
     peaks = {name: max(r[name]["peak_mb"] for r in runs) for name in SIDES}
     for c, u in zip(cli, ui, strict=True):
-        print(f"make run {c:.1f} s, UI materialize {'all' if not select else ','.join(select)} {u:.1f} s",
-              file=sys.stderr)
+        print(
+            f"make run {c:.1f} s, UI materialize {'all' if not select else ','.join(select)} {u:.1f} s",
+            file=sys.stderr,
+        )
     return {
         "name": "ui_path",
         "ratio": round(statistics.median(cli) / statistics.median(ui), 3),

@@ -224,7 +224,8 @@ def _connect_locked(
                 raise DatabaseLockedError(
                     f"DuckDB database {db_path} is locked by {who}: gave up after {waited:.1f} s and "
                     f"{attempt} attempts (wait longer with {LOCK_TIMEOUT_ENV}=SECONDS). Close that "
-                    f"connection — a notebook or the DuckDB CLI holding the file open — or read with short "
+                    "connection — a notebook or the DuckDB CLI holding the file open — or read with "
+                    "short "
                     f"read-only connections. DuckDB said: {message}",
                     db_path,
                     holder,

@@ -87,7 +87,8 @@ def test_resolve_model_source_follows_an_asset_folders_current_version(tmp_path)
     version.mkdir(parents=True)
     (version / "config.json").write_text("{}")
     (tmp_path / "grpo_checkpoint" / "current").symlink_to(version.name)
-    assert resolve_model_source(str(tmp_path / "grpo_checkpoint")) == ModelSource("local", str(version.resolve()))
+    expected = ModelSource("local", str(version.resolve()))
+    assert resolve_model_source(str(tmp_path / "grpo_checkpoint")) == expected
     assert resolve_model_source(str(version)) == ModelSource("local", str(version.resolve()))
 
 

@@ -45,7 +45,8 @@ def resolve_model_source(spec: str | None) -> ModelSource:
         return ModelSource("gguf", str(path.resolve()))
     if path.exists():
         if (path / "current" / "config.json").exists() and not (path / "config.json").exists():
-            path = path / "current"  # an asset's artifact folder (the README's `.carl/artifacts/grpo_checkpoint`)
+            # an asset's artifact folder (the README's `.carl/artifacts/grpo_checkpoint`)
+            path = path / "current"
         if not path.is_dir() or not (path / "config.json").exists():
             raise FileNotFoundError(f"model path {path} is not a Hugging Face model folder (no config.json)")
         return ModelSource("local", str(path.resolve()))
