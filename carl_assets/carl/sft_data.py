@@ -144,15 +144,19 @@ def _split_nodes(candidates: list[dict[str, Any]], config: SFTDataConfig) -> tup
         by_node.setdefault(row["node_id"], []).append(row)
     node_ids = sorted(by_node)
     random.Random(config.seed).shuffle(node_ids)
+    cap = config.max_examples
+    if config.holdout_tasks > 0 and 2 <= len(candidates) < config.max_examples + config.holdout_tasks:
+        # A small graph would give SFT every node and the agent no task: keep up to a quarter out (at least 1).
+        cap = min(cap, len(candidates) - max(1, min(config.holdout_tasks, len(candidates) // 4)))
     train: list[dict[str, Any]] = []
     held: list[dict[str, Any]] = []
     for node_id in node_ids:
         rows = by_node[node_id]
-        if len(train) + len(rows) <= config.max_examples:
+        if len(train) + len(rows) <= cap:
             train.extend(rows)
         elif len(held) < config.holdout_tasks:
             held.extend(rows[: config.holdout_tasks - len(held)])
-        if len(train) >= config.max_examples and len(held) >= config.holdout_tasks:
+        if len(train) >= cap and len(held) >= config.holdout_tasks:
             break
     return train, held
 
