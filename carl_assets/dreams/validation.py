@@ -191,7 +191,10 @@ def validation_prompts(
     collision or has no memory text of 8 words."""
     collisions = heldout_collisions(nodes, edges, n, seed=7_000_003 + int(seed))
     if not collisions:
-        raise ValueError("the memory graph gives no dream collision (no walk meets 2 distinct memories)")
+        raise ValueError(
+            f"the memory graph gives no dream collision (no walk meets 2 distinct memories): {len(nodes)} "
+            f"nodes, {len(edges)} relations; dreams walk the relations between memories: add relations"
+        )
     texts = nodes.assign(text=nodes["text"].fillna("").astype(str))
     texts = texts[texts["text"].str.split().str.len() >= 8]
     if texts.empty:
