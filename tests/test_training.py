@@ -93,6 +93,15 @@ def test_sft_rejects_empty_dataset(fresh_tiny):
         train_sft(model, tokenizer, _constant_answer_dataset().select([]), None, SFTRunConfig(max_steps=1))
 
 
+def test_sft_refuses_prompts_longer_than_max_length_naming_the_setting(fresh_tiny):
+    """Every prompt at least max_length tokens leaves nothing to train (case real-08: a 4-node graph's
+    offline tokenizer splits prompts into many tokens): the error names the setting to change."""
+    model, tokenizer = fresh_tiny
+    with pytest.raises(ValueError, match=r"sft_checkpoint\.max_length") as raised:
+        train_sft(model, tokenizer, _constant_answer_dataset(2), None, SFTRunConfig(max_steps=1, max_length=4))
+    assert "at least max_length=4 tokens" in str(raised.value)
+
+
 def test_grpo_with_the_carl_reward(fresh_tiny, tmp_path):
     model, tokenizer = fresh_tiny
     dataset = _constant_answer_dataset(4)

@@ -98,8 +98,9 @@ def _check_prompts_fit(tokenizer: Any, dataset: Any, max_length: int) -> None:
     if lengths and len(too_long) == len(lengths):
         raise ValueError(
             f"every SFT prompt is at least max_length={max_length} tokens (shortest "
-            f"{min(lengths)}): no completion token would be trained; raise max_length or shorten "
-            "the prompts"
+            f"{min(lengths)}): no completion token would be trained; raise max_length (the asset's "
+            "sft_checkpoint.max_length) above the shortest prompt, or shorten the prompts "
+            "(dream_scenarios.max_memories, dream_scenarios.excerpt_chars)"
         )
     if too_long:
         logging.getLogger("carl_assets.carl").warning(
