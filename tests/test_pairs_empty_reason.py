@@ -1,5 +1,6 @@
 """emotion_training_pairs' empty reason names the real cause on an untagged graph (memory case real-06's
-repro: `carl materialize --select memory_graph,emotion_training_pairs,steering_vectors`, emotion_tags left out)."""
+repro: `carl materialize --select memory_graph,emotion_training_pairs,steering_vectors`, emotion_tags left
+out)."""
 
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ def test_auto_without_emotion_tags_says_emotion_tags_is_missing():
 
 def test_explicit_user_and_tagger_reasons_unchanged():
     assert "tag_sources = 'user'" in _empty_reason(UNTAGGED, PairsConfig(tag_sources="user"), None, "user")
-    assert "tag_sources = 'user'" in _empty_reason(UNTAGGED, PairsConfig(tag_sources="user"), "lexicon", "user")
+    reason = _empty_reason(UNTAGGED, PairsConfig(tag_sources="user"), "lexicon", "user")
+    assert "tag_sources = 'user'" in reason
     assert "'lexicon' tagger" in _empty_reason(UNTAGGED, PairsConfig(), "lexicon", "all")
     assert "tagger is 'off'" in _empty_reason(UNTAGGED, PairsConfig(), "off", "all")

@@ -98,7 +98,8 @@ def test_sft_refuses_prompts_longer_than_max_length_naming_the_setting(fresh_tin
     offline tokenizer splits prompts into many tokens): the error names the setting to change."""
     model, tokenizer = fresh_tiny
     with pytest.raises(ValueError, match=r"sft_checkpoint\.max_length") as raised:
-        train_sft(model, tokenizer, _constant_answer_dataset(2), None, SFTRunConfig(max_steps=1, max_length=4))
+        config = SFTRunConfig(max_steps=1, max_length=4)
+        train_sft(model, tokenizer, _constant_answer_dataset(2), None, config)
     assert "at least max_length=4 tokens" in str(raised.value)
 
 

@@ -146,7 +146,8 @@ def _split_nodes(candidates: list[dict[str, Any]], config: SFTDataConfig) -> tup
     random.Random(config.seed).shuffle(node_ids)
     cap = config.max_examples
     if config.holdout_tasks > 0 and 2 <= len(candidates) < config.max_examples + config.holdout_tasks:
-        # A small graph would give SFT every node and the agent no task: keep up to a quarter out (at least 1).
+        # A small graph would give SFT every node and the agent no task: keep up to a quarter out
+        # (at least 1).
         cap = min(cap, len(candidates) - max(1, min(config.holdout_tasks, len(candidates) // 4)))
     train: list[dict[str, Any]] = []
     held: list[dict[str, Any]] = []
