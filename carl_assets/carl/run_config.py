@@ -184,7 +184,26 @@ class SFTRunConfig(TrainerRunConfig):
     )
 
 
-class GRPORunConfig(TrainerRunConfig):
+class Truncation(BaseModel):
+    """The sampling truncation every sampler here takes (GRPO, the agent, dreams), defined once: top-p
+    (nucleus, Holtzman et al. 2020), top-k and min-p (Nguyen et al. 2024), applied by transformers'
+    logits processors. None: the model's default (`models.defaults`)."""
+
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + MODEL_DEFAULT
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + MODEL_DEFAULT
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="drop tokens below min_p x the likeliest one's probability (0.0: off); " + MODEL_DEFAULT,
+    )
+
+
+class GRPORunConfig(TrainerRunConfig, Truncation):
     """GRPO on a reward of the policy itself (`carl_assets.carl.grpo_trainer.train_grpo`)."""
 
     DEFAULTS_FOR: ClassVar[str] = "grpo"
@@ -197,18 +216,6 @@ class GRPORunConfig(TrainerRunConfig):
     )
     temperature: float | None = Field(
         default=None, gt=0, description="sampling temperature; " + MODEL_DEFAULT
-    )
-    top_p: float | None = Field(
-        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + MODEL_DEFAULT
-    )
-    top_k: int | None = Field(
-        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + MODEL_DEFAULT
-    )
-    min_p: float | None = Field(
-        default=None,
-        ge=0,
-        lt=1,
-        description="drop tokens below min_p x the likeliest one's probability (0.0: off); " + MODEL_DEFAULT,
     )
     reward: Reward | None = Field(
         default=None,
@@ -235,7 +242,7 @@ class GRPORunConfig(TrainerRunConfig):
         return derived
 
 
-class AgentSampling(RunSettings):
+class AgentSampling(RunSettings, Truncation):
     """How the agent generates: ``temperature`` 0 decodes greedily (the reference's agent step); above 0 it
     samples, truncated by ``top_k`` (0: off), ``top_p`` (1.0: off) and ``min_p`` (0.0: off), with torch's
     RNG seeded by ``seed`` (plus the task's index in `evaluate_agent`) so a run repeats."""
@@ -244,18 +251,6 @@ class AgentSampling(RunSettings):
 
     temperature: float | None = Field(
         default=None, ge=0, description="answer sampling temperature, 0: greedy; " + MODEL_DEFAULT
-    )
-    top_p: float | None = Field(
-        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + MODEL_DEFAULT
-    )
-    top_k: int | None = Field(
-        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + MODEL_DEFAULT
-    )
-    min_p: float | None = Field(
-        default=None,
-        ge=0,
-        lt=1,
-        description="drop tokens below min_p x the likeliest one's probability (0.0: off); " + MODEL_DEFAULT,
     )
     seed: int = Field(default=0, description="sampling seed (task i samples with seed + i)")
 

@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from carl_assets.carl.run_config import Truncation
 from carl_assets.defs.common import PERFORMANCE_ONLY
 from carl_assets.dreams import DreamConfig, NoiseSchedule, WalkConfig
 from carl_assets.dreams.generation import Sampling
@@ -17,7 +18,9 @@ REFERENCE_LR = (1e-4, 1e-5)
 OFFLINE_LR = (OFFLINE_DEFAULTS.sft.learning_rate, OFFLINE_DEFAULTS.sft.learning_rate / 10)
 
 
-class DreamScenariosConfig(dg.Config):
+class DreamScenariosConfig(dg.Config, Truncation):
+    """top_p, top_k, min_p: the truncation of dream sampling (`carl_assets.carl.run_config.Truncation`)."""
+
     start_from: str = Field(
         default="auto",
         description="the policy that dreams: 'auto' (the newest "
@@ -89,21 +92,6 @@ class DreamScenariosConfig(dg.Config):
         default=None,
         description="noise schedule: temperature of the last "
         "cycle (None: the model's default, 0.7 offline, 0.6 for a real model)",
-    )
-    top_k: int | None = Field(
-        default=None,
-        description="sampling: keep the k likeliest tokens (0: off; None: the model's default, off for both)",
-    )
-    top_p: float | None = Field(
-        default=None,
-        description="sampling: nucleus truncation (1.0: off; None: the "
-        "model's default, off for the offline model, 0.9 for a real one)",
-    )
-    min_p: float | None = Field(
-        default=None,
-        description="sampling: drop tokens below min_p times the likeliest "
-        "one's probability (0.0: off; None: the model's default, off offline, 0.05 for "
-        "a real model)",
     )
     lr_start: float = Field(
         default=0.0,
