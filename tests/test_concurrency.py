@@ -262,8 +262,8 @@ def test_two_overlapping_whole_graph_runs(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from tests.dagster_dev import DagsterDev, isolated_env
-    from tests.test_pipeline_cli import TINY
     from tests.test_ui import expected_graph
+    from tests.tiny_run import TINY
 
     carl_home, dagster_home = tmp_path / "carl_home", tmp_path / "dagster_home"
     carl_home.mkdir()

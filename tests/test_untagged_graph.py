@@ -18,67 +18,25 @@ import pytest
 import yaml
 
 from carl_assets import storage
+from carl_assets.defs.presets import merge_run_config
+from tests.tiny_run import TINY as SHARED_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY = ROOT / "tests" / "data" / "untagged_memory.jsonl"
 
-# Small budgets (as tests/test_pipeline_cli.py's): this test is about the graph running, not the numbers.
-TINY = {
-    "ops": {
-        "base_model": {
-            "config": {
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_heads": 2,
-                "intermediate_size": 64,
-                "vocab_size": 512,
-                "steps": 5,
-                "seq_len": 32,
-                "batch_size": 4,
-            }
-        },
-        "emotion_tags": {"config": {"tagger": "off"}},  # untagged stays untagged: steering must skip
-        "steering_vectors": {"config": {"max_length": 64}},
-        "scorer_validation": {
-            "config": {"n_prompts": 2, "max_tokens": 4, "hot_samples": 1, "n_bootstrap": 50}
-        },
-        "dream_scenarios": {
-            "config": {
-                "n_scenarios": 3,
-                "responses_per_scenario": 2,
-                "max_new_tokens": 6,
-                "heldout_scenarios": 2,
-                "excerpt_chars": 40,
-            }
-        },
-        "sft_dataset": {"config": {"max_examples": 8, "holdout_tasks": 2}},
-        "sft_checkpoint": {"config": {"max_steps": 3, "batch_size": 4, "max_length": 768}},
-        "crystallization_events": {"config": {"require_crystallization": False}},
-        "grpo_checkpoint": {
-            "config": {
-                "max_steps": 1,
-                "batch_size": 4,
-                "num_generations": 2,
-                "max_completion_length": 6,
-                "max_prompts": 4,
-            }
-        },
-        "agent_evaluation": {"config": {"max_new_tokens": 6, "max_tasks": 2}},
-        "leworld_memory": {"config": {"num_words": 4096}},
-        "leworld_dataset": {"config": {"num_train": 32, "num_validation": 8, "seq_length": 4}},
-        "leworld_model": {
-            "config": {
-                "phase1_epochs": 1,
-                "phase2_epochs": 1,
-                "phase3_epochs": 1,
-                "slm_d_model": 16,
-                "blm_d_model": 32,
-                "max_read_range": 32,
-            }
-        },
-        "leworld_evaluation": {"config": {"n_steps": 2}},
-    }
-}
+# The shared small budgets (tests/tiny_run.py), plus: untagged stays untagged (steering must skip), and a
+# small scorer validation.
+TINY = merge_run_config(
+    SHARED_TINY,
+    {
+        "ops": {
+            "emotion_tags": {"config": {"tagger": "off"}},
+            "scorer_validation": {
+                "config": {"n_prompts": 2, "max_tokens": 4, "hot_samples": 1, "n_bootstrap": 50}
+            },
+        }
+    },
+)
 
 
 def _entities() -> list[dict]:
