@@ -11,6 +11,7 @@ from carl_assets import storage
 from carl_assets.defs import agent, crystallization, grpo, memory, models, sft, sft_training, steering
 from carl_assets.defs.checkpoints import weights_problem
 from carl_assets.defs.resources import build_resources
+from tests.tiny_run import TINY_BASE_MODEL
 from tests.upstreams import with_upstreams
 
 UPSTREAM = [memory.memory_graph, models.base_model, memory.emotion_training_pairs, steering.steering_vectors]
@@ -22,16 +23,7 @@ ASSETS = [
     agent.agent_evaluation,
 ]
 TINY = {
-    "base_model": {
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 512,
-        "steps": 3,
-        "seq_len": 32,
-        "batch_size": 2,
-    },
+    "base_model": TINY_BASE_MODEL,
     "steering_vectors": {"max_length": 64},
     "sft_dataset": {"source": "templates", "max_examples": 8, "holdout_tasks": 3},
     "sft_checkpoint": {"max_steps": 6, "learning_rate": 1e-2, "batch_size": 4},

@@ -20,6 +20,7 @@ from carl_assets.dreams.cycle_state import (
     next_cycle,
     parse_checkpoint_spec,
 )
+from tests.tiny_run import TINY_BASE_MODEL
 from tests.upstreams import with_upstreams
 
 STATE = DreamCycleState(
@@ -61,16 +62,7 @@ def test_cycle_numbers_and_start_specs():
         parse_checkpoint_spec("memory_graph@v1")
 
 
-BASE = {
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": 512,
-    "steps": 3,
-    "seq_len": 32,
-    "batch_size": 2,
-}
+BASE = TINY_BASE_MODEL
 DREAMS = {
     "n_scenarios": 4,
     "responses_per_scenario": 2,

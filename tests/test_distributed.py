@@ -25,6 +25,7 @@ from carl_assets.carl.training import TRAINING_LOG_FILE, SFTOutcome, SFTRunConfi
 from carl_assets.defs import memory, models, sft, sft_training
 from carl_assets.defs.resources import build_resources
 from carl_assets.defs.training_config import SFTCheckpointConfig
+from tests.tiny_run import TINY_BASE_MODEL
 from tests.upstreams import with_upstreams
 
 # --------------------------------------------------------------------------------------------
@@ -180,16 +181,7 @@ def test_module_trains_under_torchrun_with_two_cpu_processes(tmp_path, tiny_mode
 # --------------------------------------------------------------------------------------------
 
 TINY = {
-    "base_model": {
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 512,
-        "steps": 3,
-        "seq_len": 32,
-        "batch_size": 2,
-    },
+    "base_model": TINY_BASE_MODEL,
     "sft_dataset": {"source": "templates", "max_examples": 8, "holdout_tasks": 3},
     "sft_checkpoint": {"max_steps": 4, "learning_rate": 1e-2, "batch_size": 4, "log_every": 1},
 }

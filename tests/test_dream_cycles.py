@@ -15,6 +15,7 @@ from carl_assets import storage
 from carl_assets.defs import crystallization, dreams, grpo, memory, models, sft, sft_training, steering
 from carl_assets.defs.resources import build_resources
 from carl_assets.provenance import PROVENANCE_TABLE, nodes_behind
+from tests.tiny_run import TINY_BASE_MODEL
 from tests.upstreams import with_upstreams
 
 UPSTREAM = [memory.memory_graph, memory.emotion_training_pairs, models.base_model, steering.steering_vectors]
@@ -26,16 +27,7 @@ CYCLE = [
     grpo.grpo_checkpoint,
 ]
 TINY = {
-    "base_model": {
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 512,
-        "steps": 3,
-        "seq_len": 32,
-        "batch_size": 2,
-    },
+    "base_model": TINY_BASE_MODEL,
     "steering_vectors": {"batch_size": 64, "max_length": 64},
     "dream_scenarios": {
         "n_scenarios": 4,

@@ -48,6 +48,7 @@ from carl_assets.defs.resources import build_resources
 from carl_assets.defs.training_config import SFTCheckpointConfig
 from carl_assets.dreams import generation
 from carl_assets.dreams.generation import BatchCache, generate_responses
+from tests.tiny_run import TINY_BASE_MODEL
 from tests.upstreams import with_upstreams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,16 +285,7 @@ def test_grpo_resumes_with_its_completions(tiny, tmp_path):
 # (b) a real SIGKILL of a materialization
 # --------------------------------------------------------------------------------------------
 
-TINY_BASE = {
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": 512,
-    "steps": 3,
-    "seq_len": 32,
-    "batch_size": 2,
-}
+TINY_BASE = TINY_BASE_MODEL
 # never crystallizes (threshold above 1): runs all its steps, a checkpoint every 4
 KILLED_SFT = {
     "max_steps": 48,

@@ -21,6 +21,7 @@ from carl_assets.dreams.validation import (
     shuffle_words,
     validate_scorers,
 )
+from tests.tiny_run import TINY_BASE_MODEL
 
 
 def _pairwise_auc(pos, neg) -> float:
@@ -153,16 +154,7 @@ def test_scorer_validation_asset_writes_its_table(tmp_path):
     from carl_assets.defs.scorer_validation import scorer_validation
     from tests.upstreams import with_upstreams
 
-    tiny_model = {
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 512,
-        "steps": 3,
-        "seq_len": 32,
-        "batch_size": 2,
-    }
+    tiny_model = TINY_BASE_MODEL
     run_config = {
         "ops": {
             "base_model": {"config": tiny_model},

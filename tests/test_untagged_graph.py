@@ -20,6 +20,7 @@ import yaml
 from carl_assets import storage
 from carl_assets.defs.presets import merge_run_config
 from tests.tiny_run import TINY as SHARED_TINY
+from tests.tiny_run import TINY_BASE_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY = ROOT / "tests" / "data" / "untagged_memory.jsonl"
@@ -121,16 +122,7 @@ def test_whole_graph_is_green_on_an_untagged_file(tmp_path):
 
 
 CASES = ROOT / "tests" / "data" / "dreams_default_kinds"  # ../shared/cases/memory-files/real-10
-BASE = {
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "vocab_size": 512,
-    "steps": 3,
-    "seq_len": 32,
-    "batch_size": 2,
-}
+BASE = TINY_BASE_MODEL
 DREAMS = {"n_scenarios": 4, "responses_per_scenario": 2, "max_new_tokens": 6, "excerpt_chars": 40}
 
 

@@ -1,6 +1,18 @@
 """The small run config the whole-graph tests share: tiny model, few dreams and steps. These tests are
 about the graph running end to end, not about the numbers."""
 
+# The smallest offline base model the graph tests train (a few steps of a 2-layer Llama).
+TINY_BASE_MODEL = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 512,
+    "steps": 3,
+    "seq_len": 32,
+    "batch_size": 2,
+}
+
 TINY = {
     "ops": {
         "base_model": {
