@@ -6,7 +6,7 @@ token: `CarlScorer` (the CARL reward, its mean Phi and the coherence gate) and `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -15,6 +15,7 @@ import torch
 
 from carl_assets.carl.batch import carl_reward_from_stats, token_stats_from_hidden
 from carl_assets.carl.coherence import SIGMA, coherence_gate
+from carl_assets.carl.completion_scores import CompletionScores
 from carl_assets.carl.confidence import confidence_from_stats, empty_value, mean_vocab_logprob_from_hidden
 from carl_assets.carl.lm_head import lm_head_parts, vocab_size_of
 from carl_assets.carl.reward_fn import CARL_SCORES, REWARD_NAMES, score_completions
@@ -65,6 +66,28 @@ def completion_token_stats(
     return CompletionStats(entropy, logprob, vocab_logprob, stats.vocab_size)
 
 
+def scored_separately(
+    model: Any,
+    tokenizer: Any,
+    responses: Sequence[GeneratedResponse],
+    batch_size: int,
+    chunk_size: int | None,
+    **options: Any,
+) -> Iterator[tuple[range, CompletionScores]]:
+    """The fallback for models that cannot take a prefilled cache: `score_completions` on each batch of
+    `batch_size` responses (their own forward), yielding (response indices, its `CompletionScores`)."""
+    pad_id, _ = pad_and_eos_ids(model, tokenizer)
+    for rows in batches(len(responses), batch_size):
+        yield rows, score_completions(
+            model,
+            [responses[i].prompt_ids for i in rows],
+            [responses[i].completion_ids for i in rows],
+            pad_token_id=pad_id,
+            chunk_size=chunk_size,
+            **options,
+        )
+
+
 @dataclass
 class CarlScorer:
     """CARL reward of each response under the policy: the positions that PREDICT the completion tokens,
@@ -112,15 +135,7 @@ class CarlScorer:
         self, model: Any, tokenizer: Any, responses: Sequence[GeneratedResponse]
     ) -> dict[str, np.ndarray]:
         out = self.empty(len(responses))
-        pad_id, _ = pad_and_eos_ids(model, tokenizer)
-        for rows in batches(len(responses), self.batch_size):
-            scored = score_completions(
-                model,
-                [responses[i].prompt_ids for i in rows],
-                [responses[i].completion_ids for i in rows],
-                pad_token_id=pad_id,
-                chunk_size=self.chunk_size,
-            )
+        for rows, scored in scored_separately(model, tokenizer, responses, self.batch_size, self.chunk_size):
             for local, i in enumerate(rows):
                 out["carl"][i] = scored.rewards[local]
                 components = scored.components[local]
@@ -204,16 +219,10 @@ class TokenScorer:
     ) -> dict[str, np.ndarray]:
         self.prepare(model)
         out = self.empty(len(responses))
-        pad_id, _ = pad_and_eos_ids(model, tokenizer)
-        for rows in batches(len(responses), self.batch_size):
-            scored = score_completions(
-                model,
-                [responses[i].prompt_ids for i in rows],
-                [responses[i].completion_ids for i in rows],
-                pad_token_id=pad_id,
-                chunk_size=self.chunk_size,
-                self_certainty="self_certainty" in self.names,
-            )
+        with_sc = "self_certainty" in self.names
+        for rows, scored in scored_separately(
+            model, tokenizer, responses, self.batch_size, self.chunk_size, self_certainty=with_sc
+        ):
             for local, i in enumerate(rows):
                 components = scored.components[local]
                 if components is not None:
