@@ -14,7 +14,7 @@ from typing import Any
 
 import dagster as dg
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from carl_assets.carl import SIGMA
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig
@@ -61,7 +61,18 @@ class SFTDatasetConfig(dg.Config):
     )
 
 
-class SFTCheckpointConfig(dg.Config, SFTRunConfig):
+class Resumable(BaseModel):
+    """The trainer checkpoints SFT and GRPO save so that a killed run resumes (a performance-only field)."""
+
+    checkpoint_every: int = Field(
+        default=25,
+        description="save a trainer checkpoint every this many steps, so "
+        "a killed run resumes from it when materialized again (0: never)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+
+
+class SFTCheckpointConfig(dg.Config, SFTRunConfig, Resumable):
     """sft_checkpoint: the `SFTRunConfig` fields, where learning_rate None means the dream cycle's scheduled
     rate for dream data (else the model's default), and where and how this asset runs it."""
 
@@ -74,12 +85,6 @@ class SFTCheckpointConfig(dg.Config, SFTRunConfig):
     log_every: int = Field(
         default=25,
         description="log step, loss, accuracy and time left every this many steps",
-        json_schema_extra=PERFORMANCE_ONLY,
-    )
-    checkpoint_every: int = Field(
-        default=25,
-        description="save a trainer checkpoint every this many steps, so "
-        "a killed run resumes from it when materialized again (0: never)",
         json_schema_extra=PERFORMANCE_ONLY,
     )
     launcher: str = Field(
@@ -118,7 +123,7 @@ class CrystallizationConfig(dg.Config):
     )
 
 
-class GRPOCheckpointConfig(dg.Config, GRPORunConfig):
+class GRPOCheckpointConfig(dg.Config, GRPORunConfig, Resumable):
     """grpo_checkpoint: the `GRPORunConfig` fields, and what this asset's check requires and how it logs."""
 
     max_frac_reward_zero_std: float = Field(
@@ -130,12 +135,6 @@ class GRPOCheckpointConfig(dg.Config, GRPORunConfig):
     log_every: int = Field(
         default=4,
         description="log step, reward and time left every this many steps",
-        json_schema_extra=PERFORMANCE_ONLY,
-    )
-    checkpoint_every: int = Field(
-        default=25,
-        description="save a trainer checkpoint every this many steps, so "
-        "a killed run resumes from it when materialized again (0: never)",
         json_schema_extra=PERFORMANCE_ONLY,
     )
 
