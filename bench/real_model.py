@@ -288,6 +288,22 @@ def timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, float, object,
     return statistics.median(seconds), peak, result, statistics.median(cpu)
 
 
+def limit_fractions(
+    gflop: float, seconds: tuple[float, float, float, float], limits: dict, name: str
+) -> dict:
+    """The fraction of this machine's matmul limit (`limits[name]` GFLOP/s wall, `limits["cpu_" + name]`
+    per CPU-second) that `gflop` of work reached in (ours wall, baseline wall, ours CPU, baseline CPU)
+    seconds."""
+    ours_s, base_s, ours_cpu, base_cpu = seconds
+    wall, cpu = limits[name], limits["cpu_" + name]
+    return {
+        "fraction_of_limit": round(gflop / ours_s / wall, 3),
+        "fraction_of_limit_baseline": round(gflop / base_s / wall, 3),
+        "fraction_of_limit_cpu_time": round(gflop / ours_cpu / cpu, 3),
+        "fraction_of_limit_cpu_time_baseline": round(gflop / base_cpu / cpu, 3),
+    }
+
+
 def run_prefill(model, tokenizer, prompts, shape, args, limits, report) -> None:
     pad_id, _ = pad_and_eos_ids(model, tokenizer)
     responses = prefill_inputs(tokenizer, prompts, args.new_tokens)
@@ -308,12 +324,7 @@ def run_prefill(model, tokenizer, prompts, shape, args, limits, report) -> None:
         report["prefill"][name] = {
             "tokens_per_s": round(tokens / ours_s, 1),
             "tokens_per_s_baseline": round(tokens / base_s, 1),
-            "fraction_of_limit": round(flops * tokens / ours_s / 1e9 / limits[name], 3),
-            "fraction_of_limit_baseline": round(flops * tokens / base_s / 1e9 / limits[name], 3),
-            "fraction_of_limit_cpu_time": round(flops * tokens / ours_cpu / 1e9 / limits["cpu_" + name], 3),
-            "fraction_of_limit_cpu_time_baseline": round(
-                flops * tokens / base_cpu / 1e9 / limits["cpu_" + name], 3
-            ),
+            **limit_fractions(flops * tokens / 1e9, (ours_s, base_s, ours_cpu, base_cpu), limits, name),
             "peak_mb": round(peak, 1),
             "peak_mb_baseline": round(base_peak, 1),
             "memory_ratio": memory_ratio(base_peak, peak),
@@ -417,12 +428,7 @@ def run_sft(model, tokenizer, prompts, shape, args, limits, report) -> None:
             "tokens_per_s_baseline": round(tokens / base_s, 1),
             "step_seconds": round(ours_s, 3),
             "step_seconds_baseline": round(base_s, 3),
-            "fraction_of_limit": round(flops * tokens / ours_s / 1e9 / limits[name], 3),
-            "fraction_of_limit_baseline": round(flops * tokens / base_s / 1e9 / limits[name], 3),
-            "fraction_of_limit_cpu_time": round(flops * tokens / ours_cpu / 1e9 / limits["cpu_" + name], 3),
-            "fraction_of_limit_cpu_time_baseline": round(
-                flops * tokens / base_cpu / 1e9 / limits["cpu_" + name], 3
-            ),
+            **limit_fractions(flops * tokens / 1e9, (ours_s, base_s, ours_cpu, base_cpu), limits, name),
             "peak_mb": round(peak, 1),
             "peak_mb_baseline": round(base_peak, 1),
             "memory_ratio": memory_ratio(base_peak, peak),
