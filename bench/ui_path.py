@@ -8,10 +8,9 @@ side runs in a child process of this script, which reports its time, its peak me
 versions its run recorded.
 
 Agreement, checked before any ratio is printed (else exit 1 and no JSON line): both sides materialized the
-same assets, with the same data versions (the content and config hashes the assets report) for every asset
-whose data version does not name its run (RUN_SPECIFIC lists the five that do, and why), read from each
-side's Dagster instance (`DagsterInstance.get`, `get_latest_materialization_event`); tolerance 0 assets
-differing, per repeat.
+same assets, with the same data versions (the content and config hashes the assets report, which never
+name the run) for every asset, read from each side's Dagster instance (`DagsterInstance.get`,
+`get_latest_materialization_event`); tolerance 0 assets differing, per repeat.
 
 Peak memory: per side, the largest total proportional resident memory (PSS: shared pages split among
 the processes sharing them) of the side's process tree (every descendant of the side's child process:
@@ -166,30 +165,17 @@ def side(name: str, select: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# Assets whose data version hashes something that names its run, so two fresh homes never share it, on
-# either path (found by this check's first whole-graph run; each reason read from the asset's code).
-RUN_SPECIFIC = {
-    "dream_scenarios": "hashes the dreaming policy's version folder name (time + run id)",
-    "scorer_validation": "its table names the measured policy's version folder",
-    "crystallization_events": "its event row keeps the run id",
-    "leworld_dataset": "hashes its version folder, _version.json (run id, time) included",
-    "leworld_model": "hashes its version folder, _version.json and training seconds included",
-}
-
-
 def check_agreement(runs: list[dict[str, dict]]) -> dict:
-    """Both sides materialized the same assets, and every asset whose data version is a pure content +
-    config hash (all but RUN_SPECIFIC) got the same data version, in every repeat; raises Disagreement
-    otherwise."""
+    """Both sides materialized the same assets, and every asset got the same data version (a data version
+    is a content + config hash, never the run's name: tests/test_run_independent_versions.py), in every
+    repeat; raises Disagreement otherwise."""
     worst, differing, missing = 0, [], 0
     for cli, ui in ((r["make_run"]["data_versions"], r["ui"]["data_versions"]) for r in runs):
         missing = max(missing, len(set(cli) ^ set(ui)))
-        diff = sorted(
-            k for k in set(cli) & set(ui) - set(RUN_SPECIFIC) if cli.get(k) != ui.get(k) or cli.get(k) is None
-        )
+        diff = sorted(k for k in set(cli) & set(ui) if cli.get(k) != ui.get(k) or cli.get(k) is None)
         worst, differing = max(worst, len(diff)), differing or diff
     assets = len(runs[0]["make_run"]["data_versions"])
-    compared = len(set(runs[0]["make_run"]["data_versions"]) - set(RUN_SPECIFIC))
+    compared = assets
     return {
         "assets": agree(
             "assets materialized, make run vs the UI path",
@@ -205,7 +191,6 @@ def check_agreement(runs: list[dict[str, dict]]) -> dict:
             metric="assets_differing",
             compared=compared,
             differing=differing,
-            run_specific=sorted(RUN_SPECIFIC),
         ),
     }
 

@@ -5,12 +5,15 @@ Layout of one asset:
     artifacts/<asset>/
         20261126T120501Z-1a2b3c4d/     one folder per materialization (time + run id), never changed again
             ...files...
-            _version.json              asset, version, run id, created_at, data version, parent versions
+            _version.json              asset, version, run id, created_at, data version, parent versions,
+                                       the content hash (once asked for)
         current -> 20261126T...        a relative symlink, swapped atomically to the newest version
 
 A reader resolves `current` once and reads a complete folder; an old materialization's path in the UI
 stays valid while its version is kept. Rolling back = starting the next run from a named version (or
-`promote()`-ing it to `current`). Nothing here imports Dagster.
+`promote()`-ing it to `current`). A version's name says when and by which run it was made; its content
+hash (`content_id`) says what it holds, and is what a downstream data version may depend on. Nothing here
+imports Dagster.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class ArtifactVersion:
     run_id: str = ""
     data_version: str = ""
     parents: dict[str, str] = field(default_factory=dict)  # upstream asset -> version it was made from
+    content_hash: str = ""  # storage.content_hash of the folder, once `content_id` computed it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -142,8 +146,16 @@ class ArtifactVersions:
             run_id=str(meta.get("run_id", "")),
             data_version=str(meta.get("data_version", "")),
             parents=dict(meta.get("parents", {})),
+            content_hash=str(meta.get("content_hash", "")),
             extra=dict(meta.get("extra", {})),
         )
+
+    def content_id(self, version: str | None = None) -> str:
+        """What version `version` (default: the current one) holds, independent of the run that wrote it:
+        `storage.content_hash` of its folder, which leaves out `_version.json` and the other run records
+        (`storage.RUN_RECORD_FILES`). Computed once and kept in `_version.json` (a version's files never
+        change after it is written). ArtifactVersionError if the version is not kept."""
+        return folder_content_id(self.path(version))
 
     def listing(self) -> list[dict[str, Any]]:
         """One row per kept version (the rows of the `artifact_versions` table)."""
@@ -223,7 +235,7 @@ class ArtifactVersions:
         meta_file = self.path(version) / VERSION_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         for key, value in fields.items():
-            if key in ("data_version", "run_id", "parents"):
+            if key in ("data_version", "run_id", "parents", "content_hash"):
                 meta[key] = value
             else:
                 meta.setdefault("extra", {})[key] = value
@@ -248,6 +260,26 @@ class ArtifactVersions:
             shutil.rmtree(self.root / name, ignore_errors=True)
             removed.append(name)
         return removed
+
+
+def folder_content_id(folder: str | os.PathLike[str]) -> str:
+    """`storage.content_hash` of a folder (run records left out). A version folder's hash is kept in its
+    `_version.json` (`content_hash`) the first time, and read from there after: a policy's weights are
+    hashed once, not at every read. Another folder (a model outside the store) is hashed each time.
+    FileNotFoundError if the folder does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot hash {folder}: it is not a folder")
+    meta_file = folder / VERSION_FILE
+    versioned = bool(_VERSION_NAME.match(folder.name)) and meta_file.is_file()
+    if versioned:
+        known = json.loads(meta_file.read_text()).get("content_hash")
+        if known:
+            return str(known)
+    digest = storage.content_hash(folder)
+    if versioned:
+        ArtifactVersions(folder.parent, folder.parent.name).record(folder.name, content_hash=digest)
+    return digest
 
 
 def all_versions(home: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -321,9 +321,29 @@ def _update_with(hasher: Any, obj: Any) -> None:
         hasher.update(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+# What an artifact version folder holds about the run that wrote it rather than what it made, left out of the
+# folder's content hash so that two runs writing the same files get the same data version (matched by file
+# name, at any depth; a single file passed as a `Path` is always hashed):
+# - `_version.json`: the artifact store's bookkeeping (run id, creation time, parent versions, data version);
+# - trainer logs (wall-clock seconds, the temporary output folder, run id, finish time; their losses are
+#   the weights' history, and the weights are hashed): base_model's `pretraining.json`, SFT's
+#   `training_log.json`, GRPO's `grpo_log.json`, the HF Trainer's `trainer_state.json`;
+# - Hugging Face datasets' `map` caches (`cache-<fingerprint>.arrow`): their names are drawn per run for
+#   a transform datasets cannot fingerprint, and they repeat the saved dataset's rows.
+RUN_RECORD_FILES = frozenset(
+    {"_version.json", "pretraining.json", "training_log.json", "grpo_log.json", "trainer_state.json"}
+)
+RUN_RECORD_PATTERNS = ("cache-*.arrow",)
+
+
+def is_run_record(path: Path) -> bool:
+    """Whether a file in a folder being hashed records its run, not content (`RUN_RECORD_FILES`)."""
+    return path.name in RUN_RECORD_FILES or any(path.match(pattern) for pattern in RUN_RECORD_PATTERNS)
+
+
 def _update_with_path(hasher: Any, path: Path) -> None:
     if path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and not is_run_record(p)):
             hasher.update(str(child.relative_to(path)).encode())
             _hash_file_into(hasher, child)
     elif path.is_file():
@@ -340,7 +360,10 @@ def _hash_file_into(hasher: Any, path: Path) -> None:
 
 def content_hash(*parts: Any) -> str:
     """A short, stable SHA-256 over DataFrames, arrays, tensors, files/folders (as `Path`) and JSON-able
-    values. Pass an asset's config too, so that a config change is a new data version."""
+    values. Pass an asset's config too, so that a config change is a new data version. A folder is hashed
+    by its files' relative paths and bytes, less the files that record the run that wrote them
+    (`RUN_RECORD_FILES`, `RUN_RECORD_PATTERNS`): the same content written by two runs hashes the same.
+    Raises FileNotFoundError for a `Path` that does not exist."""
     hasher = hashlib.sha256()
     for part in parts:
         hasher.update(b"\x00")

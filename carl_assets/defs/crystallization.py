@@ -26,6 +26,15 @@ STEP_COLUMNS = [
     "grad_norm",
     "num_tokens",
 ]
+# The event's columns that name the SFT run, not what it did: its run id, its version folder (time + run
+# id), the start's version folder, when it finished and how long it took. The table shows them; the data
+# version leaves them out (of the start, only which asset it was), so an identical rerun is not new.
+RUN_COLUMNS = ["run_id", "checkpoint_version", "started_from", "finished_at", "train_seconds"]
+
+
+def started_from_asset(started_from: str) -> str:
+    """The asset of a start named '<asset>@<version>' (a start outside the store is kept whole)."""
+    return started_from.split("@", 1)[0]
 
 
 def event_row(log: dict[str, Any]) -> pd.DataFrame:
@@ -130,7 +139,8 @@ def crystallization_events(
     training_log = append_rows(duckdb, "training_log", steps, key="run_id")
     context.log.info(f"{len(events)} SFT runs recorded; this one crystallized={log['crystallized']}")
     return materialized(
-        event.drop(columns=["finished_at", "train_seconds", "checkpoint_version"]),
+        event.drop(columns=RUN_COLUMNS),
+        started_from_asset(str(event["started_from"].iloc[0])),
         steps.drop(columns=["run_id"]),
         config=config,
         check_results=[crystallized_check(log, config)],

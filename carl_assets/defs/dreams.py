@@ -21,6 +21,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from carl_assets import storage
+from carl_assets.artifacts import folder_content_id
 from carl_assets.defs.common import config_values, materialized, table_preview
 from carl_assets.defs.dream_checks import KEPT_CHECK, kept_check, kept_something_reason, plan_scenarios
 from carl_assets.defs.dream_config import DreamScenariosConfig
@@ -363,14 +364,20 @@ def dream_scenarios(
     check = kept_check(result.frame, row.iloc[0], state.cycle)
     _say_result(context, state, result, pass_rate, check.description)
     frame = result.frame
+    # the policy by its content, not its version folder's name (time + run id): the same weights dreaming
+    # the same config give the same data version in any run; the name is shown in the metadata
+    policy_content = folder_content_id(state.policy_folder())
     return materialized(
         frame.drop(columns=[c for c in ("finished",) if c in frame.columns]),
         state.cycle,
         state.policy_asset,
-        state.policy_version,
+        policy_content,
         config=config,
         check_results=[check],
         tables={"dream_scenarios": tables["dream_scenarios"], "dream_cycles": tables["dream_cycles"]},
-        metadata=_metadata(state, result, pass_rate, kinds, config, nodes, plan, tables["dream_cycles"]),
+        metadata={
+            **_metadata(state, result, pass_rate, kinds, config, nodes, plan, tables["dream_cycles"]),
+            "policy_content": policy_content,
+        },
         plots={"cycles_plot": _cycles_plot(tables["dream_cycles"])},
     )

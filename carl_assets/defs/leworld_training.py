@@ -186,16 +186,17 @@ def _memory_of_dataset(leworld_dataset: AssetHandle, leworld_memory: AssetHandle
 def _save_model(artifacts: ArtifactStore, replicates: list[Replicate], training: TrainingConfig,
                 seconds: float) -> Path:
     """The primary system at the top of a new leworld_model version, every replicate under replicates/
-    with a manifest; returns the version's folder."""
+    with a manifest; returns the version's folder. The training time is the run's, not the model's: it is
+    recorded in the version's `_version.json` (`train_seconds`), which the data version leaves out."""
     with artifacts.write_version("leworld_model") as (tmp, version):
-        save_system(replicates[0].system, tmp,
-                    extra={"training": training.__dict__, "seconds": seconds, "variant": "memory"})
+        save_system(replicates[0].system, tmp, extra={"training": training.__dict__, "variant": "memory"})
         for rep in replicates:
             save_system(rep.system, tmp / replicate_dir(rep.variant, rep.seed),
                         extra={"variant": rep.variant, "seed": rep.seed})
         manifest = [{"variant": r.variant, "seed": r.seed, "path": replicate_dir(r.variant, r.seed)}
                     for r in replicates]
         (tmp / REPLICATES_FILE).write_text(json.dumps(manifest, indent=2))
+    artifacts.record("leworld_model", version, train_seconds=round(seconds, 2))
     return artifacts.path("leworld_model", version)
 
 
