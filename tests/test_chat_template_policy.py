@@ -161,7 +161,8 @@ def test_fail_policy_stops_at_base_model(tmp_path):
             selection=["base_model"],
             run_config={"ops": {"base_model": {"config": config}}},
         )
-    with pytest.raises(ValueError, match="missing_chat_template must be one of"):
+    # A choice outside the policies is refused by Dagster's config check, before the run starts.
+    with pytest.raises(dg.DagsterInvalidConfigError, match="missing_chat_template not in enum"):
         dg.materialize(
             with_upstreams(base_model),
             resources=build_resources(tmp_path / "home"),

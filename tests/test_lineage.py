@@ -16,6 +16,7 @@ import pytest
 
 from carl_assets import artifacts as artifacts_module
 from carl_assets import storage
+from carl_assets.defs import artifact_store as artifact_store_module
 from carl_assets.defs import build_definitions
 from carl_assets.defs import resources as resources_module
 from carl_assets.defs.io_manager import ArtifactIOManager
@@ -47,7 +48,7 @@ def _reader() -> tuple[str, str]:
     """(kind, name) of the step running now: ('asset', asset) or ('check', 'asset:check'); ('none', '')
     outside a step."""
     try:
-        context = dg.OpExecutionContext.get()
+        context = dg.AssetExecutionContext.get()  # documented: the running step's context
     except Exception:  # noqa: BLE001 - no step context in this thread
         context = None
     if context is None:
@@ -58,7 +59,7 @@ def _reader() -> tuple[str, str]:
     if checks:
         key = next(iter(checks))
         return "check", f"{key.asset_key.path[-1]}:{key.name}"
-    return "op", context.op_def.name
+    return "op", context.op_execution_context.op_def.name
 
 
 class ReadLog:
@@ -112,7 +113,7 @@ def _instrument(monkeypatch: pytest.MonkeyPatch, log: ReadLog) -> None:
         finally:
             _local.quiet -= 1
 
-    monkeypatch.setattr(resources_module, "all_versions", all_versions)
+    monkeypatch.setattr(artifact_store_module, "all_versions", all_versions)
     latest = dg.DagsterInstance.get_latest_materialization_event
 
     def latest_event(self, asset_key):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
 from carl_assets import storage
+from carl_assets.carl.trainer_common import SFT_LOG_EVERY
 from carl_assets.carl.training import (
     TRAINING_LOG_FILE,
     SFTOutcome,
@@ -110,7 +111,7 @@ def launch_command(launcher: str, module_args: Sequence[str], python: str | None
 
 
 def sft_arguments(model: str | os.PathLike[str], dataset: str | os.PathLike[str],
-                  output: str | os.PathLike[str], config: SFTRunConfig, log_every: int = 25,
+                  output: str | os.PathLike[str], config: SFTRunConfig, log_every: int = SFT_LOG_EVERY,
                   launcher: str = INPROCESS) -> list[str]:
     """Arguments of `carl sft-rank` for these inputs (what `launch_command` appends)."""
     return [COMMAND, "--model", str(model), "--dataset", str(dataset), "--output", str(output),
@@ -178,8 +179,9 @@ def _stderr_log(world: World) -> Callable[[str], None]:
     return log
 
 
-def run_sft(model_dir: str, dataset_dir: str, output_dir: str, config: SFTRunConfig, log_every: int = 25,
-            launcher: str = INPROCESS, world: World | None = None) -> SFTOutcome:
+def run_sft(model_dir: str, dataset_dir: str, output_dir: str, config: SFTRunConfig,
+            log_every: int = SFT_LOG_EVERY, launcher: str = INPROCESS,
+            world: World | None = None) -> SFTOutcome:
     """Load, train (`train_sft` with this rank's share of each batch), and on rank 0 save + report."""
     world = world or World.from_env()
     local = per_rank_batch(config.batch_size, world.world_size)

@@ -50,7 +50,12 @@ class Schedule(StrEnum):
 Reward = StrEnum("Reward", {name: name for name in REWARD_NAMES})
 Reward.__doc__ = "The GRPO reward, by name (carl_assets.carl.reward_fn.REWARD_NAMES)."
 
-Device = Literal["auto", "cpu", "cuda", "mps"]
+# A GPU by index for inference, up to eight (the most one node usually holds): a launchpad drop-down needs
+# a fixed list, and a typo is then refused before the run starts.
+Device = Literal[
+    "auto", "cpu", "cuda", "mps", "cuda:0", "cuda:1", "cuda:2", "cuda:3",
+    "cuda:4", "cuda:5", "cuda:6", "cuda:7",
+]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "apollo_adamw"]
 
 
@@ -79,23 +84,29 @@ class RunSettings(BaseModel):
 
 
 class Placement(RunSettings):
-    """Where and how precisely a model runs, and the CPU threads torch uses."""
+    """Where and how precisely a model runs, and the CPU threads torch uses: the same three fields on every
+    asset that runs a model (the Dagster configs inherit this class). None: the model's default, resolved
+    by `models.defaults.resolve_placement` / `resolve_threads` for what the asset does with the model."""
 
     device: Device = Field(
         default="auto",
-        description="where the model runs: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'",
+        description="where the model runs: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' "
+        "(inference; training picks its GPU through CUDA_VISIBLE_DEVICES) or 'mps'",
     )
     dtype: Precision | None = Field(
         default=None,
-        description="precision: 'fp32', 'bf16' or 'fp16' (training: "
-        "mixed precision on fp32 weights; fp16 needs CUDA). None: the model's "
-        "default (models.defaults.resolve_placement: fp32 for the offline model; "
-        "for a real one bf16 where the device runs it natively and fast)",
+        description="precision: 'fp32', 'bf16' or 'fp16' (training: mixed precision on fp32 weights; fp16 "
+        "needs CUDA). None: the model's default for this use (models.defaults.resolve_placement): the "
+        "offline model runs in fp32; a real one in bf16 where the device runs it natively and fast, and "
+        "base_model saves it in bf16 on a GPU that has it, else fp32",
     )
     threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch CPU threads; " + MODEL_DEFAULT + " (models.defaults.default_threads)",
+        description="torch CPU threads (performance only: not part of the data version); "
+        + MODEL_DEFAULT
+        + " (models.defaults.default_threads). On a machine shared with other jobs 1 can be many times "
+        "faster",
     )
 
 
@@ -148,6 +159,12 @@ class TrainerRunConfig(Placement):
 
     def _derived(self, offline: bool, values: dict[str, Any]) -> dict[str, Any]:
         """The device resolved ('auto': CUDA, MPS, CPU) and the precision it trains in there."""
+        if str(values["device"]).startswith("cuda:"):
+            # Trainer and accelerate place the model on the process's current GPU, whatever index is asked.
+            raise ValueError(
+                f"device {values['device']!r}: training runs on the GPU CUDA_VISIBLE_DEVICES makes first; "
+                "set that variable and device 'cuda' (or 'auto')"
+            )
         device, dtype = resolve_placement(
             values["device"], values["dtype"] or "auto", offline, purpose=self.PURPOSE
         )

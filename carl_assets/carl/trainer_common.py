@@ -85,12 +85,20 @@ def merged(trainer: Any, model: Any) -> Any:
     return merge_adapters(trainer.model) if is_peft_model(trainer.model) else model
 
 
+# Steps between progress lines: an SFT step of a small model takes a second or less; a GRPO step samples
+# and scores a group of completions first, so it reports more often.
+SFT_LOG_EVERY = 25
+GRPO_LOG_EVERY = 4
+
+
 class StepLogger(TrainerCallback):
     """A transformers callback that reports progress through `log(str)` every `every` steps (and the last):
     step, loss, token accuracy or reward, learning rate and the time left at most (the budget; the gate
     may stop SFT sooner)."""
 
-    def __init__(self, log: Any, every: int = 25, max_steps: int | None = None, label: str = "training"):
+    def __init__(
+        self, log: Any, every: int = SFT_LOG_EVERY, max_steps: int | None = None, label: str = "training"
+    ):
         self.log, self.every, self.max_steps, self.label = log, max(1, int(every)), max_steps, label
         self.started = time.perf_counter()
 

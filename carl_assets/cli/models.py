@@ -96,8 +96,8 @@ def _add_sft_rank(sub: argparse._SubParsersAction) -> None:
     rank.add_argument("--output", required=True, help="folder rank 0 saves the checkpoint to")
     rank.add_argument("--config", default="{}",
                       help="JSON object of SFTRunConfig fields (batch_size is global)")
-    rank.add_argument("--log-every", type=positive_int, default=25,
-                      help="progress line every this many steps")
+    rank.add_argument("--log-every", type=positive_int, default=None,
+                      help="progress line every this many steps (default: run_sft's SFT interval)")
     rank.add_argument("--launcher", default="inprocess",
                       help="recorded in the log: how the processes were started")
     rank.set_defaults(run=cmd_sft_rank)
@@ -251,5 +251,6 @@ def cmd_sft_rank(args: argparse.Namespace) -> int:
         config = config_from_json(args.config)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    run_sft(args.model, args.dataset, args.output, config, log_every=args.log_every, launcher=args.launcher)
+    every = {} if args.log_every is None else {"log_every": args.log_every}
+    run_sft(args.model, args.dataset, args.output, config, launcher=args.launcher, **every)
     return 0

@@ -29,13 +29,13 @@ from carl_assets.defs.resources import build_resources  # noqa: E402
 # Bump an asset's code version when its code changes what it makes: Dagster then marks it (and what is
 # downstream) stale. One table, so a change is one line in review.
 CODE_VERSIONS = {
-    "memory_graph": "3",
-    "emotion_tags": "1",
+    "memory_graph": "4",
+    "emotion_tags": "2",
     "emotion_training_pairs": "3",
-    "base_model": "3",
-    "steering_vectors": "2",
+    "base_model": "4",
+    "steering_vectors": "3",
     "dream_scenarios": "4",
-    "scorer_validation": "1",
+    "scorer_validation": "2",
     "sft_dataset": "4",
     "sft_checkpoint": "4",
     "crystallization_events": "3",

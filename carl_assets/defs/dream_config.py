@@ -6,32 +6,23 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from carl_assets.carl.run_config import Truncation
-from carl_assets.defs.common import PERFORMANCE_ONLY
+from carl_assets.carl.run_config import Placement, Truncation
 from carl_assets.dreams import DreamConfig, NoiseSchedule, WalkConfig
+from carl_assets.dreams.cycle_state import PolicyChoice
 from carl_assets.dreams.generation import Sampling
-from carl_assets.models.defaults import OFFLINE_DEFAULTS, dream_sampling_defaults, scorer_defaults
-
-# The reference's noise schedule is lr 1e-4 -> 1e-5 for a real model; the 1M-parameter offline model needs
-# the larger rate SFT is tuned to (it does not crystallize on its dreams at 1e-4 within a CPU budget).
-REFERENCE_LR = (1e-4, 1e-5)
-OFFLINE_LR = (OFFLINE_DEFAULTS.sft.learning_rate, OFFLINE_DEFAULTS.sft.learning_rate / 10)
+from carl_assets.models.defaults import dream_sampling_defaults, scorer_defaults
 
 
-class DreamScenariosConfig(dg.Config, Truncation):
-    """top_p, top_k, min_p: the truncation of dream sampling (`carl_assets.carl.run_config.Truncation`)."""
+class DreamScenariosConfig(dg.Config, PolicyChoice, Truncation, Placement):
+    """dream_scenarios: walks, collisions, the filter and the noise schedule. `PolicyChoice`: the policy
+    that dreams; `Truncation` (top_p, top_k, min_p): the truncation of dream sampling; `Placement`: where
+    the policy generates and is scored."""
 
-    start_from: str = Field(
-        default="auto",
-        description="the policy that dreams: 'auto' (the newest "
-        "grpo_checkpoint, i.e. the previous cycle's, else base_model), 'base_model', or "
-        "'<asset>@<version>' from artifact_versions to roll back to an earlier cycle",
-    )
-    scorer: str = Field(
-        default="auto",
-        description="the training-signal agent: 'auto' (the model's default, "
-        "chosen by scorer_validation: 'carl' for the offline model, 'self_certainty' for a real one), "
-        "'carl', a CARL component, 'phi_mean', 'self_certainty', 'neg_entropy', 'mean_logprob', "
+    scorer: str | None = Field(
+        default=None,
+        description="the training-signal agent: None (the model's default as scorer_validation chose it: "
+        "models.defaults.scorer_defaults), 'carl', a CARL component, 'phi_mean', 'self_certainty', "
+        "'neg_entropy', 'mean_logprob', "
         "'steering:<emotion>' or a weighted mix such as 'carl:0.7,steering:warmth:0.3'",
     )
     n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
@@ -84,24 +75,24 @@ class DreamScenariosConfig(dg.Config, Truncation):
     )
     temperature_start: float | None = Field(
         default=None,
-        description="noise schedule: sampling temperature of "
-        "cycle 0 (None: the model's default, 1.3 for the offline model, 1.0 "
-        "for a real one; carl_assets.models.defaults)",
+        description="noise schedule: sampling temperature of cycle 0 (None: the model's default, "
+        "models.defaults.dream_sampling_defaults)",
     )
     temperature_end: float | None = Field(
         default=None,
-        description="noise schedule: temperature of the last "
-        "cycle (None: the model's default, 0.7 offline, 0.6 for a real model)",
+        description="noise schedule: temperature of the last cycle (None: the model's default)",
     )
-    lr_start: float = Field(
-        default=0.0,
-        description="noise schedule: SFT learning rate of cycle 0 (0: the "
-        "reference's 1e-4 for a real model, 1.5e-3 for the offline model)",
+    lr_start: float | None = Field(
+        default=None,
+        gt=0,
+        description="noise schedule: SFT learning rate of cycle 0 (None: the model's default, "
+        "models.defaults.dream_sampling_defaults)",
     )
-    lr_end: float = Field(
-        default=0.0,
-        description="noise schedule: learning rate of the last cycle (0: a "
-        "tenth of lr_start, as the reference's 1e-4 -> 1e-5)",
+    lr_end: float | None = Field(
+        default=None,
+        gt=0,
+        description="noise schedule: learning rate of the last cycle (None: a tenth of lr_start, as the "
+        "reference's schedule)",
     )
     seed: int = Field(default=0, description="seed of walks, collisions and sampling (mixed with the cycle)")
     # Not performance-only: each generate batch samples from its own seeded stream, so the batching
@@ -111,28 +102,12 @@ class DreamScenariosConfig(dg.Config, Truncation):
         description="scenarios per generate call (each batch has its own "
         "seeded sampling stream, so this changes the answers drawn)",
     )
-    threads: int = Field(
-        default=0,
-        description="torch CPU threads (0: the model's default, 1 for the offline "
-        "model, all usable cores for a real one: models.defaults.default_threads)",
-        json_schema_extra=PERFORMANCE_ONLY,
-    )
-    device: str = Field(
-        default="auto",
-        description="where the policy generates and is scored: 'auto' (CUDA, "
-        "then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'",
-    )
-    dtype: str = Field(
-        default="auto",
-        description="policy precision: 'auto' (fp32 for the offline model; bf16 on "
-        "a CUDA device that supports it for a real one), 'bf16', 'fp16' or 'fp32'",
-    )
 
     def schedule(self, offline: bool) -> NoiseSchedule:
-        """The noise schedule: each 0/None field as the model's default."""
+        """The noise schedule: each None field as the model's default."""
         defaults = dream_sampling_defaults(offline)
-        lr_start = self.lr_start or (OFFLINE_LR if offline else REFERENCE_LR)[0]
-        lr_end = self.lr_end or lr_start / 10
+        lr_start = _or(self.lr_start, defaults.lr_start)
+        lr_end = _or(self.lr_end, lr_start / 10)
         return NoiseSchedule(
             cycles=self.schedule_cycles,
             lr_start=lr_start,
@@ -143,8 +118,8 @@ class DreamScenariosConfig(dg.Config, Truncation):
         )
 
     def scorer_spec(self, offline: bool) -> str:
-        """The scorer spec: as set, or for 'auto' the model's default (`models.defaults.scorer_defaults`)."""
-        return scorer_defaults(offline).dream_scorer if self.scorer.strip().lower() == "auto" else self.scorer
+        """The scorer spec: as set, or for None the model's default (`models.defaults.scorer_defaults`)."""
+        return scorer_defaults(offline).dream_scorer if self.scorer is None else self.scorer
 
     def sampling(self, offline: bool) -> Sampling:
         """The truncation of dream sampling: each field as set, else the model's default."""

@@ -1,25 +1,37 @@
 """The emotion_tags asset: the user's tag lines, and a tagger's tags for nodes without one."""
 
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from carl_assets.carl.run_config import Placement
 from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
 from carl_assets.defs.resources import write_tables
 from carl_assets.handles import AssetHandle, Checkpoint
 from carl_assets.memory.taggers.lexicon import lexicon_categories
-from carl_assets.memory.tagging import emotion_vocabulary, node_status, tag_counts, tag_nodes, taggable
-from carl_assets.models.defaults import resolve_placement
+from carl_assets.memory.taggers.model import Reduction as TaggerReduction
+from carl_assets.memory.tagging import (
+    Tagger,
+    emotion_vocabulary,
+    node_status,
+    tag_counts,
+    tag_nodes,
+    taggable,
+)
+from carl_assets.models.defaults import resolve_placement, resolve_threads
 from carl_assets.models.loading import load_model_and_tokenizer
 
 TAGS_TABLE = "emotion_tags"
 STATUS_TABLE = "emotion_tag_nodes"
 
 
-class EmotionTagsConfig(dg.Config):
-    tagger: Literal["off", "lexicon", "model"] = Field(
+class EmotionTagsConfig(dg.Config, Placement):
+    """emotion_tags: which tagger, which emotions, and for the model tagger how it reads and scores;
+    `Placement`: where and how precisely the model tagger runs the base model."""
+
+    tagger: Tagger = Field(
         default="lexicon",
         description="who tags nodes without a user tag line: 'lexicon' (default: Empath word counts, fast, "
         "no model), 'model' (the base model rates each emotion 0..10 from its answer log-probabilities: use "
@@ -32,17 +44,13 @@ class EmotionTagsConfig(dg.Config):
     lexicon_categories: dict[str, list[str]] = Field(
         default={}, description="lexicon tagger: extra emotion -> Empath categories (e.g. "
         "{'curiosity': ['anticipation']}); the built-in map covers the common emotions")
-    reduction: Literal["expected", "argmax"] = Field(
+    reduction: TaggerReduction = Field(
         default="expected", description="model tagger: the score is the expected value of the answer "
         "distribution over 0..10 (rounded) or its most likely answer")
     max_text_tokens: int = Field(default=256,
                                  description="model tagger: node texts are cut to this many tokens")
     batch_size: int = Field(default=16, description="model tagger: prompts per forward pass",
                             json_schema_extra=PERFORMANCE_ONLY)
-    threads: int = Field(default=0,
-                         description="torch threads for the model tagger (0: leave torch's setting)")
-    device: str = Field(default="auto", description="model tagger: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: str = Field(default="auto", description="model tagger: 'auto', 'bf16', 'fp16' or 'fp32'")
 
 
 def _load_policy(base_model: Checkpoint, config: EmotionTagsConfig) -> tuple[Any, Any]:
@@ -82,10 +90,11 @@ def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, d
         if done == total or done % (config.batch_size * 20) == 0:
             context.log.info(f"model tagger: {done}/{total} prompts")
 
+    threads = None if model is None else resolve_threads(config.threads, base_model.is_offline)
     tags = tag_nodes(nodes, config.tagger, emotions, min_score=config.min_score,
                      lexicon_map=config.lexicon_categories, model=model, tokenizer=tokenizer,
                      reduction=config.reduction, batch_size=config.batch_size,
-                     max_text_tokens=config.max_text_tokens, threads=config.threads or None,
+                     max_text_tokens=config.max_text_tokens, threads=threads,
                      progress=progress)
     # The tagger beside each node's status: emotion_training_pairs reads it from here (this run's tables),
     # not from the latest materialization's metadata (which may be another run's).

@@ -182,7 +182,7 @@ def grpo_checkpoint(
         f"lr {run.learning_rate:.2e}, {run.dtype} on {run.device}"
     )
     parents = {"sft_checkpoint": sft_checkpoint.version, "sft_dataset": sft_dataset.version}
-    logger = StepLogger(context.log.info, every=config.log_every, max_steps=run.max_steps, label="GRPO")
+    logger = StepLogger(context.log.info, every=config.log_interval(), max_steps=run.max_steps, label="GRPO")
     resume = resume_dir(artifacts, "grpo_checkpoint", parents, config_values(config))
     say_resuming(context, resume)
     with artifacts.write_version("grpo_checkpoint", run_id=context.run.run_id, parents=parents) as (

@@ -11,21 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 
-from carl_assets.artifacts import DEFAULT_KEEP
-from carl_assets.defs.resources import ArtifactStore
+from carl_assets.defs.artifact_store import ArtifactStore, StoreSettings
 from carl_assets.handles import AssetHandle
 
 
-class ArtifactIOManager(dg.ConfigurableIOManager):
+class ArtifactIOManager(dg.ConfigurableIOManager, StoreSettings):
     """Hands each declared upstream asset to its reader as a handle (`carl_assets.handles`); stores nothing.
-    Its store is the `artifacts` resource's (same home and kept versions), set up for the run."""
-
-    home: str = Field(default="", description="CARL_HOME; empty means $CARL_HOME, else the project's .carl")
-    keep_versions: int = Field(
-        default=DEFAULT_KEEP, description="versions of each artifact kept for rollback"
-    )
+    Its store is the `artifacts` resource's (the same `StoreSettings`), set up for the run."""
     # Not a nested resource: Dagster's set-up of nested resources calls a deprecated API of its own.
     _store: ArtifactStore | None = PrivateAttr(default=None)
 

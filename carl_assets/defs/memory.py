@@ -26,9 +26,9 @@ from carl_assets.project_env import normalise_memory_source
 
 
 class MemoryGraphConfig(dg.Config):
-    source: str = Field(
-        default="",
-        description="Override the memory source for this run only. Empty (default): the project's source, "
+    source: str | None = Field(
+        default=None,
+        description="Override the memory source for this run only. None (default): the project's source, "
         "$CARL_MEMORY_SOURCE (the memory_source resource). Else 'sample' (built in), 'jsonl:PATH' (MCP "
         "memory-server file), 'mcp+stdio:COMMAND' or 'mcp+http://HOST:PORT/PATH' (live MCP memory server).",
     )
@@ -118,7 +118,7 @@ def memory_graph(
     context: dg.AssetExecutionContext, config: MemoryGraphConfig, duckdb: DuckDBResource,
     memory_source: MemorySource,
 ) -> dg.MaterializeResult:
-    source = normalise_memory_source(config.source) or memory_source.resolved
+    source = normalise_memory_source(config.source or "") or memory_source.resolved
     graph, fingerprint = _load(source, duckdb)
     summary = graph.summary()
     context.log.info(

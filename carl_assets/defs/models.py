@@ -5,11 +5,12 @@ import dagster as dg
 import torch
 from pydantic import Field
 
+from carl_assets.carl.run_config import Placement
 from carl_assets.defs.common import materialized
 from carl_assets.defs.pools import TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore
 from carl_assets.handles import AssetHandle
-from carl_assets.models.chat_template import POLICIES as CHAT_TEMPLATE_POLICIES
+from carl_assets.models.chat_template import Policy as ChatTemplatePolicy
 from carl_assets.models.defaults import resolve_threads
 from carl_assets.models.device import dtype_name, resolve_device, resolve_dtype
 from carl_assets.models.loading import (
@@ -26,7 +27,10 @@ SAMPLE_PROMPT = "How did today feel?"
 GGUF_CACHE = "cache/gguf"  # under CARL_HOME: GGUF conversions, hard-linked into each base_model version
 
 
-class BaseModelConfig(dg.Config):
+class BaseModelConfig(dg.Config, Placement):
+    """base_model: the model source and, for the offline model, its size and pretraining. `Placement`:
+    where the sample generation runs, the threads, and the precision a real model is saved in."""
+
     model: str = Field(
         default="offline",
         description="'offline' (default: a small Llama built and pretrained here on the memory-graph text), "
@@ -34,7 +38,7 @@ class BaseModelConfig(dg.Config):
         "from its Q4_1 GGUF to safetensors), a path to a .gguf file, a hub id ('org/name', needs the hub "
         "or its cache) or a local Hugging Face model folder.",
     )
-    missing_chat_template: str = Field(
+    missing_chat_template: ChatTemplatePolicy = Field(
         default="install", description="a tokenizer without a chat template (a base model): 'install' the "
         "project's 'role: content' transcript template into the saved tokenizer (with a warning; dreams, "
         "SFT, GRPO and the agent then all use it) or 'fail' at once")
@@ -53,15 +57,6 @@ class BaseModelConfig(dg.Config):
     batch_size: int = Field(default=8, description="offline model: windows per step")
     learning_rate: float = Field(default=3e-3, description="offline model: peak AdamW learning rate")
     seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
-    threads: int = Field(default=0, description="torch CPU threads for loading/converting and the sample "
-                         "generation: 0 is the model's default (the usable cores for a real model; the "
-                         "offline model trains on 1). On an oversubscribed machine 1 can be many times "
-                         "faster")
-    device: str = Field(default="auto", description="where the sample generation runs: 'auto' (CUDA, then "
-                        "MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: str = Field(default="auto", description="precision a hub model / folder is saved in: 'auto' (bf16 "
-                       "on a CUDA device that supports it, else fp32), 'bf16', 'fp16' or 'fp32'; the offline "
-                       "model is always fp32")
 
     def offline(self) -> OfflineModelConfig:
         return OfflineModelConfig(
@@ -85,9 +80,6 @@ class BaseModelConfig(dg.Config):
 )
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
                memory_graph: AssetHandle) -> dg.MaterializeResult:
-    if config.missing_chat_template not in CHAT_TEMPLATE_POLICIES:  # fail before any model is read
-        raise ValueError(f"base_model.missing_chat_template must be one of {CHAT_TEMPLATE_POLICIES}, "
-                         f"got {config.missing_chat_template!r}")
     source = resolve_model_source(config.model)  # fail fast on a missing path
     device = resolve_device(config.device)  # ... and on a device or dtype this machine lacks
     dtype = torch.float32 if source.kind == "offline" else resolve_dtype(config.dtype, device)

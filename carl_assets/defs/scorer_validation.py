@@ -13,25 +13,23 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets.carl.run_config import Placement
+from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.dreams import resolve_policy
 from carl_assets.defs.pools import TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore, append_rows
+from carl_assets.dreams.cycle_state import PolicyChoice
 from carl_assets.dreams.validation import ValidationConfig, validate_scorers, validation_prompts
 from carl_assets.handles import AssetHandle, Checkpoint
-from carl_assets.models.defaults import resolve_placement
+from carl_assets.models.defaults import resolve_placement, resolve_threads
 from carl_assets.models.loading import MODEL_INFO_FILE, load_model_and_tokenizer
 from carl_assets.runtime import torch_threads
 
 
-class ScorerValidationConfig(dg.Config):
-    """scorer_validation: the policy measured, the prompts and the coherent / corrupted texts per prompt."""
+class ScorerValidationConfig(dg.Config, PolicyChoice, Placement):
+    """scorer_validation: the prompts and the coherent / corrupted texts per prompt. `PolicyChoice`: the
+    policy measured (the one dream_scenarios would dream with); `Placement`: where it runs."""
 
-    start_from: str = Field(
-        default="auto",
-        description="the policy measured: 'auto' (the newest grpo_checkpoint, "
-        "else base_model, as dream_scenarios), 'base_model' or '<asset>@<version>'",
-    )
     n_prompts: int = Field(
         default=24,
         description="dream prompts (memory collisions); each gives 2 coherent "
@@ -52,15 +50,6 @@ class ScorerValidationConfig(dg.Config):
         description="prompts per generate call (each batch is its own seeded "
         "sampling stream, so this changes the answers drawn)",
     )
-    threads: int = Field(
-        default=0,
-        description="torch CPU threads (0 keeps torch's default)",
-        json_schema_extra=PERFORMANCE_ONLY,
-    )
-    device: str = Field(
-        default="auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'"
-    )
-    dtype: str = Field(default="auto", description="'auto' (the model's default), 'bf16', 'fp16' or 'fp32'")
 
 
 def model_name(base_dir: Path) -> str:
@@ -133,7 +122,7 @@ def scorer_validation(
     model, tokenizer = load_model_and_tokenizer(policy_dir, device=device, dtype=dtype)
     prompts, memory_texts = validation_prompts(nodes, edges, config.n_prompts, seed=config.seed)
     context.log.info(f"validating scorers on {policy} with {len(prompts)} dream prompts")
-    with torch_threads(config.threads or None):
+    with torch_threads(resolve_threads(config.threads, base_model.is_offline)):
         table, items = validate_scorers(model, tokenizer, prompts, memory_texts, _validation_config(config))
     name = model_name(base_model.file())
     table.insert(0, "policy", policy)

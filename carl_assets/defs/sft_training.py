@@ -95,7 +95,7 @@ def _launched_sft(
     `output_dir`: (the outcome from the training log it wrote, the metadata it reported)."""
     per_rank_batch(run.batch_size, parse_launcher(config.launcher)[1])  # a clear error before launching
     arguments = sft_arguments(
-        start_dir, dataset_dir, output_dir, run, log_every=config.log_every, launcher=config.launcher
+        start_dir, dataset_dir, output_dir, run, log_every=config.log_interval(), launcher=config.launcher
     )
     command = launch_command(config.launcher, arguments)
     context.log.info(f"SFT through Pipes: {' '.join(command[: command.index('-m', 2) + 2])} ...")
@@ -124,7 +124,7 @@ def _train(
         return _launched_sft(context, pipes, config, start.folder, dataset_dir, output_dir, run)
     model, tokenizer = load_model_and_tokenizer(start.folder, device=placement[0], dtype=placement[1])
     say_resuming(context, resume)
-    logger = StepLogger(context.log.info, every=config.log_every, max_steps=run.max_steps, label="SFT")
+    logger = StepLogger(context.log.info, every=config.log_interval(), max_steps=run.max_steps, label="SFT")
     outcome = train_sft(
         model,
         tokenizer,

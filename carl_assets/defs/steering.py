@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import pandas as pd
@@ -15,13 +15,15 @@ import torch
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from carl_assets.carl.run_config import Placement
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, write_tables
 from carl_assets.defs.steering_checks import MANIFEST_AGREES, UNIT_NORM, readout_checks
 from carl_assets.handles import AssetHandle, Checkpoint
-from carl_assets.models.defaults import resolve_placement
+from carl_assets.models.defaults import resolve_placement, resolve_threads
 from carl_assets.models.device import dtype_name
 from carl_assets.models.loading import load_model_and_tokenizer
+from carl_assets.runtime import torch_threads
 from carl_assets.steering import (
     VECTORS_FILE,
     VLLM_ENV,
@@ -33,24 +35,27 @@ from carl_assets.steering import (
 )
 from carl_assets.steering.crosstalk import cosine_matrix, cross_talk, tag_cooccurrence
 from carl_assets.steering.layers import LayerSweep, sweep_layers
+from carl_assets.steering.manifest import Reduction
 from carl_assets.steering.plots import auc_plot, auc_vs_depth_plot, cross_talk_plot
 from carl_assets.steering.projection import PROJECTION_COLUMNS, project_texts, read_text_file
 from carl_assets.steering.readout import empty_readout
 from carl_assets.steering.selection import select_emotions
 
-LAYER_SELECTIONS = ("depth", "auto")
+# 'depth': the configured layers (or four spread by depth); 'auto': a sweep of every layer.
+LayerSelection = Literal["depth", "auto"]
 
 
-class SteeringConfig(dg.Config):
+class SteeringConfig(dg.Config, Placement):
     """steering_vectors: which layers and emotions, how texts are reduced, the held-out and transfer
-    checks."""
+    checks; `Placement`: where and how precisely the forward passes run (activations are averaged in fp32
+    whatever the model's precision)."""
 
     layers: list[int] = Field(
         default=[],
         description="residual-stream indices (i = after decoder block i-1, 0 = embeddings, before the final "
         "norm); empty = four layers spread by depth, round(L * [0.25, 0.5, 0.75, 1.0])",
     )
-    reduction: str = Field(
+    reduction: Reduction = Field(
         default="mean",
         description="'mean' (mask-weighted mean over real tokens) or 'last' (last real token). Mean is the "
         "default: a readout projects every token, and on the small offline model the last token (mostly "
@@ -68,7 +73,7 @@ class SteeringConfig(dg.Config):
     max_length: int = Field(
         default=512, description="texts are truncated to this many tokens (and to the model's position "
         "table); the number cut is reported as truncated_texts")
-    layer_selection: str = Field(
+    layer_selection: LayerSelection = Field(
         default="depth",
         description="'depth': `layers`, or four layers spread by depth when empty; 'auto': sweep every layer "
         "1..L on a subsample of the pairs and keep the `auto_k` with the best held-out AUC (ignores "
@@ -100,11 +105,6 @@ class SteeringConfig(dg.Config):
         "steering_heldout_projections (raw and calibrated: 0 = typical negative, 1 = typical positive)")
     cooccurrence_min_score: int = Field(
         default=8, description="cross-talk: a node counts as having an emotion when scored at least this")
-    device: str = Field(default="auto", description="where the forward passes run: 'auto' (CUDA, then MPS, "
-                        "then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: str = Field(default="auto", description="model precision for the forward passes: 'auto' (fp32 for "
-                       "the offline model; bf16 on a CUDA device that supports it for a real one), 'bf16', "
-                       "'fp16' or 'fp32' (activations are averaged in fp32 either way)")
 
 
 STATS_COLUMNS = ["emotion", "layer", "n_positive", "n_negative", "raw_norm", "heldout_auc"]
@@ -206,7 +206,7 @@ class _Forward:
     projections: pd.DataFrame
     texts: list[str]
     n_blocks: int
-    placement: dict[str, str]  # device, dtype
+    placement: dict[str, Any]  # device, dtype, threads
 
 
 def _train(model: torch.nn.Module, tokenizer: Any, pairs: pd.DataFrame, config: SteeringConfig,
@@ -232,6 +232,7 @@ def _forward(context: dg.AssetExecutionContext, config: SteeringConfig, pairs: p
     user's held-out texts on it."""
     model_dir = base_model.file()
     device, dtype = resolve_placement(config.device, config.dtype, base_model.is_offline)
+    threads = resolve_threads(config.threads, base_model.is_offline)
     model, tokenizer = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
     n_blocks = len(find_decoder_blocks(model))
     context.log.info(f"{len(pairs)} pairs over {pairs['emotion'].nunique()} emotions, "
@@ -239,7 +240,7 @@ def _forward(context: dg.AssetExecutionContext, config: SteeringConfig, pairs: p
     common = {"batch_size": config.batch_size, "reduction": config.reduction, "seed": config.seed,
               "max_length": config.max_length, "exclude_bos": config.exclude_bos}
     sweep, precomputed = None, None
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(threads):
         if config.layer_selection == "auto":
             sweep = sweep_layers(model, tokenizer, pairs, k=config.auto_k,
                                  max_per_group=config.sweep_max_per_group, max_texts=config.sweep_max_texts,
@@ -253,7 +254,7 @@ def _forward(context: dg.AssetExecutionContext, config: SteeringConfig, pairs: p
         texts = read_text_file(config.heldout_text_file) if config.heldout_text_file else []
         projections = project_texts(model, tokenizer, vectors, texts, batch_size=config.batch_size,
                                     max_length=config.max_length, exclude_bos=config.exclude_bos)
-    placement = {"device": str(device), "dtype": dtype_name(dtype)}
+    placement = {"device": str(device), "dtype": dtype_name(dtype), "threads": threads}
     return _Forward(vectors, sweep, projections, texts, n_blocks, placement)
 
 
@@ -262,7 +263,7 @@ def _rounded(series: pd.Series) -> dict[str, float | None]:
 
 
 def _readout_metadata(vectors: SteeringVectors, folder: Path, config: SteeringConfig,
-                      placement: dict[str, str], pairs: pd.DataFrame, skipped: dict[str, dict[str, int]],
+                      placement: dict[str, Any], pairs: pd.DataFrame, skipped: dict[str, dict[str, int]],
                       selection: dict[str, Any]) -> dict[str, Any]:
     """What was trained and how: the readout's shape, settings and inputs, and how to serve it (vLLM)."""
     return {
@@ -349,9 +350,6 @@ def _plots(run: _Forward, stats: pd.DataFrame, tags: list[dict[str, int]], best_
 def steering_vectors(context: dg.AssetExecutionContext, config: SteeringConfig,
                      emotion_training_pairs: AssetHandle, memory_graph: AssetHandle, base_model: Checkpoint,
                      duckdb: DuckDBResource, artifacts: ArtifactStore) -> dg.MaterializeResult:
-    if config.layer_selection not in LAYER_SELECTIONS:
-        raise ValueError(f"layer_selection must be one of {list(LAYER_SELECTIONS)}, "
-                         f"not {config.layer_selection!r}")
     all_pairs = emotion_training_pairs.read("emotion_training_pairs")
     pairs, skipped, selection, reason = _select(all_pairs, config, context)
     if reason:

@@ -10,7 +10,7 @@ asset's own settings (where to start, how to launch, how often to log and checkp
 require) are defined here.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 import torch
@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from carl_assets.carl import SIGMA
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig
+from carl_assets.carl.trainer_common import GRPO_LOG_EVERY, SFT_LOG_EVERY
 from carl_assets.defs.common import PERFORMANCE_ONLY
 from carl_assets.models.device import dtype_name, resolve_dtype, training_weights_dtype
 
@@ -61,8 +62,12 @@ class SFTDatasetConfig(dg.Config):
     )
 
 
-class Resumable(BaseModel):
-    """The trainer checkpoints SFT and GRPO save so that a killed run resumes (a performance-only field)."""
+class TrainerProgress(BaseModel):
+    """How SFT and GRPO report and save as they go: progress lines, and trainer checkpoints so that a killed
+    run resumes (performance-only fields: neither changes what is trained)."""
+
+    # The interval `log_every` None stands for, per trainer (carl_assets.carl.trainer_common).
+    LOG_EVERY: ClassVar[int] = SFT_LOG_EVERY
 
     checkpoint_every: int = Field(
         default=25,
@@ -70,9 +75,20 @@ class Resumable(BaseModel):
         "a killed run resumes from it when materialized again (0: never)",
         json_schema_extra=PERFORMANCE_ONLY,
     )
+    log_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="log step, loss or reward, token accuracy and time left every this many steps (None: "
+        "the trainer's interval, carl_assets.carl.trainer_common)",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
+
+    def log_interval(self) -> int:
+        """Steps between progress lines: `log_every`, else this trainer's interval."""
+        return self.log_every or self.LOG_EVERY
 
 
-class SFTCheckpointConfig(dg.Config, SFTRunConfig, Resumable):
+class SFTCheckpointConfig(dg.Config, SFTRunConfig, TrainerProgress):
     """sft_checkpoint: the `SFTRunConfig` fields, where learning_rate None means the dream cycle's scheduled
     rate for dream data (else the model's default), and where and how this asset runs it."""
 
@@ -81,11 +97,6 @@ class SFTCheckpointConfig(dg.Config, SFTRunConfig, Resumable):
         description="weights SFT starts from: 'auto' (the checkpoint that "
         "dreamed this cycle's data, else base_model), 'base_model', or '<asset>@<version>' "
         "from artifact_versions (roll back to an earlier cycle)",
-    )
-    log_every: int = Field(
-        default=25,
-        description="log step, loss, accuracy and time left every this many steps",
-        json_schema_extra=PERFORMANCE_ONLY,
     )
     launcher: str = Field(
         default="inprocess",
@@ -123,19 +134,16 @@ class CrystallizationConfig(dg.Config):
     )
 
 
-class GRPOCheckpointConfig(dg.Config, GRPORunConfig, Resumable):
+class GRPOCheckpointConfig(dg.Config, GRPORunConfig, TrainerProgress):
     """grpo_checkpoint: the `GRPORunConfig` fields, and what this asset's check requires and how it logs."""
+
+    LOG_EVERY: ClassVar[int] = GRPO_LOG_EVERY
 
     max_frac_reward_zero_std: float = Field(
         default=0.5,
         description="the grpo_reward_spread check fails (and "
         "holds the evaluation back) when on average this share of groups "
         "or more had no reward spread",
-    )
-    log_every: int = Field(
-        default=4,
-        description="log step, reward and time left every this many steps",
-        json_schema_extra=PERFORMANCE_ONLY,
     )
 
     def run_config(self, offline: bool = True, device: Any = None, dtype: Any = None) -> GRPORunConfig:

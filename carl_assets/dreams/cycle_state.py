@@ -17,9 +17,23 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 CYCLE_FILE = "cycle.json"
 POLICY_ASSETS = ("grpo_checkpoint", "sft_checkpoint", "base_model")
 AUTO = "auto"
+
+
+class PolicyChoice(BaseModel):
+    """Which policy a dream-cycle asset runs (dream_scenarios dreams with it, scorer_validation measures
+    it): one setting, resolved by `parse_checkpoint` / `is_auto`."""
+
+    start_from: str = Field(
+        default=AUTO,
+        description="the policy: 'auto' (the newest grpo_checkpoint, i.e. the previous cycle's, else "
+        "base_model), 'base_model', or '<asset>@<version>' from artifact_versions to roll back to an "
+        "earlier cycle",
+    )
 
 
 @dataclass(frozen=True)

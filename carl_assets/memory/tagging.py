@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from carl_assets.memory.taggers import lexicon as lexicon_tagger
 from carl_assets.memory.taggers import model as model_tagger
 
 Tagger = Literal["off", "lexicon", "model"]
-TAGGERS: tuple[str, ...] = ("off", "lexicon", "model")
+TAGGERS: tuple[str, ...] = get_args(Tagger)
 SOURCES: tuple[str, ...] = ("user", "model", "lexicon")
 TAG_COLUMNS = ["node_id", "emotion", "score", "source", "raw_score"]
 STATUS_COLUMNS = ["node_id", "status", "source", "n_tags"]

@@ -20,11 +20,13 @@ the fix (an instruct model, or a template set on the tokenizer).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal, get_args
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("install", "fail")
+# What to do with a tokenizer that has no chat template (a base model).
+Policy = Literal["install", "fail"]
+POLICIES: tuple[str, ...] = get_args(Policy)
 GENERATION_PROMPT = "assistant:"  # what the transcript's generation prompt ends with
 
 

@@ -168,9 +168,11 @@ def resolve_placement(
 
 @dataclass(frozen=True)
 class DreamSamplingDefaults:
-    """How a model dreams: the noise schedule's temperature range and the truncation of each next-token
-    distribution (`carl_assets.dreams.generation.Sampling`: top_k 0, top_p 1.0, min_p 0.0 are "off")."""
+    """How a model dreams: the noise schedule's temperature range and first SFT learning rate (the last is
+    a tenth of it, as the reference's 1e-4 -> 1e-5), and the truncation of each next-token distribution
+    (`carl_assets.dreams.generation.Sampling`: top_k 0, top_p 1.0, min_p 0.0 are "off")."""
 
+    lr_start: float
     temperature_start: float
     temperature_end: float
     top_k: int
@@ -179,14 +181,18 @@ class DreamSamplingDefaults:
 
 
 # The offline model's tuned values: untruncated sampling from 1.3 down to 0.7 (its ~2k vocabulary has no
-# long tail to fall into).
+# long tail to fall into), at the larger rate its SFT is tuned to (it does not crystallize on its dreams at
+# the reference's 1e-4 within a CPU budget).
 OFFLINE_DREAM_SAMPLING = DreamSamplingDefaults(
+    lr_start=OFFLINE_DEFAULTS.sft.learning_rate,
     temperature_start=1.3, temperature_end=0.7, top_k=0, top_p=1.0, min_p=0.0
 )
 # A real model (SmolLM2-135M-Instruct, 49k vocabulary, checked by reading samples of a dream prompt): at 1.3
 # untruncated it writes word salad; at 1.0 with top-p 0.9 and min-p 0.05 it writes varied, plain English,
 # and 0.6 at the end of the schedule is close to its greedy answers without repeating them.
+# The learning rate is the reference's noise schedule for a real model.
 REAL_DREAM_SAMPLING = DreamSamplingDefaults(
+    lr_start=1e-4,
     temperature_start=1.0, temperature_end=0.6, top_k=0, top_p=0.9, min_p=0.05
 )
 

@@ -7,7 +7,7 @@ manifest states the layer index convention, the token reduction and how the vect
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -20,6 +20,8 @@ INDEX_CONVENTION = (
     "before the final norm "
     "(what a vLLM readout sees as hidden_states + residual)"
 )
+# How a text's per-token activations become one vector (the readout's reduction).
+Reduction = Literal["last", "mean"]
 REDUCTIONS = {
     "last": "last real token of each text (from the attention mask)",
     "mean": "attention-mask-weighted mean over the real tokens of each text",

@@ -25,7 +25,7 @@ import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -36,7 +36,9 @@ from carl_assets.models.loading import model_max_positions
 from carl_assets.runtime import torch_threads
 
 SCORES = list(range(MIN_SCORE, MAX_SCORE + 1))
-REDUCTIONS = ("expected", "argmax")
+# The score from the answer distribution over 0..10: its expected value (rounded) or its most likely answer.
+Reduction = Literal["expected", "argmax"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 # The memory first, the question last: the question is fresh when the model answers, and a node's
 # prompts share their head (one KV cache for all its emotions).
 MEMORY_PART = "Memory: {text}\n\n"
