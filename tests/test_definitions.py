@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -136,6 +137,24 @@ def test_jobs_schedule_and_sensor(graph):
     sensor = defs.resolve_sensor_def("memory_graph_changed")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert {j.name for j in sensor.jobs} == {"retraining", "steering_refresh"}
+
+
+@pytest.mark.parametrize(
+    ("preset", "job", "warns"),
+    [("real", "retraining_real", False), ("REAL", "retraining_real", False), ("offline", "retraining", False),
+     ("gpu", "retraining", True)],
+)
+def test_retrain_preset_picks_the_unattended_retraining_job(monkeypatch, preset, job, warns):
+    """A user on the real model sets CARL_RETRAIN_PRESET=real: the schedule and the sensor then request the
+    job with the real preset's budgets; an unknown value warns, naming the choices, and keeps 'offline'."""
+    monkeypatch.setenv("CARL_RETRAIN_PRESET", preset)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        defs = build_definitions()
+    said = [str(w.message) for w in caught if "CARL_RETRAIN_PRESET" in str(w.message)]
+    assert bool(said) == warns and all("['offline', 'real']" in text for text in said)
+    assert defs.resolve_schedule_def("nightly_retraining").job_name == job
+    assert {j.name for j in defs.resolve_sensor_def("memory_graph_changed").jobs} == {job, "steering_refresh"}
 
 
 def test_schedule_requests_a_retraining_run_in_the_users_timezone(monkeypatch):

@@ -4,10 +4,10 @@
   GRPO -> evaluation), starting from the previous cycle's checkpoint. `steering_refresh`: pairs -> vectors.
 - `carl_all_real`, `retraining_real`: the same with the `real` preset (carl_assets/defs/presets.py) as
   their config: the packaged SmolLM2-135M-Instruct with budgets for a 2-core CPU.
-- `nightly_retraining` runs `retraining` at an off-hours cron in the user's timezone; STOPPED by default:
-  a nightly training run costs compute the user should opt into, and the sensor below already retrains
-  when the memories change.
-- `memory_graph_changed` requests `steering_refresh` and `retraining` once per change of the memory
+- `nightly_retraining` runs `retraining` (or `retraining_real`, with `CARL_RETRAIN_PRESET=real`) at an
+  off-hours cron in the user's timezone; STOPPED by default: a nightly training run costs compute the
+  user should opt into, and the sensor below already retrains when the memories change.
+- `memory_graph_changed` requests `steering_refresh` and the same retraining job once per change of the memory
   source's fingerprint (its cursor), for every source kind, and records the new fingerprint as an
   observation of the `memory_source` asset (so the lineage shows what changed). RUNNING by default: its
   first evaluation only records the current fingerprint, so opening `dagster dev` never starts training;
@@ -24,13 +24,14 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from carl_assets.defs.memory_source import memory_source_observation
-from carl_assets.defs.presets import REAL_MODEL, preset_run_config
+from carl_assets.defs.presets import PRESETS, REAL_MODEL, preset_run_config
 from carl_assets.memory.graph import MemorySourceError
 from carl_assets.project_env import (
     MEMORY_SOURCE_VAR,
     clean_value,
     env_int,
     memory_source_setting,
+    setting,
     warn_setting,
 )
 
@@ -52,6 +53,10 @@ CRON_VAR = "CARL_RETRAIN_CRON"
 TIMEZONE_VAR = "CARL_TIMEZONE"
 DEFAULT_CRON = "30 3 * * *"  # 03:30 every night
 SENSOR_INTERVAL_VAR = "CARL_SENSOR_INTERVAL_S"
+# Which preset's retraining job the schedule and the sensor request: a user on the real model sets `real`
+# (in the project's .env), so that unattended cycles run with the budgets sized for it.
+RETRAIN_PRESET_VAR = "CARL_RETRAIN_PRESET"
+DEFAULT_RETRAIN_PRESET = "offline"
 
 
 def local_timezone() -> str:
@@ -101,6 +106,18 @@ def retrain_cron() -> str:
         warn_setting(CRON_VAR, str(raw), "a cron expression of 5 fields such as '30 3 * * *'", DEFAULT_CRON)
         return DEFAULT_CRON
     return cron
+
+
+def retrain_preset() -> str:
+    """The preset of the unattended retraining job: $CARL_RETRAIN_PRESET, 'offline' (the default) or 'real';
+    another value is ignored with a warning naming the choices."""
+    raw = setting(RETRAIN_PRESET_VAR)
+    if not raw:
+        return DEFAULT_RETRAIN_PRESET
+    if raw.lower() not in PRESETS:
+        warn_setting(RETRAIN_PRESET_VAR, raw, f"one of {sorted(PRESETS)}", DEFAULT_RETRAIN_PRESET)
+        return DEFAULT_RETRAIN_PRESET
+    return raw.lower()
 
 
 def memory_source_string() -> str:
@@ -158,21 +175,27 @@ def build_jobs_schedules_sensors(asset_names: Iterable[str]) -> tuple[list, list
         selection=dg.AssetSelection.assets(*[a for a in STEERING_ASSETS if a in known]),
         description="Emotion training pairs -> amygdala readout vectors (after the memory graph changes).",
     )
+    presets = preset_jobs(known)
+    unattended = retraining if retrain_preset() == "offline" else _named(presets, f"{RETRAINING_JOB}_real")
     nightly = dg.ScheduleDefinition(
         name="nightly_retraining",
-        job=retraining,
+        job=unattended,
         cron_schedule=retrain_cron(),
         execution_timezone=local_timezone(),
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description=f"Runs `retraining` every night (cron ${CRON_VAR}, default '{DEFAULT_CRON}', in "
-        f"${TIMEZONE_VAR} or the system timezone). Off by default: turn it on in the UI.",
+        description=f"Runs `{unattended.name}` every night (cron ${CRON_VAR}, default '{DEFAULT_CRON}', in "
+        f"${TIMEZONE_VAR} or the system timezone; the job: ${RETRAIN_PRESET_VAR}). Off by default: turn it "
+        "on in the UI.",
     )
-    presets = preset_jobs(known)
     return (
         [everything, retraining, steering, *presets],
         [nightly],
-        [memory_graph_changed_sensor([steering, retraining])],
+        [memory_graph_changed_sensor([steering, unattended])],
     )
+
+
+def _named(jobs: Iterable[dg.UnresolvedAssetJobDefinition], name: str) -> dg.UnresolvedAssetJobDefinition:
+    return next(job for job in jobs if job.name == name)
 
 
 def preset_jobs(known: set[str]) -> list[dg.UnresolvedAssetJobDefinition]:
