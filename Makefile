@@ -66,7 +66,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/[!_]*.py; do $(BIN)/python $$b || exit 1; done  # bench/_*.py: shared helpers
 
 clean:
 	rm -rf $(CARL_HOME) $(DAGSTER_HOME)

@@ -202,3 +202,36 @@ def test_dagster_home_written_with_quotes_and_tilde_is_made_absolute(tmp_path, m
     home = ensure_dagster_home()
     assert home == tmp_path / "dagster home" and os.environ["DAGSTER_HOME"] == str(home)
     assert (home / "dagster.yaml").is_file()
+
+
+def test_a_job_runs_under_its_own_name_with_its_own_config():
+    """`carl materialize --job retraining_real` runs that job (its name in the run list), with the real
+    preset's budgets it carries, the user's values laid over them, and no config for assets outside it
+    (which Dagster would refuse); Dagster's own validation accepts the result."""
+    import dagster as dg
+
+    from carl_assets.defs import build_definitions
+    from carl_assets.defs.pipeline_cli import PipelineUsageError, job_run, with_preset
+    from carl_assets.defs.presets import REAL
+
+    defs = build_definitions()
+    own = {"ops": {"dream_scenarios": {"config": {"n_scenarios": 3}}}}
+    job, config = job_run(defs, "retraining_real", own)
+    assert job.name == "retraining_real"
+    dreams = config["ops"]["dream_scenarios"]["config"]
+    preset_dreams = REAL["ops"]["dream_scenarios"]["config"]
+    assert dreams["n_scenarios"] == 3  # the user's value wins ...
+    assert dreams["max_new_tokens"] == preset_dreams["max_new_tokens"]  # ... the preset fills the rest
+    assert "base_model" not in config["ops"] and "steering_vectors" not in config["ops"]
+    assert dg.validate_run_config(job, config)
+
+    job, config = job_run(defs, "retraining", with_preset("real", {}))  # --job retraining --preset real
+    assert job.name == "retraining"
+    assert not {"base_model", "steering_vectors", "scorer_validation"} & set(config["ops"])
+    assert config["ops"]["dream_scenarios"] == REAL["ops"]["dream_scenarios"]
+    assert dg.validate_run_config(job, config)
+
+    # An op the graph does not have stays, so that Dagster names the typo.
+    assert "dream_scenario" in job_run(defs, "retraining", {"ops": {"dream_scenario": {}}})[1]["ops"]
+    with pytest.raises(PipelineUsageError, match="unknown job 'nightly'"):
+        job_run(defs, "nightly", {})

@@ -72,41 +72,27 @@ def load_run_config(path: str | None) -> dict:
 
 
 def materialize(select: str = ALL, run_config: dict | None = None, job: str | None = None) -> int:
-    """Materialize the selection (or what `job` selects) in-process through the job `carl_all`; print a
-    per-asset summary."""
-
-
+    """Materialize the selection through the job `carl_all`, or run the job `job` itself (under its own
+    name, with its own config under `run_config`); print a per-asset summary."""
     defs = build_definitions()
-    selection = None
     if job is not None:
         if select != ALL:
             raise PipelineUsageError("carl materialize: give --select or --job, not both")
-        names = [j.name for j in defs.jobs]
-        if job not in names:
-            raise PipelineUsageError(f"carl materialize: unknown job {job!r}; jobs: {', '.join(names)}")
-        selection = sorted(defs.resolve_job_def(job).asset_layer.executable_asset_keys)
-    job = defs.resolve_job_def(ALL_JOB)
-    if select != ALL:
-        graph = defs.resolve_asset_graph()
-        try:
-            # 'a,b' is how `dagster asset materialize --select` lists assets: each part is a selection.
-            parts = [part.strip() for part in select.split(",") if part.strip()]
-            resolved: set = set()
-            for part in parts:
-                resolved |= set(dg.AssetSelection.from_string(part).resolve(graph))
-            selection = sorted(resolved)
-        except Exception as exc:  # Dagster's parse/resolve errors do not name the flag
-            raise PipelineUsageError(f"carl materialize: bad --select {select!r}: {exc}") from None
-        if not selection:
-            raise PipelineUsageError(f"carl materialize: --select {select!r} matches no asset")
+        job_def, run_config = job_run(defs, job, run_config or {})
+        selection = None
+        selected = set(job_def.asset_layer.executable_asset_keys)
+    else:
+        job_def = defs.resolve_job_def(ALL_JOB)
+        selection = None if select == ALL else _resolve_selection(defs, select)
+        selected = set(selection or job_def.asset_layer.executable_asset_keys)
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        if selection is None or dg.AssetKey("memory_graph") in selection:
+        if dg.AssetKey("memory_graph") in selected:
             _observe_memory_source(instance, run_config or {})
         config = dict(run_config or {})
         # Dagster's DEBUG event stream drowns the assets' own progress lines; INFO keeps those.
         config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
-        result = job.execute_in_process(
+        result = job_def.execute_in_process(
             run_config=config, instance=instance, asset_selection=selection, raise_on_error=False
         )
         elapsed = time.perf_counter() - started
@@ -117,6 +103,39 @@ def materialize(select: str = ALL, run_config: dict | None = None, job: str | No
     print(f"Runs:     {os.environ['DAGSTER_HOME']} (run {result.run_id})")
     print("UI:       make dev   (dagster dev; then open http://localhost:3000, Assets -> Lineage)")
     return 0 if result.success else 1
+
+
+def job_run(defs: dg.Definitions, job: str, run_config: dict) -> tuple[dg.JobDefinition, dict]:
+    """The job named `job` and the run config to run it with: the job's own config (a preset job's budgets)
+    with `run_config` laid over it, less the ops of graph assets the job does not select (a preset names
+    every asset; Dagster refuses config for an op a job lacks). Raises PipelineUsageError for an unknown
+    job."""
+    names = [j.name for j in defs.jobs]
+    if job not in names:
+        raise PipelineUsageError(f"carl materialize: unknown job {job!r}; jobs: {', '.join(names)}")
+    job_def = defs.resolve_job_def(job)
+    config = merge_run_config(dict(job_def.run_config or {}), run_config)
+    outside = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} - {
+        key.to_user_string() for key in job_def.asset_layer.executable_asset_keys
+    }
+    ops = {name: value for name, value in (config.get("ops") or {}).items() if name not in outside}
+    return job_def, {**config, "ops": ops} if "ops" in config else config
+
+
+def _resolve_selection(defs: dg.Definitions, select: str) -> list[dg.AssetKey]:
+    """The asset keys `select` names ('a,b': each part a Dagster selection, as `dagster asset materialize
+    --select` takes them); PipelineUsageError when it is malformed or matches nothing."""
+    graph = defs.resolve_asset_graph()
+    try:
+        resolved: set = set()
+        for part in (part.strip() for part in select.split(",")):
+            if part:
+                resolved |= set(dg.AssetSelection.from_string(part).resolve(graph))
+    except Exception as exc:  # Dagster's parse/resolve errors do not name the flag
+        raise PipelineUsageError(f"carl materialize: bad --select {select!r}: {exc}") from None
+    if not resolved:
+        raise PipelineUsageError(f"carl materialize: --select {select!r} matches no asset")
+    return sorted(resolved)
 
 
 def _observe_memory_source(instance, run_config: dict) -> None:
