@@ -229,7 +229,7 @@ def load_graph(source: str = "sample", timeout_s: float | None = None) -> Memory
             raise MemorySourceError(source, "no path after 'jsonl:'")
         return require_records(read_jsonl(path, source), source)
     if source.startswith(("mcp+stdio:", "mcp+http://", "mcp+https://")):
-        from carl_assets.memory.mcp_source import read_mcp_graph  # here: mcp_source imports this module
+        from carl_assets.memory.mcp_source import read_mcp_graph  # here: mcp + anyio take 0.7 s to import
 
         return require_records(graph_from_mcp_graph(read_mcp_graph(source, timeout_s), source), source)
     raise MemorySourceError(

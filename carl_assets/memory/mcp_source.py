@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import anyio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from carl_assets.memory.graph import MemorySourceError
+from carl_assets.memory.tables import MemorySourceError
 from carl_assets.project_env import env_seconds
 
 TIMEOUT_ENV = "CARL_MCP_TIMEOUT"
