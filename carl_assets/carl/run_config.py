@@ -17,12 +17,13 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from carl_assets.carl.reward_fn import REWARD_NAMES
 from carl_assets.dreams.generation import Sampling
 from carl_assets.models.defaults import model_defaults, resolve_placement
 from carl_assets.models.device import dtype_name
+from carl_assets.settings import Settings
 
 MODEL_DEFAULT = "None: the model's default (carl_assets.models.defaults.model_defaults)"
 
@@ -59,12 +60,9 @@ Device = Literal[
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "apollo_adamw"]
 
 
-class RunSettings(BaseModel):
-    """Base of every run config: unknown fields are errors, values are fixed once made."""
+class RunSettings(Settings):
+    """Base of every run config whose None fields take the model's default."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, use_enum_values=True
-    )  # plain strings: JSON, metadata
     # Which part of `models.defaults.model_defaults` fills this config's None fields.
     DEFAULTS_FOR: ClassVar[str] = ""
 

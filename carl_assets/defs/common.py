@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 import pandas as pd
+from pydantic import BaseModel
 
 from carl_assets import storage
 from carl_assets.plotting import png_markdown
@@ -32,6 +33,15 @@ def config_values(config: dg.Config | None) -> dict[str, Any]:
         return {}
     skip = performance_only_fields(config)
     return {k: v for k, v in config.model_dump().items() if k not in skip}
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def library_config(config: dg.Config, cls: type[SettingsT]) -> SettingsT:
+    """The library config `cls` holding `config`'s values of `cls`'s fields (the asset's own fields left
+    out): the Dagster config inherits `cls`, so each setting is defined once (`carl_assets.settings`)."""
+    return cls.model_validate({name: getattr(config, name) for name in cls.model_fields})
 
 
 _DTYPES = {"b": "bool", "i": "int", "u": "int", "f": "float", "M": "timestamp", "m": "interval"}

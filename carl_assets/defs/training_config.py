@@ -19,16 +19,10 @@ from pydantic import BaseModel, Field
 from carl_assets.carl import SIGMA
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig
 from carl_assets.carl.trainer_common import GRPO_LOG_EVERY, SFT_LOG_EVERY
-from carl_assets.defs.common import PERFORMANCE_ONLY
+from carl_assets.defs.common import PERFORMANCE_ONLY, library_config
 from carl_assets.models.device import dtype_name, resolve_dtype, training_weights_dtype
 
 DREAMS_SOURCE = "dreams"
-
-
-def _library(config: dg.Config, cls: type[Any]) -> Any:
-    """The library run config `cls` holding `config`'s values of its fields (the asset's own fields left
-    out)."""
-    return cls.model_validate({name: getattr(config, name) for name in cls.model_fields})
 
 
 def _training_placement(run: Any) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -112,7 +106,7 @@ class SFTCheckpointConfig(dg.Config, SFTRunConfig, TrainerProgress):
         """The library's SFT run config with every None field resolved for this model; `learning_rate`,
         `device` and `dtype`, when given, replace the configured ones (the dream cycle's rate; a placement
         already resolved)."""
-        run = _library(self, SFTRunConfig)
+        run = library_config(self, SFTRunConfig)
         given = {
             "learning_rate": learning_rate,
             "device": None if device is None else torch.device(device).type,
@@ -149,7 +143,7 @@ class GRPOCheckpointConfig(dg.Config, GRPORunConfig, TrainerProgress):
     def run_config(self, offline: bool = True, device: Any = None, dtype: Any = None) -> GRPORunConfig:
         """The library's GRPO run config with every None field resolved for this model (`device` and
         `dtype`, when given, replace the configured ones)."""
-        run = _library(self, GRPORunConfig)
+        run = library_config(self, GRPORunConfig)
         given = {
             "device": None if device is None else torch.device(device).type,
             "dtype": None if dtype is None else _dtype_name(dtype),
@@ -174,7 +168,7 @@ class AgentEvaluationConfig(dg.Config, AgentSampling, Placement):
 
     def sampling(self, offline: bool) -> AgentSampling:
         """The agent's sampling: each field as set, else the model's default."""
-        return _library(self, AgentSampling).resolved(offline)
+        return library_config(self, AgentSampling).resolved(offline)
 
 
 def _dtype_name(dtype: Any) -> str:
