@@ -35,7 +35,7 @@ CODE_VERSIONS = {
     "base_model": "4",
     "steering_vectors": "3",
     "dream_scenarios": "4",
-    "scorer_validation": "2",
+    "scorer_validation": "3",
     "sft_dataset": "4",
     "sft_checkpoint": "4",
     "crystallization_events": "3",

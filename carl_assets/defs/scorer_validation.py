@@ -13,6 +13,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from carl_assets.artifacts import folder_content_id
 from carl_assets.carl.run_config import Placement
 from carl_assets.defs.common import materialized, table_preview
 from carl_assets.defs.dreams import resolve_policy
@@ -75,13 +76,16 @@ def _pooled(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["corruption"] == "pooled"].sort_values("auc", ascending=False)
 
 
-def _metadata(table: pd.DataFrame, items: pd.DataFrame, name: str, policy: str) -> dict[str, Any]:
+def _metadata(
+    table: pd.DataFrame, items: pd.DataFrame, name: str, policy: str, policy_content: str
+) -> dict[str, Any]:
     """The best pooled scorer, every scorer's pooled AUC, the text counts and two previews."""
     pooled = _pooled(table)
     best = pooled.iloc[0]
     return {
         "model": name,
         "policy": policy,
+        "policy_content": policy_content,
         "best_scorer": str(best["scorer"]),
         "best_pooled_auc": float(best["auc"]),
         **{f"pooled_auc/{r.scorer}": float(r.auc) for r in pooled.itertuples()},
@@ -135,5 +139,9 @@ def scorer_validation(
     best = _pooled(table).iloc[0]
     context.log.info(f"best pooled AUC on {policy}: {best['scorer']} {best['auc']:.3f} "
                      f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}]")
-    return materialized(table, config=config, tables={"scorer_validation": kept["scorer_validation"]},
-                        metadata=_metadata(table, items, name, policy))
+    # The table shows the policy's version folder (time + run id); the data version hashes the policy's
+    # content instead, so the same weights measured with the same config give the same data version.
+    policy_content = folder_content_id(policy_dir)
+    return materialized(table.drop(columns=["policy"]), policy_asset, policy_content, config=config,
+                        tables={"scorer_validation": kept["scorer_validation"]},
+                        metadata=_metadata(table, items, name, policy, policy_content))
