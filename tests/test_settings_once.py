@@ -31,6 +31,7 @@ DIFFERENT_SETTINGS = {
     "source": "the memory source (resource, and memory_graph's one-run override) vs sft_dataset's data",
     "start_from": "the policy a dream cycle runs (PolicyChoice) vs the weights SFT starts from",
     "temperature": "GRPO completion sampling vs the agent's answer sampling",
+    "weight_decay": "the offline model's pretraining decay vs a trainer's fine-tuning decay",
 }
 # The shared classes the configs inherit: a field of theirs is defined there and nowhere else.
 SHARED = (Placement, Truncation, PolicyChoice, StoreSettings, TrainerProgress)

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from carl_assets.carl.run_config import Placement
-from carl_assets.defs.common import materialized
+from carl_assets.defs.common import library_config, materialized
 from carl_assets.defs.pools import TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore
 from carl_assets.handles import AssetHandle
@@ -27,9 +27,10 @@ SAMPLE_PROMPT = "How did today feel?"
 GGUF_CACHE = "cache/gguf"  # under CARL_HOME: GGUF conversions, hard-linked into each base_model version
 
 
-class BaseModelConfig(dg.Config, Placement):
-    """base_model: the model source and, for the offline model, its size and pretraining. `Placement`:
-    where the sample generation runs, the threads, and the precision a real model is saved in."""
+class BaseModelConfig(dg.Config, OfflineModelConfig, Placement):
+    """base_model: the model source and its chat-template policy. `OfflineModelConfig`: the offline model's
+    size and pretraining; `Placement`: where the sample generation runs, the threads (the offline model's
+    pretraining too), and the precision a real model is saved in."""
 
     model: str = Field(
         default="offline",
@@ -47,24 +48,6 @@ class BaseModelConfig(dg.Config, Placement):
     allow_pickle: bool = Field(default=False, description="accept a local folder whose only weights are "
                                "pickle files (.bin/.pt/.pkl: loading them can run code); the copy is saved "
                                "as safetensors")
-    vocab_size: int = Field(default=2048, description="offline model: BPE vocabulary size (upper bound)")
-    hidden_size: int = Field(default=128, description="offline model: residual width")
-    num_layers: int = Field(default=4, description="offline model: decoder blocks")
-    num_heads: int = Field(default=4, description="offline model: attention heads")
-    intermediate_size: int = Field(default=344, description="offline model: MLP width")
-    steps: int = Field(default=150, description="offline model: pretraining steps")
-    seq_len: int = Field(default=128, description="offline model: tokens per training window")
-    batch_size: int = Field(default=8, description="offline model: windows per step")
-    learning_rate: float = Field(default=3e-3, description="offline model: peak AdamW learning rate")
-    seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
-
-    def offline(self) -> OfflineModelConfig:
-        return OfflineModelConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-            num_heads=self.num_heads, intermediate_size=self.intermediate_size, steps=self.steps,
-            seq_len=self.seq_len, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            seed=self.seed,
-        )
 
 
 @dg.asset(
@@ -92,7 +75,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
     threads = resolve_threads(config.threads, source.kind == "offline")
     writing = artifacts.write_version("base_model", run_id=context.run.run_id)
     with writing as (tmp, version), torch_threads(threads):
-        stats = prepare_base_model(config.model, texts, tmp, config.offline(), config.trust_remote_code,
+        offline = library_config(config, OfflineModelConfig)
+        stats = prepare_base_model(config.model, texts, tmp, offline, config.trust_remote_code,
                                    progress, allow_pickle=config.allow_pickle, dtype=dtype,
                                    missing_chat_template=config.missing_chat_template,
                                    cache_dir=artifacts.root / GGUF_CACHE)

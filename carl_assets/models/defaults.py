@@ -240,15 +240,16 @@ OFFLINE_THREADS = 1
 
 
 def default_threads(offline: bool) -> int:
-    """torch intra-op threads for dreams, SFT, GRPO and evaluation when the config leaves them at 0: 1 for the
+    """torch intra-op threads of an asset whose config leaves `threads` None: 1 for the
     offline model, else `models.device.available_cores()` (affinity mask, capped by a cgroup quota)."""
     return OFFLINE_THREADS if offline else available_cores()
 
 
 def resolve_threads(threads: int | None, offline: bool) -> int:
-    """`threads` when positive, else `default_threads(offline)`. Raises ValueError when negative."""
+    """`threads` when positive, else (None or 0) `default_threads(offline)`. Raises ValueError when
+    negative."""
     if threads is not None and threads < 0:
-        raise ValueError(f"threads must be 0 (the model's default) or a positive count, not {threads}")
+        raise ValueError(f"threads must be None (the model's default) or a positive count, not {threads}")
     return int(threads) if threads else default_threads(offline)
 
 

@@ -12,16 +12,16 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from carl_assets.models.sizes import count_parameters
-from carl_assets.runtime import torch_threads
+from carl_assets.settings import Settings
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -133,26 +133,25 @@ def build_tiny_model(
     return _new_model(config, seed), tokenizer
 
 
-@dataclass
-class OfflineModelConfig:
+class OfflineModelConfig(Settings):
     """The offline default model and its brief pretraining (about 20 s CPU time, 45 s wall on a busy
-    2-core box). One thread by default: on an oversubscribed machine two OpenMP threads spin and cost
-    ~10x the CPU time per step for no gain in wall time."""
+    2-core box). The base_model asset's config inherits these fields (each is defined here once)."""
 
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 344
-    max_positions: int = 512
-    steps: int = 150
-    seq_len: int = 128
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    seed: int = 0
-    threads: int = 1
+    vocab_size: int = Field(
+        default=2048, ge=8, description="offline model: BPE vocabulary size (upper bound)"
+    )
+    hidden_size: int = Field(default=128, ge=1, description="offline model: residual width")
+    num_layers: int = Field(default=4, ge=1, description="offline model: decoder blocks")
+    num_heads: int = Field(default=4, ge=1, description="offline model: attention heads")
+    intermediate_size: int = Field(default=344, ge=1, description="offline model: MLP width")
+    max_positions: int = Field(default=512, ge=1, description="offline model: longest sequence, in tokens")
+    steps: int = Field(default=150, ge=1, description="offline model: pretraining steps")
+    seq_len: int = Field(default=128, ge=2, description="offline model: tokens per training window")
+    batch_size: int = Field(default=8, ge=1, description="offline model: windows per step")
+    learning_rate: float = Field(default=3e-3, gt=0, description="offline model: peak AdamW learning rate")
+    warmup_steps: int = Field(default=10, ge=0, description="offline model: linear warm-up steps")
+    weight_decay: float = Field(default=0.01, ge=0, description="offline model: AdamW weight decay")
+    seed: int = Field(default=0, description="offline model: seed of initialisation and window sampling")
 
 
 def new_offline_model(
@@ -241,15 +240,17 @@ def build_offline_model(
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train the tokenizer, build and pretrain the small Llama, save both to `output_dir` (safetensors).
+    It runs in the caller's torch threads: the base_model asset sets `models.defaults.default_threads`, one
+    for this model (on an oversubscribed machine two OpenMP threads spin and cost ~10x the CPU time per step
+    for no gain in wall time).
 
     Returns stats: parameter count, shape, the loss per step, the final loss and the time taken.
     """
     config = config or OfflineModelConfig()
     started, cpu_started = time.perf_counter(), time.process_time()
-    with torch_threads(max(1, config.threads)):
-        model, tokenizer = new_offline_model(texts, config)
-        stream = _token_stream(tokenizer, texts)
-        losses = pretrain(model, stream, config, progress)
+    model, tokenizer = new_offline_model(texts, config)
+    stream = _token_stream(tokenizer, texts)
+    losses = pretrain(model, stream, config, progress)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
@@ -267,7 +268,7 @@ def build_offline_model(
         "final_loss": sum(tail) / len(tail),
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,
-        "config": asdict(config),
+        "config": config.model_dump(),
     }
     (output_dir / "pretraining.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
