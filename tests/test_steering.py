@@ -14,6 +14,7 @@ import torch
 from carl_assets.steering import (
     INDEX_CONVENTION,
     ReadoutConfig,
+    ReadoutOptions,
     ResidualReader,
     SteeringVectors,
     ZeroNormError,
@@ -225,8 +226,8 @@ def test_zero_norm_guard(tiny_model_and_tokenizer, tiny_texts):
     same = tiny_texts[:6]
     rows = _records({"flat": (same, list(reversed(same))), "real": (tiny_texts[:6], tiny_texts[20:26])})
     with pytest.raises(ZeroNormError, match="flat"):
-        train_steering_vectors(model, tok, rows, layers=[1, 2])
-    sv = train_steering_vectors(model, tok, rows, layers=[1, 2], on_zero_norm="drop")
+        train_steering_vectors(model, tok, rows, layers=[1, 2], reduction="last")
+    sv = train_steering_vectors(model, tok, rows, layers=[1, 2], reduction="last", on_zero_norm="drop")
     assert sv.concepts == ["real"] and "flat" in sv.dropped
     assert sv.vectors[1].shape == (1, 32)
     assert bool(sv.stats.set_index("emotion").loc["flat", "zero_norm"].all())
@@ -262,9 +263,11 @@ def test_readout_config_is_the_keyword_settings(tiny_model_and_tokenizer, groups
     assert overridden.layers == [2] and torch.equal(overridden.vectors[2], by_config.vectors[2])
     with pytest.raises(TypeError, match="unknown"):
         train_steering_vectors(model, tok, _records(groups), config, unknown=1)
-    with pytest.raises(ValueError, match="on_zero_norm"):
-        ReadoutConfig(on_zero_norm="ignore")
-    with pytest.raises(ValueError, match="batch_size"):
+    # the one default, the steering_vectors asset's: the mean over tokens
+    assert train_steering_vectors(model, tok, _records(groups), layers=[1]).reduction == "mean"
+    with pytest.raises(ValueError, match="on_zero_norm must be 'raise' or 'drop'"):
+        ReadoutOptions(on_zero_norm="ignore")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ReadoutConfig(batch_size=0)
 
 
@@ -301,7 +304,9 @@ def test_heldout_auc_detects_a_planted_direction(tiny_model_and_tokenizer, tiny_
 
 def test_readout_round_trip_and_problems(tiny_model_and_tokenizer, groups, tmp_path):
     model, tok = tiny_model_and_tokenizer
-    sv = train_steering_vectors(model, tok, _records(groups), layers=[1, 2], model_name="tiny")
+    sv = train_steering_vectors(
+        model, tok, _records(groups), layers=[1, 2], reduction="last", model_name="tiny"
+    )
     save_readout(sv, tmp_path, extra={"skipped": {"awe": {"positive": 1, "negative": 9}}})
     loaded = load_readout(tmp_path)
     assert isinstance(loaded, SteeringVectors)

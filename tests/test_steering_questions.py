@@ -12,7 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from carl_assets.steering import ResidualReader, load_readout, save_readout, train_steering_vectors
+from carl_assets.steering import (
+    ReadoutConfig,
+    ResidualReader,
+    load_readout,
+    save_readout,
+    train_steering_vectors,
+)
 from carl_assets.steering.crosstalk import cosine_matrix, cross_talk, tag_cooccurrence
 from carl_assets.steering.layers import subsample_pairs, sweep_layers
 from carl_assets.steering.projection import project_texts, read_text_file
@@ -109,7 +115,7 @@ def _planted_pairs(n: int = 60, seed: int = 0) -> pd.DataFrame:
 def test_layer_auto_picks_the_planted_layer(planted):
     tok = WordTokenizer()
     model = PlantedModel(tok.vocab, n_blocks=5, planted_layer=planted).eval()
-    sweep = sweep_layers(model, tok, _planted_pairs(), k=1, max_per_group=40, reduction="mean")
+    sweep = sweep_layers(model, tok, _planted_pairs(), ReadoutConfig(reduction="mean"), k=1, max_per_group=40)
     assert sweep.swept == [1, 2, 3, 4, 5] and sweep.chosen == [planted]
     auc = sweep.by_layer.set_index("layer")["mean_auc"]
     assert auc[planted] == pytest.approx(1.0)
@@ -125,7 +131,7 @@ def test_sweep_activations_are_reused_exactly(tiny_model_and_tokenizer, tiny_tex
         _rows("warmth", [t + " warm kitchen" for t in tiny_texts[:30]], tiny_texts[30:60])
         + _rows("calm", tiny_texts[10:40], tiny_texts[50:80])
     )
-    sweep = sweep_layers(model, tok, pairs, k=2, max_per_group=12, reduction="mean")
+    sweep = sweep_layers(model, tok, pairs, ReadoutConfig(reduction="mean"), k=2, max_per_group=12)
     plain = train_steering_vectors(model, tok, pairs, layers=[1, 2], reduction="mean")
     reused = train_steering_vectors(
         model, tok, pairs, layers=[1, 2], reduction="mean", precomputed=sweep.precomputed([1, 2])
@@ -398,7 +404,7 @@ def test_elh_view_and_vllm_env(tiny_model_and_tokenizer, tiny_texts, tmp_path):
     rows = _rows("warmth", tiny_texts[:10], tiny_texts[10:20]) + _rows(
         "calm", tiny_texts[20:30], tiny_texts[:10]
     )
-    sv = train_steering_vectors(model, tok, rows, layers=[2, 1])
+    sv = train_steering_vectors(model, tok, rows, layers=[2, 1], reduction="last")
     save_readout(sv, tmp_path)
     elh = load_readout(tmp_path, layout="ELH")
     assert elh.shape == (2, 2, 32) and torch.equal(elh, sv.as_tensor())
@@ -438,7 +444,7 @@ def test_texts_longer_than_gpt2_positions_are_truncated_and_counted(
     for layer in (1, 2):
         assert torch.allclose(sv.vectors[layer], ref.vectors[layer], atol=1e-5)
     # max_length below the model's positions wins; the manifest reports the count
-    shorter = train_steering_vectors(gpt2, tok, rows, layers=[1], max_length=6)
+    shorter = train_steering_vectors(gpt2, tok, rows, layers=[1], reduction="last", max_length=6)
     assert shorter.max_tokens == 6 and shorter.truncated_texts == sum(n > 6 for n in lengths)
     save_readout(sv, tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text())["truncated_texts"] == long_texts

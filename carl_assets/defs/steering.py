@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.carl.run_config import Placement
-from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.common import library_config, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, write_tables
 from carl_assets.defs.steering_checks import MANIFEST_AGREES, UNIT_NORM, readout_checks
 from carl_assets.handles import AssetHandle, Checkpoint
@@ -27,6 +27,7 @@ from carl_assets.runtime import torch_threads
 from carl_assets.steering import (
     VECTORS_FILE,
     VLLM_ENV,
+    ReadoutConfig,
     SteeringVectors,
     default_layers,
     find_decoder_blocks,
@@ -35,7 +36,6 @@ from carl_assets.steering import (
 )
 from carl_assets.steering.crosstalk import cosine_matrix, cross_talk, tag_cooccurrence
 from carl_assets.steering.layers import LayerSweep, sweep_layers
-from carl_assets.steering.manifest import Reduction
 from carl_assets.steering.plots import auc_plot, auc_vs_depth_plot, cross_talk_plot
 from carl_assets.steering.projection import PROJECTION_COLUMNS, project_texts, read_text_file
 from carl_assets.steering.readout import empty_readout
@@ -45,34 +45,15 @@ from carl_assets.steering.selection import select_emotions
 LayerSelection = Literal["depth", "auto"]
 
 
-class SteeringConfig(dg.Config, Placement):
-    """steering_vectors: which layers and emotions, how texts are reduced, the held-out and transfer
-    checks; `Placement`: where and how precisely the forward passes run (activations are averaged in fp32
-    whatever the model's precision)."""
+class SteeringConfig(dg.Config, ReadoutConfig, Placement):
+    """steering_vectors: which emotions, how layers are chosen, the transfer and projection checks;
+    `ReadoutConfig`: the layers, how texts are reduced and split (the library's settings, defined there);
+    `Placement`: where and how precisely the forward passes run (activations are averaged in fp32 whatever
+    the model's precision)."""
 
-    layers: list[int] = Field(
-        default=[],
-        description="residual-stream indices (i = after decoder block i-1, 0 = embeddings, before the final "
-        "norm); empty = four layers spread by depth, round(L * [0.25, 0.5, 0.75, 1.0])",
-    )
-    reduction: Reduction = Field(
-        default="mean",
-        description="'mean' (mask-weighted mean over real tokens) or 'last' (last real token). Mean is the "
-        "default: a readout projects every token, and on the small offline model the last token (mostly "
-        "'.') carries no emotion signal (held-out AUC ~0.47 vs ~0.74 for mean on the sample graph).",
-    )
     min_pairs_per_polarity: int = Field(
         default=10, description="emotions with fewer positive or negative pairs are skipped (and listed)"
     )
-    batch_size: int = Field(default=32, description="texts per forward pass")
-    heldout_fraction: float = Field(
-        default=0.2, description="share of each emotion's pairs held out for the AUC")
-    max_heldout_per_polarity: int = Field(
-        default=64, description="cap on held-out texts per emotion and polarity")
-    seed: int = Field(default=0, description="seed of the deterministic held-out split")
-    max_length: int = Field(
-        default=512, description="texts are truncated to this many tokens (and to the model's position "
-        "table); the number cut is reported as truncated_texts")
     layer_selection: LayerSelection = Field(
         default="depth",
         description="'depth': `layers`, or four layers spread by depth when empty; 'auto': sweep every layer "
@@ -91,9 +72,6 @@ class SteeringConfig(dg.Config, Placement):
     emotions: list[str] = Field(
         default=[], description="curated selection: emotions always kept when the data has them (with "
         "top_n_emotions: the union; neither: every emotion)")
-    exclude_bos: bool = Field(
-        default=True, description="leave a leading BOS token out of the 'mean' reduction (its large "
-        "activation adds a length-dependent direction on real models)")
     transfer_train_kind: str = Field(
         default="journal",
         description="generalisation check: a direction from pairs of nodes of this kind only...")
@@ -209,20 +187,19 @@ class _Forward:
     placement: dict[str, Any]  # device, dtype, threads
 
 
-def _train(model: torch.nn.Module, tokenizer: Any, pairs: pd.DataFrame, config: SteeringConfig,
-           layers: list[int], common: dict[str, Any], transfer: tuple[str, str] | None,
+def _train(model: torch.nn.Module, tokenizer: Any, pairs: pd.DataFrame, readout: ReadoutConfig,
+           layers: list[int], transfer: tuple[str, str] | None,
            precomputed: dict[str, torch.Tensor] | None, model_name: str, context: dg.AssetExecutionContext
            ) -> SteeringVectors:
     """The library's readout training with this asset's settings (one call, so its signature is met here)."""
 
     def progress(done: int, total: int) -> None:
-        if done == total or done % (config.batch_size * 10) == 0:
+        if done == total or done % (readout.batch_size * 10) == 0:
             context.log.info(f"forward passes: {done}/{total} unique texts")
 
     return train_steering_vectors(
-        model, tokenizer, pairs, layers=layers, heldout_fraction=config.heldout_fraction,
-        max_heldout_per_polarity=config.max_heldout_per_polarity, on_zero_norm="drop",
-        model_name=model_name, progress=progress, transfer=transfer, precomputed=precomputed, **common,
+        model, tokenizer, pairs, readout, layers=layers, on_zero_norm="drop", model_name=model_name,
+        progress=progress, transfer=transfer, precomputed=precomputed,
     )
 
 
@@ -237,23 +214,21 @@ def _forward(context: dg.AssetExecutionContext, config: SteeringConfig, pairs: p
     n_blocks = len(find_decoder_blocks(model))
     context.log.info(f"{len(pairs)} pairs over {pairs['emotion'].nunique()} emotions, "
                      f"{pairs['text'].nunique()} unique texts")
-    common = {"batch_size": config.batch_size, "reduction": config.reduction, "seed": config.seed,
-              "max_length": config.max_length, "exclude_bos": config.exclude_bos}
+    readout = library_config(config, ReadoutConfig)
     sweep, precomputed = None, None
     with torch.inference_mode(), torch_threads(threads):
         if config.layer_selection == "auto":
-            sweep = sweep_layers(model, tokenizer, pairs, k=config.auto_k,
-                                 max_per_group=config.sweep_max_per_group, max_texts=config.sweep_max_texts,
-                                 **common)
+            sweep = sweep_layers(model, tokenizer, pairs, readout, k=config.auto_k,
+                                 max_per_group=config.sweep_max_per_group, max_texts=config.sweep_max_texts)
             layers, precomputed = sweep.chosen, sweep.precomputed(sweep.chosen)
             context.log.info(f"layer sweep on {sweep.subsample_texts} texts: chosen {layers}")
         else:
-            layers = config.layers or default_layers(n_blocks)
-        vectors = _train(model, tokenizer, pairs, config, layers, common, transfer, precomputed,
-                         str(model_dir), context)
+            layers = readout.layers or default_layers(n_blocks)
+        vectors = _train(model, tokenizer, pairs, readout, layers, transfer, precomputed, str(model_dir),
+                         context)
         texts = read_text_file(config.heldout_text_file) if config.heldout_text_file else []
-        projections = project_texts(model, tokenizer, vectors, texts, batch_size=config.batch_size,
-                                    max_length=config.max_length, exclude_bos=config.exclude_bos)
+        projections = project_texts(model, tokenizer, vectors, texts, batch_size=readout.batch_size,
+                                    max_length=readout.max_length, exclude_bos=readout.exclude_bos)
     placement = {"device": str(device), "dtype": dtype_name(dtype), "threads": threads}
     return _Forward(vectors, sweep, projections, texts, n_blocks, placement)
 

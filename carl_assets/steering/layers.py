@@ -20,7 +20,7 @@ import torch
 
 from carl_assets.steering.pairs import pairs_frame, stable_rank
 from carl_assets.steering.residual import find_decoder_blocks
-from carl_assets.steering.training import ReadoutConfig, train_steering_vectors
+from carl_assets.steering.training import ReadoutConfig, ReadoutOptions, train_steering_vectors
 
 
 @dataclass
@@ -81,38 +81,37 @@ def sweep_layers(
     model: torch.nn.Module,
     tokenizer: Any,
     pairs: pd.DataFrame | Sequence[Mapping[str, Any]],
+    readout: ReadoutConfig | None = None,
+    *,
     k: int = 4,
     candidates: Sequence[int] | None = None,
     max_per_group: int = 48,
     max_texts: int | None = 512,
-    reduction: str = "mean",
-    batch_size: int = 32,
     heldout_fraction: float = 0.25,
-    seed: int = 0,
-    max_length: int | None = 512,
-    exclude_bos: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> LayerSweep:
     """Score every candidate layer (default 1..L, the residual stream after each block) by the mean
-    held-out AUC over emotions on a subsample of the pairs, and choose the best `k` (sorted by index)."""
+    held-out AUC over emotions on a subsample of the pairs, and choose the best `k` (sorted by index).
+
+    Texts are read with `readout`'s batch size, reduction, token limit and BOS rule, and subsampled with
+    its seed (default `ReadoutConfig()`); the sweep's own split of its subsample holds out
+    `heldout_fraction` of each group, at most `max_per_group` (`readout`'s layers and held-out settings
+    are not used). Raises ValueError for `k` below 1 or when no layer has a held-out AUC."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    readout = readout or ReadoutConfig()
     n_blocks = len(find_decoder_blocks(model))
     swept = sorted({int(x) for x in candidates}) if candidates else list(range(1, n_blocks + 1))
     frame = pairs_frame(pairs)
-    sample = subsample_pairs(frame, max_per_group, seed=seed, max_texts=max_texts)
-    config = ReadoutConfig(
-        layers=swept,
-        batch_size=batch_size,
-        reduction=reduction,  # type: ignore[arg-type]
-        heldout_fraction=heldout_fraction,
-        max_heldout_per_polarity=max_per_group,
-        seed=seed,
-        max_length=max_length,
-        on_zero_norm="drop",
-        exclude_bos=exclude_bos,
-        keep_activations=True,
-    )
+    sample = subsample_pairs(frame, max_per_group, seed=readout.seed, max_texts=max_texts)
+    config = ReadoutOptions.model_validate({
+        **dict(readout),
+        "layers": swept,
+        "heldout_fraction": heldout_fraction,
+        "max_heldout_per_polarity": max_per_group,
+        "on_zero_norm": "drop",
+        "keep_activations": True,
+    })
     result = train_steering_vectors(model, tokenizer, sample, config, progress=progress)
     assert result.stats is not None and result.activations is not None
     by_layer = rank_layers(result.stats)

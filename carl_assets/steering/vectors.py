@@ -6,7 +6,8 @@ split into its steps:
 - `residual`: the decoder blocks, the layer indices and `ResidualReader` (the conventions);
 - `tokens`: texts to token batches under the model's position limit;
 - `pairs`: the pairs frame and its deterministic held-out split;
-- `training`: `ReadoutConfig` and `train_steering_vectors`, composed of extraction, aggregation, scoring;
+- `training`: `ReadoutConfig`, `ReadoutOptions` and `train_steering_vectors`, composed of extraction,
+  aggregation, scoring;
 - `stats`: AUC and the per (emotion, layer) stats;
 - `files`: `save_readout`, `load_readout`, `readout_problems`.
 """
@@ -29,7 +30,7 @@ from carl_assets.steering.pairs import heldout_mask
 from carl_assets.steering.residual import DEPTH_FRACTIONS, ResidualReader, default_layers, find_decoder_blocks
 from carl_assets.steering.stats import auc
 from carl_assets.steering.tokens import encode_texts, padded_batch, token_limit
-from carl_assets.steering.training import ReadoutConfig, ZeroNormError, train_steering_vectors
+from carl_assets.steering.training import ReadoutConfig, ReadoutOptions, ZeroNormError, train_steering_vectors
 
 __all__ = [
     "DEPTH_FRACTIONS",
@@ -40,6 +41,7 @@ __all__ = [
     "VECTORS_FILE",
     "VLLM_ENV",
     "ReadoutConfig",
+    "ReadoutOptions",
     "ResidualReader",
     "SteeringVectors",
     "ZeroNormError",
