@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from pydantic import Field, field_validator
+
+from carl_assets.settings import Settings
 
 SYSTEM_PROMPT = "You are a precise agent. Follow the instruction exactly."
 FEELINGS_QUESTION = "Which feelings does this memory carry?"
@@ -52,15 +54,30 @@ SFT_COLUMNS = [
 TASK_COLUMNS = ["task_id", "node_id", "task", "observation", "instruction", "expected"]
 
 
-@dataclass
-class SFTDataConfig:
-    """How examples are drawn from the graph (all deterministic given `seed`)."""
+class SFTDataConfig(Settings):
+    """How templated examples are drawn from the graph (all deterministic given `seed`): the settings of
+    the sft_dataset asset, whose config inherits this class (each is defined here only). Raises
+    ValueError (pydantic's ValidationError) for an unknown task."""
 
-    max_examples: int = 48  # SFT examples (a small set a tiny model can memorise)
-    holdout_tasks: int = 12  # agent tasks from nodes kept out of SFT
-    tasks: tuple[str, ...] = ("feelings",)
-    excerpt_chars: int = 120  # observation length: the first sentence(s), cut at a word boundary
-    seed: int = 0
+    max_examples: int = Field(
+        default=48,
+        description="templates source: SFT examples (small: a tiny model must memorise them to crystallize)",
+    )
+    holdout_tasks: int = Field(default=12, description="agent tasks from memory nodes kept out of SFT")
+    tasks: list[str] = Field(
+        default=["feelings"], description="templated question kinds: 'feelings' and/or 'kind'"
+    )
+    excerpt_chars: int = Field(default=120, description="memory excerpt length in each templated prompt")
+    seed: int = Field(default=0, description="which nodes go to templated SFT and which are held out")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        # A list of choices, not a Literal: Dagster config cannot hold a list of Literals.
+        unknown = set(tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown SFT task(s) {sorted(unknown)}: choose from {', '.join(TASKS)}")
+        return tasks
 
 
 def excerpt(text: str, max_chars: int) -> str:
@@ -194,9 +211,6 @@ def build_sft_examples(
     which `to_hf_dataset` turns into TRL's conversational prompt-completion format.
     """
     config = config or SFTDataConfig()
-    unknown = set(config.tasks) - set(TASKS)
-    if unknown:
-        raise ValueError(f"unknown SFT task(s) {sorted(unknown)}: choose from {', '.join(TASKS)}")
     if config.max_examples < 1:
         raise ValueError("max_examples must be at least 1")
     candidates = _candidates(nodes, config.tasks, config.excerpt_chars)

@@ -15,7 +15,7 @@ from datasets import Dataset, load_from_disk
 from carl_assets import storage
 from carl_assets.carl.sft_data import SFTDataConfig, build_sft_examples
 from carl_assets.carl.training import load_training_dataset
-from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.common import library_config, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, write_tables
 from carl_assets.defs.training_config import DREAMS_SOURCE, SFTDatasetConfig
 from carl_assets.dreams import sft_examples_from_dreams
@@ -137,14 +137,9 @@ def build_examples(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, DreamCycleState | None]:
     """(SFT examples, held-out agent tasks, GRPO prompt rows or None, the dream cycle or None) from the
     configured source; the agent is evaluated on memory-graph tasks whatever the source."""
-    data_config = SFTDataConfig(
-        max_examples=config.max_examples,
-        holdout_tasks=config.holdout_tasks,
-        tasks=tuple(config.tasks),
-        excerpt_chars=config.excerpt_chars,
-        seed=config.seed,
-    )
-    data_config.max_examples += config.grpo_prompts  # extra nodes, split off for GRPO below
+    data_config = library_config(config, SFTDataConfig)
+    # extra nodes, split off for GRPO below
+    data_config = data_config.model_copy(update={"max_examples": config.max_examples + config.grpo_prompts})
     templated, tasks = build_sft_examples(nodes, data_config)
     if config.source == DREAMS_SOURCE:
         examples, state = _dream_examples(dreams)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from carl_assets.carl import SIGMA
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig
+from carl_assets.carl.sft_data import SFTDataConfig
 from carl_assets.carl.trainer_common import GRPO_LOG_EVERY, SFT_LOG_EVERY
 from carl_assets.defs.common import PERFORMANCE_ONLY, library_config
 from carl_assets.models.device import dtype_name, resolve_dtype, training_weights_dtype
@@ -31,23 +32,16 @@ def _training_placement(run: Any) -> tuple[torch.device, torch.dtype, torch.dtyp
     return torch.device(run.device), dtype, training_weights_dtype(dtype)
 
 
-class SFTDatasetConfig(dg.Config):
+class SFTDatasetConfig(dg.Config, SFTDataConfig):
+    """sft_dataset: where the examples come from and how many prompts GRPO keeps; `SFTDataConfig`: how
+    the templated examples and the held-out agent tasks are drawn (the library's settings, defined there)."""
+
     source: str = Field(
         default=DREAMS_SOURCE,
         description="'dreams' (default: the kept responses of the latest dream cycle, behavioural cloning), "
         "'templates' (short templated answers about memory nodes), or a dataset for SFT: a local "
         ".jsonl/.json/.parquet/.csv file, a save_to_disk folder or a Hugging Face dataset name.",
     )
-    max_examples: int = Field(
-        default=48,
-        description="templates source: SFT examples (small: a tiny model must memorise them to crystallize)",
-    )
-    holdout_tasks: int = Field(default=12, description="agent tasks from memory nodes kept out of SFT")
-    tasks: list[str] = Field(
-        default=["feelings"], description="templated question kinds: 'feelings' and/or 'kind'"
-    )
-    excerpt_chars: int = Field(default=120, description="memory excerpt length in each templated prompt")
-    seed: int = Field(default=0, description="which nodes go to templated SFT and which are held out")
     grpo_prompts: int = Field(
         default=8,
         description="prompts held out of SFT for GRPO, so GRPO explores where "
