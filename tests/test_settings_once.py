@@ -11,10 +11,19 @@ import dagster as dg
 from pydantic import BaseModel
 
 import carl_assets.defs as defs_package
-from carl_assets.carl.run_config import Placement, Truncation
+from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig, Truncation
+from carl_assets.carl.sft_data import SFTDataConfig
 from carl_assets.defs.artifact_store import StoreSettings
-from carl_assets.defs.training_config import TrainerProgress
+from carl_assets.defs.steering import SteeringConfig
+from carl_assets.defs.training_config import (
+    AgentEvaluationConfig,
+    GRPOCheckpointConfig,
+    SFTCheckpointConfig,
+    SFTDatasetConfig,
+    TrainerProgress,
+)
 from carl_assets.dreams.cycle_state import PolicyChoice
+from carl_assets.steering import ReadoutConfig
 
 # Same word, different settings: each asset's own knob, with a different meaning or unit per asset.
 DIFFERENT_SETTINGS = {
@@ -130,3 +139,22 @@ def test_placement_choices_are_refused_before_the_run_starts():
 def test_library_mixins_carry_no_dagster():
     for shared in SHARED:
         assert issubclass(shared, BaseModel) and not issubclass(shared, dg.Config), shared
+
+
+def test_asset_configs_inherit_the_library_config_they_build():
+    """A Dagster config inherits the library config its asset builds (`defs.common.library_config`), and
+    its own body defines none of that config's fields again (each setting once, with one default)."""
+    builds = {
+        SFTCheckpointConfig: [SFTRunConfig],
+        GRPOCheckpointConfig: [GRPORunConfig],
+        AgentEvaluationConfig: [AgentSampling],
+        SteeringConfig: [ReadoutConfig],
+        SFTDatasetConfig: [SFTDataConfig],
+    }
+    for config, libraries in builds.items():
+        own = set(vars(config).get("__annotations__", {}))
+        for library in libraries:
+            assert issubclass(config, library), (config.__name__, library.__name__)
+            assert not issubclass(library, dg.Config), library.__name__
+            again = own & set(library.model_fields)
+            assert not again, f"{config.__name__} defines {sorted(again)} again ({library.__name__} has them)"
