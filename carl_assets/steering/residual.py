@@ -81,12 +81,13 @@ class ResidualReader:
         self,
         model: torch.nn.Module,
         layers: Sequence[int],
-        reduction: str = "last",
+        reduction: str,
         skip_leading_token_id: int | None = None,
     ):
-        """`skip_leading_token_id`: with the `mean` reduction, a text whose first real token is this id
-        (the BOS) is averaged without it. Raises ValueError for an unknown reduction or a layer outside
-        0..L or repeated."""
+        """`reduction`: 'last' or 'mean' (`manifest.REDUCTIONS`; no default here: the one default is
+        `ReadoutConfig.reduction`'s). `skip_leading_token_id`: with the `mean` reduction, a text whose
+        first real token is this id (the BOS) is averaged without it. Raises ValueError for an unknown
+        reduction or a layer outside 0..L or repeated."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, not {reduction!r}")
         self.model = model
