@@ -329,11 +329,13 @@ def _update_with(hasher: Any, obj: Any) -> None:
 #   the weights' history, and the weights are hashed): base_model's `pretraining.json`, SFT's
 #   `training_log.json`, GRPO's `grpo_log.json`, the HF Trainer's `trainer_state.json`;
 # - Hugging Face datasets' `map` caches (`cache-<fingerprint>.arrow`): their names are drawn per run for
-#   a transform datasets cannot fingerprint, and they repeat the saved dataset's rows.
+#   a transform datasets cannot fingerprint, and they repeat the saved dataset's rows;
+# - `atomic_write_bytes`'s temporaries (`.<name>.<random>.tmp`): a write in progress, such as another
+#   process recording a `_version.json` field while this one hashes the folder.
 RUN_RECORD_FILES = frozenset(
     {"_version.json", "pretraining.json", "training_log.json", "grpo_log.json", "trainer_state.json"}
 )
-RUN_RECORD_PATTERNS = ("cache-*.arrow",)
+RUN_RECORD_PATTERNS = ("cache-*.arrow", ".*.tmp")
 
 
 def is_run_record(path: Path) -> bool:

@@ -91,7 +91,10 @@ def test_run_records_are_left_out_by_name_and_the_content_id_is_kept_in_the_vers
     (folder / "training_log.json").write_text('{"seconds": 1.5}')
     (folder / "dataset").mkdir()
     (folder / "dataset" / "cache-0123abcd.arrow").write_bytes(b"rows again")
+    # nor is another process's write in progress (atomic_write_bytes's temporary beside _version.json)
+    (folder / "._version.json.k3j2h1.tmp").write_text('{"run_id": "run-two"}')
     assert storage.content_hash(folder) == before
+    (folder / "._version.json.k3j2h1.tmp").unlink()
     (folder / "dataset" / "data-00000-of-00001.arrow").write_bytes(b"rows")
     with_data = storage.content_hash(folder)
     assert with_data != before
