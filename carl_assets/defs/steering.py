@@ -263,10 +263,6 @@ def _readout_metadata(vectors: SteeringVectors, folder: Path, config: SteeringCo
     }
 
 
-def _rounded(series: pd.Series) -> dict[str, float | None]:
-    return {str(k): (None if math.isnan(v) else round(float(v), 4)) for k, v in series.items()}
-
-
 def _quality_metadata(run: _Forward, stats: pd.DataFrame, best_layer: int, relation: pd.DataFrame,
                       sweep_table: pd.DataFrame, transfer: tuple[str, str] | None) -> dict[str, Any]:
     """How well it reads: AUC by layer (held out; transferred to an unseen kind), the cross-talk, the
