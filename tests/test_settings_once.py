@@ -14,6 +14,7 @@ import carl_assets.defs as defs_package
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig, Truncation
 from carl_assets.carl.sft_data import SFTDataConfig
 from carl_assets.defs.artifact_store import StoreSettings
+from carl_assets.defs.emotion_pairs import PairsConfig
 from carl_assets.defs.models import BaseModelConfig
 from carl_assets.defs.steering import SteeringConfig
 from carl_assets.defs.training_config import (
@@ -24,6 +25,7 @@ from carl_assets.defs.training_config import (
     TrainerProgress,
 )
 from carl_assets.dreams.cycle_state import PolicyChoice
+from carl_assets.memory.pairs import PairSettings
 from carl_assets.models.offline import OfflineModelConfig
 from carl_assets.steering import ReadoutConfig
 
@@ -153,6 +155,7 @@ def test_asset_configs_inherit_the_library_config_they_build():
         SteeringConfig: [ReadoutConfig],
         SFTDatasetConfig: [SFTDataConfig],
         BaseModelConfig: [OfflineModelConfig],
+        PairsConfig: [PairSettings],
     }
     for config, libraries in builds.items():
         own = set(vars(config).get("__annotations__", {}))

@@ -8,7 +8,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.common import library_config, materialized, table_preview
 from carl_assets.defs.resources import write_tables
 from carl_assets.handles import AssetHandle
 from carl_assets.memory.graph import (
@@ -18,6 +18,7 @@ from carl_assets.memory.graph import (
     pair_counts,
     parse_tags,
 )
+from carl_assets.memory.pairs import PairSettings
 from carl_assets.memory.tagging import SOURCES, nodes_with_tags
 from carl_assets.plotting import figure_png, plt
 
@@ -31,24 +32,14 @@ NO_TAGS_REASON = (
 )
 
 
-class PairsConfig(dg.Config):
-    min_positive_score: int = Field(default=8,
-                                    description="a positive example scored the emotion at least this")
-    max_negative_mentions: int = Field(
-        default=0, description="a negative example names the emotion at most this many times in its text"
-    )
-    min_content_chars: int = Field(default=40, description="shorter texts (tag line stripped) are skipped")
-    max_examples_per_emotion: int = Field(default=500, description="cap per polarity per emotion")
-    seed: int = Field(default=0, description="seed of the deterministic sampling under the cap")
+class PairsConfig(dg.Config, PairSettings):
+    """emotion_training_pairs: which tags label the pairs; `PairSettings`: which nodes make the examples."""
+
     tag_sources: Literal["auto", "all", "user"] = Field(
         default="auto", description="the tags that label the pairs: 'all' (the user's tag lines, and for "
         "nodes without one the emotion_tags tagger's tags), 'user' (tag lines only) or 'auto' (the default: "
         "'user' when any node carries a tag line, else 'all': on the tagged sample graph, a lexicon's tags "
         "on its few untagged nodes made the steering vectors worse). User tags always win.")
-    max_negative_score: int | None = Field(
-        default=None, description="negatives are nodes without the emotion (None, the default) or also nodes "
-        "that scored it at most this (the reference's 'absent or low'); must be below min_positive_score"
-    )
 
 
 def bar_png(frame: pd.DataFrame, index: str, columns: list[str], title: str) -> bytes:
@@ -85,15 +76,7 @@ def emotion_training_pairs(
 ) -> dg.MaterializeResult:
     nodes, tagger, used = _nodes_with_tags(context, memory_graph, emotion_tags, config.tag_sources)
     graph = graph_from_tables(nodes, memory_graph.read("memory_edges"))
-    pairs = extract_training_pairs(
-        graph,
-        min_positive_score=config.min_positive_score,
-        max_negative_mentions=config.max_negative_mentions,
-        min_content_chars=config.min_content_chars,
-        max_examples_per_emotion=config.max_examples_per_emotion,
-        seed=config.seed,
-        max_negative_score=config.max_negative_score,
-    )
+    pairs = extract_training_pairs(graph, library_config(config, PairSettings))
     write_tables(duckdb, {"emotion_training_pairs": pairs})
     counts = pair_counts(pairs)
     dropped = sorted(set(graph.emotion_counts()) - set(counts["emotion"]))

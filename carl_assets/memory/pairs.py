@@ -8,9 +8,11 @@ import re
 from typing import Any
 
 import pandas as pd
+from pydantic import Field, model_validator
 
 from carl_assets.memory.build import MemoryGraph
 from carl_assets.memory.tags import EMOTION_NAME
+from carl_assets.settings import Settings
 
 PAIR_COLUMNS = ["emotion", "polarity", "text", "node_id"]
 
@@ -35,17 +37,42 @@ def _sample(rows: list[dict[str, Any]], cap: int, seed: int, emotion: str,
     return rows
 
 
+class PairSettings(Settings):
+    """Which nodes make an emotion's positive and negative examples (the emotion_training_pairs asset's
+    config inherits these fields: each is defined here once)."""
+
+    min_positive_score: int = Field(
+        default=8, description="a positive example scored the emotion at least this"
+    )
+    max_negative_mentions: int = Field(
+        default=0, description="a negative example names the emotion at most this many times in its text"
+    )
+    min_content_chars: int = Field(default=40, description="shorter texts (tag line stripped) are skipped")
+    max_examples_per_emotion: int = Field(default=500, description="cap per polarity per emotion")
+    seed: int = Field(default=0, description="seed of the deterministic sampling under the cap")
+    max_negative_score: int | None = Field(
+        default=None,
+        description="negatives are nodes without the emotion (None, the default) or also nodes that scored "
+        "it at most this (the reference's 'absent or low'); must be below min_positive_score",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PairSettings:
+        if self.max_examples_per_emotion < 1:
+            raise ValueError("max_examples_per_emotion must be at least 1")
+        if self.max_negative_score is not None and self.max_negative_score >= self.min_positive_score:
+            # A node scored between the two would be both a positive and a negative of the same emotion.
+            raise ValueError(f"max_negative_score ({self.max_negative_score}) must be below "
+                             f"min_positive_score ({self.min_positive_score})")
+        return self
+
+
 def extract_training_pairs(
-    graph: MemoryGraph,
-    min_positive_score: int = 8,
-    max_negative_mentions: int = 0,
-    min_content_chars: int = 40,
-    max_examples_per_emotion: int = 500,
-    seed: int = 0,
-    max_negative_score: int | None = None,
+    graph: MemoryGraph, settings: PairSettings | None = None, **overrides: Any
 ) -> pd.DataFrame:
     """(emotion, polarity, text, node_id) examples for every emotion with at least one positive and
-    one negative example.
+    one negative example, under `settings` (default `PairSettings()`) with any field replaced by
+    `overrides` (e.g. `min_positive_score=7`).
 
     - positive: the node scored the emotion >= `min_positive_score`;
     - negative: the node has a tag line without the emotion (an untagged node says nothing about
@@ -56,13 +83,13 @@ def extract_training_pairs(
     - both: the text (tag lines stripped) has at least `min_content_chars` characters after trimming;
     - at most `max_examples_per_emotion` per polarity per emotion, sampled deterministically from
       `seed`. Rows are ordered by emotion, polarity (positive first), node id.
+
+    Raises ValueError (pydantic's) for an unknown setting or inconsistent values.
     """
-    if max_examples_per_emotion < 1:
-        raise ValueError("max_examples_per_emotion must be at least 1")
-    if max_negative_score is not None and max_negative_score >= min_positive_score:
-        # A node scored between the two would be both a positive and a negative of the same emotion.
-        raise ValueError(f"max_negative_score ({max_negative_score}) must be below min_positive_score "
-                         f"({min_positive_score})")
+    s = PairSettings.model_validate({**(settings or PairSettings()).model_dump(), **overrides})
+    min_positive_score, max_negative_mentions = s.min_positive_score, s.max_negative_mentions
+    min_content_chars, max_negative_score = s.min_content_chars, s.max_negative_score
+    max_examples_per_emotion, seed = s.max_examples_per_emotion, s.seed
     texts = [str(t).strip() for t in graph.nodes["text"].tolist()]
     ids = graph.nodes["node_id"].tolist()
     all_tags = graph.tags()
