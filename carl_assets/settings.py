@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+# A field marked `Field(..., json_schema_extra=PERFORMANCE_ONLY)` changes how fast its asset runs, not what
+# it makes: the Dagster layer leaves it out of the asset's data version (`defs.common.config_values`).
+PERFORMANCE_ONLY = {"performance_only": True}
+
 
 class Settings(BaseModel):
     """Base of the library's configs: unknown fields are errors, values are fixed once made, choices are

@@ -11,10 +11,10 @@ from pydantic import BaseModel
 
 from carl_assets import storage
 from carl_assets.plotting import png_markdown
+from carl_assets.settings import PERFORMANCE_ONLY  # noqa: F401 - the asset modules take it from here too
 
-# Config fields marked `Field(..., json_schema_extra=PERFORMANCE_ONLY)` change how fast an asset runs,
-# not what it makes: they stay out of its data version, so tuning them never marks downstream stale.
-PERFORMANCE_ONLY = {"performance_only": True}
+# Fields marked PERFORMANCE_ONLY (carl_assets.settings) stay out of the data version, so tuning them never
+# marks downstream stale; `threads` is one wherever it appears.
 _PERFORMANCE_NAMES = {"threads"}
 
 

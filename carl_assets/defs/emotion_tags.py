@@ -7,13 +7,13 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from carl_assets.carl.run_config import Placement
-from carl_assets.defs.common import PERFORMANCE_ONLY, materialized, table_preview
+from carl_assets.defs.common import library_config, materialized, table_preview
 from carl_assets.defs.resources import write_tables
 from carl_assets.handles import AssetHandle, Checkpoint
 from carl_assets.memory.taggers.lexicon import lexicon_categories
-from carl_assets.memory.taggers.model import Reduction as TaggerReduction
 from carl_assets.memory.tagging import (
     Tagger,
+    TaggerSettings,
     emotion_vocabulary,
     node_status,
     tag_counts,
@@ -27,9 +27,9 @@ TAGS_TABLE = "emotion_tags"
 STATUS_TABLE = "emotion_tag_nodes"
 
 
-class EmotionTagsConfig(dg.Config, Placement):
-    """emotion_tags: which tagger, which emotions, and for the model tagger how it reads and scores;
-    `Placement`: where and how precisely the model tagger runs the base model."""
+class EmotionTagsConfig(dg.Config, TaggerSettings, Placement):
+    """emotion_tags: which tagger and which emotions; `TaggerSettings`: the score cut, and how the model
+    tagger reads and scores; `Placement`: where and how precisely the model tagger runs the base model."""
 
     tagger: Tagger = Field(
         default="lexicon",
@@ -40,17 +40,9 @@ class EmotionTagsConfig(dg.Config, Placement):
     emotions: list[str] = Field(
         default=[], description="emotions a tagger scores; empty = those the graph's user tags use, else the "
         "default list (carl_assets.memory.tagging.DEFAULT_EMOTIONS)")
-    min_score: int = Field(default=1, description="a tagger's scores below this (0..10) are not written")
     lexicon_categories: dict[str, list[str]] = Field(
         default={}, description="lexicon tagger: extra emotion -> Empath categories (e.g. "
         "{'curiosity': ['anticipation']}); the built-in map covers the common emotions")
-    reduction: TaggerReduction = Field(
-        default="expected", description="model tagger: the score is the expected value of the answer "
-        "distribution over 0..10 (rounded) or its most likely answer")
-    max_text_tokens: int = Field(default=256,
-                                 description="model tagger: node texts are cut to this many tokens")
-    batch_size: int = Field(default=16, description="model tagger: prompts per forward pass",
-                            json_schema_extra=PERFORMANCE_ONLY)
 
 
 def _load_policy(base_model: Checkpoint, config: EmotionTagsConfig) -> tuple[Any, Any]:
@@ -91,11 +83,9 @@ def emotion_tags(context: dg.AssetExecutionContext, config: EmotionTagsConfig, d
             context.log.info(f"model tagger: {done}/{total} prompts")
 
     threads = None if model is None else resolve_threads(config.threads, base_model.is_offline)
-    tags = tag_nodes(nodes, config.tagger, emotions, min_score=config.min_score,
+    tags = tag_nodes(nodes, config.tagger, emotions, library_config(config, TaggerSettings),
                      lexicon_map=config.lexicon_categories, model=model, tokenizer=tokenizer,
-                     reduction=config.reduction, batch_size=config.batch_size,
-                     max_text_tokens=config.max_text_tokens, threads=threads,
-                     progress=progress)
+                     threads=threads, progress=progress)
     # The tagger beside each node's status: emotion_training_pairs reads it from here (this run's tables),
     # not from the latest materialization's metadata (which may be another run's).
     status = node_status(nodes, tags, config.tagger).assign(tagger=config.tagger)

@@ -20,8 +20,9 @@ from carl_assets.carl import SIGMA
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig
 from carl_assets.carl.sft_data import SFTDataConfig
 from carl_assets.carl.trainer_common import GRPO_LOG_EVERY, SFT_LOG_EVERY
-from carl_assets.defs.common import PERFORMANCE_ONLY, library_config
+from carl_assets.defs.common import library_config
 from carl_assets.models.device import dtype_name, resolve_dtype, training_weights_dtype
+from carl_assets.settings import PERFORMANCE_ONLY
 
 DREAMS_SOURCE = "dreams"
 

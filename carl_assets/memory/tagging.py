@@ -37,10 +37,12 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, field_validator
 
 from carl_assets.memory.graph import EMOTION_NAME, MAX_SCORE, MIN_SCORE
 from carl_assets.memory.taggers import lexicon as lexicon_tagger
 from carl_assets.memory.taggers import model as model_tagger
+from carl_assets.settings import PERFORMANCE_ONLY, Settings
 
 Tagger = Literal["off", "lexicon", "model"]
 TAGGERS: tuple[str, ...] = get_args(Tagger)
@@ -180,35 +182,56 @@ def _lexicon_rows(
     return _score_rows(node_ids, scored, scores, rates, "lexicon", min_score)
 
 
+class TaggerSettings(Settings):
+    """How a tagger scores and which of its scores it writes (the emotion_tags asset's config inherits
+    these fields: each is defined here once)."""
+
+    min_score: int = Field(default=1, description="a tagger's scores below this (0..10) are not written")
+    reduction: model_tagger.Reduction = Field(
+        default="expected", description="model tagger: the score is the expected value of the answer "
+        "distribution over 0..10 (rounded) or its most likely answer")
+    max_text_tokens: int = Field(
+        default=256, description="model tagger: node texts are cut to this many tokens"
+    )
+    batch_size: int = Field(default=16, description="model tagger: prompts per forward pass",
+                            json_schema_extra=PERFORMANCE_ONLY)
+
+    @field_validator("min_score")
+    @classmethod
+    def _on_the_scale(cls, value: int) -> int:
+        if not MIN_SCORE <= value <= MAX_SCORE:
+            raise ValueError(f"min_score must be within {MIN_SCORE}..{MAX_SCORE}, not {value}")
+        return value
+
+
 def tag_nodes(
     nodes: pd.DataFrame,
     tagger: Tagger,
     emotions: Sequence[str] | None = None,
+    settings: TaggerSettings | None = None,
     *,
-    min_score: int = 1,
     lexicon_map: Mapping[str, Sequence[str]] | None = None,
     model: Any = None,
     tokenizer: Any = None,
-    reduction: str = "expected",
-    batch_size: int = 16,
-    max_text_tokens: int = 256,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    **overrides: Any,
 ) -> pd.DataFrame:
     """Every node's emotion tags, `TAG_COLUMNS`, ordered by node (as in `nodes`), then emotion.
 
     `nodes`: memory_nodes rows (``node_id``, ``text``, ``tags_json``; ``is_stub`` if present).
-    `emotions`: what the tagger scores (default `emotion_vocabulary`). `min_score`: a tagger's scores
-    below it are not written (0..10). `lexicon_map`: extra emotion -> Empath categories (lexicon).
-    `model`/`tokenizer`: a causal LM and its tokenizer (model tagger); `reduction` ("expected" or
-    "argmax"), `batch_size`, `max_text_tokens` and `threads` as in `model_probabilities`.
+    `emotions`: what the tagger scores (default `emotion_vocabulary`). `settings` (default
+    `TaggerSettings()`, any field replaced by `overrides`, e.g. `min_score=0`): the score cut, and for the
+    model tagger its reduction, text length and batch. `lexicon_map`: extra emotion -> Empath categories
+    (lexicon). `model`/`tokenizer`: a causal LM and its tokenizer (model tagger); `threads` as in
+    `model_probabilities`.
 
-    Raises ValueError for an unknown tagger, a `min_score` outside 0..10, or the model tagger
+    Raises ValueError for an unknown tagger or setting, a `min_score` outside 0..10, or the model tagger
     without a model and tokenizer."""
     if tagger not in TAGGERS:
         raise ValueError(f"tagger must be one of {list(TAGGERS)}, not {tagger!r}")
-    if not MIN_SCORE <= min_score <= MAX_SCORE:
-        raise ValueError(f"min_score must be within {MIN_SCORE}..{MAX_SCORE}, not {min_score}")
+    chosen = TaggerSettings.model_validate({**(settings or TaggerSettings()).model_dump(), **overrides})
+    min_score = chosen.min_score
     if tagger == "model" and (model is None or tokenizer is None):
         raise ValueError("the model tagger needs a model and its tokenizer (the base_model folder)")
     user = user_tags(nodes)
@@ -226,13 +249,13 @@ def tag_nodes(
             tokenizer,
             texts,
             emotions,
-            batch_size=batch_size,
-            max_text_tokens=max_text_tokens,
+            batch_size=chosen.batch_size,
+            max_text_tokens=chosen.max_text_tokens,
             threads=threads,
             progress=progress,
         )
         flat = probs.reshape(-1, probs.shape[-1])
-        scores, raw = model_tagger.reduce_scores(flat, reduction)
+        scores, raw = model_tagger.reduce_scores(flat, chosen.reduction)
         shape = (len(texts), len(emotions))
         rows = _score_rows(node_ids, emotions, scores.reshape(shape), raw.reshape(shape), "model", min_score)
     order = {n: i for i, n in enumerate(nodes["node_id"].astype(str))}
