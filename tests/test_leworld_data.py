@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from carl_assets.leworld.architecture import ArtificialMemory, MemoryConfig
-from carl_assets.leworld.data import evolve, generate_sequences, region_means
+from carl_assets.leworld.data import (
+    DatasetSettings,
+    evolve,
+    generate_sequences,
+    generate_splits,
+    region_means,
+)
 from carl_assets.leworld.populators import (
     experience_bits,
     from_experience,
@@ -144,6 +150,19 @@ def test_dataset_is_seeded(memory_bits):
     c = generate_sequences(memory_bits, 20, T, D, C, "medium", generator=2)
     assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True))
     assert not torch.equal(a.states, c.states)
+
+
+def test_splits_follow_the_settings(memory_bits):
+    settings = DatasetSettings(num_train=6, num_validation=3, seq_length=T, state_dim=D, char_dim=C, seed=2)
+    splits = generate_splits(memory_bits, settings)
+    assert list(splits) == ["train", "validation"] and splits["validation"].states.shape == (3, T, D)
+    # train draws with 2·seed, validation with 2·seed + 1; medium: 2 relevant regions
+    expected = generate_sequences(memory_bits, 3, T, D, C, "medium", generator=5)
+    assert torch.equal(splits["validation"].states, expected.states)
+    train = generate_sequences(memory_bits, 6, T, D, C, "medium", generator=4)
+    assert torch.equal(splits["train"].states, train.states)
+    with pytest.raises(ValueError, match="unknown cue 'address'"):
+        DatasetSettings(cue="address")
 
 
 def test_closed_form_equals_recurrence():

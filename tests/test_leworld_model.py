@@ -14,8 +14,16 @@ from carl_assets.leworld.architecture import (
 )
 from carl_assets.leworld.data import generate_sequences
 from carl_assets.leworld.evaluation import evaluate
+from carl_assets.leworld.models import component_configs
 from carl_assets.leworld.populators import structured_patterns
-from carl_assets.leworld.training import TrainingConfig, train_system
+from carl_assets.leworld.sizes import ArchitectureSettings
+from carl_assets.leworld.training import (
+    REFERENCE_EPOCHS,
+    LeWorldTrainingSettings,
+    TrainingConfig,
+    train_system,
+    training_config,
+)
 
 D, C, T = 8, 4, 8
 
@@ -184,6 +192,37 @@ def test_phase3_optimiser_groups_follow_the_seed():
     assert sum(sizes) == sum(p.numel() for p in system.parameters())  # every parameter in exactly one group
 
 
+def test_one_batch_size_feeds_every_phase_and_the_record_keeps_its_keys(data):
+    settings = LeWorldTrainingSettings(batch_size=12, seed=4)
+    config = training_config(settings, data[0])
+    assert (config.phase1_batch_size, config.phase2_batch_size, config.phase3_batch_size) == (12, 12, 12)
+    assert (config.state_dim, config.char_dim, config.sequence_length) == (D, C, T)
+    assert (config.phase1_epochs, config.phase2_epochs, config.phase3_epochs, config.seed) == (3, 2, 1, 4)
+    assert TrainingConfig(phase2_batch_size=16).phase1_batch_size == 32  # None: batch_size's default
+    record = config.record()
+    assert len(record) == 23 and "batch_size" not in record and record["phase3_batch_size"] == 12
+    assert list(record)[:3] == ["phase1_lr", "phase1_epochs", "phase1_batch_size"]
+    metrics = train_system(tiny_system(), data[0], None, config.model_copy(update={
+        "phase1_epochs": 1, "phase2_epochs": 0, "phase3_epochs": 0}))
+    # 64 training sequences in batches of 12: one epoch of phase 1 only
+    assert set(metrics["phase"]) == {1} and set(metrics["epoch"]) == {1}
+    with pytest.raises(ValueError, match="info_utility must be one of"):
+        LeWorldTrainingSettings(info_utility="bonus")
+
+
+def test_component_configs_take_the_sizes():
+    sizes = ArchitectureSettings(slm_d_model=24, blm_d_model=40, n_slms=2, info_dim=6, encoding_dim=10,
+                                 max_read_range=32)
+    system = LeWorldSystem(*component_configs(sizes, 2048, 8, D, C))
+    assert len(system.slms) == 2 and system.slm_config.d_model == 24 and system.blm_config.d_model == 40
+    assert (system.memory_config.max_read_range, system.memory_config.encoding_dim) == (32, 10)
+    assert (system.blm_config.info_dim, system.slm_config.char_dim) == (6, C)
+    assert system.memory_config.num_words == 2048
+    # the components' own defaults are the asset's sizes (one definition)
+    default = ArchitectureSettings()
+    assert SLMConfig().d_model == default.slm_d_model == 64 and MemoryConfig().encoding_dim == 64
+
+
 def test_save_load_round_trip(tmp_path, data):
     system, _ = run_phase(2, data, 1, temp_anneal_rate=1e-2)
     save_system(system, tmp_path / "ckpt")
@@ -257,7 +296,7 @@ def test_seed_pipeline_runs_as_written():
         train, val = make(32), make(16)
         assert train[0]["states"].shape == (T, D) and train[0]["n_relevant"] == 2
         loader = DataLoader(train, batch_size=16, shuffle=True)
-        config = TrainingConfig(state_dim=D, char_dim=C, sequence_length=T)
+        config = TrainingConfig(**REFERENCE_EPOCHS, state_dim=D, char_dim=C, sequence_length=T)
         phase1, phase2, phase3 = (
             Phase1Trainer(system, config),
             Phase2Trainer(system, config),

@@ -14,8 +14,12 @@ import carl_assets.defs as defs_package
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig, Truncation
 from carl_assets.carl.sft_data import SFTDataConfig
 from carl_assets.defs.artifact_store import StoreSettings
+from carl_assets.defs.dream_config import DreamScenariosConfig
 from carl_assets.defs.emotion_pairs import PairsConfig
+from carl_assets.defs.emotion_tags import EmotionTagsConfig
+from carl_assets.defs.leworld import LeWorldDatasetConfig, LeWorldModelConfig
 from carl_assets.defs.models import BaseModelConfig
+from carl_assets.defs.scorer_validation import ScorerValidationConfig
 from carl_assets.defs.steering import SteeringConfig
 from carl_assets.defs.training_config import (
     AgentEvaluationConfig,
@@ -25,7 +29,15 @@ from carl_assets.defs.training_config import (
     TrainerProgress,
 )
 from carl_assets.dreams.cycle_state import PolicyChoice
+from carl_assets.dreams.loop import DreamSettings
+from carl_assets.dreams.schedule import ScheduleSettings
+from carl_assets.dreams.validation import ValidationSettings
+from carl_assets.dreams.walks import WalkSettings
+from carl_assets.leworld.data import DatasetSettings
+from carl_assets.leworld.sizes import ArchitectureSettings
+from carl_assets.leworld.training import LeWorldTrainingSettings
 from carl_assets.memory.pairs import PairSettings
+from carl_assets.memory.tagging import TaggerSettings
 from carl_assets.models.offline import OfflineModelConfig
 from carl_assets.steering import ReadoutConfig
 
@@ -155,7 +167,12 @@ def test_asset_configs_inherit_the_library_config_they_build():
         SteeringConfig: [ReadoutConfig],
         SFTDatasetConfig: [SFTDataConfig],
         BaseModelConfig: [OfflineModelConfig],
+        DreamScenariosConfig: [DreamSettings, WalkSettings, ScheduleSettings],
+        ScorerValidationConfig: [ValidationSettings],
         PairsConfig: [PairSettings],
+        EmotionTagsConfig: [TaggerSettings],
+        LeWorldModelConfig: [LeWorldTrainingSettings, ArchitectureSettings],
+        LeWorldDatasetConfig: [DatasetSettings],
     }
     for config, libraries in builds.items():
         own = set(vars(config).get("__annotations__", {}))

@@ -16,11 +16,17 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.common import library_config, materialized, table_preview
 from carl_assets.defs.resources import ArtifactStore, write_tables
 from carl_assets.handles import AssetHandle
 from carl_assets.leworld.architecture import ArtificialMemory, MemoryConfig
-from carl_assets.leworld.data import CUES, MAX_LENGTH, MIN_LENGTH, SequenceBatch, generate_sequences
+from carl_assets.leworld.data import (
+    MAX_LENGTH,
+    MIN_LENGTH,
+    DatasetSettings,
+    SequenceBatch,
+    generate_splits,
+)
 from carl_assets.leworld.populators import (
     REGIONS,
     from_experience,
@@ -34,7 +40,6 @@ from carl_assets.storage import content_hash
 GROUP = "leworld"
 MEMORY_FILE = "memory.safetensors"
 DATASET_FILE = "dataset.json"
-SPLITS = ("train", "validation")
 POPULATORS = ("structured", "random", "experience")
 
 
@@ -53,28 +58,9 @@ class LeWorldMemoryConfig(dg.Config):
         default=0, description="seed of the random bits / the context quarter / the text projection")
 
 
-class LeWorldDatasetConfig(dg.Config):
-    """leworld_dataset: the splits' sizes and the dynamics' difficulty, mix and cue."""
-
-    num_train: int = Field(default=512, description="training sequences")
-    num_validation: int = Field(default=128, description="validation sequences (all evaluation is on these)")
-    seq_length: int = Field(default=20, description="time steps per sequence")
-    state_dim: int = Field(default=64, description="size of the state vector")
-    char_dim: int = Field(default=32, description="size of a sequence's fixed characteristics vector")
-    difficulty: str = Field(
-        default="medium", description="'easy', 'medium' or 'hard': 1, 2 or 3 relevant memory regions")
-    mix: str = Field(
-        default="last",
-        description="'last': the reference (the last relevant region drives the dynamics); 'mean': every "
-        "region does",
-    )
-    cue: str = Field(
-        default="none",
-        description="'none': the reference (regions drawn independently of anything a model sees, so memory "
-        "cannot matter); 'characteristics': the characteristics' signs spell each region's start address in "
-        "binary (magnitudes unchanged), so an SLM can find the region and memory can matter",
-    )
-    seed: int = Field(default=0, description="seed of the draws (train uses 2·seed, validation 2·seed + 1)")
+class LeWorldDatasetConfig(dg.Config, DatasetSettings):
+    """leworld_dataset: the splits' sizes and the dynamics' difficulty, mix and cue (each setting defined
+    once, in `carl_assets.leworld.data.DatasetSettings`)."""
 
 
 def load_memory_bits(leworld_memory: AssetHandle) -> torch.Tensor:
@@ -197,17 +183,9 @@ def _write_dataset(artifacts: ArtifactStore, config: LeWorldDatasetConfig, split
 def leworld_dataset(context: dg.AssetExecutionContext, config: LeWorldDatasetConfig,
                     leworld_memory: AssetHandle, artifacts: ArtifactStore, duckdb: DuckDBResource
                     ) -> dg.MaterializeResult:
-    if config.cue not in CUES:
-        raise ValueError(f"unknown cue {config.cue!r}: use one of {CUES}")
     bits = load_memory_bits(leworld_memory)
     sizes = {"train": config.num_train, "validation": config.num_validation}
-    splits = {
-        split: generate_sequences(
-            bits, sizes[split], config.seq_length, config.state_dim, config.char_dim, config.difficulty,
-            config.seed * 2 + i, config.mix, cue=config.cue,
-        )
-        for i, split in enumerate(SPLITS)
-    }
+    splits = generate_splits(bits, library_config(config, DatasetSettings))
     folder = _write_dataset(artifacts, config, splits, bits)
     index = _dataset_index(splits, bits.shape[0])
     write_tables(duckdb, {"leworld_dataset_index": index})

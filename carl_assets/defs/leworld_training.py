@@ -18,20 +18,12 @@ import torch
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from carl_assets.defs.common import materialized, table_preview
-from carl_assets.defs.leworld_data import DATASET_FILE, GROUP, SPLITS, load_memory_bits, load_split
+from carl_assets.defs.common import library_config, materialized, table_preview
+from carl_assets.defs.leworld_data import DATASET_FILE, GROUP, load_memory_bits, load_split
 from carl_assets.defs.pools import TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore, write_tables
 from carl_assets.handles import AssetHandle
-from carl_assets.leworld.architecture import (
-    BLMConfig,
-    LeWorldSystem,
-    MemoryConfig,
-    SLMConfig,
-    count_params,
-    load_system,
-    save_system,
-)
+from carl_assets.leworld.architecture import LeWorldSystem, count_params, load_system, save_system
 from carl_assets.leworld.comparison import (
     VARIANTS,
     Replicate,
@@ -40,9 +32,11 @@ from carl_assets.leworld.comparison import (
     train_replicates,
     verdict_sentence,
 )
-from carl_assets.leworld.data import SequenceBatch
+from carl_assets.leworld.data import SPLITS
 from carl_assets.leworld.evaluation import evaluate
-from carl_assets.leworld.training import INFO_UTILITIES, TrainingConfig
+from carl_assets.leworld.models import component_configs
+from carl_assets.leworld.sizes import ArchitectureSettings
+from carl_assets.leworld.training import LeWorldTrainingSettings, TrainingConfig, training_config
 from carl_assets.plotting import line_plot
 from carl_assets.storage import content_hash
 
@@ -51,37 +45,10 @@ PHASE_LOSS = {1: ("slm_loss", "blm_loss"), 2: ("total_loss",),
 REPLICATES_DIR, REPLICATES_FILE = "replicates", "replicates.json"
 
 
-class LeWorldModelConfig(dg.Config):
-    """leworld_model: the three training phases, the architecture's sizes and the replicates over seeds."""
+class LeWorldModelConfig(dg.Config, LeWorldTrainingSettings, ArchitectureSettings):
+    """leworld_model: the three training phases (`LeWorldTrainingSettings`), the architecture's sizes
+    (`ArchitectureSettings`), each defined once in the library, and the replicates over seeds."""
 
-    phase1_epochs: int = Field(
-        default=3, description="phase 1 epochs (SLMs and BLM pre-trained apart), per replicate")
-    phase2_epochs: int = Field(default=2, description="phase 2 epochs (end to end), per replicate (4 before "
-                               "the multi-seed comparison: halved to keep 3 seeds × 2 variants affordable)")
-    phase3_epochs: int = Field(
-        default=1, description="phase 3 epochs (info-request refinement), per replicate (was 2)")
-    batch_size: int = Field(default=32, description="sequences per batch in every phase")
-    phase1_lr: float = Field(default=1e-3, description="phase 1 learning rate")
-    phase2_lr: float = Field(default=3e-4, description="phase 2 learning rate (cosine warm restarts)")
-    phase3_lr: float = Field(default=1e-4, description="phase 3 learning rate of the info-request group (the "
-                             "reference's groups: SLMs and the rest of the BLM ×0.1, memory encoder ×0.01)")
-    info_utility: str = Field(
-        default="reinforce",
-        description="phase 3's information-utility term: 'reinforce' (REINFORCE on the BLM's decision to "
-        "send its info request, reward = the improvement over the branch without it) or 'reference' (the "
-        "reference's detached form, which has no gradient: documented, inert; 'seed' is its earlier name)",
-    )
-    lambda_info_util: float = Field(default=0.1,
-                                    description="weight λ of phase 3's information-utility term")
-    slm_d_model: int = Field(default=64, description="SLM width (the reference used 128; 64 halves the "
-                             "SLMs' cost at the same validation MSE here)")
-    blm_d_model: int = Field(default=128, description="BLM width (hidden size of the big model)")
-    n_slms: int = Field(default=3, description="number of small models (address pickers)")
-    info_dim: int = Field(default=16, description="size of the BLM's info request")
-    encoding_dim: int = Field(default=64, description="size of a memory read's learned encoding")
-    max_read_range: int = Field(default=128, description="most words one read covers")
-    seed: int = Field(
-        default=0, description="seed of the primary model (initialisation, batch order, phase 3 draws)")
     seeds: int = Field(default=3, description="replicates per variant, seeds seed..seed+seeds-1, for the "
                        "memory verdict (1: only the primary model)")
     train_without_memory: bool = Field(
@@ -138,15 +105,12 @@ def replicate_dir(variant: str, seed: int) -> str:
 def _system_factory(config: LeWorldModelConfig, bits: torch.Tensor, state_dim: int, char_dim: int
                     ) -> Callable[[int, bool], LeWorldSystem]:
     """make_system(seed, memory_reads): a freshly initialised system holding the memory's bits."""
+    configs = component_configs(library_config(config, ArchitectureSettings), bits.shape[0], bits.shape[1],
+                                state_dim, char_dim)
 
     def make_system(seed: int, memory_reads: bool) -> LeWorldSystem:
         torch.manual_seed(seed)  # parameter initialisation
-        system = LeWorldSystem(
-            MemoryConfig(bits.shape[0], bits.shape[1], config.max_read_range, config.encoding_dim),
-            SLMConfig(state_dim, char_dim, config.slm_d_model),
-            BLMConfig(state_dim, config.blm_d_model, config.n_slms, config.info_dim),
-            memory_reads=memory_reads,
-        )
+        system = LeWorldSystem(*configs, memory_reads=memory_reads)
         with torch.no_grad():
             system.memory.memory.copy_(bits)
         return system
@@ -154,21 +118,7 @@ def _system_factory(config: LeWorldModelConfig, bits: torch.Tensor, state_dim: i
     return make_system
 
 
-def _training_config(config: LeWorldModelConfig, train: SequenceBatch) -> TrainingConfig:
-    """The library's training settings: the asset's phases plus the data's shapes."""
-    return TrainingConfig(
-        phase1_lr=config.phase1_lr, phase1_epochs=config.phase1_epochs, phase1_batch_size=config.batch_size,
-        phase2_lr=config.phase2_lr, phase2_epochs=config.phase2_epochs, phase2_batch_size=config.batch_size,
-        phase3_lr=config.phase3_lr, phase3_epochs=config.phase3_epochs, phase3_batch_size=config.batch_size,
-        state_dim=train.states.shape[2], char_dim=train.characteristics.shape[1],
-        sequence_length=train.states.shape[1], seed=config.seed,
-        lambda_info_util=config.lambda_info_util, info_utility=config.info_utility,
-    )
-
-
 def _check_model_config(config: LeWorldModelConfig) -> None:
-    if config.info_utility not in INFO_UTILITIES:
-        raise ValueError(f"unknown info_utility {config.info_utility!r}: use one of {INFO_UTILITIES}")
     if config.seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {config.seeds}")
 
@@ -189,7 +139,7 @@ def _save_model(artifacts: ArtifactStore, replicates: list[Replicate], training:
     with a manifest; returns the version's folder. The training time is the run's, not the model's: it is
     recorded in the version's `_version.json` (`train_seconds`), which the data version leaves out."""
     with artifacts.write_version("leworld_model") as (tmp, version):
-        save_system(replicates[0].system, tmp, extra={"training": training.__dict__, "variant": "memory"})
+        save_system(replicates[0].system, tmp, extra={"training": training.record(), "variant": "memory"})
         for rep in replicates:
             save_system(rep.system, tmp / replicate_dir(rep.variant, rep.seed),
                         extra={"variant": rep.variant, "seed": rep.seed})
@@ -230,7 +180,7 @@ def leworld_model(context: dg.AssetExecutionContext, config: LeWorldModelConfig,
     bits = _memory_of_dataset(leworld_dataset, leworld_memory)
     train, validation = (load_split(leworld_dataset, split) for split in SPLITS)
     make_system = _system_factory(config, bits, train.states.shape[2], train.characteristics.shape[1])
-    training = _training_config(config, train)
+    training = training_config(library_config(config, LeWorldTrainingSettings), train)
     seeds = [config.seed + k for k in range(config.seeds)]
     variants = VARIANTS if config.train_without_memory else ("memory",)
     started = time.perf_counter()

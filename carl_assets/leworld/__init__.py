@@ -17,7 +17,13 @@ from carl_assets.leworld.architecture import (
     load_system,
     save_system,
 )
-from carl_assets.leworld.data import SequenceBatch, StateTransitionDataset, generate_sequences
+from carl_assets.leworld.data import (
+    DatasetSettings,
+    SequenceBatch,
+    StateTransitionDataset,
+    generate_sequences,
+    generate_splits,
+)
 from carl_assets.leworld.evaluation import EvaluationResult, Evaluator, evaluate
 from carl_assets.leworld.populators import (
     MemoryPopulator,
@@ -26,21 +32,29 @@ from carl_assets.leworld.populators import (
     structured_patterns,
     text_experiences,
 )
+from carl_assets.leworld.sizes import ArchitectureSettings
 from carl_assets.leworld.training import (
+    REFERENCE_EPOCHS,
+    LeWorldTrainingSettings,
     Phase1Trainer,
     Phase2Trainer,
     Phase3Trainer,
     TrainingConfig,
     train_system,
+    training_config,
 )
 
 __all__ = [
+    "REFERENCE_EPOCHS",
+    "ArchitectureSettings",
     "ArtificialMemory",
     "BLMConfig",
     "BigLeWorldModel",
+    "DatasetSettings",
     "EvaluationResult",
     "Evaluator",
     "LeWorldSystem",
+    "LeWorldTrainingSettings",
     "LossWeights",
     "MemoryPopulator",
     "MemoryConfig",
@@ -56,10 +70,12 @@ __all__ = [
     "evaluate",
     "from_experience",
     "generate_sequences",
+    "generate_splits",
     "load_system",
     "random_bits",
     "save_system",
     "structured_patterns",
     "text_experiences",
     "train_system",
+    "training_config",
 ]

@@ -68,7 +68,7 @@ def train_replicates(
                 )
             first = not replicates
             say = (lambda m, v=variant, s=seed: log(f"[{v} seed {s}] {m}")) if log else None
-            cfg = TrainingConfig(**{**config.__dict__, "seed": int(seed)})
+            cfg = config.model_copy(update={"seed": int(seed)})
             metrics = train_system(
                 system, train, validation if first else None, cfg, log=say, num_threads=num_threads
             )

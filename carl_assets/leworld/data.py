@@ -32,11 +32,14 @@ with 65,536 words and char_dim 32 that is the full 16-bit address for 1 or 2 reg
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
 from carl_assets.runtime import torch_threads
+from carl_assets.settings import Settings
 
 DIFFICULTY = {"easy": 1, "medium": 2, "hard": 3}
 MAX_RELEVANT = 3
@@ -44,6 +47,43 @@ DECAY, MEMORY_GAIN, CHAR_GAIN, NOISE_STD = 0.8, 0.15, 0.05, 0.1
 MIN_LENGTH, MAX_LENGTH, START_MARGIN = 16, 128, 256
 CUES = ("none", "characteristics")
 TENSOR_KEYS = ("states", "characteristics", "relevant_starts", "relevant_ends", "n_relevant")
+SPLITS = ("train", "validation")
+MIXES = ("last", "mean")
+
+
+class DatasetSettings(Settings):
+    """The splits' sizes and the dynamics' difficulty, mix and cue (the leworld_dataset asset's config
+    inherits this class, so each is defined here only; `generate_splits` draws them). Raises ValueError
+    (pydantic's ValidationError) for an unknown difficulty, mix or cue."""
+
+    num_train: int = Field(default=512, description="training sequences")
+    num_validation: int = Field(default=128, description="validation sequences (all evaluation is on these)")
+    seq_length: int = Field(default=20, description="time steps per sequence")
+    state_dim: int = Field(default=64, description="size of the state vector")
+    char_dim: int = Field(default=32, description="size of a sequence's fixed characteristics vector")
+    difficulty: str = Field(
+        default="medium", description="'easy', 'medium' or 'hard': 1, 2 or 3 relevant memory regions")
+    mix: str = Field(
+        default="last",
+        description="'last': the reference (the last relevant region drives the dynamics); 'mean': every "
+        "region does",
+    )
+    cue: str = Field(
+        default="none",
+        description="'none': the reference (regions drawn independently of anything a model sees, so memory "
+        "cannot matter); 'characteristics': the characteristics' signs spell each region's start address in "
+        "binary (magnitudes unchanged), so an SLM can find the region and memory can matter",
+    )
+    seed: int = Field(default=0, description="seed of the draws (train uses 2·seed, validation 2·seed + 1)")
+
+    # Plain strings checked here rather than Literals: the error names the value and the choices.
+    @field_validator("difficulty", "mix", "cue")
+    @classmethod
+    def _known_choice(cls, value: Any, info: Any) -> Any:
+        choices = {"difficulty": tuple(DIFFICULTY), "mix": MIXES, "cue": CUES}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}: use one of {choices}")
+        return value
 
 
 def n_relevant_for(difficulty: str | int) -> int:
@@ -227,6 +267,19 @@ def _generate(
         relevant_ends=torch.cat([starts + lengths, pad], dim=1),
         n_relevant=torch.full((num_sequences,), n_rel, dtype=torch.long),
     )
+
+
+def generate_splits(memory_bits: torch.Tensor, settings: DatasetSettings) -> dict[str, SequenceBatch]:
+    """The train and validation splits (`SPLITS`) of `settings`, drawn with seeds 2·seed and 2·seed + 1
+    from the memory's bits `[num_words, word_size]`."""
+    sizes = {"train": settings.num_train, "validation": settings.num_validation}
+    return {
+        split: generate_sequences(
+            memory_bits, sizes[split], settings.seq_length, settings.state_dim, settings.char_dim,
+            settings.difficulty, settings.seed * 2 + i, settings.mix, cue=settings.cue,
+        )
+        for i, split in enumerate(SPLITS)
+    }
 
 
 def iterate_batches(

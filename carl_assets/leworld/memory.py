@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from carl_assets.leworld.sizes import DEFAULT_SIZES
+
 BYTE = 256  # the low byte of an address; the high byte has ceil(num_words / 256) values
 
 
@@ -17,8 +19,8 @@ class MemoryConfig:
 
     num_words: int = 65536
     word_size: int = 32
-    max_read_range: int = 128
-    encoding_dim: int = 64
+    max_read_range: int = DEFAULT_SIZES.max_read_range
+    encoding_dim: int = DEFAULT_SIZES.encoding_dim
 
     def __post_init__(self) -> None:
         if not 1024 <= self.num_words <= BYTE * BYTE:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from carl_assets.leworld.memory import BYTE, MemoryConfig
+from carl_assets.leworld.sizes import DEFAULT_SIZES, ArchitectureSettings
 
 INFO_GATE_BIAS = 2.0  # initial logit of sending the info query: ask by default until phase 3 learns otherwise
 
@@ -21,7 +22,7 @@ class SLMConfig:
 
     state_dim: int = 64
     char_dim: int = 32
-    d_model: int = 128
+    d_model: int = DEFAULT_SIZES.slm_d_model
 
 
 @dataclass
@@ -29,10 +30,22 @@ class BLMConfig:
     """Sizes of the big model and how many SLMs it routes."""
 
     state_dim: int = 64
-    d_model: int = 128
-    n_slms: int = 3
-    info_dim: int = 16
+    d_model: int = DEFAULT_SIZES.blm_d_model
+    n_slms: int = DEFAULT_SIZES.n_slms
+    info_dim: int = DEFAULT_SIZES.info_dim
     init_temperature: float = 1.0
+
+
+def component_configs(sizes: ArchitectureSettings, num_words: int, word_size: int, state_dim: int,
+                      char_dim: int) -> tuple[MemoryConfig, SLMConfig, BLMConfig]:
+    """The memory, SLM and BLM configs of `sizes` for a memory of `num_words` × `word_size` bits and data
+    of `state_dim`-sized states and `char_dim`-sized characteristics (ValueError from `MemoryConfig`
+    outside two address bytes)."""
+    return (
+        MemoryConfig(num_words, word_size, sizes.max_read_range, sizes.encoding_dim),
+        SLMConfig(state_dim, char_dim, sizes.slm_d_model),
+        BLMConfig(state_dim, sizes.blm_d_model, sizes.n_slms, sizes.info_dim),
+    )
 
 
 class AddressHead(nn.Module):
