@@ -39,6 +39,7 @@ from carl_assets.dreams import (
 from carl_assets.dreams.collisions import plan_heldout
 from carl_assets.dreams.generation import encode_prompt
 from carl_assets.dreams.loop import dream_scenarios as loop_dream_scenarios
+from carl_assets.dreams.schedule import SHAPES, ScheduleSettings
 from carl_assets.dreams.walks import NoWalkStartError, auto_conditioning_kinds, kind_counts
 from carl_assets.memory_graph import load_graph
 from carl_assets.steering import SteeringVectors, find_decoder_blocks
@@ -336,6 +337,13 @@ def test_sft_examples_are_trl_prompt_completion_rows():
 # --------------------------------------------------------------------------------------------
 
 
+# The schedule's former library defaults (no defaults now: the values are the model's, the length and shape
+# the asset's), so each test checks the numbers it checked.
+SCHEDULE = dict(
+    cycles=3, lr_start=1e-4, lr_end=1e-5, temperature_start=1.3, temperature_end=0.7, shape="cosine"
+)
+
+
 @pytest.mark.parametrize("shape", ["linear", "cosine", "geometric"])
 def test_schedule_endpoints_monotone_and_hold(shape):
     s = NoiseSchedule(
@@ -350,28 +358,34 @@ def test_schedule_endpoints_monotone_and_hold(shape):
     assert all(a > b for a, b in zip(temps, temps[1:], strict=False))
     beyond = s.at(9)
     assert (beyond.learning_rate, beyond.temperature, beyond.progress) == (1e-5, 0.7, 1.0)
-    one = NoiseSchedule(cycles=1, shape=shape).at(0)
+    one = NoiseSchedule(**{**SCHEDULE, "cycles": 1, "shape": shape}).at(0)
     assert (one.learning_rate, one.temperature) == (1e-4, 1.3)
 
 
 def test_schedule_shapes_in_between():
-    mid = {shape: NoiseSchedule(cycles=3, shape=shape).at(1) for shape in ("linear", "cosine", "geometric")}
+    mid = {shape: NoiseSchedule(**{**SCHEDULE, "shape": shape}).at(1) for shape in SHAPES}
     assert mid["linear"].learning_rate == pytest.approx(5.5e-5, rel=1e-12)
     assert mid["cosine"].temperature == pytest.approx(1.0, rel=1e-12)  # cos(pi/2) = 0: the midpoint
     assert mid["geometric"].learning_rate == pytest.approx(math.sqrt(1e-4 * 1e-5), rel=1e-12)
-    quarter = NoiseSchedule(cycles=5, shape="cosine").at(1)
+    quarter = NoiseSchedule(**{**SCHEDULE, "cycles": 5}).at(1)
     assert quarter.temperature == pytest.approx(0.7 + 0.6 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
 
 
 def test_schedule_validation():
     with pytest.raises(ValueError, match="unknown schedule shape 'square'"):
-        NoiseSchedule(shape="square")
+        NoiseSchedule(**{**SCHEDULE, "shape": "square"})
     with pytest.raises(ValueError, match="lr_end"):
-        NoiseSchedule(lr_end=0.0)
+        NoiseSchedule(**{**SCHEDULE, "lr_end": 0.0})
     with pytest.raises(ValueError, match="cycles"):
-        NoiseSchedule(cycles=0)
+        NoiseSchedule(**{**SCHEDULE, "cycles": 0})
     with pytest.raises(ValueError, match="cycle must be >= 0"):
-        NoiseSchedule().at(-1)
+        NoiseSchedule(**SCHEDULE).at(-1)
+    with pytest.raises(ValueError, match="schedule_shape"):  # a choice of the asset's config, refused early
+        ScheduleSettings(schedule_shape="square")
+    settings = ScheduleSettings(schedule_cycles=4, schedule_shape="linear")
+    built = NoiseSchedule.from_settings(settings, lr_start=2.0, lr_end=1.0, temperature_start=1.0,
+                                        temperature_end=0.5)
+    assert (built.cycles, built.shape, built.at(1).learning_rate) == (4, "linear", pytest.approx(2.0 - 1 / 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +823,7 @@ def test_dream_without_usable_walks_returns_an_empty_frame(lively_model):
         tok,
         nodes,
         _edges([]),
-        DreamConfig(n_scenarios=3),
+        DreamConfig(n_scenarios=3, max_new_tokens=48, top_fraction=0.5),
         parse_scorer_spec("carl"),
         cycle=0,
         temperature=1.0,
@@ -871,13 +885,14 @@ def test_explicit_kinds_are_honoured():
     walks = random_walks(graph.nodes, graph.edges, 50, WalkConfig(conditioning_kinds=("topic",)))
     kind_of = dict(zip(graph.nodes["node_id"], graph.nodes["kind"], strict=True))
     assert {kind_of[w[0]] for w in walks} == {"topic"}
-    assert WalkConfig(conditioning_kinds="auto").conditioning_kinds == ()
-    assert WalkConfig(conditioning_kinds="topic").conditioning_kinds == ("topic",)
+    assert WalkConfig(conditioning_kinds="auto").conditioning_kinds == []
+    assert WalkConfig(conditioning_kinds="topic").conditioning_kinds == ["topic"]
+    assert WalkConfig(conditioning_kinds=("a", "b")).conditioning_kinds == ["a", "b"]
     from carl_assets.defs.dreams import DreamScenariosConfig
 
-    assert DreamScenariosConfig().dream_config().walk.conditioning_kinds == ()  # auto by default
+    assert DreamScenariosConfig().dream_config().walk.conditioning_kinds == []  # auto by default
     set_kinds = DreamScenariosConfig(conditioning_kinds=["paper", "topic"]).dream_config().walk
-    assert set_kinds.conditioning_kinds == ("paper", "topic")
+    assert set_kinds.conditioning_kinds == ["paper", "topic"]
 
 
 def test_stubs_never_start_nor_join_a_collision_but_walks_pass_through():

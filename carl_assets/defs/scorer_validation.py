@@ -15,41 +15,32 @@ from pydantic import Field
 
 from carl_assets.artifacts import folder_content_id
 from carl_assets.carl.run_config import Placement
-from carl_assets.defs.common import materialized, table_preview
+from carl_assets.defs.common import library_config, materialized, table_preview
 from carl_assets.defs.dreams import resolve_policy
 from carl_assets.defs.pools import TRAINING_POOL
 from carl_assets.defs.resources import ArtifactStore, append_rows
 from carl_assets.dreams.cycle_state import PolicyChoice
-from carl_assets.dreams.validation import ValidationConfig, validate_scorers, validation_prompts
+from carl_assets.dreams.validation import (
+    ValidationConfig,
+    ValidationSettings,
+    validate_scorers,
+    validation_prompts,
+)
 from carl_assets.handles import AssetHandle, Checkpoint
 from carl_assets.models.defaults import resolve_placement, resolve_threads
 from carl_assets.models.loading import MODEL_INFO_FILE, load_model_and_tokenizer
 from carl_assets.runtime import torch_threads
 
 
-class ScorerValidationConfig(dg.Config, PolicyChoice, Placement):
-    """scorer_validation: the prompts and the coherent / corrupted texts per prompt. `PolicyChoice`: the
-    policy measured (the one dream_scenarios would dream with); `Placement`: where it runs."""
+class ScorerValidationConfig(dg.Config, ValidationSettings, PolicyChoice, Placement):
+    """scorer_validation: the prompts and the coherent / corrupted texts per prompt. `ValidationSettings`:
+    how the texts are made and judged; `PolicyChoice`: the policy measured (the one dream_scenarios would
+    dream with); `Placement`: where it runs."""
 
     n_prompts: int = Field(
         default=24,
         description="dream prompts (memory collisions); each gives 2 coherent "
         "texts (the policy's answer, a memory text) and 2 + 2 + hot_samples corrupted ones",
-    )
-    max_tokens: int = Field(default=48, description="tokens generated and scored per text")
-    coherent_temperature: float = Field(
-        default=0.5, description="temperature of the policy's own (coherent) answers, sampled with top-p 0.9"
-    )
-    hot_temperature: float = Field(
-        default=1.5, description="temperature of the untruncated (corrupted) samples"
-    )
-    hot_samples: int = Field(default=2, description="untruncated hot samples per prompt")
-    n_bootstrap: int = Field(default=1000, description="bootstrap resamples of each AUC's 95% interval")
-    seed: int = Field(default=0, description="seed of prompts, sampling, corruptions and the bootstrap")
-    batch_size: int = Field(
-        default=8,
-        description="prompts per generate call (each batch is its own seeded "
-        "sampling stream, so this changes the answers drawn)",
     )
 
 
@@ -60,15 +51,9 @@ def model_name(base_dir: Path) -> str:
 
 
 def _validation_config(config: ScorerValidationConfig) -> ValidationConfig:
-    return ValidationConfig(
-        max_tokens=config.max_tokens,
-        coherent_temperature=config.coherent_temperature,
-        hot_temperature=config.hot_temperature,
-        hot_samples=config.hot_samples,
-        n_bootstrap=config.n_bootstrap,
-        seed=config.seed,
-        batch_size=config.batch_size,
-    )
+    """The library's validation config: the asset's settings, the coherent sampling and scorers as the
+    library's defaults."""
+    return ValidationConfig(**library_config(config, ValidationSettings).model_dump())
 
 
 def _pooled(table: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -165,7 +165,7 @@ def heldout_collisions(
     found: list[Collision] = []
     seen: set[frozenset[str]] = set()
     for attempt in range(8):  # more walks per round until n distinct collisions are found
-        walk_config = replace(config, seed=seed + attempt)
+        walk_config = config.model_copy(update={"seed": seed + attempt})
         walks = random_walks(nodes, edges, max(2 * n, 16) * (attempt + 1), walk_config)
         for c in collide(walks, nodes, min_memories, max_memories, seed=seed + attempt, exclude=seen):
             seen.add(c.node_set)

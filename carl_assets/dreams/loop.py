@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from carl_assets.dreams.collisions import DEFAULT_SYSTEM_PROMPT, Collision, collide, scenario_messages
 from carl_assets.dreams.convergence import cycle_statistics
@@ -21,37 +22,63 @@ from carl_assets.dreams.filtering import filter_responses
 from carl_assets.dreams.generation import BatchCache, Sampling, generate_responses
 from carl_assets.dreams.scoring import score_responses
 from carl_assets.dreams.walks import WalkConfig, random_walks
+from carl_assets.settings import Settings
 
 MAX_WALK_ROUNDS = 8  # rounds of extra walks when skips, duplicates and exclusions leave too few scenarios
 
 
-@dataclass
-class DreamConfig:
-    n_scenarios: int = 32
-    responses_per_scenario: int = 4
-    max_new_tokens: int = 48
-    batch_size: int = 8  # prompts per generate call (each with responses_per_scenario samples)
-    walk: WalkConfig = field(default_factory=WalkConfig)
-    min_memories: int = 2
-    max_memories: int = 3
-    excerpt_chars: int = 160
-    top_fraction: float = 0.5
-    min_score: float | None = None
-    seed: int = 0
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    sampling: Sampling = field(default_factory=Sampling)  # top-k / top-p / min-p truncation (default: none)
+class DreamSettings(Settings):
+    """A dream cycle's size, filter and seed, as `dream_scenarios` exposes them (flat: the walks are
+    `WalkSettings`, the sampling's truncation is resolved per model). Raises ``ValueError`` (a pydantic
+    ``ValidationError``) on a count below 1."""
 
-    def __post_init__(self) -> None:
+    n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
+    responses_per_scenario: int = Field(default=4, description="responses sampled per scenario (k)")
+    max_new_tokens: int = Field(default=32, description="tokens per response")
+    # Not performance-only: each generate batch samples from its own seeded stream, so the batching
+    # changes which answers are drawn.
+    batch_size: int = Field(
+        default=8,
+        description="scenarios per generate call (each batch has its own "
+        "seeded sampling stream, so this changes the answers drawn)",
+    )
+    max_memories: int = Field(default=3, description="memories collided per scenario (at least 2)")
+    excerpt_chars: int = Field(default=160, description="characters of each memory shown in the prompt")
+    top_fraction: float = Field(
+        default=0.25,
+        description="the filter keeps this top share of each scenario's responses (0.25 of 4: the best one)",
+    )
+    min_score: float | None = Field(
+        default=None,
+        description="the filter keeps only responses scoring at "
+        "least this (None: no minimum; the inverse diagnostic then uses the score "
+        "the filter kept at, the cycle's (1 - top_fraction) quantile)",
+    )
+    seed: int = Field(default=0, description="seed of walks, collisions and sampling (mixed with the cycle)")
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> Self:
         for name in ("n_scenarios", "responses_per_scenario", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DreamConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.walk, dict):  # from a JSON/YAML config
-            self.walk = WalkConfig(**self.walk)
-        if isinstance(self.sampling, dict):
-            self.sampling = Sampling(**self.sampling)
+        return self
+
+
+class DreamConfig(DreamSettings):
+    """The dream settings plus what the asset builds or never exposes: the walks (`walk`; its seed is
+    replaced per cycle from `seed`), the sampling's truncation (default: none), the fewest memories a
+    scenario collides and the system prompt."""
+
+    walk: WalkConfig = Field(default_factory=WalkConfig, description="how scenarios' walks are drawn")
+    min_memories: int = Field(default=2, description="memories collided per scenario, at least")
+    system_prompt: str | None = Field(
+        default=DEFAULT_SYSTEM_PROMPT, description="the dream prompt's system message (None: none)"
+    )
+    sampling: Sampling = Field(default_factory=Sampling, description="top-k / top-p / min-p truncation")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as plain JSON-able values (the walk and sampling as dicts)."""
+        return self.model_dump(mode="json")
 
 
 @dataclass
@@ -78,7 +105,7 @@ def dream_scenarios(nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfi
     for attempt in range(MAX_WALK_ROUNDS):
         need = config.n_scenarios - len(found)
         n_walks = 2 * need + 8  # some walks are skipped (too few distinct nodes, duplicates, excluded)
-        walk_config = replace(config.walk, seed=_cycle_seed(config.seed, cycle, 2 * attempt))
+        walk_config = config.walk.model_copy(update={"seed": _cycle_seed(config.seed, cycle, 2 * attempt)})
         walks = random_walks(nodes, edges, n_walks, walk_config)
         walks_drawn += n_walks
         for c in collide(walks, nodes, config.min_memories, config.max_memories,

@@ -10,8 +10,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-SHAPES = ("linear", "cosine", "geometric")
+from pydantic import Field
+
+from carl_assets.settings import Settings
+
+Shape = Literal["linear", "cosine", "geometric"]
+SHAPES: tuple[str, ...] = get_args(Shape)
+
+
+class ScheduleSettings(Settings):
+    """The schedule's length and shape, as `dream_scenarios` exposes them (its start and end values depend
+    on the model: `carl_assets.models.defaults.dream_sampling_defaults`, resolved by the caller)."""
+
+    schedule_cycles: int = Field(
+        default=3, description="noise schedule: cycles from the start to the end values"
+    )
+    schedule_shape: Shape = Field(
+        default="cosine", description="noise schedule: 'linear', 'cosine' or 'geometric'"
+    )
 
 
 @dataclass(frozen=True)
@@ -22,17 +40,33 @@ class ScheduleStep:
     progress: float  # 0 at the first cycle, 1 at the last and beyond
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NoiseSchedule:
     """`shape`: "linear" (straight line), "cosine" (half cosine: slow, fast, slow) or "geometric"
-    (straight in log space: the same ratio every cycle)."""
+    (straight in log space: the same ratio every cycle). No defaults: the start and end values depend on the
+    model (`carl_assets.models.defaults.dream_sampling_defaults`), `cycles` and `shape` are
+    `ScheduleSettings`' (see `from_settings`)."""
 
-    cycles: int = 3
-    lr_start: float = 1e-4
-    lr_end: float = 1e-5
-    temperature_start: float = 1.3
-    temperature_end: float = 0.7
-    shape: str = "cosine"
+    cycles: int
+    lr_start: float
+    lr_end: float
+    temperature_start: float
+    temperature_end: float
+    shape: str
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ScheduleSettings,
+        *,
+        lr_start: float,
+        lr_end: float,
+        temperature_start: float,
+        temperature_end: float,
+    ) -> NoiseSchedule:
+        """The schedule of `settings`' cycles and shape between these start and end values."""
+        return cls(cycles=settings.schedule_cycles, shape=settings.schedule_shape, lr_start=lr_start,
+                   lr_end=lr_end, temperature_start=temperature_start, temperature_end=temperature_end)
 
     def __post_init__(self) -> None:
         if self.cycles < 1:

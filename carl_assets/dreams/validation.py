@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from carl_assets.carl.reward_fn import REWARD_NAMES
 from carl_assets.dreams.collisions import heldout_collisions, scenario_messages
@@ -37,6 +38,7 @@ from carl_assets.dreams.generation import (
     generate_responses,
 )
 from carl_assets.dreams.scoring import TokenScorer
+from carl_assets.settings import Settings
 
 CORRUPTIONS = ("shuffled_words", "cut_repeated", "hot_sample")
 COHERENT_SOURCES = ("policy_answer", "memory_text")
@@ -147,29 +149,48 @@ def cut_and_repeat(text: str, rng: np.random.Generator) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ValidationConfig:
-    """How the validation set is built and judged. `coherent_*`: the policy's own answers (a low
-    temperature, truncated); `hot_*`: the untruncated high-temperature samples; `max_tokens`: tokens
-    scored per text; `n_bootstrap` resamples for the interval (seeded by `seed`, as the corruptions)."""
+class ValidationSettings(Settings):
+    """How the validation set is built and judged, as `scorer_validation` exposes it. `coherent_*`: the
+    policy's own answers (a low temperature, truncated); `hot_*`: the untruncated high-temperature samples;
+    `max_tokens`: tokens scored per text; `n_bootstrap` resamples for the interval (seeded by `seed`, as
+    the corruptions). Raises ``ValueError`` (a pydantic ``ValidationError``) on too few tokens or samples,
+    or a temperature out of range."""
 
-    max_tokens: int = 48
-    coherent_temperature: float = 0.5
-    coherent_sampling: Sampling = field(default_factory=lambda: Sampling(top_p=0.9))
-    hot_temperature: float = 1.5
-    hot_samples: int = 2
-    n_bootstrap: int = 1000
-    seed: int = 0
-    batch_size: int = 8
-    scorers: tuple[str, ...] = REWARD_NAMES
+    max_tokens: int = Field(default=48, description="tokens generated and scored per text")
+    coherent_temperature: float = Field(
+        default=0.5, description="temperature of the policy's own (coherent) answers, sampled with top-p 0.9"
+    )
+    hot_temperature: float = Field(
+        default=1.5, description="temperature of the untruncated (corrupted) samples"
+    )
+    hot_samples: int = Field(default=2, description="untruncated hot samples per prompt")
+    n_bootstrap: int = Field(default=1000, description="bootstrap resamples of each AUC's 95% interval")
+    seed: int = Field(default=0, description="seed of prompts, sampling, corruptions and the bootstrap")
+    batch_size: int = Field(
+        default=8,
+        description="prompts per generate call (each batch is its own seeded "
+        "sampling stream, so this changes the answers drawn)",
+    )
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
         if self.hot_samples < 1:
             raise ValueError(f"hot_samples must be >= 1, got {self.hot_samples}")
         if self.hot_temperature <= 0 or self.coherent_temperature < 0:
             raise ValueError("temperatures must be positive (coherent_temperature 0 decodes greedily)")
+        return self
+
+
+class ValidationConfig(ValidationSettings):
+    """The validation settings plus what the asset never exposes: the truncation of the coherent answers
+    and the scorers judged."""
+
+    coherent_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(top_p=0.9), description="truncation of the coherent answers"
+    )
+    scorers: tuple[str, ...] = Field(default=REWARD_NAMES, description="the scorers judged")
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,14 @@ per walk and step, the neighbour found by a binary search in the global cumulati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, field_validator, model_validator
+
+from carl_assets.settings import Settings
 
 # Recency columns, most preferred first; a column with no value is skipped. File order (`source_line`,
 # else the row position) is the fallback and breaks ties.
@@ -40,24 +44,45 @@ MIN_PREFERRED_STARTS = 8  # fewer reflection/lesson nodes than this dream too fe
 POPULOUS_SHARE = 0.5  # auto kinds without enough reflection/lesson nodes: the largest covering this share
 
 
-@dataclass
-class WalkConfig:
-    """How walks are drawn. `relation_weights` maps a relation type to its edge weight (unknown types get
-    `default_weight`; 0 means the walk never takes that relation); `directed=False` lets a walk follow
-    an edge both ways. `conditioning_kinds` empty: the graph's own (`auto_conditioning_kinds`).
-    `recency_half_life_days` <= 0 gives every dated start an equal share."""
+class WalkSettings(Settings):
+    """How walks start and wander, as `dream_scenarios` exposes it. `conditioning_kinds` empty: the graph's
+    own (`auto_conditioning_kinds`); a string is taken as one kind ("auto" or "": empty).
+    `recency_half_life_days` <= 0 gives every dated start an equal share. Raises ``ValueError`` (a pydantic
+    ``ValidationError``) on a probability outside [0, 1], a negative length or weight, or no start."""
 
-    restart_prob: float = 0.15
-    walk_length: int = 8
-    relation_weights: dict[str, float] = field(default_factory=dict)
-    default_weight: float = 1.0
-    conditioning_kinds: tuple[str, ...] = ()
-    recent_nodes: int = 64
-    directed: bool = False
-    seed: int = 0
-    recency_half_life_days: float = 30.0
+    restart_prob: float = Field(
+        default=0.15, description="random walk: probability of jumping back to the start node at each step"
+    )
+    walk_length: int = Field(default=8, description="random walk: steps per walk")
+    relation_weights: dict[str, float] = Field(
+        default={}, description="random walk: edge weight per relation type (others weigh 1)"
+    )
+    conditioning_kinds: list[str] = Field(
+        default=[],
+        description="walks start at recent nodes of these "
+        "kinds; [] (the default) means the graph's own: reflection/lesson "
+        "when it has at least 8 of them, else its most populous kinds "
+        "covering half its nodes (carl_assets.dreams.walks)",
+    )
+    recent_nodes: int = Field(
+        default=64, description="walks start among this many most recent nodes of the conditioning kinds"
+    )
+    recency_half_life_days: float = Field(
+        default=30.0,
+        description="when nodes carry dates (updated_at), a "
+        "start dated this many days before the newest seeds half as many "
+        "walks (<= 0: equal shares; without dates shares are equal)",
+    )
 
-    def __post_init__(self) -> None:
+    @field_validator("conditioning_kinds", mode="before")
+    @classmethod
+    def _kinds_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "auto", or one kind written without a list
+            return [] if value in ("", "auto") else [value]
+        return [str(k) for k in value] if isinstance(value, tuple | list) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if not 0.0 <= self.restart_prob <= 1.0:
             raise ValueError(f"restart_prob must lie in [0, 1], got {self.restart_prob}")
         if self.walk_length < 0:
@@ -66,15 +91,30 @@ class WalkConfig:
             raise ValueError(f"recent_nodes must be >= 1, got {self.recent_nodes}")
         if not np.isfinite(self.recency_half_life_days):
             raise ValueError(f"recency_half_life_days must be finite, got {self.recency_half_life_days}")
-        weights = {**self.relation_weights, "<default_weight>": self.default_weight}
-        bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
-        if bad:
-            raise ValueError(f"edge weights must be finite and >= 0, got {bad}")
-        if isinstance(self.conditioning_kinds, str):  # "auto", or one kind written without a list
-            self.conditioning_kinds = (
-                () if self.conditioning_kinds in ("", "auto") else (self.conditioning_kinds,)
-            )
-        self.conditioning_kinds = tuple(str(k) for k in self.conditioning_kinds)
+        _check_weights(self.relation_weights)
+        return self
+
+
+class WalkConfig(WalkSettings):
+    """The walk settings plus what the asset does not expose: `relation_weights` maps a relation type to
+    its edge weight (unknown types get `default_weight`; 0 means the walk never takes that relation);
+    `directed=False` lets a walk follow an edge both ways; `seed` (the dream loop derives one per cycle
+    from its own seed)."""
+
+    default_weight: float = Field(default=1.0, description="edge weight of a relation type not weighed")
+    directed: bool = Field(default=False, description="walk edges only from source to target")
+    seed: int = Field(default=0, description="seed of the walks")
+
+    @model_validator(mode="after")
+    def _check_default_weight(self) -> Self:
+        _check_weights({"<default_weight>": self.default_weight})
+        return self
+
+
+def _check_weights(weights: dict[str, float]) -> None:
+    bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"edge weights must be finite and >= 0, got {bad}")
 
 
 class NoWalkStartError(ValueError):
@@ -147,7 +187,7 @@ def auto_conditioning_kinds(nodes: pd.DataFrame) -> tuple[str, ...]:
 
 def resolve_conditioning_kinds(nodes: pd.DataFrame, config: WalkConfig) -> tuple[str, ...]:
     """`config.conditioning_kinds` when given, else `auto_conditioning_kinds(nodes)`."""
-    return config.conditioning_kinds or auto_conditioning_kinds(nodes)
+    return tuple(config.conditioning_kinds) or auto_conditioning_kinds(nodes)
 
 
 def _file_order(nodes: pd.DataFrame) -> np.ndarray:
