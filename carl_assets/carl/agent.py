@@ -106,10 +106,12 @@ def agent_step(
     observation: str,
     instruction: str,
     gate_threshold: float = SIGMA,
-    max_new_tokens: int = 128,
+    *,
+    max_new_tokens: int,
     sampling: AgentSampling = GREEDY,
 ) -> AgentStep:
-    """One agent step: generate a response (greedy by default; `sampling` for temperature and top-p / top-k
+    """One agent step: generate at most `max_new_tokens` (the caller's budget: the agent_evaluation asset's
+    config, `carl agent --max-new-tokens`), greedy by default (`sampling` for temperature and top-p / top-k
     / min-p), measure its Phi on the model's own (untempered) logits, and act only when coherent."""
     device = next(model.parameters()).device
     limit = model_max_positions(model)
@@ -152,7 +154,8 @@ def evaluate_agent(
     tokenizer: Any,
     tasks: pd.DataFrame | Iterable[Mapping[str, Any]],
     gate_threshold: float = SIGMA,
-    max_new_tokens: int = 128,
+    *,
+    max_new_tokens: int,
     sampling: AgentSampling = GREEDY,
 ) -> pd.DataFrame:
     """`agent_step` on each task (`observation`, `instruction`, optional `task_id`, `node_id`, `expected`),
