@@ -13,6 +13,7 @@ from carl_assets.leworld.data import (
     generate_splits,
     region_means,
 )
+from carl_assets.leworld.memory import MemorySettings
 from carl_assets.leworld.populators import (
     experience_bits,
     from_experience,
@@ -163,6 +164,14 @@ def test_splits_follow_the_settings(memory_bits):
     assert torch.equal(splits["train"].states, train.states)
     with pytest.raises(ValueError, match="unknown cue 'address'"):
         DatasetSettings(cue="address")
+
+
+def test_memory_settings_size_the_memory_config():
+    assert (MemoryConfig().num_words, MemoryConfig().word_size) == (65536, 32) == (
+        MemorySettings().num_words, MemorySettings().word_size)
+    assert MemorySettings(populator="random", num_words=1024).num_words == 1024
+    with pytest.raises(ValueError, match="unknown populator 'dreams'"):
+        MemorySettings(populator="dreams")
 
 
 def test_closed_form_equals_recurrence():

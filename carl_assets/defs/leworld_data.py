@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from dagster_duckdb import DuckDBResource
-from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from carl_assets.defs.common import library_config, materialized, table_preview
@@ -27,6 +26,7 @@ from carl_assets.leworld.data import (
     SequenceBatch,
     generate_splits,
 )
+from carl_assets.leworld.memory import MemorySettings
 from carl_assets.leworld.populators import (
     REGIONS,
     from_experience,
@@ -40,22 +40,11 @@ from carl_assets.storage import content_hash
 GROUP = "leworld"
 MEMORY_FILE = "memory.safetensors"
 DATASET_FILE = "dataset.json"
-POPULATORS = ("structured", "random", "experience")
 
 
-class LeWorldMemoryConfig(dg.Config):
-    """leworld_memory: its size and the populator that fills it."""
-
-    populator: str = Field(
-        default="structured",
-        description="how the memory is filled: 'structured' (the reference's four pattern quarters), "
-        "'random' (fair coin bits) or 'experience' (the sentences of the memory graph's node texts, DuckDB "
-        "memory_nodes)",
-    )
-    num_words: int = Field(default=65536, description="words of memory, 1,024..65,536 (two address bytes)")
-    word_size: int = Field(default=32, description="bits per word")
-    seed: int = Field(
-        default=0, description="seed of the random bits / the context quarter / the text projection")
+class LeWorldMemoryConfig(dg.Config, MemorySettings):
+    """leworld_memory: its size and the populator that fills it (each setting defined once, in
+    `carl_assets.leworld.memory.MemorySettings`)."""
 
 
 class LeWorldDatasetConfig(dg.Config, DatasetSettings):
@@ -73,11 +62,9 @@ def load_split(leworld_dataset: AssetHandle, split: str) -> SequenceBatch:
     return SequenceBatch.from_tensors(load_file(str(leworld_dataset.file(f"{split}.safetensors"))))
 
 
-def _populate(config: LeWorldMemoryConfig, memory_graph: AssetHandle
+def _populate(config: MemorySettings, memory_graph: AssetHandle
               ) -> tuple[ArtificialMemory, dict[str, object]]:
     """The memory filled by the configured populator, and what the `experience` one reports."""
-    if config.populator not in POPULATORS:
-        raise ValueError(f"unknown populator {config.populator!r}: use structured, random or experience")
     memory = ArtificialMemory(MemoryConfig(num_words=config.num_words, word_size=config.word_size))
     if config.populator == "structured":
         structured_patterns(memory, config.seed)
@@ -108,7 +95,7 @@ def _populate(config: LeWorldMemoryConfig, memory_graph: AssetHandle
 )
 def leworld_memory(context: dg.AssetExecutionContext, config: LeWorldMemoryConfig, memory_graph: AssetHandle,
                    artifacts: ArtifactStore) -> dg.MaterializeResult:
-    memory, extra = _populate(config, memory_graph)
+    memory, extra = _populate(library_config(config, MemorySettings), memory_graph)
     bits = memory.memory.to(torch.uint8)
     with artifacts.write_version("leworld_memory") as (tmp, version):
         save_file({"bits": bits}, str(tmp / MEMORY_FILE), metadata={"populator": config.populator})

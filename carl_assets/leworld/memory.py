@@ -4,21 +4,52 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import Field, field_validator
 
 from carl_assets.leworld.sizes import DEFAULT_SIZES
+from carl_assets.settings import Settings
 
 BYTE = 256  # the low byte of an address; the high byte has ceil(num_words / 256) values
+POPULATORS = ("structured", "random", "experience")
+
+
+class MemorySettings(Settings):
+    """The memory's size and the populator that fills it (the leworld_memory asset's config inherits this
+    class, so each is defined here only; `MemoryConfig` takes its size defaults from it). Raises ValueError
+    (pydantic's ValidationError) for an unknown populator."""
+
+    populator: str = Field(
+        default="structured",
+        description="how the memory is filled: 'structured' (the reference's four pattern quarters), "
+        "'random' (fair coin bits) or 'experience' (the sentences of the memory graph's node texts, DuckDB "
+        "memory_nodes)",
+    )
+    num_words: int = Field(default=65536, description="words of memory, 1,024..65,536 (two address bytes)")
+    word_size: int = Field(default=32, description="bits per word")
+    seed: int = Field(
+        default=0, description="seed of the random bits / the context quarter / the text projection")
+
+    @field_validator("populator")
+    @classmethod
+    def _known_populator(cls, value: Any) -> Any:
+        if value not in POPULATORS:
+            raise ValueError(f"unknown populator {value!r}: use structured, random or experience")
+        return value
+
+
+_DEFAULT_MEMORY = MemorySettings()
 
 
 @dataclass
 class MemoryConfig:
     """Size of the memory and of what a read encodes to; ValueError outside two address bytes."""
 
-    num_words: int = 65536
-    word_size: int = 32
+    num_words: int = _DEFAULT_MEMORY.num_words
+    word_size: int = _DEFAULT_MEMORY.word_size
     max_read_range: int = DEFAULT_SIZES.max_read_range
     encoding_dim: int = DEFAULT_SIZES.encoding_dim
 
