@@ -17,7 +17,12 @@ from carl_assets.defs.artifact_store import StoreSettings
 from carl_assets.defs.dream_config import DreamScenariosConfig
 from carl_assets.defs.emotion_pairs import PairsConfig
 from carl_assets.defs.emotion_tags import EmotionTagsConfig
-from carl_assets.defs.leworld import LeWorldDatasetConfig, LeWorldMemoryConfig, LeWorldModelConfig
+from carl_assets.defs.leworld import (
+    LeWorldDatasetConfig,
+    LeWorldEvaluationConfig,
+    LeWorldMemoryConfig,
+    LeWorldModelConfig,
+)
 from carl_assets.defs.models import BaseModelConfig
 from carl_assets.defs.scorer_validation import ScorerValidationConfig
 from carl_assets.defs.steering import SteeringConfig
@@ -34,6 +39,7 @@ from carl_assets.dreams.schedule import ScheduleSettings
 from carl_assets.dreams.validation import ValidationSettings
 from carl_assets.dreams.walks import WalkSettings
 from carl_assets.leworld.data import DatasetSettings
+from carl_assets.leworld.evaluation import EvaluationSettings
 from carl_assets.leworld.memory import MemorySettings
 from carl_assets.leworld.sizes import ArchitectureSettings
 from carl_assets.leworld.training import LeWorldTrainingSettings
@@ -175,6 +181,7 @@ def test_asset_configs_inherit_the_library_config_they_build():
         LeWorldModelConfig: [LeWorldTrainingSettings, ArchitectureSettings],
         LeWorldDatasetConfig: [DatasetSettings],
         LeWorldMemoryConfig: [MemorySettings],
+        LeWorldEvaluationConfig: [EvaluationSettings],
     }
     for config, libraries in builds.items():
         own = set(vars(config).get("__annotations__", {}))

@@ -33,7 +33,7 @@ from carl_assets.leworld.comparison import (
     verdict_sentence,
 )
 from carl_assets.leworld.data import SPLITS
-from carl_assets.leworld.evaluation import evaluate
+from carl_assets.leworld.evaluation import EvaluationSettings, evaluate
 from carl_assets.leworld.models import component_configs
 from carl_assets.leworld.sizes import ArchitectureSettings
 from carl_assets.leworld.training import LeWorldTrainingSettings, TrainingConfig, training_config
@@ -58,10 +58,8 @@ class LeWorldModelConfig(dg.Config, LeWorldTrainingSettings, ArchitectureSetting
     )
 
 
-class LeWorldEvaluationConfig(dg.Config):
-    """leworld_evaluation: the rollout horizon."""
-
-    n_steps: int = Field(default=5, description="rollout horizon, as in the reference's evaluator")
+class LeWorldEvaluationConfig(dg.Config, EvaluationSettings):
+    """leworld_evaluation: the rollout horizon (defined once, in `carl_assets.leworld.evaluation`)."""
 
 
 def _loss_series(metrics: pd.DataFrame, names: list[tuple[int | None, str]], offsets: dict[int, int]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from carl_assets.leworld.architecture import LeWorldSystem
 from carl_assets.leworld.data import SequenceBatch
-from carl_assets.leworld.evaluation import model_errors
+from carl_assets.leworld.evaluation import HORIZON, model_errors
 from carl_assets.leworld.training import TrainingConfig, train_system
 
 VARIANTS = ("memory", "no_memory")  # trained with memory reads | the same architecture trained without
@@ -77,7 +77,7 @@ def train_replicates(
 
 
 def evaluate_replicates(
-    replicates: Sequence[Replicate], data: SequenceBatch, n_steps: int = 5
+    replicates: Sequence[Replicate], data: SequenceBatch, n_steps: int = HORIZON
 ) -> pd.DataFrame:
     """One row per replicate: variant, seed and the trained system's own errors (`model_errors`, the
     `leworld` row of `evaluate`: rollout mse/mae and one_step_mse) on the same sequences."""

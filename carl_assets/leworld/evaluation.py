@@ -22,12 +22,24 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from carl_assets.leworld.architecture import LeWorldSystem
 from carl_assets.leworld.data import SequenceBatch, iterate_batches
 from carl_assets.runtime import torch_threads
+from carl_assets.settings import Settings
 
 SYSTEMS = ("leworld", "persistence", "memory_ablated", "oracle_reads")
+
+
+class EvaluationSettings(Settings):
+    """The evaluation's setting a user picks (the leworld_evaluation asset's config inherits this class);
+    the functions below take `n_steps` with its default, `HORIZON`."""
+
+    n_steps: int = Field(default=5, description="rollout horizon, as in the reference's evaluator")
+
+
+HORIZON = EvaluationSettings().n_steps
 
 
 @dataclass
@@ -40,7 +52,7 @@ class EvaluationResult:
 def evaluate(
     system: LeWorldSystem,
     data: SequenceBatch,
-    n_steps: int = 5,
+    n_steps: int = HORIZON,
     batch_size: int = 256,
     num_threads: int | None = 1,
     trained_baselines: dict[str, LeWorldSystem] | None = None,
@@ -195,7 +207,7 @@ def _errors(
 def model_errors(
     system: LeWorldSystem,
     data: SequenceBatch,
-    n_steps: int = 5,
+    n_steps: int = HORIZON,
     batch_size: int = 256,
     num_threads: int | None = 1,
 ) -> dict[str, float]:
@@ -216,7 +228,7 @@ class Evaluator:
     rollout from each sequence's first state."""
 
     @staticmethod
-    def prediction_accuracy(system: LeWorldSystem, dataloader: Any, n_steps: int = 5) -> dict[str, Any]:
+    def prediction_accuracy(system: LeWorldSystem, dataloader: Any, n_steps: int = HORIZON) -> dict[str, Any]:
         was_training = system.training
         system.eval()
         total_mse = total_mae = 0.0

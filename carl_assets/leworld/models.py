@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from carl_assets.leworld.data import DatasetSettings
 from carl_assets.leworld.memory import BYTE, MemoryConfig
 from carl_assets.leworld.sizes import DEFAULT_SIZES, ArchitectureSettings
 
+_DATA = DatasetSettings()  # the state and characteristics sizes' defaults are the dataset's
 INFO_GATE_BIAS = 2.0  # initial logit of sending the info query: ask by default until phase 3 learns otherwise
 
 
@@ -20,8 +22,8 @@ INFO_GATE_BIAS = 2.0  # initial logit of sending the info query: ask by default 
 class SLMConfig:
     """Sizes of a small model."""
 
-    state_dim: int = 64
-    char_dim: int = 32
+    state_dim: int = _DATA.state_dim
+    char_dim: int = _DATA.char_dim
     d_model: int = DEFAULT_SIZES.slm_d_model
 
 
@@ -29,7 +31,7 @@ class SLMConfig:
 class BLMConfig:
     """Sizes of the big model and how many SLMs it routes."""
 
-    state_dim: int = 64
+    state_dim: int = _DATA.state_dim
     d_model: int = DEFAULT_SIZES.blm_d_model
     n_slms: int = DEFAULT_SIZES.n_slms
     info_dim: int = DEFAULT_SIZES.info_dim
