@@ -113,10 +113,9 @@ def set_up(args: argparse.Namespace):
     graph = load_graph("sample")
     model, tok = new_offline_model(graph.nodes["text"].astype(str).tolist())
     model.eval()
-    collisions, _ = dream_scenarios(
-        graph.nodes, graph.edges, DreamConfig(n_scenarios=args.scenarios), cycle=0
-    )
-    prompts = [scenario_messages(c) for c in collisions]
+    config = DreamConfig(n_scenarios=args.scenarios)
+    collisions, _ = dream_scenarios(graph.nodes, graph.edges, config, cycle=0)
+    prompts = [scenario_messages(c, excerpt_chars=config.excerpt_chars) for c in collisions]
     layers = default_layers(model.config.num_hidden_layers)
     scorer = CombinedScorer(
         [

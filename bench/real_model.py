@@ -112,8 +112,9 @@ def as_dtype(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def scenario_prompts(n: int) -> list[list[dict[str, str]]]:
     graph = load_graph("sample")
-    collisions, _ = dream_scenarios(graph.nodes, graph.edges, DreamConfig(n_scenarios=n), cycle=0)
-    return [scenario_messages(c) for c in collisions][:n]
+    config = DreamConfig(n_scenarios=n)
+    collisions, _ = dream_scenarios(graph.nodes, graph.edges, config, cycle=0)
+    return [scenario_messages(c, excerpt_chars=config.excerpt_chars) for c in collisions][:n]
 
 
 def completion_texts(n: int) -> list[str]:

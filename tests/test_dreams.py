@@ -193,7 +193,7 @@ def test_collisions_hold_two_or_three_distinct_memories_led_by_the_start(sample_
     nodes, edges = sample_graph.nodes, sample_graph.edges
     config = WalkConfig(seed=2)
     walks = random_walks(nodes, edges, 60, config)
-    collisions = collide(walks, nodes, seed=4)
+    collisions = collide(walks, nodes, min_memories=2, max_memories=3, seed=4)
     assert len(collisions) >= 40
     kind_of = dict(zip(nodes["node_id"], nodes["kind"], strict=True))
     text_of = dict(zip(nodes["node_id"], nodes["text"], strict=True))
@@ -210,13 +210,13 @@ def test_collisions_hold_two_or_three_distinct_memories_led_by_the_start(sample_
     assert len({c.dream_id for c in collisions}) == len(collisions)
 
     excluded = {collisions[0].node_set, collisions[3].node_set}
-    again = collide(walks, nodes, seed=4, exclude=excluded)
+    again = collide(walks, nodes, min_memories=2, max_memories=3, seed=4, exclude=excluded)
     assert [c.dream_id for c in again] == [c.dream_id for i, c in enumerate(collisions) if i not in (0, 3)]
 
 
 def test_walks_with_too_few_distinct_nodes_are_skipped():
     nodes = _nodes(["r", "x"], ["reflection", "journal"])
-    assert collide([["r", "r", "r"], ["r"]], nodes) == []
+    assert collide([["r", "r", "r"], ["r"]], nodes, min_memories=2, max_memories=3) == []
     only = collide([["r", "r", "x"]], nodes, min_memories=2, max_memories=3)
     assert [c.node_ids for c in only] == [("r", "x")]
     with pytest.raises(ValueError, match="min_memories"):
@@ -225,7 +225,7 @@ def test_walks_with_too_few_distinct_nodes_are_skipped():
 
 def test_scenario_prompt_presents_every_memory(sample_graph):
     nodes, edges = sample_graph.nodes, sample_graph.edges
-    c = collide(random_walks(nodes, edges, 5, WalkConfig()), nodes, seed=0)[0]
+    c = collide(random_walks(nodes, edges, 5, WalkConfig()), nodes, min_memories=2, max_memories=3, seed=0)[0]
     messages = scenario_messages(c, excerpt_chars=60, system_prompt="Be yourself.")
     assert [m["role"] for m in messages] == ["system", "user"] and messages[0]["content"] == "Be yourself."
     user = messages[1]["content"]
@@ -235,15 +235,16 @@ def test_scenario_prompt_presents_every_memory(sample_graph):
         # the node text opens with "name (kind)": the kind is named once, by the text itself
         assert text.split()[0] in line and line.count(f"({kind})") == 1
     assert "your own words" in user
-    assert [m["role"] for m in scenario_messages(c, system_prompt=None)] == ["user"]
+    assert [m["role"] for m in scenario_messages(c, excerpt_chars=160, system_prompt=None)] == ["user"]
 
 
 def test_heldout_collisions_are_fixed(sample_graph):
     nodes, edges = sample_graph.nodes, sample_graph.edges
-    a = heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99)
+    a = heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99, min_memories=2, max_memories=3)
     assert len(a) == 12 and len({c.node_set for c in a}) == 12
     assert [c.dream_id for c in a] == [
-        c.dream_id for c in heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99)
+        c.dream_id
+        for c in heldout_collisions(nodes, edges, 12, WalkConfig(), seed=99, min_memories=2, max_memories=3)
     ]
 
 
@@ -680,15 +681,17 @@ class _LengthScorer:
 
 def test_inverse_diagnostic_passes_what_the_filter_minimum_keeps(lively_model, sample_graph):
     model, tok = lively_model
-    held = heldout_collisions(sample_graph.nodes, sample_graph.edges, 3, seed=11)
+    held = heldout_collisions(
+        sample_graph.nodes, sample_graph.edges, 3, seed=11, min_memories=2, max_memories=3
+    )
     rate, rows = inverse_diagnostic_pass_rate(
-        model, tok, held, _LengthScorer(), min_score=6, max_new_tokens=6, excerpt_chars=40
+        model, tok, held, _LengthScorer(), min_score=6, max_new_tokens=6, batch_size=8, excerpt_chars=40
     )
     assert rows["dream_id"].tolist() == [c.dream_id for c in held]
     expected = (rows["response"].str.len() > 0) & (rows["length"] >= 6)
     assert rows["passed"].tolist() == expected.tolist() and rate == pytest.approx(expected.mean())
     rate_high, _ = inverse_diagnostic_pass_rate(
-        model, tok, held, _LengthScorer(), min_score=7, max_new_tokens=6, excerpt_chars=40
+        model, tok, held, _LengthScorer(), min_score=7, max_new_tokens=6, batch_size=8, excerpt_chars=40
     )
     assert rate_high == 0.0
 
@@ -705,7 +708,10 @@ def test_dream_one_cycle(lively_model, sample_graph):
         top_fraction=0.5,
         seed=4,
     )
-    held = heldout_collisions(nodes, edges, 20, config.walk, seed=77)
+    held = heldout_collisions(
+        nodes, edges, 20, config.walk, seed=77,
+        min_memories=config.min_memories, max_memories=config.max_memories,
+    )
     exclude = {c.node_set for c in held}
     calls = []
     result = dream(
@@ -743,7 +749,7 @@ def test_dream_one_cycle(lively_model, sample_graph):
     kept_per_dream = frame.groupby("dream_id")["kept"].sum()
     assert (kept_per_dream <= 2).all()  # ceil(0.5 * 3)
     first = json.loads(frame["prompt"].iloc[0])
-    assert first == scenario_messages(result.collisions[0], 50)
+    assert first == scenario_messages(result.collisions[0], excerpt_chars=50)
     assert calls[-1] == (5, 5) and result.statistics["responses"] == 15
 
     again = dream(
@@ -869,7 +875,7 @@ def test_auto_kinds_without_lessons_are_the_most_populous_covering_half():
 
 def test_one_lesson_graph_dreams_from_its_own_kinds_with_the_full_heldout_set():
     graph = _case("memory_one_lesson.jsonl")
-    plan = plan_heldout(graph.nodes, graph.edges, 8, 32, WalkConfig(), max_memories=3)
+    plan = plan_heldout(graph.nodes, graph.edges, 8, 32, WalkConfig(), min_memories=2, max_memories=3)
     assert plan.pool == 40 and len(plan.collisions) == 8 and not plan.shrunk
     config = DreamConfig(n_scenarios=32, walk=WalkConfig())
     collisions, _ = loop_dream_scenarios(
@@ -904,7 +910,7 @@ def test_stubs_never_start_nor_join_a_collision_but_walks_pass_through():
     config = WalkConfig(restart_prob=0.0, walk_length=2, directed=True, seed=0)
     walks = random_walks(nodes, edges, 10, config)
     assert {w[0] for w in walks} == {"p1", "p2"} and ["p1", "s1", "p2"] in walks
-    collisions = collide(walks, nodes, seed=0)
+    collisions = collide(walks, nodes, min_memories=2, max_memories=3, seed=0)
     assert [c.node_ids for c in collisions] == [("p1", "p2")]
     with pytest.raises(NoWalkStartError, match=r"\['entity'\].*\{'project': 2\}"):
         random_walks(nodes, edges, 3, WalkConfig(conditioning_kinds=("entity",)))
@@ -950,7 +956,7 @@ def test_small_pool_shrinks_the_heldout_set():
     # the walks can make 3 collisions ({00,01}, {00,02}, {00,01,02}); held out: 3 // 4 = 0, so all 3 dream
     graph = _case("memory_one_lesson.jsonl")
     lesson = WalkConfig(conditioning_kinds=("lesson",))
-    plan = plan_heldout(graph.nodes, graph.edges, 8, 32, lesson, max_memories=3)
+    plan = plan_heldout(graph.nodes, graph.edges, 8, 32, lesson, min_memories=2, max_memories=3)
     assert (plan.pool, len(plan.collisions), plan.shrunk) == (3, 0, True)
     collisions, _ = loop_dream_scenarios(
         graph.nodes, graph.edges, DreamConfig(n_scenarios=32, walk=lesson), 0
@@ -965,7 +971,7 @@ def test_small_pool_shrinks_the_heldout_set():
     star = _nodes(ids, ["lesson"] + ["journal"] * 4)
     star_edges = _edges([("n0", x, "r") for x in ids[1:]])
     one = WalkConfig(conditioning_kinds=("lesson",))
-    plan = plan_heldout(star, star_edges, 8, 32, one, max_memories=3)
+    plan = plan_heldout(star, star_edges, 8, 32, one, min_memories=2, max_memories=3)
     assert plan.pool == 4 + 6 and len(plan.collisions) == 2  # C(4,1) + C(4,2) collisions; 10 // 4 = 2
 
 
@@ -977,7 +983,7 @@ def test_too_few_scenarios_fail_naming_the_config_field_and_the_kinds_present():
     graph = _case("memory_no_lesson.jsonl")
     config = DreamScenariosConfig(conditioning_kinds=["reflection", "lesson"])
     with pytest.raises(dg.Failure) as failure:
-        plan_scenarios(graph.nodes, graph.edges, config, config.dream_config().walk)
+        plan_scenarios(graph.nodes, graph.edges, config, config.dream_config())
     text = failure.value.description
     assert (
         "dream_scenarios.conditioning_kinds" in text
@@ -988,10 +994,10 @@ def test_too_few_scenarios_fail_naming_the_config_field_and_the_kinds_present():
     # lessons without relations: starts exist, but no walk leaves them
     lonely = _nodes(["l1", "l2", "j1"], ["lesson", "lesson", "journal"])
     with pytest.raises(dg.Failure, match="no collision"):
-        plan_scenarios(lonely, _edges([]), DreamScenariosConfig(), DreamScenariosConfig().dream_config().walk)
+        plan_scenarios(lonely, _edges([]), DreamScenariosConfig(), DreamScenariosConfig().dream_config())
     # auto on the same graph goes through
     auto = DreamScenariosConfig()
-    kinds, plan = plan_scenarios(graph.nodes, graph.edges, auto, auto.dream_config().walk)
+    kinds, plan = plan_scenarios(graph.nodes, graph.edges, auto, auto.dream_config())
     assert kinds == ("person", "project", "task", "topic") and plan.pool > 0
 
     # the blocking check's reason names what to change

@@ -54,7 +54,7 @@ def test_known_answers_label_random_and_inverted():
     label_scorer = labels.astype(float)  # the label itself
     assert auc(label_scorer[labels == 1], label_scorer[labels == 0]) == 1.0
     assert auc(-label_scorer[labels == 1], -label_scorer[labels == 0]) == 0.0  # inverted
-    assert bootstrap_auc_interval(label_scorer[:60], label_scorer[60:], n_bootstrap=200) == (1.0, 1.0)
+    assert bootstrap_auc_interval(label_scorer[:60], label_scorer[60:], n_bootstrap=200, seed=0) == (1.0, 1.0)
     noise = rng.normal(size=120)  # unrelated to the label
     value = auc(noise[:60], noise[60:])
     low, high = bootstrap_auc_interval(noise[:60], noise[60:], n_bootstrap=500, seed=0)
@@ -69,7 +69,7 @@ def test_auc_rejects_empty_and_non_finite_sides():
     with pytest.raises(ValueError, match="non-finite"):
         auc([1.0, float("nan")], [0.0])
     with pytest.raises(ValueError, match="n_bootstrap"):
-        bootstrap_auc_interval([1.0], [0.0], n_bootstrap=0)
+        bootstrap_auc_interval([1.0], [0.0], n_bootstrap=0, seed=0)
 
 
 def test_corruptions_keep_the_words_or_repeat_a_fragment():
@@ -103,7 +103,7 @@ def test_auc_table_per_corruption_and_pooled():
             "bad": [0.1, 0.2, 0.5, 0.6, 0.0, 0.05],  # below the shuffled texts, above the hot samples
         }
     )
-    table = auc_table(scored, ["good", "bad"], n_bootstrap=50).set_index(["scorer", "corruption"])
+    table = auc_table(scored, ["good", "bad"], n_bootstrap=50, seed=0).set_index(["scorer", "corruption"])
     assert set(table.index.get_level_values("corruption")) == {"shuffled_words", "hot_sample", POOLED}
     assert table.loc[("good", POOLED), "auc"] == 1.0
     assert table.loc[("bad", "shuffled_words"), "auc"] == 0.0

@@ -9,6 +9,7 @@ import pandas as pd
 
 from carl_assets.defs.dream_config import DreamScenariosConfig
 from carl_assets.dreams.collisions import plan_heldout
+from carl_assets.dreams.loop import DreamConfig
 from carl_assets.dreams.walks import NoWalkStartError, kind_counts, resolve_conditioning_kinds
 
 KEPT_CHECK = dg.AssetCheckSpec(
@@ -40,16 +41,20 @@ def too_few_scenarios_message(
 
 
 def plan_scenarios(
-    nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamScenariosConfig, walk: Any
+    nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamScenariosConfig, dream: DreamConfig
 ) -> tuple[tuple[str, ...], Any]:
-    """(the conditioning kinds used, the held-out plan sized to the graph). Raises dg.Failure naming the
-    config field and the kinds present when no node can start a walk or the walks find no scenario."""
+    """(the conditioning kinds used, the held-out plan sized to the graph, its walks and collision sizes
+    those of `dream`, the library config the asset dreams with: `config.dream_config(...)`). Raises
+    dg.Failure naming the config field and the kinds present when no node can start a walk or the walks
+    find no scenario."""
+    walk = dream.walk
     kinds = resolve_conditioning_kinds(nodes, walk)
     present = kind_counts(nodes)
     explicit = bool(config.conditioning_kinds)
     try:
         plan = plan_heldout(
-            nodes, edges, config.heldout_scenarios, config.n_scenarios, walk, max_memories=config.max_memories
+            nodes, edges, config.heldout_scenarios, config.n_scenarios, walk,
+            min_memories=dream.min_memories, max_memories=dream.max_memories,
         )
     except NoWalkStartError:
         why = "no non-stub node of the conditioning kinds can start a walk"

@@ -338,7 +338,7 @@ def dream_scenarios(
     offline = base_model.is_offline
     state = resolve_cycle(config, artifacts, duckdb, base_model, context.run.run_id)
     scorer_spec, scorer = load_scorer(config, offline, steering_vectors)
-    kinds, plan = plan_scenarios(nodes, edges, config, config.dream_config(offline).walk)
+    kinds, plan = plan_scenarios(nodes, edges, config, config.dream_config(offline))
     _say_plan(context, config, state, kinds, plan)
     cache = partial_dir(artifacts, state, config)
     if cache.is_dir() and any(cache.glob("batch-*.json")):

@@ -66,8 +66,9 @@ def _node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
 def collide(
     walks: Sequence[Sequence[str]],
     nodes: pd.DataFrame,
-    min_memories: int = 2,
-    max_memories: int = 3,
+    *,
+    min_memories: int,
+    max_memories: int,
     seed: int = 0,
     exclude: set[frozenset[str]] | None = None,
 ) -> list[Collision]:
@@ -131,7 +132,7 @@ def excerpt(text: str, max_chars: int) -> str:
 
 
 def scenario_messages(
-    collision: Collision, excerpt_chars: int = 160, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    collision: Collision, *, excerpt_chars: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
 ) -> list[dict[str, str]]:
     """The chat prompt of a dream: a system message (unless `system_prompt` is None or empty) and one user
     message that sets the collided memories as one scene and asks for a response in the model's words."""
@@ -153,8 +154,9 @@ def heldout_collisions(
     n: int,
     config: WalkConfig | None = None,
     seed: int = 1_000_003,
-    min_memories: int = 2,
-    max_memories: int = 3,
+    *,
+    min_memories: int,
+    max_memories: int,
 ) -> list[Collision]:
     """A fixed set of up to `n` novel collisions from walks with their own `seed` (the walk config's
     seed is replaced), meant never to be trained on: pass their node sets as `exclude` to the dream
@@ -167,7 +169,8 @@ def heldout_collisions(
     for attempt in range(8):  # more walks per round until n distinct collisions are found
         walk_config = config.model_copy(update={"seed": seed + attempt})
         walks = random_walks(nodes, edges, max(2 * n, 16) * (attempt + 1), walk_config)
-        for c in collide(walks, nodes, min_memories, max_memories, seed=seed + attempt, exclude=seen):
+        sizes = {"min_memories": min_memories, "max_memories": max_memories}
+        for c in collide(walks, nodes, **sizes, seed=seed + attempt, exclude=seen):
             seen.add(c.node_set)
             found.append(c)
         if len(found) >= n:
@@ -199,8 +202,9 @@ def plan_heldout(
     n_scenarios: int,
     config: WalkConfig | None = None,
     seed: int = 1_000_003,
-    min_memories: int = 2,
-    max_memories: int = 3,
+    *,
+    min_memories: int,
+    max_memories: int,
 ) -> HeldoutPlan:
     """Held-out collisions sized to the graph. When the walks find at least `requested + n_scenarios`
     distinct collisions, the held-out set is `heldout_collisions(..., requested, ...)` unchanged; when
@@ -210,12 +214,11 @@ def plan_heldout(
     (`NoWalkStartError` when no node can start one)."""
     if requested < 0 or n_scenarios < 0:
         raise ValueError(f"requested and n_scenarios must be >= 0, got {requested}, {n_scenarios}")
-    pool = len(
-        heldout_collisions(nodes, edges, requested + n_scenarios, config, seed, min_memories, max_memories)
-    )
+    sizes = {"min_memories": min_memories, "max_memories": max_memories}
+    pool = len(heldout_collisions(nodes, edges, requested + n_scenarios, config, seed, **sizes))
     n = requested if pool >= requested + n_scenarios else min(requested, pool // HELDOUT_POOL_DIVISOR)
     return HeldoutPlan(
-        collisions=heldout_collisions(nodes, edges, n, config, seed, min_memories, max_memories),
+        collisions=heldout_collisions(nodes, edges, n, config, seed, **sizes),
         requested=requested,
         pool=pool,
     )

@@ -64,10 +64,11 @@ def inverse_diagnostic_pass_rate(
     tokenizer: Any,
     collisions: Sequence[Collision],
     scorer: Any,
+    *,
     min_score: float | None = None,
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
-    excerpt_chars: int = 160,
+    max_new_tokens: int,
+    batch_size: int,
+    excerpt_chars: int,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
 ) -> tuple[float, pd.DataFrame]:
     """The policy's greedy response to each held-out collision, scored; it passes when the filter's
@@ -79,7 +80,9 @@ def inverse_diagnostic_pass_rate(
     columns = ["dream_id", "node_ids_json", "response", "score", "passed"]
     if not collisions:
         return float("nan"), pd.DataFrame(columns=columns)
-    prompts = [scenario_messages(c, excerpt_chars, system_prompt) for c in collisions]
+    prompts = [
+        scenario_messages(c, excerpt_chars=excerpt_chars, system_prompt=system_prompt) for c in collisions
+    ]
     responses = generate_responses(
         model, tokenizer, prompts, k=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size
     )

@@ -108,7 +108,7 @@ def dream_scenarios(nodes: pd.DataFrame, edges: pd.DataFrame, config: DreamConfi
         walk_config = config.walk.model_copy(update={"seed": _cycle_seed(config.seed, cycle, 2 * attempt)})
         walks = random_walks(nodes, edges, n_walks, walk_config)
         walks_drawn += n_walks
-        for c in collide(walks, nodes, config.min_memories, config.max_memories,
+        for c in collide(walks, nodes, min_memories=config.min_memories, max_memories=config.max_memories,
                          seed=_cycle_seed(config.seed, cycle, 2 * attempt + 1), exclude=seen):
             seen.add(c.node_set)
             found.append(c)
@@ -138,7 +138,10 @@ def dream(model: Any, tokenizer: Any, nodes: pd.DataFrame, edges: pd.DataFrame, 
     if cycle < 0:
         raise ValueError(f"cycle must be >= 0, got {cycle}")
     collisions, walks_drawn = dream_scenarios(nodes, edges, config, cycle, exclude)
-    prompts = [scenario_messages(c, config.excerpt_chars, config.system_prompt) for c in collisions]
+    prompts = [
+        scenario_messages(c, excerpt_chars=config.excerpt_chars, system_prompt=config.system_prompt)
+        for c in collisions
+    ]
     total = len(prompts)
     cache = BatchCache(cache_dir) if cache_dir is not None else None
     responses = generate_responses(model, tokenizer, prompts, k=config.responses_per_scenario,

@@ -37,6 +37,7 @@ from carl_assets.dreams.generation import (
     encode_prompt,
     generate_responses,
 )
+from carl_assets.dreams.loop import DreamConfig
 from carl_assets.dreams.scoring import TokenScorer
 from carl_assets.settings import Settings
 
@@ -92,9 +93,10 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
 def bootstrap_auc_interval(
     positive: Sequence[float],
     negative: Sequence[float],
-    n_bootstrap: int = 1000,
+    *,
+    n_bootstrap: int,
+    seed: int,
     level: float = 0.95,
-    seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `auc`: `n_bootstrap` resamples, positives and negatives each drawn
     with replacement from their own side (so every resample has both), from ``default_rng(seed)``."""
@@ -204,13 +206,16 @@ class Item:
 
 
 def validation_prompts(
-    nodes: pd.DataFrame, edges: pd.DataFrame, n: int, seed: int = 0, excerpt_chars: int = 160
+    nodes: pd.DataFrame, edges: pd.DataFrame, n: int, seed: int = 0, dream: DreamConfig | None = None
 ) -> tuple[list[list[dict[str, str]]], list[str]]:
     """`n` dream prompts (collisions of the memory graph drawn as the dream loop draws them, with their own
-    seed) and for each a memory text from a node outside its collision (at least 8 words), drawn
-    without replacement while the graph has enough. Raises ``ValueError`` when the graph gives no
+    seed; collision sizes and excerpt length from `dream`, None: the dream loop's defaults) and for each a
+    memory text from a node outside its collision (at least 8 words), drawn without replacement while the
+    graph has enough. Raises ``ValueError`` when the graph gives no
     collision or has no memory text of 8 words."""
-    collisions = heldout_collisions(nodes, edges, n, seed=7_000_003 + int(seed))
+    dream = dream or DreamConfig()
+    sizes = {"min_memories": dream.min_memories, "max_memories": dream.max_memories}
+    collisions = heldout_collisions(nodes, edges, n, seed=7_000_003 + int(seed), **sizes)
     if not collisions:
         raise ValueError(
             f"the memory graph gives no dream collision (no walk meets 2 distinct memories): {len(nodes)} "
@@ -231,7 +236,7 @@ def validation_prompts(
             if ids[k] not in collision.node_set or len(order) == 1:
                 break
         memory_texts.append(" ".join(str(bodies[k]).split()))
-    return [scenario_messages(c, excerpt_chars) for c in collisions], memory_texts
+    return [scenario_messages(c, excerpt_chars=dream.excerpt_chars) for c in collisions], memory_texts
 
 
 def build_items(
@@ -315,7 +320,7 @@ def score_items(
 
 
 def auc_table(
-    scored: pd.DataFrame, scorers: Sequence[str], n_bootstrap: int = 1000, seed: int = 0
+    scored: pd.DataFrame, scorers: Sequence[str], *, n_bootstrap: int, seed: int
 ) -> pd.DataFrame:
     """AUC of each scorer, coherent (label 1) against each corruption kind present and against all of
     them pooled, with its bootstrap interval; columns scorer, corruption, auc, ci_low, ci_high, n_pos,
@@ -362,4 +367,4 @@ def validate_scorers(
             "the validation set needs coherent and corrupted texts: the prompts gave "
             f"{int((scored['label'] == 1).sum())} and {int((scored['label'] == 0).sum())}"
         )
-    return auc_table(scored, config.scorers, config.n_bootstrap, config.seed), scored
+    return auc_table(scored, config.scorers, n_bootstrap=config.n_bootstrap, seed=config.seed), scored
