@@ -41,6 +41,7 @@ from carl_assets.artifacts import ArtifactVersions
 from carl_assets.defs.presets import merge_run_config
 from carl_assets.dreams import behaviour as B
 from carl_assets.dreams.generation import Sampling
+from carl_assets.dreams.loop import DreamSettings
 from carl_assets.models.defaults import agent_sampling_defaults, is_offline_model, resolve_placement
 from carl_assets.models.loading import load_model_and_tokenizer
 from carl_assets.steering.vectors import load_readout
@@ -135,6 +136,7 @@ class Measurer:
         self.temperature = sampling.temperature
         self.sampling = Sampling(top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
         self.k = args.k if self.temperature > 0 else 1  # greedy answers are all alike
+        self.excerpt_chars = DreamSettings().excerpt_chars  # the scenarios' prompts as the dreams' default
 
     def nll(self, model: Any, texts: dict[str, str]) -> dict[str, dict[str, float]]:
         frame = B.text_nll(model, self.tokenizer, list(texts.values()), batch_size=self.args.batch_size,
@@ -149,7 +151,8 @@ class Measurer:
 
     def answers(self, model: Any, tokenizer: Any, collisions: list) -> pd.DataFrame:
         return B.answer_projections(model, tokenizer, self.base, self.tokenizer, self.vectors, self.emotion,
-                                    collisions, k=self.k, temperature=self.temperature,
+                                    collisions, excerpt_chars=self.excerpt_chars, k=self.k,
+                                    temperature=self.temperature,
                                     sampling=self.sampling, max_new_tokens=self.args.max_new_tokens,
                                     seed=self.args.seed,
                                     batch_size=self.args.batch_size)

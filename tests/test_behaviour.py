@@ -170,6 +170,7 @@ def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_t
         vectors,
         "warmth",
         collisions,
+        excerpt_chars=160,
         k=2,
         temperature=1.0,
         max_new_tokens=6,
@@ -196,6 +197,7 @@ def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_t
         vectors,
         "warmth",
         collisions,
+        excerpt_chars=160,
         k=2,
         temperature=1.0,
         max_new_tokens=6,
@@ -203,7 +205,9 @@ def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_t
     )
     assert again["response"].tolist() == frame["response"].tolist()
     with pytest.raises(ValueError, match="unknown emotion"):
-        B.answer_projections(model, tokenizer, model, tokenizer, vectors, "awe", collisions)
+        B.answer_projections(
+            model, tokenizer, model, tokenizer, vectors, "awe", collisions, excerpt_chars=160
+        )
 
 
 def test_collisions_from_rows_names_missing_nodes():

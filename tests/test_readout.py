@@ -9,7 +9,7 @@ import torch
 
 from carl_assets import cli
 from carl_assets.steering import SteeringVectors, load_readout, save_readout
-from carl_assets.steering.readout import readout_projections
+from carl_assets.steering.readout import SERVING_READ, readout_projections
 
 TEXTS = ["I felt the warm kitchen and it was good.", "The deadline made me angry."]
 
@@ -53,7 +53,7 @@ def test_projections_equal_a_hand_computation_and_calibrate(tiny_model_and_token
     model, tokenizer = tiny_model_and_tokenizer
     layer = 1  # after block 0, before the final norm (hidden_states[1] of a 2-block model)
     vectors = random_readout(model.config.hidden_size, layer)
-    frame = readout_projections(model, tokenizer, TEXTS, vectors)
+    frame = readout_projections(model, tokenizer, TEXTS, vectors, SERVING_READ)
     assert len(frame) == len(TEXTS) * 2
     for row in frame.itertuples(index=False):
         expected = by_hand(
@@ -85,7 +85,7 @@ def test_calibration_survives_save_and_load_and_the_cli_prints_it(tiny_model_and
         vectors.stats[loaded.stats.columns].reset_index(drop=True),
         check_dtype=False,
     )
-    direct = readout_projections(model, tokenizer, TEXTS[:1], vectors)
+    direct = readout_projections(model, tokenizer, TEXTS[:1], vectors, SERVING_READ)
     assert cli.main(["readout", "--vectors", str(tmp_path / "readout"), "--text", TEXTS[0]]) == 0
     out = capsys.readouterr().out
     top = direct.sort_values("calibrated", ascending=False).iloc[0]

@@ -320,7 +320,7 @@ def test_projections_of_a_text_file(tiny_model_and_tokenizer, tiny_texts, tmp_pa
     path.write_text("\n".join(pos) + "\n\n   \n" + "\n".join(tiny_texts[30:60]) + "\n")
     texts = read_text_file(path)
     assert len(texts) == 60
-    frame = project_texts(model, tok, sv, texts)
+    frame = project_texts(model, tok, sv, texts, ReadoutConfig())
     assert len(frame) == 60 * 1 * 2 and list(frame.columns[:3]) == ["text_index", "text", "emotion"]
     by_side = frame.assign(side=np.where(frame["text_index"] < 30, "pos", "neg")).groupby(["side", "layer"])
     calibrated = by_side["calibrated"].mean()

@@ -218,7 +218,7 @@ def cmd_readout(args: argparse.Namespace) -> int:
     from carl_assets import storage
     from carl_assets.models.loading import load_model_and_tokenizer
     from carl_assets.steering import MANIFEST_FILE, load_readout
-    from carl_assets.steering.readout import readout_projections
+    from carl_assets.steering.readout import SERVING_READ, readout_projections
 
     current = storage.carl_home() / "artifacts" / "steering_vectors" / "current"
     folder = Path(args.vectors) if args.vectors else current
@@ -232,7 +232,7 @@ def cmd_readout(args: argparse.Namespace) -> int:
     if layer not in vectors.layers:
         raise UsageError(f"layer {layer} is not a readout layer (layers: {vectors.layers})")
     model, tokenizer = load_model_and_tokenizer(model_path, allow_pickle=args.allow_pickle)
-    frame = readout_projections(model, tokenizer, args.text, vectors)
+    frame = readout_projections(model, tokenizer, args.text, vectors, SERVING_READ)
     frame = frame[frame["layer"] == layer]
     calibrated = bool(frame["calibrated"].notna().any())
     for index, text in enumerate(args.text):

@@ -20,7 +20,7 @@ from carl_assets.models.loading import load_model_and_tokenizer
 from carl_assets.plotting import figure_png, line_plot, plt
 from carl_assets.runtime import torch_threads
 from carl_assets.steering import SteeringVectors, load_readout
-from carl_assets.steering.readout import readout_projections, readout_skipped
+from carl_assets.steering.readout import SERVING_READ, readout_projections, readout_skipped
 
 READOUT_TABLE_COLUMNS = ["checkpoint", "task_id", "emotion", "layer", "projection"]
 SHORT_NAMES = {"sft_checkpoint": "sft", "grpo_checkpoint": "grpo"}
@@ -50,7 +50,7 @@ def readout_table(
             f"{observation.get(t, '')}\n\n{i}\n{r}"
             for t, i, r in zip(part["task_id"], part["instruction"], part["raw_response"], strict=True)
         ]
-        projections = readout_projections(model, tokenizer, texts, vectors)
+        projections = readout_projections(model, tokenizer, texts, vectors, SERVING_READ)
         projections["checkpoint"] = name
         projections["task_id"] = part["task_id"].to_numpy()[projections["text_index"].to_numpy()]
         frames.append(projections.drop(columns=["text_index"]))

@@ -227,8 +227,7 @@ def _forward(context: dg.AssetExecutionContext, config: SteeringConfig, pairs: p
         vectors = _train(model, tokenizer, pairs, readout, layers, transfer, precomputed, str(model_dir),
                          context)
         texts = read_text_file(config.heldout_text_file) if config.heldout_text_file else []
-        projections = project_texts(model, tokenizer, vectors, texts, batch_size=readout.batch_size,
-                                    max_length=readout.max_length, exclude_bos=readout.exclude_bos)
+        projections = project_texts(model, tokenizer, vectors, texts, readout)
     placement = {"device": str(device), "dtype": dtype_name(dtype), "threads": threads}
     return _Forward(vectors, sweep, projections, texts, n_blocks, placement)
 

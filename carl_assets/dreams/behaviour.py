@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from carl_assets.dreams.collisions import Collision, dream_id_of, scenario_messages
 from carl_assets.dreams.generation import Sampling, generate_responses
 from carl_assets.steering.projection import project_texts
+from carl_assets.steering.training import ReadoutConfig
 from carl_assets.steering.vectors import SteeringVectors
 
 # Plain sentences with nothing of anyone's memories in them: drift on these is general drift.
@@ -302,6 +303,8 @@ def answer_projections(
     vectors: SteeringVectors,
     emotion: str,
     collisions: Sequence[Collision],
+    *,
+    excerpt_chars: int,
     k: int = 2,
     temperature: float = 0.7,
     sampling: Sampling | None = None,
@@ -314,6 +317,7 @@ def answer_projections(
     fixed `reader` model and projected on `emotion`'s unit vector at `layer` (default the readout's deepest,
     as the `steering:<emotion>` scorer reads). One row per answer: dream_id, sample_index, response,
     projection, calibrated (0 = a typical training negative, 1 = a typical positive; NaN without stats).
+    `excerpt_chars`: each memory's excerpt length in the scenario prompt (the dream config's).
 
     Raises ValueError for an emotion or layer the readout lacks.
     """
@@ -322,7 +326,7 @@ def answer_projections(
     layer = int(max(vectors.layers) if layer is None else layer)
     if layer not in vectors.layers:
         raise ValueError(f"layer {layer} is not a readout layer ({sorted(vectors.layers)})")
-    prompts = [scenario_messages(c) for c in collisions]
+    prompts = [scenario_messages(c, excerpt_chars=excerpt_chars) for c in collisions]
     responses = generate_responses(
         policy,
         policy_tokenizer,
@@ -335,7 +339,8 @@ def answer_projections(
         sampling=sampling or Sampling(),
     )
     texts = [r.text if r.text.strip() else " " for r in responses]
-    projected = project_texts(reader, reader_tokenizer, vectors, texts, batch_size=batch_size)
+    # The readout's token limit and BOS rule (its config's defaults), `batch_size` texts a pass.
+    projected = project_texts(reader, reader_tokenizer, vectors, texts, ReadoutConfig(batch_size=batch_size))
     projected = projected[(projected["emotion"] == emotion) & (projected["layer"] == layer)]
     projected = projected.sort_values("text_index")
     return pd.DataFrame(

@@ -22,6 +22,7 @@ import torch
 from carl_assets.steering.manifest import SteeringVectors
 from carl_assets.steering.residual import ResidualReader
 from carl_assets.steering.tokens import bos_to_skip, encode_texts, pad_token_id, padded_batch, token_limit
+from carl_assets.steering.training import ReadoutConfig
 
 PROJECTION_COLUMNS = ["text_index", "text", "emotion", "layer", "projection", "calibrated"]
 
@@ -43,25 +44,25 @@ def project_texts(
     tokenizer: Any,
     vectors: SteeringVectors,
     texts: Sequence[str],
-    batch_size: int = 32,
-    max_length: int | None = 512,
-    exclude_bos: bool = True,
+    read: ReadoutConfig,
 ) -> pd.DataFrame:
     """One row per (text, emotion, layer): the projection of the text's reduced residual stream on the
-    emotion's unit vector, and its calibrated value (NaN without training stats)."""
+    emotion's unit vector, and its calibrated value (NaN without training stats). `read`: the texts per
+    forward pass, token limit and BOS rule the texts are read with (its `batch_size`, `max_length`,
+    `exclude_bos`: pass the readout's own config to read them as the vectors were trained); the layers
+    and the token reduction are the vectors'. Raises ValueError for an empty text."""
     if not texts:
         return pd.DataFrame(columns=PROJECTION_COLUMNS)
     if any(not str(t) for t in texts):
         raise ValueError("empty text: nothing to project")
-    reader = ResidualReader(
-        model, vectors.layers, vectors.reduction, skip_leading_token_id=bos_to_skip(tokenizer, exclude_bos)
-    )
-    encoded, _ = encode_texts(tokenizer, [str(t) for t in texts], token_limit(model, max_length))
+    skip = bos_to_skip(tokenizer, read.exclude_bos)
+    reader = ResidualReader(model, vectors.layers, vectors.reduction, skip_leading_token_id=skip)
+    encoded, _ = encode_texts(tokenizer, [str(t) for t in texts], token_limit(model, read.max_length))
     stacked = vectors.as_tensor().double()  # [E, L, H]
     out = np.zeros((len(texts), len(vectors.concepts), len(vectors.layers)))
     pad_id = pad_token_id(tokenizer)
-    for start in range(0, len(texts), batch_size):
-        rows = list(range(start, min(start + batch_size, len(texts))))
+    for start in range(0, len(texts), read.batch_size):
+        rows = list(range(start, min(start + read.batch_size, len(texts))))
         acts = reader(*padded_batch([encoded[i] for i in rows], pad_id)).to("cpu", torch.float64)  # [b, L, H]
         out[rows] = torch.einsum("blh,elh->bel", acts, stacked).numpy()
     positive, negative = _class_means(vectors)

@@ -16,8 +16,11 @@ import pandas as pd
 
 from carl_assets.steering.manifest import SteeringVectors
 from carl_assets.steering.projection import project_texts
+from carl_assets.steering.training import ReadoutConfig
 
 READOUT_COLUMNS = ["text_index", "emotion", "layer", "projection", "calibrated"]
+# How served turns (the agent's, the CLI's) are read: the readout's token limit and BOS rule, 16 texts a pass.
+SERVING_READ = ReadoutConfig(batch_size=16)
 
 
 def readout_projections(
@@ -25,15 +28,15 @@ def readout_projections(
     tokenizer: Any,
     texts: Sequence[str],
     vectors: SteeringVectors,
-    batch_size: int = 16,
-    max_length: int = 512,
+    read: ReadoutConfig,
 ) -> pd.DataFrame:
     """One row per (text, emotion, layer): the projection and its calibrated value (NaN when the readout
-    carries no training statistics). Empty texts are read as one space."""
+    carries no training statistics). Empty texts are read as one space. `read`: see `project_texts`
+    (`SERVING_READ` is how served turns are read)."""
     texts = [str(t) if str(t) else " " for t in texts]
     if not texts:
         return pd.DataFrame(columns=READOUT_COLUMNS)
-    frame = project_texts(model, tokenizer, vectors, texts, batch_size=batch_size, max_length=max_length)
+    frame = project_texts(model, tokenizer, vectors, texts, read)
     return frame[READOUT_COLUMNS]
 
 
