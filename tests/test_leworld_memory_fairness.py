@@ -86,7 +86,7 @@ def test_cue_with_too_few_dims_keeps_the_top_bits_or_says_why():
     with pytest.raises(ValueError, match="char_dim"):
         cue_bits(65536, 2, 3)
     with pytest.raises(ValueError, match="cue must be one of"):
-        generate_sequences(structured_bits(1024, 8), 4, 3, 4, 4, cue="address")
+        generate_sequences(structured_bits(1024, 8), 4, 3, 4, 4, "easy", cue="address")
 
 
 # ---------------------------------------------------------------------------------------------

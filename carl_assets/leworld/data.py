@@ -217,17 +217,21 @@ def generate_sequences(
     seq_length: int,
     state_dim: int,
     char_dim: int,
-    difficulty: str | int = "easy",
+    difficulty: str | int,
     generator: torch.Generator | int | None = 0,
-    mix: str = "last",
+    mix: str | None = None,
     num_threads: int | None = 1,
-    cue: str = "none",
+    cue: str | None = None,
 ) -> SequenceBatch:
-    """Every sequence of a dataset at once; the same `generator` seed gives the same tensors.
+    """Every sequence of a dataset at once; the same `generator` seed gives the same tensors. `mix` and
+    `cue`: see `DatasetSettings` (None: its default, the reference's "last" and "none").
 
     `cue="characteristics"` makes the characteristics' signs spell the regions' addresses (the same
     draws otherwise: states, starts and lengths are those of `cue="none"` with the same generator, except
     that the characteristics' term of the dynamics follows the cued characteristics)."""
+    defaults = DatasetSettings.model_fields
+    mix = defaults["mix"].default if mix is None else mix
+    cue = defaults["cue"].default if cue is None else cue
     if cue not in CUES:
         raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
     with torch_threads(num_threads):
@@ -297,7 +301,8 @@ class StateTransitionDataset(torch.utils.data.Dataset):
     the reference's batches (states, characteristics, relevant_starts/ends padded to 3, n_relevant).
 
     `seed=None` draws the generator's seed from torch's global RNG, so `torch.manual_seed` governs it as
-    it governed the reference's loops."""
+    it governed the reference's loops. `mix`, `cue`: as `generate_sequences` (None: `DatasetSettings`'
+    default)."""
 
     def __init__(
         self,
@@ -306,10 +311,10 @@ class StateTransitionDataset(torch.utils.data.Dataset):
         state_dim: int,
         char_dim: int,
         memory: torch.nn.Module,
-        difficulty: str = "easy",
+        difficulty: str,
         seed: int | None = None,
-        mix: str = "last",
-        cue: str = "none",
+        mix: str | None = None,
+        cue: str | None = None,
     ):
         self.num_sequences, self.seq_length, self.state_dim, self.char_dim = (
             num_sequences,
