@@ -161,7 +161,7 @@ def test_two_token_answers_share_the_prefix_mass():
     probs = answer_probabilities(first, second, tokens)[0]
     assert probs[0] == pytest.approx(0.4) and probs[1] == pytest.approx(0.6 * 0.75)
     assert probs[10] == pytest.approx(0.6 * 0.25) and probs.sum() == pytest.approx(1.0)
-    score, raw = reduce_scores(probs[None, :])
+    score, raw = reduce_scores(probs[None, :], "expected")
     assert raw[0] == pytest.approx(0.45 + 1.5) and score[0] == 2
     assert reduce_scores(probs[None, :], "argmax")[0][0] == 1
 
@@ -202,7 +202,7 @@ def test_model_tagger_matches_a_hand_computation(tiny_model_and_tokenizer, chat)
         "I felt the quiet morning.",
         "We laughed at the warm kitchen and it was good. Later the deadline.",
     ]
-    probs = model_probabilities(model, tokenizer, texts, ["joy", "warmth"], batch_size=3)
+    probs = model_probabilities(model, tokenizer, texts, ["joy", "warmth"], batch_size=3, max_text_tokens=256)
     assert probs.shape == (2, 2, len(SCORES))
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-9)
     hand = _hand_probabilities(model, tokenizer, texts[0], "warmth")

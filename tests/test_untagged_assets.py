@@ -204,7 +204,7 @@ def test_agent_readout_and_steering_scorer_with_a_skipped_readout(tmp_path):
 
     artifacts = build_resources(tmp_path)["artifacts"]
     with artifacts.write_dir("steering_vectors") as folder:
-        save_readout(empty_readout("no tags here"), folder)
+        save_readout(empty_readout("no tags here", reduction="mean"), folder)
     results = pd.DataFrame(
         {"checkpoint": ["sft_checkpoint"], "task_id": ["t0"], "instruction": ["i"], "raw_response": ["r"]}
     )
@@ -231,7 +231,7 @@ def test_agent_readout_and_steering_scorer_with_a_skipped_readout(tmp_path):
     ):
         require_concepts(vectors, "dream_scenarios.scorer = 'steering:warmth'")
     with pytest.raises(ValueError, match="needs the reason"):
-        empty_readout("")
+        empty_readout("", reduction="mean")
 
 
 def test_file_metadata_markers_are_kept_in_a_table(tmp_path):

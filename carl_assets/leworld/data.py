@@ -118,7 +118,7 @@ def region_means(memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Te
 
 
 def transition_drive(
-    memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, state_dim: int, mix: str = "last"
+    memory_bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, state_dim: int, mix: str
 ) -> torch.Tensor:
     """s: `[N, state_dim]`, the memory term of the dynamics."""
     seeds = (region_means(memory_bits, starts, ends) * 2 - 1)[

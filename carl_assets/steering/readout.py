@@ -44,7 +44,7 @@ class EmptyReadoutError(ValueError):
     """A consumer asked for emotions from a readout that has none (steering_vectors was skipped)."""
 
 
-def empty_readout(reason: str, model: str = "", reduction: str = "mean") -> SteeringVectors:
+def empty_readout(reason: str, model: str = "", *, reduction: str) -> SteeringVectors:
     """A readout with zero concepts and layers that says why (`skipped_reason`): what `steering_vectors`
     saves when there are no usable pairs, so readers can skip with that reason instead of failing."""
     if not reason:

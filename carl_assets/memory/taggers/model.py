@@ -165,7 +165,7 @@ def answer_probabilities(
     return probs.numpy()
 
 
-def reduce_scores(probs: np.ndarray, reduction: str = "expected") -> tuple[np.ndarray, np.ndarray]:
+def reduce_scores(probs: np.ndarray, reduction: str) -> tuple[np.ndarray, np.ndarray]:
     """(integer scores `[B]`, raw scores `[B]` float) from `[B, 11]` answer probabilities: the expected
     value (raw) rounded half up, or the argmax (raw = the expected value still, for ranking)."""
     if reduction not in REDUCTIONS:
@@ -278,8 +278,9 @@ def model_probabilities(
     tokenizer: Any,
     texts: Sequence[str],
     emotions: Sequence[str],
-    batch_size: int = 16,
-    max_text_tokens: int = 256,
+    *,
+    batch_size: int,
+    max_text_tokens: int,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
