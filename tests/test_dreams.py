@@ -301,13 +301,13 @@ def test_filter_minimum_and_dedupe_across_scenarios():
 
 def test_filter_errors_name_the_problem():
     with pytest.raises(ValueError, match="lacks columns.*score"):
-        filter_responses(_scored_frame().drop(columns=["score"]))
+        filter_responses(_scored_frame().drop(columns=["score"]), top_fraction=0.5)
     with pytest.raises(ValueError, match="top_fraction"):
         filter_responses(_scored_frame(), top_fraction=0.0)
     bad = _scored_frame()
     bad.loc[2, "score"] = float("nan")
     with pytest.raises(ValueError, match=r"'score'.*rows \[2\]"):
-        filter_responses(bad)
+        filter_responses(bad, top_fraction=0.5)
 
 
 def test_sft_examples_are_trl_prompt_completion_rows():

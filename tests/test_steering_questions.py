@@ -115,14 +115,16 @@ def _planted_pairs(n: int = 60, seed: int = 0) -> pd.DataFrame:
 def test_layer_auto_picks_the_planted_layer(planted):
     tok = WordTokenizer()
     model = PlantedModel(tok.vocab, n_blocks=5, planted_layer=planted).eval()
-    sweep = sweep_layers(model, tok, _planted_pairs(), ReadoutConfig(reduction="mean"), k=1, max_per_group=40)
+    sweep = sweep_layers(
+        model, tok, _planted_pairs(), ReadoutConfig(reduction="mean"), k=1, max_per_group=40, max_texts=512
+    )
     assert sweep.swept == [1, 2, 3, 4, 5] and sweep.chosen == [planted]
     auc = sweep.by_layer.set_index("layer")["mean_auc"]
     assert auc[planted] == pytest.approx(1.0)
     assert (auc.drop(planted) < 0.8).all()  # marker and twin read the same elsewhere: chance level
     assert sweep.subsample_texts <= 160 and sweep.subsample_pairs == 160
     # k=3 keeps the planted layer among the three best, in index order
-    assert planted in sweep_layers(model, tok, _planted_pairs(), k=3, max_per_group=40).chosen
+    assert planted in sweep_layers(model, tok, _planted_pairs(), k=3, max_per_group=40, max_texts=512).chosen
 
 
 def test_sweep_activations_are_reused_exactly(tiny_model_and_tokenizer, tiny_texts):
@@ -131,7 +133,9 @@ def test_sweep_activations_are_reused_exactly(tiny_model_and_tokenizer, tiny_tex
         _rows("warmth", [t + " warm kitchen" for t in tiny_texts[:30]], tiny_texts[30:60])
         + _rows("calm", tiny_texts[10:40], tiny_texts[50:80])
     )
-    sweep = sweep_layers(model, tok, pairs, ReadoutConfig(reduction="mean"), k=2, max_per_group=12)
+    sweep = sweep_layers(
+        model, tok, pairs, ReadoutConfig(reduction="mean"), k=2, max_per_group=12, max_texts=512
+    )
     plain = train_steering_vectors(model, tok, pairs, layers=[1, 2], reduction="mean")
     reused = train_steering_vectors(
         model, tok, pairs, layers=[1, 2], reduction="mean", precomputed=sweep.precomputed([1, 2])
@@ -244,14 +248,14 @@ def test_cross_talk_matrix_and_cooccurrence(tiny_model_and_tokenizer, tiny_texts
         + [{"love": 2}] * 4
         + [{}] * 5
     )
-    co = tag_cooccurrence(tags, concepts)
+    co = tag_cooccurrence(tags, concepts, 8)
     # phi by hand for love vs warmth over the 16 tagged nodes: love 6, warmth 8, both 6
     p_l, p_w, p_lw = 6 / 16, 8 / 16, 6 / 16
     expected = (p_lw - p_l * p_w) / np.sqrt(p_l * (1 - p_l) * p_w * (1 - p_w))
     assert co[concepts.index("love"), concepts.index("warmth")] == pytest.approx(expected, rel=1e-9)
     assert np.array_equal(co, co.T) and np.allclose(np.diag(co), 1.0)
 
-    table, relation = cross_talk(sv, tags)
+    table, relation = cross_talk(sv, tags, 8)
     assert len(table) == 2 * 3 and set(relation["layer"]) == {1, 2}
     assert (relation["most_similar"] == "love+warmth").all()
     # the relation is the rank correlation over the pairs a < b (here positive: the co-occurring pair

@@ -22,7 +22,7 @@ def normalise_text(text: str) -> str:
 
 def filter_responses(
     frame: pd.DataFrame,
-    top_fraction: float = 0.5,
+    top_fraction: float,
     min_score: float | None = None,
     dedupe: bool = True,
     score_column: str = "score",

@@ -30,7 +30,7 @@ def cosine_matrix(vectors: SteeringVectors, layer: int) -> np.ndarray:
 
 
 def tag_cooccurrence(
-    tags: Sequence[Mapping[str, int]], emotions: Sequence[str], min_score: int = 8
+    tags: Sequence[Mapping[str, int]], emotions: Sequence[str], min_score: int
 ) -> np.ndarray:
     """`[E, E]` phi coefficients between "scored >= min_score" indicators over the tagged nodes (untagged
     nodes say nothing about emotions and are left out). 1 on the diagonal; 0 where an emotion never or
@@ -58,7 +58,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cross_talk(
-    vectors: SteeringVectors, tags: Sequence[Mapping[str, int]], min_score: int = 8
+    vectors: SteeringVectors, tags: Sequence[Mapping[str, int]], min_score: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(pairs, relation). `pairs`: one row per layer and emotion pair a < b with `cosine` and
     `cooccurrence`. `relation`: per layer, the Spearman correlation of the two over the pairs, the mean

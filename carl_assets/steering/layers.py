@@ -83,10 +83,10 @@ def sweep_layers(
     pairs: pd.DataFrame | Sequence[Mapping[str, Any]],
     readout: ReadoutConfig | None = None,
     *,
-    k: int = 4,
+    k: int,
     candidates: Sequence[int] | None = None,
-    max_per_group: int = 48,
-    max_texts: int | None = 512,
+    max_per_group: int,
+    max_texts: int | None,
     heldout_fraction: float = 0.25,
     progress: Callable[[int, int], None] | None = None,
 ) -> LayerSweep:
