@@ -215,7 +215,7 @@ def _sample_graph() -> MemoryGraph:
     return graph_from_records(records, "sample", {"format": "sample"})
 
 
-def load_graph(source: str = "sample", timeout_s: float | None = None) -> MemoryGraph:
+def load_graph(source: str, timeout_s: float | None = None) -> MemoryGraph:
     """Load the memory graph from `source`: ``sample``, ``jsonl:PATH``, ``mcp+stdio:COMMAND`` or
     ``mcp+http(s)://HOST:PORT/PATH``. Raises `MemorySourceError` naming the source if it cannot be read or
     holds no entity and no relation. `timeout_s` bounds a live MCP read (default `$CARL_MCP_TIMEOUT`, else
