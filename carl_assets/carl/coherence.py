@@ -57,6 +57,11 @@ KAPPA = 64 / 3  # 21.333... conservation constant
 SIGMA = 3 / 16  # 0.1875: the semantic quantum (minimum meaningful signal)
 KAPPA_SIGMA = 4.0  # bits per embedding dimension (exact)
 DEFECT_THRESHOLD = 0.03  # minimum |delta Phi| for a discontinuity event
+# The crystallization gate (the reference's phase-transition detector): fires when GATE_MIN_ABOVE of the last
+# GATE_WINDOW logged token accuracies reach GATE_THRESHOLD (SFTRunConfig's defaults are these).
+GATE_THRESHOLD = 0.99
+GATE_WINDOW = 5
+GATE_MIN_ABOVE = 3
 
 WEIGHTS = {"multiscale": 0.5, "cloud_quality": 0.3, "discontinuity": 0.2}
 MAX_SCALES = 16
@@ -275,7 +280,9 @@ class _PhaseTransitionGate:
     with the accuracy: step, mean_token_accuracy, entropy).
     """
 
-    def __init__(self, threshold: float = 0.99, window: int = 5, min_above: int = 3) -> None:
+    def __init__(
+        self, threshold: float = GATE_THRESHOLD, window: int = GATE_WINDOW, min_above: int = GATE_MIN_ABOVE
+    ) -> None:
         if window < 1 or not 1 <= min_above <= window:
             raise ValueError(f"need 1 <= min_above <= window, got min_above={min_above}, window={window}")
         self.threshold = threshold

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, Field
 
+from carl_assets.carl.coherence import GATE_MIN_ABOVE, GATE_THRESHOLD, GATE_WINDOW
 from carl_assets.carl.reward_fn import REWARD_NAMES
 from carl_assets.dreams.generation import Sampling
 from carl_assets.models.defaults import model_defaults, resolve_placement
@@ -184,10 +185,12 @@ class SFTRunConfig(TrainerRunConfig):
     )
     max_length: int = Field(default=256, ge=1, description="tokens per example (longer ones are truncated)")
     gate_threshold: float = Field(
-        default=0.99, description="token accuracy the crystallization gate waits for"
+        default=GATE_THRESHOLD, description="token accuracy the crystallization gate waits for"
     )
-    gate_window: int = Field(default=5, ge=1, description="gate window (logged steps)")
-    gate_min_above: int = Field(default=3, ge=1, description="steps in the window at or above the threshold")
+    gate_window: int = Field(default=GATE_WINDOW, ge=1, description="gate window (logged steps)")
+    gate_min_above: int = Field(
+        default=GATE_MIN_ABOVE, ge=1, description="steps in the window at or above the threshold"
+    )
     completion_only_loss: bool | None = Field(
         default=None,
         description="loss on the completion tokens only (None: TRL decides, True for prompt-completion data)",

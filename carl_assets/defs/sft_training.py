@@ -12,6 +12,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from datasets import load_from_disk
 
+from carl_assets.carl.coherence import GATE_MIN_ABOVE, GATE_THRESHOLD, GATE_WINDOW
 from carl_assets.carl.distributed import (
     launch_command,
     outcome_from_log,
@@ -196,8 +197,9 @@ def _metadata(
     kinds={"pytorch", "safetensors"},
     pool=TRAINING_POOL,
     check_specs=[weights_check_spec("sft_checkpoint", "GRPO does not start from a broken model")],
-    description="TRL SFTTrainer (logging_steps=1) with the PhaseTransitionGate: stops when 3 of the last 5 "
-    "logged token accuracies reach 0.99 (crystallization) or at max steps. Starts from the checkpoint that "
+    description="TRL SFTTrainer (logging_steps=1) with the PhaseTransitionGate: stops when gate_min_above of "
+    f"the last gate_window logged token accuracies reach gate_threshold (by default {GATE_MIN_ABOVE} of "
+    f"{GATE_WINDOW} at {GATE_THRESHOLD}: crystallization) or at max steps. Starts from the checkpoint that "
     "dreamed the data (the dataset's cycle.json: cycle n+1 from cycle n's weights, at the cycle's learning "
     "rate) or base_model; each run is a new version folder under artifacts/sft_checkpoint (safetensors + "
     "training_log.json), the last N kept.",
