@@ -48,7 +48,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts`, with pad/bos/eos, role markers and a chat template.
 
     Byte-level: every string encodes (no unknown token). The vocabulary may come out smaller than
