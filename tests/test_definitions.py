@@ -292,3 +292,19 @@ def test_a_run_without_config_reads_the_memory_source_from_the_environment(tmp_p
     assert sorted(nodes["node_id"]) == ["also-mine", "only-mine"]
     meta = result.asset_materializations_for_node("memory_graph")[0].metadata
     assert meta["source"].value == f"jsonl:{memory}" and meta["source_kind"].value == "file"
+
+
+def test_a_real_preset_job_refuses_the_offline_base_model():
+    """`retraining_real` does not rebuild base_model: on a home whose base_model is the offline model it
+    would train that model with SmolLM2's budgets. Both real jobs carry the preset tag, and the check
+    dream_scenarios runs refuses exactly that combination, naming what to run instead."""
+    from carl_assets.defs.presets import PRESET_TAG, check_preset_model
+
+    defs = build_definitions()
+    for name in ("retraining_real", "carl_all_real"):
+        assert defs.resolve_job_def(name).tags.get(PRESET_TAG) == "real"
+    assert PRESET_TAG not in defs.resolve_job_def("retraining").tags
+    with pytest.raises(ValueError, match="carl_all_real"):
+        check_preset_model({PRESET_TAG: "real"}, base_is_offline=True)
+    check_preset_model({PRESET_TAG: "real"}, base_is_offline=False)  # the real model: fine
+    check_preset_model({}, base_is_offline=True)  # an offline job on the offline model: fine

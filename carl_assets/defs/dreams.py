@@ -26,6 +26,7 @@ from carl_assets.defs.common import config_values, materialized, table_preview
 from carl_assets.defs.dream_checks import KEPT_CHECK, kept_check, kept_something_reason, plan_scenarios
 from carl_assets.defs.dream_config import DreamScenariosConfig
 from carl_assets.defs.pools import TRAINING_POOL
+from carl_assets.defs.presets import check_preset_model
 from carl_assets.defs.resources import ArtifactStore, append_rows, read_table
 from carl_assets.dreams import DreamResult, dream, inverse_diagnostic_pass_rate, parse_scorer_spec
 from carl_assets.dreams.cycle_state import DreamCycleState, is_auto, next_cycle, parse_checkpoint_spec
@@ -334,8 +335,9 @@ def dream_scenarios(
     base_model: Checkpoint,
     steering_vectors: Readout,
 ) -> dg.MaterializeResult:
-    nodes, edges = memory_graph.read("memory_nodes"), memory_graph.read("memory_edges")
     offline = base_model.is_offline
+    check_preset_model(context.run.tags, offline)  # a `real` preset job on the offline model: refused
+    nodes, edges = memory_graph.read("memory_nodes"), memory_graph.read("memory_edges")
     state = resolve_cycle(config, artifacts, duckdb, base_model, context.run.run_id)
     scorer_spec, scorer = load_scorer(config, offline, steering_vectors)
     kinds, plan = plan_scenarios(nodes, edges, config, config.dream_config(offline))

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from carl_assets.defs.memory_source import memory_source_observation
-from carl_assets.defs.presets import PRESETS, REAL_MODEL, preset_run_config
+from carl_assets.defs.presets import PRESET_TAG, PRESETS, REAL_MODEL, preset_run_config
 from carl_assets.memory.graph import MemorySourceError
 from carl_assets.project_env import (
     MEMORY_SOURCE_VAR,
@@ -209,6 +209,7 @@ def preset_jobs(known: set[str]) -> list[dg.UnresolvedAssetJobDefinition]:
             f"{ALL_JOB}_real",
             selection=dg.AssetSelection.all(),
             config=preset_run_config("real", known),
+            tags={PRESET_TAG: "real"},
             description=f"The whole graph on the packaged real model ({REAL_MODEL}) with the `real` preset's "
             "budgets (about 15 minutes on 2 CPU cores); edit any value in the launchpad.",
         ),
@@ -216,6 +217,8 @@ def preset_jobs(known: set[str]) -> list[dg.UnresolvedAssetJobDefinition]:
             f"{RETRAINING_JOB}_real",
             selection=dg.AssetSelection.assets(*retraining_assets),
             config=preset_run_config("real", retraining_assets),
-            description="One dream cycle (as `retraining`) with the `real` preset's budgets.",
+            tags={PRESET_TAG: "real"},
+            description="One dream cycle (as `retraining`) with the `real` preset's budgets; refused (by "
+            "dream_scenarios) when the current base_model is the offline model.",
         ),
     ]

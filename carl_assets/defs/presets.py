@@ -90,3 +90,22 @@ def merge_run_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> di
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+# The run tag a preset job carries (`carl_all_real`, `retraining_real`): the assets read it to refuse a
+# combination the preset was not made for.
+PRESET_TAG = "carl/preset"
+
+
+def check_preset_model(run_tags: Mapping[str, str], base_is_offline: bool) -> None:
+    """Refuse a run of the `real` preset on the offline base model: `retraining_real` does not rebuild
+    base_model, so on a home where base_model is the ~1M-parameter offline model it would train that model
+    with budgets sized for SmolLM2-135M and make it the newest policy.
+
+    Raises ValueError naming what to run instead."""
+    if run_tags.get(PRESET_TAG) == "real" and base_is_offline:
+        raise ValueError(
+            f"this run uses the `real` preset, made for {REAL_MODEL}, but the current base_model is the "
+            "offline model. Materialize the real base model first (`carl materialize --job carl_all_real`, "
+            f"or base_model.model: {REAL_MODEL}), or run the offline job `retraining` instead."
+        )
