@@ -27,6 +27,11 @@ from carl_assets.models.device import dtype_name
 from carl_assets.settings import Settings
 
 MODEL_DEFAULT = "None: the model's default (carl_assets.models.defaults.model_defaults)"
+# Truncation is shared by three samplers, each with its own per-model defaults.
+SAMPLER_DEFAULT = (
+    "None: this sampler's default for the model (carl_assets.models.defaults: dream_sampling_defaults, "
+    "grpo_sampling_defaults, agent_sampling_defaults)"
+)
 
 
 class Precision(StrEnum):
@@ -205,19 +210,20 @@ class SFTRunConfig(TrainerRunConfig):
 class Truncation(BaseModel):
     """The sampling truncation every sampler here takes (GRPO, the agent, dreams), defined once: top-p
     (nucleus, Holtzman et al. 2020), top-k and min-p (Nguyen et al. 2024), applied by transformers'
-    logits processors. None: the model's default (`models.defaults`)."""
+    logits processors. None: the sampler's default for the model (`models.defaults`)."""
 
     top_p: float | None = Field(
-        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + MODEL_DEFAULT
+        default=None, gt=0, le=1, description="nucleus truncation (1.0: off); " + SAMPLER_DEFAULT
     )
     top_k: int | None = Field(
-        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + MODEL_DEFAULT
+        default=None, ge=0, description="keep the k likeliest tokens (0: off); " + SAMPLER_DEFAULT
     )
     min_p: float | None = Field(
         default=None,
         ge=0,
         lt=1,
-        description="drop tokens below min_p x the likeliest one's probability (0.0: off); " + MODEL_DEFAULT,
+        description="drop tokens below min_p x the likeliest one's probability (0.0: off); "
+        + SAMPLER_DEFAULT,
     )
 
 

@@ -46,7 +46,8 @@ POPULOUS_SHARE = 0.5  # auto kinds without enough reflection/lesson nodes: the l
 
 class WalkSettings(Settings):
     """How walks start and wander, as `dream_scenarios` exposes it. `conditioning_kinds` empty: the graph's
-    own (`auto_conditioning_kinds`); a string is taken as one kind ("auto" or "": empty).
+    own (`auto_conditioning_kinds`); in Python a string is also taken, as one kind ("auto" or "": empty);
+    a run config gives a list.
     `recency_half_life_days` <= 0 gives every dated start an equal share. Raises ``ValueError`` (a pydantic
     ``ValidationError``) on a probability outside [0, 1], a negative length or weight, or no start."""
 
