@@ -66,6 +66,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
     source = resolve_model_source(config.model)  # fail fast on a missing path
     device = resolve_device(config.device)  # ... and on a device or dtype this machine lacks
     dtype = torch.float32 if source.kind == "offline" else resolve_dtype(config.dtype, device)
+    if source.kind == "offline" and config.dtype not in (None, "fp32"):
+        context.log.warning(f"base_model.dtype {config.dtype!r} ignored: the offline model is built in fp32")
     texts = _offline_texts(context, memory_graph) if source.kind == "offline" else []
 
     def progress(step: int, loss: float) -> None:
