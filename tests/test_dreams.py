@@ -1009,3 +1009,18 @@ def test_too_few_scenarios_fail_naming_the_config_field_and_the_kinds_present():
     blank = pd.DataFrame({"response": [" ", "b"], "kept": [True, True]})
     assert "max_new_tokens" in kept_something_reason(blank, row)
     assert kept_something_reason(pd.DataFrame({"response": ["b"], "kept": [True]}), row) is None
+
+
+def test_dream_settings_refuse_a_bad_filter_share_or_too_few_memories_when_made():
+    """top_fraction and max_memories are refused when the config is made, not after a cycle generated."""
+    with pytest.raises(ValueError, match=r"top_fraction must lie in \(0, 1\], got 0.0"):
+        DreamConfig(top_fraction=0.0)
+    with pytest.raises(ValueError, match=r"top_fraction must lie in \(0, 1\], got 1.5"):
+        DreamConfig(top_fraction=1.5)
+    with pytest.raises(ValueError, match=r"max_memories must be at least 2 \(a scenario collides 2 or more "
+                       r"memories\), got 1"):
+        DreamConfig(max_memories=1)
+    with pytest.raises(ValueError, match="n_scenarios must be >= 1, got 0"):
+        DreamConfig(n_scenarios=0)
+    edge = DreamConfig(top_fraction=1.0, max_memories=2)  # the bounds themselves are fine
+    assert (edge.top_fraction, edge.max_memories) == (1.0, 2)

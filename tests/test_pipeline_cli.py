@@ -235,3 +235,89 @@ def test_a_job_runs_under_its_own_name_with_its_own_config():
     assert "dream_scenario" in job_run(defs, "retraining", {"ops": {"dream_scenario": {}}})[1]["ops"]
     with pytest.raises(PipelineUsageError, match="unknown job 'nightly'"):
         job_run(defs, "nightly", {})
+
+
+@pytest.fixture(scope="module")
+def defs():
+    from carl_assets.defs import build_definitions
+
+    return build_definitions()
+
+
+def _lines(defs, asset: str, values) -> list[str]:
+    from carl_assets.defs.config_check import check_run_config
+
+    return check_run_config(defs, {"ops": {asset: {"config": values}}})
+
+
+def test_run_config_problems_are_one_line_each_naming_the_asset_and_field(defs):
+    """The asset's own config class judges the values before Dagster does: ranges, choices, unknown
+    fields and assets, each one line in the run config's own names, with a close match."""
+    from carl_assets.defs.config_check import check_run_config
+
+    assert _lines(defs, "steering_vectors", {"threads": 0}) == [
+        "steering_vectors.threads: Input should be greater than or equal to 1 (got 0)"
+    ]
+    assert _lines(defs, "steering_vectors", {"dtype": "int8"}) == [
+        "steering_vectors.dtype: Input should be 'fp32', 'bf16' or 'fp16' (got 'int8')"
+    ]
+    assert _lines(defs, "steering_vectors", {"layer": [3]}) == [
+        "steering_vectors.layer: not a setting of steering_vectors (did you mean 'layers'?)"
+    ]
+    # a model-level validator's message is put under the field it starts with
+    assert _lines(defs, "dream_scenarios", {"n_scenarios": 0}) == [
+        "dream_scenarios.n_scenarios: must be >= 1, got 0"
+    ]
+    assert check_run_config(defs, {"ops": {"steering_vectorz": {"config": {}}}}) == [
+        "unknown asset 'steering_vectorz' in the run config (did you mean 'steering_vectors'?)"
+    ]
+    assert check_run_config(defs, {"opz": {}}) == [
+        "unknown section 'opz' in the run config (did you mean 'ops'?)"
+    ]
+    valid = {"threads": 2, "dtype": "bf16", "layers": [1, 2], "top_n_emotions": 3}
+    assert _lines(defs, "steering_vectors", valid) == []
+    assert check_run_config(defs, TINY) == []
+
+
+def test_materialize_refuses_a_bad_config_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """A bad value: exit 2, one line per problem, no run in the instance and nothing under CARL_HOME.
+    The user's config for an asset the job (or --select) does not run is named in a warning; the preset's
+    entries for such assets are dropped silently."""
+    import dagster as dg
+
+    from carl_assets.defs.pipeline_cli import materialize, with_preset
+
+    monkeypatch.setenv("CARL_HOME", str(tmp_path / "carl"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    (tmp_path / "dagster").mkdir()
+    bad = {"ops": {"steering_vectors": {"config": {"threads": 0}},
+                   "dream_scenarios": {"config": {"n_scenarios": 0}}}}
+    assert materialize("*", bad) == 2
+    threads = "carl materialize: steering_vectors.threads: Input should be greater than or equal to 1 (got 0)"
+    assert capsys.readouterr().err.splitlines() == [
+        threads, "carl materialize: dream_scenarios.n_scenarios: must be >= 1, got 0"]
+
+    # dream_scenarios is outside steering_refresh: its (bad) config is dropped, with a warning; the real
+    # preset's entries for the job's other outsiders (sft_checkpoint, ...) are dropped without one.
+    assert materialize(run_config=with_preset("real", bad), job="steering_refresh", user_config=bad) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "carl materialize: config for dream_scenarios ignored: not in job steering_refresh", threads]
+    assert materialize("steering_vectors", bad) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "carl materialize: config for dream_scenarios ignored: not in --select 'steering_vectors'")
+
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs() == []
+    assert [p for p in (tmp_path / "carl").rglob("*") if p.is_file()] == []  # no table, no artifact
+
+
+def test_a_run_config_that_is_not_yaml_names_its_file(tmp_path):
+    from carl_assets.defs.pipeline_cli import PipelineUsageError, load_run_config
+
+    path = tmp_path / "x.yaml"
+    path.write_text("ops:\n  steering_vectors: {config: {threads: 2}\n")
+    with pytest.raises(PipelineUsageError) as raised:
+        load_run_config(str(path))
+    message = str(raised.value)
+    assert message.startswith(f"carl materialize: run config '{path}' is not valid YAML: ")
+    assert "line 3" in message and "unicode string" not in message

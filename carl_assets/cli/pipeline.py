@@ -58,8 +58,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                          f"(choose from {', '.join(preset_names())})")
     pipeline_cli.ensure_dagster_home()
     try:
-        run_config = pipeline_cli.with_preset(args.preset, pipeline_cli.load_run_config(args.config))
-        return pipeline_cli.materialize(args.select, run_config, job=args.job)
+        own = pipeline_cli.load_run_config(args.config)
+        run_config = pipeline_cli.with_preset(args.preset, own)
+        return pipeline_cli.materialize(args.select, run_config, job=args.job, user_config=own)
     except pipeline_cli.PipelineUsageError as exc:  # its message names the command already
         return _usage(exc)
 

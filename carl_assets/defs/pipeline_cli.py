@@ -21,6 +21,7 @@ from carl_assets import storage
 from carl_assets.artifacts import ArtifactVersionError, ArtifactVersions
 from carl_assets.dagster_instance import write_dagster_yaml
 from carl_assets.defs import build_definitions
+from carl_assets.defs.config_check import config_ok
 from carl_assets.defs.jobs import ALL_JOB
 from carl_assets.defs.memory_source import memory_source_observation
 from carl_assets.defs.presets import merge_run_config, preset_run_config
@@ -64,32 +65,41 @@ def load_run_config(path: str | None) -> dict:
     file = Path(path)
     if not file.is_file():
         raise PipelineUsageError(f"carl materialize: run config {path!r} does not exist")
-    loaded = yaml.safe_load(file.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:  # PyYAML names the stream "<unicode string>", not the file
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PipelineUsageError(
+            f"carl materialize: run config {path!r} is not valid YAML: {problem}{where}") from None
     if not isinstance(loaded, dict):
         raise PipelineUsageError(f"carl materialize: run config {path!r} must be a mapping like "
                                  "{ops: {asset: {config: ...}}}")
     return loaded
 
 
-def materialize(select: str = ALL, run_config: dict | None = None, job: str | None = None) -> int:
+def materialize(select: str = ALL, run_config: dict | None = None, job: str | None = None,
+                user_config: dict | None = None) -> int:
     """Materialize the selection through the job `carl_all`, or run the job `job` itself (under its own
-    name, with its own config under `run_config`); print a per-asset summary."""
+    name, with its own config under `run_config`); print a per-asset summary.
+
+    `user_config`: the part of `run_config` the user wrote (`run_config` less a preset; None: all of it).
+    Its `ops` entries for assets the run does not materialize are named in a warning; the preset's are
+    dropped silently. A run config the assets' config classes refuse (`check_run_config`) is printed one
+    line per problem and nothing runs: exit status 2."""
     defs = build_definitions()
-    if job is not None:
-        if select != ALL:
-            raise PipelineUsageError("carl materialize: give --select or --job, not both")
-        job_def, run_config = job_run(defs, job, run_config or {})
-        selection = None
-        selected = set(job_def.asset_layer.executable_asset_keys)
-    else:
-        job_def = defs.resolve_job_def(ALL_JOB)
-        selection = None if select == ALL else _resolve_selection(defs, select)
-        selected = set(selection or job_def.asset_layer.executable_asset_keys)
+    given = run_config or {}
+    job_def, selection, selected, run_config = _plan(defs, select, given, job)
+    scope = f"job {job}" if job is not None else f"--select {select!r}"
+    if not config_ok(defs, run_config, given if user_config is None else user_config,
+                     {key.to_user_string() for key in selected}, scope):
+        return 2
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         if dg.AssetKey("memory_graph") in selected:
-            _observe_memory_source(instance, run_config or {})
-        config = dict(run_config or {})
+            _observe_memory_source(instance, run_config)
+        config = dict(run_config)
         # Dagster's DEBUG event stream drowns the assets' own progress lines; INFO keeps those.
         config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
         result = job_def.execute_in_process(
@@ -103,6 +113,20 @@ def materialize(select: str = ALL, run_config: dict | None = None, job: str | No
     print(f"Runs:     {os.environ['DAGSTER_HOME']} (run {result.run_id})")
     print("UI:       make dev   (dagster dev; then open http://localhost:3000, Assets -> Lineage)")
     return 0 if result.success else 1
+
+
+def _plan(defs: dg.Definitions, select: str, run_config: dict, job: str | None
+          ) -> tuple[dg.JobDefinition, list[dg.AssetKey] | None, set[dg.AssetKey], dict]:
+    """The job to execute, its asset selection (None: all of it), the asset keys that will run and the run
+    config to give Dagster (a job's: `job_run`)."""
+    if job is not None:
+        if select != ALL:
+            raise PipelineUsageError("carl materialize: give --select or --job, not both")
+        job_def, run_config = job_run(defs, job, run_config)
+        return job_def, None, set(job_def.asset_layer.executable_asset_keys), run_config
+    job_def = defs.resolve_job_def(ALL_JOB)
+    selection = None if select == ALL else _resolve_selection(defs, select)
+    return job_def, selection, set(selection or job_def.asset_layer.executable_asset_keys), run_config
 
 
 def job_run(defs: dg.Definitions, job: str, run_config: dict) -> tuple[dg.JobDefinition, dict]:

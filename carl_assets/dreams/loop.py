@@ -30,7 +30,7 @@ MAX_WALK_ROUNDS = 8  # rounds of extra walks when skips, duplicates and exclusio
 class DreamSettings(Settings):
     """A dream cycle's size, filter and seed, as `dream_scenarios` exposes them (flat: the walks are
     `WalkSettings`, the sampling's truncation is resolved per model). Raises ``ValueError`` (a pydantic
-    ``ValidationError``) on a count below 1."""
+    ``ValidationError``) on a count below 1, a `top_fraction` outside (0, 1] or `max_memories` below 2."""
 
     n_scenarios: int = Field(default=32, description="scenarios (memory collisions) dreamed per cycle")
     responses_per_scenario: int = Field(default=4, description="responses sampled per scenario (k)")
@@ -58,9 +58,16 @@ class DreamSettings(Settings):
 
     @model_validator(mode="after")
     def _check_counts(self) -> Self:
+        # Checked here, not first where they are used (filtering after generation, collide), so that a bad
+        # value is refused before a cycle runs; the messages start with the field, as the run config names it.
         for name in ("n_scenarios", "responses_per_scenario", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"DreamConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must lie in (0, 1], got {self.top_fraction}")
+        if self.max_memories < 2:
+            raise ValueError("max_memories must be at least 2 (a scenario collides 2 or more memories), "
+                             f"got {self.max_memories}")
         return self
 
 
