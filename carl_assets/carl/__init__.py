@@ -39,7 +39,12 @@ __all__ = [
 ]
 
 # Looked up in this order on first access of a name not imported above.
-_LAZY_MODULES = ("carl_assets.carl.coherence", "carl_assets.carl.batch", "carl_assets.carl.reward_fn")
+_LAZY_MODULES = (
+    "carl_assets.carl.coherence",
+    "carl_assets.carl.crystallization_gate",
+    "carl_assets.carl.batch",
+    "carl_assets.carl.reward_fn",
+)
 
 
 def __getattr__(name: str) -> Any:  # PEP 562

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from carl_assets.carl.coherence import PhaseTransitionGate
+from carl_assets.carl.crystallization_gate import PhaseTransitionGate
 from carl_assets.carl.run_config import SFTRunConfig
 from carl_assets.carl.trainer_checkpoints import (
     DEFAULT_SAVE_STEPS,
