@@ -186,7 +186,8 @@ def test_pipeline_commands_parse_their_flags_and_call_the_dagster_layer(monkeypa
     monkeypatch.setattr(
         pipeline_cli,
         "materialize",
-        lambda select, config, job=None: seen.append(("materialize", select, config, job)) or 3,
+        lambda select, config, job=None, user_config=None: seen.append(("materialize", select, config, job))
+        or 3,
     )
     monkeypatch.setattr(pipeline_cli, "lineage", lambda asset: seen.append(("lineage", asset)) or 4)
     monkeypatch.setattr(
