@@ -10,6 +10,7 @@ from collections import defaultdict
 import dagster as dg
 from pydantic import BaseModel
 
+import carl_assets
 import carl_assets.defs as defs_package
 from carl_assets.carl.run_config import AgentSampling, GRPORunConfig, Placement, SFTRunConfig, Truncation
 from carl_assets.carl.sft_data import SFTDataConfig
@@ -46,6 +47,7 @@ from carl_assets.leworld.training import LeWorldTrainingSettings
 from carl_assets.memory.pairs import PairSettings
 from carl_assets.memory.tagging import TaggerSettings
 from carl_assets.models.offline import OfflineModelConfig
+from carl_assets.settings import Settings
 from carl_assets.steering import ReadoutConfig
 
 # Same word, different settings: each asset's own knob, with a different meaning or unit per asset.
@@ -64,13 +66,16 @@ DIFFERENT_SETTINGS = {
     "start_from": "the policy a dream cycle runs (PolicyChoice) vs the weights SFT starts from",
     "temperature": "GRPO completion sampling vs the agent's answer sampling",
     "weight_decay": "the offline model's pretraining decay vs a trainer's fine-tuning decay",
+    "state_dim": "set by LeWorld's DatasetSettings; TrainingConfig records the shape it trained on",
+    "char_dim": "set by LeWorld's DatasetSettings; TrainingConfig records the shape it trained on",
 }
 # The shared classes the configs inherit: a field of theirs is defined there and nowhere else.
 SHARED = (Placement, Truncation, PolicyChoice, StoreSettings, TrainerProgress)
 
 
 def _config_classes() -> set[type]:
-    """Every Dagster config and resource class of the project's definitions folder."""
+    """Every Dagster config and resource class of the project's definitions folder, and every library
+    `Settings` class (so a Dagster config that re-declares a library setting is seen too)."""
     found: set[type] = set()
     for module_info in pkgutil.iter_modules(defs_package.__path__):
         module = importlib.import_module(f"{defs_package.__name__}.{module_info.name}")
@@ -81,6 +86,16 @@ def _config_classes() -> set[type]:
                 and value.__module__.startswith("carl_assets")
             ):
                 found.add(value)
+    for module_info in pkgutil.walk_packages(carl_assets.__path__, "carl_assets."):
+        if module_info.name.startswith(("carl_assets.defs", "carl_assets.cli")):
+            continue
+        module = importlib.import_module(module_info.name)
+        found |= {
+            value for value in vars(module).values()
+            if inspect.isclass(value)
+            and issubclass(value, Settings)
+            and value.__module__.startswith("carl_assets")
+        }
     return found
 
 
