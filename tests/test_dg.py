@@ -1,11 +1,16 @@
-"""`dg` on this project from the repo root, as a user types it: `dg check defs` passes, `dg list defs --json`
-lists every asset with the upstreams and group the in-process Definitions give it, the jobs, the schedule
-and the sensor, and `dg launch --assets` materializes an asset into the instance. Each command loads the
-code location (carl_assets/definitions.py, `[tool.dg]` in pyproject.toml) in a fresh interpreter."""
+"""`dg` on this project, as a user types it: `dg check defs` passes, `dg list defs --json` lists every asset
+with the upstreams and group the in-process Definitions give it, the jobs, the schedule and the sensor, and
+`dg launch --assets` materializes an asset into the instance. Each command loads the code location
+(carl_assets/definitions.py, `[tool.dg]` in pyproject.toml) in a fresh interpreter.
+
+dg loads the project root's `.env` over the environment, and `make run` writes one (CARL_HOME, DAGSTER_HOME):
+run from the repo itself, these tests would write into a developer's own homes. They run from a copy of the
+project root (pyproject.toml, the package and the venv linked) that has no `.env`."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +26,23 @@ DG = Path(sys.executable).with_name("dg")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DG.exists(), reason="dagster-dg-cli is not installed")]
 
 
+def _project_root(tmp_path: Path) -> Path:
+    """A project root like the repo's, without its `.env`: pyproject.toml copied, package and venv linked."""
+    root = tmp_path / "project"
+    if not root.is_dir():
+        root.mkdir()
+        shutil.copy(REPO / "pyproject.toml", root)
+        (root / "carl_assets").symlink_to(REPO / "carl_assets")
+        (root / ".venv").symlink_to(DG.parents[1])
+    return root
+
+
 def dg(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     settings = isolated_env(CARL_HOME=str(tmp_path / "carl"), DAGSTER_HOME=str(tmp_path / "dagster"),
                             CARL_ENV_FILE=str(tmp_path / "none.env"), **env)
     (tmp_path / "dagster").mkdir(exist_ok=True)
-    return subprocess.run([str(DG), *args], cwd=REPO, env=settings, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([str(DG), *args], cwd=_project_root(tmp_path), env=settings, capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
