@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from carl_assets.dreams.collisions import Collision, dream_id_of, scenario_messages
+from carl_assets.dreams.collisions import Collision, collision_of, node_lookup, scenario_messages
 from carl_assets.dreams.generation import Sampling, generate_responses
 from carl_assets.steering.projection import project_texts
 from carl_assets.steering.training import ReadoutConfig
@@ -271,10 +271,7 @@ def collisions_from_rows(rows: pd.DataFrame, nodes: pd.DataFrame) -> list[Collis
     """Rebuild dream scenarios from stored rows (a `node_ids_json` column, e.g. table `dream_heldout`)
     and the memory nodes (node_id, kind, text). Duplicate scenarios are kept once, in first-seen order.
     Raises KeyError naming node ids missing from `nodes`."""
-    lookup = {
-        str(n): (str(k), str(t))
-        for n, k, t in zip(nodes["node_id"], nodes["kind"], nodes["text"].fillna(""), strict=True)
-    }
+    lookup = node_lookup(nodes)
     out, seen = [], set()
     for value in rows["node_ids_json"]:
         ids = tuple(str(x) for x in json.loads(value))
@@ -284,14 +281,7 @@ def collisions_from_rows(rows: pd.DataFrame, nodes: pd.DataFrame) -> list[Collis
         if frozenset(ids) in seen:
             continue
         seen.add(frozenset(ids))
-        out.append(
-            Collision(
-                dream_id=dream_id_of(ids),
-                node_ids=ids,
-                kinds=tuple(lookup[x][0] for x in ids),
-                texts=tuple(lookup[x][1] for x in ids),
-            )
-        )
+        out.append(collision_of(ids, lookup))
     return out
 
 

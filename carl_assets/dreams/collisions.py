@@ -43,8 +43,8 @@ def dream_id_of(node_ids: Iterable[str]) -> str:
     return f"dream-{digest[:12]}"
 
 
-def _node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
-    """node_id -> (kind, text, is_stub)."""
+def node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
+    """node_id -> (kind, text, is_stub). Raises ValueError when `nodes` lacks node_id, kind or text."""
     missing = {"node_id", "kind", "text"} - set(nodes.columns)
     if missing:
         raise ValueError(f"nodes table lacks columns {sorted(missing)}")
@@ -60,6 +60,17 @@ def _node_lookup(nodes: pd.DataFrame) -> dict[str, tuple[str, str, bool]]:
             ),
             strict=True,
         )
+    )
+
+
+def collision_of(node_ids: tuple[str, ...], lookup: dict[str, tuple[str, str, bool]]) -> Collision:
+    """The scenario colliding `node_ids` (the start first), with their kinds and texts from `lookup`
+    (`node_lookup`). Raises KeyError for an id `lookup` lacks."""
+    return Collision(
+        dream_id=dream_id_of(node_ids),
+        node_ids=node_ids,
+        kinds=tuple(lookup[x][0] for x in node_ids),
+        texts=tuple(lookup[x][1] for x in node_ids),
     )
 
 
@@ -83,7 +94,7 @@ def collide(
     """
     if min_memories < 1 or max_memories < min_memories:
         raise ValueError(f"need 1 <= min_memories <= max_memories, got {min_memories}, {max_memories}")
-    lookup = _node_lookup(nodes)
+    lookup = node_lookup(nodes)
     rng = np.random.default_rng(seed)
     seen: set[frozenset[str]] = set(exclude or ())
     out: list[Collision] = []
@@ -108,14 +119,7 @@ def collide(
         if key in seen:
             continue
         seen.add(key)
-        out.append(
-            Collision(
-                dream_id=dream_id_of(chosen),
-                node_ids=chosen,
-                kinds=tuple(lookup[x][0] for x in chosen),
-                texts=tuple(lookup[x][1] for x in chosen),
-            )
-        )
+        out.append(collision_of(chosen, lookup))
     return out
 
 
