@@ -162,20 +162,24 @@ def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_t
     collisions = B.collisions_from_rows(rows, nodes)
     assert [c.node_ids for c in collisions] == [("a", "b"), ("c", "a")]  # the same scenario kept once
     vectors = _readout(model, layer=1)
-    frame = B.answer_projections(
-        model,
-        tokenizer,
-        model,
-        tokenizer,
-        vectors,
-        "warmth",
-        collisions,
-        excerpt_chars=160,
-        k=2,
-        temperature=1.0,
-        max_new_tokens=6,
-        seed=0,
-    )
+
+    def project():  # the same seed each time
+        return B.answer_projections(
+            model,
+            tokenizer,
+            model,
+            tokenizer,
+            vectors,
+            "warmth",
+            collisions,
+            excerpt_chars=160,
+            k=2,
+            temperature=1.0,
+            max_new_tokens=6,
+            seed=0,
+        )
+
+    frame = project()
     assert (
         len(frame) == 4
         and list(frame["dream_id"]) == [collisions[0].dream_id] * 2 + [collisions[1].dream_id] * 2
@@ -189,20 +193,7 @@ def test_answer_projections_equal_a_hand_computed_mean_residual(tiny_model_and_t
         expected = float(hidden.double().mean(dim=0) @ vectors.vectors[1][0].double())
         assert projection == pytest.approx(expected, rel=1e-4, abs=1e-6)
     # same seed, same answers
-    again = B.answer_projections(
-        model,
-        tokenizer,
-        model,
-        tokenizer,
-        vectors,
-        "warmth",
-        collisions,
-        excerpt_chars=160,
-        k=2,
-        temperature=1.0,
-        max_new_tokens=6,
-        seed=0,
-    )
+    again = project()
     assert again["response"].tolist() == frame["response"].tolist()
     with pytest.raises(ValueError, match="unknown emotion"):
         B.answer_projections(
