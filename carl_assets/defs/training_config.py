@@ -27,6 +27,20 @@ from carl_assets.settings import PERFORMANCE_ONLY
 DREAMS_SOURCE = "dreams"
 
 
+def _resolved_run(
+    config: dg.Config, cls: type[Any], offline: bool, device: Any, dtype: Any, **replace: Any
+) -> Any:
+    """The trainer's library run config `cls` from `config`, with `device`, `dtype` and `replace` (each when
+    not None) in place of the configured values, then every None field resolved for this model."""
+    given = {
+        "device": None if device is None else torch.device(device).type,
+        "dtype": None if dtype is None else _dtype_name(dtype),
+        **replace,
+    }
+    run = library_config(config, cls)
+    return run.model_copy(update={k: v for k, v in given.items() if v is not None}).resolved(offline)
+
+
 def _training_placement(run: Any) -> tuple[torch.device, torch.dtype, torch.dtype]:
     """(device, dtype it trains in, dtype to load the weights in) of a resolved trainer run config."""
     dtype = resolve_dtype(str(run.dtype), run.device)
@@ -101,13 +115,7 @@ class SFTCheckpointConfig(dg.Config, SFTRunConfig, TrainerProgress):
         """The library's SFT run config with every None field resolved for this model; `learning_rate`,
         `device` and `dtype`, when given, replace the configured ones (the dream cycle's rate; a placement
         already resolved)."""
-        run = library_config(self, SFTRunConfig)
-        given = {
-            "learning_rate": learning_rate,
-            "device": None if device is None else torch.device(device).type,
-            "dtype": None if dtype is None else _dtype_name(dtype),
-        }
-        return run.model_copy(update={k: v for k, v in given.items() if v is not None}).resolved(offline)
+        return _resolved_run(self, SFTRunConfig, offline, device, dtype, learning_rate=learning_rate)
 
     def placement(self, offline: bool) -> tuple[torch.device, torch.dtype, torch.dtype]:
         """(device, dtype it trains in, dtype to load the weights in)."""
@@ -138,12 +146,7 @@ class GRPOCheckpointConfig(dg.Config, GRPORunConfig, TrainerProgress):
     def run_config(self, offline: bool = True, device: Any = None, dtype: Any = None) -> GRPORunConfig:
         """The library's GRPO run config with every None field resolved for this model (`device` and
         `dtype`, when given, replace the configured ones)."""
-        run = library_config(self, GRPORunConfig)
-        given = {
-            "device": None if device is None else torch.device(device).type,
-            "dtype": None if dtype is None else _dtype_name(dtype),
-        }
-        return run.model_copy(update={k: v for k, v in given.items() if v is not None}).resolved(offline)
+        return _resolved_run(self, GRPORunConfig, offline, device, dtype)
 
     def placement(self, offline: bool) -> tuple[torch.device, torch.dtype, torch.dtype]:
         """(device, dtype it trains in, dtype to load the weights in)."""
