@@ -47,6 +47,11 @@ def asset_config_class(assets_def: dg.AssetsDefinition) -> type[BaseModel] | Non
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+def asset_names(defs: dg.Definitions) -> set[str]:
+    """The names of every asset of the graph in `defs` (the observed memory source included)."""
+    return {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+
+
 def config_classes(defs: dg.Definitions) -> dict[str, type[BaseModel] | None]:
     """Per op name of every asset in `defs`: its config class (None: none found)."""
     out: dict[str, type[BaseModel] | None] = {}
@@ -121,7 +126,7 @@ def check_run_config(defs: dg.Definitions, run_config: Mapping[str, Any]) -> lis
     if not isinstance(ops, Mapping):
         return [*lines, f"ops must be a mapping of assets, got {ops!r}"]
     classes = config_classes(defs)
-    graph_names = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    graph_names = asset_names(defs)
     for asset, entry in ops.items():
         asset = str(asset)
         if asset not in classes:
@@ -157,7 +162,7 @@ def config_ok(defs: dg.Definitions, run_config: Mapping[str, Any], user_config: 
     """What `carl materialize` says before a run, on stderr: a warning per asset the user gave config
     for that will not run (`running`: the asset names that will; `scope`: "job x" or "--select 'y'"), then
     each problem `check_run_config` finds. False when there is a problem (nothing may run)."""
-    graph_names = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    graph_names = asset_names(defs)
     for asset in ignored_user_entries(user_config, running, graph_names):
         print(f"carl materialize: config for {asset} ignored: not in {scope}", file=sys.stderr)
     problems = check_run_config(defs, run_config)

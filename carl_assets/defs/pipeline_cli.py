@@ -21,7 +21,7 @@ from carl_assets import storage
 from carl_assets.artifacts import ArtifactVersionError, ArtifactVersions
 from carl_assets.dagster_instance import write_dagster_yaml
 from carl_assets.defs import build_definitions
-from carl_assets.defs.config_check import config_ok
+from carl_assets.defs.config_check import asset_names, config_ok
 from carl_assets.defs.jobs import ALL_JOB
 from carl_assets.defs.memory_source import memory_source_observation
 from carl_assets.defs.presets import merge_run_config, preset_run_config
@@ -139,9 +139,7 @@ def job_run(defs: dg.Definitions, job: str, run_config: dict) -> tuple[dg.JobDef
         raise PipelineUsageError(f"carl materialize: unknown job {job!r}; jobs: {', '.join(names)}")
     job_def = defs.resolve_job_def(job)
     config = merge_run_config(dict(job_def.run_config or {}), run_config)
-    outside = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} - {
-        key.to_user_string() for key in job_def.asset_layer.executable_asset_keys
-    }
+    outside = asset_names(defs) - {key.to_user_string() for key in job_def.asset_layer.executable_asset_keys}
     ops = {name: value for name, value in (config.get("ops") or {}).items() if name not in outside}
     return job_def, {**config, "ops": ops} if "ops" in config else config
 
