@@ -8,6 +8,8 @@ fields stay flat in the YAML and the launchpad), and the asset hands the values 
 
 from __future__ import annotations
 
+from typing import Any, Self
+
 from pydantic import BaseModel, ConfigDict
 
 # A field marked `Field(..., json_schema_extra=PERFORMANCE_ONLY)` changes how fast its asset runs, not what
@@ -20,3 +22,10 @@ class Settings(BaseModel):
     stored as their plain string values (JSON, metadata)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
+
+    @classmethod
+    def overridden(cls, settings: BaseModel | None = None, **overrides: Any) -> Self:
+        """`settings` (default: this class's defaults) read as this class, with `overrides` in place of its
+        values: how a library function takes a settings object and keyword overrides of single fields.
+        Raises pydantic's ValidationError (a ValueError) for an unknown field or a bad value."""
+        return cls.model_validate({**(dict(settings) if settings is not None else {}), **overrides})

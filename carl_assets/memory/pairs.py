@@ -86,7 +86,7 @@ def extract_training_pairs(
 
     Raises ValueError (pydantic's) for an unknown setting or inconsistent values.
     """
-    s = PairSettings.model_validate({**(settings or PairSettings()).model_dump(), **overrides})
+    s = PairSettings.overridden(settings, **overrides)
     min_positive_score, max_negative_mentions = s.min_positive_score, s.max_negative_mentions
     min_content_chars, max_negative_score = s.min_content_chars, s.max_negative_score
     max_examples_per_emotion, seed = s.max_examples_per_emotion, s.seed

@@ -230,7 +230,7 @@ def tag_nodes(
     without a model and tokenizer."""
     if tagger not in TAGGERS:
         raise ValueError(f"tagger must be one of {list(TAGGERS)}, not {tagger!r}")
-    chosen = TaggerSettings.model_validate({**(settings or TaggerSettings()).model_dump(), **overrides})
+    chosen = TaggerSettings.overridden(settings, **overrides)
     min_score = chosen.min_score
     if tagger == "model" and (model is None or tokenizer is None):
         raise ValueError("the model tagger needs a model and its tokenizer (the base_model folder)")

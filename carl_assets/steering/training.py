@@ -331,7 +331,7 @@ def train_steering_vectors(
         raise TypeError(
             f"unknown readout setting(s) {sorted(unknown)}: choose from {list(ReadoutOptions.model_fields)}"
         )
-    config = ReadoutOptions.model_validate({**dict(config or ReadoutConfig()), **settings})
+    config = ReadoutOptions.overridden(config, **settings)
     frame = pairs_frame(pairs, with_kind=config.transfer is not None)
     if frame.empty:
         raise ValueError("no training pairs")
